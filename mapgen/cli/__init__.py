@@ -1,0 +1,55 @@
+"""The command line: the only layer that reads arguments, prints, and writes files.
+
+Each sub-command lives in its own module (``mapgen/cli/<name>.py``) exposing ``register(subparsers)``;
+``register`` adds the parser and sets ``func`` to a callable ``(args) -> int``. Errors raised as
+:class:`mapgen.errors.MapgenError` are printed as diagnostics, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from mapgen import __version__
+from mapgen.errors import MapgenError
+
+COMMANDS = ("scan", "emit", "check", "synth", "diff", "convert", "export", "verify")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mapgen",
+        description="Code-generating mapping compiler: Hugging Face checkpoints <-> Megatron-Core.",
+    )
+    parser.add_argument("--version", action="version", version=f"mapgen {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name in COMMANDS:
+        try:
+            module = importlib.import_module(f"mapgen.cli.{name}")
+        except ModuleNotFoundError as exc:  # a command not built yet
+            if exc.name != f"mapgen.cli.{name}":
+                raise
+            continue
+        module.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        code: int = args.func(args)
+    except MapgenError as exc:
+        print(exc.render(), file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return code
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
