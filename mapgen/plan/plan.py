@@ -19,6 +19,8 @@ ConfigExpr = Literal[
     "layer_kinds",  # per-layer mixer kinds from the scanned layout's decoder groups
     "mlp_kinds",  # per-layer MLP kinds from the scanned layout's decoder groups
     "mtp_depth",  # MTP depth from the scanned layout (0 -> None)
+    "mtp_layer_kind",  # the MTP inner layer's mixer kind from the scanned layout
+    "mtp_mlp_kind",  # the MTP inner layer's MLP kind from the scanned layout
 ]
 
 

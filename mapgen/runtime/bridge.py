@@ -1,0 +1,121 @@
+"""What a generated bridge module is made of, at run time.
+
+Generated modules import only this module. Importing it must stay cheap (no torch, no megatron-core):
+registry look-ups and ``mapgen scan`` never pay for a framework import.
+
+A generated module defines ``FINGERPRINT``, ``megatron_config(hf, layout) -> ModelSpec``, ``RULES`` and
+``BRIDGE = Bridge(...)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from mapgen.infer.ir import Layout, LayerGroup
+from mapgen.plan.rules import Rule
+from mapgen.plan.spec import LayerKind, MlpKind, ModelSpec
+
+__all__ = [
+    "Bridge",
+    "HFConfig",
+    "Layout",
+    "ModelSpec",
+    "Rule",
+    "layer_kinds",
+    "mlp_kinds",
+    "mtp_depth",
+    "mtp_layer_kind",
+    "mtp_mlp_kind",
+]
+
+_MISSING = object()
+
+
+class HFConfig:
+    """Read-only view of a Hugging Face ``config.json``; ``text_config`` (VL wrappers) is searched first."""
+
+    def __init__(self, data: Mapping[str, Any], source: str = "config.json") -> None:
+        self._data = dict(data)
+        text = data.get("text_config")
+        self._text = dict(text) if isinstance(text, Mapping) else {}
+        self.source = source
+
+    def has(self, *names: str) -> bool:
+        return any(n in self._text or n in self._data for n in names)
+
+    def get(self, *names: str, default: Any = _MISSING) -> Any:
+        for name in names:
+            for scope in (self._text, self._data):
+                if name in scope and scope[name] is not None:
+                    return scope[name]
+        if default is not _MISSING:
+            return default
+        from mapgen.errors import error
+
+        raise error(
+            "config.missing-key",
+            f"the config has none of {', '.join(names)}",
+            file=self.source,
+            expected="one of these keys (top level or under text_config)",
+            hint="this bridge needs it to size the Megatron model; add it to config.json",
+        )
+
+    @property
+    def data(self) -> dict[str, Any]:
+        return dict(self._data)
+
+
+def _mixer_kind(group: LayerGroup) -> LayerKind:
+    return "gated_delta_net" if group.mixer.family == "gated_delta_net" else "attention"
+
+
+def _mlp_kind(group: LayerGroup) -> MlpKind:
+    return "moe" if group.mlp.family == "moe" else "dense"
+
+
+def _per_layer(groups: tuple[LayerGroup, ...], count: int, fn: Callable[[LayerGroup], str]) -> tuple[Any, ...]:
+    out: list[str | None] = [None] * count
+    for group in groups:
+        for i in group.layers:
+            out[i] = fn(group)
+    missing = [i for i, v in enumerate(out) if v is None]
+    if missing:
+        raise ValueError(f"layers {missing} belong to no layer group")
+    return tuple(out)
+
+
+def layer_kinds(layout: Layout) -> tuple[LayerKind, ...]:
+    lm = layout.language_model
+    return _per_layer(lm.groups, lm.num_layers, _mixer_kind)
+
+
+def mlp_kinds(layout: Layout) -> tuple[MlpKind, ...]:
+    lm = layout.language_model
+    return _per_layer(lm.groups, lm.num_layers, _mlp_kind)
+
+
+def mtp_depth(layout: Layout) -> int | None:
+    mtp = layout.language_model.mtp
+    return mtp.depth if mtp is not None and mtp.depth > 0 else None
+
+
+def mtp_layer_kind(layout: Layout) -> LayerKind:
+    mtp = layout.language_model.mtp
+    return _mixer_kind(mtp.inner[0]) if mtp is not None and mtp.inner else "attention"
+
+
+def mtp_mlp_kind(layout: Layout) -> MlpKind:
+    mtp = layout.language_model.mtp
+    return _mlp_kind(mtp.inner[0]) if mtp is not None and mtp.inner else "dense"
+
+
+@dataclass(frozen=True)
+class Bridge:
+    """A generated bridge: the layout fingerprint it serves, its config recipe and its rules."""
+
+    fingerprint: str
+    model_type: str
+    megatron_config: Callable[[HFConfig, Layout], ModelSpec]
+    rules: tuple[Rule, ...]
