@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from mapgen.infer.ir import Layout, LayerGroup
+from mapgen.infer.ir import LayerGroup, Layout
 from mapgen.plan.rules import Rule
 from mapgen.plan.spec import LayerKind, MlpKind, ModelSpec
 
@@ -23,6 +23,7 @@ __all__ = [
     "Layout",
     "ModelSpec",
     "Rule",
+    "head_dim",
     "layer_kinds",
     "mlp_kinds",
     "mtp_depth",
@@ -43,13 +44,24 @@ class HFConfig:
         self.source = source
 
     def has(self, *names: str) -> bool:
-        return any(n in self._text or n in self._data for n in names)
+        return any(self._lookup(n) is not None for n in names)
+
+    def _lookup(self, name: str) -> Any:
+        for scope in (self._text, self._data):
+            value: Any = scope
+            for part in name.split("."):
+                value = value.get(part) if isinstance(value, Mapping) else None
+            if value is not None:
+                return value
+        return None
 
     def get(self, *names: str, default: Any = _MISSING) -> Any:
+        """The first of ``names`` present (dotted names reach into nested objects such as
+        ``rope_parameters.rope_theta``); ``default`` if none is, else a ``config.missing-key`` error."""
         for name in names:
-            for scope in (self._text, self._data):
-                if name in scope and scope[name] is not None:
-                    return scope[name]
+            value = self._lookup(name)
+            if value is not None:
+                return value
         if default is not _MISSING:
             return default
         from mapgen.errors import error
@@ -65,6 +77,14 @@ class HFConfig:
     @property
     def data(self) -> dict[str, Any]:
         return dict(self._data)
+
+
+def head_dim(hf: HFConfig) -> int:
+    """``head_dim`` when the config states it, else ``hidden_size // num_attention_heads``."""
+    value = hf.get("head_dim", default=None)
+    if value is None:
+        value = int(hf.get("hidden_size")) // int(hf.get("num_attention_heads"))
+    return int(value)
 
 
 def _mixer_kind(group: LayerGroup) -> LayerKind:
