@@ -350,6 +350,9 @@ class Layout:
     unclassified: tuple[UnclassifiedGroup, ...] = ()
     diagnostics: tuple[DiagnosticRecord, ...] = ()
     quantization: str = "none"
+    # The parsed config.json (canonical: compared and hashed as sorted JSON). Dimensions live here; it is
+    # excluded from the layout fingerprint. It makes a stored layout self-contained for offline proofs.
+    config: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
     schema_version: int = SCHEMA_VERSION
 
 
@@ -443,4 +446,3 @@ def fields_dict(obj: Any) -> dict[str, Any]:
     return {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
 
 
-_ = field  # re-exported for nodes defined elsewhere

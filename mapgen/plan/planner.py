@@ -48,7 +48,7 @@ class _Unsupported(Exception):
 # ---------------------------------------------------------------------------------------------------------
 _DIMENSION_FIELDS = frozenset(
     {"dims", "summary", "diagnostics", "unclassified", "layers", "num_layers", "num_experts", "depth",
-     "index_offset", "num_keys", "patterns", "orientation_source"}
+     "index_offset", "num_keys", "patterns", "orientation_source", "config"}
 )
 
 
