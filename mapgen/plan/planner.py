@@ -287,16 +287,17 @@ class _Planner:
             return field if mtp.shared else hroot + field
 
         shared_note = " (one HF tensor shared by every depth)" if mtp.shared else ""
+        shared = _opts(shared=True) if mtp.shared else ()
         m = "mtp.layers.{layer}."
-        self.add("mtp.enorm", f"{m}enorm.weight", (key(mtp.enorm),), "copy", "replicated", domain="mtp",
+        self.add("mtp.enorm", f"{m}enorm.weight", (key(mtp.enorm),), "copy", "replicated", domain="mtp", options=shared,
                  comment=f"MTP embedding norm{shared_note}.")
-        self.add("mtp.hnorm", f"{m}hnorm.weight", (key(mtp.hnorm),), "copy", "replicated", domain="mtp",
+        self.add("mtp.hnorm", f"{m}hnorm.weight", (key(mtp.hnorm),), "copy", "replicated", domain="mtp", options=shared,
                  comment=f"MTP hidden-state norm{shared_note}.")
         self.add("mtp.eh_proj", f"{m}eh_proj.weight", (key(mtp.eh_proj),), "mtp_eh_proj", "column", domain="mtp",
-                 options=_opts(order=mtp.eh_proj_order),
+                 options=_opts(order=mtp.eh_proj_order, **dict(shared)),
                  comment=f"MTP projection of [embedding; hidden]{shared_note}; HF input order {mtp.eh_proj_order}.")
         self.add("mtp.final_norm", f"{m}final_layernorm.weight", (key(mtp.final_norm),), "copy", "replicated",
-                 domain="mtp", comment=f"MTP final norm{shared_note}.")
+                 domain="mtp", options=shared, comment=f"MTP final norm{shared_note}.")
         if mtp.embed_copy:
             self.add("mtp.embed_copy", "embedding.word_embeddings.weight", (hroot + mtp.embed_copy,), "duplicate",
                      "vocab", domain="mtp", comment="HF stores a copy of the token embedding in every MTP layer.")

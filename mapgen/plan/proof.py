@@ -1,0 +1,127 @@
+"""The bijection proof: before anything is written, the rules must cover both sides exactly.
+
+* Every Megatron parameter of the model the bridge configures — enumerated from the *installed*
+  megatron-core, model built on the meta device — is produced by exactly one rule instance, and with the
+  shape megatron-core gives it.
+* Every checkpoint key of the language model is consumed by exactly one rule instance, except keys that a
+  rule declares ``shared`` (one HF tensor for every MTP depth) or that a ``duplicate`` rule re-reads; tower
+  keys (vision/audio) are carried through unchanged and counted apart.
+* Rules whose HF keys are not in the checkpoint, or whose Megatron names are not in the model, are
+  reported too. Problems are grouped by pattern so a 48-layer gap reads as one line.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+from mapgen.errors import Diagnostic
+from mapgen.infer.ir import Layout
+from mapgen.plan.expand import Instance, language_model_keys, plan_instances, tower_keys
+from mapgen.plan.plan import BridgePlan
+
+_NUM = re.compile(r"(?<=\.)\d+(?=\.|$)")
+
+
+def group_names(names: Iterable[str]) -> list[str]:
+    """Compress concrete names into patterns with brace sets: ``a.{0..47}.b  (48)``."""
+    buckets: dict[str, list[tuple[int, ...]]] = defaultdict(list)
+    for name in names:
+        nums = tuple(int(m) for m in _NUM.findall(name))
+        buckets[_NUM.sub("#", name)].append(nums)
+    out = []
+    for pattern, tuples in sorted(buckets.items()):
+        text = pattern
+        for pos in range(len(tuples[0]) if tuples else 0):
+            values = sorted({t[pos] for t in tuples})
+            ranges: list[str] = []
+            start = prev = values[0]
+            for v in values[1:] + [None]:  # type: ignore[list-item]
+                if v is not None and v == prev + 1:
+                    prev = v
+                    continue
+                ranges.append(str(start) if start == prev else f"{start}..{prev}")
+                if v is not None:
+                    start = prev = v
+            text = text.replace("#", ranges[0] if len(values) == 1 else "{" + ",".join(ranges) + "}", 1)
+        out.append(f"{text}  ({len(tuples)})")
+    return out
+
+
+@dataclass(frozen=True)
+class Proof:
+    megatron_params: int
+    hf_keys: int
+    carried_keys: int
+    problems: tuple[Diagnostic, ...]
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    @property
+    def unmatched(self) -> int:
+        return len(self.problems)
+
+    @property
+    def line(self) -> str:
+        carried = f" (+{self.carried_keys:,} tower keys carried through)" if self.carried_keys else ""
+        return (f"{self.megatron_params:,} Megatron params <-> {self.hf_keys:,} HF keys{carried}, "
+                f"{self.unmatched} unmatched")
+
+
+def _problem(code: str, message: str, names: Iterable[str], hint: str) -> list[Diagnostic]:
+    return [Diagnostic("error", code, message, key=pattern, hint=hint) for pattern in group_names(names)]
+
+
+def check_bijection(instances: list[Instance], megatron: Mapping[str, tuple[int, ...]], hf_keys: set[str]) -> list[Diagnostic]:
+    """The pure core of the proof (also used by tests with hand-made inputs)."""
+    problems: list[Diagnostic] = []
+    produced = Counter(i.megatron for i in instances if i.rule.op != "duplicate")
+    consumed: Counter[str] = Counter()
+    shared_keys: set[str] = set()
+    for inst in instances:
+        if inst.rule.op == "duplicate":
+            consumed.update(inst.hf)
+            continue
+        if inst.rule.option("shared"):
+            shared_keys.update(inst.hf)
+            continue
+        consumed.update(inst.hf)
+    consumed.update(shared_keys)
+
+    hint_rules = "fix the recogniser or planner for this family, then re-run `mapgen emit`"
+    problems += _problem("proof.megatron-unproduced", "Megatron parameters no rule produces",
+                         (n for n in megatron if n not in produced), hint_rules)
+    problems += _problem("proof.megatron-overproduced", "Megatron parameters produced by more than one rule",
+                         (n for n, c in produced.items() if c > 1), hint_rules)
+    problems += _problem("proof.megatron-unknown", "rules produce names the Megatron model does not have",
+                         (n for n in produced if n not in megatron),
+                         "the layer spec or the megatron-core version names this parameter differently")
+    problems += _problem("proof.hf-unconsumed", "checkpoint keys no rule consumes",
+                         (k for k in hf_keys if k not in consumed), hint_rules)
+    problems += _problem("proof.hf-overconsumed", "checkpoint keys consumed by more than one rule",
+                         (k for k, c in consumed.items() if c > 1), hint_rules)
+    problems += _problem("proof.hf-missing", "rules read keys the checkpoint does not have",
+                         (k for k in consumed if k not in hf_keys), hint_rules)
+    dup_targets = {i.megatron for i in instances if i.rule.op == "duplicate"}
+    problems += _problem("proof.duplicate-target", "duplicate rules point at parameters no rule produces",
+                         (n for n in dup_targets if n not in produced), hint_rules)
+    return problems
+
+
+def prove(plan: BridgePlan, layout: Layout) -> Proof:
+    """Prove ``plan`` against the installed megatron-core for ``layout`` (its stored config gives sizes)."""
+    from mapgen.runtime.bridge import HFConfig
+    from mapgen.runtime.megatron import enumerate_parameters, mtp_inner_name
+    from mapgen.plan.recipe import model_spec_for_plan
+
+    spec = model_spec_for_plan(plan, HFConfig(layout.config), layout)
+    megatron = enumerate_parameters(spec)
+    instances = list(plan_instances(plan.rules, layout, mtp_inner_name()))
+    hf = language_model_keys(layout)
+    carried = tower_keys(layout) - hf
+    problems = check_bijection(instances, megatron, hf)
+    return Proof(len(megatron), len(hf), len(carried), tuple(problems))
