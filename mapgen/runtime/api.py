@@ -1,0 +1,538 @@
+"""High-level conversion operations used by the CLI (and by frameworks embedding mapgen).
+
+* :func:`load_hf` — build the Megatron model for this rank and fill it from a HF checkpoint.
+* :func:`export_hf` — stream a Megatron model back to a HF checkpoint directory (atomic).
+* :func:`convert` / :func:`export_megatron` — the same through a Megatron-Core distributed checkpoint.
+* :func:`verify` — HF -> Megatron -> HF bitwise round trip and, where transformers runs the architecture,
+  logits parity.
+
+Every function here is SPMD: under ``torchrun`` (or :func:`spawn`) every rank calls it; rank 0 writes.
+The bridge always comes from the generated registry, keyed by the checkpoint's layout fingerprint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from mapgen import __version__
+from mapgen.errors import Diagnostic, MapgenError, error
+from mapgen.infer.ir import Layout, layout_from_json, layout_to_json
+from mapgen.plan.expand import tower_keys
+from mapgen.plan.spec import ModelSpec
+from mapgen.runtime.bridge import Bridge, HFConfig
+from mapgen.runtime.engine import Binding, Coords, Stats, iter_hf_tensors, load_model, shard_order
+from mapgen.runtime.hfio import (
+    CONFIG_DTYPES,
+    DTYPES,
+    INDEX_NAME,
+    SafetensorsReader,
+    ShardedWriter,
+    commit_dir,
+    prepare_target,
+    read_weight_map,
+    staging_dir,
+)
+
+MAPGEN_META = "mapgen.json"
+DEFAULT_SHARD_BYTES = 5 * 1024**3
+
+
+@dataclass(frozen=True)
+class Parallel:
+    tp: int = 1
+    ep: int = 1
+    etp: int | None = None
+    pp: int = 1
+
+    @property
+    def etp_size(self) -> int:
+        return self.etp if self.etp is not None else (self.tp if self.ep == 1 else 1)
+
+    def describe(self) -> str:
+        return f"TP={self.tp} EP={self.ep} ETP={self.etp_size} PP={self.pp}"
+
+
+@dataclass
+class HFSource:
+    """A local HF checkpoint as the runtime needs it: layout, config, weight map, dtypes, metadata."""
+
+    root: Path
+    layout: Layout
+    weight_map: dict[str, str]
+    index_metadata: dict[str, Any]
+    dtypes: dict[str, str] = field(default_factory=dict)
+    shard_metadata: dict[str, dict[str, str]] = field(default_factory=dict)
+    single_file: bool = False
+
+    @classmethod
+    def open(cls, root: Path | str) -> HFSource:
+        from mapgen.infer import scan
+
+        root = Path(root)
+        layout = scan(str(root))
+        if layout.unclassified:
+            raise error("scan.unclassified", f"{sum(u.count for u in layout.unclassified)} keys fit no family",
+                        file=str(root), hint="run `mapgen scan` to see them")
+        weight_map, meta = read_weight_map(root)
+        reader = SafetensorsReader(root, weight_map)
+        dtypes = {}
+        shard_meta = {}
+        for shard in dict.fromkeys(weight_map.values()):
+            shard_meta[shard] = reader.header_metadata(shard)
+        for key in weight_map:
+            dtypes[key] = _st_name(reader.dtype(key))
+        reader.close()
+        return cls(root, layout, weight_map, meta, dtypes, shard_meta,
+                   single_file=not (root / INDEX_NAME).is_file())
+
+    def to_meta(self) -> dict[str, Any]:
+        return {"weight_map": self.weight_map, "index_metadata": self.index_metadata, "dtypes": self.dtypes,
+                "shard_metadata": self.shard_metadata, "single_file": self.single_file}
+
+
+def _st_name(dtype: torch.dtype) -> str:
+    return {v: k for k, v in DTYPES.items()}[dtype]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Bridges and models
+# ---------------------------------------------------------------------------------------------------------
+def bridge_for(layout: Layout) -> Bridge:
+    """The generated bridge for this layout's fingerprint (never a 'similar' one)."""
+    from mapgen.plan.planner import fingerprint
+
+    import generated
+
+    return generated.get_bridge(fingerprint(layout), layout=layout)  # type: ignore[no-any-return]
+
+
+def bind(layout: Layout, bridge: Bridge | None = None) -> Binding:
+    from mapgen.runtime.megatron import mtp_inner_name
+
+    bridge = bridge or bridge_for(layout)
+    spec = bridge.megatron_config(HFConfig(layout.config), layout)
+    return Binding.create(spec, layout, bridge.rules, mtp_inner_name())
+
+
+def model_spec_for_parallel(spec: ModelSpec, par: Parallel) -> ModelSpec:
+    from mapgen.runtime.primitives import padded_vocab
+
+    return spec.replace(vocab_size=padded_vocab(spec.vocab_size, par.tp))
+
+
+def check_parallel(spec: ModelSpec, par: Parallel, world_size: int) -> None:
+    from mapgen.runtime.megatron import check_divisibility
+
+    problems = check_divisibility(spec, par.tp, par.ep, par.etp_size, par.pp, world_size)
+    if problems:
+        raise MapgenError([Diagnostic("error", "parallel.divisibility", p,
+                                      hint="choose TP/EP/ETP/PP sizes that divide the model") for p in problems])
+
+
+def build(binding: Binding, par: Parallel, *, device: str = "cpu") -> torch.nn.Module:
+    from mapgen.runtime.megatron import build_model
+
+    return build_model(model_spec_for_parallel(binding.spec, par), device=device)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Distributed plumbing
+# ---------------------------------------------------------------------------------------------------------
+def world_from_env() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _spawn_entry(rank: int, world: int, port: int, fn: Callable[..., Any], args: tuple[Any, ...],
+                 results: Any) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    try:
+        out = fn(*args)
+        results.put((rank, "ok", out))
+    except MapgenError as exc:
+        results.put((rank, "mapgen", exc.render()))
+        raise SystemExit(exc.exit_code) from None
+    except BaseException as exc:
+        results.put((rank, "error", f"{type(exc).__name__}: {exc}"))
+        raise
+
+
+def spawn(fn: Callable[..., Any], world: int, *args: Any) -> list[Any]:
+    """Run ``fn(*args)`` on ``world`` local gloo processes; return each rank's result (rank order)."""
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    results = ctx.SimpleQueue()
+    port = _free_port()
+    procs = [ctx.Process(target=_spawn_entry, args=(r, world, port, fn, args, results)) for r in range(world)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join()
+    outs: dict[int, Any] = {}
+    failures = []
+    while not results.empty():
+        rank, status, payload = results.get()
+        if status == "ok":
+            outs[rank] = payload
+        else:
+            failures.append((rank, status, payload))
+    if failures:
+        rank, status, payload = sorted(failures)[0]
+        if status == "mapgen":
+            raise MapgenError(Diagnostic("error", "worker.failed", f"rank {rank}:\n{payload}"))
+        raise RuntimeError(f"rank {rank} failed: {payload}")
+    if any(p.exitcode for p in procs) or len(outs) != world:
+        codes = [p.exitcode for p in procs]
+        raise RuntimeError(f"worker processes exited with {codes}")
+    return [outs[r] for r in range(world)]
+
+
+class parallel_context:
+    """Initialise torch.distributed + megatron parallel state for ``par`` (and tear it down)."""
+
+    def __init__(self, par: Parallel) -> None:
+        self.par = par
+
+    def __enter__(self) -> Coords:
+        from mapgen.runtime.megatron import init_parallel
+
+        init_parallel(tp=self.par.tp, ep=self.par.ep, etp=self.par.etp_size, pp=self.par.pp)
+        return Coords.current()
+
+    def __exit__(self, *exc: object) -> None:
+        from mapgen.runtime.megatron import destroy_parallel
+
+        destroy_parallel()
+
+
+def log(message: str) -> None:
+    """Progress on rank 0 only."""
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(message, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# HF -> Megatron
+# ---------------------------------------------------------------------------------------------------------
+def load_hf(source: HFSource, par: Parallel, *, bridge: Bridge | None = None) -> tuple[torch.nn.Module, Binding, Stats]:
+    """Build this rank's Megatron model and fill it from ``source``. Call inside :class:`parallel_context`."""
+    binding = bind(source.layout, bridge)
+    model = build(binding, par)
+    reader = SafetensorsReader(source.root, source.weight_map)
+    try:
+        stats = load_model(model, binding, reader)
+    finally:
+        reader.close()
+    return model, binding, stats
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Megatron -> HF
+# ---------------------------------------------------------------------------------------------------------
+def _dtype_picker(layout: Layout, dtypes: Mapping[str, str]) -> Callable[[str, torch.Tensor], torch.dtype]:
+    default = CONFIG_DTYPES.get(str(HFConfig(layout.config).get("torch_dtype", "dtype", default="float32")),
+                                torch.float32)
+
+    def pick(key: str, tensor: torch.Tensor) -> torch.dtype:
+        if key in dtypes:
+            return DTYPES[dtypes[key]]
+        return tensor.dtype if tensor.dtype == torch.float32 and default == torch.float32 else default
+
+    return pick
+
+
+def stream_hf(models: list[torch.nn.Module] | torch.nn.Module, binding: Binding, *,
+              target: Mapping[str, Any] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """The in-memory streaming API: ``(hf_name, tensor)`` pairs in bounded memory, for refitting an
+    inference engine (RL weight sync). Rank 0 yields; every rank must exhaust it."""
+    target = target or {}
+    weight_map = target.get("weight_map") or {}
+    order = shard_order(weight_map) if weight_map else None
+    return iter_hf_tensors(models, binding, order=order,
+                           dtype_for=_dtype_picker(binding.layout, target.get("dtypes") or {}))
+
+
+def export_hf(models: list[torch.nn.Module] | torch.nn.Module, binding: Binding, out: Path, *,
+              target: Mapping[str, Any] | None = None, source_root: Path | None = None, overwrite: bool = False,
+              shard_bytes: int = DEFAULT_SHARD_BYTES) -> Stats:
+    """Write a HF checkpoint. With ``target`` (the source's weight map, dtypes, shard metadata) the output
+    reproduces the source's key names, dtypes and shard assignment; tower tensors are copied from
+    ``source_root``. Atomic: written into a staging directory and renamed at the end."""
+    start = time.perf_counter()
+    coords = Coords.current()
+    target = dict(target or {})
+    layout = binding.layout
+    towers = tower_keys(layout)
+    if towers and source_root is None and coords.rank == 0:
+        raise error("export.towers-need-source", f"the layout carries {len(towers)} tower keys "
+                    f"({', '.join(t.name for t in layout.towers)}) that live only in the source checkpoint",
+                    hint="pass --source with the original HF checkpoint")
+    stream = stream_hf(models, binding, target=target)
+    if coords.rank != 0:
+        for _ in stream:
+            pass
+        return Stats()
+    writer = ShardedWriter(out, overwrite=overwrite)
+    stats = Stats()
+    try:
+        weight_map: dict[str, str] = dict(target.get("weight_map") or {})
+        shard_meta: dict[str, dict[str, str]] = dict(target.get("shard_metadata") or {})
+        if weight_map:
+            _write_known_layout(stream, writer, weight_map, shard_meta, towers, source_root, stats)
+        else:
+            _write_budgeted(stream, writer, shard_bytes, stats)
+        config_text = json.dumps(layout.config, indent=2, sort_keys=True) + "\n"
+        writer.write_text("config.json", config_text)
+        if source_root is not None:
+            _copy_side_files(Path(source_root), writer.staging)
+        writer.finish(index_metadata=target.get("index_metadata"), single_file=bool(target.get("single_file")))
+    except BaseException:
+        writer.abort()
+        raise
+    stats.seconds = time.perf_counter() - start
+    return stats
+
+
+def _write_known_layout(stream: Iterator[tuple[str, torch.Tensor]], writer: ShardedWriter,
+                        weight_map: Mapping[str, str], shard_meta: Mapping[str, dict[str, str]], towers: set[str],
+                        source_root: Path | None, stats: Stats) -> None:
+    need: dict[str, set[str]] = {}
+    for key, shard in weight_map.items():
+        need.setdefault(shard, set()).add(key)
+    pending: dict[str, dict[str, torch.Tensor]] = {s: {} for s in need}
+    reader = SafetensorsReader(source_root, weight_map) if source_root is not None and towers else None
+    done: set[str] = set()
+
+    def flush_ready() -> None:
+        for shard in list(pending):
+            missing = need[shard] - set(pending[shard])
+            if missing and reader is not None and missing <= towers:
+                for key in sorted(missing):
+                    pending[shard][key] = reader.read(key)
+                missing = set()
+            if not missing:
+                writer.write_shard(shard, pending.pop(shard), shard_meta.get(shard))
+                done.add(shard)
+
+    for key, tensor in stream:
+        shard = weight_map.get(key)
+        if shard is None:
+            raise error("export.unknown-key", "the bridge produced a key the target layout does not have", key=key)
+        if key in pending.get(shard, {}) or shard in done:
+            raise error("export.duplicate-key", "the bridge produced this key twice", key=key)
+        pending[shard][key] = tensor
+        stats.tensors += 1
+        stats.bytes += tensor.numel() * tensor.element_size()
+        if need[shard] <= set(pending[shard]) | towers:
+            flush_ready()
+    flush_ready()
+    if pending:
+        raise MapgenError([Diagnostic("error", "export.incomplete", f"{len(need[s] - set(p))} keys of {s} were never "
+                                      "produced", key=sorted(need[s] - set(p))[0]) for s, p in pending.items()])
+    if reader is not None:
+        reader.close()
+
+
+def _write_budgeted(stream: Iterator[tuple[str, torch.Tensor]], writer: ShardedWriter, shard_bytes: int,
+                    stats: Stats) -> None:
+    current: dict[str, torch.Tensor] = {}
+    size = 0
+    parts: list[dict[str, torch.Tensor]] = []
+    names: list[str] = []
+
+    def flush() -> None:
+        nonlocal current, size
+        if current:
+            name = f"part-{len(names):05d}.safetensors"
+            writer.write_shard(name, current, {"format": "pt"})
+            names.append(name)
+            current, size = {}, 0
+
+    for key, tensor in stream:
+        nbytes = tensor.numel() * tensor.element_size()
+        if current and size + nbytes > shard_bytes:
+            flush()
+        current[key] = tensor
+        size += nbytes
+        stats.tensors += 1
+        stats.bytes += nbytes
+    flush()
+    del parts
+    total = len(names)
+    renames = {n: f"model-{i + 1:05d}-of-{total:05d}.safetensors" for i, n in enumerate(names)}
+    for old, new in renames.items():
+        (writer.staging / old).rename(writer.staging / new)
+    writer.weight_map = {k: renames[v] for k, v in writer.weight_map.items()}
+
+
+_SIDE_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+               "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja", "preprocessor_config.json")
+
+
+def _copy_side_files(source_root: Path, staging: Path) -> None:
+    for name in _SIDE_FILES:
+        src = source_root / name
+        if src.is_file() and not src.is_symlink():
+            shutil.copyfile(src, staging / name)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Megatron distributed checkpoints
+# ---------------------------------------------------------------------------------------------------------
+def convert(source_path: str, out: Path, par: Parallel, *, overwrite: bool = False) -> Stats:
+    """HF checkpoint -> Megatron-Core distributed checkpoint (torch_dist), loadable by Megatron-LM:
+    ``OUT/release/`` plus ``latest_checkpointed_iteration.txt``; ``OUT/mapgen.json`` records the layout."""
+    from mapgen.runtime.megatron import save_dist_checkpoint
+
+    source = HFSource.open(source_path)
+    out = Path(out)
+    world = world_from_env()
+    binding = bind(source.layout)
+    check_parallel(binding.spec, par, world)
+    prepare_target(out, overwrite=overwrite, sources=[source.root])
+    with parallel_context(par) as coords:
+        log(f"mapgen convert: {source.root} -> {out} ({par.describe()}, world {world})")
+        model, binding, stats = load_hf(source, par)
+        staging = _shared_staging(out, coords)
+        try:
+            save_dist_checkpoint(model, staging / "release")
+            if coords.rank == 0:
+                (staging / "latest_checkpointed_iteration.txt").write_text("release\n")
+                meta = {"mapgen_version": __version__, "layout": json.loads(layout_to_json(source.layout)),
+                        "source": source.to_meta(), "parallel": par.__dict__}
+                (staging / MAPGEN_META).write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
+            _barrier()
+            if coords.rank == 0:
+                commit_dir(staging, out)
+        except BaseException:
+            if coords.rank == 0:
+                shutil.rmtree(staging, ignore_errors=True)
+            raise
+        _barrier()
+    stats.extra["bytes_read_rank0"] = stats.bytes_read
+    return stats
+
+
+def _shared_staging(out: Path, coords: Coords) -> Path:
+    """One staging directory name agreed by all ranks."""
+    name = [str(staging_dir(out))] if coords.rank == 0 else [""]
+    if coords.world > 1:
+        dist.broadcast_object_list(name, src=0)
+    path = Path(name[0])
+    if coords.rank == 0:
+        path.mkdir(parents=True)
+    _barrier()
+    return path
+
+
+def _barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def read_megatron_meta(ckpt: Path) -> dict[str, Any]:
+    path = Path(ckpt) / MAPGEN_META
+    if not path.is_file():
+        raise error("megatron.no-metadata", f"{MAPGEN_META} is missing", file=str(path),
+                    hint="this directory was not written by `mapgen convert`; pass --source with the HF checkpoint "
+                    "it came from so mapgen knows the layout")
+    return dict(json.loads(path.read_text()))
+
+
+def export_megatron(ckpt: Path, out: Path, par: Parallel, *, source_path: str | None = None,
+                    overwrite: bool = False) -> Stats:
+    """Megatron distributed checkpoint (any parallel layout; resharded by dist_checkpointing) -> HF."""
+    from mapgen.runtime.megatron import load_dist_checkpoint
+
+    ckpt = Path(ckpt)
+    source = HFSource.open(source_path) if source_path else None
+    if source is not None:
+        layout, target, root = source.layout, source.to_meta(), source.root
+    else:
+        meta = read_megatron_meta(ckpt)
+        layout = layout_from_json(json.dumps(meta["layout"]))
+        target, root = meta.get("source") or {}, None
+    prepare_target(out, overwrite=overwrite, sources=[ckpt] + ([source.root] if source else []))
+    binding = bind(layout)
+    check_parallel(binding.spec, par, world_from_env())
+    with parallel_context(par):
+        log(f"mapgen export: {ckpt} -> {out} ({par.describe()})")
+        model = build(binding, par)
+        release = ckpt / "release" if (ckpt / "release").is_dir() else ckpt
+        load_dist_checkpoint(model, release)
+        stats = export_hf(model, binding, Path(out), target=target, source_root=root, overwrite=overwrite)
+        _barrier()
+    return stats
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Verification
+# ---------------------------------------------------------------------------------------------------------
+@dataclass
+class RoundTrip:
+    keys: int
+    mismatches: list[str]
+
+    @property
+    def ok(self) -> bool:
+        return not self.mismatches
+
+
+def compare_checkpoints(a: Path, b: Path) -> RoundTrip:
+    """Same key set, dtypes, tensors (bitwise) and shard assignment."""
+    wa, _ = read_weight_map(a)
+    wb, _ = read_weight_map(b)
+    problems = []
+    for key in sorted(set(wa) ^ set(wb)):
+        problems.append(f"{key}: only in {'source' if key in wa else 'export'}")
+    ra, rb = SafetensorsReader(a, wa), SafetensorsReader(b, wb)
+    for key in sorted(set(wa) & set(wb)):
+        if wa[key] != wb[key]:
+            problems.append(f"{key}: shard {wa[key]} vs {wb[key]}")
+        ta, tb = ra.read(key), rb.read(key)
+        if ta.dtype != tb.dtype:
+            problems.append(f"{key}: dtype {ta.dtype} vs {tb.dtype}")
+        elif ta.shape != tb.shape:
+            problems.append(f"{key}: shape {tuple(ta.shape)} vs {tuple(tb.shape)}")
+        elif not torch.equal(ta, tb):
+            problems.append(f"{key}: values differ (max abs {float((ta.float() - tb.float()).abs().max()):.3g})")
+    return RoundTrip(len(wa), problems)
+
+
+def round_trip(source_path: str, par: Parallel, out: Path | None = None) -> dict[str, Any]:
+    """SPMD: HF -> Megatron (at ``par``) -> HF in memory, then a bitwise comparison on rank 0."""
+    source = HFSource.open(source_path)
+    binding = bind(source.layout)
+    check_parallel(binding.spec, par, world_from_env())
+    with parallel_context(par) as coords:
+        model, binding, stats = load_hf(source, par)
+        tmp = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="mapgen-verify-")) / "hf"
+        export_hf(model, binding, tmp, target=source.to_meta(), source_root=source.root,
+                  overwrite=out is not None)
+        result: dict[str, Any] = {"rank": coords.rank, "bytes_read": stats.bytes_read, "tensors": stats.tensors}
+        if coords.rank == 0:
+            rt = compare_checkpoints(source.root, tmp)
+            result.update(keys=rt.keys, mismatches=rt.mismatches)
+            if out is None:
+                shutil.rmtree(tmp.parent, ignore_errors=True)
+        _barrier()
+    return result

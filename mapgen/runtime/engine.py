@@ -1,0 +1,357 @@
+"""The distributed conversion engine: HF -> Megatron loading and Megatron -> HF streaming export.
+
+Both directions execute the same rule instances the bijection proof checked (``mapgen.plan.expand``).
+
+Loading: every rank walks its *own* parameters (rank-local names translated to the global namespace by
+megatron-core's own layer offsets and local expert indices), orders them by the shard file their HF
+tensors live in, and asks the rule's primitive for its local tensor, which reads only the rows, columns,
+query groups or experts that rank owns. Afterwards it asserts that every local parameter was written
+exactly once.
+
+Exporting: every rank offers the pieces it holds (its TP/ETP shard of each global parameter); the lowest
+rank holding a piece owns it. Rank 0 walks the global instances in output order, receives each piece from
+its owner (point-to-point, in an order every rank computes identically), reassembles the full Megatron
+tensor with the primitive's ``gather``, converts it back with ``save`` and yields HF tensors one at a time.
+Packed expert tensors are stacked from their per-expert fragments as soon as the last one arrives; HF
+tensors shared by every MTP depth are emitted once and checked equal across depths.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from mapgen.errors import Diagnostic, MapgenError, error
+from mapgen.infer.ir import Layout
+from mapgen.plan.expand import Instance, plan_instances, tower_keys
+from mapgen.plan.rules import Rule
+from mapgen.plan.spec import ModelSpec
+from mapgen.runtime import primitives as P
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Binding a bridge to one checkpoint
+# ---------------------------------------------------------------------------------------------------------
+@dataclass
+class Binding:
+    """A bridge's rules instantiated for one layout."""
+
+    spec: ModelSpec
+    layout: Layout
+    rules: tuple[Rule, ...]
+    instances: list[Instance]
+    by_megatron: dict[str, Instance]
+    duplicates: list[Instance]
+
+    @classmethod
+    def create(cls, spec: ModelSpec, layout: Layout, rules: tuple[Rule, ...], mtp_inner: str) -> Binding:
+        instances = list(plan_instances(rules, layout, mtp_inner))
+        by_megatron: dict[str, Instance] = {}
+        duplicates = []
+        for inst in instances:
+            if inst.rule.op == "duplicate":
+                duplicates.append(inst)
+                continue
+            if inst.megatron in by_megatron:
+                raise error("bridge.overlap", "two rules produce the same Megatron parameter", key=inst.megatron,
+                            hint="re-run `mapgen emit`; the committed bridge is not the proven one")
+            by_megatron[inst.megatron] = inst
+        return cls(spec, layout, rules, instances, by_megatron, duplicates)
+
+
+@dataclass
+class Coords:
+    """This rank's place in the parallel layout (from megatron-core's parallel_state)."""
+
+    rank: int = 0
+    world: int = 1
+    tp_rank: int = 0
+    tp: int = 1
+    etp_rank: int = 0
+    etp: int = 1
+
+    @classmethod
+    def current(cls) -> Coords:
+        if not dist.is_available() or not dist.is_initialized():
+            return cls()
+        from megatron.core import parallel_state as ps
+
+        return cls(
+            rank=dist.get_rank(),
+            world=dist.get_world_size(),
+            tp_rank=ps.get_tensor_model_parallel_rank(),
+            tp=ps.get_tensor_model_parallel_world_size(),
+            etp_rank=ps.get_expert_tensor_parallel_rank(),
+            etp=ps.get_expert_tensor_parallel_world_size(),
+        )
+
+    def shard(self, rule: Rule) -> P.Shard:
+        if P.shard_dim(rule) is None:
+            return P.Shard(0, 1)
+        return P.Shard(self.etp_rank, self.etp) if rule.experts else P.Shard(self.tp_rank, self.tp)
+
+
+@dataclass
+class Stats:
+    tensors: int = 0
+    bytes: int = 0
+    bytes_read: int = 0
+    seconds: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _local_params(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, value in model.state_dict(keep_vars=True).items():
+        if name.endswith("_extra_state") or not isinstance(value, torch.Tensor):
+            continue
+        out[name] = value
+    return out
+
+
+def _global_names(model: torch.nn.Module) -> dict[str, str]:
+    from mapgen.runtime.megatron import local_to_global
+
+    return local_to_global(model)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# HF -> Megatron
+# ---------------------------------------------------------------------------------------------------------
+def load_model(model: torch.nn.Module, binding: Binding, reader: Any, coords: Coords | None = None,
+               *, progress: Callable[[int, int], None] | None = None) -> Stats:
+    """Fill every parameter of ``model`` (this rank's piece of the Megatron model) from the HF reader."""
+    coords = coords or Coords.current()
+    start = time.perf_counter()
+    params = _local_params(model)
+    names = _global_names(model)
+    problems: list[Diagnostic] = []
+    plan: list[tuple[int, str, str, Instance]] = []
+    for local, tensor in params.items():
+        glob = names.get(local, local)
+        inst = binding.by_megatron.get(glob)
+        if inst is None:
+            problems.append(Diagnostic("error", "load.unmapped", "no rule produces this Megatron parameter",
+                                       key=glob, hint="the bridge does not match this model; re-run `mapgen emit`"))
+            continue
+        order = min((reader.shard_rank(k) for k in inst.hf), default=0) if hasattr(reader, "shard_rank") else 0
+        plan.append((order, inst.hf[0] if inst.hf else "", local, inst))
+    if problems:
+        raise MapgenError(problems)
+    plan.sort(key=lambda item: (item[0], item[1], item[2]))
+
+    written: dict[str, int] = defaultdict(int)
+    stats = Stats()
+    with torch.no_grad():
+        for i, (_, _, local, inst) in enumerate(plan):
+            target = params[local]
+            try:
+                value = P.load(inst.rule, inst.hf, binding.spec, coords.shard(inst.rule), reader, expert=inst.expert)
+            except P.PrimitiveError as exc:
+                raise error("load.primitive", str(exc), key=local) from None
+            if tuple(value.shape) != tuple(target.shape):
+                problems.append(Diagnostic(
+                    "error", "load.shape", f"{local}: HF gives {tuple(value.shape)}, Megatron expects "
+                    f"{tuple(target.shape)}", key=", ".join(inst.hf),
+                    hint="the config and the checkpoint disagree on a dimension"))
+                continue
+            target.copy_(value.to(target.dtype))
+            written[local] += 1
+            stats.tensors += 1
+            stats.bytes += target.numel() * target.element_size()
+            if progress:
+                progress(i + 1, len(plan))
+    if problems:
+        raise MapgenError(problems)
+    missing = sorted(set(params) - set(written))
+    twice = sorted(n for n, c in written.items() if c != 1)
+    if missing or twice:
+        raise MapgenError([Diagnostic("error", "load.coverage", f"{n} was written {written.get(n, 0)} times",
+                                      key=n) for n in missing + twice])
+    _check_duplicates(binding, reader, coords)
+    stats.bytes_read = getattr(reader, "bytes_read", 0)
+    stats.seconds = time.perf_counter() - start
+    return stats
+
+
+def _check_duplicates(binding: Binding, reader: Any, coords: Coords) -> None:
+    """An HF tensor stored twice must hold the same values twice (checked once, on global rank 0)."""
+    if coords.rank != 0:
+        return
+    for dup in binding.duplicates:
+        primary = binding.by_megatron.get(dup.megatron)
+        if primary is None:
+            raise error("load.duplicate-target", "a duplicate rule points at no parameter", key=dup.megatron)
+        a = reader.read(primary.hf[0])
+        b = reader.read(dup.hf[0])
+        if a.shape != b.shape or not torch.equal(a, b):
+            raise error("load.duplicate-differs", f"{dup.hf[0]} should be a copy of {primary.hf[0]} but differs",
+                        key=dup.hf[0], hint="the checkpoint stores two different tensors where the model "
+                        "shares one; mapgen will not pick one silently")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Megatron -> HF
+# ---------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Piece:
+    name: str
+    index: int
+    count: int
+    shape: tuple[int, ...]
+    dtype: str
+
+
+def _pieces(model: torch.nn.Module, binding: Binding, coords: Coords) -> tuple[dict[tuple[str, int], torch.Tensor],
+                                                                                list[_Piece]]:
+    params = _local_params(model)
+    names = _global_names(model)
+    local: dict[tuple[str, int], torch.Tensor] = {}
+    offered = []
+    for name, tensor in params.items():
+        glob = names.get(name, name)
+        inst = binding.by_megatron.get(glob)
+        if inst is None:
+            raise error("export.unmapped", "no rule maps this Megatron parameter back to HF", key=glob,
+                        hint="the bridge does not match this model; re-run `mapgen emit`")
+        shard = coords.shard(inst.rule)
+        local[(glob, shard.rank)] = tensor.detach()
+        offered.append(_Piece(glob, shard.rank, shard.size, tuple(tensor.shape), str(tensor.dtype)))
+    return local, offered
+
+
+def _owners(all_offered: list[list[_Piece]]) -> dict[tuple[str, int], tuple[int, _Piece]]:
+    owners: dict[tuple[str, int], tuple[int, _Piece]] = {}
+    for rank, pieces in enumerate(all_offered):
+        for piece in pieces:
+            owners.setdefault((piece.name, piece.index), (rank, piece))
+    return owners
+
+
+_DTYPES = {str(t): t for t in (torch.float32, torch.bfloat16, torch.float16, torch.float64)}
+
+
+def iter_hf_tensors(models: list[torch.nn.Module] | torch.nn.Module, binding: Binding, *,
+                    order: Callable[[Instance], Any] | None = None,
+                    dtype_for: Callable[[str, torch.Tensor], torch.dtype] | None = None,
+                    coords: Coords | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield ``(hf_name, tensor)`` for the whole model in bounded memory.
+
+    Every rank must call this and exhaust the iterator (non-zero ranks yield nothing but send their
+    pieces). ``order`` sorts instances (default: rule order, then layer, then expert); ``dtype_for`` picks
+    the HF dtype of each output (default: the Megatron dtype).
+    """
+    coords = coords or Coords.current()
+    model_list = models if isinstance(models, list) else [models]
+    local: dict[tuple[str, int], torch.Tensor] = {}
+    offered: list[_Piece] = []
+    for m in model_list:
+        loc, off = _pieces(m, binding, coords)
+        local.update(loc)
+        offered += off
+    distributed = coords.world > 1
+    if distributed:
+        gathered: list[Any] = [None] * coords.world
+        dist.all_gather_object(gathered, offered)
+        all_offered: list[list[_Piece]] = gathered
+    else:
+        all_offered = [offered]
+    owners = _owners(all_offered)
+    held = {p.name for pieces in all_offered for p in pieces}
+    missing = sorted(set(binding.by_megatron) - held)
+    if missing:
+        raise MapgenError([Diagnostic("error", "export.missing", "no rank holds this Megatron parameter", key=n)
+                           for n in missing])
+
+    instances = [i for i in binding.instances]
+    rule_pos = {id(r): k for k, r in enumerate(binding.rules)}
+    instances.sort(key=order or (lambda i: (rule_pos[id(i.rule)], i.layer or 0, i.expert or 0)))
+
+    packed: dict[str, dict[int, torch.Tensor]] = defaultdict(dict)
+    expected_count = _packed_counts(binding)
+    shared_seen: dict[str, torch.Tensor] = {}
+    for inst in instances:
+        name = inst.megatron
+        count = owners[(name, 0)][1].count
+        shards: list[torch.Tensor] = []
+        for index in range(count):
+            owner, piece = owners[(name, index)]
+            if owner == coords.rank:
+                tensor = local[(name, index)]
+                if coords.rank == 0:
+                    shards.append(tensor)
+                # non-zero owners send below
+            if not distributed:
+                continue
+            if coords.rank == 0 and owner != 0:
+                buf = torch.empty(piece.shape, dtype=_DTYPES[piece.dtype])
+                dist.recv(buf, src=owner)
+                shards.append(buf)
+            elif coords.rank == owner and owner != 0:
+                dist.send(local[(name, index)].contiguous(), dst=0)
+        if coords.rank != 0:
+            continue
+        full = P.gather(inst.rule, binding.spec, shards) if count > 1 else shards[0]
+        for frag in P.save(inst.rule, inst.hf, binding.spec, full, expert=inst.expert):
+            tensor = frag.tensor
+            if frag.index is not None:
+                slot = packed[frag.key]
+                slot[frag.index] = tensor
+                if len(slot) == expected_count[frag.key]:
+                    stacked = torch.stack([slot[e] for e in range(len(slot))])
+                    del packed[frag.key]
+                    yield frag.key, _cast(frag.key, stacked, dtype_for)
+                continue
+            if inst.rule.option("shared"):
+                prev = shared_seen.get(frag.key)
+                if prev is not None:
+                    if not torch.equal(prev, tensor):
+                        raise error("export.shared-diverged",
+                                    f"{frag.key} is one HF tensor for every MTP depth, but the Megatron copies "
+                                    "differ between depths", key=inst.megatron,
+                                    hint="the HF format cannot represent per-depth values here; tie them before "
+                                    "exporting")
+                    continue
+                shared_seen[frag.key] = tensor
+            yield frag.key, _cast(frag.key, tensor, dtype_for)
+    if coords.rank == 0 and packed:
+        raise MapgenError([Diagnostic("error", "export.incomplete-packed", f"only {len(v)} expert slots filled",
+                                      key=k) for k, v in packed.items()])
+
+
+def _packed_counts(binding: Binding) -> dict[str, int]:
+    counts: dict[str, set[int]] = defaultdict(set)
+    for inst in binding.instances:
+        if inst.rule.experts and inst.rule.option("layout") == "packed" and inst.expert is not None:
+            for key in inst.hf:
+                counts[key].add(inst.expert)
+    return {k: len(v) for k, v in counts.items()}
+
+
+def _cast(key: str, tensor: torch.Tensor, dtype_for: Callable[[str, torch.Tensor], torch.dtype] | None) -> torch.Tensor:
+    if dtype_for is None:
+        return tensor
+    return tensor.to(dtype_for(key, tensor))
+
+
+def carried_keys(layout: Layout) -> set[str]:
+    """Keys of non-language towers, copied through exports unchanged from the source."""
+    return tower_keys(layout)
+
+
+def shard_order(weight_map: Mapping[str, str]) -> Callable[[Instance], Any]:
+    """Order instances by the output shard of their first HF key, then by key."""
+    shards = list(dict.fromkeys(weight_map.values()))
+    pos = {s: i for i, s in enumerate(shards)}
+
+    def key(inst: Instance) -> Any:
+        first = min(inst.hf, key=lambda k: (pos.get(weight_map.get(k, ""), len(pos)), k))
+        return (pos.get(weight_map.get(first, ""), len(pos)), first, inst.expert or 0)
+
+    return key

@@ -1,0 +1,195 @@
+"""Hugging Face safetensors I/O for the runtime: a slicing reader and an atomic sharded writer.
+
+Reading opens each shard file once (``safe_open``, memory-mapped) and reads only the requested slices
+(``get_slice``), counting the bytes it returns so benchmarks and tests can check that a TP rank reads only
+its share. Writing goes to a hidden temporary directory beside the target and is renamed into place only
+when every shard and the index are on disk: an interrupted export never leaves a directory that looks
+complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from mapgen.errors import Diagnostic, MapgenError, error
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+
+DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+TORCH_TO_ST = {v: k for k, v in DTYPES.items()}
+CONFIG_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def safe_child(root: Path, name: str, *, what: str) -> Path:
+    """``root / name`` after refusing absolute names, ``..`` and symlinks that leave ``root``."""
+    if not name or os.path.isabs(name) or ".." in Path(name).parts or "\\" in name:
+        raise error("path.unsafe", f"{what} {name!r} is not a plain relative file name", file=str(root),
+                    expected="a file name inside the checkpoint directory", hint="fix the index")
+    path = root / name
+    real_root = root.resolve()
+    if path.exists() and not path.resolve().is_relative_to(real_root):
+        raise error("path.outside", f"{what} {name!r} resolves outside the checkpoint directory",
+                    file=str(path), expected=f"a file under {real_root}",
+                    hint="copy the shard into the checkpoint instead of linking it")
+    return path
+
+
+def read_weight_map(root: Path) -> tuple[dict[str, str], dict[str, Any]]:
+    """``(key -> shard file, index metadata)`` of a checkpoint directory (index or single file)."""
+    index = root / INDEX_NAME
+    if index.is_file():
+        data = json.loads(index.read_text())
+        return dict(data["weight_map"]), dict(data.get("metadata") or {})
+    single = root / SINGLE_NAME
+    if single.is_file():
+        with safe_open(str(single), framework="pt") as f:
+            return dict.fromkeys(f.keys(), SINGLE_NAME), {}
+    raise error("checkpoint.missing-index", f"no {INDEX_NAME} or {SINGLE_NAME}", file=str(root),
+                hint="point at a Hugging Face checkpoint directory")
+
+
+class SafetensorsReader:
+    """The primitives' ``Reader`` over a sharded safetensors checkpoint."""
+
+    def __init__(self, root: Path, weight_map: Mapping[str, str] | None = None) -> None:
+        self.root = Path(root)
+        self.weight_map = dict(weight_map) if weight_map is not None else read_weight_map(self.root)[0]
+        self.shard_order = list(dict.fromkeys(self.weight_map.values()))
+        self._handles: dict[str, Any] = {}
+        self.bytes_read = 0
+        self.opened: list[str] = []
+
+    def _handle(self, key: str) -> Any:
+        shard = self.weight_map.get(key)
+        if shard is None:
+            raise error("checkpoint.missing-key", f"the checkpoint has no tensor {key!r}", file=INDEX_NAME, key=key,
+                        hint="the index and the layout disagree; re-scan the checkpoint")
+        handle = self._handles.get(shard)
+        if handle is None:
+            path = safe_child(self.root, shard, what="shard")
+            if not path.is_file():
+                raise error("checkpoint.missing-shard", f"shard {shard!r} is missing", file=str(path), key=key)
+            handle = safe_open(str(path), framework="pt")
+            self._handles[shard] = handle
+            self.opened.append(shard)
+        if key not in handle.keys():
+            raise error("checkpoint.key-not-in-shard", f"the index puts {key!r} in {shard!r}, which lacks it",
+                        file=shard, key=key, hint="the index is stale; regenerate it")
+        return handle
+
+    def shard_rank(self, key: str) -> int:
+        shard = self.weight_map.get(key)
+        return self.shard_order.index(shard) if shard in self.shard_order else len(self.shard_order)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._handle(key).get_slice(key).get_shape())
+
+    def dtype(self, key: str) -> torch.dtype:
+        return DTYPES[self._handle(key).get_slice(key).get_dtype()]
+
+    def read(self, key: str, index: tuple[slice | int, ...] = ()) -> torch.Tensor:
+        sl = self._handle(key).get_slice(key)
+        tensor = sl[index] if index else sl[:]
+        if tensor.dim() == 0 and not index:
+            tensor = self._handle(key).get_tensor(key)
+        self.bytes_read += tensor.numel() * tensor.element_size()
+        return tensor
+
+    def header_metadata(self, shard: str) -> dict[str, str]:
+        path = safe_child(self.root, shard, what="shard")
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+
+    def close(self) -> None:
+        self._handles.clear()
+
+
+def staging_dir(target: Path) -> Path:
+    """A hidden sibling of ``target`` that no one mistakes for a finished checkpoint."""
+    return target.parent / f".{target.name}.partial-{uuid.uuid4().hex[:8]}"
+
+
+def prepare_target(target: Path, *, overwrite: bool, sources: Iterable[Path] = ()) -> None:
+    """Refuse an existing target unless ``overwrite``; never a source directory."""
+    target = Path(target)
+    for src in sources:
+        if src.exists() and target.exists() and target.resolve() == Path(src).resolve():
+            raise error("output.is-source", "the output directory is the source checkpoint", file=str(target),
+                        hint="choose another output directory; mapgen never writes into its input")
+    if target.exists() and not overwrite:
+        raise error("output.exists", "the output directory already exists", file=str(target),
+                    hint="choose a new directory or pass --overwrite")
+
+
+def commit_dir(staging: Path, target: Path) -> None:
+    """Move a finished staging directory into place (replacing an old target only now)."""
+    if target.exists():
+        old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
+        target.rename(old)
+        staging.rename(target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        staging.rename(target)
+
+
+class ShardedWriter:
+    """Writes safetensors shards into a staging directory, then the index, then renames into place."""
+
+    def __init__(self, target: Path, *, overwrite: bool = False) -> None:
+        self.target = Path(target)
+        self.overwrite = overwrite
+        self.staging = staging_dir(self.target)
+        self.staging.mkdir(parents=True)
+        self.weight_map: dict[str, str] = {}
+        self.total_size = 0
+        self.tensors_written = 0
+
+    def write_shard(self, name: str, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None) -> None:
+        if not tensors:
+            return
+        clean = {k: v.detach().contiguous() for k, v in tensors.items()}
+        save_file(clean, str(self.staging / name), metadata=dict(metadata) if metadata else None)
+        for key, value in clean.items():
+            self.weight_map[key] = name
+            self.total_size += value.numel() * value.element_size()
+        self.tensors_written += len(clean)
+
+    def write_text(self, name: str, text: str) -> None:
+        (self.staging / name).write_text(text)
+
+    def finish(self, *, index_metadata: Mapping[str, Any] | None = None, single_file: bool = False) -> Path:
+        if not single_file:
+            meta = dict(index_metadata or {})
+            meta["total_size"] = self.total_size
+            index = {"metadata": meta, "weight_map": dict(sorted(self.weight_map.items()))}
+            (self.staging / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+        if self.target.exists() and not self.overwrite:
+            raise MapgenError(Diagnostic("error", "output.exists", "the output directory appeared meanwhile",
+                                         file=str(self.target)))
+        commit_dir(self.staging, self.target)
+        return self.target
+
+    def abort(self) -> None:
+        shutil.rmtree(self.staging, ignore_errors=True)
