@@ -1,0 +1,760 @@
+"""Keys (+ config cross-checks) -> :class:`~mapgen.infer.ir.Layout`.
+
+Order of work: refuse unsupported quantisation; split off towers (vision/audio); find the language-model
+prefix; read top-level tensors; classify each decoder layer with the recognisers; group layers with equal
+signatures; find MTP (three schemes); cross-check the config; list what is left as unclassified.
+
+The keys decide; the config only breaks ties (attention output gate without shapes, packed experts' count
+without headers) and is checked against what the keys say. Disagreements are diagnostics: errors are raised
+together as one :class:`MapgenError`; warnings land in ``Layout.diagnostics``. Unclassified keys are *not*
+an exception here: the Layout lists them and the CLI exits 2.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from mapgen.errors import Diagnostic, MapgenError
+from mapgen.infer.ir import (
+    MLA,
+    MTP,
+    DiagnosticRecord,
+    Dims,
+    GatedDeltaNet,
+    IndexSet,
+    LanguageModel,
+    LayerGroup,
+    Layout,
+    Mixer,
+    Mlp,
+    MoE,
+    Tower,
+    UnclassifiedGroup,
+)
+from mapgen.infer.patterns import compress_keys
+from mapgen.infer.recognise import (
+    EXPERT_SLOT,
+    Context,
+    Pool,
+    Problem,
+    fold_experts,
+    recognise_mixer,
+    recognise_mlp,
+)
+from mapgen.infer.summary import make_summary
+from mapgen.source.base import INDEX_NAME, Source
+
+CONFIG = "config.json"
+_LAYER = re.compile(r"^((?:[A-Za-z0-9_]+\.)*?)layers\.(0|[1-9][0-9]*)\.(.+)$")
+_TOWERS = {
+    "visual": "vision",
+    "vision_tower": "vision",
+    "vision_model": "vision",
+    "vision_encoder": "vision",
+    "audio_tower": "audio",
+    "audio_model": "audio",
+    "audio_encoder": "audio",
+    "multi_modal_projector": "projector",
+    "mm_projector": "projector",
+}
+_TOWER = re.compile(r"^((?:model\.)?(" + "|".join(_TOWERS) + r")\.)")
+_MTP_COUNT_KEYS = ("mtp_num_hidden_layers", "num_nextn_predict_layers", "mtp_num_layers")
+_EXPERT_COUNT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts")
+_ATTENTION_TYPES = {"full_attention", "sliding_attention", "attention", "chunked_attention"}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Config access
+# ---------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Config:
+    top: Mapping[str, Any]
+    text: Mapping[str, Any]
+
+    @classmethod
+    def of(cls, config: Mapping[str, Any]) -> Config:
+        text = config.get("text_config")
+        return cls(config, text if isinstance(text, dict) else config)
+
+    def get(self, *names: str) -> Any:
+        for scope in (self.text, self.top):
+            for n in names:
+                if n in scope and scope[n] is not None:
+                    return scope[n]
+        return None
+
+    def int(self, *names: str) -> int | None:
+        v = self.get(*names)
+        return v if isinstance(v, int) and not isinstance(v, bool) else None
+
+    @property
+    def model_type(self) -> str:
+        mt = self.top.get("model_type")
+        return mt if isinstance(mt, str) else ""
+
+    @property
+    def text_model_type(self) -> str:
+        mt = self.text.get("model_type")
+        return mt if isinstance(mt, str) else self.model_type
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Diagnostics
+# ---------------------------------------------------------------------------------------------------------
+@dataclass
+class Findings:
+    errors: list[Diagnostic]
+    warnings: list[Diagnostic]
+
+    def add(self, d: Diagnostic) -> None:
+        (self.errors if d.severity == "error" else self.warnings).append(d)
+
+
+def _quantization(source: Source, cfg: Config, findings: Findings) -> str:
+    """Refuse quantised formats without a dequantisation rule; return ``mxfp4`` / ``none``."""
+    qc = cfg.top.get("quantization_config") or cfg.text.get("quantization_config")
+    method = str(qc.get("quant_method", "")) if isinstance(qc, dict) else ""
+    keys = source.tensors
+    probes: list[tuple[str, str, str]] = [
+        (
+            "quant.mlx-unsupported",
+            "MLX-quantized checkpoint (packed .weight with .scales/.biases): not supported",
+            next((k for k in keys if k.endswith((".scales", ".biases"))), ""),
+        ),
+        (
+            "quant.fp8-unsupported",
+            "FP8 checkpoint (weight_scale_inv block scales): not supported (no dequantization rule)",
+            next((k for k in keys if k.endswith(("weight_scale_inv", ".weight_scale", ".input_scale"))), ""),
+        ),
+        (
+            "quant.gptq-awq-unsupported",
+            "GPTQ/AWQ-quantized checkpoint (qweight/qzeros): not supported",
+            next((k for k in keys if k.endswith((".qweight", ".qzeros", ".g_idx"))), ""),
+        ),
+    ]
+    for code, message, key in probes:
+        if key:
+            findings.add(
+                Diagnostic(
+                    "error",
+                    code,
+                    message,
+                    file=INDEX_NAME,
+                    key=key,
+                    hint="scan an unquantized (bf16/fp16/fp32) export of the model",
+                )
+            )
+    mlx = cfg.top.get("quantization")
+    if isinstance(mlx, dict) and "bits" in mlx and not any(c == "quant.mlx-unsupported" for c, _, k in probes if k):
+        findings.add(
+            Diagnostic(
+                "error",
+                "quant.mlx-unsupported",
+                "MLX-quantized checkpoint (config 'quantization'): not supported",
+                file=CONFIG,
+                key="quantization",
+                hint="scan an unquantized export",
+            )
+        )
+    if method and method != "mxfp4" and not any(k for _, _, k in probes):
+        findings.add(
+            Diagnostic(
+                "error",
+                "quant.unsupported",
+                f"quantization method {method!r}: not supported",
+                file=CONFIG,
+                key="quantization_config.quant_method",
+                expected="an unquantized checkpoint, or mxfp4 experts",
+            )
+        )
+    return "mxfp4" if method == "mxfp4" or any(k.endswith("_blocks") for k in keys) else "none"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Layers
+# ---------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class LayerResult:
+    mixer: Mixer | None
+    mlp: Mlp | None
+    input_norm: str | None
+    post_norm: str | None
+    leftover: tuple[str, ...]  # original suffixes nobody claimed
+
+    @property
+    def complete(self) -> bool:
+        return None not in (self.mixer, self.mlp, self.input_norm, self.post_norm)
+
+    @property
+    def signature(self) -> tuple[Any, ...]:
+        return (self.mixer, self.mlp, self.input_norm, self.post_norm)
+
+
+def classify_layer(
+    suffixes: list[str],
+    shape: Callable[[str], tuple[int, ...] | None],
+    ctx: Context,
+    *,
+    sliding: bool,
+    problems: list[Problem],
+) -> LayerResult:
+    folded, ids = fold_experts(suffixes)
+    pool = Pool(set(folded))
+
+    def shape0(suffix: str) -> tuple[int, ...] | None:
+        return shape(suffix.replace(EXPERT_SLOT, "0"))
+
+    mixer = recognise_mixer(pool, shape0, ctx, sliding=sliding)
+    mlp = recognise_mlp(pool, shape0, ctx, ids, problems)
+    input_norm = pool.take("input_layernorm.weight")
+    post_norm = pool.take("post_attention_layernorm.weight")
+    leftover = sorted(s for t in pool.avail for s in folded[t])
+    result = LayerResult(mixer, mlp, input_norm, post_norm, tuple(leftover))
+    if not result.complete:  # a partial layer is not a layer: every key in it stays unclassified
+        return LayerResult(None, None, None, None, tuple(sorted(suffixes)))
+    return result
+
+
+def _mixer_kind(mixer: Mixer) -> str:
+    if isinstance(mixer, GatedDeltaNet):
+        return "gated_delta_net"
+    if isinstance(mixer, MLA):
+        return "mla"
+    return "sliding_attention" if mixer.sliding_window else "attention"
+
+
+_GROUP_BASE = {"gated_delta_net": "linear_attention"}
+
+
+def make_groups(results: Mapping[int, LayerResult], root: str, name_prefix: str = "") -> tuple[LayerGroup, ...]:
+    """Group complete layers by signature; name groups by mixer kind (+ ``_dense``/``_moe`` when needed)."""
+    by_sig: dict[tuple[Any, ...], list[int]] = {}
+    for i in sorted(results):
+        r = results[i]
+        if r.complete:
+            by_sig.setdefault(r.signature, []).append(i)
+    ordered = sorted(by_sig.items(), key=lambda kv: kv[1][0])
+    bases = []
+    for sig, _ in ordered:
+        kind = _mixer_kind(sig[0])
+        bases.append((_GROUP_BASE.get(kind, kind), "moe" if isinstance(sig[1], MoE) else "dense"))
+    names: list[str] = []
+    for mixer_name, mlp_name in bases:
+        if sum(1 for b in bases if b[0] == mixer_name) == 1:
+            names.append(mixer_name)
+            continue
+        name = f"{mixer_name}_{mlp_name}"
+        same = [b for b in bases if b == (mixer_name, mlp_name)]
+        if len(same) > 1:
+            name += f"_{sum(1 for n in names if n.startswith(name)) + 1}"
+        names.append(name)
+    groups = []
+    for name, (sig, layers) in zip(names, ordered, strict=True):
+        mixer, mlp, input_norm, post_norm = sig
+        groups.append(
+            LayerGroup(
+                name=name_prefix + name,
+                root=root,
+                layers=IndexSet.of(layers),
+                mixer=mixer,
+                mlp=mlp,
+                input_norm=input_norm,
+                post_attention_norm=post_norm,
+            )
+        )
+    return tuple(groups)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The whole checkpoint
+# ---------------------------------------------------------------------------------------------------------
+def _dims(cfg: Config) -> Dims:
+    hidden = cfg.int("hidden_size") or 0
+    heads = cfg.int("num_attention_heads") or 0
+    return Dims(
+        hidden_size=hidden,
+        num_attention_heads=heads,
+        num_key_value_heads=cfg.int("num_key_value_heads") or heads,
+        head_dim=cfg.int("head_dim") or (hidden // heads if heads else 0),
+        intermediate_size=cfg.int("intermediate_size") or 0,
+        moe_intermediate_size=cfg.int("moe_intermediate_size") or 0,
+        shared_expert_intermediate_size=cfg.int("shared_expert_intermediate_size") or 0,
+        vocab_size=cfg.int("vocab_size") or 0,
+        num_experts_per_tok=cfg.int("num_experts_per_tok", "experts_per_token") or 0,
+    )
+
+
+def _context(cfg: Config) -> Context:
+    types = tuple(dict.fromkeys(t for t in (cfg.text_model_type, cfg.model_type) if t))
+    gate = cfg.get("attn_output_gate")
+    if not isinstance(gate, bool):
+        gate = any(t.startswith(("qwen3_5", "qwen3_next")) for t in types)
+    return Context(model_types=types, num_experts=cfg.int(*_EXPERT_COUNT_KEYS) or None, output_gate=gate)
+
+
+def _shape_lookup(source: Source, prefix: str) -> Callable[[str], tuple[int, ...] | None]:
+    def shape(suffix: str) -> tuple[int, ...] | None:
+        info = source.tensors.get(prefix + suffix)
+        return info.shape if info is not None else None
+
+    return shape
+
+
+def _problems_to_diags(problems: list[Problem], key_prefix: str, findings: Findings) -> None:
+    for p in problems:
+        findings.add(
+            Diagnostic(p.severity, p.code, p.message, file=INDEX_NAME, key=key_prefix + p.suffix, expected=p.expected)
+        )
+
+
+def infer(source: Source) -> Layout:
+    """Classify every key of ``source`` into the IR. Raises :class:`MapgenError` with all errors found."""
+    cfg = Config.of(source.config)
+    ctx = _context(cfg)
+    findings = Findings([], list(source.diagnostics))
+    quantization = _quantization(source, cfg, findings)
+    if findings.errors:
+        raise MapgenError(findings.errors)
+
+    # -- towers -------------------------------------------------------------------------------------------
+    tower_keys: dict[str, list[str]] = {}
+    lm_keys: list[str] = []
+    for key in source.tensors:
+        m = _TOWER.match(key)
+        if m is not None:
+            tower_keys.setdefault(m.group(1), []).append(key)
+        else:
+            lm_keys.append(key)
+    towers = _towers(tower_keys)
+
+    # -- decoder layers by prefix -------------------------------------------------------------------------
+    by_prefix: dict[str, dict[int, list[str]]] = {}
+    for key in lm_keys:
+        m = _LAYER.match(key)
+        if m is not None and not m.group(1).startswith("mtp."):
+            by_prefix.setdefault(m.group(1), {}).setdefault(int(m.group(2)), []).append(m.group(3))
+    prefix = max(by_prefix, key=lambda p: (sum(len(v) for v in by_prefix[p].values()), p == "model."), default="model.")
+    layer_suffixes = by_prefix.get(prefix, {})
+    claimed: set[str] = set()
+
+    def claim(key: str | None) -> str | None:
+        if key is not None and key in source.tensors:
+            claimed.add(key)
+            return key
+        return None
+
+    # -- top level ----------------------------------------------------------------------------------------
+    embedding = claim(prefix + "embed_tokens.weight")
+    final_norm = claim(prefix + "norm.weight")
+    parent = prefix.removesuffix("model.") if prefix.endswith("model.") else ""
+    lm_head = next(
+        (k for k in ("lm_head.weight", parent + "lm_head.weight", prefix + "lm_head.weight") if claim(k)), None
+    )
+    for name, found in (("embedding", embedding), ("final norm", final_norm)):
+        if found is None:
+            findings.add(
+                Diagnostic(
+                    "error",
+                    "keys.missing-top-level",
+                    f"no {name} tensor",
+                    file=INDEX_NAME,
+                    expected=prefix + ("embed_tokens.weight" if name == "embedding" else "norm.weight"),
+                )
+            )
+
+    # -- decoder layers -----------------------------------------------------------------------------------
+    n_cfg = cfg.int("num_hidden_layers", "n_layer", "num_layers")
+    layer_types = cfg.get("layer_types")
+    layer_types = layer_types if isinstance(layer_types, list) else None
+    extra = sorted(i for i in layer_suffixes if "eh_proj.weight" in layer_suffixes[i])
+    n_main = n_cfg if (n_cfg is not None and extra and min(extra) >= n_cfg) else None
+    if n_main is None and extra:
+        n_main = min(extra)
+    main_ids = sorted(i for i in layer_suffixes if n_main is None or i < n_main)
+    results: dict[int, LayerResult] = {}
+    layer_root = prefix + "layers.{layer}."
+    for i in main_ids:
+        problems: list[Problem] = []
+        sliding = bool(layer_types and i < len(layer_types) and layer_types[i] == "sliding_attention")
+        results[i] = classify_layer(
+            layer_suffixes[i], _shape_lookup(source, f"{prefix}layers.{i}."), ctx, sliding=sliding, problems=problems
+        )
+        _problems_to_diags(problems, f"{prefix}layers.{i}.", findings)
+    groups = make_groups(results, layer_root)
+    leftover = [f"{prefix}layers.{i}.{s}" for i, r in results.items() for s in r.leftover]
+    num_layers = len(main_ids)
+    _check_layers(results, main_ids, n_cfg, layer_types, cfg, layer_root, findings)
+
+    # -- MTP ----------------------------------------------------------------------------------------------
+    mtp, mtp_leftover = _mtp(source, cfg, ctx, prefix, layer_suffixes, extra, n_main, claim, findings)
+    leftover.extend(mtp_leftover)
+
+    # -- unclassified -------------------------------------------------------------------------------------
+    layer_keys = {f"{prefix}layers.{i}.{s}" for i in main_ids for s in layer_suffixes[i]}
+    rest = [k for k in lm_keys if k not in claimed and k not in layer_keys]  # top-level strays (MTP keys are claimed)
+    unclassified_keys = sorted(set(leftover) | set(rest))
+    unclassified = tuple(UnclassifiedGroup(p, c) for p, c in compress_keys(unclassified_keys))
+
+    # -- config cross-checks on the whole ------------------------------------------------------------------
+    tied = lm_head is None
+    tie_cfg = cfg.get("tie_word_embeddings")
+    if tie_cfg is False and tied:
+        findings.add(
+            Diagnostic(
+                "error",
+                "config.tie-mismatch",
+                "config says tie_word_embeddings=false but there is no lm_head tensor",
+                file=CONFIG,
+                key="tie_word_embeddings",
+                expected="lm_head.weight",
+            )
+        )
+    elif tie_cfg is True and not tied:
+        findings.add(
+            Diagnostic(
+                "warning",
+                "config.tie-lm-head-present",
+                "config says tie_word_embeddings=true but an lm_head "
+                "tensor is stored; treating the embeddings as untied",
+                file=CONFIG,
+                key=lm_head or "",
+            )
+        )
+    moe_groups = [g for g in groups if isinstance(g.mlp, MoE)]
+    if ctx.num_experts and groups and not moe_groups:
+        findings.add(
+            Diagnostic(
+                "error",
+                "config.experts-declared-absent",
+                f"config declares {ctx.num_experts} experts but no layer has routed experts",
+                file=CONFIG,
+                key="num_experts",
+            )
+        )
+
+    if findings.errors:
+        extra_text = ""
+        if unclassified:
+            extra_text = "unclassified keys:\n" + "\n".join(f"  {u.pattern}  ({u.count} keys)" for u in unclassified)
+        raise MapgenError(findings.errors, extra=extra_text)
+
+    language_model = LanguageModel(
+        prefix=prefix,
+        embedding=embedding or "",
+        final_norm=final_norm or "",
+        lm_head=lm_head,
+        tied_embeddings=tied,
+        groups=groups,
+        num_layers=num_layers,
+        mtp=mtp,
+    )
+    mtp_declared = cfg.int(*_MTP_COUNT_KEYS) or 0
+    archs = source.config.get("architectures")
+    summary = make_summary(
+        model_type=cfg.model_type,
+        language_model=language_model,
+        towers=towers,
+        unclassified_keys=len(unclassified_keys),
+        mtp_declared=mtp_declared,
+    )
+    return Layout(
+        model_type=cfg.model_type,
+        text_model_type=cfg.text_model_type,
+        architectures=tuple(str(a) for a in archs) if isinstance(archs, list) else (),
+        language_model=language_model,
+        dims=_dims(cfg),
+        summary=summary,
+        towers=towers,
+        unclassified=unclassified,
+        diagnostics=tuple(DiagnosticRecord(d.severity, d.code, d.message, d.key) for d in findings.warnings),
+        quantization=quantization,
+        config=dict(source.config),
+    )
+
+
+def _towers(tower_keys: Mapping[str, list[str]]) -> tuple[Tower, ...]:
+    out: list[Tower] = []
+    names = [_TOWERS[p.removeprefix("model.").rstrip(".")] for p in sorted(tower_keys)]
+    for prefix, name in zip(sorted(tower_keys), names, strict=True):
+        segment = prefix.removeprefix("model.").rstrip(".")
+        unique = name if names.count(name) == 1 else f"{name}:{segment}"
+        keys = tower_keys[prefix]
+        out.append(Tower(unique, prefix, len(keys), tuple(p for p, _ in compress_keys(keys))))
+    return tuple(out)
+
+
+def _check_layers(
+    results: Mapping[int, LayerResult],
+    main_ids: list[int],
+    n_cfg: int | None,
+    layer_types: list[Any] | None,
+    cfg: Config,
+    root: str,
+    findings: Findings,
+) -> None:
+    n = len(main_ids)
+    if main_ids != list(range(n)):
+        missing = sorted(set(range(max(main_ids) + 1)) - set(main_ids))
+        findings.add(
+            Diagnostic(
+                "error",
+                "layers.gap",
+                f"decoder layers {IndexSet.of(missing).braces()} have no keys",
+                file=INDEX_NAME,
+                key=root.format(layer=missing[0]),
+                expected=f"layers 0..{max(main_ids)}",
+            )
+        )
+    if n_cfg is not None and n_cfg != n:
+        findings.add(
+            Diagnostic(
+                "error",
+                "config.layers-mismatch",
+                f"config declares num_hidden_layers={n_cfg} but the keys hold {n} decoder layers",
+                file=CONFIG,
+                key="num_hidden_layers",
+                expected=str(n),
+            )
+        )
+    interval = cfg.int("full_attention_interval")
+    for i in main_ids:
+        r = results[i]
+        if r.mixer is None:
+            continue
+        is_linear = isinstance(r.mixer, GatedDeltaNet)
+        declared: str | None = None
+        if layer_types is not None and i < len(layer_types):
+            declared = str(layer_types[i])
+            ok = declared == "linear_attention" if is_linear else declared in _ATTENTION_TYPES
+        elif layer_types is None and interval and any(isinstance(x.mixer, GatedDeltaNet) for x in results.values()):
+            declared = "full_attention" if (i + 1) % interval == 0 else "linear_attention"
+            ok = declared == ("linear_attention" if is_linear else "full_attention")
+        else:
+            continue
+        if not ok:
+            findings.add(
+                Diagnostic(
+                    "error",
+                    "config.layer-type-mismatch",
+                    f"layer {i} is {_mixer_kind(r.mixer)} by its keys but the config declares {declared}",
+                    file=CONFIG,
+                    key=root.format(layer=i),
+                    expected=declared,
+                )
+            )
+    if layer_types is not None and len(layer_types) != n:
+        findings.add(
+            Diagnostic(
+                "warning",
+                "config.layer-types-length",
+                f"layer_types has {len(layer_types)} entries for {n} layers",
+                file=CONFIG,
+                key="layer_types",
+            )
+        )
+    dense_declared: set[int] = set()
+    k = cfg.int("first_k_dense_replace")
+    if k is not None:
+        dense_declared |= set(range(min(k, n)))
+    only = cfg.get("mlp_only_layers")
+    if isinstance(only, list):
+        dense_declared |= {x for x in only if isinstance(x, int)}
+    if (k is not None or isinstance(only, list)) and any(isinstance(r.mlp, MoE) for r in results.values()):
+        for i in main_ids:
+            r = results[i]
+            if r.mlp is None:
+                continue
+            if (i in dense_declared) == isinstance(r.mlp, MoE):
+                want = "dense" if i in dense_declared else "MoE"
+                findings.add(
+                    Diagnostic(
+                        "error",
+                        "config.dense-moe-mismatch",
+                        f"layer {i} has a {'MoE' if isinstance(r.mlp, MoE) else 'dense'} MLP by its keys but the "
+                        f"config (first_k_dense_replace / mlp_only_layers) makes it {want}",
+                        file=CONFIG,
+                        key=root.format(layer=i),
+                        expected=want,
+                    )
+                )
+
+
+def _mtp(
+    source: Source,
+    cfg: Config,
+    ctx: Context,
+    prefix: str,
+    layer_suffixes: Mapping[int, list[str]],
+    extra: list[int],
+    n_main: int | None,
+    claim: Callable[[str | None], str | None],
+    findings: Findings,
+) -> tuple[MTP | None, list[str]]:
+    """Find MTP in one of three schemes; returns the node and the MTP keys left unclassified."""
+    declared = cfg.int(*_MTP_COUNT_KEYS) or 0
+    keys = source.tensors
+    per_depth: dict[int, list[str]] = {}
+    scheme = ""
+    root = ""
+    # Qwen mtp_block: top-level mtp.* (also accepted under the language-model prefix)
+    for base in ("mtp.", prefix + "mtp."):
+        shared_names = [
+            base + n for n in ("fc.weight", "norm.weight", "pre_fc_norm_embedding.weight", "pre_fc_norm_hidden.weight")
+        ]
+        layer_re = re.compile(re.escape(base) + r"layers\.(0|[1-9][0-9]*)\.(.+)$")
+        hits = [(m, k) for k in keys if k.startswith(base) for m in [layer_re.match(k)]]
+        if not hits:
+            continue
+        scheme, root = "mtp_block", base + "layers.{layer}."
+        for m, _ in hits:
+            if m is not None:
+                per_depth.setdefault(int(m.group(1)), []).append(m.group(2))
+        if not all(n in keys for n in shared_names):
+            findings.add(
+                Diagnostic(
+                    "error",
+                    "mtp.incomplete",
+                    "MTP keys present but the shared fc/norm tensors are missing",
+                    file=INDEX_NAME,
+                    key=base + "*",
+                    expected=", ".join(shared_names),
+                )
+            )
+            return None, [k for _, k in hits]
+        for n in shared_names:
+            claim(n)
+        enorm, hnorm, eh_proj, final_norm = shared_names[2], shared_names[3], shared_names[0], shared_names[1]
+        leftover = [k for m, k in hits if m is None and k not in shared_names]
+        break
+    else:
+        leftover = []
+        mimo = prefix + "mtp_layers."
+        mimo_re = re.compile(re.escape(mimo) + r"(0|[1-9][0-9]*)\.(.+)$")
+        for k in keys:
+            m = mimo_re.match(k)
+            if m is not None:
+                per_depth.setdefault(int(m.group(1)), []).append(m.group(2))
+            elif k.startswith(mimo):
+                leftover.append(k)
+        if per_depth:
+            scheme, root = "mtp_layers", mimo + "{layer}."
+            enorm, hnorm, eh_proj, final_norm = (
+                "token_layernorm.weight",
+                "hidden_layernorm.weight",
+                "input_proj.weight",
+                "final_layernorm.weight",
+            )
+        elif extra:
+            scheme, root = "extra_layers", prefix + "layers.{layer}."
+            assert n_main is not None
+            per_depth = {i - n_main: list(layer_suffixes[i]) for i in layer_suffixes if i >= n_main}
+            enorm, hnorm, eh_proj, final_norm = (
+                "enorm.weight",
+                "hnorm.weight",
+                "eh_proj.weight",
+                "shared_head.norm.weight",
+            )
+
+    if not scheme:
+        if declared:
+            findings.add(
+                Diagnostic(
+                    "warning",
+                    "mtp.declared-absent",
+                    f"config declares {declared} MTP layer(s) but the checkpoint has no MTP tensors; "
+                    "scanning without MTP",
+                    file=CONFIG,
+                    key=next((n for n in _MTP_COUNT_KEYS if cfg.get(n) is not None), ""),
+                )
+            )
+        return None, []
+
+    offset = (n_main or 0) if scheme == "extra_layers" else 0
+    depth = len(per_depth)
+    if sorted(per_depth) != list(range(depth)):
+        findings.add(
+            Diagnostic(
+                "error",
+                "mtp.gap",
+                f"MTP depths {sorted(per_depth)} are not 0..{depth - 1}",
+                file=INDEX_NAME,
+                key=root.format(layer="*"),
+            )
+        )
+    if declared and declared != depth:
+        findings.add(
+            Diagnostic(
+                "error",
+                "config.mtp-depth-mismatch",
+                f"config declares {declared} MTP layer(s) but the keys hold {depth}",
+                file=CONFIG,
+                key="mtp_num_hidden_layers",
+                expected=str(depth),
+            )
+        )
+    elif not declared:
+        findings.add(
+            Diagnostic(
+                "warning",
+                "mtp.undeclared",
+                f"the keys hold {depth} MTP layer(s) but the config declares none",
+                file=CONFIG,
+            )
+        )
+
+    shared = scheme == "mtp_block"
+    per_depth_names = [] if shared else [enorm, hnorm, eh_proj, final_norm]
+    copies = ["embed_tokens.weight", "shared_head.head.weight"] if scheme == "extra_layers" else []
+    results: dict[int, LayerResult] = {}
+    present_copies: set[str] = set()
+    for d, suffixes in sorted(per_depth.items()):
+        key_root = root.format(layer=offset + d)
+        missing = [n for n in per_depth_names if n not in suffixes]
+        if missing:
+            findings.add(
+                Diagnostic(
+                    "error",
+                    "mtp.incomplete",
+                    f"MTP depth {d} lacks {', '.join(missing)}",
+                    file=INDEX_NAME,
+                    key=key_root,
+                    expected=", ".join(per_depth_names),
+                )
+            )
+        present_copies |= {c for c in copies if c in suffixes}
+        inner = [s for s in suffixes if s not in per_depth_names and s not in copies]
+        problems: list[Problem] = []
+        results[d] = classify_layer(inner, _shape_lookup(source, key_root), ctx, sliding=False, problems=problems)
+        _problems_to_diags(problems, key_root, findings)
+        leftover.extend(key_root + s for s in results[d].leftover)
+        for s in suffixes:
+            if s in per_depth_names or s in copies:
+                claim(key_root + s)
+    inner_groups = make_groups(results, root, name_prefix="mtp_")
+    for d, r in results.items():  # MTP inner-layer keys that were classified
+        if r.complete:
+            key_root = root.format(layer=offset + d)
+            for s in per_depth[d]:
+                if s not in r.leftover:
+                    claim(key_root + s)
+    return (
+        MTP(
+            scheme=scheme,  # type: ignore[arg-type]
+            depth=depth,
+            root=root,
+            enorm=enorm,
+            hnorm=hnorm,
+            eh_proj=eh_proj,
+            final_norm=final_norm,
+            inner=inner_groups,
+            shared=shared,
+            index_offset=offset,
+            eh_proj_order="hidden_embedding" if scheme == "mtp_layers" else "embedding_hidden",
+            embed_copy="embed_tokens.weight" if "embed_tokens.weight" in present_copies else None,
+            head_copy="shared_head.head.weight" if "shared_head.head.weight" in present_copies else None,
+        ),
+        leftover,
+    )

@@ -1,0 +1,193 @@
+"""The stable :class:`~mapgen.infer.ir.Summary` of a layout, and its readable text form (pure: returns text)."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+
+from mapgen.infer.ir import (
+    MLA,
+    Attention,
+    DenseMLP,
+    ExpertLayout,
+    GatedDeltaNet,
+    LanguageModel,
+    LayerGroup,
+    Layout,
+    Mixer,
+    Mlp,
+    MoE,
+    Summary,
+    Tower,
+)
+from mapgen.infer.patterns import layer_pattern
+
+KIND_LABELS = {
+    "attention": "attention",
+    "sliding_attention": "sliding-window attention",
+    "gated_delta_net": "gated-delta-net",
+    "mla": "MLA",
+}
+
+
+def mixer_kind(mixer: Mixer) -> str:
+    """``attention`` | ``sliding_attention`` | ``gated_delta_net`` | ``mla``."""
+    if isinstance(mixer, GatedDeltaNet):
+        return "gated_delta_net"
+    if isinstance(mixer, MLA):
+        return "mla"
+    return "sliding_attention" if mixer.sliding_window else "attention"
+
+
+def per_layer_kinds(groups: Sequence[LayerGroup]) -> list[str]:
+    by_layer = {i: mixer_kind(g.mixer) for g in groups for i in g.layers}
+    return [by_layer[i] for i in sorted(by_layer)]
+
+
+def _expert_layout(groups: Sequence[LayerGroup]) -> ExpertLayout:
+    layouts = [g.mlp.experts.layout for g in groups if isinstance(g.mlp, MoE)]
+    return layouts[0] if layouts else "none"
+
+
+def make_summary(
+    *,
+    model_type: str,
+    language_model: LanguageModel,
+    towers: Sequence[Tower],
+    unclassified_keys: int,
+    mtp_declared: int,
+) -> Summary:
+    groups = language_model.groups
+    kinds = per_layer_kinds(groups)
+    moe = [g for g in groups if isinstance(g.mlp, MoE)]
+    mtp = language_model.mtp
+    return Summary(
+        model_type=model_type,
+        num_layers=language_model.num_layers,
+        attention=tuple(sorted(Counter(kinds).items())),
+        moe_layers=sum(len(g.layers) for g in moe),
+        num_experts=max((g.mlp.experts.num_experts for g in moe if isinstance(g.mlp, MoE)), default=0),
+        expert_layout=_expert_layout(groups),
+        shared_experts=any(isinstance(g.mlp, MoE) and g.mlp.shared is not None for g in groups),
+        mtp_depth=mtp.depth if mtp else 0,
+        mtp_scheme=mtp.scheme if mtp else "none",
+        mtp_expert_layout=_expert_layout(mtp.inner) if mtp else "none",
+        tied_embeddings=language_model.tied_embeddings,
+        unclassified_keys=unclassified_keys,
+        towers=tuple(t.name for t in towers),
+        layer_pattern=layer_pattern(kinds, KIND_LABELS),
+        mtp_declared=mtp_declared,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Text
+# ---------------------------------------------------------------------------------------------------------
+def describe_mixer(m: Mixer) -> str:
+    if isinstance(m, GatedDeltaNet):
+        return "gated-delta-net (" + ("fused qkvz/ba" if m.in_proj_qkvz else "in_proj qkv/z/b/a") + ")"
+    if isinstance(m, MLA):
+        return "MLA (" + ("q low-rank" if m.q_a_proj else "q full-rank") + ")"
+    assert isinstance(m, Attention)
+    traits = ["fused qkv" if m.qkv else "q/k/v"]
+    if m.q_bias or m.qkv_bias:
+        traits.append("qkv bias")
+    if m.o_bias:
+        traits.append("o bias")
+    if m.q_norm:
+        traits.append("qk-norm")
+    if m.output_gate:
+        traits.append("output gate")
+    if m.sinks:
+        traits.append("sinks")
+    return ("sliding-window attention" if m.sliding_window else "attention") + f" ({', '.join(traits)})"
+
+
+def describe_mlp(m: Mlp) -> str:
+    if isinstance(m, DenseMLP):
+        return "dense " + ("fused gate_up" if m.gate_up else "gate/up/down") + (" +bias" if m.down_bias else "")
+    e = m.experts
+    text = f"MoE {e.num_experts} experts {e.layout.replace('_', '-')}"
+    if e.layout == "packed":
+        text += f" [{e.orientation}, {e.orientation_source.replace('_', ' ')}"
+        text += ", gate/up interleaved" if e.gate_up_interleave else ""
+        text += f", {e.quant}]" if e.quant != "none" else "]"
+    if m.router_bias or e.down_bias:
+        text += " +bias"
+    if m.expert_bias:
+        text += " +score-correction bias"
+    if m.shared is not None:
+        text += " + shared expert" + (" (gated)" if m.shared.gate else "")
+    return text
+
+
+def table(rows: Sequence[Sequence[str]], header: Sequence[str] | None = None) -> list[str]:
+    """Plain aligned columns (no dependencies)."""
+    allrows = [list(header)] if header else []
+    allrows += [list(r) for r in rows]
+    if not allrows:
+        return []
+    widths = [max(len(r[i]) for r in allrows) for i in range(len(allrows[0]))]
+    out = []
+    for n, r in enumerate(allrows):
+        out.append("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+        if header and n == 0:
+            out.append("  ".join("-" * w for w in widths))
+    return out
+
+
+def _printable(text: str) -> str:
+    return text if text.isprintable() else ascii(text)
+
+
+def render_summary(layout: Layout, origin: str = "") -> str:
+    s, lm = layout.summary, layout.language_model
+    rows: list[tuple[str, str]] = [
+        ("source", _printable(origin)),
+        (
+            "model_type",
+            s.model_type + (f" (text: {layout.text_model_type})" if layout.text_model_type != s.model_type else ""),
+        ),
+        ("architectures", ", ".join(layout.architectures) or "-"),
+        ("language model", f"prefix {lm.prefix!r}, embedding {lm.embedding}"),
+        ("layers", s.layer_pattern),
+        ("MoE layers", f"{s.moe_layers} of {s.num_layers}" if s.moe_layers else "none"),
+    ]
+    if s.moe_layers:
+        rows.append(("experts", f"{s.num_experts} per layer, {s.expert_layout.replace('_', '-')}"))
+        rows.append(("shared experts", "yes" if s.shared_experts else "no"))
+    mtp = lm.mtp
+    if mtp is not None:
+        inner = "; ".join(f"{g.name}: {describe_mixer(g.mixer)}, {describe_mlp(g.mlp)}" for g in mtp.inner)
+        rows.append(
+            (
+                "MTP",
+                f"depth {mtp.depth}, scheme {mtp.scheme}, root {mtp.root}"
+                + (" (shared fc/norms)" if mtp.shared else ""),
+            )
+        )
+        rows.append(("MTP inner layer", inner or "-"))
+        if mtp.scheme != "none":
+            rows.append(("MTP experts", s.mtp_expert_layout.replace("_", "-")))
+    else:
+        rows.append(
+            ("MTP", "none" + (f" (config declares {s.mtp_declared}; no MTP tensors)" if s.mtp_declared else ""))
+        )
+    rows.append(("embeddings", "tied (no lm_head)" if lm.tied_embeddings else f"untied, lm_head {lm.lm_head}"))
+    rows.append(("final norm", lm.final_norm))
+    if layout.quantization != "none":
+        rows.append(("quantization", layout.quantization))
+    for t in layout.towers:
+        rows.append((f"tower: {t.name}", f"{t.prefix}* ({t.num_keys} keys, {len(t.patterns)} patterns)"))
+    rows.append(("unclassified", str(s.unclassified_keys)))
+    lines = table(rows, ("component", "detail"))
+    lines.append("")
+    group_rows = [
+        (g.name, str(len(g.layers)), g.layers.braces(), describe_mixer(g.mixer), describe_mlp(g.mlp)) for g in lm.groups
+    ]
+    lines += table(group_rows, ("group", "n", "layers", "mixer", "mlp"))
+    if layout.unclassified:
+        lines.append("")
+        lines.append(f"unclassified keys ({s.unclassified_keys}):")
+        lines += [f"  {_printable(u.pattern)}  ({u.count} keys)" for u in layout.unclassified]
+    return "\n".join(lines) + "\n"

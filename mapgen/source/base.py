@@ -1,0 +1,268 @@
+"""What a checkpoint's metadata looks like once read: :class:`Source` and :class:`TensorInfo`.
+
+Also the pieces every reader shares: JSON files read with specific diagnostics, shard-name validation,
+and assembling a :class:`Source` from a config, a weight map and (optionally) shard headers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from mapgen.errors import Diagnostic, MapgenError
+from mapgen.source.safetensors_header import HeaderEntry, read_header
+
+SourceKind = Literal["local_dir", "single_file", "hub"]
+CONFIG_NAME = "config.json"
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where a tensor lives and, when a header was read, its dtype and shape."""
+
+    shard: str
+    dtype: str | None = None
+    shape: tuple[int, ...] | None = None
+
+
+@dataclass(frozen=True)
+class Source:
+    """A checkpoint's metadata: parsed config, every tensor key, and provenance hashes.
+
+    ``config_sha256`` / ``index_sha256`` hash the *canonical* JSON (``json.dumps(obj, sort_keys=True)``,
+    UTF-8) of the parsed config and index (for a single-file checkpoint, of the synthesised index
+    ``{"metadata": {}, "weight_map": {key: file}}``), so whitespace or line endings never change them.
+    """
+
+    origin: str
+    kind: SourceKind
+    root: Path | None
+    config: dict[str, Any]
+    tensors: Mapping[str, TensorInfo]
+    shards: tuple[str, ...]
+    index_metadata: Mapping[str, Any]
+    config_sha256: str
+    index_sha256: str
+    headers_read: bool = False
+    diagnostics: tuple[Diagnostic, ...] = field(default=())
+
+    @property
+    def keys(self) -> list[str]:
+        return sorted(self.tensors)
+
+
+def canonical_sha256(obj: Any) -> str:
+    """sha256 of ``json.dumps(obj, sort_keys=True)`` encoded as UTF-8."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode("utf-8")).hexdigest()
+
+
+def read_json(path: Path, *, display: str, what: str, hint: str = "") -> Any:
+    """Parse a JSON file; missing or malformed files become specific diagnostics (never executed)."""
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except FileNotFoundError:
+        raise MapgenError(
+            Diagnostic("error", "source.missing-file", f"{what} not found", file=display, hint=hint)
+        ) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise MapgenError(
+            Diagnostic("error", "source.unreadable", f"cannot read {what}: {exc}", file=display)
+        ) from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise MapgenError(
+            Diagnostic(
+                "error",
+                "json.malformed",
+                f"{what} is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}",
+                file=display,
+                expected="a JSON object",
+            )
+        ) from None
+
+
+def parse_config(obj: Any, *, display: str) -> dict[str, Any]:
+    if not isinstance(obj, dict):
+        raise MapgenError(
+            Diagnostic(
+                "error",
+                "config.not-object",
+                "config.json is not a JSON object",
+                file=display,
+                expected='{"model_type": ..., "architectures": [...], ...}',
+            )
+        )
+    return obj
+
+
+def parse_index(obj: Any, *, display: str) -> tuple[dict[str, str], dict[str, Any]]:
+    """Validate an index document; return (weight_map, metadata)."""
+    wm = obj.get("weight_map") if isinstance(obj, dict) else None
+    if not isinstance(wm, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in wm.items()):
+        raise MapgenError(
+            Diagnostic(
+                "error",
+                "index.malformed",
+                "index has no weight_map object of tensor name -> shard file name",
+                file=display,
+                expected='{"metadata": {...}, "weight_map": {"<tensor name>": "<shard file name>"}}',
+            )
+        )
+    meta = obj.get("metadata") if isinstance(obj, dict) else None
+    return wm, meta if isinstance(meta, dict) else {}
+
+
+_WINDOWS_DRIVE = re.compile(r"^[A-Za-z]:")
+
+
+def check_shard_name(name: str, *, display: str) -> Diagnostic | None:
+    """A shard name must be a plain relative path inside the checkpoint: no ``..``, no absolute path."""
+    parts = name.replace("\\", "/").split("/")
+    if not name or name.startswith(("/", "\\")) or _WINDOWS_DRIVE.match(name) or ".." in parts or "" in parts:
+        return Diagnostic(
+            "error",
+            "index.unsafe-shard-name",
+            f"shard name {name!r} is not a relative path inside the checkpoint directory",
+            file=display,
+            expected="a file name such as 'model-00001-of-00004.safetensors'",
+            hint="the index is corrupt or hostile; refusing to read outside the checkpoint",
+        )
+    return None
+
+
+def build_source(
+    *,
+    origin: str,
+    kind: SourceKind,
+    root: Path | None,
+    config: dict[str, Any],
+    weight_map: Mapping[str, str],
+    index_doc: Any,
+    index_metadata: Mapping[str, Any],
+    index_display: str,
+    shard_dir: Path | None,
+    allowed_roots: tuple[Path, ...],
+    headers: bool,
+    known_headers: Mapping[str, Mapping[str, HeaderEntry]] | None = None,
+    diagnostics: tuple[Diagnostic, ...] = (),
+) -> Source:
+    """Validate shard names, check local shards (presence, symlinks), read their headers, build a Source.
+
+    ``known_headers`` supplies headers obtained elsewhere (the hub's metadata API), by shard name.
+    """
+    errors: list[Diagnostic] = []
+    warnings: list[Diagnostic] = list(diagnostics)
+    shards = tuple(dict.fromkeys(weight_map.values()))
+    for shard in shards:
+        bad = check_shard_name(shard, display=index_display)
+        if bad is not None:
+            errors.append(bad)
+    if errors:
+        raise MapgenError(errors)
+
+    header_by_shard: dict[str, Mapping[str, HeaderEntry]] = dict(known_headers or {})
+    if shard_dir is not None:
+        present = [s for s in shards if (shard_dir / s).exists() or (shard_dir / s).is_symlink()]
+        if present:  # shards are local: every one named must be there
+            for shard in shards:
+                if shard not in present:
+                    errors.append(
+                        Diagnostic(
+                            "error",
+                            "index.missing-shard",
+                            f"the index names shard {shard!r} but it is not in the checkpoint directory",
+                            file=index_display,
+                            key=next(k for k, v in weight_map.items() if v == shard),
+                            expected=f"{shard} beside the index (the other shards are present)",
+                            hint="finish the download, or remove the partial shards to scan metadata only",
+                        )
+                    )
+            for shard in present:
+                path = shard_dir / shard
+                resolved = path.resolve()
+                if not any(resolved.is_relative_to(r) for r in allowed_roots):
+                    errors.append(
+                        Diagnostic(
+                            "error",
+                            "index.shard-outside-checkpoint",
+                            f"shard {shard!r} resolves to a path outside the checkpoint directory",
+                            file=index_display,
+                            expected="shard files (or symlinks) that stay inside the checkpoint directory",
+                            hint="copy the shard into the checkpoint directory instead of symlinking it",
+                        )
+                    )
+                elif not resolved.exists():
+                    errors.append(
+                        Diagnostic(
+                            "error",
+                            "index.missing-shard",
+                            f"shard {shard!r} is a dangling symlink",
+                            file=index_display,
+                        )
+                    )
+            if errors:
+                raise MapgenError(errors)
+            if headers:
+                for shard in present:
+                    try:
+                        header_by_shard[shard] = read_header(shard_dir / shard, display=shard)
+                    except MapgenError as exc:
+                        errors.extend(exc.diagnostics)
+                if errors:
+                    raise MapgenError(errors)
+
+    tensors: dict[str, TensorInfo] = {}
+    for key, shard in weight_map.items():
+        header = header_by_shard.get(shard)
+        if header is None:
+            tensors[key] = TensorInfo(shard)
+            continue
+        entry = header.get(key)
+        if entry is None:
+            errors.append(
+                Diagnostic(
+                    "error",
+                    "index.key-not-in-shard",
+                    f"the index places {key!r} in {shard!r} but that shard's header has no such tensor",
+                    file=index_display,
+                    key=key,
+                    expected=f"a tensor named {key!r} in {shard}",
+                )
+            )
+            continue
+        tensors[key] = TensorInfo(shard, entry.dtype, entry.shape)
+    for shard, header in sorted(header_by_shard.items()):
+        extra = sorted(set(header) - set(weight_map))
+        if extra:
+            warnings.append(
+                Diagnostic(
+                    "warning",
+                    "shard.key-not-in-index",
+                    f"{len(extra)} tensor(s) in {shard!r} are not in the index and are ignored",
+                    file=shard,
+                    key=extra[0],
+                )
+            )
+    if errors:
+        raise MapgenError(errors)
+    return Source(
+        origin=origin,
+        kind=kind,
+        root=root,
+        config=config,
+        tensors=tensors,
+        shards=shards,
+        index_metadata=dict(index_metadata),
+        config_sha256=canonical_sha256(config),
+        index_sha256=canonical_sha256(index_doc),
+        headers_read=bool(header_by_shard),
+        diagnostics=tuple(warnings),
+    )
