@@ -409,10 +409,10 @@ def _from(tp: Any, data: Any) -> Any:
             return _from(_NODE_TYPES[data[_UNION_TAG]], data)
         return _from(args[0], data)
     if origin is tuple:
-        args = typing.get_args(tp)
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_from(args[0], v) for v in data)
-        return tuple(_from(a, v) for a, v in zip(args, data, strict=True))
+        targs = typing.get_args(tp)
+        if len(targs) == 2 and targs[1] is Ellipsis:
+            return tuple(_from(targs[0], v) for v in data)
+        return tuple(_from(a, v) for a, v in zip(targs, data, strict=True))
     if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         hints = typing.get_type_hints(tp)
         kwargs = {}
