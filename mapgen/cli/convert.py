@@ -1,0 +1,40 @@
+"""``mapgen convert SOURCE OUT``: HF checkpoint -> Megatron-Core distributed checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from mapgen.cli._parallel import add_parallel_args, is_rank0, parallel_from_args, run_spmd
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("convert", help="HF checkpoint -> Megatron-Core distributed checkpoint",
+                       description="Load a HF checkpoint through its generated bridge at the given parallel "
+                       "layout and save a Megatron-Core distributed checkpoint (torch_dist) that Megatron-LM "
+                       "loads (OUT/release, OUT/latest_checkpointed_iteration.txt).")
+    p.add_argument("source", help="local HF checkpoint directory")
+    p.add_argument("out", type=Path, help="output directory (must not exist unless --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (only once complete)")
+    add_parallel_args(p)
+    p.set_defaults(func=run)
+
+
+def _work(source: str, out: Path, par: Any, overwrite: bool) -> dict[str, Any]:
+    from mapgen.runtime.api import convert
+
+    stats = convert(source, out, par, overwrite=overwrite)
+    return {"tensors": stats.tensors, "bytes": stats.bytes, "bytes_read": stats.bytes_read, "seconds": stats.seconds}
+
+
+def run(args: argparse.Namespace) -> int:
+    par = parallel_from_args(args)
+    results = run_spmd(_work, par, args.nproc, args.source, args.out, par, args.overwrite)
+    if is_rank0():
+        total = sum(r["tensors"] for r in results)
+        nbytes = sum(r["bytes"] for r in results)
+        read = ", ".join(f"rank {i}: {r['bytes_read'] / 2**20:.1f} MiB" for i, r in enumerate(results))
+        print(f"converted {args.source} -> {args.out} [{par.describe()}]: {total} tensors, "
+              f"{nbytes / 2**20:.1f} MiB, {max(r['seconds'] for r in results):.2f} s; read {read}")
+    return 0

@@ -1,0 +1,40 @@
+"""``mapgen export MEGATRON_CKPT OUT``: Megatron-Core distributed checkpoint -> HF checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from mapgen.cli._parallel import add_parallel_args, is_rank0, parallel_from_args, run_spmd
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("export", help="Megatron-Core distributed checkpoint -> HF checkpoint",
+                       description="Read a Megatron-Core distributed checkpoint at any parallel layout "
+                       "(dist_checkpointing reshards it to the layout given here) and write a HF checkpoint. "
+                       "With --source, or with the metadata `mapgen convert` stored, the output reproduces "
+                       "the source's key names, dtypes, expert packing and shard files.")
+    p.add_argument("ckpt", type=Path, help="Megatron checkpoint directory (written by `mapgen convert`)")
+    p.add_argument("out", type=Path, help="output HF directory (must not exist unless --overwrite)")
+    p.add_argument("--source", default=None, help="the original HF checkpoint (layout, towers, side files)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (only once complete)")
+    add_parallel_args(p)
+    p.set_defaults(func=run)
+
+
+def _work(ckpt: Path, out: Path, par: Any, source: str | None, overwrite: bool) -> dict[str, Any]:
+    from mapgen.runtime.api import export_megatron
+
+    stats = export_megatron(ckpt, out, par, source_path=source, overwrite=overwrite)
+    return {"tensors": stats.tensors, "bytes": stats.bytes, "seconds": stats.seconds}
+
+
+def run(args: argparse.Namespace) -> int:
+    par = parallel_from_args(args)
+    results = run_spmd(_work, par, args.nproc, args.ckpt, args.out, par, args.source, args.overwrite)
+    if is_rank0():
+        r = results[0]
+        print(f"exported {args.ckpt} -> {args.out} [{par.describe()}]: {r['tensors']} tensors, "
+              f"{r['bytes'] / 2**20:.1f} MiB, {r['seconds']:.2f} s")
+    return 0
