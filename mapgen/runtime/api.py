@@ -516,23 +516,3 @@ def compare_checkpoints(a: Path, b: Path) -> RoundTrip:
         elif not torch.equal(ta, tb):
             problems.append(f"{key}: values differ (max abs {float((ta.float() - tb.float()).abs().max()):.3g})")
     return RoundTrip(len(wa), problems)
-
-
-def round_trip(source_path: str, par: Parallel, out: Path | None = None) -> dict[str, Any]:
-    """SPMD: HF -> Megatron (at ``par``) -> HF in memory, then a bitwise comparison on rank 0."""
-    source = HFSource.open(source_path)
-    binding = bind(source.layout)
-    check_parallel(binding.spec, par, world_from_env())
-    with parallel_context(par) as coords:
-        model, binding, stats = load_hf(source, par)
-        tmp = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="mapgen-verify-")) / "hf"
-        export_hf(model, binding, tmp, target=source.to_meta(), source_root=source.root,
-                  overwrite=out is not None)
-        result: dict[str, Any] = {"rank": coords.rank, "bytes_read": stats.bytes_read, "tensors": stats.tensors}
-        if coords.rank == 0:
-            rt = compare_checkpoints(source.root, tmp)
-            result.update(keys=rt.keys, mismatches=rt.mismatches)
-            if out is None:
-                shutil.rmtree(tmp.parent, ignore_errors=True)
-        _barrier()
-    return result

@@ -1,0 +1,126 @@
+"""Shims that let megatron-core 0.16.1 build, run and dist-checkpoint models on a CPU without CUDA or TE.
+
+Every patch here is a no-op when CUDA is available. Each replaces one attribute that megatron-core reaches
+for unconditionally:
+
+- ``torch.cuda.current_device`` returns ``"meta"`` while the default device is meta (so that tensors
+  megatron-core allocates "on the current GPU" during a meta build stay on meta) and ``"cpu"`` otherwise
+  (RoPE's ``inv_freq``, the MoE router's ``expert_bias`` buffer, the dist-checkpoint writer's status tensor).
+- ``torch.cuda.synchronize`` is a no-op (the dist-checkpoint writer calls it after staging tensors).
+- ``CudaRNGStatesTracker.fork`` returns ``contextlib.nullcontext()`` (``DotProductAttention`` and
+  ``GatedDeltaNet.reset_parameters`` fork the CUDA RNG tracker; without CUDA there is no state to fork).
+- ``moe_utils.te_general_gemm`` is set to ``None`` when Transformer Engine is absent (the router refers
+  to the name, which 0.16.1 only defines when TE imports).
+- ``torch._dynamo.config.disable`` is set, so that megatron-core's ``jit_fuser`` (``torch.compile``) runs
+  eagerly: compiling with inductor on CPU takes tens of seconds per function and needs a C++ toolchain.
+- the flash-linear-attention fallback of :mod:`mapgen.runtime._gdn` (GatedDeltaNet refuses to build
+  without ``fla``; the fallback uses megatron-core's own torch implementation of the chunked rule).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+
+_LOCK = threading.RLock()
+_DEPTH = 0
+_INSTALLED = False
+_SAVED: list[tuple[Any, str, Any, bool]] = []
+
+
+def _current_device() -> str:
+    return "meta" if torch.get_default_device().type == "meta" else "cpu"
+
+
+def _synchronize(device: Any = None) -> None:
+    return None
+
+
+def _fork(self: Any, name: str = "") -> contextlib.AbstractContextManager[None]:
+    return contextlib.nullcontext()
+
+
+def _patches() -> list[tuple[Any, str, Any]]:
+    from megatron.core.tensor_parallel import random as mcore_random
+    from megatron.core.transformer.moe import moe_utils
+
+    from mapgen.runtime import _gdn
+
+    patches: list[tuple[Any, str, Any]] = [
+        (torch.cuda, "current_device", _current_device),
+        (torch.cuda, "synchronize", _synchronize),
+        (mcore_random.CudaRNGStatesTracker, "fork", _fork),
+        (torch._dynamo.config, "disable", True),
+    ]
+    if getattr(moe_utils, "te_general_gemm", None) is None:
+        patches.append((moe_utils, "te_general_gemm", None))
+    patches.extend(_gdn.fla_fallback_patches())
+    return patches
+
+
+def _apply() -> None:
+    for obj, attr, value in _patches():
+        _SAVED.append((obj, attr, getattr(obj, attr, None), hasattr(obj, attr)))
+        setattr(obj, attr, value)
+
+
+def _restore() -> None:
+    while _SAVED:
+        obj, attr, old, existed = _SAVED.pop()
+        if existed:
+            setattr(obj, attr, old)
+        else:
+            delattr(obj, attr)
+
+
+def shims_needed() -> bool:
+    """True when no CUDA device is usable, i.e. when the shims do anything."""
+    return not torch.cuda.is_available()
+
+
+def install_cpu_shims() -> None:
+    """Apply the shims for the rest of the process (idempotent; a no-op when CUDA is available)."""
+    global _DEPTH, _INSTALLED
+    with _LOCK:
+        if _INSTALLED or not shims_needed():
+            return
+        if _DEPTH == 0:
+            _apply()
+        _DEPTH += 1
+        _INSTALLED = True
+
+
+@contextlib.contextmanager
+def cpu_shims() -> Iterator[None]:
+    """Apply the shims inside the block and restore the originals after (nests; no-op with CUDA)."""
+    global _DEPTH
+    if not shims_needed():
+        yield
+        return
+    with _LOCK:
+        if _DEPTH == 0:
+            _apply()
+        _DEPTH += 1
+    try:
+        yield
+    finally:
+        with _LOCK:
+            _DEPTH -= 1
+            if _DEPTH == 0:
+                _restore()
+
+
+def shimmed(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Decorator: run ``fn`` under :func:`cpu_shims`."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with cpu_shims():
+            return fn(*args, **kwargs)
+
+    return wrapper

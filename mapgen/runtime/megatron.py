@@ -1,0 +1,777 @@
+"""The single place that knows megatron-core: parallel state, configs, model building, names, I/O.
+
+Everything below was verified against megatron-core 0.16.1 (torch 2.13 CPU, no Transformer Engine, no fla,
+no apex) by building models on the meta and CPU devices; the tests in ``tests/test_megatron_build.py`` pin
+most of it.
+
+Facts the conversion primitives rely on
+---------------------------------------
+GatedDeltaNet (``megatron/core/ssm/gated_delta_net.py``), per TP rank (``tp`` = TP size):
+
+- ``self_attention.in_proj.weight`` has shape ``[(2*Hk*Dk + 2*Hv*Dv + 2*Hv) / tp, hidden]``. Its rows on one
+  rank are six contiguous blocks in the order ``q, k, v, z, b(eta), a(lpha)`` with sizes
+  ``Hk*Dk/tp, Hk*Dk/tp, Hv*Dv/tp, Hv*Dv/tp, Hv/tp, Hv/tp``; each block is the rank's contiguous slice of the
+  global block (head-major: q/k by key head, v/z/b/a by value head). So the TP=1 tensor is
+  ``cat([q, k, v, z, b, a])`` and the TP=r shard is ``cat([q_r, k_r, v_r, z_r, b_r, a_r])`` -- NOT a
+  contiguous row slice of the TP=1 tensor. (Dist checkpoints store it as six sub-tensors
+  ``in_proj.weight.{query,key,value,z,beta,alpha}``.) Qwen3-Next's HF ``in_proj_qkvz`` interleaves q,k,v,z per
+  key-head group and ``in_proj_ba`` interleaves b,a; both need regrouping.
+- ``self_attention.in_proj.layer_norm_weight`` ``[hidden]`` is the layer's input norm (fused, replicated over
+  TP); GDN layers have no ``input_layernorm``.
+- ``self_attention.conv1d.weight`` ``[(2*Hk*Dk + Hv*Dv) / tp, 1, kernel]``, channels ``q, k, v`` in the same
+  per-rank-contiguous way (``conv1d.weight.{query,key,value}`` in dist checkpoints); no conv bias.
+- ``self_attention.A_log`` and ``self_attention.dt_bias`` ``[Hv / tp]`` ARE split across TP (contiguous by value
+  head, fp32 only if params are fp32: both use ``params_dtype``).
+- ``self_attention.out_norm.weight`` ``[Dv]`` is built with the layer-norm class of the spec; in a TE build it is
+  ``TENorm`` and therefore zero-centred exactly when ``config.layernorm_zero_centered_gamma`` is set (the same
+  flag as every other norm). Qwen3-Next's HF gated RMSNorm weight is NOT zero-centred (``weight * x``, init
+  ones) while its other norms are (``(1 + weight) * x``): a converter for a zero-centred-gamma Megatron config
+  must add/subtract 1 on ``out_norm.weight`` too.
+- ``self_attention.out_proj.weight`` ``[hidden, Hv*Dv / tp]`` is row-parallel.
+- GDN forward on CPU without TE/fla: megatron-core's ``GatedDeltaNet.__init__`` raises ``ImportError`` when
+  ``fla`` is missing, and its forward calls ``fla``'s ``l2norm`` and ``chunk_gated_delta_rule``. With the
+  fallback in :mod:`mapgen.runtime._gdn` (``HAVE_FLA`` forced, torch ``l2norm``, and megatron-core's own
+  ``torch_chunk_gated_delta_rule``) it builds and runs on CPU; ``causal_conv1d`` is optional (plain Conv1d).
+
+Gated attention (``attention_output_gate``): ``linear_qkv.weight`` rows are grouped per query group as
+``[q (heads_per_group*D), gate (heads_per_group*D), k (D), v (D)]``; without the gate ``[q, k, v]``.
+
+MTP: ``mtp.layers.<d>.eh_proj.weight`` ``[hidden / tp, 2*hidden]`` is a ColumnParallelLinear (split on dim 0,
+input is ``cat([enorm(embedding), hnorm(hidden)])``), no bias. ``enorm``, ``hnorm``, ``final_layernorm`` are
+plain norms. The inner layer is ``mtp.layers.<d>.transformer_layer.*`` in 0.16.1 (see :func:`mtp_inner_name`).
+MTP layers are built on the last PP stage only.
+
+MoE: ``mlp.router.weight`` ``[E, hidden]`` is created in float32 and then cast to ``params_dtype``
+(``reset_parameters``), replicated over TP/EP; ``mlp.router.expert_bias`` ``[E]`` is a persistent float32
+buffer whatever ``params_dtype`` (present with
+``moe_router_enable_expert_bias``, which megatron-core only allows with the sigmoid score function);
+``mlp.router.local_tokens_per_expert`` is a non-persistent buffer (not in state dicts). A router bias
+(``mlp.router.bias``) exists only with ``add_bias_linear``. Shared experts:
+``mlp.shared_experts.linear_fc1.weight`` ``[2*S / tp, hidden]`` (gate/up stacked when gated),
+``mlp.shared_experts.linear_fc2.weight`` ``[hidden, S / tp]``, and ``mlp.shared_experts.gate_weight`` ``[1, hidden]``
+(``params_dtype``, replicated over TP) with ``moe_shared_expert_gate``. Shared experts are split by TP, routed
+experts by ETP; expert ``linear_fc1`` stacks ``[gate; up]`` (each split by ETP: rank r holds
+``cat(gate_r, up_r)``), as the dense MLP does under TP.
+
+Vocabulary: ``VocabParallelEmbedding``/the output layer need ``vocab % tp == 0``; :func:`build_model` pads the
+vocabulary to ``padded_vocab_size(vocab, tp, pad_vocab_to)``; :func:`logits` trims the padding off again.
+
+What the local (CPU) build changes against a TE build: attention-layer input norms and dense-layer pre-MLP
+norms are separate modules (see :mod:`mapgen.runtime._names`); routed experts are ``SequentialMLP``
+(``mlp.experts.local_experts.<e>.*``) instead of ``TEGroupedMLP`` (``mlp.experts.linear_fc1.weight<e>``). The
+dist-checkpoint keys of the local build are mapped to TE spellings for attention/dense layers (megatron's own
+``sharded_state_dict_keys_map``) so checkpoints interoperate.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+import socket
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, fields, is_dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+
+from mapgen.plan.spec import LayerKind, MlpKind, ModelSpec
+from mapgen.runtime._cpu import cpu_shims, install_cpu_shims
+from mapgen.runtime._names import (
+    MTP_INNER_NAMES,
+    detect_mtp_inner_name,
+    local_to_te_name,
+    local_to_te_names,
+    rename_mtp_inner,
+    te_to_local_name,
+    te_to_local_names,
+)
+
+if TYPE_CHECKING:
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.transformer import TransformerConfig
+
+__all__ = [
+    "MTP_INNER_NAMES",
+    "ParallelSizes",
+    "build_model",
+    "check_divisibility",
+    "cpu_shims",
+    "destroy_parallel",
+    "detect_mtp_inner_name",
+    "enumerate_parameters",
+    "init_parallel",
+    "install_cpu_shims",
+    "load_dist_checkpoint",
+    "local_to_global",
+    "local_to_te_name",
+    "local_to_te_names",
+    "logits",
+    "mtp_inner_name",
+    "padded_vocab_size",
+    "parallel",
+    "parallel_sizes",
+    "rename_mtp_inner",
+    "save_dist_checkpoint",
+    "te_to_local_name",
+    "te_to_local_names",
+    "transformer_config",
+]
+
+Device = Literal["meta", "cpu", "cuda"]
+
+
+# -- divisibility ----------------------------------------------------------------------------------------
+
+
+def padded_vocab_size(vocab_size: int, tp: int = 1, divisible_by: int = 1) -> int:
+    """Smallest multiple of ``divisible_by * tp`` >= ``vocab_size`` (Megatron-LM's rule)."""
+    m = divisible_by * tp
+    return -(-vocab_size // m) * m
+
+
+def check_divisibility(
+    spec: ModelSpec, tp: int = 1, ep: int = 1, etp: int | None = None, pp: int = 1, world_size: int | None = None
+) -> list[str]:
+    """Every reason why ``spec`` cannot be built under (tp, ep, etp, pp) on ``world_size`` ranks.
+
+    ``etp`` defaults to ``tp`` (megatron-core's default); ``world_size`` defaults to ``max(tp*pp, etp*ep*pp)``.
+    The vocabulary is padded, never an error. An empty list means the layout is fine.
+    """
+    etp = tp if etp is None else etp
+    errors: list[str] = []
+    for name, value in (("tp", tp), ("ep", ep), ("etp", etp), ("pp", pp)):
+        if value < 1:
+            errors.append(f"{name}={value} must be >= 1")
+    if errors:
+        return errors
+    world = max(tp * pp, etp * ep * pp) if world_size is None else world_size
+
+    def need(what: str, value: int | None, by: int, by_name: str) -> None:
+        if value is not None and value % by:
+            errors.append(f"{what}={value} is not divisible by {by_name}={by}")
+
+    kinds = set(spec.kinds) | ({spec.mtp_layer_kind} if spec.mtp_num_layers else set())
+    mlps = set(spec.mlps) | ({spec.mtp_mlp_kind} if spec.mtp_num_layers else set())
+    if "attention" in kinds:
+        need("num_attention_heads", spec.num_attention_heads, tp, "tp")
+        need("num_query_groups", spec.num_query_groups, tp, "tp")
+    if "gated_delta_net" in kinds:
+        need("linear_num_key_heads", spec.linear_num_key_heads, tp, "tp")
+        need("linear_num_value_heads", spec.linear_num_value_heads, tp, "tp")
+        if spec.linear_num_key_heads and spec.linear_num_value_heads:
+            need("linear_num_value_heads", spec.linear_num_value_heads, spec.linear_num_key_heads,
+                 "linear_num_key_heads")
+    if "dense" in mlps:
+        need("ffn_hidden_size", spec.ffn_hidden_size, tp, "tp")
+    if "moe" in mlps:
+        if not spec.num_moe_experts:
+            errors.append("MoE layers need num_moe_experts")
+        need("num_moe_experts", spec.num_moe_experts, ep, "ep")
+        need("moe_ffn_hidden_size", spec.moe_ffn_hidden_size or spec.ffn_hidden_size, etp, "etp")
+        need("moe_shared_expert_intermediate_size", spec.moe_shared_expert_intermediate_size, tp, "tp")
+    need("num_layers", spec.num_layers, pp, "pp")
+    need("world_size", world, tp * pp, "tp*pp")
+    need("world_size", world, etp * ep * pp, "etp*ep*pp")
+    return errors
+
+
+# -- parallel state --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ParallelSizes:
+    tp: int = 1
+    ep: int = 1
+    etp: int = 1
+    pp: int = 1
+    world_size: int = 1
+
+
+_OWNS_PROCESS_GROUP = False
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _ensure_process_group(backend: str | None) -> None:
+    global _OWNS_PROCESS_GROUP
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return
+    backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # torchrun or a caller-provided env
+        if backend == "nccl" and "LOCAL_RANK" in os.environ:
+            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        dist.init_process_group(backend)
+    else:
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        dist.init_process_group(backend, rank=0, world_size=1)
+    _OWNS_PROCESS_GROUP = True
+
+
+def parallel_sizes() -> ParallelSizes:
+    """The sizes of the current megatron parallel state (all 1 when none is initialised)."""
+    from megatron.core import parallel_state as ps
+
+    if not ps.model_parallel_is_initialized():
+        return ParallelSizes()
+    return ParallelSizes(
+        tp=ps.get_tensor_model_parallel_world_size(),
+        ep=ps.get_expert_model_parallel_world_size(),
+        etp=ps.get_expert_tensor_parallel_world_size(),
+        pp=ps.get_pipeline_model_parallel_world_size(),
+        world_size=torch.distributed.get_world_size(),
+    )
+
+
+def init_parallel(
+    tp: int = 1,
+    ep: int = 1,
+    etp: int | None = None,
+    pp: int = 1,
+    backend: str | None = None,
+    *,
+    spec: ModelSpec | None = None,
+    seed: int = 1234,
+) -> ParallelSizes:
+    """Initialise torch.distributed (if needed) and megatron's model-parallel state.
+
+    Single process without torchrun env: a 1-rank group on 127.0.0.1 with a free port (MASTER_ADDR/PORT are
+    respected when set). Under torchrun the env (RANK, WORLD_SIZE, MASTER_*) is used. Backend: gloo on CPU,
+    nccl with CUDA. With ``spec``, :func:`check_divisibility` runs first and all violations are raised
+    together as one ``ValueError`` before anything is initialised. An existing model-parallel state is
+    replaced. RNG: megatron's tracker is seeded; on CPU the inference tracker (fork = nullcontext) is used,
+    and ``torch.manual_seed(seed)`` seeds CPU initialisation identically on every rank.
+    """
+    etp = tp if etp is None else etp
+    if spec is not None:
+        world = None
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            world = dist.get_world_size()
+        elif "WORLD_SIZE" in os.environ:
+            world = int(os.environ["WORLD_SIZE"])
+        errors = check_divisibility(spec, tp, ep, etp, pp, world)
+        if errors:
+            raise ValueError("cannot build this model with this layout:\n  " + "\n  ".join(errors))
+    _ensure_process_group(backend)
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    world = dist.get_world_size()
+    bad = [f"world_size={world} is not divisible by {n}={v}" for n, v in
+           (("tp*pp", tp * pp), ("etp*ep*pp", etp * ep * pp)) if world % v]
+    if bad:
+        raise ValueError("; ".join(bad))
+    if ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
+    ps.initialize_model_parallel(
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        expert_model_parallel_size=ep,
+        expert_tensor_parallel_size=etp,
+    )
+    torch.manual_seed(seed)
+    with cpu_shims():
+        model_parallel_cuda_manual_seed(seed, inference_rng_tracker=not torch.cuda.is_available(),
+                                        force_reset_rng=True)
+    return parallel_sizes()
+
+
+def destroy_parallel() -> None:
+    """Tear down megatron's parallel state, and the process group if :func:`init_parallel` created it."""
+    global _OWNS_PROCESS_GROUP
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    if ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
+    if _OWNS_PROCESS_GROUP and dist.is_initialized():
+        dist.destroy_process_group()
+    _OWNS_PROCESS_GROUP = False
+
+
+@contextlib.contextmanager
+def parallel(
+    tp: int = 1, ep: int = 1, etp: int | None = None, pp: int = 1, backend: str | None = None,
+    *, spec: ModelSpec | None = None, seed: int = 1234,
+) -> Iterator[ParallelSizes]:
+    """:func:`init_parallel` for the block; :func:`destroy_parallel` after."""
+    sizes = init_parallel(tp, ep, etp, pp, backend, spec=spec, seed=seed)
+    try:
+        yield sizes
+    finally:
+        destroy_parallel()
+
+
+@contextlib.contextmanager
+def _single_rank_state() -> Iterator[None]:
+    """TP=EP=PP=1 megatron state for the block, restoring whatever existed before."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    if ps.model_parallel_is_initialized():
+        s = parallel_sizes()
+        if (s.tp, s.ep, s.etp, s.pp) != (1, 1, 1, 1):
+            raise RuntimeError(
+                f"needs TP=EP=ETP=PP=1 (or no model-parallel state), found {s}; call it outside parallel()"
+            )
+        yield
+        return
+    created_pg = not dist.is_initialized()
+    global _OWNS_PROCESS_GROUP
+    owned_before = _OWNS_PROCESS_GROUP
+    _ensure_process_group("gloo")
+    try:
+        ps.initialize_model_parallel()
+        yield
+    finally:
+        ps.destroy_model_parallel()
+        if created_pg:
+            dist.destroy_process_group()
+            _OWNS_PROCESS_GROUP = owned_before
+
+
+# -- config and layer specs ------------------------------------------------------------------------------
+
+
+def _moe_score_function(spec: ModelSpec) -> str:
+    return spec.moe_router_score_function or ("sigmoid" if spec.moe_router_enable_expert_bias else "softmax")
+
+
+def transformer_config(
+    spec: ModelSpec, *, params_dtype: torch.dtype = torch.float32, device: Device = "cpu"
+) -> TransformerConfig:
+    """The ``TransformerConfig`` for ``spec`` under the current parallel state (sizes 1 when none)."""
+    import torch.nn.functional as F
+    from megatron.core.transformer import TransformerConfig
+
+    s = parallel_sizes()
+    kinds = spec.kinds
+    has_gdn = "gated_delta_net" in kinds or (bool(spec.mtp_num_layers) and spec.mtp_layer_kind == "gated_delta_net")
+    moe = bool(spec.num_moe_experts)
+    kw: dict[str, Any] = {}
+    if has_gdn:
+        kw.update(
+            experimental_attention_variant="gated_delta_net",
+            linear_attention_freq=[1 if k == "gated_delta_net" else 0 for k in kinds],
+            linear_conv_kernel_dim=spec.linear_conv_kernel_dim,
+            linear_key_head_dim=spec.linear_key_head_dim,
+            linear_value_head_dim=spec.linear_value_head_dim,
+            linear_num_key_heads=spec.linear_num_key_heads,
+            linear_num_value_heads=spec.linear_num_value_heads,
+        )
+    if moe:
+        kw.update(
+            num_moe_experts=spec.num_moe_experts,
+            moe_router_topk=spec.moe_router_topk,
+            moe_ffn_hidden_size=spec.moe_ffn_hidden_size or spec.ffn_hidden_size,
+            moe_shared_expert_intermediate_size=spec.moe_shared_expert_intermediate_size,
+            moe_shared_expert_gate=spec.moe_shared_expert_gate,
+            moe_router_enable_expert_bias=spec.moe_router_enable_expert_bias,
+            moe_router_score_function=_moe_score_function(spec),
+            moe_router_pre_softmax=spec.moe_router_pre_softmax,
+            moe_router_topk_scaling_factor=spec.moe_router_topk_scaling_factor,
+            moe_router_load_balancing_type="none",
+            moe_aux_loss_coeff=0.0,
+            moe_grouped_gemm=False,
+            moe_token_dispatcher_type="alltoall" if s.ep > 1 else "allgather",
+            moe_layer_freq=[1 if m == "moe" else 0 for m in spec.mlps],
+        )
+        if spec.moe_router_bias:
+            kw["add_bias_linear"] = True
+    return TransformerConfig(
+        num_layers=spec.num_layers,
+        hidden_size=spec.hidden_size,
+        num_attention_heads=spec.num_attention_heads,
+        num_query_groups=spec.num_query_groups,
+        kv_channels=spec.kv_channels,
+        ffn_hidden_size=spec.ffn_hidden_size,
+        add_bias_linear=kw.pop("add_bias_linear", spec.add_bias_linear),
+        add_qkv_bias=spec.add_qkv_bias,
+        qk_layernorm=spec.qk_layernorm,
+        attention_output_gate=spec.attention_output_gate,
+        normalization=spec.normalization,
+        layernorm_epsilon=spec.norm_epsilon,
+        layernorm_zero_centered_gamma=spec.layernorm_zero_centered_gamma,
+        gated_linear_unit=spec.gated_linear_unit,
+        activation_func=F.silu if spec.activation == "silu" else F.gelu,
+        mtp_num_layers=spec.mtp_num_layers or None,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        apply_rope_fusion=False,
+        persist_layer_norm=False,
+        gradient_accumulation_fusion=False,
+        params_dtype=params_dtype,
+        pipeline_dtype=params_dtype,
+        bf16=params_dtype == torch.bfloat16,
+        fp16=params_dtype == torch.float16,
+        tensor_model_parallel_size=s.tp,
+        pipeline_model_parallel_size=s.pp,
+        expert_model_parallel_size=s.ep,
+        expert_tensor_parallel_size=s.etp,
+        sequence_parallel=False,
+        use_cpu_initialization=device != "cuda",
+        perform_initialization=device != "meta",
+        **kw,
+    )
+
+
+def _norm_class(config: TransformerConfig) -> type:
+    from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+    from mapgen.runtime._gdn import LocalNorm
+
+    return LocalNorm if config.layernorm_zero_centered_gamma else WrappedTorchNorm
+
+
+def _swap_norms(obj: Any, norm: type, seen: set[int] | None = None) -> Any:
+    """Replace megatron's torch-norm wrapper everywhere in a (deep-copied) spec tree by ``norm``."""
+    from megatron.core.transformer.spec_utils import ModuleSpec
+    from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+    seen = set() if seen is None else seen
+    if id(obj) in seen:
+        return obj
+    seen.add(id(obj))
+    if isinstance(obj, ModuleSpec):
+        if obj.module is WrappedTorchNorm:
+            obj.module = norm
+        obj.submodules = _swap_norms(obj.submodules, norm, seen)
+        return obj
+    if is_dataclass(obj) and not isinstance(obj, type):
+        for f in fields(obj):
+            v = getattr(obj, f.name)
+            if v is WrappedTorchNorm:
+                setattr(obj, f.name, norm)
+            elif isinstance(v, list):
+                setattr(obj, f.name, [norm if x is WrappedTorchNorm else _swap_norms(x, norm, seen) for x in v])
+            else:
+                setattr(obj, f.name, _swap_norms(v, norm, seen))
+    return obj
+
+
+def _layer_spec(spec: ModelSpec, config: TransformerConfig, kind: LayerKind, mlp: MlpKind) -> Any:
+    from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.ssm.gated_delta_net import GatedDeltaNet, GatedDeltaNetSubmodules
+    from megatron.core.tensor_parallel.layers import RowParallelLinear
+    from megatron.core.transformer.identity_op import IdentityOp
+    from megatron.core.transformer.spec_utils import ModuleSpec
+    from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
+
+    from mapgen.runtime._gdn import LayerNormColumnParallelLinear
+
+    norm = _norm_class(config)
+    base = get_gpt_layer_local_spec(
+        num_experts=spec.num_moe_experts if mlp == "moe" else None,
+        moe_grouped_gemm=False,
+        qk_layernorm=spec.qk_layernorm,
+        normalization=spec.normalization,
+    )
+    sub = base.submodules
+    # Dist-checkpoint keys in TE spelling: the fused norms TE has (MoE layers keep pre_mlp_layernorm).
+    keys_map = {"pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_"} if mlp == "dense" else {}
+    if kind == "attention":
+        keys_map["input_layernorm."] = "self_attention.linear_qkv.layer_norm_"
+        attention, input_ln = sub.self_attention, sub.input_layernorm
+    else:
+        attention = ModuleSpec(
+            module=GatedDeltaNet,
+            submodules=GatedDeltaNetSubmodules(
+                in_proj=LayerNormColumnParallelLinear, out_norm=norm, out_proj=RowParallelLinear
+            ),
+            metainfo={"fuse_input_layernorm": True},
+        )
+        input_ln = IdentityOp
+    layer = ModuleSpec(
+        module=TransformerLayer,
+        submodules=TransformerLayerSubmodules(
+            input_layernorm=input_ln,
+            self_attention=attention,
+            self_attn_bda=get_bias_dropout_add,
+            pre_mlp_layernorm=sub.pre_mlp_layernorm,
+            mlp=sub.mlp,
+            mlp_bda=get_bias_dropout_add,
+            sharded_state_dict_keys_map=keys_map,
+        ),
+    )
+    return _swap_norms(copy.deepcopy(layer), norm)
+
+
+def _block_spec(spec: ModelSpec, config: TransformerConfig, vp_stage: int | None) -> Any:
+    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
+    from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+
+    offset = get_transformer_layer_offset(config, vp_stage=vp_stage)
+    n = get_num_layers_to_build(config, vp_stage=vp_stage)
+    specs = [_layer_spec(spec, config, spec.kinds[i], spec.mlps[i]) for i in range(offset, offset + n)]
+    return TransformerBlockSubmodules(layer_specs=specs, layer_norm=_norm_class(config))
+
+
+def _mtp_spec(spec: ModelSpec, config: TransformerConfig, vp_stage: int | None) -> Any:
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_mtp_block_spec
+
+    if not spec.mtp_num_layers:
+        return None
+    inner = _layer_spec(spec, config, spec.mtp_layer_kind, spec.mtp_mlp_kind)
+    block = get_gpt_mtp_block_spec(config, inner, use_transformer_engine=False, vp_stage=vp_stage)
+    return None if block is None else _swap_norms(block, _norm_class(config))
+
+
+def build_model(
+    spec: ModelSpec,
+    *,
+    device: Device = "cpu",
+    params_dtype: torch.dtype = torch.float32,
+    pre_process: bool | None = None,
+    post_process: bool | None = None,
+    pad_vocab_to: int = 1,
+    vp_stage: int | None = None,
+) -> GPTModel:
+    """Build the Megatron ``GPTModel`` of ``spec`` for this rank under the current parallel state.
+
+    Uses megatron-core's local (non-TE) modules: ``get_gpt_layer_local_spec`` per layer (dense or MoE by
+    ``spec.mlps``; attention or GDN by ``spec.kinds``, GDN composed by hand), the MTP block of
+    ``get_gpt_mtp_block_spec`` around an inner layer of ``spec.mtp_layer_kind``/``mtp_mlp_kind``.
+    ``device="meta"`` allocates nothing and skips initialisation; ``"cpu"`` initialises randomly (seeded by
+    :func:`init_parallel`). ``pre_process``/``post_process`` default to first/last PP stage. The vocabulary
+    is padded to a multiple of ``pad_vocab_to * tp`` (use the same ``pad_vocab_to`` when resharding).
+    Without any parallel state a 1-rank state is NOT created: call :func:`init_parallel` first (or use
+    :func:`enumerate_parameters` for the TP=1 name set).
+    """
+    from megatron.core import parallel_state as ps
+    from megatron.core.models.gpt import GPTModel
+
+    from mapgen.runtime._gdn import fla_fallback
+
+    if not ps.model_parallel_is_initialized():
+        raise RuntimeError("build_model needs megatron parallel state: call init_parallel() first")
+    s = parallel_sizes()
+    errors = check_divisibility(spec, s.tp, s.ep, s.etp, s.pp, s.world_size)
+    if errors:
+        raise ValueError("cannot build this model with this layout:\n  " + "\n  ".join(errors))
+    config = transformer_config(spec, params_dtype=params_dtype, device=device)
+    if pre_process is None:
+        pre_process = ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
+    if post_process is None:
+        post_process = ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
+    dev_ctx = torch.device("meta") if device == "meta" else contextlib.nullcontext()
+    with cpu_shims(), fla_fallback(), dev_ctx:
+        model = GPTModel(
+            config=config,
+            transformer_layer_spec=_block_spec(spec, config, vp_stage),
+            vocab_size=padded_vocab_size(spec.vocab_size, s.tp, pad_vocab_to),
+            max_sequence_length=spec.max_position_embeddings,
+            pre_process=pre_process,
+            post_process=post_process,
+            parallel_output=True,
+            share_embeddings_and_output_weights=not spec.untie_embeddings_and_output_weights,
+            position_embedding_type="rope",
+            rotary_percent=spec.rotary_percent,
+            rotary_base=int(spec.rotary_base),
+            mtp_block_spec=_mtp_spec(spec, config, vp_stage),
+            vp_stage=vp_stage,
+        )
+    model.mapgen_vocab_size = spec.vocab_size
+    return model
+
+
+# -- parameter sets and names ----------------------------------------------------------------------------
+
+
+def _checkpoint_entries(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {
+        k: v
+        for k, v in model.state_dict(keep_vars=True).items()
+        if isinstance(v, torch.Tensor) and not k.endswith("_extra_state")
+    }
+
+
+def enumerate_parameters(spec: ModelSpec, *, pad_vocab_to: int = 1) -> dict[str, tuple[int, ...]]:
+    """Global Megatron state-dict entries (name -> shape) of ``spec`` at TP=EP=PP=1, built on meta.
+
+    Included: every tensor in ``model.state_dict()``: parameters and persistent buffers (e.g.
+    ``mlp.router.expert_bias``). Excluded: ``*._extra_state`` entries (TE/FP8 metadata, ``None`` or bytes for the
+    local modules, not weights) and, by construction of ``state_dict``, non-persistent buffers (RoPE
+    ``inv_freq``, ``router.local_tokens_per_expert``) which are recomputed, not checkpointed. Names are the local
+    (non-TE) spelling; see :func:`local_to_te_names`. If no process group exists a 1-rank gloo group is
+    created and destroyed again; an existing TP=EP=PP=1 state is reused; any other state is an error.
+    """
+    with _single_rank_state(), cpu_shims():
+        model = build_model(spec, device="meta", pad_vocab_to=pad_vocab_to)
+        return {k: tuple(v.shape) for k, v in _checkpoint_entries(model).items()}
+
+
+_MTP_PROBE = ModelSpec(
+    num_layers=1, hidden_size=8, num_attention_heads=2, num_query_groups=1, kv_channels=4,
+    ffn_hidden_size=16, vocab_size=32, mtp_num_layers=1,
+)
+_MTP_INNER: str | None = None
+
+
+def mtp_inner_name() -> str:
+    """Attribute name of the MTP inner layer in the installed megatron-core, found by building a tiny meta
+    model with MTP (``transformer_layer`` in 0.16.1, ``mtp_model_layer`` in later releases). Cached."""
+    global _MTP_INNER
+    if _MTP_INNER is None:
+        from megatron.core import parallel_state as ps
+
+        if ps.model_parallel_is_initialized() and parallel_sizes() != ParallelSizes(world_size=parallel_sizes().world_size):
+            from megatron.core.transformer.multi_token_prediction import MultiTokenPredictionLayerSubmodules
+
+            names = {f.name for f in fields(MultiTokenPredictionLayerSubmodules)}
+            found = next((n for n in MTP_INNER_NAMES if n in names), None)
+        else:
+            found = detect_mtp_inner_name(enumerate_parameters(_MTP_PROBE))
+        if found is None:
+            raise RuntimeError("could not find the MTP inner layer attribute of this megatron-core")
+        _MTP_INNER = found
+    return _MTP_INNER
+
+
+def _module_global_paths(model: torch.nn.Module) -> dict[str, str]:
+    """Local module path -> global module path (PP layer offsets, EP expert ids, from megatron itself)."""
+    from megatron.core.transformer.moe.moe_layer import MoELayer
+    from megatron.core.transformer.multi_token_prediction import MultiTokenPredictionLayer
+    from megatron.core.transformer.transformer_block import TransformerBlock
+    from megatron.core.transformer.transformer_layer import TransformerLayer
+
+    out: dict[str, str] = {}
+
+    def visit(mod: torch.nn.Module, local: str, glob: str, experts: list[int] | None) -> None:
+        out[local] = glob
+        if isinstance(mod, MoELayer):
+            experts = list(mod.local_expert_indices)
+        for name, child in mod._modules.items():
+            if child is None:
+                continue
+            gname = name
+            if isinstance(child, (TransformerLayer, MultiTokenPredictionLayer)) and (
+                isinstance(mod, torch.nn.ModuleList) and _parent_kind(local) in ("block", "mtp")
+            ):
+                gname = str(child.layer_number - 1)
+            elif isinstance(mod, torch.nn.ModuleList) and local.endswith("experts.local_experts") and experts:
+                gname = str(experts[int(name)])
+            visit(child, f"{local}.{name}" if local else name,
+                  f"{glob}.{gname}" if glob else gname, experts)
+
+    def _parent_kind(local: str) -> str:
+        return "block" if local.endswith("decoder.layers") else "mtp" if local.endswith("mtp.layers") else ""
+
+    del TransformerBlock
+    visit(model, "", "", None)
+    return out
+
+
+def local_to_global(model: torch.nn.Module) -> dict[str, str]:
+    """Rank-local state-dict name -> global (TP=EP=PP=1) name, for every entry :func:`enumerate_parameters`
+    would list. Decoder layers use megatron's ``layer_number`` (1-based, offset by
+    ``get_transformer_layer_offset``), MTP layers their ``layer_number``, routed experts the MoE layer's
+    ``local_expert_indices``. With tied embeddings under PP, the last stage's ``output_layer.weight`` maps to
+    ``embedding.word_embeddings.weight``. Tensor shapes stay rank-local (TP/ETP shards).
+    """
+    paths = _module_global_paths(model)
+    tied = bool(getattr(model, "share_embeddings_and_output_weights", False))
+    out = {}
+    for key in _checkpoint_entries(model):
+        mod, _, attr = key.rpartition(".")
+        g = f"{paths[mod]}.{attr}" if mod else attr
+        if tied and g == "output_layer.weight":
+            g = "embedding.word_embeddings.weight"
+        out[key] = g
+    return out
+
+
+# -- forward ---------------------------------------------------------------------------------------------
+
+
+def logits(model: GPTModel, input_ids: torch.Tensor) -> torch.Tensor:
+    """Full-vocabulary fp32 logits ``[b, s, vocab]`` of a PP=1 model (all TP ranks must call it).
+
+    Passes position ids and an explicit boolean causal mask (megatron's default mask is built on CUDA),
+    switches MTP off for the call (MTP needs labels), gathers the vocab-parallel shards across TP and trims
+    vocabulary padding. Runs under :func:`cpu_shims`.
+    """
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    from mapgen.runtime._gdn import fla_fallback
+
+    if ps.get_pipeline_model_parallel_world_size() > 1:
+        raise NotImplementedError("logits() runs PP=1 models only")
+    b, s = input_ids.shape
+    dev = next(model.parameters()).device
+    input_ids = input_ids.to(dev)
+    position_ids = torch.arange(s, device=dev).unsqueeze(0).expand(b, s)
+    mask = torch.triu(torch.ones(b, 1, s, s, dtype=torch.bool, device=dev), diagonal=1)
+    saved = (getattr(model, "mtp_process", False), model.config.mtp_num_layers)
+    was_training = model.training
+    model.eval()
+    try:
+        model.mtp_process = False
+        model.config.mtp_num_layers = None
+        with cpu_shims(), fla_fallback(), torch.no_grad():
+            out = model(input_ids, position_ids, attention_mask=mask)
+    finally:
+        model.mtp_process, model.config.mtp_num_layers = saved
+        model.train(was_training)
+    out = out.float()
+    tp = ps.get_tensor_model_parallel_world_size()
+    if tp > 1:
+        parts = [torch.empty_like(out) for _ in range(tp)]
+        dist.all_gather(parts, out.contiguous(), group=ps.get_tensor_model_parallel_group())
+        out = torch.cat(parts, dim=-1)
+    vocab = getattr(model, "mapgen_vocab_size", out.shape[-1])
+    return out[..., :vocab]
+
+
+# -- distributed checkpoints -----------------------------------------------------------------------------
+
+
+def save_dist_checkpoint(model: GPTModel, path: str | os.PathLike[str]) -> None:
+    """Save ``model`` as a megatron-core dist checkpoint (torch_dist) in ``path``; all ranks must call it.
+
+    Works on CPU/gloo under :func:`cpu_shims`. Caveat: the torch_dist writer starts a ``spawn``-context
+    ``multiprocessing.Manager``, which re-imports the ``__main__`` module: a script that calls this must keep
+    its process-group set-up under ``if __name__ == "__main__":`` or it hangs.
+    """
+    from megatron.core import dist_checkpointing
+
+    os.makedirs(path, exist_ok=True)
+    with cpu_shims():
+        dist_checkpointing.save(model.sharded_state_dict(), str(path))
+
+
+def load_dist_checkpoint(model: GPTModel, path: str | os.PathLike[str], *, strict: bool = True) -> None:
+    """Load a dist checkpoint into ``model`` in place, resharding to the model's TP/EP/PP layout.
+
+    The checkpoint may have been saved under any layout (e.g. TP=2/EP=2 on two ranks, loaded at TP=1 in
+    one process), as long as the global shapes (including the padded vocabulary) agree.
+    """
+    from megatron.core import dist_checkpointing
+
+    with cpu_shims():
+        state = dist_checkpointing.load(model.sharded_state_dict(), str(path))
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.endswith("_extra_state")]
+    if strict and (missing or unexpected):
+        raise RuntimeError(f"dist checkpoint mismatch: missing={missing} unexpected={unexpected}")
+
+
+def named_global_tensors(model: torch.nn.Module) -> Iterable[tuple[str, str, torch.Tensor]]:
+    """(local name, global name, tensor) for every checkpoint entry of a rank-local model."""
+    names = local_to_global(model)
+    for k, v in _checkpoint_entries(model).items():
+        yield k, names[k], v
