@@ -135,6 +135,7 @@ def test_dict_reader_rejects_what_safetensors_cannot_do_and_counts() -> None:
     assert reader.read("w", (slice(1, 3), slice(2, 5))).shape == (2, 3)
     assert reader.read("w", (1,)).shape == (6,)
     assert reader.elements_read["w"] == 12
+    assert reader.bytes_read == 48
     assert reader.shape("w") == (4, 6)
     assert reader.dtype("w") == torch.float32
 
@@ -180,6 +181,13 @@ def test_copy_vocab_pads_with_zeros_and_truncates(tp: int) -> None:
     assert not full[VOCAB:].any()
     assert sum(reads) == VOCAB * H  # padding rows are never read
     assert max(reads) <= padded // tp * H
+
+
+def test_copy_vocab_rank_of_padding_only_reads_nothing() -> None:
+    tensors = {"emb": arange(10, H)}
+    shards, reads = roundtrip(rule("copy", "vocab", divisible_by=8), ["emb"], spec(vocab_size=10), tensors, 4)
+    assert reads == [8 * H, 2 * H, 0, 0]
+    assert not shards[3].any()
 
 
 def test_copy_vocab_default_divisible_by_128() -> None:

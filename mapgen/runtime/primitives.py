@@ -51,8 +51,9 @@ Options (``rule.options``)
 ``copy``/``duplicate``: ``transform`` "none" | "zero_centered" (Megatron ``w = hf - 1`` for
 ``layernorm_zero_centered_gamma``; computed in fp32 and cast back, so in bf16/fp16 it is *not* bitwise:
 HF -> Megatron -> HF is exact only while ``hf`` is within [0.5, 2] (Sterbenz), and Megatron -> HF rounds
-``w + 1`` to the storage precision), ``dtype`` "fp32" (load and save in fp32, e.g. the router's expert
-bias; otherwise the HF dtype is kept and the caller casts), ``divisible_by`` (vocab, default 128),
+``w + 1`` to the storage precision), ``dtype`` "native" (default: the tensor keeps the dtype it was read / handed in
+with, the caller casts into the parameter or the HF dtype) | "fp32" (load and save in fp32, e.g. the
+router's expert bias), ``divisible_by`` (vocab, default 128),
 ``layout``/``orientation`` (expert rules, below).
 ``qkv``: ``part`` "weight" | "bias", ``output_gate`` bool (HF q_proj rows per head ``[q_h; gate_h]``).
 ``gated_fc1``: ``fused`` bool (one ``gate_up`` key, gate first), ``part``, ``interleave``.
@@ -153,7 +154,13 @@ class DictReader:
 
     @property
     def total_read(self) -> int:
+        """Elements read over all keys since the last :meth:`reset`."""
         return sum(self.elements_read.values())
+
+    @property
+    def bytes_read(self) -> int:
+        """Bytes read over all keys since the last :meth:`reset`."""
+        return sum(n * self.tensors[k].element_size() for k, n in self.elements_read.items())
 
     def reset(self) -> None:
         self.elements_read.clear()
@@ -295,9 +302,12 @@ def _load_copy(ctx: _Ctx, shard: Shard, reader: Reader) -> torch.Tensor:
             raise ctx.fail(f"{src.key} has {shape[0]} rows, the spec's vocab_size is {vocab}")
         padded = padded_vocab(vocab, shard.size, int(ctx.opt("divisible_by")))
         start, stop = shard.bounds(padded, "padded vocab", ctx.rule)
-        x = src.rows(min(start, vocab), min(stop, vocab))
-        if x.shape[0] < stop - start:
-            x = torch.cat([x, x.new_zeros((stop - start - x.shape[0], *shape[1:]))])
+        if start >= vocab:  # a rank holding padding only reads nothing
+            x = torch.zeros((stop - start, *shape[1:]), dtype=reader.dtype(src.key))
+        else:
+            x = src.rows(start, min(stop, vocab))
+            if x.shape[0] < stop - start:
+                x = torch.cat([x, x.new_zeros((stop - start - x.shape[0], *shape[1:]))])
     return _transform_in(ctx, x)
 
 
