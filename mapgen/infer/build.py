@@ -48,7 +48,7 @@ from mapgen.infer.summary import make_summary
 from mapgen.source.base import INDEX_NAME, Source
 
 CONFIG = "config.json"
-_LAYER = re.compile(r"^((?:[A-Za-z0-9_]+\.)*?)layers\.(0|[1-9][0-9]*)\.(.+)$")
+_PREFIX = re.compile(r"(?:[A-Za-z0-9_]+\.)*")
 _TOWERS = {
     "visual": "vision",
     "vision_tower": "vision",
@@ -61,9 +61,26 @@ _TOWERS = {
     "mm_projector": "projector",
 }
 _TOWER = re.compile(r"^((?:model\.)?(" + "|".join(_TOWERS) + r")\.)")
+_TOWER_STARTS = tuple(p + t + "." for t in _TOWERS for p in ("", "model."))
 _MTP_COUNT_KEYS = ("mtp_num_hidden_layers", "num_nextn_predict_layers", "mtp_num_layers")
 _EXPERT_COUNT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts")
 _ATTENTION_TYPES = {"full_attention", "sliding_attention", "attention", "chunked_attention"}
+
+
+def split_layer(key: str) -> tuple[str, int, str] | None:
+    """``model.layers.12.mlp.x`` -> ``("model.", 12, "mlp.x")``: the first ``layers.<n>.`` segment whose
+    prefix is whole dotted identifiers; ``None`` when there is none."""
+    i = key.find("layers.")
+    while i >= 0:
+        if i == 0 or key[i - 1] == ".":
+            j = key.find(".", i + 7)
+            num = key[i + 7 : j]
+            if j > 0 and num.isdigit() and num.isascii() and (num == "0" or num[0] != "0"):
+                prefix = key[:i]
+                if _PREFIX.fullmatch(prefix):
+                    return prefix, int(num), key[j + 1 :]
+        i = key.find("layers.", i + 1)
+    return None
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -319,23 +336,21 @@ def infer(source: Source) -> Layout:
     if findings.errors:
         raise MapgenError(findings.errors)
 
-    # -- towers -------------------------------------------------------------------------------------------
+    # -- towers, and decoder layers by prefix ------------------------------------------------------------
     tower_keys: dict[str, list[str]] = {}
     lm_keys: list[str] = []
-    for key in source.tensors:
-        m = _TOWER.match(key)
-        if m is not None:
-            tower_keys.setdefault(m.group(1), []).append(key)
-        else:
-            lm_keys.append(key)
-    towers = _towers(tower_keys)
-
-    # -- decoder layers by prefix -------------------------------------------------------------------------
     by_prefix: dict[str, dict[int, list[str]]] = {}
-    for key in lm_keys:
-        m = _LAYER.match(key)
-        if m is not None and not m.group(1).startswith("mtp."):
-            by_prefix.setdefault(m.group(1), {}).setdefault(int(m.group(2)), []).append(m.group(3))
+    for key in source.tensors:
+        if key.startswith(_TOWER_STARTS):
+            m = _TOWER.match(key)
+            if m is not None:
+                tower_keys.setdefault(m.group(1), []).append(key)
+                continue
+        lm_keys.append(key)
+        split = split_layer(key)
+        if split is not None and not split[0].startswith("mtp."):
+            by_prefix.setdefault(split[0], {}).setdefault(split[1], []).append(split[2])
+    towers = _towers(tower_keys)
     prefix = max(by_prefix, key=lambda p: (sum(len(v) for v in by_prefix[p].values()), p == "model."), default="model.")
     layer_suffixes = by_prefix.get(prefix, {})
     claimed: set[str] = set()
@@ -393,8 +408,13 @@ def infer(source: Source) -> Layout:
     leftover.extend(mtp_leftover)
 
     # -- unclassified -------------------------------------------------------------------------------------
-    layer_keys = {f"{prefix}layers.{i}.{s}" for i in main_ids for s in layer_suffixes[i]}
-    rest = [k for k in lm_keys if k not in claimed and k not in layer_keys]  # top-level strays (MTP keys are claimed)
+    main_set = set(main_ids)
+
+    def in_main_layer(key: str) -> bool:
+        split = split_layer(key)
+        return split is not None and split[0] == prefix and split[1] in main_set
+
+    rest = [k for k in lm_keys if k not in claimed and not in_main_layer(k)]  # strays; MTP keys are claimed
     unclassified_keys = sorted(set(leftover) | set(rest))
     unclassified = tuple(UnclassifiedGroup(p, c) for p, c in compress_keys(unclassified_keys))
 
@@ -595,7 +615,7 @@ def _mtp(
 ) -> tuple[MTP | None, list[str]]:
     """Find MTP in one of three schemes; returns the node and the MTP keys left unclassified."""
     declared = cfg.int(*_MTP_COUNT_KEYS) or 0
-    keys = source.tensors
+    keys = [k for k in source.tensors if "mtp" in k]  # every MTP scheme's keys but extra_layers contain "mtp"
     per_depth: dict[int, list[str]] = {}
     scheme = ""
     root = ""
@@ -612,7 +632,7 @@ def _mtp(
         for m, _ in hits:
             if m is not None:
                 per_depth.setdefault(int(m.group(1)), []).append(m.group(2))
-        if not all(n in keys for n in shared_names):
+        if not all(n in source.tensors for n in shared_names):
             findings.add(
                 Diagnostic(
                     "error",

@@ -8,7 +8,6 @@ cannot (attention output gate, packed-expert orientation and count); the config 
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Literal
@@ -31,7 +30,6 @@ PACKED_DEFAULTS: dict[str, tuple[Orientation, bool]] = {
     "qwen3_5_moe_text": ("out_in", False),
 }
 
-_EXPERT = re.compile(r"^(.*?experts\.)(0|[1-9][0-9]*)\.(.+)$")
 EXPERT_SLOT = "{expert}"
 
 
@@ -43,13 +41,16 @@ def fold_experts(suffixes: Iterable[str]) -> tuple[dict[str, list[str]], dict[st
     folded: dict[str, list[str]] = {}
     ids: dict[str, dict[str, set[int]]] = {}
     for s in suffixes:
-        m = _EXPERT.match(s)
-        if m is None:
+        i = s.find("experts.")
+        j = s.find(".", i + 8) if i >= 0 else -1
+        num = s[i + 8 : j] if j > 0 else ""
+        if not num.isdigit() or not num.isascii() or (num[0] == "0" and num != "0"):
             folded.setdefault(s, []).append(s)
             continue
-        t = f"{m.group(1)}{EXPERT_SLOT}.{m.group(3)}"
+        head = s[: i + 8]
+        t = f"{head}{EXPERT_SLOT}{s[j:]}"
         folded.setdefault(t, []).append(s)
-        ids.setdefault(m.group(1), {}).setdefault(t, set()).add(int(m.group(2)))
+        ids.setdefault(head, {}).setdefault(t, set()).add(int(num))
     return folded, ids
 
 

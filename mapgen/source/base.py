@@ -11,8 +11,9 @@ import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 from mapgen.errors import Diagnostic, MapgenError
 from mapgen.source.safetensors_header import HeaderEntry, read_header
@@ -23,8 +24,7 @@ INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 
 
-@dataclass(frozen=True)
-class TensorInfo:
+class TensorInfo(NamedTuple):
     """Where a tensor lives and, when a header was read, its dtype and shape."""
 
     shard: str
@@ -39,6 +39,7 @@ class Source:
     ``config_sha256`` / ``index_sha256`` hash the *canonical* JSON (``json.dumps(obj, sort_keys=True)``,
     UTF-8) of the parsed config and index (for a single-file checkpoint, of the synthesised index
     ``{"metadata": {}, "weight_map": {key: file}}``), so whitespace or line endings never change them.
+    They are computed on first use (hashing a 20k-key index costs more than classifying it).
     """
 
     origin: str
@@ -48,14 +49,21 @@ class Source:
     tensors: Mapping[str, TensorInfo]
     shards: tuple[str, ...]
     index_metadata: Mapping[str, Any]
-    config_sha256: str
-    index_sha256: str
+    index_doc: Any = field(default=None, repr=False, compare=False)
     headers_read: bool = False
     diagnostics: tuple[Diagnostic, ...] = field(default=())
 
     @property
     def keys(self) -> list[str]:
         return sorted(self.tensors)
+
+    @cached_property
+    def config_sha256(self) -> str:
+        return canonical_sha256(self.config)
+
+    @cached_property
+    def index_sha256(self) -> str:
+        return canonical_sha256(self.index_doc)
 
 
 def canonical_sha256(obj: Any) -> str:
@@ -220,11 +228,13 @@ def build_source(
                     raise MapgenError(errors)
 
     tensors: dict[str, TensorInfo] = {}
+    bare = {shard: TensorInfo(shard) for shard in shards if shard not in header_by_shard}
     for key, shard in weight_map.items():
-        header = header_by_shard.get(shard)
-        if header is None:
-            tensors[key] = TensorInfo(shard)
+        info = bare.get(shard)
+        if info is not None:  # no header for this shard: one shared record
+            tensors[key] = info
             continue
+        header = header_by_shard[shard]
         entry = header.get(key)
         if entry is None:
             errors.append(
@@ -261,8 +271,7 @@ def build_source(
         tensors=tensors,
         shards=shards,
         index_metadata=dict(index_metadata),
-        config_sha256=canonical_sha256(config),
-        index_sha256=canonical_sha256(index_doc),
+        index_doc=index_doc,
         headers_read=bool(header_by_shard),
         diagnostics=tuple(warnings),
     )
