@@ -18,7 +18,9 @@ from mapgen.errors import MapgenError
 COMMANDS = ("scan", "emit", "check", "synth", "diff", "convert", "export", "verify")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The parser with every command, or only ``only`` (so ``mapgen scan`` never imports emit's libcst/jinja2
+    or the runtime's torch: a command's module is imported only when that command runs)."""
     parser = argparse.ArgumentParser(
         prog="mapgen",
         description="Code-generating mapping compiler: Hugging Face checkpoints <-> Megatron-Core.",
@@ -27,6 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name in COMMANDS:
+        if only is not None and name != only:
+            continue
         try:
             module = importlib.import_module(f"mapgen.cli.{name}")
         except ModuleNotFoundError as exc:  # a command not built yet
@@ -38,7 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(argv[0] if argv and argv[0] in COMMANDS else None)
     args = parser.parse_args(argv)
     try:
         code: int = args.func(args)
