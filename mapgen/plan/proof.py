@@ -76,20 +76,52 @@ def _problem(code: str, message: str, names: Iterable[str], hint: str) -> list[D
     return [Diagnostic("error", code, message, key=pattern, hint=hint) for pattern in group_names(names)]
 
 
-def check_bijection(instances: list[Instance], megatron: Mapping[str, tuple[int, ...]], hf_keys: set[str]) -> list[Diagnostic]:
-    """The pure core of the proof (also used by tests with hand-made inputs)."""
+def _unit(inst: Instance, key: str) -> str:
+    """What one instance consumes of an HF key: the whole key, or one expert slot of a packed tensor."""
+    if inst.rule.experts and inst.rule.option("layout") == "packed":
+        return f"{key}[expert {inst.expert}]"
+    return key
+
+
+def packed_units(layout: Layout) -> dict[str, list[str]]:
+    """Packed 3-D expert keys -> their per-expert slot units (each slot must be consumed exactly once)."""
+    out: dict[str, list[str]] = {}
+    lm = layout.language_model
+    groups = [(g, 0) for g in lm.groups] + ([(g, lm.mtp.index_offset) for g in lm.mtp.inner] if lm.mtp else [])
+    for group, offset in groups:
+        experts = getattr(group.mlp, "experts", None)
+        if experts is None or experts.layout != "packed":
+            continue
+        fields = [experts.gate_up, experts.down, experts.gate_up_bias, experts.down_bias, experts.gate_up_scales,
+                  experts.down_scales, experts.gate, experts.up, experts.gate_bias, experts.up_bias]
+        for layer in group.layers:
+            root = group.root.replace("{layer}", str(layer + offset))
+            for f in fields:
+                if f:
+                    key = root + f
+                    out[key] = [f"{key}[expert {e}]" for e in range(experts.num_experts)]
+    return out
+
+
+def check_bijection(instances: list[Instance], megatron: Mapping[str, tuple[int, ...]], hf_keys: set[str],
+                    packed: Mapping[str, list[str]] | None = None) -> list[Diagnostic]:
+    """The pure core of the proof (also used by tests with hand-made inputs). ``packed`` maps packed expert
+    keys to their slot units: those keys are consumed slot by slot."""
     problems: list[Diagnostic] = []
+    packed = packed or {}
+    units = set()
+    for key in hf_keys:
+        units.update(packed.get(key, [key]))
+    hf_keys = units
     produced = Counter(i.megatron for i in instances if i.rule.op != "duplicate")
     consumed: Counter[str] = Counter()
     shared_keys: set[str] = set()
     for inst in instances:
-        if inst.rule.op == "duplicate":
-            consumed.update(inst.hf)
+        used = [_unit(inst, k) for k in inst.hf]
+        if inst.rule.option("shared") and inst.rule.op != "duplicate":
+            shared_keys.update(used)
             continue
-        if inst.rule.option("shared"):
-            shared_keys.update(inst.hf)
-            continue
-        consumed.update(inst.hf)
+        consumed.update(used)
     consumed.update(shared_keys)
 
     hint_rules = "fix the recogniser or planner for this family, then re-run `mapgen emit`"
@@ -123,5 +155,5 @@ def prove(plan: BridgePlan, layout: Layout) -> Proof:
     instances = list(plan_instances(plan.rules, layout, mtp_inner_name()))
     hf = language_model_keys(layout)
     carried = tower_keys(layout) - hf
-    problems = check_bijection(instances, megatron, hf)
+    problems = check_bijection(instances, megatron, hf, packed_units(layout))
     return Proof(len(megatron), len(hf), len(carried), tuple(problems))
