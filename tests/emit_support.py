@@ -8,9 +8,15 @@ for the golden cases.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import importlib.util
 import json
+import sys
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 from mapgen.infer.ir import (
@@ -267,9 +273,111 @@ def plan_to_json(plan: BridgePlan) -> str:
     return json.dumps(plan_to_data(plan), indent=2, sort_keys=True) + "\n"
 
 
+def plan_from_json(text: str) -> BridgePlan:
+    return plan_from_data(json.loads(text))
+
+
 def load_layout(path: Path) -> Layout:
     return layout_from_json(path.read_text(encoding="utf-8"))
 
 
 def dump_layout(layout: Layout) -> str:
     return layout_to_json(layout)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Hostile inputs: strings a malicious checkpoint could put into key names, model_type and prose
+# ---------------------------------------------------------------------------------------------------------
+EVIL_STRINGS: tuple[str, ...] = (
+    "it's \"quoted\"",
+    "line\nbreak = __import__('os').system('x')",
+    "\"); __import__('os').system('x') #",
+    "'); __import__('os').system('x') #",
+    "sep\u2028__import__('os').system('x')",
+    "para\u2029x = 1",
+    "cr\rx = 2",
+    "tab\tand\x0bvt\x0cff\x1cfs\x85nel",
+    "bidi \u202e)x(__tropmi__\u202c",
+    "\"\"\" + __import__('os').system('x') + \"\"\"",
+    "back\\slash\\",
+    "zero\u200bwidth \u0430 cyrillic-a",
+    "|pipe| `tick` <!-- html -->",
+    "{layer}}}{{",
+    "nul\x00byte",
+)
+
+EVIL_KEY = "\"); __import__('os').system('x') #"
+
+
+def evil_layout() -> Layout:
+    """A Qwen3-shaped layout whose key names, model_type and config are hostile."""
+    base = qwen3_dense_layout(num_layers=2)
+    lm = base.language_model
+    group = dataclasses.replace(
+        lm.groups[0],
+        root="model.layers.{layer}.\n__import__('os').system('x')#",
+        mixer=dataclasses.replace(lm.groups[0].mixer, q="q\u2028__import__('os').system('x')", o=EVIL_KEY),
+    )
+    lm = dataclasses.replace(lm, groups=(group,), embedding="emb\"\"\"\n__import__('os')", lm_head="head'\r\n#")
+    return dataclasses.replace(base, model_type="qwen3\n__import__('os').system('x')", language_model=lm)
+
+
+def evil_plan() -> BridgePlan:
+    """A plan in which every free-text field carries hostile strings."""
+    good = qwen3_dense_plan("abcdef012345")
+    rules = []
+    for i, rule in enumerate(good.rules):
+        evil = EVIL_STRINGS[i % len(EVIL_STRINGS)]
+        rules.append(
+            dataclasses.replace(
+                rule,
+                family=rule.family if i % 3 else f"{evil}.x",
+                megatron=rule.megatron + evil,
+                hf=(*rule.hf, evil),
+                domain=rule.domain + evil if i % 2 else rule.domain,
+                options=((evil, evil), ("n", i), ("flag", True)),
+                comment=f"{evil} -- {rule.comment}",
+            )
+        )
+    config = [
+        dataclasses.replace(
+            f,
+            comment=EVIL_STRINGS[i % len(EVIL_STRINGS)],
+            names=(*f.names, EVIL_STRINGS[i % len(EVIL_STRINGS)]) if f.expr == "config" else f.names,
+        )
+        for i, f in enumerate(good.config)
+    ]
+    config.append(ConfigField("moe_ffn_hidden_size", "config", names=(EVIL_KEY,), default=EVIL_KEY,
+                              has_default=True, comment=EVIL_KEY))
+    return dataclasses.replace(
+        good,
+        model_type=EVIL_KEY + "\u2028x",
+        description=EVIL_STRINGS,
+        config=tuple(config),
+        rules=tuple(rules),
+    )
+
+
+@contextlib.contextmanager
+def import_tree(root: Path) -> Iterator[ModuleType]:
+    """Import a rendered tree as a uniquely named package (its registry imports modules lazily)."""
+    name = f"golden_{uuid.uuid4().hex[:8]}"
+    spec = importlib.util.spec_from_file_location(name, root / "__init__.py", submodule_search_locations=[str(root)])
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        for key in [k for k in sys.modules if k == name or k.startswith(name + ".")]:
+            del sys.modules[key]
+
+
+def write_tree(root: Path, files: dict[str, str]) -> Path:
+    for rel, text in files.items():
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(text.encode("utf-8"))
+    return root

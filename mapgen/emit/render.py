@@ -19,6 +19,7 @@ import ast
 import dataclasses
 import hashlib
 import json
+import types
 import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -88,6 +89,7 @@ _BASE_IMPORTS = ("Bridge", "HFConfig", "Layout", "ModelSpec", "Rule")
 _OPS = frozenset(typing.get_args(Op))
 _SHARDINGS = frozenset(typing.get_args(Sharding))
 _SPEC_FIELDS = frozenset(f.name for f in dataclasses.fields(ModelSpec))
+_SPEC_TYPES: dict[str, Any] = typing.get_type_hints(ModelSpec)
 # Calls a bridge module may contain (checked on the AST of every rendered module).
 _ALLOWED_CALLS = frozenset({"Bridge", "ModelSpec", "Rule", "hf.get", *(h for h, _ in _DERIVED.values())})
 _COMMENT_WIDTH = pyfmt.WIDTH - 6  # after "    # "
@@ -287,9 +289,35 @@ def _sections(rules: Sequence[Rule], env: jinja2.Environment) -> list[SectionVie
     return out
 
 
+def literal_fits(value: object, annotation: Any) -> bool:
+    """Does a literal ``value`` type-check against a ``ModelSpec`` annotation? (What mypy --strict will
+    say about the generated keyword; unknown annotation shapes are accepted.)"""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return any(literal_fits(value, a) for a in typing.get_args(annotation))
+    if origin is typing.Literal:
+        return any(type(value) is type(a) and value == a for a in typing.get_args(annotation))
+    if annotation is type(None):
+        return value is None
+    if annotation is bool:
+        return isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if annotation is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if annotation is str:
+        return isinstance(value, str)
+    return (origin is None and not isinstance(annotation, type)) or annotation is Any
+
+
 def _config_value(f: ConfigField) -> tuple[Node, str | None]:
     """The expression for one ``ModelSpec`` keyword and the runtime helper it needs (if any)."""
     if f.expr == "const":
+        annotation = _SPEC_TYPES.get(f.field, Any)
+        if not literal_fits(f.default, annotation):
+            raise error("emit.invalid-config",
+                        f"ModelSpec.{f.field} cannot be the constant {py_literal(f.default)}",
+                        expected=plain_text(str(annotation)), hint="fix the ConfigField the planner produces")
         return Lit(f.default), None
     if f.expr == "config":
         if not f.names or not all(isinstance(n, str) for n in f.names):
