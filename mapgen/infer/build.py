@@ -14,8 +14,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from mapgen.errors import Diagnostic, MapgenError
 from mapgen.infer.ir import (
@@ -38,6 +37,7 @@ from mapgen.infer.patterns import compress_keys
 from mapgen.infer.recognise import (
     EXPERT_SLOT,
     Context,
+    Folded,
     Pool,
     Problem,
     fold_experts,
@@ -48,7 +48,7 @@ from mapgen.infer.summary import make_summary
 from mapgen.source.base import INDEX_NAME, Source
 
 CONFIG = "config.json"
-_PREFIX = re.compile(r"(?:[A-Za-z0-9_]+\.)*")
+_LAYER = re.compile(r"((?:[A-Za-z0-9_]+\.)*?)layers\.(0|[1-9][0-9]*)\.(.*)", re.DOTALL)
 _TOWERS = {
     "visual": "vision",
     "vision_tower": "vision",
@@ -62,6 +62,10 @@ _TOWERS = {
 }
 _TOWER = re.compile(r"^((?:model\.)?(" + "|".join(_TOWERS) + r")\.)")
 _TOWER_STARTS = tuple(p + t + "." for t in _TOWERS for p in ("", "model."))
+_QUANT_SUFFIXES = (
+    ".scales", ".biases", "weight_scale_inv", ".weight_scale", ".input_scale", ".qweight", ".qzeros", ".g_idx",
+    "_blocks",
+)  # fmt: skip
 _MTP_COUNT_KEYS = ("mtp_num_hidden_layers", "num_nextn_predict_layers", "mtp_num_layers")
 _EXPERT_COUNT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts")
 _ATTENTION_TYPES = {"full_attention", "sliding_attention", "attention", "chunked_attention"}
@@ -70,24 +74,16 @@ _ATTENTION_TYPES = {"full_attention", "sliding_attention", "attention", "chunked
 def split_layer(key: str) -> tuple[str, int, str] | None:
     """``model.layers.12.mlp.x`` -> ``("model.", 12, "mlp.x")``: the first ``layers.<n>.`` segment whose
     prefix is whole dotted identifiers; ``None`` when there is none."""
-    i = key.find("layers.")
-    while i >= 0:
-        if i == 0 or key[i - 1] == ".":
-            j = key.find(".", i + 7)
-            num = key[i + 7 : j]
-            if j > 0 and num.isdigit() and num.isascii() and (num == "0" or num[0] != "0"):
-                prefix = key[:i]
-                if _PREFIX.fullmatch(prefix):
-                    return prefix, int(num), key[j + 1 :]
-        i = key.find("layers.", i + 1)
-    return None
+    m = _LAYER.match(key)
+    return None if m is None else (m.group(1), int(m.group(2)), m.group(3))
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Config access
 # ---------------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Config:
+class Config(NamedTuple):
+    """The config as read: ``text`` is ``text_config`` when the config nests one, else the config itself."""
+
     top: Mapping[str, Any]
     text: Mapping[str, Any]
 
@@ -121,8 +117,7 @@ class Config:
 # ---------------------------------------------------------------------------------------------------------
 # Diagnostics
 # ---------------------------------------------------------------------------------------------------------
-@dataclass
-class Findings:
+class Findings(NamedTuple):
     errors: list[Diagnostic]
     warnings: list[Diagnostic]
 
@@ -134,22 +129,22 @@ def _quantization(source: Source, cfg: Config, findings: Findings) -> str:
     """Refuse quantised formats without a dequantisation rule; return ``mxfp4`` / ``none``."""
     qc = cfg.top.get("quantization_config") or cfg.text.get("quantization_config")
     method = str(qc.get("quant_method", "")) if isinstance(qc, dict) else ""
-    keys = source.tensors
+    suspects = [k for k in source.tensors if k.endswith(_QUANT_SUFFIXES)]  # one pass over the keys
     probes: list[tuple[str, str, str]] = [
         (
             "quant.mlx-unsupported",
             "MLX-quantized checkpoint (packed .weight with .scales/.biases): not supported",
-            next((k for k in keys if k.endswith((".scales", ".biases"))), ""),
+            next((k for k in suspects if k.endswith((".scales", ".biases"))), ""),
         ),
         (
             "quant.fp8-unsupported",
             "FP8 checkpoint (weight_scale_inv block scales): not supported (no dequantization rule)",
-            next((k for k in keys if k.endswith(("weight_scale_inv", ".weight_scale", ".input_scale"))), ""),
+            next((k for k in suspects if k.endswith(("weight_scale_inv", ".weight_scale", ".input_scale"))), ""),
         ),
         (
             "quant.gptq-awq-unsupported",
             "GPTQ/AWQ-quantized checkpoint (qweight/qzeros): not supported",
-            next((k for k in keys if k.endswith((".qweight", ".qzeros", ".g_idx"))), ""),
+            next((k for k in suspects if k.endswith((".qweight", ".qzeros", ".g_idx"))), ""),
         ),
     ]
     for code, message, key in probes:
@@ -187,14 +182,13 @@ def _quantization(source: Source, cfg: Config, findings: Findings) -> str:
                 expected="an unquantized checkpoint, or mxfp4 experts",
             )
         )
-    return "mxfp4" if method == "mxfp4" or any(k.endswith("_blocks") for k in keys) else "none"
+    return "mxfp4" if method == "mxfp4" or any(k.endswith("_blocks") for k in suspects) else "none"
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Layers
 # ---------------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class LayerResult:
+class LayerResult(NamedTuple):
     mixer: Mixer | None
     mlp: Mlp | None
     input_norm: str | None
@@ -217,8 +211,17 @@ def classify_layer(
     *,
     sliding: bool,
     problems: list[Problem],
+    fold_cache: dict[frozenset[str], Folded] | None = None,
 ) -> LayerResult:
-    folded, ids = fold_experts(suffixes)
+    """Run the recognisers over one layer. ``fold_cache`` shares expert folding between layers with the same
+    key set (the usual case: a 40-layer model has one or two distinct sets)."""
+    key = frozenset(suffixes)
+    folded_ids = fold_cache.get(key) if fold_cache is not None else None
+    if folded_ids is None:
+        folded_ids = fold_experts(suffixes)
+        if fold_cache is not None:
+            fold_cache[key] = folded_ids
+    folded, ids = folded_ids
     pool = Pool(set(folded))
 
     def shape0(suffix: str) -> tuple[int, ...] | None:
@@ -338,20 +341,32 @@ def infer(source: Source) -> Layout:
 
     # -- towers, and decoder layers by prefix ------------------------------------------------------------
     tower_keys: dict[str, list[str]] = {}
-    lm_keys: list[str] = []
-    by_prefix: dict[str, dict[int, list[str]]] = {}
+    others: list[str] = []  # keys outside any decoder layer
+    by_prefix_s: dict[str, dict[str, list[str]]] = {}  # prefix -> layer (digits) -> suffixes
     for key in source.tensors:
-        if key.startswith(_TOWER_STARTS):
-            m = _TOWER.match(key)
-            if m is not None:
-                tower_keys.setdefault(m.group(1), []).append(key)
-                continue
-        lm_keys.append(key)
-        split = split_layer(key)
-        if split is not None and not split[0].startswith("mtp."):
-            by_prefix.setdefault(split[0], {}).setdefault(split[1], []).append(split[2])
+        m = _LAYER.match(key)
+        if m is None:
+            t = _TOWER.match(key)
+            if t is not None:
+                tower_keys.setdefault(t.group(1), []).append(key)
+            else:
+                others.append(key)
+            continue
+        p, i, rest = m.groups()
+        by_prefix_s.setdefault(p, {}).setdefault(i, []).append(rest)
+    for p in [p for p in by_prefix_s if p.startswith(_TOWER_STARTS)]:  # e.g. audio_tower.layers.<n>.*
+        tower_prefix = _TOWER.match(p)
+        assert tower_prefix is not None
+        tower_layers = by_prefix_s.pop(p)
+        tower_keys.setdefault(tower_prefix.group(1), []).extend(
+            f"{p}layers.{i}.{r}" for i in tower_layers for r in tower_layers[i]
+        )
+    by_prefix = {p: {int(i): v for i, v in layers.items()} for p, layers in by_prefix_s.items()}
     towers = _towers(tower_keys)
-    prefix = max(by_prefix, key=lambda p: (sum(len(v) for v in by_prefix[p].values()), p == "model."), default="model.")
+    candidates = [p for p in by_prefix if not p.startswith("mtp.")]
+    prefix = max(
+        candidates, key=lambda p: (sum(len(v) for v in by_prefix[p].values()), p == "model."), default="model."
+    )
     layer_suffixes = by_prefix.get(prefix, {})
     claimed: set[str] = set()
 
@@ -390,12 +405,18 @@ def infer(source: Source) -> Layout:
         n_main = min(extra)
     main_ids = sorted(i for i in layer_suffixes if n_main is None or i < n_main)
     results: dict[int, LayerResult] = {}
+    fold_cache: dict[frozenset[str], Folded] = {}
     layer_root = prefix + "layers.{layer}."
     for i in main_ids:
         problems: list[Problem] = []
         sliding = bool(layer_types and i < len(layer_types) and layer_types[i] == "sliding_attention")
         results[i] = classify_layer(
-            layer_suffixes[i], _shape_lookup(source, f"{prefix}layers.{i}."), ctx, sliding=sliding, problems=problems
+            layer_suffixes[i],
+            _shape_lookup(source, f"{prefix}layers.{i}."),
+            ctx,
+            sliding=sliding,
+            problems=problems,
+            fold_cache=fold_cache,
         )
         _problems_to_diags(problems, f"{prefix}layers.{i}.", findings)
     groups = make_groups(results, layer_root)
@@ -408,13 +429,11 @@ def infer(source: Source) -> Layout:
     leftover.extend(mtp_leftover)
 
     # -- unclassified -------------------------------------------------------------------------------------
-    main_set = set(main_ids)
-
-    def in_main_layer(key: str) -> bool:
-        split = split_layer(key)
-        return split is not None and split[0] == prefix and split[1] in main_set
-
-    rest = [k for k in lm_keys if k not in claimed and not in_main_layer(k)]  # strays; MTP keys are claimed
+    rest = [k for k in others if k not in claimed]  # strays outside decoder layers; MTP keys are claimed
+    for p, layers in by_prefix.items():  # decoder-layer keys outside the main decoder (MTP claims its own)
+        for i, suffixes in layers.items():
+            if p != prefix or i not in results:
+                rest.extend(k for k in (f"{p}layers.{i}.{s}" for s in suffixes) if k not in claimed)
     unclassified_keys = sorted(set(leftover) | set(rest))
     unclassified = tuple(UnclassifiedGroup(p, c) for p, c in compress_keys(unclassified_keys))
 

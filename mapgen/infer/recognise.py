@@ -9,8 +9,7 @@ cannot (attention output gate, packed-expert orientation and count); the config 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, NamedTuple
 
 from mapgen.infer.ir import MLA, Attention, DenseMLP, Experts, GatedDeltaNet, Mixer, Mlp, MoE, SharedExpert
 
@@ -33,7 +32,22 @@ PACKED_DEFAULTS: dict[str, tuple[Orientation, bool]] = {
 EXPERT_SLOT = "{expert}"
 
 
-def fold_experts(suffixes: Iterable[str]) -> tuple[dict[str, list[str]], dict[str, dict[str, set[int]]]]:
+def _fold_one(s: str) -> tuple[str, str, int] | None:
+    """``mlp.experts.7.w1.weight`` -> (``mlp.experts.``, ``mlp.experts.{expert}.w1.weight``, 7)."""
+    i = s.find("experts.")
+    j = s.find(".", i + 8) if i >= 0 else -1
+    num = s[i + 8 : j] if j > 0 else ""
+    if not num.isdigit() or not num.isascii() or (num[0] == "0" and num != "0"):
+        return None
+    head = s[: i + 8]
+    return head, f"{head}{EXPERT_SLOT}{s[j:]}", int(num)
+
+
+Folded = tuple[dict[str, list[str]], dict[str, dict[str, set[int]]]]
+"""(folded suffix -> original suffixes, experts prefix -> {folded suffix -> expert ids})"""
+
+
+def fold_experts(suffixes: Iterable[str]) -> Folded:
     """Fold ``...experts.<e>.rest`` into ``...experts.{expert}.rest``.
 
     Returns (folded suffix -> original suffixes, experts prefix -> {folded suffix -> expert ids}).
@@ -41,21 +55,17 @@ def fold_experts(suffixes: Iterable[str]) -> tuple[dict[str, list[str]], dict[st
     folded: dict[str, list[str]] = {}
     ids: dict[str, dict[str, set[int]]] = {}
     for s in suffixes:
-        i = s.find("experts.")
-        j = s.find(".", i + 8) if i >= 0 else -1
-        num = s[i + 8 : j] if j > 0 else ""
-        if not num.isdigit() or not num.isascii() or (num[0] == "0" and num != "0"):
+        hit = _fold_one(s)
+        if hit is None:
             folded.setdefault(s, []).append(s)
             continue
-        head = s[: i + 8]
-        t = f"{head}{EXPERT_SLOT}{s[j:]}"
+        head, t, num = hit
         folded.setdefault(t, []).append(s)
-        ids.setdefault(head, {}).setdefault(t, set()).add(int(num))
+        ids.setdefault(head, {}).setdefault(t, set()).add(num)
     return folded, ids
 
 
-@dataclass(frozen=True)
-class Context:
+class Context(NamedTuple):
     """What recognisers may consult besides the keys: the config's tie-breakers."""
 
     model_types: tuple[str, ...] = ()
@@ -63,12 +73,14 @@ class Context:
     output_gate: bool = False
 
 
-@dataclass
 class Pool:
     """The folded suffixes of one layer not yet claimed by a recogniser."""
 
-    avail: set[str]
-    used: set[str] = field(default_factory=set)
+    __slots__ = ("avail", "used")
+
+    def __init__(self, avail: set[str]) -> None:
+        self.avail = avail
+        self.used: set[str] = set()
 
     def has(self, *names: str) -> bool:
         return all(n in self.avail for n in names)
@@ -86,8 +98,7 @@ class Pool:
         return got
 
 
-@dataclass(frozen=True)
-class Problem:
+class Problem(NamedTuple):
     """A finding inside a layer (the caller adds the file and the full key)."""
 
     severity: Literal["error", "warning"]

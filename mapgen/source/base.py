@@ -6,7 +6,6 @@ and assembling a :class:`Source` from a config, a weight map and (optionally) sh
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from collections.abc import Mapping
@@ -68,6 +67,8 @@ class Source:
 
 def canonical_sha256(obj: Any) -> str:
     """sha256 of ``json.dumps(obj, sort_keys=True)`` encoded as UTF-8."""
+    import hashlib  # lazily: scanning does not need it
+
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode("utf-8")).hexdigest()
 
 

@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import json
 import struct
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from mapgen.errors import Diagnostic, MapgenError
 
@@ -20,8 +19,7 @@ MAX_HEADER_BYTES = 100 * 1024 * 1024
 """Refuse headers above this size (real ones are a few MB even for 20k-tensor shards)."""
 
 
-@dataclass(frozen=True)
-class HeaderEntry:
+class HeaderEntry(NamedTuple):
     dtype: str
     shape: tuple[int, ...]
 
