@@ -147,6 +147,40 @@ def check_shard_name(name: str, *, display: str) -> Diagnostic | None:
     return None
 
 
+def _tensor_infos(
+    weight_map: Mapping[str, str],
+    shards: tuple[str, ...],
+    header_by_shard: Mapping[str, Mapping[str, HeaderEntry]],
+    index_display: str,
+    errors: list[Diagnostic],
+) -> dict[str, TensorInfo]:
+    """Key -> TensorInfo; shards without a header share one record (scanning 20k keys stays cheap)."""
+    bare = {shard: TensorInfo(shard) for shard in shards if shard not in header_by_shard}
+    if not header_by_shard:
+        return {key: bare[shard] for key, shard in weight_map.items()}
+    tensors: dict[str, TensorInfo] = {}
+    for key, shard in weight_map.items():
+        header = header_by_shard.get(shard)
+        if header is None:
+            tensors[key] = bare[shard]
+            continue
+        entry = header.get(key)
+        if entry is None:
+            errors.append(
+                Diagnostic(
+                    "error",
+                    "index.key-not-in-shard",
+                    f"the index places {key!r} in {shard!r} but that shard's header has no such tensor",
+                    file=index_display,
+                    key=key,
+                    expected=f"a tensor named {key!r} in {shard}",
+                )
+            )
+            continue
+        tensors[key] = TensorInfo(shard, entry.dtype, entry.shape)
+    return tensors
+
+
 def build_source(
     *,
     origin: str,
@@ -228,28 +262,7 @@ def build_source(
                 if errors:
                     raise MapgenError(errors)
 
-    tensors: dict[str, TensorInfo] = {}
-    bare = {shard: TensorInfo(shard) for shard in shards if shard not in header_by_shard}
-    for key, shard in weight_map.items():
-        info = bare.get(shard)
-        if info is not None:  # no header for this shard: one shared record
-            tensors[key] = info
-            continue
-        header = header_by_shard[shard]
-        entry = header.get(key)
-        if entry is None:
-            errors.append(
-                Diagnostic(
-                    "error",
-                    "index.key-not-in-shard",
-                    f"the index places {key!r} in {shard!r} but that shard's header has no such tensor",
-                    file=index_display,
-                    key=key,
-                    expected=f"a tensor named {key!r} in {shard}",
-                )
-            )
-            continue
-        tensors[key] = TensorInfo(shard, entry.dtype, entry.shape)
+    tensors = _tensor_infos(weight_map, shards, header_by_shard, index_display, errors)
     for shard, header in sorted(header_by_shard.items()):
         extra = sorted(set(header) - set(weight_map))
         if extra:
