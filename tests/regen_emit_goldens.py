@@ -34,6 +34,7 @@ CORPUS = (
     "mimo-7b",
     "mixtral-8x7b-instruct-v0.1",
     "qwen3-1.7b-mlx-bf16",
+    "qwen3-vl-30b-a3b",
     "qwen3.5-25b-reap-a3b-coding",
     "sakura-14b-qwen2.5",
 )

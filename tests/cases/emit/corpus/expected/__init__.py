@@ -5,6 +5,7 @@
 #   inputs/mimo-7b.json  215656c4a60d52474bbdf3b6ce3d23794845e117dd13f8832d7797f16292f19a
 #   inputs/mixtral-8x7b-instruct-v0.1.json  60280152acb0933d96dbe5697eafc0084bb51977fc180f9f8315e4296f69d9d6
 #   inputs/qwen3-1.7b-mlx-bf16.json  7e3249bde9d6dbc8ca63baee74b8b1d40b37aa0183afd6dc26a436105d80f06d
+#   inputs/qwen3-vl-30b-a3b.json  fa617fc9671ec9035568178bf036042d69c03181d2d4ea6ab73cf871c8972bef
 #   inputs/qwen3.5-25b-reap-a3b-coding.json  e5d538a4955546703492aebf1b66c592d9c18a4e14d958cfef61cfe43c67a5d1
 #   inputs/sakura-14b-qwen2.5.json  c923de0d589bae0b8572447555edc3c8376ae230e46363dc77736b139d628bb9
 # regenerate: mapgen emit --from-inputs
@@ -35,6 +36,8 @@ BRIDGES: dict[str, str] = {
     'e20bd529c01d': 'qwen3_5_moe_text_e20bd529c01d',
     # qwen3: qwen3-1.7b-mlx-bf16
     'ecbe801d9610': 'qwen3_ecbe801d9610',
+    # qwen3_vl_moe: qwen3-vl-30b-a3b
+    '13e860baac5f': 'qwen3_vl_moe_13e860baac5f',
 }
 
 
