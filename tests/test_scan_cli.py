@@ -106,3 +106,11 @@ def test_hub_id_offline_end_to_end(tmp_path: Path) -> None:
     assert missing.returncode == 1
     assert "hub.not-cached" in missing.stderr
     assert "Traceback" not in missing.stderr
+
+
+def test_json_bytes_do_not_depend_on_hash_seed() -> None:
+    outs = {
+        seed: run_cli(str(CORPUS / "gpt-oss-20b"), "--json", "-", env={"PYTHONHASHSEED": seed}).stdout
+        for seed in ("1", "2")
+    }
+    assert outs["1"] == outs["2"] == (GOLDEN / "gpt-oss-20b" / "expected_layout.json").read_text()
