@@ -8,6 +8,8 @@
 #   inputs/qwen3-vl-30b-a3b.json  fa617fc9671ec9035568178bf036042d69c03181d2d4ea6ab73cf871c8972bef
 #   inputs/qwen3.5-25b-reap-a3b-coding.json  e5d538a4955546703492aebf1b66c592d9c18a4e14d958cfef61cfe43c67a5d1
 #   inputs/sakura-14b-qwen2.5.json  c923de0d589bae0b8572447555edc3c8376ae230e46363dc77736b139d628bb9
+#   inputs/tiny-qwen3.json  2a84baed1bb409811efa17aca87ce0b2cf82426f055be50428f98fd752dc0fd8
+#   inputs/tiny-qwen3-moe.json  35646b34318ceb41e590320b811429f1b2c67a69bbe8c706bf8a12dfe79f2d1c
 # regenerate: mapgen emit --from-inputs
 """Generated bridges, one module per layout fingerprint.
 
@@ -34,8 +36,12 @@ BRIDGES: dict[str, str] = {
     '052a0bdd0986': 'qwen2_052a0bdd0986',
     # qwen3_5_moe_text: qwen3.5-25b-reap-a3b-coding
     'e20bd529c01d': 'qwen3_5_moe_text_e20bd529c01d',
+    # qwen3: tiny-qwen3
+    '71236238b5f4': 'qwen3_71236238b5f4',
     # qwen3: qwen3-1.7b-mlx-bf16
     'ecbe801d9610': 'qwen3_ecbe801d9610',
+    # qwen3_moe: tiny-qwen3-moe
+    '29544011d0c7': 'qwen3_moe_29544011d0c7',
     # qwen3_vl_moe: qwen3-vl-30b-a3b
     '13e860baac5f': 'qwen3_vl_moe_13e860baac5f',
 }
