@@ -487,6 +487,13 @@ def synthesize(
     o = options or SynthOptions()
     tensors = tensors or {}
     _check_supported(layout)
+    for what, total, part in (
+        ("--heads", o.heads, o.kv_heads),
+        ("linear value heads", o.linear_value_heads, o.linear_key_heads),
+        ("--experts", o.experts, 1),
+    ):
+        if part < 1 or total < 1 or total % part:
+            raise _fail("synth.bad-option", f"{what} = {total} is not a positive multiple of {part}")
     shrunk, source_of, mtp_depth = _shrunk_layout(layout, o)
     config = _shrink_config(layout.config, o, source_of, layout.language_model.num_layers, mtp_depth)
     shrunk = _finish_layout(shrunk, config, o)
