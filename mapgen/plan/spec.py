@@ -51,6 +51,10 @@ class ModelSpec:
     moe_shared_expert_gate: bool = False
     moe_router_enable_expert_bias: bool = False
     moe_router_bias: bool = False
+    # None: "sigmoid" with moe_router_enable_expert_bias (megatron-core requires it), else "softmax"
+    moe_router_score_function: Literal["softmax", "sigmoid"] | None = None
+    moe_router_pre_softmax: bool = False  # softmax over all experts before top-k (HF norm_topk_prob=False)
+    moe_router_topk_scaling_factor: float | None = None  # routed_scaling_factor
     # -- gated delta net ---------------------------------------------------------------------------------
     linear_num_key_heads: int | None = None
     linear_num_value_heads: int | None = None

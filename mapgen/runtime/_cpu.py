@@ -7,6 +7,8 @@ for unconditionally:
   megatron-core allocates "on the current GPU" during a meta build stay on meta) and ``"cpu"`` otherwise
   (RoPE's ``inv_freq``, the MoE router's ``expert_bias`` buffer, the dist-checkpoint writer's status tensor).
 - ``torch.cuda.synchronize`` is a no-op (the dist-checkpoint writer calls it after staging tensors).
+- ``Tensor.cuda()`` returns the tensor itself (under PP with tied embeddings or MTP, GPTModel moves the last
+  stage's embedding copy to CUDA before all-reducing it from the first stage).
 - ``CudaRNGStatesTracker.fork`` returns ``contextlib.nullcontext()`` (``DotProductAttention`` and
   ``GatedDeltaNet.reset_parameters`` fork the CUDA RNG tracker; without CUDA there is no state to fork).
 - ``moe_utils.te_general_gemm`` is set to ``None`` when Transformer Engine is absent (the router refers
@@ -26,10 +28,12 @@ from typing import Any
 
 import torch
 
-_LOCK = threading.RLock()
-_DEPTH = 0
-_INSTALLED = False
-_SAVED: list[tuple[Any, str, Any, bool]] = []
+
+class _State:
+    lock = threading.RLock()
+    depth = 0  # active cpu_shims() blocks, plus one once installed for good
+    installed = False
+    saved: list[tuple[Any, str, Any, bool]] = []  # noqa: RUF012 -- one process-wide stack
 
 
 def _current_device() -> str:
@@ -44,6 +48,10 @@ def _fork(self: Any, name: str = "") -> contextlib.AbstractContextManager[None]:
     return contextlib.nullcontext()
 
 
+def _tensor_cuda(self: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    return self
+
+
 def _patches() -> list[tuple[Any, str, Any]]:
     from megatron.core.tensor_parallel import random as mcore_random
     from megatron.core.transformer.moe import moe_utils
@@ -53,6 +61,7 @@ def _patches() -> list[tuple[Any, str, Any]]:
     patches: list[tuple[Any, str, Any]] = [
         (torch.cuda, "current_device", _current_device),
         (torch.cuda, "synchronize", _synchronize),
+        (torch.Tensor, "cuda", _tensor_cuda),
         (mcore_random.CudaRNGStatesTracker, "fork", _fork),
         (torch._dynamo.config, "disable", True),
     ]
@@ -64,13 +73,13 @@ def _patches() -> list[tuple[Any, str, Any]]:
 
 def _apply() -> None:
     for obj, attr, value in _patches():
-        _SAVED.append((obj, attr, getattr(obj, attr, None), hasattr(obj, attr)))
+        _State.saved.append((obj, attr, getattr(obj, attr, None), hasattr(obj, attr)))
         setattr(obj, attr, value)
 
 
 def _restore() -> None:
-    while _SAVED:
-        obj, attr, old, existed = _SAVED.pop()
+    while _State.saved:
+        obj, attr, old, existed = _State.saved.pop()
         if existed:
             setattr(obj, attr, old)
         else:
@@ -84,33 +93,31 @@ def shims_needed() -> bool:
 
 def install_cpu_shims() -> None:
     """Apply the shims for the rest of the process (idempotent; a no-op when CUDA is available)."""
-    global _DEPTH, _INSTALLED
-    with _LOCK:
-        if _INSTALLED or not shims_needed():
+    with _State.lock:
+        if _State.installed or not shims_needed():
             return
-        if _DEPTH == 0:
+        if _State.depth == 0:
             _apply()
-        _DEPTH += 1
-        _INSTALLED = True
+        _State.depth += 1
+        _State.installed = True
 
 
 @contextlib.contextmanager
 def cpu_shims() -> Iterator[None]:
     """Apply the shims inside the block and restore the originals after (nests; no-op with CUDA)."""
-    global _DEPTH
     if not shims_needed():
         yield
         return
-    with _LOCK:
-        if _DEPTH == 0:
+    with _State.lock:
+        if _State.depth == 0:
             _apply()
-        _DEPTH += 1
+        _State.depth += 1
     try:
         yield
     finally:
-        with _LOCK:
-            _DEPTH -= 1
-            if _DEPTH == 0:
+        with _State.lock:
+            _State.depth -= 1
+            if _State.depth == 0:
                 _restore()
 
 

@@ -27,7 +27,9 @@ _MTP_CHILD = re.compile(r"^mtp\.layers\.\d+\.([A-Za-z_][A-Za-z0-9_]*)\.")
 
 _L_INPUT_LN = re.compile(r"^(?P<p>(?:.*\.)?)input_layernorm\.(?P<w>weight|bias)$")
 _L_PRE_MLP_LN = re.compile(r"^(?P<p>(?:.*\.)?)pre_mlp_layernorm\.(?P<w>weight|bias)$")
-_L_EXPERT = re.compile(r"^(?P<p>.*\.mlp\.experts\.)local_experts\.(?P<e>\d+)\.(?P<fc>linear_fc[12])\.(?P<w>weight|bias)$")
+_L_EXPERT = re.compile(
+    r"^(?P<p>.*\.mlp\.experts\.)local_experts\.(?P<e>\d+)\.(?P<fc>linear_fc[12])\.(?P<w>weight|bias)$"
+)
 
 _T_INPUT_LN = re.compile(r"^(?P<p>(?:.*\.)?)self_attention\.linear_qkv\.layer_norm_(?P<w>weight|bias)$")
 _T_PRE_MLP_LN = re.compile(r"^(?P<p>(?:.*\.)?)mlp\.linear_fc1\.layer_norm_(?P<w>weight|bias)$")

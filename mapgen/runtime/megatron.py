@@ -67,6 +67,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import os
 import socket
 from collections.abc import Iterable, Iterator
@@ -188,7 +189,11 @@ class ParallelSizes:
     world_size: int = 1
 
 
-_OWNS_PROCESS_GROUP = False
+class _PG:
+    """Whether this module created the default process group, and the env variables it set for it."""
+
+    owned = False
+    set_env: list[str] = []  # noqa: RUF012 -- process-wide
 
 
 def _free_port() -> int:
@@ -198,7 +203,6 @@ def _free_port() -> int:
 
 
 def _ensure_process_group(backend: str | None) -> None:
-    global _OWNS_PROCESS_GROUP
     import torch.distributed as dist
 
     if dist.is_initialized():
@@ -210,9 +214,21 @@ def _ensure_process_group(backend: str | None) -> None:
         dist.init_process_group(backend)
     else:
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        if "MASTER_PORT" not in os.environ:
+            os.environ["MASTER_PORT"] = str(_free_port())
+            _PG.set_env.append("MASTER_PORT")
         dist.init_process_group(backend, rank=0, world_size=1)
-    _OWNS_PROCESS_GROUP = True
+    _PG.owned = True
+
+
+def _drop_process_group() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    while _PG.set_env:  # a later group gets a fresh port
+        os.environ.pop(_PG.set_env.pop(), None)
+    _PG.owned = False
 
 
 def parallel_sizes() -> ParallelSizes:
@@ -250,10 +266,10 @@ def init_parallel(
     and ``torch.manual_seed(seed)`` seeds CPU initialisation identically on every rank.
     """
     etp = tp if etp is None else etp
+    import torch.distributed as dist
+
     if spec is not None:
         world = None
-        import torch.distributed as dist
-
         if dist.is_initialized():
             world = dist.get_world_size()
         elif "WORLD_SIZE" in os.environ:
@@ -262,7 +278,6 @@ def init_parallel(
         if errors:
             raise ValueError("cannot build this model with this layout:\n  " + "\n  ".join(errors))
     _ensure_process_group(backend)
-    import torch.distributed as dist
     from megatron.core import parallel_state as ps
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
@@ -287,16 +302,17 @@ def init_parallel(
 
 
 def destroy_parallel() -> None:
-    """Tear down megatron's parallel state, and the process group if :func:`init_parallel` created it."""
-    global _OWNS_PROCESS_GROUP
-    import torch.distributed as dist
+    """Tear down megatron's parallel state, and the process group if :func:`init_parallel` created it.
+
+    To change layouts within one process group, call :func:`init_parallel` again instead: re-creating the
+    default group on the same MASTER_PORT in several processes is racy.
+    """
     from megatron.core import parallel_state as ps
 
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
-    if _OWNS_PROCESS_GROUP and dist.is_initialized():
-        dist.destroy_process_group()
-    _OWNS_PROCESS_GROUP = False
+    if _PG.owned:
+        _drop_process_group()
 
 
 @contextlib.contextmanager
@@ -327,8 +343,6 @@ def _single_rank_state() -> Iterator[None]:
         yield
         return
     created_pg = not dist.is_initialized()
-    global _OWNS_PROCESS_GROUP
-    owned_before = _OWNS_PROCESS_GROUP
     _ensure_process_group("gloo")
     try:
         ps.initialize_model_parallel()
@@ -336,8 +350,7 @@ def _single_rank_state() -> Iterator[None]:
     finally:
         ps.destroy_model_parallel()
         if created_pg:
-            dist.destroy_process_group()
-            _OWNS_PROCESS_GROUP = owned_before
+            _drop_process_group()
 
 
 # -- config and layer specs ------------------------------------------------------------------------------
@@ -383,7 +396,8 @@ def transformer_config(
             moe_router_load_balancing_type="none",
             moe_aux_loss_coeff=0.0,
             moe_grouped_gemm=False,
-            moe_token_dispatcher_type="alltoall" if s.ep > 1 else "allgather",
+            # the all-to-all dispatcher allocates a CUDA stream in __init__; all-gather works on gloo
+            moe_token_dispatcher_type="alltoall" if s.ep > 1 and torch.cuda.is_available() else "allgather",
             moe_layer_freq=[1 if m == "moe" else 0 for m in spec.mlps],
         )
         if spec.moe_router_bias:
@@ -530,6 +544,22 @@ def _mtp_spec(spec: ModelSpec, config: TransformerConfig, vp_stage: int | None) 
     return None if block is None else _swap_norms(block, _norm_class(config))
 
 
+@contextlib.contextmanager
+def _no_embedding_sync(active: bool) -> Iterator[None]:
+    """Skip the first->last stage all-reduce of the embedding copy (meta tensors hold no values)."""
+    from megatron.core.models.common.language_module.language_module import LanguageModule
+
+    if not active:
+        yield
+        return
+    orig = LanguageModule._is_in_embd_group
+    LanguageModule._is_in_embd_group = lambda self: False
+    try:
+        yield
+    finally:
+        LanguageModule._is_in_embd_group = orig
+
+
 def build_model(
     spec: ModelSpec,
     *,
@@ -568,7 +598,7 @@ def build_model(
     if post_process is None:
         post_process = ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
     dev_ctx = torch.device("meta") if device == "meta" else contextlib.nullcontext()
-    with cpu_shims(), fla_fallback(), dev_ctx:
+    with cpu_shims(), fla_fallback(), dev_ctx, _no_embedding_sync(device == "meta"):
         model = GPTModel(
             config=config,
             transformer_layer_spec=_block_spec(spec, config, vp_stage),
@@ -618,34 +648,32 @@ _MTP_PROBE = ModelSpec(
     num_layers=1, hidden_size=8, num_attention_heads=2, num_query_groups=1, kv_channels=4,
     ffn_hidden_size=16, vocab_size=32, mtp_num_layers=1,
 )
-_MTP_INNER: str | None = None
 
 
+@functools.lru_cache(maxsize=1)
 def mtp_inner_name() -> str:
-    """Attribute name of the MTP inner layer in the installed megatron-core, found by building a tiny meta
-    model with MTP (``transformer_layer`` in 0.16.1, ``mtp_model_layer`` in later releases). Cached."""
-    global _MTP_INNER
-    if _MTP_INNER is None:
-        from megatron.core import parallel_state as ps
+    """Attribute name of the MTP inner layer in the installed megatron-core (``transformer_layer`` in 0.16.1,
+    ``mtp_model_layer`` in later releases), found by building a tiny meta model with MTP and reading its
+    parameter names (:func:`detect_mtp_inner_name`). Under a parallel state other than TP=EP=PP=1 it reads the
+    fields of ``MultiTokenPredictionLayerSubmodules`` instead. Cached.
+    """
+    s = parallel_sizes()
+    if (s.tp, s.ep, s.etp, s.pp) == (1, 1, 1, 1):
+        found = detect_mtp_inner_name(enumerate_parameters(_MTP_PROBE))
+    else:
+        from megatron.core.transformer.multi_token_prediction import MultiTokenPredictionLayerSubmodules
 
-        if ps.model_parallel_is_initialized() and parallel_sizes() != ParallelSizes(world_size=parallel_sizes().world_size):
-            from megatron.core.transformer.multi_token_prediction import MultiTokenPredictionLayerSubmodules
-
-            names = {f.name for f in fields(MultiTokenPredictionLayerSubmodules)}
-            found = next((n for n in MTP_INNER_NAMES if n in names), None)
-        else:
-            found = detect_mtp_inner_name(enumerate_parameters(_MTP_PROBE))
-        if found is None:
-            raise RuntimeError("could not find the MTP inner layer attribute of this megatron-core")
-        _MTP_INNER = found
-    return _MTP_INNER
+        names = {f.name for f in fields(MultiTokenPredictionLayerSubmodules)}
+        found = next((n for n in MTP_INNER_NAMES if n in names), None)
+    if found is None:
+        raise RuntimeError("could not find the MTP inner layer attribute of this megatron-core")
+    return found
 
 
 def _module_global_paths(model: torch.nn.Module) -> dict[str, str]:
     """Local module path -> global module path (PP layer offsets, EP expert ids, from megatron itself)."""
     from megatron.core.transformer.moe.moe_layer import MoELayer
     from megatron.core.transformer.multi_token_prediction import MultiTokenPredictionLayer
-    from megatron.core.transformer.transformer_block import TransformerBlock
     from megatron.core.transformer.transformer_layer import TransformerLayer
 
     out: dict[str, str] = {}
@@ -653,24 +681,17 @@ def _module_global_paths(model: torch.nn.Module) -> dict[str, str]:
     def visit(mod: torch.nn.Module, local: str, glob: str, experts: list[int] | None) -> None:
         out[local] = glob
         if isinstance(mod, MoELayer):
-            experts = list(mod.local_expert_indices)
-        for name, child in mod._modules.items():
-            if child is None:
-                continue
+            experts = [int(e) for e in mod.local_expert_indices]
+        for name, child in mod.named_children():
             gname = name
-            if isinstance(child, (TransformerLayer, MultiTokenPredictionLayer)) and (
-                isinstance(mod, torch.nn.ModuleList) and _parent_kind(local) in ("block", "mtp")
+            if local.endswith(("decoder.layers", "mtp.layers")) and isinstance(
+                child, (TransformerLayer, MultiTokenPredictionLayer)
             ):
-                gname = str(child.layer_number - 1)
-            elif isinstance(mod, torch.nn.ModuleList) and local.endswith("experts.local_experts") and experts:
+                gname = str(child.layer_number - 1)  # 1-based global number, PP offset included
+            elif local.endswith("experts.local_experts") and experts is not None:
                 gname = str(experts[int(name)])
-            visit(child, f"{local}.{name}" if local else name,
-                  f"{glob}.{gname}" if glob else gname, experts)
+            visit(child, f"{local}.{name}" if local else name, f"{glob}.{gname}" if glob else gname, experts)
 
-    def _parent_kind(local: str) -> str:
-        return "block" if local.endswith("decoder.layers") else "mtp" if local.endswith("mtp.layers") else ""
-
-    del TransformerBlock
     visit(model, "", "", None)
     return out
 
