@@ -170,6 +170,21 @@ def test_enumerate_restores_state():
         assert ps.model_parallel_is_initialized()
 
 
+def test_cpu_shims_nest_and_restore():
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+    orig = torch.cuda.current_device
+    with M.cpu_shims():
+        assert torch.cuda.current_device() == "cpu"
+        with M.cpu_shims(), torch.device("meta"):
+            assert torch.cuda.current_device() == "meta"
+        assert torch.cuda.current_device() == "cpu"
+        torch.cuda.synchronize()
+        with get_cuda_rng_tracker().fork():
+            pass
+    assert torch.cuda.current_device is orig
+
+
 def test_mtp_inner_name_probe():
     assert M.mtp_inner_name() == "transformer_layer"
 
@@ -365,3 +380,20 @@ def test_two_processes_tp2_ep2_pp2_forward_and_dist_checkpoint(tmp_path):
         assert torch.equal(shard["decoder.layers.0.self_attention.A_log"],
                            full["decoder.layers.0.self_attention.A_log"].chunk(2)[r])
         assert torch.equal(shard["mtp.layers.0.eh_proj.weight"], full["mtp.layers.0.eh_proj.weight"].chunk(2)[r])
+        # gated fc1 under TP: rank r holds [gate_r; up_r]; qkv (grouped per query group) and vocab: row chunks
+        fc1 = "decoder.layers.1.mlp.shared_experts.linear_fc1.weight"
+        gate, up = full[fc1].chunk(2)
+        assert torch.equal(shard[fc1], torch.cat([gate.chunk(2)[r], up.chunk(2)[r]]))
+        for name, dim in (("decoder.layers.3.self_attention.linear_qkv.weight", 0),
+                          ("decoder.layers.3.self_attention.linear_proj.weight", 1),
+                          ("decoder.layers.0.self_attention.out_proj.weight", 1),
+                          ("output_layer.weight", 0), ("embedding.word_embeddings.weight", 0)):
+            assert torch.equal(shard[name], full[name].chunk(2, dim=dim)[r]), name
+        for name in ("decoder.layers.0.self_attention.in_proj.layer_norm_weight",
+                     "decoder.layers.0.self_attention.out_norm.weight", "decoder.layers.0.mlp.router.weight",
+                     "decoder.layers.0.mlp.shared_experts.gate_weight"):
+            assert torch.equal(shard[name], full[name]), name  # replicated
+        # EP=2, ETP=1: rank r holds experts 2r, 2r+1 whole, under local indices 0, 1
+        for j in range(2):
+            e = "decoder.layers.2.mlp.experts.local_experts.{}.linear_fc2.weight"
+            assert torch.equal(shard[e.format(j)], full[e.format(2 * r + j)])

@@ -53,6 +53,19 @@ buffer whatever ``params_dtype`` (present with
 experts by ETP; expert ``linear_fc1`` stacks ``[gate; up]`` (each split by ETP: rank r holds
 ``cat(gate_r, up_r)``), as the dense MLP does under TP.
 
+Other TP layouts (checked shard-by-shard against a resharded TP=1 copy in the two-process test):
+``linear_qkv`` (grouped per query group, gate included), ``embedding``/``output_layer`` (vocab rows) and
+``eh_proj`` are contiguous row chunks; ``linear_proj``/``out_proj``/``linear_fc2`` contiguous column chunks; a gated
+``linear_fc1`` (dense MLP, shared experts; routed experts under ETP by the same MLP code) holds
+``cat([gate_r, up_r])`` on rank r, not a row chunk of ``cat([gate, up])``. Norms (including the fused
+``layer_norm_weight``), the router and the shared-expert gate are replicated. Under EP, rank r's
+``local_experts.<j>`` is global expert ``local_expert_indices[j]`` (= ``r * E/ep + j``).
+
+PP: decoder layer ``<i>`` on a stage is global ``layer_number - 1``; MTP layers are built on the last stage, and
+that stage also builds a copy of ``embedding.word_embeddings.weight`` (MTP re-embeds tokens) and, with tied
+embeddings, ``output_layer.weight`` -- both copies of the first stage's embedding (megatron all-reduces them
+at build time).
+
 Vocabulary: ``VocabParallelEmbedding``/the output layer need ``vocab % tp == 0``; :func:`build_model` pads the
 vocabulary to ``padded_vocab_size(vocab, tp, pad_vocab_to)``; :func:`logits` trims the padding off again.
 
