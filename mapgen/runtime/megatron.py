@@ -21,7 +21,7 @@ GatedDeltaNet (``megatron/core/ssm/gated_delta_net.py``), per TP rank (``tp`` = 
 - ``self_attention.conv1d.weight`` ``[(2*Hk*Dk + Hv*Dv) / tp, 1, kernel]``, channels ``q, k, v`` in the same
   per-rank-contiguous way (``conv1d.weight.{query,key,value}`` in dist checkpoints); no conv bias.
 - ``self_attention.A_log`` and ``self_attention.dt_bias`` ``[Hv / tp]`` ARE split across TP (contiguous by value
-  head, fp32 only if params are fp32: both use ``params_dtype``).
+  head; dtype ``params_dtype``).
 - ``self_attention.out_norm.weight`` ``[Dv]`` is built with the layer-norm class of the spec; in a TE build it is
   ``TENorm`` and therefore zero-centred exactly when ``config.layernorm_zero_centered_gamma`` is set (the same
   flag as every other norm). Qwen3-Next's HF gated RMSNorm weight is NOT zero-centred (``weight * x``, init
@@ -37,7 +37,8 @@ Gated attention (``attention_output_gate``): ``linear_qkv.weight`` rows are grou
 ``[q (heads_per_group*D), gate (heads_per_group*D), k (D), v (D)]``; without the gate ``[q, k, v]``.
 
 MTP: ``mtp.layers.<d>.eh_proj.weight`` ``[hidden / tp, 2*hidden]`` is a ColumnParallelLinear (split on dim 0,
-input is ``cat([enorm(embedding), hnorm(hidden)])``), no bias. ``enorm``, ``hnorm``, ``final_layernorm`` are
+input is ``cat([enorm(embedding), hnorm(hidden)])`` in that order, output gathered over TP), no bias.
+``enorm``, ``hnorm``, ``final_layernorm`` are
 plain norms. The inner layer is ``mtp.layers.<d>.transformer_layer.*`` in 0.16.1 (see :func:`mtp_inner_name`).
 MTP layers are built on the last PP stage only.
 
