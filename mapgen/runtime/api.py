@@ -164,6 +164,8 @@ def _spawn_entry(rank: int, world: int, port: int, fn: Callable[..., Any], args:
                  results: Any) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
+    # Local workers talk over loopback only: the host name may resolve to an interface the peers do not share.
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     try:
         out = fn(*args)
         results.put((rank, "ok", out))

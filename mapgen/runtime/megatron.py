@@ -357,14 +357,17 @@ def _single_rank_state() -> Iterator[None]:
         yield
         return
     created_pg = not dist.is_initialized()
-    _ensure_process_group("gloo")
+    if created_pg:
+        # A private, in-process 1-rank group: never the launcher's world (RANK/WORLD_SIZE may be set by
+        # torchrun for the real job) and no TCP port that could collide with its store.
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
         ps.initialize_model_parallel()
         yield
     finally:
         ps.destroy_model_parallel()
         if created_pg:
-            _drop_process_group()
+            dist.destroy_process_group()
 
 
 # -- config and layer specs ------------------------------------------------------------------------------
