@@ -221,9 +221,13 @@ class parallel_context:
         return Coords.current()
 
     def __exit__(self, *exc: object) -> None:
-        from mapgen.runtime.megatron import destroy_parallel
+        # Only megatron's model-parallel state is torn down: the process group stays for the next layout
+        # (re-creating a default group on the same port in several processes is racy) and ends with the
+        # process.
+        from megatron.core import parallel_state as ps
 
-        destroy_parallel()
+        if ps.model_parallel_is_initialized():
+            ps.destroy_model_parallel()
 
 
 def log(message: str) -> None:

@@ -565,6 +565,9 @@ _COPY: dict[str, tuple[Option, ...]] = {
     "transform": ("none", "zero_centered"),
     "dtype": ("native", "fp32"),
     "divisible_by": (128,),  # any positive int; the first entry is the default
+    # Engine-level: one HF tensor feeds this parameter at every MTP depth; the exporter emits it once and
+    # checks the depths agree. The primitive itself ignores it.
+    "shared": (False, True),
     **_EXPERT_SOURCE,
 }
 # option -> allowed values; the first is the default. ``fused`` defaults to "packed" and is checked apart.
@@ -582,7 +585,7 @@ _OPTIONS: dict[str, dict[str, tuple[Option, ...]]] = {
     "expert_fc2": {"part": ("weight",), **_EXPERT_SOURCE},
     "gdn_in_proj": {"variant": ("qkv_z_b_a", "qkvz_ba")},
     "gdn_conv1d": {"part": ("weight", "bias")},
-    "mtp_eh_proj": {"order": ("embedding_hidden", "hidden_embedding")},
+    "mtp_eh_proj": {"order": ("embedding_hidden", "hidden_embedding"), "shared": (False, True)},
 }
 
 _COPY_SHARDINGS = frozenset({"replicated", "column", "row", "vocab", "expert_column", "expert_row"})
