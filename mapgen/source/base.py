@@ -84,8 +84,20 @@ def read_json(path: Path, *, display: str, what: str, hint: str = "") -> Any:
         raise MapgenError(
             Diagnostic("error", "source.unreadable", f"cannot read {what}: {exc}", file=display)
         ) from None
+    duplicates: list[str] = []
+
+    def unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        obj = dict(pairs)
+        if len(obj) != len(pairs):  # rare: only then look for which keys repeat
+            seen: set[str] = set()
+            for k, _ in pairs:
+                if k in seen:
+                    duplicates.append(k)
+                seen.add(k)
+        return obj
+
     try:
-        return json.loads(text)
+        doc = json.loads(text, object_pairs_hook=unique)
     except json.JSONDecodeError as exc:
         raise MapgenError(
             Diagnostic(
@@ -96,6 +108,18 @@ def read_json(path: Path, *, display: str, what: str, hint: str = "") -> Any:
                 expected="a JSON object",
             )
         ) from None
+    if duplicates:  # json.loads would silently keep the last one: a tensor could change shard unnoticed
+        raise MapgenError(
+            Diagnostic(
+                "error",
+                "json.duplicate-key",
+                f"{what} names {duplicates[0]!r} more than once ({len(duplicates)} duplicate key(s))",
+                file=display,
+                key=duplicates[0],
+                expected="each key once",
+            )
+        )
+    return doc
 
 
 def parse_config(obj: Any, *, display: str) -> dict[str, Any]:

@@ -28,8 +28,10 @@ def _fail(code: str, message: str, file: str, expected: str = "", hint: str = ""
     return MapgenError(Diagnostic("error", code, message, file=file, expected=expected, hint=hint))
 
 
-def parse_header(data: bytes, *, file: str) -> dict[str, HeaderEntry]:
-    """Parse header JSON bytes (without the 8-byte length prefix)."""
+def parse_header(data: bytes, *, file: str, data_bytes: int | None = None) -> dict[str, HeaderEntry]:
+    """Parse header JSON bytes (without the 8-byte length prefix). With ``data_bytes`` (the size of the file
+    after the header), every tensor's ``data_offsets`` must lie inside it: a shard cut short is refused here,
+    not when a tensor is read half-way through a conversion."""
     try:
         obj: Any = json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -63,6 +65,16 @@ def parse_header(data: bytes, *, file: str) -> dict[str, HeaderEntry]:
                 )
             )
         out[str(name)] = HeaderEntry(dtype, tuple(shape))
+        offsets = info.get("data_offsets")
+        if data_bytes is not None and isinstance(offsets, list) and len(offsets) == 2:
+            end = offsets[1]
+            if isinstance(end, int) and end > data_bytes:
+                raise _fail(
+                    "safetensors.truncated",
+                    f"tensor {name!r} ends at data byte {end} but only {data_bytes} data bytes follow the header",
+                    file,
+                    hint="the file is truncated (an interrupted download?): fetch it again",
+                )
     return out
 
 
@@ -98,4 +110,4 @@ def read_header(path: Path, *, display: str | None = None, max_bytes: int = MAX_
             data = fh.read(length)
     except OSError as exc:
         raise _fail("safetensors.unreadable", f"cannot read file: {exc.strerror}", file) from None
-    return parse_header(data, file=file)
+    return parse_header(data, file=file, data_bytes=size - 8 - length)
