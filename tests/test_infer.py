@@ -221,7 +221,7 @@ def _packed(in_out: bool, n_layers: int = 2, e: int = 4) -> dict[str, tuple[int,
 
 @pytest.mark.parametrize("in_out", [True, False])
 def test_packed_orientation_from_shapes(tmp_path: Path, in_out: bool) -> None:
-    lay = _scan(tmp_path, tiny_config(model_type="mystery_moe"), _packed(in_out))
+    lay = _scan(tmp_path, tiny_config(model_type="mystery_moe", moe_intermediate_size=6), _packed(in_out))
     e = lay.language_model.groups[0].mlp.experts
     assert (e.orientation, e.orientation_source, e.num_experts) == ("in_out" if in_out else "out_in", "shapes", 4)
 

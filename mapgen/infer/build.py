@@ -499,7 +499,7 @@ def infer(source: Source) -> Layout:
         unclassified_keys=len(unclassified_keys),
         mtp_declared=mtp_declared,
     )
-    return Layout(
+    layout = Layout(
         model_type=cfg.model_type,
         text_model_type=cfg.text_model_type,
         architectures=tuple(str(a) for a in archs) if isinstance(archs, list) else (),
@@ -512,6 +512,46 @@ def infer(source: Source) -> Layout:
         quantization=quantization,
         config=dict(source.config),
     )
+    if source.headers_read:
+        _check_headers(layout, source)
+    return layout
+
+
+_FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16"})
+
+
+def _check_headers(layout: Layout, source: Source) -> None:
+    """Shapes and dtypes from the shard headers against what the config implies, all reported at once.
+
+    Every language-model tensor the config sizes must have that shape (:func:`mapgen.plan.shapes.shape_problems`)
+    and a floating-point dtype: FP8 weights without their scales would otherwise be converted as if they were
+    bf16, and an integer tensor in a weight slot means a quantized or corrupt checkpoint."""
+    from mapgen.plan.shapes import shape_entries, shape_problems
+
+    actual = {key: info.shape for key, info in source.tensors.items() if info.shape is not None}
+    errors = shape_problems(layout, layout.config, actual)
+    by_dtype: dict[str, list[str]] = {}
+    for entry in shape_entries(layout, layout.config):
+        info = source.tensors.get(entry.key)
+        if info is not None and info.dtype is not None and info.dtype not in _FLOAT_DTYPES:
+            by_dtype.setdefault(info.dtype, []).append(entry.key)
+    for dtype, keys in sorted(by_dtype.items()):
+        fp8 = dtype.startswith("F8")
+        errors.append(
+            Diagnostic(
+                "error",
+                "quant.fp8-unsupported" if fp8 else "dtype.mismatch",
+                (f"{len(keys)} weight(s) stored as {dtype} (FP8) without a dequantization rule: not supported"
+                 if fp8 else f"{len(keys)} weight(s) stored as {dtype}, but the config describes a floating-point "
+                 f"model ({layout.config.get('torch_dtype') or layout.config.get('dtype') or 'float'})"),
+                file=source.tensors[keys[0]].shard,
+                key=keys[0],
+                expected="F32, F16 or BF16 tensors",
+                hint="convert an unquantized (bf16/fp16/fp32) export of the model",
+            )
+        )
+    if errors:
+        raise MapgenError(errors)
 
 
 def _towers(tower_keys: Mapping[str, list[str]]) -> tuple[Tower, ...]:

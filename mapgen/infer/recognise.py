@@ -261,6 +261,30 @@ def recognise_experts(
             return None
         per_template = ids[ep]
         union = set().union(*per_template.values())
+        for name in sorted(pool.avail):  # ``experts.01.``: the same expert id written twice, or not canonically
+            num = name[len(ep) :].split(".", 1)[0] if name.startswith(ep) else ""
+            if num.isdigit() and num.isascii() and num != str(int(num)):
+                dup = int(num) in union
+                problems.append(
+                    Problem(
+                        "error",
+                        "experts.duplicate" if dup else "experts.bad-index",
+                        f"expert index {num!r} " + (f"duplicates expert {int(num)}" if dup else "has a leading zero"),
+                        suffix=name,
+                        expected="expert ids written once each, as 0, 1, 2, ... without leading zeros",
+                    )
+                )
+        packed = [n for n in (ep + "gate_up_proj", ep + "down_proj", ep + "gate_up_proj_blocks") if pool.has(n)]
+        if packed:
+            problems.append(
+                Problem(
+                    "error",
+                    "experts.mixed-storage",
+                    f"this block stores experts both per expert ({ep}<e>.*) and packed ({packed[0]})",
+                    suffix=packed[0],
+                    expected="one storage scheme per MoE block: per-expert tensors or packed [E, ...] tensors",
+                )
+            )
         expected = set(range(ctx.num_experts if ctx.num_experts else max(union) + 1))
         for template, have in sorted(per_template.items()):
             for e in sorted(expected - have):
