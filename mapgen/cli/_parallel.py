@@ -40,6 +40,13 @@ def minimal_world(par: Any) -> int:
     return math.lcm(par.tp * par.pp, par.ep * par.etp_size * par.pp)
 
 
+def launcher_world(par: Any, nproc: int | None) -> int | None:
+    """The world this process will start (``None`` under torchrun, where every rank checks for itself)."""
+    if "WORLD_SIZE" in os.environ:
+        return None
+    return nproc or minimal_world(par)
+
+
 def run_spmd(fn: Callable[..., Any], par: Any, nproc: int | None, *args: Any) -> list[Any]:
     """Run ``fn(*args)`` on every rank; returns per-rank results (just rank 0's under torchrun)."""
     if "WORLD_SIZE" in os.environ:

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from mapgen.cli._parallel import add_parallel_args, is_rank0, parallel_from_args, run_spmd
+from mapgen.cli._parallel import add_parallel_args, is_rank0, launcher_world, parallel_from_args, run_spmd
 
 
 def register(sub: Any) -> None:
@@ -30,6 +30,11 @@ def _work(source: str, out: Path, par: Any, overwrite: bool) -> dict[str, Any]:
 
 def run(args: argparse.Namespace) -> int:
     par = parallel_from_args(args)
+    world = launcher_world(par, args.nproc)
+    if world is not None:  # every check that needs no worker, before workers start or a byte is written
+        from mapgen.runtime.api import preflight
+
+        preflight(args.source, par, world, out=args.out, overwrite=args.overwrite)
     results = run_spmd(_work, par, args.nproc, args.source, args.out, par, args.overwrite)
     if is_rank0():
         total = sum(r["tensors"] for r in results)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from mapgen.cli._parallel import add_parallel_args, is_rank0, parallel_from_args, run_spmd
+from mapgen.cli._parallel import add_parallel_args, is_rank0, launcher_world, parallel_from_args, run_spmd
 
 
 def register(sub: Any) -> None:
@@ -28,6 +28,11 @@ def _work(source: str, par: Any, logits: bool, atol: float) -> dict[str, Any]:
 
 def run(args: argparse.Namespace) -> int:
     par = parallel_from_args(args)
+    world = launcher_world(par, args.nproc)
+    if world is not None:  # every check that needs no worker, before workers start or a byte is written
+        from mapgen.runtime.api import preflight
+
+        preflight(args.source, par, world)
     results = run_spmd(_work, par, args.nproc, args.source, par, not args.no_logits, args.atol)
     if not is_rank0():
         return 0

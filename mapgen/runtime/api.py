@@ -16,7 +16,6 @@ import json
 import os
 import shutil
 import socket
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -78,13 +77,30 @@ class HFSource:
 
     @classmethod
     def open(cls, root: Path | str) -> HFSource:
-        from mapgen.infer import scan
+        """Scan ``root`` with every shard header read, so that everything a conversion could trip over is
+        refused here, before a model is built or a byte written: malformed JSON, shards missing, truncated or
+        outside the directory, keys absent from their shard, shapes and dtypes the config does not imply,
+        quantized weights, unclassified keys."""
+        from mapgen.infer import infer
+        from mapgen.source import read_source
 
         root = Path(root)
-        layout = scan(str(root))
+        if not root.is_dir():
+            raise error("source.not-a-directory", f"{root} is not a local checkpoint directory", file=str(root),
+                        expected="a directory with config.json and model.safetensors(.index.json)",
+                        hint="download hub checkpoints first (huggingface-cli download ORG/NAME --local-dir DIR)")
+        src = read_source(str(root), headers=True)
+        layout = infer(src)
         if layout.unclassified:
-            raise error("scan.unclassified", f"{sum(u.count for u in layout.unclassified)} keys fit no family",
-                        file=str(root), hint="run `mapgen scan` to see them")
+            patterns = "\n".join(f"  {u.pattern}  ({u.count} keys)" for u in layout.unclassified)
+            raise MapgenError(Diagnostic("error", "scan.unclassified",
+                                         f"{sum(u.count for u in layout.unclassified)} keys fit no family",
+                                         file=str(root), hint="run `mapgen scan` to see them"),
+                              exit_code=2, extra=f"unclassified keys:\n{patterns}")
+        if not src.headers_read:
+            raise error("checkpoint.missing-shard", "no shard file of the index is in the directory (metadata only)",
+                        file=str(root), expected=", ".join(src.shards[:3]) + (", ..." if len(src.shards) > 3 else ""),
+                        hint="download the weights; `mapgen scan` works on metadata alone, conversion does not")
         weight_map, meta = read_weight_map(root)
         reader = SafetensorsReader(root, weight_map)
         dtypes = {}
@@ -111,9 +127,8 @@ def _st_name(dtype: torch.dtype) -> str:
 # ---------------------------------------------------------------------------------------------------------
 def bridge_for(layout: Layout) -> Bridge:
     """The generated bridge for this layout's fingerprint (never a 'similar' one)."""
-    from mapgen.plan.planner import fingerprint
-
     import generated
+    from mapgen.plan.planner import fingerprint
 
     return generated.get_bridge(fingerprint(layout), layout=layout)  # type: ignore[no-any-return]
 
@@ -141,6 +156,28 @@ def check_parallel(spec: ModelSpec, par: Parallel, world_size: int) -> None:
                                       hint="choose TP/EP/ETP/PP sizes that divide the model") for p in problems])
 
 
+def preflight(source_path: str | None, par: Parallel, world: int, *, out: Path | None = None,
+              overwrite: bool = False, ckpt: Path | None = None) -> None:
+    """Every check a command can make before it starts workers or writes a byte, in the launching process:
+    the source checkpoint (:meth:`HFSource.open`), the bridge for its layout, TP/EP/ETP/PP divisibility (all
+    problems at once) and the output directory. ``ckpt`` (export) must hold ``mapgen.json`` unless a source
+    is given. Imports no megatron-core."""
+    if ckpt is not None and not Path(ckpt).is_dir():
+        raise error("megatron.not-found", f"{ckpt} is not a directory", file=str(ckpt),
+                    expected="a Megatron checkpoint directory written by `mapgen convert`")
+    source = HFSource.open(source_path) if source_path else None
+    if source is not None:
+        layout = source.layout
+    else:
+        assert ckpt is not None
+        layout = layout_from_json(json.dumps(read_megatron_meta(ckpt)["layout"]))
+    bridge = bridge_for(layout)
+    check_parallel(bridge.megatron_config(HFConfig(layout.config), layout), par, world)
+    if out is not None:
+        sources = ([source.root] if source is not None else []) + ([Path(ckpt)] if ckpt is not None else [])
+        prepare_target(Path(out), overwrite=overwrite, sources=sources)
+
+
 def build(binding: Binding, par: Parallel, *, device: str = "cpu") -> torch.nn.Module:
     from mapgen.runtime.megatron import build_model
 
@@ -162,49 +199,114 @@ def _free_port() -> int:
 
 def _spawn_entry(rank: int, world: int, port: int, fn: Callable[..., Any], args: tuple[Any, ...],
                  results: Any) -> None:
+    import signal
+    import traceback
+
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     # Local workers talk over loopback only: the host name may resolve to an interface the peers do not share.
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+
+    def stop(signum: int, frame: object) -> None:  # spawn() stops the survivors of a failed peer: unwind, so
+        raise SystemExit(128 + signum)  # that staging directories are removed on the way out
+
+    signal.signal(signal.SIGTERM, stop)
     try:
         out = fn(*args)
         results.put((rank, "ok", out))
     except MapgenError as exc:
-        results.put((rank, "mapgen", exc.render()))
+        results.put((rank, "mapgen", (exc.render(), exc.exit_code)))
         raise SystemExit(exc.exit_code) from None
-    except BaseException as exc:
-        results.put((rank, "error", f"{type(exc).__name__}: {exc}"))
+    except SystemExit as exc:
+        results.put((rank, "stopped", str(exc.code)))
         raise
+    except BaseException as exc:
+        results.put((rank, "error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
+        raise SystemExit(1) from None
 
 
-def spawn(fn: Callable[..., Any], world: int, *args: Any) -> list[Any]:
-    """Run ``fn(*args)`` on ``world`` local gloo processes; return each rank's result (rank order)."""
+def _describe_exit(code: int | None) -> str:
+    import signal
+
+    if code is not None and code < 0:
+        try:
+            return f"was killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"was killed by signal {-code}"
+    return f"exited with status {code} without reporting a result"
+
+
+def spawn(fn: Callable[..., Any], world: int, *args: Any, grace_s: float = 5.0) -> list[Any]:
+    """Run ``fn(*args)`` on ``world`` local gloo processes; return each rank's result (rank order).
+
+    Never waits forever: the workers are watched, not joined one by one. As soon as one fails or dies
+    (killed, out of memory) the others, which may be blocked in a collective waiting for it, get SIGTERM
+    (they unwind and remove their staging directories), then SIGKILL after ``grace_s``. A worker that died
+    without reporting is named first (``worker.died``); a mapgen error on a worker is re-raised as such."""
+    from multiprocessing.connection import wait
+
     import torch.multiprocessing as mp
 
     ctx = mp.get_context("spawn")
     results = ctx.SimpleQueue()
     port = _free_port()
     procs = [ctx.Process(target=_spawn_entry, args=(r, world, port, fn, args, results)) for r in range(world)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join()
     outs: dict[int, Any] = {}
-    failures = []
-    while not results.empty():
-        rank, status, payload = results.get()
-        if status == "ok":
-            outs[rank] = payload
-        else:
-            failures.append((rank, status, payload))
-    if failures:
-        rank, status, payload = sorted(failures)[0]
+    failures: list[tuple[int, str, Any]] = []
+
+    def drain() -> None:
+        while not results.empty():
+            rank, status, payload = results.get()
+            if status == "ok":
+                outs[rank] = payload
+            else:
+                failures.append((rank, status, payload))
+
+    try:
+        for p in procs:
+            p.start()
+        deadline: float | None = None
+        while any(p.is_alive() for p in procs):
+            wait([p.sentinel for p in procs if p.is_alive()], timeout=0.2)
+            drain()
+            if deadline is None and any(p.exitcode not in (0, None) for p in procs):
+                deadline = time.monotonic() + grace_s
+                for q in procs:
+                    if q.is_alive():
+                        q.terminate()
+            if deadline is not None and time.monotonic() > deadline:
+                for q in procs:
+                    if q.is_alive():
+                        q.kill()
+        drain()
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+            p.join()
+    reported = {r for r, _, _ in failures} | set(outs)
+    died = [(r, p.exitcode) for r, p in enumerate(procs) if r not in reported and p.exitcode != 0]
+    if died:
+        rank, code = died[0]
+        others = "; ".join(f"rank {r}: {str(m).splitlines()[0] if s != 'mapgen' else m[0].splitlines()[0]}"
+                           for r, s, m in sorted(failures) if s != "stopped")
+        raise MapgenError(Diagnostic("error", "worker.died", f"worker rank {rank} {_describe_exit(code)}; "
+                                     f"the other {world - 1} worker(s) were stopped",
+                                     hint="run the same command again (an output directory is renamed into place "
+                                     "only when complete; a hidden .NAME.partial-* left by a killed run can be "
+                                     "deleted)"),
+                          extra=f"  other workers: {others}" if others else "")
+    real = [f for f in sorted(failures) if f[1] != "stopped"]
+    if real:
+        rank, status, payload = real[0]
         if status == "mapgen":
-            raise MapgenError(Diagnostic("error", "worker.failed", f"rank {rank}:\n{payload}"))
-        raise RuntimeError(f"rank {rank} failed: {payload}")
-    if any(p.exitcode for p in procs) or len(outs) != world:
-        codes = [p.exitcode for p in procs]
-        raise RuntimeError(f"worker processes exited with {codes}")
+            text, code = payload
+            raise MapgenError(Diagnostic("error", "worker.failed", f"rank {rank}:\n{text}"), exit_code=code)
+        raise RuntimeError(f"worker rank {rank} failed: {payload}")
+    if len(outs) != world:
+        raise MapgenError(Diagnostic("error", "worker.died", "workers were stopped before reporting: "
+                                     + ", ".join(f"rank {r} {_describe_exit(p.exitcode)}"
+                                                 for r, p in enumerate(procs) if r not in outs)))
     return [outs[r] for r in range(world)]
 
 
@@ -461,7 +563,13 @@ def read_megatron_meta(ckpt: Path) -> dict[str, Any]:
         raise error("megatron.no-metadata", f"{MAPGEN_META} is missing", file=str(path),
                     hint="this directory was not written by `mapgen convert`; pass --source with the HF checkpoint "
                     "it came from so mapgen knows the layout")
-    return dict(json.loads(path.read_text()))
+    from mapgen.source.base import read_json
+
+    meta = read_json(path, display=str(path), what=MAPGEN_META)
+    if not isinstance(meta, dict) or not isinstance(meta.get("layout"), dict):
+        raise error("megatron.bad-metadata", f"{MAPGEN_META} has no layout object", file=str(path),
+                    hint="pass --source with the HF checkpoint it came from")
+    return meta
 
 
 def export_megatron(ckpt: Path, out: Path, par: Parallel, *, source_path: str | None = None,

@@ -94,7 +94,7 @@ class SafetensorsReader:
             handle = safe_open(str(path), framework="pt")
             self._handles[shard] = handle
             self.opened.append(shard)
-        if key not in handle.keys():
+        if key not in handle.keys():  # noqa: SIM118 (safe_open handles have no __contains__)
             raise error("checkpoint.key-not-in-shard", f"the index puts {key!r} in {shard!r}, which lacks it",
                         file=shard, key=key, hint="the index is stale; regenerate it")
         return handle
@@ -134,10 +134,19 @@ def staging_dir(target: Path) -> Path:
 def prepare_target(target: Path, *, overwrite: bool, sources: Iterable[Path] = ()) -> None:
     """Refuse an existing target unless ``overwrite``; never a source directory."""
     target = Path(target)
+    real = target.resolve()
     for src in sources:
-        if src.exists() and target.exists() and target.resolve() == Path(src).resolve():
+        if not Path(src).exists():
+            continue
+        real_src = Path(src).resolve()
+        if real == real_src:
             raise error("output.is-source", "the output directory is the source checkpoint", file=str(target),
                         hint="choose another output directory; mapgen never writes into its input")
+        if real_src.is_relative_to(real) or real.is_relative_to(real_src):
+            # --overwrite replaces the whole target: a parent of the source would take the source with it
+            relation = "contains" if real_src.is_relative_to(real) else "is inside"
+            raise error("output.overlaps-source", f"the output directory {relation} the source {src}", file=str(target),
+                        hint="choose an output directory outside the source checkpoint and not above it")
     if target.exists() and not overwrite:
         raise error("output.exists", "the output directory already exists", file=str(target),
                     hint="choose a new directory or pass --overwrite")
