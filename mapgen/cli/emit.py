@@ -23,7 +23,7 @@ from mapgen.emit.check import compare, tree_files
 from mapgen.emit.names import input_name, input_name_for_source
 from mapgen.emit.pipeline import Generation, generate, parse_input
 from mapgen.emit.render import INPUTS_DIR, REGISTRY_PATH, module_files
-from mapgen.errors import error
+from mapgen.errors import Diagnostic, MapgenError, error
 from mapgen.infer.ir import Layout
 
 DEFAULT_DIR = "generated"
@@ -67,13 +67,24 @@ def load_stored_inputs(directory: Path) -> dict[str, Layout]:
 
 
 def load_source(spec: str) -> Layout:
-    """A layout JSON file (``mapgen scan --json``) is read; anything else is scanned."""
+    """A layout JSON file (``mapgen scan --json``) is read; anything else is scanned. A layout with unclassified
+    keys is refused (exit 2, like ``mapgen scan``): its bridge would not cover the checkpoint."""
     path = Path(spec)
     if path.suffix == ".json" and path.is_file():
-        return parse_input("", read_text(path))
-    from mapgen.infer import scan
+        layout = parse_input("", read_text(path))
+    else:
+        from mapgen.infer import scan
 
-    return scan(spec)
+        layout = scan(spec)
+    if layout.unclassified:
+        raise MapgenError(
+            Diagnostic("error", "emit.unclassified", f"{sum(u.count for u in layout.unclassified)} key(s) of {spec} "
+                       "fit no family; no bridge is emitted for a partial layout", file=spec,
+                       hint="run `mapgen scan` on it; add a recogniser for the family, or fix the checkpoint"),
+            exit_code=2,
+            extra="unclassified keys:\n" + "\n".join(f"  {u.pattern!r}  ({u.count} keys)" for u in layout.unclassified),
+        )
+    return layout
 
 
 def generate_dir(directory: Path, extra: dict[str, Layout] | None = None) -> Generation:
