@@ -161,7 +161,7 @@ def load_model(model: torch.nn.Module, binding: Binding, reader: Any, coords: Co
                     f"{tuple(target.shape)}", key=", ".join(inst.hf),
                     hint="the config and the checkpoint disagree on a dimension"))
                 continue
-            target.copy_(value.to(target.dtype))
+            target.copy_(value)  # converts the dtype in the same pass (no fp32 temporary)
             written[local] += 1
             stats.tensors += 1
             stats.bytes += target.numel() * target.element_size()
