@@ -178,10 +178,10 @@ def preflight(source_path: str | None, par: Parallel, world: int, *, out: Path |
         prepare_target(Path(out), overwrite=overwrite, sources=sources)
 
 
-def build(binding: Binding, par: Parallel, *, device: str = "cpu") -> torch.nn.Module:
+def build(binding: Binding, par: Parallel, *, device: str = "cpu", initialize: bool = True) -> torch.nn.Module:
     from mapgen.runtime.megatron import build_model
 
-    return build_model(model_spec_for_parallel(binding.spec, par), device=device)
+    return build_model(model_spec_for_parallel(binding.spec, par), device=device, initialize=initialize)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -344,7 +344,9 @@ def log(message: str) -> None:
 def load_hf(source: HFSource, par: Parallel, *, bridge: Bridge | None = None) -> tuple[torch.nn.Module, Binding, Stats]:
     """Build this rank's Megatron model and fill it from ``source``. Call inside :class:`parallel_context`."""
     binding = bind(source.layout, bridge)
-    model = build(binding, par)
+    # No random initialisation: load_model writes every parameter exactly once (or raises), and the
+    # initialisation costs several times the load itself on CPU.
+    model = build(binding, par, initialize=False)
     reader = SafetensorsReader(source.root, source.weight_map)
     try:
         stats = load_model(model, binding, reader)

@@ -378,7 +378,7 @@ def _moe_score_function(spec: ModelSpec) -> str:
 
 
 def transformer_config(
-    spec: ModelSpec, *, params_dtype: torch.dtype = torch.float32, device: Device = "cpu"
+    spec: ModelSpec, *, params_dtype: torch.dtype = torch.float32, device: Device = "cpu", initialize: bool = True
 ) -> TransformerConfig:
     """The ``TransformerConfig`` for ``spec`` under the current parallel state (sizes 1 when none)."""
     import torch.nn.functional as F
@@ -454,7 +454,7 @@ def transformer_config(
         expert_tensor_parallel_size=s.etp,
         sequence_parallel=False,
         use_cpu_initialization=device != "cuda",
-        perform_initialization=device != "meta",
+        perform_initialization=initialize and device != "meta",
         **kw,
     )
 
@@ -586,6 +586,7 @@ def build_model(
     post_process: bool | None = None,
     pad_vocab_to: int = 1,
     vp_stage: int | None = None,
+    initialize: bool = True,
 ) -> GPTModel:
     """Build the Megatron ``GPTModel`` of ``spec`` for this rank under the current parallel state.
 
@@ -596,7 +597,8 @@ def build_model(
     :func:`init_parallel`). ``pre_process``/``post_process`` default to first/last PP stage. The vocabulary
     is padded to a multiple of ``pad_vocab_to * tp`` (use the same ``pad_vocab_to`` when resharding).
     Without any parallel state a 1-rank state is NOT created: call :func:`init_parallel` first (or use
-    :func:`enumerate_parameters` for the TP=1 name set).
+    :func:`enumerate_parameters` for the TP=1 name set). ``initialize=False`` leaves the parameters
+    uninitialised (``torch.empty``): for callers that overwrite every one of them, as loading does.
     """
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
@@ -609,7 +611,7 @@ def build_model(
     errors = check_divisibility(spec, s.tp, s.ep, s.etp, s.pp, s.world_size)
     if errors:
         raise ValueError("cannot build this model with this layout:\n  " + "\n  ".join(errors))
-    config = transformer_config(spec, params_dtype=params_dtype, device=device)
+    config = transformer_config(spec, params_dtype=params_dtype, device=device, initialize=initialize)
     if pre_process is None:
         pre_process = ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
     if post_process is None:
