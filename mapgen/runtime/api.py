@@ -171,6 +171,10 @@ def preflight(source_path: str | None, par: Parallel, world: int, *, out: Path |
     else:
         assert ckpt is not None
         layout = layout_from_json(json.dumps(read_megatron_meta(ckpt)["layout"]))
+    if ckpt is not None and ((Path(ckpt) / "release").is_dir() or (Path(ckpt) / ".metadata").is_file()):
+        from mapgen.runtime._safeload import check_dist_checkpoint
+
+        check_dist_checkpoint(Path(ckpt) / "release" if (Path(ckpt) / "release").is_dir() else Path(ckpt))
     bridge = bridge_for(layout)
     check_parallel(bridge.megatron_config(HFConfig(layout.config), layout), par, world)
     if out is not None:
@@ -577,6 +581,7 @@ def read_megatron_meta(ckpt: Path) -> dict[str, Any]:
 def export_megatron(ckpt: Path, out: Path, par: Parallel, *, source_path: str | None = None,
                     overwrite: bool = False) -> Stats:
     """Megatron distributed checkpoint (any parallel layout; resharded by dist_checkpointing) -> HF."""
+    from mapgen.runtime._safeload import check_dist_checkpoint
     from mapgen.runtime.megatron import load_dist_checkpoint
 
     ckpt = Path(ckpt)
@@ -594,6 +599,7 @@ def export_megatron(ckpt: Path, out: Path, par: Parallel, *, source_path: str | 
         log(f"mapgen export: {ckpt} -> {out} ({par.describe()})")
         model = build(binding, par)
         release = ckpt / "release" if (ckpt / "release").is_dir() else ckpt
+        check_dist_checkpoint(release)  # megatron/torch unpickle .metadata and common.pt: data types only
         load_dist_checkpoint(model, release)
         stats = export_hf(model, binding, Path(out), target=target, source_root=root, overwrite=overwrite)
         _barrier()
