@@ -270,10 +270,12 @@ def spawn(fn: Callable[..., Any], world: int, *args: Any, grace_s: float = 5.0) 
         for p in procs:
             p.start()
         deadline: float | None = None
+        causes: list[int] = []  # the workers whose exit made the others stop: what gets reported
         while any(p.is_alive() for p in procs):
             wait([p.sentinel for p in procs if p.is_alive()], timeout=0.2)
             drain()
             if deadline is None and any(p.exitcode not in (0, None) for p in procs):
+                causes = [r for r, p in enumerate(procs) if p.exitcode not in (0, None)]
                 deadline = time.monotonic() + grace_s
                 for q in procs:
                     if q.is_alive():
@@ -288,21 +290,18 @@ def spawn(fn: Callable[..., Any], world: int, *args: Any, grace_s: float = 5.0) 
             if p.is_alive():
                 p.kill()
             p.join()
-    reported = {r for r, _, _ in failures} | set(outs)
-    died = [(r, p.exitcode) for r, p in enumerate(procs) if r not in reported and p.exitcode != 0]
-    if died:
-        rank, code = died[0]
-        others = "; ".join(f"rank {r}: {str(m).splitlines()[0] if s != 'mapgen' else m[0].splitlines()[0]}"
-                           for r, s, m in sorted(failures) if s != "stopped")
-        raise MapgenError(Diagnostic("error", "worker.died", f"worker rank {rank} {_describe_exit(code)}; "
-                                     f"the other {world - 1} worker(s) were stopped",
-                                     hint="run the same command again (an output directory is renamed into place "
-                                     "only when complete; a hidden .NAME.partial-* left by a killed run can be "
-                                     "deleted)"),
-                          extra=f"  other workers: {others}" if others else "")
-    real = [f for f in sorted(failures) if f[1] != "stopped"]
-    if real:
-        rank, status, payload = real[0]
+    reports = {r: (status, payload) for r, status, payload in failures}
+    causes = causes or [r for r, (status, _) in sorted(reports.items()) if status != "stopped"]
+    if causes:
+        rank = min(causes, key=lambda r: (r in reports, r))  # a worker that died without a word comes first
+        if rank not in reports or reports[rank][0] == "stopped":
+            how = _describe_exit(procs[rank].exitcode)
+            raise MapgenError(Diagnostic("error", "worker.died", f"worker rank {rank} {how}; the other {world - 1} "
+                                         "worker(s) were stopped",
+                                         hint="run the same command again (an output directory is renamed into "
+                                         "place only when complete; a hidden .NAME.partial-* left by a killed run "
+                                         "can be deleted)"))
+        status, payload = reports[rank]
         if status == "mapgen":
             text, code = payload
             raise MapgenError(Diagnostic("error", "worker.failed", f"rank {rank}:\n{text}"), exit_code=code)
