@@ -470,6 +470,22 @@ def _special_patterns(lm: LanguageModel) -> dict[str, str]:
     return out
 
 
+def _copies(lm: LanguageModel) -> dict[str, str]:
+    """Duplicated HF keys -> the key whose values they repeat."""
+    mtp = lm.mtp
+    out: dict[str, str] = {}
+    if mtp is None:
+        return out
+    head = lm.lm_head if lm.lm_head is not None and not lm.tied_embeddings else lm.embedding
+    for depth in range(mtp.depth):
+        root = mtp.root.replace("{layer}", str(depth + mtp.index_offset))
+        if mtp.embed_copy:
+            out[root + mtp.embed_copy] = lm.embedding
+        if mtp.head_copy:
+            out[root + mtp.head_copy] = head
+    return out
+
+
 def shard_names(count: int) -> list[str]:
     return [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
 
@@ -527,11 +543,14 @@ def synthesize(
     weight_map: dict[str, str] = {}
     total = 0
     make: Callable[[str, Shape, str, int, torch.dtype], torch.Tensor] = _values
+    copies = _copies(shrunk.language_model)
     for s, name in enumerate(names):
         shard: dict[str, torch.Tensor] = {}
         for key in keys[bounds[s] : bounds[s + 1]]:
             shape, kind = shapes[key]
-            t = make(key, shape, kind, o.seed, dtype_of(key))
+            # A tensor HF stores twice (DeepSeek/GLM MTP embedding and head copies) gets the same values.
+            origin = copies.get(key, key)
+            t = make(origin, shape, kind, o.seed, dtype_of(origin))
             shard[key] = t
             weight_map[key] = name
             total += t.numel() * t.element_size()

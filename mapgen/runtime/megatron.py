@@ -185,6 +185,8 @@ def check_divisibility(
         need("num_moe_experts", spec.num_moe_experts, ep, "ep")
         need("moe_ffn_hidden_size", spec.moe_ffn_hidden_size or spec.ffn_hidden_size, etp, "etp")
         need("moe_shared_expert_intermediate_size", spec.moe_shared_expert_intermediate_size, tp, "tp")
+    elif ep > 1:
+        errors.append(f"ep={ep}: expert parallelism needs MoE layers; this model has none (use --ep 1)")
     need("num_layers", spec.num_layers, pp, "pp")
     need("world_size", world, tp * pp, "tp*pp")
     need("world_size", world, etp * ep * pp, "etp*ep*pp")

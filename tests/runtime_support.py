@@ -1,0 +1,91 @@
+"""Helpers for the conversion tests: synthesize sources and run many verify cases in one set of workers.
+
+Starting gloo workers and importing megatron-core costs seconds, so each test module starts one set of
+workers (``run_cases``) and runs all its cases in them, one parallel layout after another (megatron's
+parallel state is re-initialised per case; the process group is kept). Each case is the real
+``mapgen.runtime.verify.verify``: HF -> Megatron -> HF bitwise comparison (keys, dtypes, tensors, shard
+assignment) plus logits parity against transformers where it applies.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mapgen.cli import main as mapgen_main
+
+REPO = Path(__file__).resolve().parent.parent
+CORPUS = REPO / "tests" / "fixtures" / "corpus"
+HUB = REPO / "tests" / "fixtures" / "hub"
+LAYOUTS = REPO / "tests" / "fixtures" / "layouts"
+
+
+def synth(source: Path | str, out: Path, *args: str) -> Path:
+    code = mapgen_main(["synth", str(source), str(out), *args])
+    assert code == 0, f"mapgen synth {source} failed with {code}"
+    return out
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    source: str
+    tp: int = 1
+    ep: int = 1
+    etp: int | None = None
+    pp: int = 1
+    logits: bool = True
+
+    @property
+    def world(self) -> int:
+        import math
+
+        etp = self.etp if self.etp is not None else (self.tp if self.ep == 1 else 1)
+        return math.lcm(self.tp * self.pp, self.ep * etp * self.pp)
+
+
+def _run(cases: list[Case]) -> dict[str, Any]:
+    from mapgen.errors import MapgenError
+    from mapgen.runtime.api import Parallel
+    from mapgen.runtime.verify import verify
+
+    out: dict[str, Any] = {}
+    for case in cases:
+        par = Parallel(tp=case.tp, ep=case.ep, etp=case.etp, pp=case.pp)
+        try:
+            out[case.name] = verify(case.source, par, logits=case.logits)
+        except MapgenError as exc:
+            # Fail the whole batch: the other ranks may be blocked in a collective of this case.
+            raise MapgenError(exc.diagnostics, extra=f"(case {case.name})") from None
+    return out
+
+
+def run_cases(cases: list[Case]) -> dict[str, list[dict[str, Any]]]:
+    """case name -> per-rank results, running each world size's cases in one set of workers."""
+    from mapgen.runtime.api import spawn
+
+    results: dict[str, list[dict[str, Any]]] = {}
+    for world in sorted({c.world for c in cases}):
+        batch = [c for c in cases if c.world == world]
+        per_rank = spawn(_run, world, batch)
+        for case in batch:
+            results[case.name] = [r[case.name] for r in per_rank]
+    return results
+
+
+def assert_case(results: dict[str, list[dict[str, Any]]], name: str, *, logits: str = "ok") -> dict[str, Any]:
+    """Rank 0 must report a bitwise round trip; ``logits`` is "ok" (parity within 1e-4) or "skipped"."""
+    ranks = results[name]
+    for r in ranks:
+        assert "error" not in r, f"{name}: {r['error']}"
+    r0 = ranks[0]
+    assert r0["keys"] > 0
+    assert r0["mismatches"] == [], f"{name}: {r0['mismatches'][:10]}"
+    lg = r0.get("logits")
+    if logits == "ok":
+        assert lg is not None and not lg.get("skipped"), f"{name}: logits not compared: {lg}"
+        assert lg["ok"] and lg["max_abs"] <= 1e-4, f"{name}: logits differ by {lg['max_abs']}"
+    elif logits == "skipped":
+        assert lg is None or lg.get("skipped"), lg
+    return r0
