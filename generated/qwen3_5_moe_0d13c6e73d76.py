@@ -27,6 +27,8 @@ from mapgen.runtime.bridge import (
     mtp_depth,
     mtp_layer_kind,
     mtp_mlp_kind,
+    rope_scaling,
+    rope_scaling_factor,
 )
 
 FINGERPRINT = '0d13c6e73d76'
@@ -62,6 +64,9 @@ def megatron_config(hf: HFConfig, layout: Layout) -> ModelSpec:
             'rope_parameters.partial_rotary_factor',
             default=1.0,
         ),
+        # Llama-3 RoPE scaling; other scalings are refused
+        rope_scaling=rope_scaling(hf),
+        rope_scaling_factor=rope_scaling_factor(hf),
         norm_epsilon=hf.get('rms_norm_eps', 'layer_norm_eps', default=1e-06),
         # HF norms compute (1 + w) * x
         layernorm_zero_centered_gamma=True,

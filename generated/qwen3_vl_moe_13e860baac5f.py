@@ -22,6 +22,8 @@ from mapgen.runtime.bridge import (
     head_dim,
     layer_kinds,
     mlp_kinds,
+    rope_scaling,
+    rope_scaling_factor,
 )
 
 FINGERPRINT = '13e860baac5f'
@@ -57,6 +59,9 @@ def megatron_config(hf: HFConfig, layout: Layout) -> ModelSpec:
             'rope_parameters.partial_rotary_factor',
             default=1.0,
         ),
+        # Llama-3 RoPE scaling; other scalings are refused
+        rope_scaling=rope_scaling(hf),
+        rope_scaling_factor=rope_scaling_factor(hf),
         norm_epsilon=hf.get('rms_norm_eps', 'layer_norm_eps', default=1e-06),
         layernorm_zero_centered_gamma=False,
         untie_embeddings_and_output_weights=True,

@@ -31,7 +31,8 @@ def register(subparsers: Any) -> None:
         "checkpoint with the same families, expert storage, key names, MTP scheme and towers, shrunk "
         "consistently (config rewritten). Deterministic for a seed.",
     )
-    p.add_argument("source", help="checkpoint directory, model.safetensors file, or hub id Org/Name[@rev]")
+    p.add_argument("source", help="checkpoint directory, model.safetensors file, hub id Org/Name[@rev], or a "
+                   "layout JSON written by `mapgen scan --json` (e.g. generated/inputs/*.json)")
     p.add_argument("out", help="output directory (must not exist unless --overwrite)")
     d = SynthOptions()
     p.add_argument("--seed", type=int, default=d.seed)
@@ -69,8 +70,19 @@ def run(args: argparse.Namespace) -> int:
         value = getattr(args, name)
         if value is not None and value < (0 if name == "mtp_depth" else 1):
             raise error("synth.bad-option", f"--{name.replace('_', '-')} must be positive, got {value}")
-    source = read_source(args.source)
-    layout = infer(source)
+    if args.source.endswith(".json") and Path(args.source).is_file():
+        from mapgen.infer.ir import layout_from_json
+
+        try:
+            layout = layout_from_json(Path(args.source).read_text(encoding="utf-8"))
+        except (ValueError, KeyError, TypeError) as exc:
+            raise error("synth.bad-layout", f"not a layout written by `mapgen scan --json`: {exc}",
+                        file=args.source) from None
+        tensors = {}
+    else:
+        source = read_source(args.source)
+        layout = infer(source)
+        tensors = dict(source.tensors)
     options = SynthOptions(
         seed=args.seed,
         layers=args.layers,
@@ -87,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
         shards=args.shards,
         dtype=args.dtype,
     )
-    result = synthesize(layout, options, tensors=source.tensors)
+    result = synthesize(layout, options, tensors=tensors)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))

@@ -79,6 +79,8 @@ SECTIONS: tuple[tuple[str, tuple[str, ...]], ...] = (
 # ConfigField.expr -> (runtime helper the module imports, argument). ``const``/``config`` are literal calls.
 _DERIVED: dict[str, tuple[str, str]] = {
     "head_dim": ("head_dim", "hf"),
+    "rope_scaling": ("rope_scaling", "hf"),
+    "rope_scaling_factor": ("rope_scaling_factor", "hf"),
     "layer_kinds": ("layer_kinds", "layout"),
     "mlp_kinds": ("mlp_kinds", "layout"),
     "mtp_depth": ("mtp_depth", "layout"),

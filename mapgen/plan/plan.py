@@ -16,6 +16,8 @@ from mapgen.plan.rules import Rule
 ConfigExpr = Literal[
     "const",  # value: a Python literal (bool/int/float/str/None)
     "config",  # names: HF config keys tried in order (``text_config`` is searched first); default optional
+    "rope_scaling",  # whether the config asks for Llama-3 RoPE scaling (other scalings are refused)
+    "rope_scaling_factor",  # its factor (8.0 when absent)
     "head_dim",  # ``head_dim`` from the config, else hidden_size // num_attention_heads
     "layer_kinds",  # per-layer mixer kinds from the scanned layout's decoder groups
     "mlp_kinds",  # per-layer MLP kinds from the scanned layout's decoder groups

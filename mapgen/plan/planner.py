@@ -347,6 +347,8 @@ def _config(layout: Layout, zero_centered: bool) -> tuple[ConfigField, ...]:
         cfg("rotary_base", "rope_theta", "rope_parameters.rope_theta", default=10000.0, has_default=True),
         cfg("rotary_percent", "partial_rotary_factor", "rope_parameters.partial_rotary_factor", default=1.0,
             has_default=True),
+        ConfigField("rope_scaling", "rope_scaling", comment="Llama-3 RoPE scaling; other scalings are refused"),
+        ConfigField("rope_scaling_factor", "rope_scaling_factor"),
         cfg("norm_epsilon", "rms_norm_eps", "layer_norm_eps", default=1e-6, has_default=True),
         const("layernorm_zero_centered_gamma", zero_centered,
               "HF norms compute (1 + w) * x" if zero_centered else ""),

@@ -20,6 +20,8 @@ from mapgen.runtime.bridge import (
     mtp_depth,
     mtp_layer_kind,
     mtp_mlp_kind,
+    rope_scaling,
+    rope_scaling_factor,
 )
 
 
@@ -32,6 +34,8 @@ def evaluate_field(field: ConfigField, hf: HFConfig, layout: Layout) -> Any:
         return hf.get(*field.names)
     derived = {
         "head_dim": lambda: head_dim(hf),
+        "rope_scaling": lambda: rope_scaling(hf),
+        "rope_scaling_factor": lambda: rope_scaling_factor(hf),
         "layer_kinds": lambda: layer_kinds(layout),
         "mlp_kinds": lambda: mlp_kinds(layout),
         "mtp_depth": lambda: mtp_depth(layout),

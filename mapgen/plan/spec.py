@@ -36,6 +36,8 @@ class ModelSpec:
     attention_output_gate: bool = False
     rotary_base: float = 10000.0
     rotary_percent: float = 1.0
+    rope_scaling: bool = False  # Llama-3 style frequency scaling (megatron-core GPTModel rope_scaling)
+    rope_scaling_factor: float = 8.0
     # -- norms / activations -----------------------------------------------------------------------------
     normalization: Literal["RMSNorm", "LayerNorm"] = "RMSNorm"
     norm_epsilon: float = 1e-6

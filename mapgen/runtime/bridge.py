@@ -29,6 +29,8 @@ __all__ = [
     "mtp_depth",
     "mtp_layer_kind",
     "mtp_mlp_kind",
+    "rope_scaling",
+    "rope_scaling_factor",
 ]
 
 _MISSING = object()
@@ -85,6 +87,43 @@ def head_dim(hf: HFConfig) -> int:
     if value is None:
         value = int(hf.get("hidden_size")) // int(hf.get("num_attention_heads"))
     return int(value)
+
+
+_LLAMA3_DEFAULTS = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+
+
+def _rope(hf: HFConfig) -> dict[str, Any] | None:
+    """The config's RoPE scaling dict (``rope_scaling`` or transformers 5's ``rope_parameters``), None when it
+    is plain RoPE. Scalings megatron-core cannot reproduce are refused instead of silently ignored."""
+    for name in ("rope_scaling", "rope_parameters"):
+        value = hf.get(name, default=None)
+        if isinstance(value, Mapping):
+            kind = value.get("rope_type") or value.get("type") or "default"
+            if kind == "default":
+                continue
+            if kind == "llama3" and all(
+                float(value.get(k, v)) == v for k, v in _LLAMA3_DEFAULTS.items()
+            ):
+                return dict(value)
+            from mapgen.errors import error
+
+            raise error(
+                "config.unsupported-rope",
+                f"RoPE scaling {kind!r} with {dict(value)} has no megatron-core equivalent here",
+                file=hf.source, key=name,
+                expected="plain RoPE, or llama3 scaling with low/high frequency factors 1/4 over 8192 positions",
+                hint="converting anyway would change the model's outputs; add support for this scaling first",
+            )
+    return None
+
+
+def rope_scaling(hf: HFConfig) -> bool:
+    return _rope(hf) is not None
+
+
+def rope_scaling_factor(hf: HFConfig) -> float:
+    rope = _rope(hf)
+    return float(rope.get("factor", 8.0)) if rope else 8.0
 
 
 def _mixer_kind(group: LayerGroup) -> LayerKind:

@@ -632,6 +632,8 @@ def build_model(
             position_embedding_type="rope",
             rotary_percent=spec.rotary_percent,
             rotary_base=int(spec.rotary_base),
+            rope_scaling=spec.rope_scaling,
+            rope_scaling_factor=spec.rope_scaling_factor,
             mtp_block_spec=_mtp_spec(spec, config, vp_stage),
             vp_stage=vp_stage,
         )
