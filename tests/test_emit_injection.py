@@ -19,7 +19,8 @@ from mapgen.emit.render import render, validate_python
 from mapgen.errors import MapgenError
 from mapgen.plan.planner import plan
 
-ALLOWED_CALLS = {"Bridge", "ModelSpec", "Rule", "hf.get", "head_dim", "layer_kinds", "mlp_kinds"}
+ALLOWED_CALLS = {"Bridge", "ModelSpec", "Rule", "hf.get", "head_dim", "layer_kinds", "mlp_kinds", "rope_scaling",
+                 "rope_scaling_factor"}
 
 
 def _calls(tree: ast.AST) -> set[str]:

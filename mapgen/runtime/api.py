@@ -596,7 +596,7 @@ def export_megatron(ckpt: Path, out: Path, par: Parallel, *, source_path: str | 
     check_parallel(binding.spec, par, world_from_env())
     with parallel_context(par):
         log(f"mapgen export: {ckpt} -> {out} ({par.describe()})")
-        model = build(binding, par)
+        model = build(binding, par, initialize=False)  # every tensor comes from the checkpoint (strict load)
         release = ckpt / "release" if (ckpt / "release").is_dir() else ckpt
         check_dist_checkpoint(release)  # megatron/torch unpickle .metadata and common.pt: data types only
         load_dist_checkpoint(model, release)

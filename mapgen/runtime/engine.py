@@ -149,7 +149,10 @@ def load_model(model: torch.nn.Module, binding: Binding, reader: Any, coords: Co
     written: dict[str, int] = defaultdict(int)
     stats = Stats()
     with torch.no_grad():
-        for i, (_, _, local, inst) in enumerate(plan):
+        release = getattr(reader, "release_below", None)
+        for i, (shard_rank, _, local, inst) in enumerate(plan):
+            if release is not None:
+                release(shard_rank)
             target = params[local]
             try:
                 value = P.load(inst.rule, inst.hf, binding.spec, coords.shard(inst.rule), reader, expert=inst.expert)

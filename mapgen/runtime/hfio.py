@@ -103,6 +103,13 @@ class SafetensorsReader:
         shard = self.weight_map.get(key)
         return self.shard_order.index(shard) if shard in self.shard_order else len(self.shard_order)
 
+    def release_below(self, rank: int) -> None:
+        """Close the shards that come before ``rank`` in shard order. The loader reads in shard order, so
+        it never needs them again; unmapping them keeps resident memory to the shards in use."""
+        for shard in list(self._handles):
+            if self.shard_order.index(shard) < rank:
+                del self._handles[shard]
+
     def shape(self, key: str) -> tuple[int, ...]:
         return tuple(self._handle(key).get_slice(key).get_shape())
 

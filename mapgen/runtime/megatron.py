@@ -81,6 +81,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import datetime
 import functools
 import os
 import socket
@@ -218,6 +219,12 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _dist_timeout() -> datetime.timedelta:
+    """How long a collective may wait for a peer: ``MAPGEN_DIST_TIMEOUT`` seconds (default 1800, torch's).
+    Tests set it low so that a desynchronised worker fails the run instead of hanging it."""
+    return datetime.timedelta(seconds=float(os.environ.get("MAPGEN_DIST_TIMEOUT", "1800")))
+
+
 def _ensure_process_group(backend: str | None) -> None:
     import torch.distributed as dist
 
@@ -227,7 +234,7 @@ def _ensure_process_group(backend: str | None) -> None:
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # torchrun or a caller-provided env
         if backend == "nccl" and "LOCAL_RANK" in os.environ:
             torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-        dist.init_process_group(backend)
+        dist.init_process_group(backend, timeout=_dist_timeout())
     else:
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         if "MASTER_PORT" not in os.environ:
