@@ -84,8 +84,10 @@ def assert_case(results: dict[str, list[dict[str, Any]]], name: str, *, logits: 
     assert r0["mismatches"] == [], f"{name}: {r0['mismatches'][:10]}"
     lg = r0.get("logits")
     if logits == "ok":
-        assert lg is not None and not lg.get("skipped"), f"{name}: logits not compared: {lg}"
-        assert lg["ok"] and lg["max_abs"] <= 1e-4, f"{name}: logits differ by {lg['max_abs']}"
+        assert lg is not None, f"{name}: logits not compared"
+        assert not lg.get("skipped"), f"{name}: logits not compared: {lg}"
+        assert lg["ok"], f"{name}: logits differ by {lg['max_abs']}"
+        assert lg["max_abs"] <= 1e-4, f"{name}: logits differ by {lg['max_abs']}"
     elif logits == "skipped":
         assert lg is None or lg.get("skipped"), lg
     return r0

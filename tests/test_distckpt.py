@@ -35,7 +35,8 @@ def test_tp2_ep2_checkpoint_exports_at_tp1_to_the_same_tensors(tmp_path: Path) -
     assert (ckpt / "latest_checkpointed_iteration.txt").read_text().strip() == "release"
     assert (ckpt / "release" / ".metadata").is_file()
     meta = json.loads((ckpt / "mapgen.json").read_text())
-    assert meta["parallel"]["tp"] == 2 and meta["parallel"]["ep"] == 2
+    assert meta["parallel"]["tp"] == 2
+    assert meta["parallel"]["ep"] == 2
     assert not list(tmp_path.glob(".mcore.partial-*"))
 
     out = tmp_path / "back"
@@ -60,5 +61,6 @@ def test_export_refuses_an_existing_output_and_keeps_it(tmp_path: Path) -> None:
     (out / "keep.txt").write_text("mine")
     done = _mapgen("export", str(ckpt), str(out))
     assert done.returncode != 0
-    assert "output.exists" in done.stderr and "Traceback" not in done.stderr
+    assert "output.exists" in done.stderr
+    assert "Traceback" not in done.stderr
     assert (out / "keep.txt").read_text() == "mine"

@@ -4,8 +4,6 @@ transformers runs the architecture as a causal LM with all its weights, matches 
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from tests.runtime_support import REPO, Case, assert_case, run_cases, synth

@@ -45,9 +45,9 @@ def sources(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def results(sources: dict[str, Path]) -> dict[str, list[dict[str, object]]]:
     cases = []
     for name, path in sources.items():
-        for pname, kw in PARALLEL.items():
-            if pname == "ep2" and name in ("qwen3-dense-mtp2", "mimo"):
-                kw = {"tp": 1, "pp": 2}  # dense models have no experts: the second layout is PP=2
+        for pname, layout in PARALLEL.items():
+            # dense models have no experts: their second layout is PP=2
+            kw = {"tp": 1, "pp": 2} if pname == "ep2" and name in ("qwen3-dense-mtp2", "mimo") else layout
             logits = name in LOGITS and "pp" not in kw
             cases.append(Case(f"{name}-{pname}", str(path), logits=logits, **kw))
     return run_cases(cases)

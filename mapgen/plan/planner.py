@@ -321,7 +321,9 @@ def _config(layout: Layout, zero_centered: bool) -> tuple[ConfigField, ...]:
     gdn = any(isinstance(g.mixer, GatedDeltaNet) for g in groups)
     a0 = attns[0] if attns else None
 
-    def cfg(field: str, *names: str, default: object = None, has_default: bool = False, comment: str = "") -> ConfigField:
+    def cfg(
+        field: str, *names: str, default: object = None, has_default: bool = False, comment: str = ""
+    ) -> ConfigField:
         return ConfigField(field, "config", names=names, default=default, has_default=has_default,  # type: ignore[arg-type]
                            comment=comment)
 

@@ -38,7 +38,7 @@ def group_names(names: Iterable[str]) -> list[str]:
             values = sorted({t[pos] for t in tuples})
             ranges: list[str] = []
             start = prev = values[0]
-            for v in values[1:] + [None]:  # type: ignore[list-item]
+            for v in [*values[1:], None]:  # type: ignore[list-item]
                 if v is not None and v == prev + 1:
                     prev = v
                     continue
@@ -146,9 +146,9 @@ def check_bijection(instances: list[Instance], megatron: Mapping[str, tuple[int,
 
 def prove(plan: BridgePlan, layout: Layout) -> Proof:
     """Prove ``plan`` against the installed megatron-core for ``layout`` (its stored config gives sizes)."""
+    from mapgen.plan.recipe import model_spec_for_plan
     from mapgen.runtime.bridge import HFConfig
     from mapgen.runtime.megatron import enumerate_parameters, mtp_inner_name
-    from mapgen.plan.recipe import model_spec_for_plan
 
     spec = model_spec_for_plan(plan, HFConfig(layout.config), layout)
     megatron = enumerate_parameters(spec)

@@ -133,7 +133,7 @@ def load_model(model: torch.nn.Module, binding: Binding, reader: Any, coords: Co
     names = _global_names(model)
     problems: list[Diagnostic] = []
     plan: list[tuple[int, str, str, Instance]] = []
-    for local, tensor in params.items():
+    for local, _tensor in params.items():
         glob = names.get(local, local)
         inst = binding.by_megatron.get(glob)
         if inst is None:
@@ -272,7 +272,7 @@ def iter_hf_tensors(models: list[torch.nn.Module] | torch.nn.Module, binding: Bi
         raise MapgenError([Diagnostic("error", "export.missing", "no rank holds this Megatron parameter", key=n)
                            for n in missing])
 
-    instances = [i for i in binding.instances]
+    instances = list(binding.instances)
     rule_pos = {id(r): k for k, r in enumerate(binding.rules)}
     instances.sort(key=order or (lambda i: (rule_pos[id(i.rule)], i.layer or 0, i.expert or 0)))
 
