@@ -108,8 +108,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; OUT gets ordinary permissions
         (tmp / "config.json").write_text(json.dumps(result.config, indent=2) + "\n", encoding="utf-8", newline="\n")
-        for name, tensors in result.shards.items():
-            save_file(tensors, str(tmp / name), metadata={"format": "pt"})
+        for name, shard_tensors in result.shards.items():
+            save_file(shard_tensors, str(tmp / name), metadata={"format": "pt"})
         (tmp / "model.safetensors.index.json").write_text(
             json.dumps(result.index, indent=2, sort_keys=True) + "\n", encoding="utf-8", newline="\n"
         )

@@ -173,10 +173,10 @@ def rule_instances(rule: Rule, layout: Layout, mtp_inner: str) -> Iterator[Insta
         yield Instance(rule, fill(rule.megatron, None, None), tuple(fill(h, None, None) for h in rule.hf),
                        None, None, None)
         return
-    experts = range(_experts_of(group).num_experts) if (rule.experts and group is not None
-                                                         and _experts_of(group)) else [None]
-    if rule.experts and experts == [None]:
+    moe = _experts_of(group) if group is not None else None
+    if rule.experts and moe is None:
         raise KeyError(f"rule {rule.megatron!r} ranges over experts but domain {rule.domain!r} has no MoE block")
+    experts: list[int | None] = list(range(moe.num_experts)) if rule.experts and moe is not None else [None]
     for layer in layers:
         for expert in experts:
             yield Instance(rule, fill(rule.megatron, layer, expert), tuple(fill(h, layer, expert) for h in rule.hf),

@@ -38,7 +38,7 @@ def group_names(names: Iterable[str]) -> list[str]:
             values = sorted({t[pos] for t in tuples})
             ranges: list[str] = []
             start = prev = values[0]
-            for v in [*values[1:], None]:  # type: ignore[list-item]
+            for v in [*values[1:], None]:
                 if v is not None and v == prev + 1:
                     prev = v
                     continue

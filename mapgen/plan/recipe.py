@@ -7,6 +7,7 @@ and this evaluator agree on every stored input.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from mapgen.infer.ir import Layout
@@ -32,7 +33,7 @@ def evaluate_field(field: ConfigField, hf: HFConfig, layout: Layout) -> Any:
         if field.has_default:
             return hf.get(*field.names, default=field.default)
         return hf.get(*field.names)
-    derived = {
+    derived: dict[str, Callable[[], Any]] = {
         "head_dim": lambda: head_dim(hf),
         "rope_scaling": lambda: rope_scaling(hf),
         "rope_scaling_factor": lambda: rope_scaling_factor(hf),

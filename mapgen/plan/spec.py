@@ -76,7 +76,8 @@ class ModelSpec:
 
     @property
     def kinds(self) -> tuple[LayerKind, ...]:
-        return self.layer_kinds or ("attention",) * self.num_layers
+        attention: LayerKind = "attention"
+        return self.layer_kinds or tuple(attention for _ in range(self.num_layers))
 
     @property
     def mlps(self) -> tuple[MlpKind, ...]:

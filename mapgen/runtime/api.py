@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
@@ -130,7 +130,7 @@ def bridge_for(layout: Layout) -> Bridge:
     import generated
     from mapgen.plan.planner import fingerprint
 
-    return generated.get_bridge(fingerprint(layout), layout=layout)  # type: ignore[no-any-return]
+    return generated.get_bridge(fingerprint(layout), layout=layout)
 
 
 def bind(layout: Layout, bridge: Bridge | None = None) -> Binding:
@@ -182,10 +182,13 @@ def preflight(source_path: str | None, par: Parallel, world: int, *, out: Path |
         prepare_target(Path(out), overwrite=overwrite, sources=sources)
 
 
-def build(binding: Binding, par: Parallel, *, device: str = "cpu", initialize: bool = True) -> torch.nn.Module:
+def build(binding: Binding, par: Parallel, *, device: Literal["cpu", "meta", "cuda"] = "cpu",
+          initialize: bool = True) -> torch.nn.Module:
     from mapgen.runtime.megatron import build_model
 
-    return build_model(model_spec_for_parallel(binding.spec, par), device=device, initialize=initialize)
+    model: torch.nn.Module = build_model(model_spec_for_parallel(binding.spec, par), device=device,
+                                         initialize=initialize)
+    return model
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -447,9 +450,10 @@ def _write_known_layout(stream: Iterator[tuple[str, torch.Tensor]], writer: Shar
                 done.add(shard)
 
     for key, tensor in stream:
-        shard = weight_map.get(key)
-        if shard is None:
+        found = weight_map.get(key)
+        if found is None:
             raise error("export.unknown-key", "the bridge produced a key the target layout does not have", key=key)
+        shard = found
         if key in pending.get(shard, {}) or shard in done:
             raise error("export.duplicate-key", "the bridge produced this key twice", key=key)
         pending[shard][key] = tensor

@@ -118,7 +118,7 @@ class SafetensorsReader:
 
     def read(self, key: str, index: tuple[slice | int, ...] = ()) -> torch.Tensor:
         sl = self._handle(key).get_slice(key)
-        tensor = sl[index] if index else sl[:]
+        tensor: torch.Tensor = sl[index] if index else sl[:]
         if tensor.dim() == 0 and not index:
             tensor = self._handle(key).get_tensor(key)
         self.bytes_read += tensor.numel() * tensor.element_size()

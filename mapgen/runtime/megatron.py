@@ -369,7 +369,7 @@ def _single_rank_state() -> Iterator[None]:
     if created_pg:
         # A private, in-process 1-rank group: never the launcher's world (RANK/WORLD_SIZE may be set by
         # torchrun for the real job) and no TCP port that could collide with its store.
-        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)  # type: ignore[attr-defined]
     try:
         ps.initialize_model_parallel()
         yield
@@ -784,8 +784,9 @@ def logits(model: GPTModel, input_ids: torch.Tensor) -> torch.Tensor:
         parts = [torch.empty_like(out) for _ in range(tp)]
         dist.all_gather(parts, out.contiguous(), group=ps.get_tensor_model_parallel_group())
         out = torch.cat(parts, dim=-1)
-    vocab = getattr(model, "mapgen_vocab_size", out.shape[-1])
-    return out[..., :vocab]
+    vocab = int(getattr(model, "mapgen_vocab_size", out.shape[-1]))
+    result: torch.Tensor = out[..., :vocab]
+    return result
 
 
 # -- distributed checkpoints -----------------------------------------------------------------------------

@@ -45,8 +45,9 @@ def transformers_logits(root: Path, input_ids: torch.Tensor) -> tuple[torch.Tens
     try:
         import transformers
 
-        model, info = transformers.AutoModelForCausalLM.from_pretrained(
+        loaded: Any = transformers.AutoModelForCausalLM.from_pretrained(
             str(root), dtype=torch.float32, attn_implementation="eager", output_loading_info=True)
+        model, info = loaded
     except Exception as exc:
         return None, f"transformers cannot run it as a causal LM: {type(exc).__name__}: {str(exc)[:200]}"
     missing = sorted(info.get("missing_keys") or [])
