@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 import socket
+import sys
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -338,6 +339,41 @@ class parallel_context:
             ps.destroy_model_parallel()
 
 
+class progress_bar:
+    """A tqdm bar on rank 0 when stderr is a terminal (or ``MAPGEN_PROGRESS=1``); otherwise silent.
+    Called as ``bar(done, total)``."""
+
+    def __init__(self, what: str, total: int) -> None:
+        rank0 = not dist.is_initialized() or dist.get_rank() == 0
+        wanted = os.environ.get("MAPGEN_PROGRESS", "1" if sys.stderr.isatty() else "0") == "1"
+        self._bar: Any = None
+        if rank0 and wanted:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total or None, desc=what, unit="tensor", leave=False)
+
+    def __enter__(self) -> Callable[[int, int], None] | None:
+        return self if self._bar is not None else None
+
+    def __call__(self, done: int, total: int) -> None:
+        self._bar.n = done
+        if done == total or done % 64 == 0:
+            self._bar.refresh()
+
+    def __exit__(self, *exc: object) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
+def _counted(stream: Iterator[tuple[str, torch.Tensor]], what: str) -> Iterator[tuple[str, torch.Tensor]]:
+    bar = progress_bar(what, 0)
+    with bar as tick:
+        for i, item in enumerate(stream, 1):
+            if tick is not None:
+                tick(i, 0)
+            yield item
+
+
 def log(message: str) -> None:
     """Progress on rank 0 only."""
     if not dist.is_initialized() or dist.get_rank() == 0:
@@ -355,7 +391,8 @@ def load_hf(source: HFSource, par: Parallel, *, bridge: Bridge | None = None) ->
     model = build(binding, par, initialize=False)
     reader = SafetensorsReader(source.root, source.weight_map)
     try:
-        stats = load_model(model, binding, reader)
+        with progress_bar("HF -> Megatron", len(binding.by_megatron)) as bar:
+            stats = load_model(model, binding, reader, progress=bar)
     finally:
         reader.close()
     return model, binding, stats
@@ -403,6 +440,8 @@ def export_hf(models: list[torch.nn.Module] | torch.nn.Module, binding: Binding,
                     f"({', '.join(t.name for t in layout.towers)}) that live only in the source checkpoint",
                     hint="pass --source with the original HF checkpoint")
     stream = stream_hf(models, binding, target=target)
+    if coords.rank == 0:
+        stream = _counted(stream, "Megatron -> HF")
     if coords.rank != 0:
         for _ in stream:
             pass
