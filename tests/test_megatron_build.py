@@ -329,7 +329,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
 def test_two_processes_tp2_ep2_pp2_forward_and_dist_checkpoint(tmp_path):
     import torch.multiprocessing as mp
 
-    port = M._free_port()
+    port = M.free_port()
     mp.spawn(_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
 

@@ -91,9 +91,9 @@ def test_verify_under_torchrun(tmp_path: Path) -> None:
 
     torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
     src = tiny.write("qwen3", tmp_path / "hf")
-    from mapgen.runtime.api import _free_port
+    from mapgen.runtime._net import free_port
 
-    port = str(_free_port())
+    port = str(free_port())
     done = subprocess.run([torchrun, "--nproc-per-node", "2", "--master-port", port, "-m", "mapgen", "verify",
                            str(src), "--tp", "2"], capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 0, done.stderr[-3000:]

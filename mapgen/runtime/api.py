@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -31,6 +30,7 @@ from mapgen.errors import Diagnostic, MapgenError, error
 from mapgen.infer.ir import Layout, layout_from_json, layout_to_json
 from mapgen.plan.expand import tower_keys
 from mapgen.plan.spec import ModelSpec
+from mapgen.runtime._net import free_port as _free_port
 from mapgen.runtime.bridge import Bridge, HFConfig
 from mapgen.runtime.engine import Binding, Coords, Stats, iter_hf_tensors, load_model, shard_order
 from mapgen.runtime.hfio import (
@@ -102,25 +102,18 @@ class HFSource:
             raise error("checkpoint.missing-shard", "no shard file of the index is in the directory (metadata only)",
                         file=str(root), expected=", ".join(src.shards[:3]) + (", ..." if len(src.shards) > 3 else ""),
                         hint="download the weights; `mapgen scan` works on metadata alone, conversion does not")
-        weight_map, meta = read_weight_map(root)
+        # The scan already parsed the index and every shard header: reuse its weight map and dtypes.
+        weight_map = {key: info.shard for key, info in src.tensors.items()}
+        dtypes = {key: info.dtype for key, info in src.tensors.items() if info.dtype is not None}
         reader = SafetensorsReader(root, weight_map)
-        dtypes = {}
-        shard_meta = {}
-        for shard in dict.fromkeys(weight_map.values()):
-            shard_meta[shard] = reader.header_metadata(shard)
-        for key in weight_map:
-            dtypes[key] = _st_name(reader.dtype(key))
+        shard_meta = {shard: reader.header_metadata(shard) for shard in dict.fromkeys(weight_map.values())}
         reader.close()
-        return cls(root, layout, weight_map, meta, dtypes, shard_meta,
+        return cls(root, layout, weight_map, dict(src.index_metadata), dtypes, shard_meta,
                    single_file=not (root / INDEX_NAME).is_file())
 
     def to_meta(self) -> dict[str, Any]:
         return {"weight_map": self.weight_map, "index_metadata": self.index_metadata, "dtypes": self.dtypes,
                 "shard_metadata": self.shard_metadata, "single_file": self.single_file}
-
-
-def _st_name(dtype: torch.dtype) -> str:
-    return {v: k for k, v in DTYPES.items()}[dtype]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -197,12 +190,6 @@ def build(binding: Binding, par: Parallel, *, device: Literal["cpu", "meta", "cu
 # ---------------------------------------------------------------------------------------------------------
 def world_from_env() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _spawn_entry(rank: int, world: int, port: int, fn: Callable[..., Any], args: tuple[Any, ...],

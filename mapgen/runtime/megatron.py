@@ -84,7 +84,6 @@ import copy
 import datetime
 import functools
 import os
-import socket
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, fields, is_dataclass
 from typing import TYPE_CHECKING, Any, Literal
@@ -102,6 +101,7 @@ from mapgen.runtime._names import (
     te_to_local_name,
     te_to_local_names,
 )
+from mapgen.runtime._net import free_port
 
 if TYPE_CHECKING:
     from megatron.core.models.gpt import GPTModel
@@ -141,9 +141,11 @@ Device = Literal["meta", "cpu", "cuda"]
 
 
 def padded_vocab_size(vocab_size: int, tp: int = 1, divisible_by: int = 1) -> int:
-    """Smallest multiple of ``divisible_by * tp`` >= ``vocab_size`` (Megatron-LM's rule)."""
-    m = divisible_by * tp
-    return -(-vocab_size // m) * m
+    """Smallest multiple of ``divisible_by * tp`` >= ``vocab_size`` (Megatron-LM's rule; the one formula lives
+    in :func:`mapgen.runtime.primitives.padded_vocab`, which the loader's vocab slicing uses too)."""
+    from mapgen.runtime.primitives import padded_vocab
+
+    return padded_vocab(vocab_size, tp, divisible_by)
 
 
 def check_divisibility(
@@ -213,12 +215,6 @@ class _PG:
     set_env: list[str] = []  # noqa: RUF012 -- process-wide
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _dist_timeout() -> datetime.timedelta:
     """How long a collective may wait for a peer: ``MAPGEN_DIST_TIMEOUT`` seconds (default 1800, torch's).
     Tests set it low so that a desynchronised worker fails the run instead of hanging it."""
@@ -238,7 +234,7 @@ def _ensure_process_group(backend: str | None) -> None:
     else:
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         if "MASTER_PORT" not in os.environ:
-            os.environ["MASTER_PORT"] = str(_free_port())
+            os.environ["MASTER_PORT"] = str(free_port())
             _PG.set_env.append("MASTER_PORT")
         dist.init_process_group(backend, rank=0, world_size=1)
     _PG.owned = True

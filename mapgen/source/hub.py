@@ -155,6 +155,21 @@ def read_hub(repo_id: str, revision: str | None = None, *, headers: bool = False
 
     # No index: a single-file checkpoint. The key list itself must come from the header.
     weight_map, known, meta = _guard(lambda: _remote_headers(repo_id, revision), repo_id=repo_id, filename=SINGLE_NAME)
+    return _single_file_source(weight_map, known, meta, origin=origin, config=config, snapshot=snapshot)
+
+
+def _single_cached(path: Path, *, origin: str, config: dict[str, Any], snapshot: Path) -> Source:
+    header = read_header(path, display=SINGLE_NAME)
+    weight_map = dict.fromkeys(header, SINGLE_NAME)
+    return _single_file_source(weight_map, {SINGLE_NAME: header}, {}, origin=origin, config=config,
+                               snapshot=snapshot)
+
+
+def _single_file_source(
+    weight_map: dict[str, str], known: dict[str, dict[str, HeaderEntry]], meta: dict[str, Any], *, origin: str,
+    config: dict[str, Any], snapshot: Path,
+) -> Source:
+    """A hub checkpoint without an index: its one header (cached or fetched) gives the key list."""
     return build_source(
         origin=origin,
         kind="hub",
@@ -168,23 +183,4 @@ def read_hub(repo_id: str, revision: str | None = None, *, headers: bool = False
         allowed_roots=(),
         headers=True,
         known_headers=known,
-    )
-
-
-def _single_cached(path: Path, *, origin: str, config: dict[str, Any], snapshot: Path) -> Source:
-    header = read_header(path, display=SINGLE_NAME)
-    weight_map = dict.fromkeys(header, SINGLE_NAME)
-    return build_source(
-        origin=origin,
-        kind="hub",
-        root=snapshot,
-        config=config,
-        weight_map=weight_map,
-        index_doc={"metadata": {}, "weight_map": weight_map},
-        index_metadata={},
-        index_display=SINGLE_NAME,
-        shard_dir=None,
-        allowed_roots=(),
-        headers=True,
-        known_headers={SINGLE_NAME: header},
     )
