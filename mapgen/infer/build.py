@@ -17,6 +17,19 @@ from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 from mapgen.errors import Diagnostic, MapgenError
+from mapgen.families.embedding import EMBEDDING
+from mapgen.families.model_types import facts_for
+from mapgen.families.mtp import (
+    EXTRA_LAYER_MARKER,
+    EXTRA_LAYERS,
+    MTP_BLOCK,
+    MTP_BLOCK_BASES,
+    MTP_COUNT_KEYS,
+    MTP_LAYERS,
+    MTP_LAYERS_BASE,
+    SCHEMES,
+)
+from mapgen.families.norms import NORMS
 from mapgen.infer.ir import (
     MLA,
     MTP,
@@ -66,7 +79,6 @@ _QUANT_SUFFIXES = (
     ".scales", ".biases", "weight_scale_inv", ".weight_scale", ".input_scale", ".qweight", ".qzeros", ".g_idx",
     "_blocks",
 )  # fmt: skip
-_MTP_COUNT_KEYS = ("mtp_num_hidden_layers", "num_nextn_predict_layers", "mtp_num_layers")
 _EXPERT_COUNT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts")
 _ATTENTION_TYPES = {"full_attention", "sliding_attention", "attention", "chunked_attention"}
 
@@ -229,8 +241,8 @@ def classify_layer(
 
     mixer = recognise_mixer(pool, shape0, ctx, sliding=sliding)
     mlp = recognise_mlp(pool, shape0, ctx, ids, problems)
-    input_norm = pool.take("input_layernorm.weight")
-    post_norm = pool.take("post_attention_layernorm.weight")
+    input_norm = next((n for s in NORMS.slot("input_norm").spellings if (n := pool.take(s))), None)
+    post_norm = next((n for s in NORMS.slot("post_attention_norm").spellings if (n := pool.take(s))), None)
     leftover = sorted(s for t in pool.avail for s in folded[t])
     result = LayerResult(mixer, mlp, input_norm, post_norm, tuple(leftover))
     if not result.complete:  # a partial layer is not a layer: every key in it stays unclassified
@@ -311,7 +323,7 @@ def _context(cfg: Config) -> Context:
     types = tuple(dict.fromkeys(t for t in (cfg.text_model_type, cfg.model_type) if t))
     gate = cfg.get("attn_output_gate")
     if not isinstance(gate, bool):
-        gate = any(t.startswith(("qwen3_5", "qwen3_next")) for t in types)
+        gate = facts_for(types).output_gate
     return Context(model_types=types, num_experts=cfg.int(*_EXPERT_COUNT_KEYS) or None, output_gate=gate)
 
 
@@ -377,13 +389,13 @@ def infer(source: Source) -> Layout:
         return None
 
     # -- top level ----------------------------------------------------------------------------------------
-    embedding = claim(prefix + "embed_tokens.weight")
-    final_norm = claim(prefix + "norm.weight")
+    embedding = next((k for s in EMBEDDING.slot("embedding").spellings if (k := claim(prefix + s))), None)
+    final_norm = next((k for s in EMBEDDING.slot("final_norm").spellings if (k := claim(prefix + s))), None)
     parent = prefix.removesuffix("model.") if prefix.endswith("model.") else ""
     lm_head = next(
-        (k for k in ("lm_head.weight", parent + "lm_head.weight", prefix + "lm_head.weight") if claim(k)), None
+        (k for s in EMBEDDING.slot("lm_head").spellings for r in ("", parent, prefix) if (k := claim(r + s))), None
     )
-    for name, found in (("embedding", embedding), ("final norm", final_norm)):
+    for name, slot, found in (("embedding", "embedding", embedding), ("final norm", "final_norm", final_norm)):
         if found is None:
             findings.add(
                 Diagnostic(
@@ -391,7 +403,7 @@ def infer(source: Source) -> Layout:
                     "keys.missing-top-level",
                     f"no {name} tensor",
                     file=INDEX_NAME,
-                    expected=prefix + ("embed_tokens.weight" if name == "embedding" else "norm.weight"),
+                    expected=" or ".join(prefix + s for s in EMBEDDING.slot(slot).spellings),
                 )
             )
 
@@ -399,7 +411,7 @@ def infer(source: Source) -> Layout:
     n_cfg = cfg.int("num_hidden_layers", "n_layer", "num_layers")
     layer_types = cfg.get("layer_types")
     layer_types = layer_types if isinstance(layer_types, list) else None
-    extra = sorted(i for i in layer_suffixes if "eh_proj.weight" in layer_suffixes[i])
+    extra = sorted(i for i in layer_suffixes if EXTRA_LAYER_MARKER in layer_suffixes[i])
     n_main = n_cfg if (n_cfg is not None and extra and min(extra) >= n_cfg) else None
     if n_main is None and extra:
         n_main = min(extra)
@@ -448,7 +460,7 @@ def infer(source: Source) -> Layout:
                 "config says tie_word_embeddings=false but there is no lm_head tensor",
                 file=CONFIG,
                 key="tie_word_embeddings",
-                expected="lm_head.weight",
+                expected=EMBEDDING.slot("lm_head").spellings[0],
             )
         )
     elif tie_cfg is True and not tied:
@@ -490,7 +502,7 @@ def infer(source: Source) -> Layout:
         num_layers=num_layers,
         mtp=mtp,
     )
-    mtp_declared = cfg.int(*_MTP_COUNT_KEYS) or 0
+    mtp_declared = cfg.int(*MTP_COUNT_KEYS) or 0
     archs = source.config.get("architectures")
     summary = make_summary(
         model_type=cfg.model_type,
@@ -673,21 +685,20 @@ def _mtp(
     findings: Findings,
 ) -> tuple[MTP | None, list[str]]:
     """Find MTP in one of three schemes; returns the node and the MTP keys left unclassified."""
-    declared = cfg.int(*_MTP_COUNT_KEYS) or 0
+    declared = cfg.int(*MTP_COUNT_KEYS) or 0
     keys = [k for k in source.tensors if "mtp" in k]  # every MTP scheme's keys but extra_layers contain "mtp"
     per_depth: dict[int, list[str]] = {}
     scheme = ""
     root = ""
     # Qwen mtp_block: top-level mtp.* (also accepted under the language-model prefix)
-    for base in ("mtp.", prefix + "mtp."):
-        shared_names = [
-            base + n for n in ("fc.weight", "norm.weight", "pre_fc_norm_embedding.weight", "pre_fc_norm_hidden.weight")
-        ]
+    block = MTP_BLOCK
+    for base in (b.format(prefix=prefix) for b in MTP_BLOCK_BASES):
+        shared_names = [base + n for n in (block.eh_proj, block.final_norm, block.enorm, block.hnorm)]
         layer_re = re.compile(re.escape(base) + r"layers\.(0|[1-9][0-9]*)\.(.+)$")
         hits = [(m, k) for k in keys if k.startswith(base) for m in [layer_re.match(k)]]
         if not hits:
             continue
-        scheme, root = "mtp_block", base + "layers.{layer}."
+        scheme, root = block.name, base + "layers.{layer}."
         for m, _ in hits:
             if m is not None:
                 per_depth.setdefault(int(m.group(1)), []).append(m.group(2))
@@ -710,7 +721,7 @@ def _mtp(
         break
     else:
         leftover = []
-        mimo = prefix + "mtp_layers."
+        mimo = MTP_LAYERS_BASE.format(prefix=prefix)
         mimo_re = re.compile(re.escape(mimo) + r"(0|[1-9][0-9]*)\.(.+)$")
         for k in keys:
             m = mimo_re.match(k)
@@ -719,23 +730,15 @@ def _mtp(
             elif k.startswith(mimo):
                 leftover.append(k)
         if per_depth:
-            scheme, root = "mtp_layers", mimo + "{layer}."
-            enorm, hnorm, eh_proj, final_norm = (
-                "token_layernorm.weight",
-                "hidden_layernorm.weight",
-                "input_proj.weight",
-                "final_layernorm.weight",
-            )
+            scheme, root = MTP_LAYERS.name, mimo + "{layer}."
+            y = MTP_LAYERS
+            enorm, hnorm, eh_proj, final_norm = y.enorm, y.hnorm, y.eh_proj, y.final_norm
         elif extra:
-            scheme, root = "extra_layers", prefix + "layers.{layer}."
+            scheme, root = EXTRA_LAYERS.name, prefix + "layers.{layer}."
             assert n_main is not None
             per_depth = {i - n_main: list(layer_suffixes[i]) for i in layer_suffixes if i >= n_main}
-            enorm, hnorm, eh_proj, final_norm = (
-                "enorm.weight",
-                "hnorm.weight",
-                "eh_proj.weight",
-                "shared_head.norm.weight",
-            )
+            x = EXTRA_LAYERS
+            enorm, hnorm, eh_proj, final_norm = x.enorm, x.hnorm, x.eh_proj, x.final_norm
 
     if not scheme:
         if declared:
@@ -746,7 +749,7 @@ def _mtp(
                     f"config declares {declared} MTP layer(s) but the checkpoint has no MTP tensors; "
                     "scanning without MTP",
                     file=CONFIG,
-                    key=next((n for n in _MTP_COUNT_KEYS if cfg.get(n) is not None), ""),
+                    key=next((n for n in MTP_COUNT_KEYS if cfg.get(n) is not None), ""),
                 )
             )
         return None, []
@@ -784,9 +787,10 @@ def _mtp(
             )
         )
 
-    shared = scheme == "mtp_block"
+    spec = next(x for x in SCHEMES if x.name == scheme)
+    shared = spec.shared
     per_depth_names = [] if shared else [enorm, hnorm, eh_proj, final_norm]
-    copies = ["embed_tokens.weight", "shared_head.head.weight"] if scheme == "extra_layers" else []
+    copies = list(spec.copies)
     results: dict[int, LayerResult] = {}
     present_copies: set[str] = set()
     for d, suffixes in sorted(per_depth.items()):
@@ -831,9 +835,9 @@ def _mtp(
             inner=inner_groups,
             shared=shared,
             index_offset=offset,
-            eh_proj_order="hidden_embedding" if scheme == "mtp_layers" else "embedding_hidden",
-            embed_copy="embed_tokens.weight" if "embed_tokens.weight" in present_copies else None,
-            head_copy="shared_head.head.weight" if "shared_head.head.weight" in present_copies else None,
+            eh_proj_order=spec.eh_proj_order,
+            embed_copy=copies[0] if copies and copies[0] in present_copies else None,
+            head_copy=copies[1] if len(copies) > 1 and copies[1] in present_copies else None,
         ),
         leftover,
     )

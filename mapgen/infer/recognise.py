@@ -11,23 +11,23 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Literal, NamedTuple
 
+from mapgen.families import Family, Match
+from mapgen.families.attention import ATTENTION as ATTENTION_FAMILY
+from mapgen.families.dense_mlp import DENSE_MLP as DENSE_MLP_FAMILY
+from mapgen.families.gated_delta_net import GATED_DELTA_NET as GDN_FAMILY
+from mapgen.families.mla import MLA as MLA_FAMILY
+from mapgen.families.model_types import MODEL_TYPES, Orientation
+from mapgen.families.moe import EXPERTS, MOE, SHARED_EXPERT
 from mapgen.infer.ir import MLA, Attention, DenseMLP, Experts, GatedDeltaNet, Mixer, Mlp, MoE, SharedExpert
 
 ShapeOf = Callable[[str], tuple[int, ...] | None]
 """suffix (``{expert}`` filled with 0) -> shape of that tensor in the layer being recognised, if known."""
 
-Orientation = Literal["out_in", "in_out"]
 
-# Packed-expert storage per model_type when no header says otherwise: (orientation, gate/up interleaved).
-# qwen3_vl_moe: [E, hidden, 2*inter] (transposed). gpt_oss: [E, hidden, 2*inter], gate/up columns alternate.
-# qwen3_5_moe (Qwen3.6 MTP experts): [E, 2*inter, hidden] as in transformers' Qwen3_5MoeExperts.
-PACKED_DEFAULTS: dict[str, tuple[Orientation, bool]] = {
-    "qwen3_vl_moe": ("in_out", False),
-    "qwen3_vl_moe_text": ("in_out", False),
-    "gpt_oss": ("in_out", True),
-    "qwen3_5_moe": ("out_in", False),
-    "qwen3_5_moe_text": ("out_in", False),
-}
+def packed_default(model_types: Iterable[str]) -> tuple[Orientation, bool] | None:
+    """Packed-expert storage (orientation, gate/up interleaved) the first listed model type declares."""
+    return next((MODEL_TYPES[t].packed for t in model_types if t in MODEL_TYPES and MODEL_TYPES[t].packed), None)
+
 
 EXPERT_SLOT = "{expert}"
 
@@ -109,98 +109,55 @@ class Problem(NamedTuple):
 
 
 # ---------------------------------------------------------------------------------------------------------
+# The generic matcher: a family's declared roots, variants and slot spellings against a layer's pool
+# ---------------------------------------------------------------------------------------------------------
+def _resolve(pool: Pool, root: str, family: Family, slot: str) -> str | None:
+    """The first spelling of ``slot`` under ``root`` that the pool holds."""
+    return next((root + s for s in family.slot(slot).spellings if root + s in pool.avail), None)
+
+
+def match_family(family: Family, pool: Pool, roots: Iterable[str] | None = None) -> Match | None:
+    """Try ``family``'s variants (in order) under each root; claim the first complete one. A variant is
+    complete when every required slot is present under some spelling and no ``excludes`` spelling is."""
+    for root in family.roots if roots is None else roots:
+        if any(root + x in pool.avail for x in family.excludes):
+            continue
+        for variant in family.variants:
+            found = {slot: _resolve(pool, root, family, slot) for slot in variant.required}
+            if any(v is None for v in found.values()):
+                continue
+            keys = {slot: pool.need(key) for slot, key in found.items() if key is not None}
+            for slot in variant.optional:
+                key = _resolve(pool, root, family, slot)
+                if key is not None:
+                    keys[slot] = pool.need(key)
+            return Match(family, root, variant, keys)
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Mixers
 # ---------------------------------------------------------------------------------------------------------
 def recognise_attention(pool: Pool, shape: ShapeOf, ctx: Context, *, sliding: bool) -> Attention | None:
-    a = "self_attn."
-    if not pool.has(a + "o_proj.weight") or pool.has(a + "kv_a_proj_with_mqa.weight"):
+    m = match_family(ATTENTION_FAMILY, pool)
+    if m is None:
         return None
-    separate = pool.has(*(f"{a}{x}_proj.weight" for x in "qkv"))
-    if not separate and not pool.has(a + "qkv_proj.weight"):
-        return None
-    o = pool.need(a + "o_proj.weight")
-    q = k = v = qkv = None
-    if separate:
-        q, k, v = (pool.need(f"{a}{x}_proj.weight") for x in "qkv")
-    else:
-        qkv = pool.need(a + "qkv_proj.weight")
+    q, o = m.get("q"), m.keys["o"]
     gate = ctx.output_gate
     q_shape, o_shape = (shape(q) if q else None), shape(o)
     if q_shape and o_shape and len(q_shape) == 2 and len(o_shape) == 2:
         gate = q_shape[0] == 2 * o_shape[1]
-    return Attention(
-        o=o,
-        q=q,
-        k=k,
-        v=v,
-        qkv=qkv,
-        q_bias=pool.take(a + "q_proj.bias"),
-        k_bias=pool.take(a + "k_proj.bias"),
-        v_bias=pool.take(a + "v_proj.bias"),
-        qkv_bias=pool.take(a + "qkv_proj.bias"),
-        o_bias=pool.take(a + "o_proj.bias"),
-        q_norm=pool.take(a + "q_norm.weight"),
-        k_norm=pool.take(a + "k_norm.weight"),
-        sinks=pool.take(a + "sinks"),
-        output_gate=gate and q is not None,
-        sliding_window=sliding,
-    )
+    return Attention(**m.keys, output_gate=gate and q is not None, sliding_window=sliding)
 
 
 def recognise_gated_delta_net(pool: Pool) -> GatedDeltaNet | None:
-    g = "linear_attn."
-    core = [g + n for n in ("conv1d.weight", "A_log", "dt_bias", "norm.weight", "out_proj.weight")]
-    split = [g + f"in_proj_{n}.weight" for n in ("qkv", "z", "b", "a")]
-    fused = [g + f"in_proj_{n}.weight" for n in ("qkvz", "ba")]
-    if not pool.has(*core) or not (pool.has(*split) or pool.has(*fused)):
-        return None
-    conv1d, a_log, dt_bias, norm, out_proj = (pool.need(n) for n in core)
-    if pool.has(*split):
-        qkv, z, b, a = (pool.need(n) for n in split)
-        return GatedDeltaNet(
-            conv1d=conv1d,
-            a_log=a_log,
-            dt_bias=dt_bias,
-            norm=norm,
-            out_proj=out_proj,
-            in_proj_qkv=qkv,
-            in_proj_z=z,
-            in_proj_b=b,
-            in_proj_a=a,
-            conv1d_bias=pool.take(g + "conv1d.bias"),
-        )
-    qkvz, ba = (pool.need(n) for n in fused)
-    return GatedDeltaNet(
-        conv1d=conv1d,
-        a_log=a_log,
-        dt_bias=dt_bias,
-        norm=norm,
-        out_proj=out_proj,
-        in_proj_qkvz=qkvz,
-        in_proj_ba=ba,
-        conv1d_bias=pool.take(g + "conv1d.bias"),
-    )
+    m = match_family(GDN_FAMILY, pool)
+    return None if m is None else GatedDeltaNet(**m.keys)
 
 
 def recognise_mla(pool: Pool) -> MLA | None:
-    a = "self_attn."
-    core = [a + n for n in ("kv_a_proj_with_mqa.weight", "kv_a_layernorm.weight", "kv_b_proj.weight", "o_proj.weight")]
-    low_rank = [a + n for n in ("q_a_proj.weight", "q_a_layernorm.weight", "q_b_proj.weight")]
-    if not pool.has(*core) or not (pool.has(*low_rank) or pool.has(a + "q_proj.weight")):
-        return None
-    kv_a, kv_norm, kv_b, o = (pool.need(n) for n in core)
-    if pool.has(*low_rank):
-        q_a, q_norm, q_b = (pool.need(n) for n in low_rank)
-        return MLA(
-            kv_a_proj_with_mqa=kv_a,
-            kv_a_layernorm=kv_norm,
-            kv_b_proj=kv_b,
-            o=o,
-            q_a_proj=q_a,
-            q_a_layernorm=q_norm,
-            q_b_proj=q_b,
-        )
-    return MLA(kv_a_proj_with_mqa=kv_a, kv_a_layernorm=kv_norm, kv_b_proj=kv_b, o=o, q=pool.need(a + "q_proj.weight"))
+    m = match_family(MLA_FAMILY, pool)
+    return None if m is None else MLA(**m.keys)
 
 
 def recognise_mixer(pool: Pool, shape: ShapeOf, ctx: Context, *, sliding: bool) -> Mixer | None:
@@ -212,30 +169,10 @@ def recognise_mixer(pool: Pool, shape: ShapeOf, ctx: Context, *, sliding: bool) 
 # ---------------------------------------------------------------------------------------------------------
 # MLPs
 # ---------------------------------------------------------------------------------------------------------
-_GATE_UP_DOWN = (("gate_proj", "up_proj", "down_proj"), ("w1", "w3", "w2"))
-
-
 def recognise_dense(pool: Pool, p: str) -> DenseMLP | None:
     """A gated MLP under prefix ``p`` (``mlp.``, ``mlp.shared_expert.``, ``mlp.experts.{expert}.``)."""
-    for gate, up, down in _GATE_UP_DOWN:
-        names = (f"{p}{gate}.weight", f"{p}{up}.weight", f"{p}{down}.weight")
-        if pool.has(*names):
-            g, u, d = (pool.need(n) for n in names)
-            return DenseMLP(
-                down=d,
-                gate=g,
-                up=u,
-                gate_bias=pool.take(f"{p}{gate}.bias"),
-                up_bias=pool.take(f"{p}{up}.bias"),
-                down_bias=pool.take(f"{p}{down}.bias"),
-            )
-    if pool.has(p + "gate_up_proj.weight", p + "down_proj.weight"):
-        return DenseMLP(
-            down=pool.need(p + "down_proj.weight"),
-            gate_up=pool.need(p + "gate_up_proj.weight"),
-            down_bias=pool.take(p + "down_proj.bias"),
-        )
-    return None
+    m = match_family(DENSE_MLP_FAMILY, pool, roots=(p,))
+    return None if m is None else DenseMLP(**m.keys)
 
 
 def _orientation(gate_up: tuple[int, ...] | None, down: tuple[int, ...] | None) -> Orientation | None:
@@ -249,165 +186,164 @@ def _orientation(gate_up: tuple[int, ...] | None, down: tuple[int, ...] | None) 
     return None
 
 
-def recognise_experts(
-    pool: Pool, p: str, shape: ShapeOf, ctx: Context, ids: dict[str, dict[str, set[int]]], problems: list[Problem]
-) -> Experts | None:
-    ep = p + "experts."
-    slot = f"{ep}{EXPERT_SLOT}."
-    # -- per expert ---------------------------------------------------------------------------------------
-    if ep in ids:
-        mlp = recognise_dense(pool, slot)
-        if mlp is None:
-            return None
-        per_template = ids[ep]
-        union = set().union(*per_template.values())
-        for name in sorted(pool.avail):  # ``experts.01.``: the same expert id written twice, or not canonically
-            num = name[len(ep) :].split(".", 1)[0] if name.startswith(ep) else ""
-            if num.isdigit() and num.isascii() and num != str(int(num)):
-                dup = int(num) in union
-                problems.append(
-                    Problem(
-                        "error",
-                        "experts.duplicate" if dup else "experts.bad-index",
-                        f"expert index {num!r} " + (f"duplicates expert {int(num)}" if dup else "has a leading zero"),
-                        suffix=name,
-                        expected="expert ids written once each, as 0, 1, 2, ... without leading zeros",
-                    )
-                )
-        packed = [n for n in (ep + "gate_up_proj", ep + "down_proj", ep + "gate_up_proj_blocks") if pool.has(n)]
-        if packed:
+def _per_expert_problems(pool: Pool, ep: str, ctx: Context, per_template: dict[str, set[int]],
+                         problems: list[Problem]) -> int:
+    """Diagnostics of a per-expert block (duplicate/leading-zero ids, mixed storage, missing or extra experts);
+    returns the expert count."""
+    union = set().union(*per_template.values())
+    for name in sorted(pool.avail):  # ``experts.01.``: the same expert id written twice, or not canonically
+        num = name[len(ep) :].split(".", 1)[0] if name.startswith(ep) else ""
+        if num.isdigit() and num.isascii() and num != str(int(num)):
+            dup = int(num) in union
             problems.append(
                 Problem(
                     "error",
-                    "experts.mixed-storage",
-                    f"this block stores experts both per expert ({ep}<e>.*) and packed ({packed[0]})",
-                    suffix=packed[0],
-                    expected="one storage scheme per MoE block: per-expert tensors or packed [E, ...] tensors",
+                    "experts.duplicate" if dup else "experts.bad-index",
+                    f"expert index {num!r} " + (f"duplicates expert {int(num)}" if dup else "has a leading zero"),
+                    suffix=name,
+                    expected="expert ids written once each, as 0, 1, 2, ... without leading zeros",
                 )
             )
-        expected = set(range(ctx.num_experts if ctx.num_experts else max(union) + 1))
-        for template, have in sorted(per_template.items()):
-            for e in sorted(expected - have):
-                problems.append(
-                    Problem(
-                        "error",
-                        "experts.missing",
-                        f"expert {e} has no {template.replace(EXPERT_SLOT, str(e))}",
-                        suffix=template.replace(EXPERT_SLOT, str(e)),
-                        expected=f"experts 0..{len(expected) - 1} each with the same tensors",
-                    )
-                )
-        extra = union - expected
-        if extra:
-            problems.append(
-                Problem(
-                    "error",
-                    "config.experts-mismatch",
-                    f"keys hold experts up to {max(union)} but the config declares {len(expected)} experts",
-                    suffix=f"{ep}{max(extra)}.",
-                    expected=f"expert ids 0..{len(expected) - 1}",
-                )
-            )
-        return Experts(
-            layout="per_expert",
-            num_experts=len(expected),
-            down=mlp.down,
-            gate=mlp.gate,
-            up=mlp.up,
-            gate_up=mlp.gate_up,
-            gate_bias=mlp.gate_bias,
-            up_bias=mlp.up_bias,
-            down_bias=mlp.down_bias,
-        )
-
-    # -- packed -------------------------------------------------------------------------------------------
-    quant: Literal["none", "mxfp4"] = "none"
-    if pool.has(ep + "gate_up_proj", ep + "down_proj"):
-        gate_up, down = pool.need(ep + "gate_up_proj"), pool.need(ep + "down_proj")
-        gate_up_scales = down_scales = None
-    elif pool.has(
-        *(ep + n for n in ("gate_up_proj_blocks", "gate_up_proj_scales", "down_proj_blocks", "down_proj_scales"))
-    ):
-        gate_up, down = pool.need(ep + "gate_up_proj_blocks"), pool.need(ep + "down_proj_blocks")
-        gate_up_scales, down_scales = pool.need(ep + "gate_up_proj_scales"), pool.need(ep + "down_proj_scales")
-        quant = "mxfp4"
-    else:
-        return None
-    gu_shape, down_shape = shape(gate_up), shape(down)
-    count = gu_shape[0] if gu_shape else ctx.num_experts
-    if count is None:
+    packed_names = [ep[: -len(EXPERTS.roots[0])] + r + s for r in EXPERTS.roots
+                    for n in ("gate_up", "down", "gate_up_blocks") for s in EXPERTS.slot(n).spellings]
+    packed = [n for n in packed_names if pool.has(n)]
+    if packed:
         problems.append(
             Problem(
                 "error",
-                "experts.count-unknown",
-                "packed experts but neither a header nor the config gives their number",
-                suffix=gate_up,
-                expected="num_experts / num_local_experts in config.json",
+                "experts.mixed-storage",
+                f"this block stores experts both per expert ({ep}<e>.*) and packed ({packed[0]})",
+                suffix=packed[0],
+                expected="one storage scheme per MoE block: per-expert tensors or packed [E, ...] tensors",
             )
         )
-        count = 0
-    elif gu_shape and ctx.num_experts and gu_shape[0] != ctx.num_experts:
+    expected = set(range(ctx.num_experts if ctx.num_experts else max(union) + 1))
+    for template, have in sorted(per_template.items()):
+        for e in sorted(expected - have):
+            problems.append(
+                Problem(
+                    "error",
+                    "experts.missing",
+                    f"expert {e} has no {template.replace(EXPERT_SLOT, str(e))}",
+                    suffix=template.replace(EXPERT_SLOT, str(e)),
+                    expected=f"experts 0..{len(expected) - 1} each with the same tensors",
+                )
+            )
+    extra = union - expected
+    if extra:
         problems.append(
             Problem(
                 "error",
                 "config.experts-mismatch",
-                f"packed tensor holds {gu_shape[0]} experts but the config declares {ctx.num_experts}",
-                suffix=gate_up,
+                f"keys hold experts up to {max(union)} but the config declares {len(expected)} experts",
+                suffix=f"{ep}{max(extra)}.",
+                expected=f"expert ids 0..{len(expected) - 1}",
             )
         )
-    known = next((PACKED_DEFAULTS[t] for t in ctx.model_types if t in PACKED_DEFAULTS), None)
-    default: tuple[Orientation, bool] = known or ("out_in", False)
-    orientation = _orientation(gu_shape, down_shape) if quant == "none" else None
-    source: Literal["shapes", "model_type_default"] = "shapes"
-    if orientation is None:
-        if known is None:
+    return len(expected)
+
+
+def recognise_experts(
+    pool: Pool, p: str, shape: ShapeOf, ctx: Context, ids: dict[str, dict[str, set[int]]], problems: list[Problem]
+) -> Experts | None:
+    for container in EXPERTS.roots:
+        ep = p + container
+        # -- per expert: the dense MLP's spellings under ``experts.{expert}.`` ------------------------------
+        if ep in ids:
+            mlp = recognise_dense(pool, f"{ep}{EXPERT_SLOT}.")
+            if mlp is None:
+                return None
+            n = _per_expert_problems(pool, ep, ctx, ids[ep], problems)
+            return Experts(layout="per_expert", num_experts=n, down=mlp.down, gate=mlp.gate, up=mlp.up,
+                           gate_up=mlp.gate_up, gate_bias=mlp.gate_bias, up_bias=mlp.up_bias,
+                           down_bias=mlp.down_bias)
+        # -- packed -------------------------------------------------------------------------------------------
+        m = match_family(EXPERTS, pool, roots=(ep,))
+        if m is None:
+            continue
+        quant: Literal["none", "mxfp4"] = "mxfp4" if m.variant.name == "packed_mxfp4" else "none"
+        gate_up = m.keys["gate_up_blocks" if quant == "mxfp4" else "gate_up"]
+        down = m.keys["down_blocks" if quant == "mxfp4" else "down"]
+        gu_shape, down_shape = shape(gate_up), shape(down)
+        count: int | None = gu_shape[0] if gu_shape else ctx.num_experts
+        if count is None:
             problems.append(
                 Problem(
                     "error",
-                    "experts.orientation-unknown",
-                    f"packed experts of model_type {ctx.model_types[:1]} with no shapes to tell [E, out, in] from "
-                    "[E, in, out]",
+                    "experts.count-unknown",
+                    "packed experts but neither a header nor the config gives their number",
                     suffix=gate_up,
-                    expected="shard files present (headers are read), or a model_type with a known default",
+                    expected="num_experts / num_local_experts in config.json",
                 )
             )
-        orientation, source = default[0], "model_type_default"
-    return Experts(
-        layout="packed",
-        num_experts=count,
-        down=down,
-        gate_up=gate_up,
-        gate_up_bias=pool.take(ep + "gate_up_proj_bias"),
-        down_bias=pool.take(ep + "down_proj_bias"),
-        gate_up_scales=gate_up_scales,
-        down_scales=down_scales,
-        orientation=orientation,
-        orientation_source=source,
-        gate_up_interleave=default[1],
-        quant=quant,
-    )
+            count = 0
+        elif gu_shape and ctx.num_experts and gu_shape[0] != ctx.num_experts:
+            problems.append(
+                Problem(
+                    "error",
+                    "config.experts-mismatch",
+                    f"packed tensor holds {gu_shape[0]} experts but the config declares {ctx.num_experts}",
+                    suffix=gate_up,
+                )
+            )
+        known = packed_default(ctx.model_types)
+        default: tuple[Orientation, bool] = known or ("out_in", False)
+        orientation = _orientation(gu_shape, down_shape) if quant == "none" else None
+        source: Literal["shapes", "model_type_default"] = "shapes"
+        if orientation is None:
+            if known is None:
+                problems.append(
+                    Problem(
+                        "error",
+                        "experts.orientation-unknown",
+                        f"packed experts of model_type {ctx.model_types[:1]} with no shapes to tell [E, out, in] "
+                        "from [E, in, out]",
+                        suffix=gate_up,
+                        expected="shard files present (headers are read), or a model_type with a known default",
+                    )
+                )
+            orientation, source = default[0], "model_type_default"
+        return Experts(
+            layout="packed",
+            num_experts=count,
+            down=down,
+            gate_up=gate_up,
+            gate_up_bias=m.get("gate_up_bias"),
+            down_bias=m.get("down_bias"),
+            gate_up_scales=m.get("gate_up_scales"),
+            down_scales=m.get("down_scales"),
+            orientation=orientation,
+            orientation_source=source,
+            gate_up_interleave=default[1],
+            quant=quant,
+        )
+    return None
 
 
 def recognise_mlp(
     pool: Pool, shape: ShapeOf, ctx: Context, ids: dict[str, dict[str, set[int]]], problems: list[Problem]
 ) -> Mlp | None:
-    for p in ("mlp.", "block_sparse_moe.", "feed_forward."):
-        router = next((r for r in (p + "gate.weight", p + "router.weight") if pool.has(r)), None)
+    for p in MOE.roots:
+        router = next((p + s for s in MOE.slot("router").spellings if pool.has(p + s)), None)
         if router is not None:
             experts = recognise_experts(pool, p, shape, ctx, ids, problems)
             if experts is not None:
                 pool.need(router)
-                shared_mlp = recognise_dense(pool, p + "shared_expert.") or recognise_dense(pool, p + "shared_experts.")
-                shared_gate = pool.take(p + "shared_expert_gate.weight")
+                shared_mlp = next((m for r in SHARED_EXPERT.roots if (m := recognise_dense(pool, p + r))), None)
+                shared_gate = next((pool.need(p + s) for s in SHARED_EXPERT.slot("gate").spellings
+                                    if pool.has(p + s)), None)
                 shared = SharedExpert(shared_mlp, shared_gate) if shared_mlp else None
                 if shared is None and shared_gate is not None:
                     pool.avail.add(shared_gate)  # a gate without an expert: leave it unclassified
                     pool.used.discard(shared_gate)
+                router_bias = next((p + s for s in MOE.slot("router_bias").spellings
+                                    if p + s == router.removesuffix("weight") + "bias"), None)
+                expert_bias = next((p + s for s in MOE.slot("expert_bias").spellings if pool.has(p + s)), None)
                 return MoE(
                     router=router,
                     experts=experts,
-                    router_bias=pool.take(router.removesuffix("weight") + "bias"),
-                    expert_bias=pool.take(p + "gate.e_score_correction_bias"),
+                    router_bias=pool.take(router_bias) if router_bias else None,
+                    expert_bias=pool.take(expert_bias) if expert_bias else None,
                     shared=shared,
                 )
         dense = recognise_dense(pool, p)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from collections.abc import Sequence
 
+from mapgen.families import suggest
 from mapgen.infer.ir import (
     MLA,
     Attention,
@@ -136,6 +138,16 @@ def table(rows: Sequence[Sequence[str]], header: Sequence[str] | None = None) ->
     return out
 
 
+_IN_LAYER = re.compile(r"^(?:.*?\.)?(?:layers|mtp_layers)\.(?:\{[0-9.,]+\}|[0-9]+)\.")
+
+
+def did_you_mean(pattern: str) -> str:
+    """The known spellings closest to an unclassified key pattern's in-layer suffix (``self_attn.q_nrm.weight``
+    -> ``self_attn.q_norm.weight``), joined with " or "; empty when nothing is close."""
+    suffix = _IN_LAYER.sub("", pattern)
+    return " or ".join(suggest(suffix)) if suffix != pattern or "." in pattern else ""
+
+
 def _printable(text: str) -> str:
     return text if text.isprintable() else ascii(text)
 
@@ -189,5 +201,7 @@ def render_summary(layout: Layout, origin: str = "") -> str:
     if layout.unclassified:
         lines.append("")
         lines.append(f"unclassified keys ({s.unclassified_keys}):")
-        lines += [f"  {_printable(u.pattern)}  ({u.count} keys)" for u in layout.unclassified]
+        for u in layout.unclassified:
+            hint = did_you_mean(u.pattern)
+            lines.append(f"  {_printable(u.pattern)}  ({u.count} keys)" + (f"  did you mean {hint}?" if hint else ""))
     return "\n".join(lines) + "\n"

@@ -1,0 +1,136 @@
+"""The declaration language of layer families: small, typed, data first.
+
+A :class:`Family` declares what mapgen knows about one kind of layer component in one place:
+
+* ``roots``: the module prefixes it lives under inside a decoder layer (``self_attn.``, ``mlp.``), aliases in
+  order of preference;
+* ``slots``: every HF tensor it may consume, each with its spellings (aliases; the first is canonical),
+  relative to the root. A slot's name is the field of the IR node that stores the key it matched;
+* ``variants``: which slot sets form a complete component (required slots, optional slots);
+* ``excludes``: spellings whose presence means the keys belong to another family (MLA's
+  ``kv_a_proj_with_mqa`` keeps the attention family away);
+* ``flags``: the names of the IR node's *layout facts* (decided by shapes, config or model-type facts;
+  part of the layout fingerprint, never checkpoint keys), and ``counts``: the node's dimension-like fields
+  (expert counts: not in the fingerprint, not keys).
+
+The typed roles replace the private deny-lists each consumer used to keep: a field of a family's IR node is a
+slot, a flag, a count or a child component, and :func:`field_roles` says which.
+
+Behaviour that data cannot express (how a node's flags follow from shapes, the rules a node plans into, its
+shapes) is written as plain functions *in the family's module*, next to its declaration, and reached through
+:mod:`mapgen.families` — never through an ``isinstance`` switch elsewhere.
+
+Declaration errors are raised at import time as :class:`DeclarationError` naming the family's file and slot.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+_IDENT = re.compile(r"[a-z_][a-z0-9_]*\Z")
+_SPELLING = re.compile(r"[A-Za-z0-9_.{}]+\Z")
+
+
+class DeclarationError(ValueError):
+    """A family declaration is inconsistent (raised when the declaring module is imported)."""
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One HF tensor of a family. ``spellings`` are key suffixes relative to the family root; the first one
+    is canonical (synth writes it), the others are aliases accepted by scan."""
+
+    name: str
+    spellings: tuple[str, ...]
+    doc: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.spellings:
+            raise DeclarationError(f"slot {self.name!r} has no spelling")
+        for s in self.spellings:
+            if not _SPELLING.match(s) or s.startswith(".") or s.endswith("."):
+                raise DeclarationError(f"slot {self.name!r}: spelling {s!r} is not a dotted key suffix")
+        if len(set(self.spellings)) != len(self.spellings):
+            raise DeclarationError(f"slot {self.name!r} lists a spelling twice")
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A complete component: every ``required`` slot present (under any spelling); ``optional`` slots are
+    taken when present. Variants are tried in declaration order."""
+
+    name: str
+    required: tuple[str, ...]
+    optional: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Family:
+    """One layer family's declaration. ``role`` places it in a decoder layer (``mixer``, ``mlp``, ``block``,
+    ``top``, ``mtp``, ``part`` for components that only occur inside another family)."""
+
+    name: str
+    role: str
+    description: str
+    file: str
+    roots: tuple[str, ...] = ("",)
+    slots: tuple[Slot, ...] = ()
+    variants: tuple[Variant, ...] = ()
+    excludes: tuple[str, ...] = ()
+    flags: tuple[str, ...] = ()
+    counts: tuple[str, ...] = ()
+    children: tuple[str, ...] = ()
+    _by_name: dict[str, Slot] = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        where = f"{self.file}: family {self.name!r}"
+        if not _IDENT.match(self.name):
+            raise DeclarationError(f"{where}: the name must be a lower-case identifier")
+        for slot in self.slots:
+            if not _IDENT.match(slot.name):
+                raise DeclarationError(f"{where}: slot {slot.name!r} is not a lower-case identifier")
+            if slot.name in self._by_name:
+                raise DeclarationError(f"{where}: slot {slot.name!r} is declared twice")
+            self._by_name[slot.name] = slot
+        for variant in self.variants:
+            for name in (*variant.required, *variant.optional):
+                if name not in self._by_name:
+                    raise DeclarationError(f"{where}: variant {variant.name!r} names unknown slot {name!r}")
+        overlap = set(self.flags) & set(self._by_name) | set(self.counts) & set(self._by_name)
+        if overlap:
+            raise DeclarationError(f"{where}: {sorted(overlap)} declared both as slots and as flags/counts")
+        for root in self.roots:
+            if root and not root.endswith("."):
+                raise DeclarationError(f"{where}: root {root!r} must end with '.'")
+
+    def slot(self, name: str) -> Slot:
+        try:
+            return self._by_name[name]
+        except KeyError:
+            raise DeclarationError(f"{self.file}: family {self.name!r} has no slot {name!r}") from None
+
+    @property
+    def slot_names(self) -> frozenset[str]:
+        return frozenset(self._by_name)
+
+    def spellings(self) -> Iterator[tuple[str, str]]:
+        """(slot name, full suffix under each root) for every accepted spelling."""
+        for root in self.roots:
+            for slot in self.slots:
+                for s in slot.spellings:
+                    yield slot.name, root + s
+
+
+@dataclass(frozen=True)
+class Match:
+    """What :func:`mapgen.infer.match.match_family` found: the root, the variant and slot -> matched suffix."""
+
+    family: Family
+    root: str
+    variant: Variant
+    keys: dict[str, str]
+
+    def get(self, slot: str) -> str | None:
+        return self.keys.get(slot)

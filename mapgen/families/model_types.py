@@ -1,0 +1,50 @@
+"""Facts about a ``model_type`` that neither its keys nor its config.json state, one row per model type.
+
+Everything here is a tie-breaker or a numerical convention; the keys and shapes decide whatever they can.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Literal
+
+Orientation = Literal["out_in", "in_out"]
+
+
+@dataclass(frozen=True)
+class Facts:
+    """``packed``: storage of packed experts when no shard header tells (orientation, gate/up interleaved).
+    ``zero_centered``: HF RMSNorms compute ``(1 + w) * x`` (every norm except the gated delta-net output
+    norm). ``output_gate``: attention's ``q_proj`` carries the output gate when shapes cannot tell."""
+
+    packed: tuple[Orientation, bool] | None = None
+    zero_centered: bool = False
+    output_gate: bool = False
+
+
+_QWEN35 = Facts(packed=("out_in", False), zero_centered=True, output_gate=True)
+
+MODEL_TYPES: dict[str, Facts] = {
+    # [E, hidden, 2*inter] (transposed)
+    "qwen3_vl_moe": Facts(packed=("in_out", False)),
+    "qwen3_vl_moe_text": Facts(packed=("in_out", False)),
+    # [E, hidden, 2*inter], gate/up columns alternate
+    "gpt_oss": Facts(packed=("in_out", True)),
+    # Qwen3.6 MTP experts: [E, 2*inter, hidden] as in transformers' Qwen3_5MoeExperts
+    "qwen3_5_moe": _QWEN35,
+    "qwen3_5_moe_text": _QWEN35,
+    "qwen3_5": Facts(zero_centered=True, output_gate=True),
+    "qwen3_5_text": Facts(zero_centered=True, output_gate=True),
+    "qwen3_next": Facts(zero_centered=True, output_gate=True),
+}
+
+_NONE = Facts()
+
+
+def facts_for(model_types: Iterable[str]) -> Facts:
+    """The first row among ``model_types`` (the text model's type first), or no facts."""
+    for t in model_types:
+        if t in MODEL_TYPES:
+            return MODEL_TYPES[t]
+    return _NONE
