@@ -18,20 +18,16 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from mapgen.infer.ir import MTP, Experts, LayerGroup, Layout, MoE
+from mapgen.families.moe import experts_of, num_experts
+from mapgen.ir import MTP, Component, LayerGroup, Layout
 from mapgen.plan.planner import fingerprint, fingerprint_data
 
 __all__ = ["Change", "LayoutDiff", "diff_layouts", "render_diff"]
 
-# String fields of family nodes that are flags, not key suffixes.
-_FLAGS = frozenset({"layout", "orientation", "quant", "eh_proj_order", "scheme", "name"})
-# Fields that are dimensions (reported in the dimensions section) or provenance (not reported).
-_NOT_STRUCTURE = frozenset({"num_experts", "orientation_source", "layers", "depth", "index_offset", "inner", "name"})
 _LABELS = {
-    "mixer": "",
-    "mlp": "",
     "experts": "routed experts",
     "shared": "shared expert",
+    "mlp": "",
     "router": "router",
     "router_bias": "router bias",
     "expert_bias": "expert score bias",
@@ -39,15 +35,16 @@ _LABELS = {
     "post_attention_norm": "post-attention norm",
 }
 _FAMILY_LABELS = {
-    "Attention": "attention",
-    "GatedDeltaNet": "gated-delta-net",
-    "MLA": "MLA",
-    "DenseMLP": "dense MLP",
-    "MoE": "MoE",
-    "Experts": "routed experts",
-    "SharedExpert": "shared expert",
+    "attention": "attention",
+    "gated_delta_net": "gated-delta-net",
+    "mla": "MLA",
+    "dense_mlp": "dense MLP",
+    "moe": "MoE",
+    "experts": "routed experts",
+    "shared_expert": "shared expert",
+    "norms": "block norms",
 }
-# Config sizes not in :class:`~mapgen.infer.ir.Dims` that a bridge still reads.
+# Config sizes not in :class:`~mapgen.ir.Dims` that a bridge still reads.
 _CONFIG_SIZES = (
     "linear_num_key_heads",
     "linear_num_value_heads",
@@ -101,22 +98,14 @@ class LayoutDiff:
 # ---------------------------------------------------------------------------------------------------------
 # Structure: a walk over the IR trees
 # ---------------------------------------------------------------------------------------------------------
-def _family(node: object) -> str:
-    return _FAMILY_LABELS.get(type(node).__name__, type(node).__name__)
+def _family(c: Component) -> str:
+    return _FAMILY_LABELS.get(c.family, c.family)
 
 
-def _keys(node: object, root: str) -> tuple[str, ...]:
-    """The key patterns (``root`` + suffix) a node holds, recursing into nested nodes."""
-    out: list[tuple[bool, str]] = []  # (is a down projection, key): gate/up before down, as people list them
-    for f in dataclasses.fields(node):  # type: ignore[arg-type]
-        value = getattr(node, f.name)
-        if f.name in _FLAGS or f.name in _NOT_STRUCTURE:
-            continue
-        if isinstance(value, str):
-            out.append((f.name.startswith("down"), root + value))
-        elif dataclasses.is_dataclass(value):
-            out.extend((False, k) for k in _keys(value, root))
-    return tuple(k for _, k in sorted(out, key=lambda item: item[0]))
+def _keys(c: Component, root: str) -> tuple[str, ...]:
+    """The key patterns (``root`` + suffix) a component holds, gate/up before down as people list them."""
+    own = sorted(c.slots, key=lambda kv: kv[0].startswith("down"))
+    return tuple(root + v for _, v in own) + tuple(k for _, child in c.children for k in _keys(child, root))
 
 
 def _path(parts: tuple[str, ...]) -> str:
@@ -135,45 +124,54 @@ def _fmt(value: Any, root: str, key_field: bool) -> str:
     return str(value)
 
 
-def _storage(x: Experts) -> str:
+def _storage(x: Component) -> str:
     """``per_expert`` / ``packed`` plus what differs from plain ``[E, out, in]`` packing."""
+    layout, quant = str(x.flag("layout")), str(x.flag("quant", "none"))
     extra = [
         flag
         for flag, on in (
-            ("in_out", x.layout == "packed" and x.orientation == "in_out"),
-            ("gate/up interleaved", x.gate_up_interleave),
-            (x.quant, x.quant != "none"),
+            ("in_out", layout == "packed" and x.flag("orientation") == "in_out"),
+            ("gate/up interleaved", bool(x.flag("gate_up_interleave"))),
+            (quant, quant != "none"),
         )
         if on
     ]
-    return x.layout + (f" [{', '.join(extra)}]" if extra else "")
+    return layout + (f" [{', '.join(extra)}]" if extra else "")
 
 
-def _walk(path: tuple[str, ...], a: Any, b: Any, root_a: str, root_b: str, out: list[Change]) -> None:
+def _walk(path: tuple[str, ...], a: Component | None, b: Component | None, root_a: str, root_b: str,
+          out: list[Change]) -> None:
+    """Compare two components by their typed roles: slots (keys), flags, children. Counts are dimensions."""
     if a is None and b is None:
         return
-    if a is None or b is None or type(a) is not type(b):
+    if a is None or b is None or a.family != b.family:
         before = _family(a) if a is not None else "absent"
         after = _family(b) if b is not None else "absent"
-        keys = _keys(b, root_b) if b is not None else _keys(a, root_a)
+        keys = _keys(b, root_b) if b is not None else _keys(a, root_a) if a is not None else ()
         out.append(Change(_path(path), before, after, keys))
         return
-    if isinstance(a, Experts) and a.layout != b.layout:
+    if a.family == "experts" and a.flag("layout") != b.flag("layout"):
         out.append(Change(_path(path), _storage(a), _storage(b), _keys(b, root_b)))
         return
-    for f in dataclasses.fields(a):
-        if f.name in _NOT_STRUCTURE:
-            continue
-        va, vb = getattr(a, f.name), getattr(b, f.name)
-        if va == vb:
-            continue
-        label = _LABELS.get(f.name, f.name.replace("_", " "))
-        if dataclasses.is_dataclass(va) or dataclasses.is_dataclass(vb):
-            sub = label or _family(va if va is not None else vb)
-            _walk((*path, "" if f.name in ("mixer", "mlp") else sub), va, vb, root_a, root_b, out)
-        else:
-            key_field = f.name not in _FLAGS and not isinstance(va if va is not None else vb, bool)
-            out.append(Change(_path((*path, label)), _fmt(va, root_a, key_field), _fmt(vb, root_b, key_field)))
+    sa, sb = dict(a.slots), dict(b.slots)
+    for name in sorted(sa.keys() | sb.keys()):
+        if sa.get(name) != sb.get(name):
+            label = _LABELS.get(name, name.replace("_", " "))
+            before, after = _fmt(sa.get(name), root_a, True), _fmt(sb.get(name), root_b, True)
+            out.append(Change(_path((*path, label)), before, after))
+    fa, fb = dict(a.flags), dict(b.flags)
+    for name in sorted(fa.keys() | fb.keys()):
+        if fa.get(name) != fb.get(name):
+            out.append(Change(_path((*path, name.replace("_", " "))), _fmt(fa.get(name), "", False),
+                              _fmt(fb.get(name), "", False)))
+    if a.variant != b.variant and not out:
+        out.append(Change(_path((*path, "variant")), a.variant, b.variant))
+    ca, cb = dict(a.children), dict(b.children)
+    for name in sorted(ca.keys() | cb.keys()):
+        if ca.get(name) != cb.get(name):
+            x, y = ca.get(name), cb.get(name)
+            sub = _LABELS.get(name, _family(x if x is not None else y))  # type: ignore[arg-type]
+            _walk((*path, sub), x, y, root_a, root_b, out)
 
 
 def _by_name(groups: tuple[LayerGroup, ...], strip: str = "") -> dict[str, LayerGroup]:
@@ -189,23 +187,17 @@ def _groups(kind: str, a: tuple[LayerGroup, ...], b: tuple[LayerGroup, ...], str
             present = x or y
             assert present is not None
             desc = f"{_family(present.mixer)} + {_family(present.mlp)}"
-            keys = (present.root + present.input_norm, *_keys(present.mixer, present.root))[:3]
+            keys = (*_keys(present.block, present.root), *_keys(present.mixer, present.root))[:3]
             out.append(Change(path, desc if x else "absent", desc if y else "absent", (*keys, "...")))
             continue
         if x.root != y.root:
             out.append(Change(f"{path}: key root", x.root, y.root))
-        for fname in ("input_norm", "post_attention_norm"):
-            va, vb = getattr(x, fname), getattr(y, fname)
-            if va != vb:
-                out.append(Change(f"{path}: {_LABELS[fname]}", x.root + va, y.root + vb))
-        if type(x.mixer) is not type(y.mixer):
-            _walk((path, "mixer"), x.mixer, y.mixer, x.root, y.root, out)
-        else:
-            _walk((path, _family(x.mixer)), x.mixer, y.mixer, x.root, y.root, out)
-        if type(x.mlp) is not type(y.mlp):
-            _walk((path, "MLP"), x.mlp, y.mlp, x.root, y.root, out)
-        else:
-            _walk((path, "" if isinstance(x.mlp, MoE) else _family(x.mlp)), x.mlp, y.mlp, x.root, y.root, out)
+        _walk((path, ""), x.block, y.block, x.root, y.root, out)
+        same = x.mixer.family == y.mixer.family
+        _walk((path, _family(x.mixer) if same else "mixer"), x.mixer, y.mixer, x.root, y.root, out)
+        same = x.mlp.family == y.mlp.family
+        label = ("" if x.mlp.family == "moe" else _family(x.mlp)) if same else "MLP"
+        _walk((path, label), x.mlp, y.mlp, x.root, y.root, out)
 
 
 def _mtp(a: MTP | None, b: MTP | None, out: list[Change]) -> None:
@@ -217,12 +209,16 @@ def _mtp(a: MTP | None, b: MTP | None, out: list[Change]) -> None:
         desc = f"{present.scheme} (root {present.root})"
         out.append(Change("MTP", desc if a else "none", desc if b else "none"))
         return
-    for fname in ("scheme", "root", "shared", "eh_proj_order"):
+    for fname in ("scheme", "root"):
         va, vb = getattr(a, fname), getattr(b, fname)
         if va != vb:
             out.append(Change(f"MTP: {fname.replace('_', ' ')}", str(va), str(vb)))
+    for fname in ("shared", "eh_proj_order"):
+        va, vb = a.parts.flag(fname), b.parts.flag(fname)
+        if va != vb:
+            out.append(Change(f"MTP: {fname.replace('_', ' ')}", str(va), str(vb)))
     for fname in ("enorm", "hnorm", "eh_proj", "final_norm", "embed_copy", "head_copy"):
-        va, vb = getattr(a, fname), getattr(b, fname)
+        va, vb = a.parts.key(fname), b.parts.key(fname)
         if va != vb:
             out.append(
                 Change(
@@ -286,7 +282,7 @@ def _config_value(config: Mapping[str, Any], name: str) -> Any:
 
 
 def _experts_count(group: LayerGroup) -> int | None:
-    return group.mlp.experts.num_experts if isinstance(group.mlp, MoE) else None
+    return num_experts(group.mlp) if experts_of(group.mlp) is not None else None
 
 
 def _dimensions(a: Layout, b: Layout) -> list[Change]:

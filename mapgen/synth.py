@@ -1,6 +1,6 @@
 """Tiny random checkpoints with exactly a source's key layout (pure: returns tensors; only the CLI writes).
 
-:func:`synthesize` takes a scanned :class:`~mapgen.infer.ir.Layout` (and, when headers were read, the
+:func:`synthesize` takes a scanned :class:`~mapgen.ir.Layout` (and, when headers were read, the
 source's per-key dtypes and shapes) and returns a shrunk config, sharded tensors and an index such that
 ``scan`` of the written checkpoint has the same layout fingerprint: the same families, expert storage per
 block (the MTP block's decided on its own), key names and prefixes, MTP scheme and towers — only smaller.
@@ -34,19 +34,11 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 from mapgen.errors import Diagnostic, MapgenError
-from mapgen.infer.ir import (
-    MLA,
-    MTP,
-    Attention,
-    Dims,
-    GatedDeltaNet,
-    IndexSet,
-    LanguageModel,
-    LayerGroup,
-    Layout,
-    MoE,
-)
+from mapgen.families import by_name
+from mapgen.families import mtp as mtp_family
+from mapgen.families.moe import experts_of
 from mapgen.infer.summary import make_summary
+from mapgen.ir import MTP, Component, Dims, IndexSet, LanguageModel, LayerGroup, Layout
 from mapgen.plan.expand import expand_braces
 from mapgen.plan.shapes import Shape, shape_entries
 
@@ -160,8 +152,11 @@ def _regroup(groups: Sequence[LayerGroup], source_of: Sequence[int], owner: Sequ
                 hint="raise --layers / --mtp-depth, or leave it out to use the smallest count that keeps every group",
             )
         mlp = group.mlp
-        if isinstance(mlp, MoE):
-            mlp = dataclasses.replace(mlp, experts=dataclasses.replace(mlp.experts, num_experts=experts))
+        old = experts_of(mlp)
+        if old is not None:
+            counts = tuple((k, experts if k == "num_experts" else v) for k, v in old.counts)
+            new = dataclasses.replace(old, counts=counts)
+            mlp = dataclasses.replace(mlp, children=tuple((k, new if k == "experts" else v) for k, v in mlp.children))
         out.append(dataclasses.replace(group, layers=IndexSet.of(layers), mlp=mlp))
     return tuple(out)
 
@@ -313,7 +308,7 @@ def _remap_token_ids(w: _ConfigWriter, vocab: int) -> None:
 def _check_supported(layout: Layout) -> None:
     problems: list[Diagnostic] = []
     if layout.quantization != "none" or any(
-        isinstance(g.mlp, MoE) and g.mlp.experts.quant != "none"
+        (e := experts_of(g.mlp)) is not None and e.flag("quant") != "none"
         for g in layout.language_model.groups + (layout.language_model.mtp.inner if layout.language_model.mtp else ())
     ):
         problems.append(
@@ -407,29 +402,29 @@ def _finish_layout(layout: Layout, config: Mapping[str, Any], o: SynthOptions) -
 # ---------------------------------------------------------------------------------------------------------
 # Tensors
 # ---------------------------------------------------------------------------------------------------------
-def _norm_patterns(lm: LanguageModel) -> set[str]:
-    """Key patterns (as :func:`~mapgen.plan.shapes.shape_entries` names them) of RMSNorm-style weights."""
-    out = {lm.final_norm}
+def _init_kinds(c: Component, root: str, out: dict[str, str]) -> None:
+    family = by_name(c.family)
+    for slot, key in c.slots:
+        kind = family.init_of(slot)
+        if kind != "normal":
+            out[root + key] = kind
+    for _, child in c.children:
+        _init_kinds(child, root, out)
 
-    def group(g: LayerGroup) -> None:
-        names: list[str | None] = [g.input_norm, g.post_attention_norm]
-        m = g.mixer
-        if isinstance(m, Attention):
-            names += [m.q_norm, m.k_norm]
-        elif isinstance(m, GatedDeltaNet):
-            names.append(m.norm)
-        elif isinstance(m, MLA):
-            names += [m.kv_a_layernorm, m.q_a_layernorm]
-        out.update(g.root + n for n in names if n)
 
-    for g in lm.groups:
-        group(g)
+def _init_patterns(lm: LanguageModel) -> dict[str, str]:
+    """Key patterns (as :func:`~mapgen.plan.shapes.shape_entries` names them) -> synth initialisation kind, for
+    every slot whose family declares one other than ``normal`` (norms, the gated delta-net's decay)."""
+    out: dict[str, str] = {}
+    _init_kinds(lm.top, "", out)
+    groups = lm.groups + (lm.mtp.inner if lm.mtp else ())
+    for g in groups:
+        for c in g.components:
+            _init_kinds(c, g.root, out)
     if lm.mtp is not None:
         mtp = lm.mtp
-        norms = [mtp.enorm, mtp.hnorm, mtp.final_norm]
-        out.update(norms if mtp.shared else [mtp.root + n for n in norms])
-        for g in mtp.inner:
-            group(g)
+        norms = mtp_family.norm_keys(mtp)
+        out.update((n if mtp.shared else mtp.root + n, "norm") for n in norms)
     return out
 
 
@@ -460,16 +455,6 @@ def _values(key: str, shape: Shape, kind: str, seed: int, dtype: torch.dtype) ->
     return t.to(dtype)
 
 
-def _special_patterns(lm: LanguageModel) -> dict[str, str]:
-    out: dict[str, str] = {}
-    groups = lm.groups + (lm.mtp.inner if lm.mtp else ())
-    for g in groups:
-        if isinstance(g.mixer, GatedDeltaNet):
-            out[g.root + g.mixer.a_log] = "a_log"
-            out[g.root + g.mixer.dt_bias] = "dt_bias"
-    return out
-
-
 def _copies(lm: LanguageModel) -> dict[str, str]:
     """Duplicated HF keys -> the key whose values they repeat."""
     mtp = lm.mtp
@@ -479,10 +464,11 @@ def _copies(lm: LanguageModel) -> dict[str, str]:
     head = lm.lm_head if lm.lm_head is not None and not lm.tied_embeddings else lm.embedding
     for depth in range(mtp.depth):
         root = mtp.root.replace("{layer}", str(depth + mtp.index_offset))
-        if mtp.embed_copy:
-            out[root + mtp.embed_copy] = lm.embedding
-        if mtp.head_copy:
-            out[root + mtp.head_copy] = head
+        embed_copy, head_copy = mtp.parts.key("embed_copy"), mtp.parts.key("head_copy")
+        if embed_copy:
+            out[root + embed_copy] = lm.embedding
+        if head_copy:
+            out[root + head_copy] = head
     return out
 
 
@@ -515,9 +501,9 @@ def synthesize(
     shrunk = _finish_layout(shrunk, config, o)
 
     shapes: dict[str, tuple[Shape, str]] = {}
-    norms, special = _norm_patterns(shrunk.language_model), _special_patterns(shrunk.language_model)
+    kinds = _init_patterns(shrunk.language_model)
     for entry in shape_entries(shrunk, config):
-        kind = "norm" if entry.pattern in norms else special.get(entry.pattern, "normal")
+        kind = kinds.get(entry.pattern, "normal")
         shapes[entry.key] = (entry.shape, kind)
     for tower in shrunk.towers:
         for pattern in tower.patterns:

@@ -19,19 +19,14 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from mapgen.infer.ir import (
+from mapgen.ir import (
     MTP,
-    Attention,
-    DenseMLP,
+    Component,
     Dims,
-    Experts,
-    GatedDeltaNet,
     IndexSet,
     LanguageModel,
     LayerGroup,
     Layout,
-    MoE,
-    SharedExpert,
     Summary,
     layout_from_json,
     layout_to_json,
@@ -41,6 +36,9 @@ from mapgen.plan.rules import Rule
 
 REPO = Path(__file__).resolve().parents[1]
 CASES = REPO / "tests" / "cases" / "emit"
+
+NORMS = Component.make("norms", "pre_norm", {"input_norm": "input_layernorm.weight",
+                                             "post_attention_norm": "post_attention_layernorm.weight"})
 
 QWEN3_CONFIG: dict[str, Any] = {
     "architectures": ["Qwen3ForCausalLM"],
@@ -60,30 +58,21 @@ QWEN3_CONFIG: dict[str, Any] = {
 
 
 def qwen3_dense_layout(num_layers: int = 4, config: dict[str, Any] | None = None) -> Layout:
-    attn = Attention(
-        o="self_attn.o_proj.weight",
-        q="self_attn.q_proj.weight",
-        k="self_attn.k_proj.weight",
-        v="self_attn.v_proj.weight",
-        q_norm="self_attn.q_norm.weight",
-        k_norm="self_attn.k_norm.weight",
-    )
-    mlp = DenseMLP(down="mlp.down_proj.weight", gate="mlp.gate_proj.weight", up="mlp.up_proj.weight")
-    group = LayerGroup(
-        name="dense",
-        root="model.layers.{layer}.",
-        layers=IndexSet.of(range(num_layers)),
-        mixer=attn,
-        mlp=mlp,
-        input_norm="input_layernorm.weight",
-        post_attention_norm="post_attention_layernorm.weight",
-    )
+    attn = Component.make("attention", "separate", {
+        "o": "self_attn.o_proj.weight",
+        "q": "self_attn.q_proj.weight",
+        "k": "self_attn.k_proj.weight",
+        "v": "self_attn.v_proj.weight",
+        "q_norm": "self_attn.q_norm.weight",
+        "k_norm": "self_attn.k_norm.weight",
+    }, flags={"output_gate": False, "sliding_window": False})
+    mlp = Component.make("dense_mlp", "separate", {"down": "mlp.down_proj.weight", "gate": "mlp.gate_proj.weight",
+                                                   "up": "mlp.up_proj.weight"})
+    group = LayerGroup("dense", "model.layers.{layer}.", IndexSet.of(range(num_layers)), NORMS, attn, mlp)
     lm = LanguageModel(
         prefix="model.",
-        embedding="model.embed_tokens.weight",
-        final_norm="model.norm.weight",
-        lm_head="lm_head.weight",
-        tied_embeddings=False,
+        top=Component.make("embedding", "untied", {"embedding": "model.embed_tokens.weight",
+                                                    "final_norm": "model.norm.weight", "lm_head": "lm_head.weight"}),
         groups=(group,),
         num_layers=num_layers,
     )
@@ -107,40 +96,41 @@ def qwen3_dense_layout(num_layers: int = 4, config: dict[str, Any] | None = None
 def qwen3_5_moe_layout() -> Layout:
     """Hybrid: 3 gated-delta-net layers per attention layer, routed + shared experts, one MTP depth."""
     root = "model.language_model.layers.{layer}."
-    experts = Experts(layout="packed", num_experts=8, gate_up="mlp.experts.gate_up_proj",
-                      down="mlp.experts.down_proj", orientation="out_in", orientation_source="shapes")
-    moe = MoE(
-        router="mlp.gate.weight",
-        experts=experts,
-        shared=SharedExpert(
-            mlp=DenseMLP(down="mlp.shared_expert.down_proj.weight", gate="mlp.shared_expert.gate_proj.weight",
-                         up="mlp.shared_expert.up_proj.weight"),
-            gate="mlp.shared_expert_gate.weight",
-        ),
+    experts = Component.make(
+        "experts", "packed", {"gate_up": "mlp.experts.gate_up_proj", "down": "mlp.experts.down_proj"},
+        flags={"layout": "packed", "orientation": "out_in", "gate_up_interleave": False, "quant": "none"},
+        counts={"num_experts": 8, "orientation_source": "shapes"},
     )
-    gdn = GatedDeltaNet(
-        conv1d="linear_attn.conv1d.weight", a_log="linear_attn.A_log", dt_bias="linear_attn.dt_bias",
-        norm="linear_attn.norm.weight", out_proj="linear_attn.out_proj.weight",
-        in_proj_qkv="linear_attn.in_proj_qkv.weight", in_proj_z="linear_attn.in_proj_z.weight",
-        in_proj_b="linear_attn.in_proj_b.weight", in_proj_a="linear_attn.in_proj_a.weight",
-    )
-    attn = Attention(
-        o="self_attn.o_proj.weight", q="self_attn.q_proj.weight", k="self_attn.k_proj.weight",
-        v="self_attn.v_proj.weight", q_norm="self_attn.q_norm.weight", k_norm="self_attn.k_norm.weight",
-        output_gate=True,
-    )
-    norms = {"input_norm": "input_layernorm.weight", "post_attention_norm": "post_attention_layernorm.weight"}
-    linear = LayerGroup(name="linear", root=root, layers=IndexSet.of([0, 1, 2, 4, 5, 6]), mixer=gdn, mlp=moe,
-                        **norms)
-    full = LayerGroup(name="full", root=root, layers=IndexSet.of([3, 7]), mixer=attn, mlp=moe, **norms)
-    mtp_inner = LayerGroup(name="mtp", root="mtp.layers.{layer}.", layers=IndexSet.of([0]), mixer=attn, mlp=moe,
-                           **norms)
-    mtp = MTP(scheme="mtp_block", depth=1, root="mtp.", enorm="mtp.pre_fc_norm_embedding.weight",
-              hnorm="mtp.pre_fc_norm_hidden.weight", eh_proj="mtp.fc.weight", final_norm="mtp.norm.weight",
-              inner=(mtp_inner,), shared=True)
+    shared_mlp = Component.make("dense_mlp", "separate", {
+        "down": "mlp.shared_expert.down_proj.weight", "gate": "mlp.shared_expert.gate_proj.weight",
+        "up": "mlp.shared_expert.up_proj.weight"})
+    shared = Component.make("shared_expert", "shared", {"gate": "mlp.shared_expert_gate.weight"},
+                            children={"mlp": shared_mlp})
+    moe = Component.make("moe", "routed", {"router": "mlp.gate.weight"},
+                         children={"experts": experts, "shared": shared})
+    gdn = Component.make("gated_delta_net", "split", {
+        "conv1d": "linear_attn.conv1d.weight", "a_log": "linear_attn.A_log", "dt_bias": "linear_attn.dt_bias",
+        "norm": "linear_attn.norm.weight", "out_proj": "linear_attn.out_proj.weight",
+        "in_proj_qkv": "linear_attn.in_proj_qkv.weight", "in_proj_z": "linear_attn.in_proj_z.weight",
+        "in_proj_b": "linear_attn.in_proj_b.weight", "in_proj_a": "linear_attn.in_proj_a.weight",
+    })
+    attn = Component.make("attention", "separate", {
+        "o": "self_attn.o_proj.weight", "q": "self_attn.q_proj.weight", "k": "self_attn.k_proj.weight",
+        "v": "self_attn.v_proj.weight", "q_norm": "self_attn.q_norm.weight", "k_norm": "self_attn.k_norm.weight",
+    }, flags={"output_gate": True, "sliding_window": False})
+    linear = LayerGroup("linear", root, IndexSet.of([0, 1, 2, 4, 5, 6]), NORMS, gdn, moe)
+    full = LayerGroup("full", root, IndexSet.of([3, 7]), NORMS, attn, moe)
+    mtp_inner = LayerGroup("mtp", "mtp.layers.{layer}.", IndexSet.of([0]), NORMS, attn, moe)
+    parts = Component.make("mtp", "mtp_block", {
+        "enorm": "mtp.pre_fc_norm_embedding.weight", "hnorm": "mtp.pre_fc_norm_hidden.weight",
+        "eh_proj": "mtp.fc.weight", "final_norm": "mtp.norm.weight",
+    }, flags={"shared": True, "eh_proj_order": "embedding_hidden"})
+    mtp = MTP(scheme="mtp_block", depth=1, root="mtp.", parts=parts, inner=(mtp_inner,))
     lm = LanguageModel(
-        prefix="model.language_model.", embedding="model.language_model.embed_tokens.weight",
-        final_norm="model.language_model.norm.weight", lm_head="lm_head.weight", tied_embeddings=False,
+        prefix="model.language_model.",
+        top=Component.make("embedding", "untied", {"embedding": "model.language_model.embed_tokens.weight",
+                                                    "final_norm": "model.language_model.norm.weight",
+                                                    "lm_head": "lm_head.weight"}),
         groups=(linear, full), num_layers=8, mtp=mtp,
     )
     config = {
@@ -316,9 +306,10 @@ def evil_layout() -> Layout:
     group = dataclasses.replace(
         lm.groups[0],
         root="model.layers.{layer}.\n__import__('os').system('x')#",
-        mixer=dataclasses.replace(lm.groups[0].mixer, q="q\u2028__import__('os').system('x')", o=EVIL_KEY),
+        mixer=lm.groups[0].mixer.with_slots(q="q\u2028__import__('os').system('x')", o=EVIL_KEY),
     )
-    lm = dataclasses.replace(lm, groups=(group,), embedding="emb\"\"\"\n__import__('os')", lm_head="head'\r\n#")
+    top = lm.top.with_slots(embedding="emb\"\"\"\n__import__('os')", lm_head="head'\r\n#")
+    lm = dataclasses.replace(lm, groups=(group,), top=top)
     return dataclasses.replace(base, model_type="qwen3\n__import__('os').system('x')", language_model=lm)
 
 

@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import emit_support as es
 
 from mapgen.emit.render import render
-from mapgen.infer.ir import Layout, layout_from_json, layout_to_json
+from mapgen.ir import Layout, layout_from_json, layout_to_json
 from mapgen.plan.plan import BridgePlan
 
 SCAN_CASES = Path(__file__).resolve().parent / "cases" / "scan"

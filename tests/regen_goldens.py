@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from scan_support import ALL_CASES, GOLDEN, case_dir
 
 from mapgen.infer import scan
-from mapgen.infer.ir import layout_to_json, to_jsonable
+from mapgen.ir import layout_to_json, to_jsonable
 
 
 def render_case(case: str) -> dict[str, str]:

@@ -469,7 +469,7 @@ def export_directory_without_mapgen_metadata(tmp: Path, tiny: dict[str, Path]) -
 @case("output.exists")
 def export_output_exists(tmp: Path, tiny: dict[str, Path]) -> list[str]:
     from mapgen.infer import scan
-    from mapgen.infer.ir import layout_to_json
+    from mapgen.ir import layout_to_json
 
     ckpt = tmp / "ckpt"
     (ckpt / "release").mkdir(parents=True)

@@ -11,7 +11,7 @@ from scan_support import CORPUS, HUB_FIXTURES
 from mapgen.cli import main
 from mapgen.diff import diff_layouts, render_diff
 from mapgen.infer import scan
-from mapgen.infer.ir import layout_to_json
+from mapgen.ir import layout_to_json
 
 QWEN35 = HUB_FIXTURES / "Qwen--Qwen3.5-35B-A3B"
 QWEN36 = HUB_FIXTURES / "Qwen--Qwen3.6-35B-A3B"
@@ -109,7 +109,10 @@ def test_walk_agrees_with_the_fingerprint() -> None:
             assert render_diff(diff, "a", "b").endswith("\n")
     # a field the walk does not name explicitly still shows up (the generic fallback never hides one)
     a = layouts["qwen3-1.7b-mlx-bf16"]
-    group = dataclasses.replace(a.language_model.groups[0], input_norm="input_rmsnorm.weight")
+    g0 = a.language_model.groups[0]
+    block = dataclasses.replace(g0.block, slots=tuple(
+        (k, "input_rmsnorm.weight" if k == "input_norm" else v) for k, v in g0.block.slots))
+    group = dataclasses.replace(g0, block=block)
     b = dataclasses.replace(a, language_model=dataclasses.replace(a.language_model, groups=(group,)))
     assert [c.render() for c in diff_layouts(a, b).structure] == [
         "layer group 'attention': input norm model.layers.{layer}.input_layernorm.weight -> "

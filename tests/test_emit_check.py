@@ -183,7 +183,7 @@ def test_unplannable_input_writes_nothing(generated: Path, capsys: pytest.Captur
     before = snapshot(generated)
     layout = qwen3_dense_layout()
     group = layout.language_model.groups[0]
-    group = dataclasses.replace(group, mixer=dataclasses.replace(group.mixer, sinks="self_attn.sinks"))
+    group = dataclasses.replace(group, mixer=group.mixer.with_slots(sinks="self_attn.sinks"))
     layout = dataclasses.replace(layout, language_model=dataclasses.replace(layout.language_model, groups=(group,)))
     src = tmp_path / "sinks.json"
     src.write_text(dump_layout(layout))

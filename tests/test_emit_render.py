@@ -18,7 +18,7 @@ from mapgen.emit import pyfmt
 from mapgen.emit.names import input_name_for_source, module_identifier, plain_text, py_literal
 from mapgen.emit.render import input_sha256, literal_fits, render
 from mapgen.errors import MapgenError
-from mapgen.infer.ir import layout_to_json
+from mapgen.ir import layout_to_json
 from mapgen.plan.plan import ConfigField
 from mapgen.plan.planner import plan
 

@@ -64,5 +64,5 @@ def test_a_new_spelling_is_one_data_line(tmp_path: Path, monkeypatch: pytest.Mon
     layout = scan(str(_layernorm_checkpoint(tmp_path)))
     assert layout.summary.unclassified_keys == 0
     (group,) = layout.language_model.groups
-    assert group.mixer.q_norm == "self_attn.q_layernorm.weight"  # type: ignore[union-attr]
-    assert group.mixer.k_norm == "self_attn.k_layernorm.weight"  # type: ignore[union-attr]
+    assert group.mixer.key("q_norm") == "self_attn.q_layernorm.weight"
+    assert group.mixer.key("k_norm") == "self_attn.k_layernorm.weight"

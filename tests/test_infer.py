@@ -18,8 +18,8 @@ from scan_support import (
 
 from mapgen.errors import MapgenError
 from mapgen.infer import compress_keys, infer, layer_pattern, scan
-from mapgen.infer.ir import MLA, Attention, DenseMLP, GatedDeltaNet, MoE, layout_from_json, layout_to_json
 from mapgen.infer.patterns import describe_positions
+from mapgen.ir import Component, layout_from_json, layout_to_json
 from mapgen.source import read_source
 
 # case -> (layers, layer pattern, moe layers, experts, expert layout, shared, mtp depth, mtp scheme,
@@ -64,6 +64,12 @@ def test_case_facts(case: str, layouts: dict[str, Any]) -> None:
     assert layout_from_json(layout_to_json(layouts[case])) == layouts[case]
 
 
+def _experts(mlp: Component) -> Component:
+    experts = mlp.child("experts")
+    assert experts is not None
+    return experts
+
+
 def test_reap_details(layouts: dict[str, Any]) -> None:
     lay = layouts["qwen3.5-25b-reap-a3b-coding"]
     lm = lay.language_model
@@ -71,17 +77,18 @@ def test_reap_details(layouts: dict[str, Any]) -> None:
     assert lm.lm_head == "lm_head.weight"
     assert [g.name for g in lm.groups] == ["linear_attention", "attention"]
     lin, att = lm.groups
-    assert isinstance(lin.mixer, GatedDeltaNet)
-    assert lin.mixer.in_proj_qkv == "linear_attn.in_proj_qkv.weight"
-    assert isinstance(att.mixer, Attention)
-    assert att.mixer.output_gate
-    assert att.mixer.q_norm
+    assert lin.mixer.family == "gated_delta_net"
+    assert lin.mixer.key("in_proj_qkv") == "linear_attn.in_proj_qkv.weight"
+    assert att.mixer.family == "attention"
+    assert att.mixer.flag("output_gate")
+    assert att.mixer.key("q_norm")
     assert str(att.layers) == "3,7,11,15,19,23,27,31,35,39"
     assert att.root == "model.language_model.layers.{layer}."
-    assert isinstance(att.mlp, MoE)
-    assert att.mlp.experts.gate == "mlp.experts.{expert}.gate_proj.weight"
-    assert att.mlp.shared is not None
-    assert att.mlp.shared.gate == "mlp.shared_expert_gate.weight"
+    assert att.mlp.family == "moe"
+    assert _experts(att.mlp).key("gate") == "mlp.experts.{expert}.gate_proj.weight"
+    shared = att.mlp.child("shared")
+    assert shared is not None
+    assert shared.key("gate") == "mlp.shared_expert_gate.weight"
     assert lm.mtp is None
     assert lay.summary.mtp_declared == 1
     assert [d.code for d in lay.diagnostics] == ["mtp.declared-absent"]
@@ -90,30 +97,31 @@ def test_reap_details(layouts: dict[str, Any]) -> None:
 def test_gpt_oss_details(layouts: dict[str, Any]) -> None:
     lay = layouts["gpt-oss-20b"]
     g = lay.language_model.groups[0]
-    assert isinstance(g.mixer, Attention)
-    assert g.mixer.sinks == "self_attn.sinks"
-    assert g.mixer.o_bias
-    assert isinstance(g.mlp, MoE)
-    assert g.mlp.router == "mlp.router.weight"
-    assert g.mlp.router_bias == "mlp.router.bias"
-    e = g.mlp.experts
-    assert (e.quant, e.gate_up, e.gate_up_scales, e.gate_up_bias) == (
+    assert g.mixer.family == "attention"
+    assert g.mixer.key("sinks") == "self_attn.sinks"
+    assert g.mixer.key("o_bias")
+    assert g.mlp.family == "moe"
+    assert g.mlp.key("router") == "mlp.router.weight"
+    assert g.mlp.key("router_bias") == "mlp.router.bias"
+    e = _experts(g.mlp)
+    assert (e.flag("quant"), e.key("gate_up_blocks"), e.key("gate_up_scales"), e.key("gate_up_bias")) == (
         "mxfp4",
         "mlp.experts.gate_up_proj_blocks",
         "mlp.experts.gate_up_proj_scales",
         "mlp.experts.gate_up_proj_bias",
     )
-    assert (e.orientation, e.orientation_source, e.gate_up_interleave) == ("in_out", "model_type_default", True)
+    assert (e.flag("orientation"), e.count("orientation_source"), e.flag("gate_up_interleave")) == (
+        "in_out", "model_type_default", True)
     assert lay.quantization == "mxfp4"
     assert dict(lay.summary.attention) == {"attention": 12, "sliding_attention": 12}
 
 
 def test_mixtral_names(layouts: dict[str, Any]) -> None:
     g = layouts["mixtral-8x7b-instruct-v0.1"].language_model.groups[0]
-    assert isinstance(g.mlp, MoE)
-    assert g.mlp.router == "block_sparse_moe.gate.weight"
-    e = g.mlp.experts
-    assert (e.gate, e.up, e.down) == (
+    assert g.mlp.family == "moe"
+    assert g.mlp.key("router") == "block_sparse_moe.gate.weight"
+    e = _experts(g.mlp)
+    assert (e.key("gate"), e.key("up"), e.key("down")) == (
         "block_sparse_moe.experts.{expert}.w1.weight",
         "block_sparse_moe.experts.{expert}.w3.weight",
         "block_sparse_moe.experts.{expert}.w2.weight",
@@ -123,21 +131,23 @@ def test_mixtral_names(layouts: dict[str, Any]) -> None:
 def test_mimo_mtp(layouts: dict[str, Any]) -> None:
     mtp = layouts["mimo-7b"].language_model.mtp
     assert mtp is not None
-    assert (mtp.root, mtp.enorm, mtp.hnorm, mtp.eh_proj, mtp.final_norm, mtp.eh_proj_order, mtp.shared) == (
+    parts = mtp.parts
+    assert (mtp.root, parts.key("enorm"), parts.key("hnorm"), parts.key("eh_proj"), parts.key("final_norm"),
+            parts.flag("eh_proj_order"), mtp.shared) == (
         "model.mtp_layers.{layer}.", "token_layernorm.weight", "hidden_layernorm.weight", "input_proj.weight",
         "final_layernorm.weight", "hidden_embedding", False,
     )  # fmt: skip
     (inner,) = mtp.inner
-    assert isinstance(inner.mixer, Attention)
-    assert inner.mixer.q_bias
-    assert isinstance(inner.mlp, DenseMLP)
+    assert inner.mixer.family == "attention"
+    assert inner.mixer.key("q_bias")
+    assert inner.mlp.family == "dense_mlp"
 
 
 def test_qwen3_vl_packed_and_tower(layouts: dict[str, Any]) -> None:
     lay = layouts["qwen3-vl-30b-a3b"]
     g = lay.language_model.groups[0]
-    assert isinstance(g.mlp, MoE)
-    assert (g.mlp.experts.gate_up, g.mlp.experts.orientation) == ("mlp.experts.gate_up_proj", "in_out")
+    e = _experts(g.mlp)
+    assert (e.key("gate_up"), e.flag("orientation")) == ("mlp.experts.gate_up_proj", "in_out")
     (tower,) = lay.towers
     assert (tower.name, tower.prefix, tower.num_keys) == ("vision", "model.visual.", 351)
     assert "model.visual.blocks.{0..26}.attn.qkv.weight" in tower.patterns
@@ -150,20 +160,19 @@ def test_qwen35_and_qwen36_differ_only_in_mtp_experts(layouts: dict[str, Any]) -
     ma, mb = a.language_model.mtp, b.language_model.mtp
     assert ma is not None
     assert mb is not None
-    assert (ma.enorm, ma.hnorm, ma.eh_proj, ma.final_norm, ma.shared) == (
+    assert (*(ma.parts.key(s) for s in ("enorm", "hnorm", "eh_proj", "final_norm")), ma.shared) == (
         "mtp.pre_fc_norm_embedding.weight", "mtp.pre_fc_norm_hidden.weight", "mtp.fc.weight", "mtp.norm.weight", True
     )  # fmt: skip
     (ia,), (ib,) = ma.inner, mb.inner
     assert ia.mixer == ib.mixer
-    assert isinstance(ia.mlp, MoE)
-    assert isinstance(ib.mlp, MoE)
-    assert ia.mlp.shared == ib.mlp.shared
-    assert ia.mlp.router == ib.mlp.router
-    assert ia.mlp.experts.layout == "per_expert"
-    assert ia.mlp.experts.gate == "mlp.experts.{expert}.gate_proj.weight"
-    assert ib.mlp.experts.layout == "packed"
-    assert ib.mlp.experts.gate_up == "mlp.experts.gate_up_proj"
-    assert (ib.mlp.experts.orientation, ib.mlp.experts.orientation_source) == ("out_in", "model_type_default")
+    ea, eb = _experts(ia.mlp), _experts(ib.mlp)
+    assert ia.mlp.child("shared") == ib.mlp.child("shared")
+    assert ia.mlp.key("router") == ib.mlp.key("router")
+    assert ea.flag("layout") == "per_expert"
+    assert ea.key("gate") == "mlp.experts.{expert}.gate_proj.weight"
+    assert eb.flag("layout") == "packed"
+    assert eb.key("gate_up") == "mlp.experts.gate_up_proj"
+    assert (eb.flag("orientation"), eb.count("orientation_source")) == ("out_in", "model_type_default")
 
 
 # -- patterns --------------------------------------------------------------------------------------------------
@@ -194,17 +203,17 @@ def _scan(tmp_path: Path, config: dict[str, Any], tensors: dict[str, tuple[int, 
 
 def test_output_gate_from_shapes_beats_config(tmp_path: Path) -> None:
     gated = _scan(tmp_path / "a", tiny_config(), tiny_dense(gate=True))
-    assert gated.language_model.groups[0].mixer.output_gate
+    assert gated.language_model.groups[0].mixer.flag("output_gate")
     plain = _scan(tmp_path / "b", tiny_config(attn_output_gate=True), tiny_dense())
-    assert not plain.language_model.groups[0].mixer.output_gate
+    assert not plain.language_model.groups[0].mixer.flag("output_gate")
 
 
 def test_output_gate_from_config_without_shapes(tmp_path: Path) -> None:
     keys = list(tiny_dense())
     write_metadata(tmp_path / "a", tiny_config(model_type="qwen3_5_moe_text"), keys)
-    assert scan(str(tmp_path / "a")).language_model.groups[0].mixer.output_gate
+    assert scan(str(tmp_path / "a")).language_model.groups[0].mixer.flag("output_gate")
     write_metadata(tmp_path / "b", tiny_config(), keys)
-    assert not scan(str(tmp_path / "b")).language_model.groups[0].mixer.output_gate
+    assert not scan(str(tmp_path / "b")).language_model.groups[0].mixer.flag("output_gate")
 
 
 def _packed(in_out: bool, n_layers: int = 2, e: int = 4) -> dict[str, tuple[int, ...]]:
@@ -222,8 +231,9 @@ def _packed(in_out: bool, n_layers: int = 2, e: int = 4) -> dict[str, tuple[int,
 @pytest.mark.parametrize("in_out", [True, False])
 def test_packed_orientation_from_shapes(tmp_path: Path, in_out: bool) -> None:
     lay = _scan(tmp_path, tiny_config(model_type="mystery_moe", moe_intermediate_size=6), _packed(in_out))
-    e = lay.language_model.groups[0].mlp.experts
-    assert (e.orientation, e.orientation_source, e.num_experts) == ("in_out" if in_out else "out_in", "shapes", 4)
+    e = _experts(lay.language_model.groups[0].mlp)
+    assert (e.flag("orientation"), e.count("orientation_source"), e.count("num_experts")) == (
+        "in_out" if in_out else "out_in", "shapes", 4)
 
 
 def test_packed_unknown_model_type_without_shapes_is_an_error(tmp_path: Path) -> None:
@@ -363,17 +373,20 @@ def test_deepseek_mla_dense_moe_and_extra_layer_mtp(tmp_path: Path) -> None:
     lay = scan(str(tmp_path))
     groups = lay.language_model.groups
     assert [(g.name, str(g.layers)) for g in groups] == [("mla_dense", "0"), ("mla_moe", "1-2")]
-    assert isinstance(groups[0].mixer, MLA)
-    assert groups[0].mixer.q_a_proj == "self_attn.q_a_proj.weight"
+    assert groups[0].mixer.family == "mla"
+    assert groups[0].mixer.key("q_a_proj") == "self_attn.q_a_proj.weight"
     moe = groups[1].mlp
-    assert isinstance(moe, MoE)
-    assert moe.expert_bias == "mlp.gate.e_score_correction_bias"
-    assert moe.shared is not None
-    assert moe.shared.mlp.gate == "mlp.shared_experts.gate_proj.weight"
+    assert moe.family == "moe"
+    assert moe.key("expert_bias") == "mlp.gate.e_score_correction_bias"
+    shared = moe.child("shared")
+    assert shared is not None
+    shared_mlp = shared.child("mlp")
+    assert shared_mlp is not None
+    assert shared_mlp.key("gate") == "mlp.shared_experts.gate_proj.weight"
     mtp = lay.language_model.mtp
     assert mtp is not None
     assert (mtp.scheme, mtp.depth, mtp.index_offset, mtp.root) == ("extra_layers", 1, 3, "model.layers.{layer}.")
-    assert (mtp.enorm, mtp.final_norm, mtp.embed_copy, mtp.head_copy) == (
+    assert tuple(mtp.parts.key(s) for s in ("enorm", "final_norm", "embed_copy", "head_copy")) == (
         "enorm.weight", "shared_head.norm.weight", "embed_tokens.weight", "shared_head.head.weight"
     )  # fmt: skip
     assert lay.summary.mtp_expert_layout == "per_expert"
@@ -397,8 +410,8 @@ def test_qwen3_next_fused_gdn_and_audio_tower(tmp_path: Path) -> None:
     write_metadata(tmp_path, tiny_config(model_type="qwen3_next", tie_word_embeddings=True), keys)
     lay = scan(str(tmp_path))
     g0 = lay.language_model.groups[0]
-    assert isinstance(g0.mixer, GatedDeltaNet)
-    assert g0.mixer.in_proj_qkvz == "linear_attn.in_proj_qkvz.weight"
+    assert g0.mixer.family == "gated_delta_net"
+    assert g0.mixer.key("in_proj_qkvz") == "linear_attn.in_proj_qkvz.weight"
     assert lay.summary.layer_pattern == "2 layers = 1 gated-delta-net + 1 attention (every 2nd)"
     assert [(t.name, t.prefix, t.num_keys) for t in lay.towers] == [("audio", "audio_tower.", 3)]
     assert lay.summary.unclassified_keys == 0

@@ -12,7 +12,7 @@ from scan_support import CORPUS, HUB_FIXTURES, write_metadata
 from mapgen.cli import main
 from mapgen.errors import MapgenError
 from mapgen.infer import scan
-from mapgen.infer.ir import Summary
+from mapgen.ir import Summary
 from mapgen.plan.expand import layout_keys
 from mapgen.plan.planner import fingerprint
 from mapgen.plan.shapes import expected_shapes

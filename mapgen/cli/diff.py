@@ -14,7 +14,7 @@ from typing import Any
 from mapgen.diff import diff_layouts, render_diff
 from mapgen.errors import Diagnostic, MapgenError
 from mapgen.infer import infer
-from mapgen.infer.ir import Layout, layout_from_json
+from mapgen.ir import Layout, layout_from_json
 from mapgen.source import read_source
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from mapgen.infer import infer, render_summary
-from mapgen.infer.ir import layout_to_json
+from mapgen.ir import layout_to_json
 from mapgen.source import read_source
 
 

@@ -71,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
         if value is not None and value < (0 if name == "mtp_depth" else 1):
             raise error("synth.bad-option", f"--{name.replace('_', '-')} must be positive, got {value}")
     if args.source.endswith(".json") and Path(args.source).is_file():
-        from mapgen.infer.ir import layout_from_json
+        from mapgen.ir import layout_from_json
 
         try:
             layout = layout_from_json(Path(args.source).read_text(encoding="utf-8"))

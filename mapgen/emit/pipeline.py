@@ -16,7 +16,7 @@ from typing import Protocol
 from mapgen.emit.names import input_name
 from mapgen.emit.render import input_path, render
 from mapgen.errors import Diagnostic, MapgenError, error
-from mapgen.infer.ir import Layout, layout_from_json
+from mapgen.ir import Layout, layout_from_json
 from mapgen.plan.plan import BridgePlan
 
 

@@ -45,7 +45,7 @@ from mapgen.emit.names import (
 )
 from mapgen.emit.pyfmt import Lit, Name, Node, Tup, call
 from mapgen.errors import Diagnostic, MapgenError, error
-from mapgen.infer.ir import Layout, layout_to_json
+from mapgen.ir import Layout, layout_to_json
 from mapgen.plan.plan import BridgePlan, ConfigField
 from mapgen.plan.rules import Op, Rule, Sharding
 from mapgen.plan.spec import ModelSpec

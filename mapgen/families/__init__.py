@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Iterator
+from typing import Protocol
 
-from mapgen.families._dsl import DeclarationError, Family, Match, Slot, Variant
+from mapgen.families import attention, dense_mlp, gated_delta_net, mla, moe
+from mapgen.families._dsl import DeclarationError, Dims, Family, Match, Planner, ShapePairs, Slot, Variant
 from mapgen.families.attention import ATTENTION
 from mapgen.families.dense_mlp import DENSE_MLP
 from mapgen.families.embedding import EMBEDDING
@@ -23,20 +25,25 @@ from mapgen.families.model_types import MODEL_TYPES, Facts, facts_for
 from mapgen.families.moe import EXPERTS, MOE, SHARED_EXPERT
 from mapgen.families.mtp import SCHEMES, MtpScheme
 from mapgen.families.norms import NORMS
+from mapgen.ir import Component
 
 __all__ = [
     "FAMILIES",
     "MODEL_TYPES",
     "SCHEMES",
     "DeclarationError",
+    "Dims",
     "Facts",
     "Family",
+    "LayerFamily",
     "Match",
     "MtpScheme",
     "Slot",
     "Variant",
+    "behaviour",
     "by_name",
     "facts_for",
+    "input_norm_target",
     "of_role",
     "spelling_table",
     "suggest",
@@ -85,3 +92,38 @@ def suggest(suffix: str, limit: int = 3) -> list[str]:
     """Known spellings (root + slot spelling) closest to an unclassified key suffix: scan's "did you mean"."""
     known = sorted({root + spelling for _, root, _, spelling in spelling_table()})
     return difflib.get_close_matches(suffix, known, n=limit, cutoff=0.75)
+
+
+class LayerFamily(Protocol):
+    """The behaviour a mixer or MLP family module defines beside its declaration."""
+
+    def kind(self, c: Component) -> str: ...
+
+    def describe(self, c: Component) -> str: ...
+
+    def shapes(self, c: Component, d: Dims) -> ShapePairs: ...
+
+    def plan(self, c: Component, p: Planner, mroot: str, hroot: str, domain: str, name: str) -> None: ...
+
+
+_BEHAVIOUR: dict[str, LayerFamily] = {
+    "gated_delta_net": gated_delta_net,
+    "mla": mla,
+    "attention": attention,
+    "moe": moe,
+    "dense_mlp": dense_mlp,
+}
+_INPUT_NORM = {"gated_delta_net": gated_delta_net.INPUT_NORM, "mla": mla.INPUT_NORM, "attention": attention.INPUT_NORM}
+
+
+def behaviour(c: Component) -> LayerFamily:
+    """The module that implements a layer component's family."""
+    try:
+        return _BEHAVIOUR[c.family]
+    except KeyError:
+        raise DeclarationError(f"no family module implements {c.family!r} (mapgen.families)") from None
+
+
+def input_norm_target(mixer: Component) -> str:
+    """Megatron's name for the block's pre-mixer norm with this mixer."""
+    return _INPUT_NORM[mixer.family]

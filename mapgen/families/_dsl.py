@@ -28,6 +28,9 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+Init = Literal["normal", "norm", "a_log", "dt_bias"]
 
 _IDENT = re.compile(r"[a-z_][a-z0-9_]*\Z")
 _SPELLING = re.compile(r"[A-Za-z0-9_.{}]+\Z")
@@ -40,11 +43,13 @@ class DeclarationError(ValueError):
 @dataclass(frozen=True)
 class Slot:
     """One HF tensor of a family. ``spellings`` are key suffixes relative to the family root; the first one
-    is canonical (synth writes it), the others are aliases accepted by scan."""
+    is canonical (synth writes it), the others are aliases accepted by scan. ``init`` says how ``mapgen synth``
+    fills it: ``normal`` (small Gaussian), ``norm`` (near 1), ``a_log``/``dt_bias`` (the gated delta-net's decay
+    parameters, in their valid ranges)."""
 
     name: str
     spellings: tuple[str, ...]
-    doc: str = ""
+    init: Init = "normal"
 
     def __post_init__(self) -> None:
         if not self.spellings:
@@ -105,6 +110,11 @@ class Family:
             if root and not root.endswith("."):
                 raise DeclarationError(f"{where}: root {root!r} must end with '.'")
 
+    def init_of(self, slot: str) -> Init:
+        """How synth initialises ``slot`` (``normal`` for slots the family does not declare)."""
+        found = self._by_name.get(slot)
+        return found.init if found is not None else "normal"
+
     def slot(self, name: str) -> Slot:
         try:
             return self._by_name[name]
@@ -134,3 +144,47 @@ class Match:
 
     def get(self, slot: str) -> str | None:
         return self.keys.get(slot)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# What a family module's behaviour hooks receive
+# ---------------------------------------------------------------------------------------------------------
+Shape = tuple[int, ...]
+ShapePairs = list[tuple[str | None, Shape | None]]
+"""(key suffix, shape) pairs a family's ``shapes`` hook returns; ``None`` suffixes/shapes are skipped."""
+
+
+@dataclass(frozen=True)
+class Dims:
+    """The sizes the config gives (read by :func:`mapgen.plan.shapes.config_dims`)."""
+
+    hidden: int
+    vocab: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int | None
+    moe_intermediate: int | None
+    shared_intermediate: int | None
+    gdn: tuple[int, int, int, int, int] | None  # nk, nv, dk, dv, conv kernel
+    mla: tuple[int | None, int, int, int, int] | None  # q_lora_rank, kv_lora_rank, nope, rope, v_head_dim
+
+
+Options = tuple[tuple[str, str | int | bool], ...]
+
+
+def opts(**kw: str | int | bool) -> Options:
+    """Rule options as sorted pairs."""
+    return tuple(sorted(kw.items()))
+
+
+class Planner(Protocol):
+    """What a family's ``plan`` hook may call: add a rule (Megatron pattern, HF key patterns, op, declared
+    sharding) or refuse a feature by name."""
+
+    zero_centered: bool
+
+    def add(self, family: str, megatron: str, hf: tuple[str, ...], op: str, sharding: str, *, domain: str,
+            experts: bool = False, options: Options = (), comment: str = "") -> None: ...
+
+    def unsupported(self, what: str, key: str) -> None: ...

@@ -7,7 +7,8 @@ Megatron: ``self_attention.linear_qkv`` (q/k/v interleaved per query group), ``l
 
 from __future__ import annotations
 
-from mapgen.families._dsl import Family, Slot, Variant
+from mapgen.families._dsl import Dims, Family, Planner, ShapePairs, Slot, Variant, opts
+from mapgen.ir import Component
 
 ATTENTION = Family(
     "attention",
@@ -26,8 +27,8 @@ ATTENTION = Family(
         Slot("v_bias", ("v_proj.bias",)),
         Slot("qkv_bias", ("qkv_proj.bias",)),
         Slot("o_bias", ("o_proj.bias",)),
-        Slot("q_norm", ("q_norm.weight",)),
-        Slot("k_norm", ("k_norm.weight",)),
+        Slot("q_norm", ("q_norm.weight",), init="norm"),
+        Slot("k_norm", ("k_norm.weight",), init="norm"),
         Slot("sinks", ("sinks",)),
     ),
     variants=(
@@ -39,3 +40,80 @@ ATTENTION = Family(
     excludes=("kv_a_proj_with_mqa.weight",),
     flags=("output_gate", "sliding_window"),
 )
+
+INPUT_NORM = "input_layernorm.weight"
+"""Megatron's name for the block's pre-mixer norm (a separate module with the local spec)."""
+
+
+def kind(c: Component) -> str:
+    return "sliding_attention" if c.flag("sliding_window") else "attention"
+
+
+def describe(c: Component) -> str:
+    traits = ["fused qkv" if c.key("qkv") else "q/k/v"]
+    if c.key("q_bias") or c.key("qkv_bias"):
+        traits.append("qkv bias")
+    if c.key("o_bias"):
+        traits.append("o bias")
+    if c.key("q_norm"):
+        traits.append("qk-norm")
+    if c.flag("output_gate"):
+        traits.append("output gate")
+    if c.key("sinks"):
+        traits.append("sinks")
+    return ("sliding-window attention" if c.flag("sliding_window") else "attention") + f" ({', '.join(traits)})"
+
+
+def shapes(c: Component, d: Dims) -> ShapePairs:
+    q_rows = d.heads * d.head_dim * (2 if c.flag("output_gate") else 1)
+    kv_rows = d.kv_heads * d.head_dim
+    qkv_rows = d.heads * d.head_dim + 2 * kv_rows
+    return [
+        (c.key("q"), (q_rows, d.hidden)),
+        (c.key("k"), (kv_rows, d.hidden)),
+        (c.key("v"), (kv_rows, d.hidden)),
+        (c.key("qkv"), (qkv_rows, d.hidden)),
+        (c.key("o"), (d.hidden, d.heads * d.head_dim)),
+        (c.key("q_bias"), (q_rows,)),
+        (c.key("k_bias"), (kv_rows,)),
+        (c.key("v_bias"), (kv_rows,)),
+        (c.key("qkv_bias"), (qkv_rows,)),
+        (c.key("o_bias"), (d.hidden,)),
+        (c.key("q_norm"), (d.head_dim,)),
+        (c.key("k_norm"), (d.head_dim,)),
+        (c.key("sinks"), (d.heads,)),
+    ]
+
+
+def plan(c: Component, p: Planner, mroot: str, hroot: str, domain: str, name: str) -> None:
+    q, k, v, o = c.key("q"), c.key("k"), c.key("v"), c.key("o")
+    if c.key("qkv") is not None or q is None or k is None or v is None or o is None:
+        p.unsupported("a fused qkv projection", hroot + (c.key("qkv") or "self_attn"))
+        return
+    if c.key("sinks") is not None:
+        p.unsupported("attention sinks", hroot + str(c.key("sinks")))
+        return
+    gate = bool(c.flag("output_gate"))
+    p.add("attention.qkv", f"{mroot}self_attention.linear_qkv.weight", (hroot + q, hroot + k, hroot + v), "qkv",
+          "qkv_groups", domain=domain, options=opts(output_gate=gate, part="weight"),
+          comment=f"[{name}] q/k/v -> linear_qkv, interleaved per query group"
+          + (" (q_proj carries the output gate)" if gate else "") + "; TP splits whole groups.")
+    biases = (c.key("q_bias"), c.key("k_bias"), c.key("v_bias"))
+    if any(biases):
+        if not all(biases):
+            p.unsupported("a partial q/k/v bias", hroot + str(next(b for b in biases if b)))
+            return
+        p.add("attention.qkv_bias", f"{mroot}self_attention.linear_qkv.bias", tuple(hroot + str(b) for b in biases),
+              "qkv", "qkv_groups", domain=domain, options=opts(output_gate=gate, part="bias"),
+              comment=f"[{name}] q/k/v biases, grouped like the weights.")
+    p.add("attention.o", f"{mroot}self_attention.linear_proj.weight", (hroot + o,), "copy", "row", domain=domain,
+          comment=f"[{name}] Output projection: row-parallel.")
+    if c.key("o_bias"):
+        p.add("attention.o_bias", f"{mroot}self_attention.linear_proj.bias", (hroot + str(c.key("o_bias")),), "copy",
+              "replicated", domain=domain, comment=f"[{name}] Output projection bias.")
+    if c.key("q_norm"):
+        p.add("attention.q_norm", f"{mroot}self_attention.q_layernorm.weight", (hroot + str(c.key("q_norm")),),
+              "copy", "replicated", domain=domain, comment=f"[{name}] QK-norm on queries (per head).")
+    if c.key("k_norm"):
+        p.add("attention.k_norm", f"{mroot}self_attention.k_layernorm.weight", (hroot + str(c.key("k_norm")),),
+              "copy", "replicated", domain=domain, comment=f"[{name}] QK-norm on keys (per head).")

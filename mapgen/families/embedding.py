@@ -6,7 +6,8 @@ is also looked up at the checkpoint root and under the prefix's parent (``lm_hea
 
 from __future__ import annotations
 
-from mapgen.families._dsl import Family, Slot, Variant
+from mapgen.families._dsl import Dims, Family, Planner, ShapePairs, Slot, Variant
+from mapgen.ir import Component
 
 EMBEDDING = Family(
     "embedding",
@@ -15,12 +16,29 @@ EMBEDDING = Family(
     file=__name__,
     slots=(
         Slot("embedding", ("embed_tokens.weight",)),
-        Slot("final_norm", ("norm.weight",)),
+        Slot("final_norm", ("norm.weight",), init="norm"),
         Slot("lm_head", ("lm_head.weight",)),
     ),
     variants=(Variant("tied", ("embedding", "final_norm")), Variant("untied", ("embedding", "final_norm", "lm_head"))),
-    flags=("tied_embeddings",),
 )
 
 LAYERS_CONTAINER = "layers"
 """The segment that numbers decoder layers: ``<prefix>layers.<n>.``."""
+
+
+def shapes(c: Component, d: Dims) -> ShapePairs:
+    return [(c.key("embedding"), (d.vocab, d.hidden)), (c.key("final_norm"), (d.hidden,)),
+            (c.key("lm_head"), (d.vocab, d.hidden))]
+
+
+def plan_embedding(c: Component, p: Planner) -> None:
+    p.add("embedding", "embedding.word_embeddings.weight", (str(c.key("embedding")),), "copy", "vocab",
+          domain="global", comment="Token embedding: vocab-parallel; padded on import, truncated on export.")
+
+
+def plan_head(c: Component, p: Planner) -> None:
+    p.add("final_norm", "decoder.final_layernorm.weight", (str(c.key("final_norm")),), "copy", "replicated",
+          domain="global", comment="Final norm before the output layer.")
+    if c.key("lm_head") is not None:
+        p.add("output", "output_layer.weight", (str(c.key("lm_head")),), "copy", "vocab", domain="global",
+              comment="Output layer (untied): vocab-parallel.")

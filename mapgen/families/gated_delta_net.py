@@ -7,7 +7,8 @@ Megatron: ``self_attention.in_proj`` (per TP rank ``[q k v z b a]``), ``conv1d``
 
 from __future__ import annotations
 
-from mapgen.families._dsl import Family, Slot, Variant
+from mapgen.families._dsl import Dims, Family, Planner, ShapePairs, Slot, Variant, opts
+from mapgen.ir import Component
 
 _CORE = ("conv1d", "a_log", "dt_bias", "norm", "out_proj")
 
@@ -19,9 +20,9 @@ GATED_DELTA_NET = Family(
     roots=("linear_attn.",),
     slots=(
         Slot("conv1d", ("conv1d.weight",)),
-        Slot("a_log", ("A_log",)),
-        Slot("dt_bias", ("dt_bias",)),
-        Slot("norm", ("norm.weight",)),
+        Slot("a_log", ("A_log",), init="a_log"),
+        Slot("dt_bias", ("dt_bias",), init="dt_bias"),
+        Slot("norm", ("norm.weight",), init="norm"),
         Slot("out_proj", ("out_proj.weight",)),
         Slot("in_proj_qkv", ("in_proj_qkv.weight",)),
         Slot("in_proj_z", ("in_proj_z.weight",)),
@@ -36,3 +37,69 @@ GATED_DELTA_NET = Family(
         Variant("fused", (*_CORE, "in_proj_qkvz", "in_proj_ba"), ("conv1d_bias",)),
     ),
 )
+
+INPUT_NORM = "self_attention.in_proj.layer_norm_weight"
+"""Megatron fuses the block's pre-mixer norm into the gated delta-net's ``in_proj``."""
+
+
+def kind(c: Component) -> str:
+    return "gated_delta_net"
+
+
+def describe(c: Component) -> str:
+    return "gated-delta-net (" + ("fused qkvz/ba" if c.key("in_proj_qkvz") else "in_proj qkv/z/b/a") + ")"
+
+
+def shapes(c: Component, d: Dims) -> ShapePairs:
+    if d.gdn is None:
+        return [(c.key(s), None) for s in ("conv1d", "a_log", "dt_bias", "norm", "out_proj")]
+    nk, nv, dk, dv, kernel = d.gdn
+    key_dim, value_dim = nk * dk, nv * dv
+    conv_dim = 2 * key_dim + value_dim
+    return [
+        (c.key("in_proj_qkv"), (conv_dim, d.hidden)),
+        (c.key("in_proj_z"), (value_dim, d.hidden)),
+        (c.key("in_proj_b"), (nv, d.hidden)),
+        (c.key("in_proj_a"), (nv, d.hidden)),
+        (c.key("in_proj_qkvz"), (2 * key_dim + 2 * value_dim, d.hidden)),
+        (c.key("in_proj_ba"), (2 * nv, d.hidden)),
+        (c.key("conv1d"), (conv_dim, 1, kernel)),
+        (c.key("conv1d_bias"), (conv_dim,)),
+        (c.key("a_log"), (nv,)),
+        (c.key("dt_bias"), (nv,)),
+        (c.key("norm"), (dv,)),
+        (c.key("out_proj"), (d.hidden, value_dim)),
+    ]
+
+
+def plan(c: Component, p: Planner, mroot: str, hroot: str, domain: str, name: str) -> None:
+    if c.key("in_proj_qkvz") is not None or c.key("in_proj_ba") is not None:
+        p.unsupported("Qwen3-Next fused in_proj_qkvz/in_proj_ba", hroot + str(c.key("in_proj_qkvz")))
+        return
+    parts = (c.key("in_proj_qkv"), c.key("in_proj_z"), c.key("in_proj_b"), c.key("in_proj_a"))
+    if not all(parts):
+        p.unsupported("an incomplete gated delta-net projection set", hroot + "linear_attn")
+        return
+    sa = f"{mroot}self_attention."
+
+    def key(slot: str) -> tuple[str, ...]:
+        return (hroot + str(c.key(slot)),)
+
+    p.add("gdn.in_proj", f"{sa}in_proj.weight", tuple(hroot + str(x) for x in parts), "gdn_in_proj", "gdn_heads",
+          domain=domain, comment=f"[{name}] in_proj_qkv/z/b/a -> fused in_proj, per TP rank [q k v z b a].")
+    p.add("gdn.conv1d", f"{sa}conv1d.weight", key("conv1d"), "gdn_conv1d", "gdn_heads", domain=domain,
+          comment=f"[{name}] Depthwise conv over [q k v] channels, split per TP rank.")
+    if c.key("conv1d_bias"):
+        p.add("gdn.conv1d_bias", f"{sa}conv1d.bias", key("conv1d_bias"), "gdn_conv1d", "gdn_heads", domain=domain,
+              comment=f"[{name}] Conv bias, split like the conv weight.")
+    p.add("gdn.a_log", f"{sa}A_log", key("a_log"), "copy", "column", domain=domain,
+          comment=f"[{name}] Per value-head decay (log), split over heads.")
+    p.add("gdn.dt_bias", f"{sa}dt_bias", key("dt_bias"), "copy", "column", domain=domain,
+          comment=f"[{name}] Per value-head dt bias, split over heads.")
+    transform = "zero_centered" if p.zero_centered else "none"
+    p.add("gdn.out_norm", f"{sa}out_norm.weight", key("norm"), "copy", "replicated", domain=domain,
+          options=opts(transform=transform),
+          comment=f"[{name}] Gated output norm"
+          + (": plain RMSNorm in HF, zero-centred in Megatron (w - 1 / w + 1)." if p.zero_centered else "."))
+    p.add("gdn.out_proj", f"{sa}out_proj.weight", key("out_proj"), "copy", "row", domain=domain,
+          comment=f"[{name}] Output projection: row-parallel.")

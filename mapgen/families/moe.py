@@ -8,7 +8,9 @@ splits each), ``mlp.shared_experts.*``.
 
 from __future__ import annotations
 
-from mapgen.families._dsl import Family, Slot, Variant
+from mapgen.families import dense_mlp
+from mapgen.families._dsl import Dims, Family, Planner, ShapePairs, Slot, Variant, opts
+from mapgen.ir import Component
 
 MOE = Family(
     "moe",
@@ -60,3 +62,114 @@ SHARED_EXPERT = Family(
     slots=(Slot("gate", ("shared_expert_gate.weight",)),),
     children=("mlp",),
 )
+
+
+def kind(c: Component) -> str:
+    return "moe"
+
+
+def experts_of(c: Component) -> Component | None:
+    """The routed-experts child of a MoE component (``None`` for any other family)."""
+    return c.child("experts") if c.family == "moe" else None
+
+
+def num_experts(c: Component) -> int:
+    experts = experts_of(c)
+    return int(experts.count("num_experts")) if experts is not None else 0
+
+
+def describe(c: Component) -> str:
+    e = c.child("experts")
+    assert e is not None
+    layout = str(e.flag("layout"))
+    text = f"MoE {num_experts(c)} experts {layout.replace('_', '-')}"
+    if layout == "packed":
+        text += f" [{e.flag('orientation')}, {str(e.count('orientation_source')).replace('_', ' ')}"
+        text += ", gate/up interleaved" if e.flag("gate_up_interleave") else ""
+        text += f", {e.flag('quant')}]" if e.flag("quant") != "none" else "]"
+    if c.key("router_bias") or e.key("down_bias"):
+        text += " +bias"
+    if c.key("expert_bias"):
+        text += " +score-correction bias"
+    shared = c.child("shared")
+    if shared is not None:
+        text += " + shared expert" + (" (gated)" if shared.key("gate") else "")
+    return text
+
+
+def _expert_shapes(x: Component, d: Dims) -> ShapePairs:
+    inter, hidden, e = d.moe_intermediate, d.hidden, int(x.count("num_experts"))
+    if x.flag("layout") == "per_expert":
+        return dense_mlp.sized(x, hidden, inter)
+    if inter is None:
+        return []
+    if x.flag("orientation") == "out_in":
+        gate_up, down = (e, 2 * inter, hidden), (e, hidden, inter)
+    else:
+        gate_up, down = (e, hidden, 2 * inter), (e, inter, hidden)
+    biases: ShapePairs = [(x.key("gate_up_bias"), (e, 2 * inter)), (x.key("down_bias"), (e, hidden))]
+    if x.flag("quant") != "none":  # MXFP4 blocks/scales: not described (left out); the biases are plain tensors
+        return biases
+    return [(x.key("gate_up"), gate_up), (x.key("down"), down), *biases]
+
+
+def shapes(c: Component, d: Dims) -> ShapePairs:
+    e = num_experts(c)
+    pairs: ShapePairs = [(c.key("router"), (e, d.hidden)), (c.key("router_bias"), (e,)),
+                         (c.key("expert_bias"), (e,))]
+    experts = c.child("experts")
+    assert experts is not None
+    pairs += _expert_shapes(experts, d)
+    shared = c.child("shared")
+    if shared is not None:
+        mlp = shared.child("mlp")
+        assert mlp is not None
+        pairs += dense_mlp.sized(mlp, d.hidden, d.shared_intermediate)
+        pairs.append((shared.key("gate"), (1, d.hidden)))
+    return pairs
+
+
+def plan(c: Component, p: Planner, mroot: str, hroot: str, domain: str, name: str) -> None:
+    mlp = f"{mroot}mlp."
+    p.add("moe.router", f"{mlp}router.weight", (hroot + str(c.key("router")),), "copy", "replicated", domain=domain,
+          comment=f"[{name}] Router (replicated).")
+    if c.key("router_bias"):
+        p.unsupported("a router bias", hroot + str(c.key("router_bias")))
+    if c.key("expert_bias"):
+        p.add("moe.expert_bias", f"{mlp}router.expert_bias", (hroot + str(c.key("expert_bias")),), "copy",
+              "replicated", domain=domain, options=opts(dtype="fp32"),
+              comment=f"[{name}] Expert score-correction bias, kept in fp32.")
+    e = c.child("experts")
+    assert e is not None
+    if e.flag("quant") != "none":
+        p.unsupported(f"{e.flag('quant')} quantised experts", hroot + str(e.key("gate_up_blocks")))
+        return
+    if e.key("gate_bias") or e.key("up_bias") or e.key("down_bias") or e.key("gate_up_bias"):
+        p.unsupported("expert biases", hroot + str(e.key("gate_up_bias") or e.key("down_bias")))
+        return
+    local = f"{mlp}experts.local_experts.{{expert}}."
+    layout, orientation = str(e.flag("layout")), str(e.flag("orientation"))
+    if layout == "per_expert":
+        fc1: tuple[str, ...] = (hroot + str(e.key("gate")), hroot + str(e.key("up")))
+        options = opts(layout="per_expert")
+        where = "per expert"
+    else:
+        fc1 = (hroot + str(e.key("gate_up")),)
+        options = opts(layout="packed", orientation=orientation, interleave=bool(e.flag("gate_up_interleave")))
+        where = f"packed 3-D [{'E, out, in' if orientation == 'out_in' else 'E, in, out'}]"
+    p.add("moe.experts.fc1", f"{local}linear_fc1.weight", fc1, "expert_fc1", "expert_gated_column", domain=domain,
+          experts=True, options=options,
+          comment=f"[{name}] Routed experts ({where}) gate + up -> local expert linear_fc1; EP picks the "
+          "experts, ETP splits each.")
+    fc2_options = opts(layout=layout, orientation=orientation) if layout == "packed" else options
+    p.add("moe.experts.fc2", f"{local}linear_fc2.weight", (hroot + str(e.key("down")),), "expert_fc2", "expert_row",
+          domain=domain, experts=True, options=fc2_options,
+          comment=f"[{name}] Routed experts ({where}) down -> local expert linear_fc2.")
+    shared = c.child("shared")
+    if shared is not None:
+        smlp = shared.child("mlp")
+        assert smlp is not None
+        dense_mlp.plan_mlp(smlp, p, f"{mlp}shared_experts.", hroot, domain, name, "moe.shared")
+        if shared.key("gate"):
+            p.add("moe.shared.gate", f"{mlp}shared_experts.gate_weight", (hroot + str(shared.key("gate")),), "copy",
+                  "replicated", domain=domain, comment=f"[{name}] Sigmoid gate of the shared expert.")

@@ -7,7 +7,8 @@ Other block shapes (Gemma sandwich norms, OLMo-2 post-norms, parallel blocks) ar
 
 from __future__ import annotations
 
-from mapgen.families._dsl import Family, Slot, Variant
+from mapgen.families._dsl import Dims, Family, Planner, ShapePairs, Slot, Variant
+from mapgen.ir import Component
 
 NORMS = Family(
     "norms",
@@ -15,8 +16,43 @@ NORMS = Family(
     description="pre-norm block: input norm before the mixer, post-attention norm before the MLP",
     file=__name__,
     slots=(
-        Slot("input_norm", ("input_layernorm.weight",)),
-        Slot("post_attention_norm", ("post_attention_layernorm.weight",)),
+        Slot("input_norm", ("input_layernorm.weight",), init="norm"),
+        Slot("post_attention_norm", ("post_attention_layernorm.weight",), init="norm"),
     ),
     variants=(Variant("pre_norm", ("input_norm", "post_attention_norm")),),
 )
+
+# Where each norm of a block shape sits in Megatron: (slot, before which component, Megatron name, comment).
+# ``None`` as the name: the mixer family's ``INPUT_NORM`` (separate with attention, fused into the gated
+# delta-net's in_proj).
+PLACEMENT: dict[str, tuple[tuple[str, str, str | None, str], ...]] = {
+    "pre_norm": (
+        ("input_norm", "mixer", None, "Pre-attention norm."),
+        ("post_attention_norm", "mlp", "pre_mlp_layernorm.weight", "Pre-MLP norm."),
+    ),
+}
+FUSED_COMMENT = "Pre-mixer norm, fused into the gated delta-net in_proj."
+
+
+def shapes(c: Component, d: Dims) -> ShapePairs:
+    return [(key, (d.hidden,)) for key in c.own_keys()]
+
+
+def norm_keys(c: Component) -> list[str]:
+    """Key suffixes that are norm weights (synth initialises them near 1)."""
+    return c.own_keys()
+
+
+def plan_before(c: Component, where: str, mixer_input_norm: str, p: Planner, mroot: str, hroot: str,
+                domain: str, name: str) -> None:
+    """The rules of the block's norms that sit before ``where`` (``mixer`` or ``mlp``)."""
+    for slot, before, target, comment in PLACEMENT[c.variant]:
+        if before != where:
+            continue
+        key = c.key(slot)
+        assert key is not None
+        megatron = target or mixer_input_norm
+        fused = target is None and mixer_input_norm != "input_layernorm.weight"
+        family = "norm.input" if slot == "input_norm" else f"norm.{slot.removesuffix('_norm')}"
+        p.add(family, mroot + megatron, (hroot + key,), "copy", "replicated", domain=domain,
+              comment=f"[{name}] {FUSED_COMMENT if fused else comment}")

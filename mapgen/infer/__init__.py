@@ -6,9 +6,9 @@
 from __future__ import annotations
 
 from mapgen.infer.build import infer
-from mapgen.infer.ir import Layout
 from mapgen.infer.patterns import compress_keys, layer_pattern
 from mapgen.infer.summary import render_summary
+from mapgen.ir import Layout
 from mapgen.source import read_source
 
 __all__ = ["compress_keys", "infer", "layer_pattern", "render_summary", "scan"]

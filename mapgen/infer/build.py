@@ -1,4 +1,4 @@
-"""Keys (+ config cross-checks) -> :class:`~mapgen.infer.ir.Layout`.
+"""Keys (+ config cross-checks) -> :class:`~mapgen.ir.Layout`.
 
 Order of work: refuse unsupported quantisation; split off towers (vision/audio); find the language-model
 prefix; read top-level tensors; classify each decoder layer with the recognisers; group layers with equal
@@ -17,6 +17,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 from mapgen.errors import Diagnostic, MapgenError
+from mapgen.families import behaviour
 from mapgen.families.embedding import EMBEDDING
 from mapgen.families.model_types import facts_for
 from mapgen.families.mtp import (
@@ -30,22 +31,6 @@ from mapgen.families.mtp import (
     SCHEMES,
 )
 from mapgen.families.norms import NORMS
-from mapgen.infer.ir import (
-    MLA,
-    MTP,
-    DiagnosticRecord,
-    Dims,
-    GatedDeltaNet,
-    IndexSet,
-    LanguageModel,
-    LayerGroup,
-    Layout,
-    Mixer,
-    Mlp,
-    MoE,
-    Tower,
-    UnclassifiedGroup,
-)
 from mapgen.infer.patterns import compress_keys
 from mapgen.infer.recognise import (
     EXPERT_SLOT,
@@ -54,10 +39,23 @@ from mapgen.infer.recognise import (
     Pool,
     Problem,
     fold_experts,
+    match_family,
     recognise_mixer,
     recognise_mlp,
 )
 from mapgen.infer.summary import make_summary
+from mapgen.ir import (
+    MTP,
+    Component,
+    DiagnosticRecord,
+    Dims,
+    IndexSet,
+    LanguageModel,
+    LayerGroup,
+    Layout,
+    Tower,
+    UnclassifiedGroup,
+)
 from mapgen.source.base import INDEX_NAME, Source
 
 CONFIG = "config.json"
@@ -201,19 +199,18 @@ def _quantization(source: Source, cfg: Config, findings: Findings) -> str:
 # Layers
 # ---------------------------------------------------------------------------------------------------------
 class LayerResult(NamedTuple):
-    mixer: Mixer | None
-    mlp: Mlp | None
-    input_norm: str | None
-    post_norm: str | None
+    block: Component | None
+    mixer: Component | None
+    mlp: Component | None
     leftover: tuple[str, ...]  # original suffixes nobody claimed
 
     @property
     def complete(self) -> bool:
-        return None not in (self.mixer, self.mlp, self.input_norm, self.post_norm)
+        return None not in (self.block, self.mixer, self.mlp)
 
     @property
     def signature(self) -> tuple[Any, ...]:
-        return (self.mixer, self.mlp, self.input_norm, self.post_norm)
+        return (self.block, self.mixer, self.mlp)
 
 
 def classify_layer(
@@ -241,21 +238,14 @@ def classify_layer(
 
     mixer = recognise_mixer(pool, shape0, ctx, sliding=sliding)
     mlp = recognise_mlp(pool, shape0, ctx, ids, problems)
-    input_norm = next((n for s in NORMS.slot("input_norm").spellings if (n := pool.take(s))), None)
-    post_norm = next((n for s in NORMS.slot("post_attention_norm").spellings if (n := pool.take(s))), None)
+    block = match_family(NORMS, pool)
     leftover = sorted(s for t in pool.avail for s in folded[t])
-    result = LayerResult(mixer, mlp, input_norm, post_norm, tuple(leftover))
+    result = LayerResult(
+        Component.make(NORMS.name, block.variant.name, block.keys) if block else None, mixer, mlp, tuple(leftover)
+    )
     if not result.complete:  # a partial layer is not a layer: every key in it stays unclassified
-        return LayerResult(None, None, None, None, tuple(sorted(suffixes)))
+        return LayerResult(None, None, None, tuple(sorted(suffixes)))
     return result
-
-
-def _mixer_kind(mixer: Mixer) -> str:
-    if isinstance(mixer, GatedDeltaNet):
-        return "gated_delta_net"
-    if isinstance(mixer, MLA):
-        return "mla"
-    return "sliding_attention" if mixer.sliding_window else "attention"
 
 
 _GROUP_BASE = {"gated_delta_net": "linear_attention"}
@@ -271,8 +261,8 @@ def make_groups(results: Mapping[int, LayerResult], root: str, name_prefix: str 
     ordered = sorted(by_sig.items(), key=lambda kv: kv[1][0])
     bases = []
     for sig, _ in ordered:
-        kind = _mixer_kind(sig[0])
-        bases.append((_GROUP_BASE.get(kind, kind), "moe" if isinstance(sig[1], MoE) else "dense"))
+        kind = behaviour(sig[1]).kind(sig[1])
+        bases.append((_GROUP_BASE.get(kind, kind), behaviour(sig[2]).kind(sig[2])))
     names: list[str] = []
     for mixer_name, mlp_name in bases:
         if sum(1 for b in bases if b[0] == mixer_name) == 1:
@@ -285,18 +275,8 @@ def make_groups(results: Mapping[int, LayerResult], root: str, name_prefix: str 
         names.append(name)
     groups = []
     for name, (sig, layers) in zip(names, ordered, strict=True):
-        mixer, mlp, input_norm, post_norm = sig
-        groups.append(
-            LayerGroup(
-                name=name_prefix + name,
-                root=root,
-                layers=IndexSet.of(layers),
-                mixer=mixer,
-                mlp=mlp,
-                input_norm=input_norm,
-                post_attention_norm=post_norm,
-            )
-        )
+        block, mixer, mlp = sig
+        groups.append(LayerGroup(name_prefix + name, root, IndexSet.of(layers), block, mixer, mlp))
     return tuple(groups)
 
 
@@ -474,7 +454,7 @@ def infer(source: Source) -> Layout:
                 key=lm_head or "",
             )
         )
-    moe_groups = [g for g in groups if isinstance(g.mlp, MoE)]
+    moe_groups = [g for g in groups if g.mlp.family == "moe"]
     if ctx.num_experts and groups and not moe_groups:
         findings.add(
             Diagnostic(
@@ -492,16 +472,9 @@ def infer(source: Source) -> Layout:
             extra_text = "unclassified keys:\n" + "\n".join(f"  {u.pattern}  ({u.count} keys)" for u in unclassified)
         raise MapgenError(findings.errors, extra=extra_text)
 
-    language_model = LanguageModel(
-        prefix=prefix,
-        embedding=embedding or "",
-        final_norm=final_norm or "",
-        lm_head=lm_head,
-        tied_embeddings=tied,
-        groups=groups,
-        num_layers=num_layers,
-        mtp=mtp,
-    )
+    top = Component.make(EMBEDDING.name, "tied" if tied else "untied",
+                         {"embedding": embedding, "final_norm": final_norm, "lm_head": lm_head})
+    language_model = LanguageModel(prefix=prefix, top=top, groups=groups, num_layers=num_layers, mtp=mtp)
     mtp_declared = cfg.int(*MTP_COUNT_KEYS) or 0
     archs = source.config.get("architectures")
     summary = make_summary(
@@ -611,16 +584,18 @@ def _check_layers(
             )
         )
     interval = cfg.int("full_attention_interval")
+    has_gdn = any(x.mixer is not None and x.mixer.family == "gated_delta_net" for x in results.values())
+    has_moe = any(x.mlp is not None and x.mlp.family == "moe" for x in results.values())
     for i in main_ids:
         r = results[i]
         if r.mixer is None:
             continue
-        is_linear = isinstance(r.mixer, GatedDeltaNet)
+        is_linear = r.mixer.family == "gated_delta_net"
         declared: str | None = None
         if layer_types is not None and i < len(layer_types):
             declared = str(layer_types[i])
             ok = declared == "linear_attention" if is_linear else declared in _ATTENTION_TYPES
-        elif layer_types is None and interval and any(isinstance(x.mixer, GatedDeltaNet) for x in results.values()):
+        elif layer_types is None and interval and has_gdn:
             declared = "full_attention" if (i + 1) % interval == 0 else "linear_attention"
             ok = declared == ("linear_attention" if is_linear else "full_attention")
         else:
@@ -630,7 +605,7 @@ def _check_layers(
                 Diagnostic(
                     "error",
                     "config.layer-type-mismatch",
-                    f"layer {i} is {_mixer_kind(r.mixer)} by its keys but the config declares {declared}",
+                    f"layer {i} is {behaviour(r.mixer).kind(r.mixer)} by its keys but the config declares {declared}",
                     file=CONFIG,
                     key=root.format(layer=i),
                     expected=declared,
@@ -653,18 +628,19 @@ def _check_layers(
     only = cfg.get("mlp_only_layers")
     if isinstance(only, list):
         dense_declared |= {x for x in only if isinstance(x, int)}
-    if (k is not None or isinstance(only, list)) and any(isinstance(r.mlp, MoE) for r in results.values()):
+    if (k is not None or isinstance(only, list)) and has_moe:
         for i in main_ids:
             r = results[i]
             if r.mlp is None:
                 continue
-            if (i in dense_declared) == isinstance(r.mlp, MoE):
+            is_moe = r.mlp.family == "moe"
+            if (i in dense_declared) == is_moe:
                 want = "dense" if i in dense_declared else "MoE"
                 findings.add(
                     Diagnostic(
                         "error",
                         "config.dense-moe-mismatch",
-                        f"layer {i} has a {'MoE' if isinstance(r.mlp, MoE) else 'dense'} MLP by its keys but the "
+                        f"layer {i} has a {'MoE' if is_moe else 'dense'} MLP by its keys but the "
                         f"config (first_k_dense_replace / mlp_only_layers) makes it {want}",
                         file=CONFIG,
                         key=root.format(layer=i),
@@ -825,19 +801,24 @@ def _mtp(
                     claim(key_root + s)
     return (
         MTP(
-            scheme=scheme,  # type: ignore[arg-type]
+            scheme=spec.name,
             depth=depth,
             root=root,
-            enorm=enorm,
-            hnorm=hnorm,
-            eh_proj=eh_proj,
-            final_norm=final_norm,
+            parts=Component.make(
+                "mtp",
+                spec.name,
+                {
+                    "enorm": enorm,
+                    "hnorm": hnorm,
+                    "eh_proj": eh_proj,
+                    "final_norm": final_norm,
+                    "embed_copy": copies[0] if copies and copies[0] in present_copies else None,
+                    "head_copy": copies[1] if len(copies) > 1 and copies[1] in present_copies else None,
+                },
+                flags={"shared": shared, "eh_proj_order": spec.eh_proj_order},
+            ),
             inner=inner_groups,
-            shared=shared,
             index_offset=offset,
-            eh_proj_order=spec.eh_proj_order,
-            embed_copy=copies[0] if copies and copies[0] in present_copies else None,
-            head_copy=copies[1] if len(copies) > 1 and copies[1] in present_copies else None,
         ),
         leftover,
     )

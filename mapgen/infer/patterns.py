@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Sequence
 
-from mapgen.infer.ir import IndexSet
+from mapgen.ir import IndexSet
 
 _NUMBER = re.compile(r"0|[1-9][0-9]*")
 

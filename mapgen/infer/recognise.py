@@ -18,7 +18,7 @@ from mapgen.families.gated_delta_net import GATED_DELTA_NET as GDN_FAMILY
 from mapgen.families.mla import MLA as MLA_FAMILY
 from mapgen.families.model_types import MODEL_TYPES, Orientation
 from mapgen.families.moe import EXPERTS, MOE, SHARED_EXPERT
-from mapgen.infer.ir import MLA, Attention, DenseMLP, Experts, GatedDeltaNet, Mixer, Mlp, MoE, SharedExpert
+from mapgen.ir import Component
 
 ShapeOf = Callable[[str], tuple[int, ...] | None]
 """suffix (``{expert}`` filled with 0) -> shape of that tensor in the layer being recognised, if known."""
@@ -138,7 +138,7 @@ def match_family(family: Family, pool: Pool, roots: Iterable[str] | None = None)
 # ---------------------------------------------------------------------------------------------------------
 # Mixers
 # ---------------------------------------------------------------------------------------------------------
-def recognise_attention(pool: Pool, shape: ShapeOf, ctx: Context, *, sliding: bool) -> Attention | None:
+def recognise_attention(pool: Pool, shape: ShapeOf, ctx: Context, *, sliding: bool) -> Component | None:
     m = match_family(ATTENTION_FAMILY, pool)
     if m is None:
         return None
@@ -147,20 +147,25 @@ def recognise_attention(pool: Pool, shape: ShapeOf, ctx: Context, *, sliding: bo
     q_shape, o_shape = (shape(q) if q else None), shape(o)
     if q_shape and o_shape and len(q_shape) == 2 and len(o_shape) == 2:
         gate = q_shape[0] == 2 * o_shape[1]
-    return Attention(**m.keys, output_gate=gate and q is not None, sliding_window=sliding)
+    return Component.make(ATTENTION_FAMILY.name, m.variant.name, m.keys,
+                          flags={"output_gate": gate and q is not None, "sliding_window": sliding})
 
 
-def recognise_gated_delta_net(pool: Pool) -> GatedDeltaNet | None:
-    m = match_family(GDN_FAMILY, pool)
-    return None if m is None else GatedDeltaNet(**m.keys)
+def _plain(family: Family, pool: Pool, roots: Iterable[str] | None = None) -> Component | None:
+    """A family whose component is exactly its matched slots (no flags to decide)."""
+    m = match_family(family, pool, roots)
+    return None if m is None else Component.make(family.name, m.variant.name, m.keys)
 
 
-def recognise_mla(pool: Pool) -> MLA | None:
-    m = match_family(MLA_FAMILY, pool)
-    return None if m is None else MLA(**m.keys)
+def recognise_gated_delta_net(pool: Pool) -> Component | None:
+    return _plain(GDN_FAMILY, pool)
 
 
-def recognise_mixer(pool: Pool, shape: ShapeOf, ctx: Context, *, sliding: bool) -> Mixer | None:
+def recognise_mla(pool: Pool) -> Component | None:
+    return _plain(MLA_FAMILY, pool)
+
+
+def recognise_mixer(pool: Pool, shape: ShapeOf, ctx: Context, *, sliding: bool) -> Component | None:
     return (
         recognise_gated_delta_net(pool) or recognise_mla(pool) or recognise_attention(pool, shape, ctx, sliding=sliding)
     )
@@ -169,10 +174,9 @@ def recognise_mixer(pool: Pool, shape: ShapeOf, ctx: Context, *, sliding: bool) 
 # ---------------------------------------------------------------------------------------------------------
 # MLPs
 # ---------------------------------------------------------------------------------------------------------
-def recognise_dense(pool: Pool, p: str) -> DenseMLP | None:
+def recognise_dense(pool: Pool, p: str) -> Component | None:
     """A gated MLP under prefix ``p`` (``mlp.``, ``mlp.shared_expert.``, ``mlp.experts.{expert}.``)."""
-    m = match_family(DENSE_MLP_FAMILY, pool, roots=(p,))
-    return None if m is None else DenseMLP(**m.keys)
+    return _plain(DENSE_MLP_FAMILY, pool, roots=(p,))
 
 
 def _orientation(gate_up: tuple[int, ...] | None, down: tuple[int, ...] | None) -> Orientation | None:
@@ -245,7 +249,7 @@ def _per_expert_problems(pool: Pool, ep: str, ctx: Context, per_template: dict[s
 
 def recognise_experts(
     pool: Pool, p: str, shape: ShapeOf, ctx: Context, ids: dict[str, dict[str, set[int]]], problems: list[Problem]
-) -> Experts | None:
+) -> Component | None:
     for container in EXPERTS.roots:
         ep = p + container
         # -- per expert: the dense MLP's spellings under ``experts.{expert}.`` ------------------------------
@@ -254,9 +258,11 @@ def recognise_experts(
             if mlp is None:
                 return None
             n = _per_expert_problems(pool, ep, ctx, ids[ep], problems)
-            return Experts(layout="per_expert", num_experts=n, down=mlp.down, gate=mlp.gate, up=mlp.up,
-                           gate_up=mlp.gate_up, gate_bias=mlp.gate_bias, up_bias=mlp.up_bias,
-                           down_bias=mlp.down_bias)
+            return Component.make(
+                EXPERTS.name, "per_expert", dict(mlp.slots),
+                flags={"layout": "per_expert", "orientation": "out_in", "gate_up_interleave": False, "quant": "none"},
+                counts={"num_experts": n, "orientation_source": "per_expert"},
+            )
         # -- packed -------------------------------------------------------------------------------------------
         m = match_family(EXPERTS, pool, roots=(ep,))
         if m is None:
@@ -303,26 +309,17 @@ def recognise_experts(
                     )
                 )
             orientation, source = default[0], "model_type_default"
-        return Experts(
-            layout="packed",
-            num_experts=count,
-            down=down,
-            gate_up=gate_up,
-            gate_up_bias=m.get("gate_up_bias"),
-            down_bias=m.get("down_bias"),
-            gate_up_scales=m.get("gate_up_scales"),
-            down_scales=m.get("down_scales"),
-            orientation=orientation,
-            orientation_source=source,
-            gate_up_interleave=default[1],
-            quant=quant,
+        return Component.make(
+            EXPERTS.name, m.variant.name, m.keys,
+            flags={"layout": "packed", "orientation": orientation, "gate_up_interleave": default[1], "quant": quant},
+            counts={"num_experts": count, "orientation_source": source},
         )
     return None
 
 
 def recognise_mlp(
     pool: Pool, shape: ShapeOf, ctx: Context, ids: dict[str, dict[str, set[int]]], problems: list[Problem]
-) -> Mlp | None:
+) -> Component | None:
     for p in MOE.roots:
         router = next((p + s for s in MOE.slot("router").spellings if pool.has(p + s)), None)
         if router is not None:
@@ -332,20 +329,20 @@ def recognise_mlp(
                 shared_mlp = next((m for r in SHARED_EXPERT.roots if (m := recognise_dense(pool, p + r))), None)
                 shared_gate = next((pool.need(p + s) for s in SHARED_EXPERT.slot("gate").spellings
                                     if pool.has(p + s)), None)
-                shared = SharedExpert(shared_mlp, shared_gate) if shared_mlp else None
+                shared = (Component.make(SHARED_EXPERT.name, "shared", {"gate": shared_gate},
+                                         children={"mlp": shared_mlp}) if shared_mlp else None)
                 if shared is None and shared_gate is not None:
                     pool.avail.add(shared_gate)  # a gate without an expert: leave it unclassified
                     pool.used.discard(shared_gate)
                 router_bias = next((p + s for s in MOE.slot("router_bias").spellings
                                     if p + s == router.removesuffix("weight") + "bias"), None)
                 expert_bias = next((p + s for s in MOE.slot("expert_bias").spellings if pool.has(p + s)), None)
-                return MoE(
-                    router=router,
-                    experts=experts,
-                    router_bias=pool.take(router_bias) if router_bias else None,
-                    expert_bias=pool.take(expert_bias) if expert_bias else None,
-                    shared=shared,
-                )
+                slots = {
+                    "router": router,
+                    "router_bias": pool.take(router_bias) if router_bias else None,
+                    "expert_bias": pool.take(expert_bias) if expert_bias else None,
+                }
+                return Component.make(MOE.name, "routed", slots, children={"experts": experts, "shared": shared})
         dense = recognise_dense(pool, p)
         if dense is not None:
             return dense

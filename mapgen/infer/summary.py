@@ -1,4 +1,4 @@
-"""The stable :class:`~mapgen.infer.ir.Summary` of a layout, and its readable text form (pure: returns text)."""
+"""The stable :class:`~mapgen.ir.Summary` of a layout, and its readable text form (pure: returns text)."""
 
 from __future__ import annotations
 
@@ -6,23 +6,10 @@ import re
 from collections import Counter
 from collections.abc import Sequence
 
-from mapgen.families import suggest
-from mapgen.infer.ir import (
-    MLA,
-    Attention,
-    DenseMLP,
-    ExpertLayout,
-    GatedDeltaNet,
-    LanguageModel,
-    LayerGroup,
-    Layout,
-    Mixer,
-    Mlp,
-    MoE,
-    Summary,
-    Tower,
-)
+from mapgen.families import behaviour, suggest
+from mapgen.families.moe import experts_of, num_experts
 from mapgen.infer.patterns import layer_pattern
+from mapgen.ir import Component, ExpertLayout, LanguageModel, LayerGroup, Layout, Summary, Tower
 
 KIND_LABELS = {
     "attention": "attention",
@@ -32,13 +19,9 @@ KIND_LABELS = {
 }
 
 
-def mixer_kind(mixer: Mixer) -> str:
+def mixer_kind(mixer: Component) -> str:
     """``attention`` | ``sliding_attention`` | ``gated_delta_net`` | ``mla``."""
-    if isinstance(mixer, GatedDeltaNet):
-        return "gated_delta_net"
-    if isinstance(mixer, MLA):
-        return "mla"
-    return "sliding_attention" if mixer.sliding_window else "attention"
+    return behaviour(mixer).kind(mixer)
 
 
 def per_layer_kinds(groups: Sequence[LayerGroup]) -> list[str]:
@@ -47,8 +30,8 @@ def per_layer_kinds(groups: Sequence[LayerGroup]) -> list[str]:
 
 
 def _expert_layout(groups: Sequence[LayerGroup]) -> ExpertLayout:
-    layouts = [g.mlp.experts.layout for g in groups if isinstance(g.mlp, MoE)]
-    return layouts[0] if layouts else "none"
+    layouts = [str(e.flag("layout")) for g in groups if (e := experts_of(g.mlp)) is not None]
+    return "packed" if layouts and layouts[0] == "packed" else "per_expert" if layouts else "none"
 
 
 def make_summary(
@@ -61,16 +44,16 @@ def make_summary(
 ) -> Summary:
     groups = language_model.groups
     kinds = per_layer_kinds(groups)
-    moe = [g for g in groups if isinstance(g.mlp, MoE)]
+    moe = [g for g in groups if experts_of(g.mlp) is not None]
     mtp = language_model.mtp
     return Summary(
         model_type=model_type,
         num_layers=language_model.num_layers,
         attention=tuple(sorted(Counter(kinds).items())),
         moe_layers=sum(len(g.layers) for g in moe),
-        num_experts=max((g.mlp.experts.num_experts for g in moe if isinstance(g.mlp, MoE)), default=0),
+        num_experts=max((num_experts(g.mlp) for g in moe), default=0),
         expert_layout=_expert_layout(groups),
-        shared_experts=any(isinstance(g.mlp, MoE) and g.mlp.shared is not None for g in groups),
+        shared_experts=any(g.mlp.child("shared") is not None for g in moe),
         mtp_depth=mtp.depth if mtp else 0,
         mtp_scheme=mtp.scheme if mtp else "none",
         mtp_expert_layout=_expert_layout(mtp.inner) if mtp else "none",
@@ -85,42 +68,9 @@ def make_summary(
 # ---------------------------------------------------------------------------------------------------------
 # Text
 # ---------------------------------------------------------------------------------------------------------
-def describe_mixer(m: Mixer) -> str:
-    if isinstance(m, GatedDeltaNet):
-        return "gated-delta-net (" + ("fused qkvz/ba" if m.in_proj_qkvz else "in_proj qkv/z/b/a") + ")"
-    if isinstance(m, MLA):
-        return "MLA (" + ("q low-rank" if m.q_a_proj else "q full-rank") + ")"
-    assert isinstance(m, Attention)
-    traits = ["fused qkv" if m.qkv else "q/k/v"]
-    if m.q_bias or m.qkv_bias:
-        traits.append("qkv bias")
-    if m.o_bias:
-        traits.append("o bias")
-    if m.q_norm:
-        traits.append("qk-norm")
-    if m.output_gate:
-        traits.append("output gate")
-    if m.sinks:
-        traits.append("sinks")
-    return ("sliding-window attention" if m.sliding_window else "attention") + f" ({', '.join(traits)})"
-
-
-def describe_mlp(m: Mlp) -> str:
-    if isinstance(m, DenseMLP):
-        return "dense " + ("fused gate_up" if m.gate_up else "gate/up/down") + (" +bias" if m.down_bias else "")
-    e = m.experts
-    text = f"MoE {e.num_experts} experts {e.layout.replace('_', '-')}"
-    if e.layout == "packed":
-        text += f" [{e.orientation}, {e.orientation_source.replace('_', ' ')}"
-        text += ", gate/up interleaved" if e.gate_up_interleave else ""
-        text += f", {e.quant}]" if e.quant != "none" else "]"
-    if m.router_bias or e.down_bias:
-        text += " +bias"
-    if m.expert_bias:
-        text += " +score-correction bias"
-    if m.shared is not None:
-        text += " + shared expert" + (" (gated)" if m.shared.gate else "")
-    return text
+def describe(c: Component) -> str:
+    """One human line for a mixer or MLP component (its family module words it)."""
+    return behaviour(c).describe(c)
 
 
 def table(rows: Sequence[Sequence[str]], header: Sequence[str] | None = None) -> list[str]:
@@ -170,7 +120,7 @@ def render_summary(layout: Layout, origin: str = "") -> str:
         rows.append(("shared experts", "yes" if s.shared_experts else "no"))
     mtp = lm.mtp
     if mtp is not None:
-        inner = "; ".join(f"{g.name}: {describe_mixer(g.mixer)}, {describe_mlp(g.mlp)}" for g in mtp.inner)
+        inner = "; ".join(f"{g.name}: {describe(g.mixer)}, {describe(g.mlp)}" for g in mtp.inner)
         rows.append(
             (
                 "MTP",
@@ -195,7 +145,7 @@ def render_summary(layout: Layout, origin: str = "") -> str:
     lines = table(rows, ("component", "detail"))
     lines.append("")
     group_rows = [
-        (g.name, str(len(g.layers)), g.layers.braces(), describe_mixer(g.mixer), describe_mlp(g.mlp)) for g in lm.groups
+        (g.name, str(len(g.layers)), g.layers.braces(), describe(g.mixer), describe(g.mlp)) for g in lm.groups
     ]
     lines += table(group_rows, ("group", "n", "layers", "mixer", "mlp"))
     if layout.unclassified:

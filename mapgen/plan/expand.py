@@ -9,56 +9,34 @@
 
 from __future__ import annotations
 
-import dataclasses
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from mapgen.infer.ir import MTP, Experts, LayerGroup, Layout, MoE
+from mapgen.families.moe import experts_of, num_experts
+from mapgen.ir import MTP, LayerGroup, Layout
 from mapgen.plan.rules import Rule
 
-_NOT_KEYS = frozenset(
-    {"layout", "orientation", "orientation_source", "quant", "num_experts", "output_gate", "sliding_window",
-     "gate_up_interleave"}
-)
 _BRACES = re.compile(r"\{(\d+)\.\.(\d+)\}|\{([0-9,\.]+)\}")
 
 
-def _node_suffixes(node: object) -> Iterator[str]:
-    """Key suffixes held by a family node (recursing into nested nodes)."""
-    for f in dataclasses.fields(node):  # type: ignore[arg-type]
-        if f.name in _NOT_KEYS:
-            continue
-        value = getattr(node, f.name)
-        if isinstance(value, str):
-            yield value
-        elif dataclasses.is_dataclass(value):
-            yield from _node_suffixes(value)
-
-
-def _experts_of(group: LayerGroup) -> Experts | None:
-    return group.mlp.experts if isinstance(group.mlp, MoE) else None
-
-
 def group_suffixes(group: LayerGroup) -> list[str]:
-    out = [group.input_norm, group.post_attention_norm]
-    out += list(_node_suffixes(group.mixer))
-    out += list(_node_suffixes(group.mlp))
-    return out
+    """Every key suffix of a layer group: the slots of its components (by their declared role, keys only)."""
+    return [key for component in group.components for key in component.all_keys()]
 
 
-def _expand_suffix(suffix: str, experts: Experts | None) -> Iterator[str]:
+def _expand_suffix(suffix: str, experts: int | None) -> Iterator[str]:
     if "{expert}" in suffix:
         if experts is None:
             raise ValueError(f"{suffix!r} names an expert outside a MoE block")
-        for e in range(experts.num_experts):
+        for e in range(experts):
             yield suffix.replace("{expert}", str(e))
     else:
         yield suffix
 
 
 def group_keys(group: LayerGroup, offset: int = 0) -> Iterator[str]:
-    experts = _experts_of(group)
+    experts = num_experts(group.mlp) if experts_of(group.mlp) is not None else None
     suffixes = group_suffixes(group)
     for layer in group.layers:
         root = group.root.replace("{layer}", str(layer + offset))
@@ -68,8 +46,8 @@ def group_keys(group: LayerGroup, offset: int = 0) -> Iterator[str]:
 
 
 def mtp_keys(mtp: MTP) -> Iterator[str]:
-    fields = [mtp.enorm, mtp.hnorm, mtp.eh_proj, mtp.final_norm]
-    copies = [c for c in (mtp.embed_copy, mtp.head_copy) if c]
+    fields = [k for s in ("enorm", "hnorm", "eh_proj", "final_norm") if (k := mtp.parts.key(s))]
+    copies = [k for s in ("embed_copy", "head_copy") if (k := mtp.parts.key(s))]
     if mtp.shared:
         yield from fields
         fields = []
@@ -173,10 +151,10 @@ def rule_instances(rule: Rule, layout: Layout, mtp_inner: str) -> Iterator[Insta
         yield Instance(rule, fill(rule.megatron, None, None), tuple(fill(h, None, None) for h in rule.hf),
                        None, None, None)
         return
-    moe = _experts_of(group) if group is not None else None
-    if rule.experts and moe is None:
+    moe = experts_of(group.mlp) if group is not None else None
+    if rule.experts and (moe is None or group is None):
         raise KeyError(f"rule {rule.megatron!r} ranges over experts but domain {rule.domain!r} has no MoE block")
-    experts: list[int | None] = list(range(moe.num_experts)) if rule.experts and moe is not None else [None]
+    experts: list[int | None] = list(range(num_experts(group.mlp))) if rule.experts and group is not None else [None]
     for layer in layers:
         for expert in experts:
             yield Instance(rule, fill(rule.megatron, layer, expert), tuple(fill(h, layer, expert) for h in rule.hf),

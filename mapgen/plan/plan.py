@@ -1,6 +1,6 @@
 """The output of planning: everything a generated bridge module contains, as data.
 
-``plan(layout) -> BridgePlan`` (``mapgen.plan.planner``) turns a scanned :class:`~mapgen.infer.ir.Layout` into
+``plan(layout) -> BridgePlan`` (``mapgen.plan.planner``) turns a scanned :class:`~mapgen.ir.Layout` into
 the Megatron model config recipe and the ordered mapping rules; ``mapgen.emit`` renders a BridgePlan to
 Python source; the runtime executes the rendered module. The plan holds no dimensions: checkpoints with
 the same layout fingerprint share one plan and one module.

@@ -17,39 +17,24 @@ import json
 import re
 
 from mapgen.errors import Diagnostic, MapgenError
-from mapgen.infer.ir import (
-    MTP,
-    Attention,
-    DenseMLP,
-    GatedDeltaNet,
-    LayerGroup,
-    Layout,
-    MoE,
-    to_jsonable,
-)
+from mapgen.families import behaviour, embedding, facts_for, input_norm_target, norms
+from mapgen.families import mtp as mtp_family
+from mapgen.families.moe import experts_of
+from mapgen.ir import LayerGroup, Layout, to_jsonable
 from mapgen.plan.plan import BridgePlan, ConfigField
 from mapgen.plan.rules import Rule
 
-# Model types whose HF RMSNorms compute ``(1 + w) * x`` (zero-centred gamma) for every norm except the
-# gated delta-net output norm, which is a plain ``w * x`` RMSNorm initialised to ones.
-ZERO_CENTERED_MODEL_TYPES = frozenset(
-    {"qwen3_5", "qwen3_5_text", "qwen3_5_moe", "qwen3_5_moe_text", "qwen3_next"}
-)
-
 _IDENT = re.compile(r"[^0-9a-zA-Z_]+")
-
-
-class _Unsupported(Exception):
-    pass
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Fingerprint: the layout with dimensions (and index sets, counts, depths) removed.
 # ---------------------------------------------------------------------------------------------------------
 _DIMENSION_FIELDS = frozenset(
-    {"dims", "summary", "diagnostics", "unclassified", "layers", "num_layers", "num_experts", "depth",
-     "index_offset", "num_keys", "patterns", "orientation_source", "config"}
+    {"dims", "summary", "diagnostics", "unclassified", "layers", "num_layers", "depth", "index_offset", "num_keys",
+     "patterns", "config", "counts"}
 )
+"""Layout fields that are sizes, counts or reports, not structure (a component's ``counts`` by their role)."""
 
 
 def _strip(data: object) -> object:
@@ -88,9 +73,7 @@ class _Planner:
     def __init__(self, layout: Layout) -> None:
         self.layout = layout
         self.lm = layout.language_model
-        self.zero_centered = layout.model_type in ZERO_CENTERED_MODEL_TYPES or (
-            layout.text_model_type in ZERO_CENTERED_MODEL_TYPES
-        )
+        self.zero_centered = facts_for((layout.text_model_type, layout.model_type)).zero_centered
         self.rules: list[Rule] = []
         self.problems: list[Diagnostic] = []
 
@@ -126,188 +109,22 @@ class _Planner:
     # -- top level --------------------------------------------------------------------------------------
     def plan(self) -> None:
         lm = self.lm
-        self.add("embedding", "embedding.word_embeddings.weight", (lm.embedding,), "copy", "vocab",
-                 domain="global", comment="Token embedding: vocab-parallel; padded on import, truncated on export.")
+        embedding.plan_embedding(lm.top, self)
         for group in lm.groups:
             self.group(group, "decoder.layers.{layer}.", group.root, f"decoder:{group.name}")
-        self.add("final_norm", "decoder.final_layernorm.weight", (lm.final_norm,), "copy", "replicated",
-                 domain="global", comment="Final norm before the output layer.")
-        if lm.lm_head is not None and not lm.tied_embeddings:
-            self.add("output", "output_layer.weight", (lm.lm_head,), "copy", "vocab", domain="global",
-                     comment="Output layer (untied): vocab-parallel.")
+        embedding.plan_head(lm.top, self)
         if lm.mtp is not None:
-            self.mtp(lm.mtp)
+            mtp_family.plan(lm.mtp, lm.tied_embeddings, self)
+            for group in lm.mtp.inner:
+                hroot = group.root.replace("{layer}", "{hf_layer}") if lm.mtp.index_offset else group.root
+                self.group(group, "mtp.layers.{layer}.{mtp_inner}.", hroot, f"mtp:{group.name}")
 
-    # -- one decoder layer group --------------------------------------------------------------------------
+    # -- one decoder layer group: the block's norms around its mixer and MLP -----------------------------
     def group(self, group: LayerGroup, mroot: str, hroot: str, domain: str) -> None:
-        name = group.name
-        mixer = group.mixer
-        if isinstance(mixer, Attention):
-            self.add("norm.input", f"{mroot}input_layernorm.weight", (hroot + group.input_norm,), "copy",
-                     "replicated", domain=domain, comment=f"[{name}] Pre-attention norm.")
-            self.attention(mixer, mroot, hroot, domain, name)
-        elif isinstance(mixer, GatedDeltaNet):
-            self.add("norm.input", f"{mroot}self_attention.in_proj.layer_norm_weight",
-                     (hroot + group.input_norm,), "copy", "replicated", domain=domain,
-                     comment=f"[{name}] Pre-mixer norm, fused into the gated delta-net in_proj.")
-            self.gdn(mixer, mroot, hroot, domain, name)
-        else:
-            self.unsupported(f"{mixer.family} attention", hroot + getattr(mixer, "o", ""))
-            return
-        self.add("norm.post_attention", f"{mroot}pre_mlp_layernorm.weight", (hroot + group.post_attention_norm,),
-                 "copy", "replicated", domain=domain, comment=f"[{name}] Pre-MLP norm.")
-        if isinstance(group.mlp, DenseMLP):
-            self.dense(group.mlp, f"{mroot}mlp.", hroot, domain, name, "mlp")
-        else:
-            self.moe(group.mlp, mroot, hroot, domain, name)
-
-    def attention(self, a: Attention, mroot: str, hroot: str, domain: str, name: str) -> None:
-        if a.qkv is not None or a.q is None or a.k is None or a.v is None:
-            self.unsupported("a fused qkv projection", hroot + (a.qkv or "self_attn"))
-            return
-        if a.sinks is not None:
-            self.unsupported("attention sinks", hroot + a.sinks)
-            return
-        gate = _opts(output_gate=a.output_gate, part="weight")
-        self.add("attention.qkv", f"{mroot}self_attention.linear_qkv.weight",
-                 (hroot + a.q, hroot + a.k, hroot + a.v), "qkv", "qkv_groups", domain=domain, options=gate,
-                 comment=f"[{name}] q/k/v -> linear_qkv, interleaved per query group"
-                 + (" (q_proj carries the output gate)" if a.output_gate else "") + "; TP splits whole groups.")
-        biases = (a.q_bias, a.k_bias, a.v_bias)
-        if any(biases):
-            if not all(biases):
-                self.unsupported("a partial q/k/v bias", hroot + str(next(b for b in biases if b)))
-                return
-            self.add("attention.qkv_bias", f"{mroot}self_attention.linear_qkv.bias",
-                     tuple(hroot + str(b) for b in biases), "qkv", "qkv_groups", domain=domain,
-                     options=_opts(output_gate=a.output_gate, part="bias"),
-                     comment=f"[{name}] q/k/v biases, grouped like the weights.")
-        self.add("attention.o", f"{mroot}self_attention.linear_proj.weight", (hroot + a.o,), "copy", "row",
-                 domain=domain, comment=f"[{name}] Output projection: row-parallel.")
-        if a.o_bias:
-            self.add("attention.o_bias", f"{mroot}self_attention.linear_proj.bias", (hroot + a.o_bias,), "copy",
-                     "replicated", domain=domain, comment=f"[{name}] Output projection bias.")
-        if a.q_norm:
-            self.add("attention.q_norm", f"{mroot}self_attention.q_layernorm.weight", (hroot + a.q_norm,),
-                     "copy", "replicated", domain=domain, comment=f"[{name}] QK-norm on queries (per head).")
-        if a.k_norm:
-            self.add("attention.k_norm", f"{mroot}self_attention.k_layernorm.weight", (hroot + a.k_norm,),
-                     "copy", "replicated", domain=domain, comment=f"[{name}] QK-norm on keys (per head).")
-
-    def gdn(self, g: GatedDeltaNet, mroot: str, hroot: str, domain: str, name: str) -> None:
-        if g.in_proj_qkvz is not None or g.in_proj_ba is not None:
-            self.unsupported("Qwen3-Next fused in_proj_qkvz/in_proj_ba", hroot + str(g.in_proj_qkvz))
-            return
-        parts = (g.in_proj_qkv, g.in_proj_z, g.in_proj_b, g.in_proj_a)
-        if not all(parts):
-            self.unsupported("an incomplete gated delta-net projection set", hroot + "linear_attn")
-            return
-        sa = f"{mroot}self_attention."
-        self.add("gdn.in_proj", f"{sa}in_proj.weight", tuple(hroot + str(p) for p in parts), "gdn_in_proj",
-                 "gdn_heads", domain=domain,
-                 comment=f"[{name}] in_proj_qkv/z/b/a -> fused in_proj, per TP rank [q k v z b a].")
-        self.add("gdn.conv1d", f"{sa}conv1d.weight", (hroot + g.conv1d,), "gdn_conv1d", "gdn_heads",
-                 domain=domain, comment=f"[{name}] Depthwise conv over [q k v] channels, split per TP rank.")
-        if g.conv1d_bias:
-            self.add("gdn.conv1d_bias", f"{sa}conv1d.bias", (hroot + g.conv1d_bias,), "gdn_conv1d", "gdn_heads",
-                     domain=domain, comment=f"[{name}] Conv bias, split like the conv weight.")
-        self.add("gdn.a_log", f"{sa}A_log", (hroot + g.a_log,), "copy", "column", domain=domain,
-                 comment=f"[{name}] Per value-head decay (log), split over heads.")
-        self.add("gdn.dt_bias", f"{sa}dt_bias", (hroot + g.dt_bias,), "copy", "column", domain=domain,
-                 comment=f"[{name}] Per value-head dt bias, split over heads.")
-        transform = "zero_centered" if self.zero_centered else "none"
-        self.add("gdn.out_norm", f"{sa}out_norm.weight", (hroot + g.norm,), "copy", "replicated", domain=domain,
-                 options=_opts(transform=transform),
-                 comment=f"[{name}] Gated output norm"
-                 + (": plain RMSNorm in HF, zero-centred in Megatron (w - 1 / w + 1)." if self.zero_centered
-                    else "."))
-        self.add("gdn.out_proj", f"{sa}out_proj.weight", (hroot + g.out_proj,), "copy", "row", domain=domain,
-                 comment=f"[{name}] Output projection: row-parallel.")
-
-    def dense(self, m: DenseMLP, mprefix: str, hroot: str, domain: str, name: str, family: str) -> None:
-        if m.gate_bias or m.up_bias or m.down_bias:
-            self.unsupported("MLP biases", hroot + str(m.gate_bias or m.up_bias or m.down_bias))
-            return
-        if m.gate_up is not None:
-            fc1: tuple[str, ...] = (hroot + m.gate_up,)
-            opts = _opts(fused=True)
-        else:
-            fc1 = (hroot + str(m.gate), hroot + str(m.up))
-            opts = _opts(fused=False)
-        self.add(f"{family}.fc1", f"{mprefix}linear_fc1.weight", fc1, "gated_fc1", "gated_column", domain=domain,
-                 options=opts, comment=f"[{name}] gate + up -> linear_fc1, laid out per TP rank as [gate_r; up_r].")
-        self.add(f"{family}.fc2", f"{mprefix}linear_fc2.weight", (hroot + m.down,), "copy", "row", domain=domain,
-                 comment=f"[{name}] down -> linear_fc2: row-parallel.")
-
-    def moe(self, m: MoE, mroot: str, hroot: str, domain: str, name: str) -> None:
-        mlp = f"{mroot}mlp."
-        self.add("moe.router", f"{mlp}router.weight", (hroot + m.router,), "copy", "replicated", domain=domain,
-                 comment=f"[{name}] Router (replicated).")
-        if m.router_bias:
-            self.unsupported("a router bias", hroot + m.router_bias)
-        if m.expert_bias:
-            self.add("moe.expert_bias", f"{mlp}router.expert_bias", (hroot + m.expert_bias,), "copy",
-                     "replicated", domain=domain, options=_opts(dtype="fp32"),
-                     comment=f"[{name}] Expert score-correction bias, kept in fp32.")
-        e = m.experts
-        if e.quant != "none":
-            self.unsupported(f"{e.quant} quantised experts", hroot + str(e.gate_up))
-            return
-        if e.gate_bias or e.up_bias or e.down_bias or e.gate_up_bias:
-            self.unsupported("expert biases", hroot + str(e.gate_up_bias or e.down_bias))
-            return
-        local = f"{mlp}experts.local_experts.{{expert}}."
-        if e.layout == "per_expert":
-            fc1: tuple[str, ...] = (hroot + str(e.gate), hroot + str(e.up))
-            opts = _opts(layout="per_expert")
-            where = "per expert"
-        else:
-            fc1 = (hroot + str(e.gate_up),)
-            opts = _opts(layout="packed", orientation=e.orientation, interleave=e.gate_up_interleave)
-            where = f"packed 3-D [{'E, out, in' if e.orientation == 'out_in' else 'E, in, out'}]"
-        self.add("moe.experts.fc1", f"{local}linear_fc1.weight", fc1, "expert_fc1", "expert_gated_column",
-                 domain=domain, experts=True, options=opts,
-                 comment=f"[{name}] Routed experts ({where}) gate + up -> local expert linear_fc1; EP picks the "
-                 "experts, ETP splits each.")
-        fc2_opts = _opts(layout=e.layout, orientation=e.orientation) if e.layout == "packed" else opts
-        self.add("moe.experts.fc2", f"{local}linear_fc2.weight", (hroot + e.down,), "expert_fc2", "expert_row",
-                 domain=domain, experts=True, options=fc2_opts,
-                 comment=f"[{name}] Routed experts ({where}) down -> local expert linear_fc2.")
-        if m.shared is not None:
-            self.dense(m.shared.mlp, f"{mlp}shared_experts.", hroot, domain, name, "moe.shared")
-            if m.shared.gate:
-                self.add("moe.shared.gate", f"{mlp}shared_experts.gate_weight", (hroot + m.shared.gate,), "copy",
-                         "replicated", domain=domain, comment=f"[{name}] Sigmoid gate of the shared expert.")
-
-    # -- MTP ------------------------------------------------------------------------------------------------
-    def mtp(self, mtp: MTP) -> None:
-        hroot = mtp.root.replace("{layer}", "{hf_layer}") if mtp.index_offset else mtp.root
-
-        def key(field: str) -> str:
-            return field if mtp.shared else hroot + field
-
-        shared_note = " (one HF tensor shared by every depth)" if mtp.shared else ""
-        shared = _opts(shared=True) if mtp.shared else ()
-        m = "mtp.layers.{layer}."
-        self.add("mtp.enorm", f"{m}enorm.weight", (key(mtp.enorm),), "copy", "replicated", domain="mtp", options=shared,
-                 comment=f"MTP embedding norm{shared_note}.")
-        self.add("mtp.hnorm", f"{m}hnorm.weight", (key(mtp.hnorm),), "copy", "replicated", domain="mtp", options=shared,
-                 comment=f"MTP hidden-state norm{shared_note}.")
-        self.add("mtp.eh_proj", f"{m}eh_proj.weight", (key(mtp.eh_proj),), "mtp_eh_proj", "column", domain="mtp",
-                 options=_opts(order=mtp.eh_proj_order, **dict(shared)),
-                 comment=f"MTP projection of [embedding; hidden]{shared_note}; HF input order {mtp.eh_proj_order}.")
-        self.add("mtp.final_norm", f"{m}final_layernorm.weight", (key(mtp.final_norm),), "copy", "replicated",
-                 domain="mtp", options=shared, comment=f"MTP final norm{shared_note}.")
-        if mtp.embed_copy:
-            self.add("mtp.embed_copy", "embedding.word_embeddings.weight", (hroot + mtp.embed_copy,), "duplicate",
-                     "vocab", domain="mtp", comment="HF stores a copy of the token embedding in every MTP layer.")
-        if mtp.head_copy:
-            target = "embedding.word_embeddings.weight" if self.lm.tied_embeddings else "output_layer.weight"
-            self.add("mtp.head_copy", target, (hroot + mtp.head_copy,), "duplicate", "vocab", domain="mtp",
-                     comment="HF stores a copy of the output layer in every MTP layer.")
-        for group in mtp.inner:
-            ghroot = group.root.replace("{layer}", "{hf_layer}") if mtp.index_offset else group.root
-            self.group(group, "mtp.layers.{layer}.{mtp_inner}.", ghroot, f"mtp:{group.name}")
+        input_norm = input_norm_target(group.mixer)
+        for where, component in (("mixer", group.mixer), ("mlp", group.mlp)):
+            norms.plan_before(group.block, where, input_norm, self, mroot, hroot, domain, group.name)
+            behaviour(component).plan(component, self, mroot, hroot, domain, group.name)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -316,9 +133,9 @@ class _Planner:
 def _config(layout: Layout, zero_centered: bool) -> tuple[ConfigField, ...]:
     lm = layout.language_model
     groups = list(lm.groups) + (list(lm.mtp.inner) if lm.mtp else [])
-    attns = [g.mixer for g in groups if isinstance(g.mixer, Attention)]
-    moes = [g.mlp for g in groups if isinstance(g.mlp, MoE)]
-    gdn = any(isinstance(g.mixer, GatedDeltaNet) for g in groups)
+    attns = [g.mixer for g in groups if g.mixer.family == "attention"]
+    moes = [g.mlp for g in groups if g.mlp.family == "moe"]
+    gdn = any(g.mixer.family == "gated_delta_net" for g in groups)
     a0 = attns[0] if attns else None
 
     def cfg(
@@ -342,10 +159,10 @@ def _config(layout: Layout, zero_centered: bool) -> tuple[ConfigField, ...]:
         cfg("max_position_embeddings", "max_position_embeddings", default=4096, has_default=True),
         ConfigField("layer_kinds", "layer_kinds", comment="per layer, from the scanned layer groups"),
         ConfigField("mlp_kinds", "mlp_kinds", comment="per layer, from the scanned layer groups"),
-        const("add_qkv_bias", bool(a0 and a0.q_bias)),
-        const("add_bias_linear", bool(a0 and a0.o_bias)),
-        const("qk_layernorm", bool(a0 and a0.q_norm)),
-        const("attention_output_gate", bool(a0 and a0.output_gate)),
+        const("add_qkv_bias", bool(a0 and a0.key("q_bias"))),
+        const("add_bias_linear", bool(a0 and a0.key("o_bias"))),
+        const("qk_layernorm", bool(a0 and a0.key("q_norm"))),
+        const("attention_output_gate", bool(a0 and a0.flag("output_gate"))),
         cfg("rotary_base", "rope_theta", "rope_parameters.rope_theta", default=10000.0, has_default=True),
         cfg("rotary_percent", "partial_rotary_factor", "rope_parameters.partial_rotary_factor", default=1.0,
             has_default=True),
@@ -362,10 +179,10 @@ def _config(layout: Layout, zero_centered: bool) -> tuple[ConfigField, ...]:
             cfg("num_moe_experts", "num_experts", "num_local_experts", "n_routed_experts"),
             cfg("moe_router_topk", "num_experts_per_tok", "moe_topk"),
             cfg("moe_ffn_hidden_size", "moe_intermediate_size", "intermediate_size"),
-            const("moe_router_enable_expert_bias", bool(m0.expert_bias)),
-            const("moe_shared_expert_gate", bool(m0.shared and m0.shared.gate)),
+            const("moe_router_enable_expert_bias", bool(m0.key("expert_bias"))),
+            const("moe_shared_expert_gate", bool((shared := m0.child("shared")) and shared.key("gate"))),
         ]
-        if m0.shared is not None:
+        if m0.child("shared") is not None:
             fields.append(cfg("moe_shared_expert_intermediate_size", "shared_expert_intermediate_size",
                               "moe_intermediate_size"))
     if gdn:
@@ -387,8 +204,10 @@ def _config(layout: Layout, zero_centered: bool) -> tuple[ConfigField, ...]:
 
 def _group_line(group: LayerGroup) -> str:
     mlp = group.mlp
-    if isinstance(mlp, MoE):
-        mlp_text = f"MoE ({mlp.experts.layout} experts" + (", shared expert" if mlp.shared else "") + ")"
+    experts = experts_of(mlp)
+    if experts is not None:
+        shared = ", shared expert" if mlp.child("shared") else ""
+        mlp_text = f"MoE ({experts.flag('layout')} experts{shared})"
     else:
         mlp_text = "dense gated MLP"
     return f"{group.name}: {group.mixer.family} + {mlp_text}"

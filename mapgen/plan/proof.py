@@ -18,7 +18,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from mapgen.errors import Diagnostic
-from mapgen.infer.ir import Layout
+from mapgen.families.moe import experts_of
+from mapgen.ir import Layout
 from mapgen.plan.expand import Instance, language_model_keys, plan_instances, tower_keys
 from mapgen.plan.plan import BridgePlan
 
@@ -89,17 +90,15 @@ def packed_units(layout: Layout) -> dict[str, list[str]]:
     lm = layout.language_model
     groups = [(g, 0) for g in lm.groups] + ([(g, lm.mtp.index_offset) for g in lm.mtp.inner] if lm.mtp else [])
     for group, offset in groups:
-        experts = getattr(group.mlp, "experts", None)
-        if experts is None or experts.layout != "packed":
+        experts = experts_of(group.mlp)
+        if experts is None or experts.flag("layout") != "packed":
             continue
-        fields = [experts.gate_up, experts.down, experts.gate_up_bias, experts.down_bias, experts.gate_up_scales,
-                  experts.down_scales, experts.gate, experts.up, experts.gate_bias, experts.up_bias]
+        count = int(experts.count("num_experts"))
         for layer in group.layers:
             root = group.root.replace("{layer}", str(layer + offset))
-            for f in fields:
-                if f:
-                    key = root + f
-                    out[key] = [f"{key}[expert {e}]" for e in range(experts.num_experts)]
+            for f in experts.own_keys():
+                key = root + f
+                out[key] = [f"{key}[expert {e}]" for e in range(count)]
     return out
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from mapgen.infer.ir import Layout
+from mapgen.ir import Layout
 from mapgen.plan.plan import BridgePlan, ConfigField
 from mapgen.plan.spec import ModelSpec
 from mapgen.runtime.bridge import (

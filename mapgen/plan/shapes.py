@@ -24,7 +24,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from mapgen.errors import Diagnostic
-from mapgen.infer.ir import MLA, MTP, Attention, DenseMLP, Experts, GatedDeltaNet, IndexSet, LayerGroup, Layout, MoE
+from mapgen.families import behaviour, embedding, norms
+from mapgen.families import mtp as mtp_family
+from mapgen.families._dsl import Dims
+from mapgen.families.moe import num_experts
+from mapgen.ir import MTP, IndexSet, LayerGroup, Layout
 from mapgen.runtime.bridge import HFConfig
 
 __all__ = ["Shape", "ShapeEntry", "expected_shapes", "shape_entries", "shape_problems"]
@@ -46,26 +50,12 @@ class ShapeEntry:
 # ---------------------------------------------------------------------------------------------------------
 # Dimensions
 # ---------------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class _Dims:
-    hidden: int
-    vocab: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    intermediate: int | None
-    moe_intermediate: int | None
-    shared_intermediate: int | None
-    gdn: tuple[int, int, int, int, int] | None  # nk, nv, dk, dv, conv kernel
-    mla: tuple[int | None, int, int, int, int] | None  # q_lora_rank, kv_lora_rank, nope, rope, v_head_dim
-
-
 def _int(hf: HFConfig, *names: str) -> int | None:
     value = hf.get(*names, default=None)
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
-def _dims(config: Mapping[str, Any]) -> _Dims:
+def config_dims(config: Mapping[str, Any]) -> Dims:
     hf = HFConfig(config)
     hidden = int(hf.get("hidden_size"))
     heads = _int(hf, "num_attention_heads") or 0
@@ -96,7 +86,7 @@ def _dims(config: Mapping[str, Any]) -> _Dims:
     if all(v is not None for v in mla_values):
         kv_rank, nope, rope, v_dim = (int(v or 0) for v in mla_values)
         mla = (_int(hf, "q_lora_rank"), kv_rank, nope, rope, v_dim)
-    return _Dims(
+    return Dims(
         hidden=hidden,
         vocab=int(hf.get("vocab_size")),
         heads=heads,
@@ -110,138 +100,18 @@ def _dims(config: Mapping[str, Any]) -> _Dims:
     )
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Per family: (suffix, shape) pairs; a suffix may hold ``{expert}``. ``None`` shapes are unknown (omitted).
-# ---------------------------------------------------------------------------------------------------------
-_Pairs = list[tuple[str | None, Shape | None]]
-
-
-def _attention(a: Attention, d: _Dims) -> _Pairs:
-    q_rows = d.heads * d.head_dim * (2 if a.output_gate else 1)
-    kv_rows = d.kv_heads * d.head_dim
-    qkv_rows = d.heads * d.head_dim + 2 * kv_rows
-    return [
-        (a.q, (q_rows, d.hidden)),
-        (a.k, (kv_rows, d.hidden)),
-        (a.v, (kv_rows, d.hidden)),
-        (a.qkv, (qkv_rows, d.hidden)),
-        (a.o, (d.hidden, d.heads * d.head_dim)),
-        (a.q_bias, (q_rows,)),
-        (a.k_bias, (kv_rows,)),
-        (a.v_bias, (kv_rows,)),
-        (a.qkv_bias, (qkv_rows,)),
-        (a.o_bias, (d.hidden,)),
-        (a.q_norm, (d.head_dim,)),
-        (a.k_norm, (d.head_dim,)),
-        (a.sinks, (d.heads,)),
-    ]
-
-
-def _gated_delta_net(g: GatedDeltaNet, d: _Dims) -> _Pairs:
-    if d.gdn is None:
-        return [(s, None) for s in (g.conv1d, g.a_log, g.dt_bias, g.norm, g.out_proj)]
-    nk, nv, dk, dv, kernel = d.gdn
-    key_dim, value_dim = nk * dk, nv * dv
-    conv_dim = 2 * key_dim + value_dim
-    return [
-        (g.in_proj_qkv, (conv_dim, d.hidden)),
-        (g.in_proj_z, (value_dim, d.hidden)),
-        (g.in_proj_b, (nv, d.hidden)),
-        (g.in_proj_a, (nv, d.hidden)),
-        (g.in_proj_qkvz, (2 * key_dim + 2 * value_dim, d.hidden)),
-        (g.in_proj_ba, (2 * nv, d.hidden)),
-        (g.conv1d, (conv_dim, 1, kernel)),
-        (g.conv1d_bias, (conv_dim,)),
-        (g.a_log, (nv,)),
-        (g.dt_bias, (nv,)),
-        (g.norm, (dv,)),
-        (g.out_proj, (d.hidden, value_dim)),
-    ]
-
-
-def _mla(m: MLA, d: _Dims) -> _Pairs:
-    if d.mla is None:
-        return [(s, None) for s in (m.kv_a_proj_with_mqa, m.kv_a_layernorm, m.kv_b_proj, m.o)]
-    q_rank, kv_rank, nope, rope, v_dim = d.mla
-    q_rows = d.heads * (nope + rope)
-    return [
-        (m.q_a_proj, (q_rank, d.hidden) if q_rank else None),
-        (m.q_a_layernorm, (q_rank,) if q_rank else None),
-        (m.q_b_proj, (q_rows, q_rank) if q_rank else None),
-        (m.q, (q_rows, d.hidden)),
-        (m.kv_a_proj_with_mqa, (kv_rank + rope, d.hidden)),
-        (m.kv_a_layernorm, (kv_rank,)),
-        (m.kv_b_proj, (d.heads * (nope + v_dim), kv_rank)),
-        (m.o, (d.hidden, d.heads * v_dim)),
-    ]
-
-
-def _dense(m: DenseMLP, hidden: int, inter: int | None) -> _Pairs:
-    if inter is None:
-        return [(s, None) for s in (m.gate, m.up, m.gate_up, m.down)]
-    return [
-        (m.gate, (inter, hidden)),
-        (m.up, (inter, hidden)),
-        (m.gate_up, (2 * inter, hidden)),
-        (m.down, (hidden, inter)),
-        (m.gate_bias, (inter,)),
-        (m.up_bias, (inter,)),
-        (m.down_bias, (hidden,)),
-    ]
-
-
-def _experts(x: Experts, d: _Dims) -> _Pairs:
-    inter, hidden, e = d.moe_intermediate, d.hidden, x.num_experts
-    if x.layout == "per_expert":
-        mlp = DenseMLP(
-            down=x.down, gate=x.gate, up=x.up, gate_up=x.gate_up,
-            gate_bias=x.gate_bias, up_bias=x.up_bias, down_bias=x.down_bias,
-        )  # fmt: skip
-        return _dense(mlp, hidden, inter)
-    if inter is None:
-        return []
-    if x.orientation == "out_in":
-        gate_up, down = (e, 2 * inter, hidden), (e, hidden, inter)
-    else:
-        gate_up, down = (e, hidden, 2 * inter), (e, inter, hidden)
-    biases: _Pairs = [(x.gate_up_bias, (e, 2 * inter)), (x.down_bias, (e, hidden))]
-    if x.quant != "none":  # MXFP4 blocks/scales: not described (left out); the biases are plain tensors
-        return biases
-    return [(x.gate_up, gate_up), (x.down, down), *biases]
-
-
-def _moe(m: MoE, d: _Dims) -> _Pairs:
-    e = m.experts.num_experts
-    pairs: _Pairs = [(m.router, (e, d.hidden)), (m.router_bias, (e,)), (m.expert_bias, (e,))]
-    pairs += _experts(m.experts, d)
-    if m.shared is not None:
-        pairs += _dense(m.shared.mlp, d.hidden, d.shared_intermediate)
-        pairs.append((m.shared.gate, (1, d.hidden)))
-    return pairs
-
-
-def _group_pairs(group: LayerGroup, d: _Dims) -> list[tuple[str, Shape | None]]:
-    pairs: _Pairs = [(group.input_norm, (d.hidden,)), (group.post_attention_norm, (d.hidden,))]
-    mixer = group.mixer
-    if isinstance(mixer, Attention):
-        pairs += _attention(mixer, d)
-    elif isinstance(mixer, GatedDeltaNet):
-        pairs += _gated_delta_net(mixer, d)
-    else:
-        pairs += _mla(mixer, d)
-    if isinstance(group.mlp, MoE):
-        pairs += _moe(group.mlp, d)
-    else:
-        pairs += _dense(group.mlp, d.hidden, d.intermediate)
+def _group_pairs(group: LayerGroup, d: Dims) -> list[tuple[str, Shape | None]]:
+    pairs = norms.shapes(group.block, d) + behaviour(group.mixer).shapes(group.mixer, d)
+    pairs += behaviour(group.mlp).shapes(group.mlp, d)
     return [(s, shape) for s, shape in pairs if s is not None]
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Expansion
 # ---------------------------------------------------------------------------------------------------------
-def _group_entries(group: LayerGroup, d: _Dims, offset: int = 0) -> Iterator[ShapeEntry]:
+def _group_entries(group: LayerGroup, d: Dims, offset: int = 0) -> Iterator[ShapeEntry]:
     pairs = _group_pairs(group, d)
-    experts = group.mlp.experts.num_experts if isinstance(group.mlp, MoE) else 0
+    experts = num_experts(group.mlp)
     for layer in group.layers:
         root = group.root.replace("{layer}", str(layer + offset))
         for suffix, shape in pairs:
@@ -255,21 +125,17 @@ def _group_entries(group: LayerGroup, d: _Dims, offset: int = 0) -> Iterator[Sha
                 yield ShapeEntry(root + suffix, pattern, shape, layer + offset)
 
 
-def _mtp_entries(mtp: MTP, d: _Dims) -> Iterator[ShapeEntry]:
-    h = d.hidden
-    per_depth: list[tuple[str, Shape]] = [
-        (mtp.enorm, (h,)), (mtp.hnorm, (h,)), (mtp.eh_proj, (h, 2 * h)), (mtp.final_norm, (h,)),
-    ]  # fmt: skip
-    if mtp.shared:
-        for key, shape in per_depth:
+def _mtp_entries(mtp: MTP, d: Dims) -> Iterator[ShapeEntry]:
+    once, per_depth = mtp_family.shapes(mtp, d)
+    for key, shape in once:
+        if key is not None and shape is not None:
             yield ShapeEntry(key, key, shape)
-        per_depth = []
-    per_depth += [(c, (d.vocab, h)) for c in (mtp.embed_copy, mtp.head_copy) if c]
     for depth in range(mtp.depth):
         index = depth + mtp.index_offset
         root = mtp.root.replace("{layer}", str(index))
         for suffix, shape in per_depth:
-            yield ShapeEntry(root + suffix, mtp.root + suffix, shape, index)
+            if suffix is not None and shape is not None:
+                yield ShapeEntry(root + suffix, mtp.root + suffix, shape, index)
     for group in mtp.inner:
         yield from _group_entries(group, d, mtp.index_offset)
 
@@ -277,13 +143,11 @@ def _mtp_entries(mtp: MTP, d: _Dims) -> Iterator[ShapeEntry]:
 def shape_entries(layout: Layout, config: Mapping[str, Any]) -> Iterator[ShapeEntry]:
     """Every language-model key with a known shape, with the pattern it came from (layers, experts kept
     symbolic in ``pattern``). MXFP4 packed experts are left out."""
-    d = _dims(config)
+    d = config_dims(config)
     lm = layout.language_model
-    top = [(lm.embedding, (d.vocab, d.hidden)), (lm.final_norm, (d.hidden,))]
-    if lm.lm_head is not None:
-        top.append((lm.lm_head, (d.vocab, d.hidden)))
-    for key, shape in top:
-        yield ShapeEntry(key, key, shape)
+    for key, shape in embedding.shapes(lm.top, d):
+        if key is not None and shape is not None:
+            yield ShapeEntry(key, key, shape)
     for group in lm.groups:
         yield from _group_entries(group, d)
     if lm.mtp is not None:

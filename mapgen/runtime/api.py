@@ -27,7 +27,7 @@ import torch.distributed as dist
 
 from mapgen import __version__
 from mapgen.errors import Diagnostic, MapgenError, error
-from mapgen.infer.ir import Layout, layout_from_json, layout_to_json
+from mapgen.ir import Layout, layout_from_json, layout_to_json
 from mapgen.plan.expand import tower_keys
 from mapgen.plan.spec import ModelSpec
 from mapgen.runtime._net import free_port as _free_port

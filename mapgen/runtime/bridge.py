@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from mapgen.infer.ir import LayerGroup, Layout
+from mapgen.ir import LayerGroup, Layout
 from mapgen.plan.rules import Rule
 from mapgen.plan.spec import LayerKind, MlpKind, ModelSpec
 

@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 
 from mapgen.errors import Diagnostic, MapgenError, error
-from mapgen.infer.ir import Layout
+from mapgen.ir import Layout
 from mapgen.plan.expand import Instance, plan_instances, tower_keys
 from mapgen.plan.rules import Rule
 from mapgen.plan.spec import ModelSpec
