@@ -171,7 +171,7 @@ class Options:
                 canonical: Option = value
             elif value not in choices:
                 raise fail(rule, f"option {name}={value!r} is not one of {list(choices)}")
-            else:
+            else:  # compared with == (``fused=1`` passes as True); kept as the declared value
                 canonical = choices[choices.index(value)]
             values.setdefault(name, canonical)  # Rule.option reads the first occurrence
         return cls(**values)

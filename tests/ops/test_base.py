@@ -10,13 +10,7 @@ import torch
 from mapgen.ops import DictReader, PrimitiveError, Shard, gather, load, padded_vocab, shard_dim, split
 from mapgen.plan.rules import Rule
 
-from .support import (
-    FFN,
-    H,
-    arange,
-    rule,
-    spec,
-)
+from .support import FFN, H, arange, rule, spec
 
 
 def test_padded_vocab_matches_megatron_rule() -> None:
@@ -77,4 +71,3 @@ def test_gather_checks_component_sizes() -> None:
         gather(rule("gdn_in_proj", "gdn_heads"), spec(), [torch.zeros(10, H)] * 2)
     with pytest.raises(PrimitiveError, match="even number of rows"):
         split(rule("gated_fc1", "gated_column"), spec(), torch.zeros(7, H), Shard(0, 1))
-

@@ -1,5 +1,4 @@
-"""The ``copy`` and ``duplicate`` ops (mapgen/ops/copy.py): layouts, bytes read per rank, transforms, preconditions.
-"""
+"""The ``copy`` and ``duplicate`` ops (mapgen/ops/copy.py): layouts, bytes read per rank, transforms, preconditions."""
 
 from __future__ import annotations
 
@@ -8,17 +7,7 @@ import torch
 
 from mapgen.ops import DictReader, PrimitiveError, Shard, load, padded_vocab, save
 
-from .support import (
-    FFN,
-    VOCAB,
-    E,
-    H,
-    arange,
-    numel,
-    roundtrip,
-    rule,
-    spec,
-)
+from .support import FFN, VOCAB, E, H, arange, numel, roundtrip, rule, spec
 
 
 @pytest.mark.parametrize("tp", [1, 2, 4])
@@ -125,4 +114,3 @@ def test_copy_column_not_divisible() -> None:
 def test_copy_vocab_rows_must_match_spec() -> None:
     with pytest.raises(PrimitiveError, match="has 99 rows, the spec's vocab_size is 100"):
         load(rule("copy", "vocab"), ["emb"], spec(), Shard(0, 1), DictReader({"emb": arange(99, H)}))
-

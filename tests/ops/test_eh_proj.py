@@ -11,20 +11,7 @@ import torch
 
 from mapgen.ops import DictReader, PrimitiveError, Shard, load
 
-from .support import (
-    BATCH,
-    SEQ,
-    H,
-    arange,
-    assign,
-    close,
-    mcore_config,
-    numel,
-    randomise,
-    roundtrip,
-    rule,
-    spec,
-)
+from .support import BATCH, SEQ, H, arange, assign, close, mcore_config, numel, randomise, roundtrip, rule, spec
 
 
 @pytest.mark.parametrize("tp", [1, 2, 4])
@@ -41,7 +28,6 @@ def test_mtp_eh_proj(tp: int, order: str) -> None:
 def test_mtp_eh_proj_shape() -> None:
     with pytest.raises(PrimitiveError, match=r"eh has shape \(48, 48\), the spec implies \(48, 96\)"):
         load(rule("mtp_eh_proj", "column"), ["eh"], spec(), Shard(0, 1), DictReader({"eh": arange(H, H)}))
-
 
 
 @pytest.mark.usefixtures("model_parallel")
@@ -70,4 +56,3 @@ def test_mtp_eh_proj_matches_megatron_concat_embeddings(order: str) -> None:
     with torch.no_grad():
         got = MultiTokenPredictionLayer._concat_embeddings(fake, hidden, embedding)  # type: ignore[arg-type]
     close(got, expected)
-

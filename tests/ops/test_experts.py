@@ -10,21 +10,7 @@ import torch
 
 from mapgen.ops import DictReader, Fragment, PrimitiveError, Shard, load, save
 
-from .support import (
-    MOE_I,
-    SEQ,
-    E,
-    H,
-    arange,
-    assign,
-    close,
-    hf_reader,
-    mcore_mlp,
-    randomise,
-    roundtrip,
-    rule,
-    spec,
-)
+from .support import MOE_I, SEQ, E, H, arange, assign, close, hf_reader, mcore_mlp, randomise, roundtrip, rule, spec
 
 
 def expert_weights() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -137,7 +123,6 @@ def test_expert_preconditions() -> None:
         )
 
 
-
 @pytest.mark.usefixtures("model_parallel")
 @pytest.mark.parametrize("etp", [1, 2])
 def test_packed_experts_match_hf_qwen3_moe_experts(etp: int) -> None:
@@ -218,4 +203,3 @@ def test_interleaved_in_out_experts_match_hf_gpt_oss(etp: int) -> None:
             out, bias = mlp(x)
         total += out if bias is None else out + bias
     close(total, expected)
-

@@ -9,21 +9,7 @@ import torch
 
 from mapgen.ops import DictReader, PrimitiveError, Shard, gather, load
 
-from .support import (
-    BATCH,
-    FFN,
-    SEQ,
-    H,
-    arange,
-    assemble,
-    assign,
-    close,
-    mcore_mlp,
-    randomise,
-    roundtrip,
-    rule,
-    spec,
-)
+from .support import BATCH, FFN, SEQ, H, arange, assemble, assign, close, mcore_mlp, randomise, roundtrip, rule, spec
 
 
 @pytest.mark.parametrize("tp", [1, 2, 4])
@@ -56,7 +42,6 @@ def test_gated_fc1_preconditions() -> None:
     tensors["up"] = arange(FFN - 1, H)
     with pytest.raises(PrimitiveError, match=r"up has shape \(39, 48\)"):
         load(rule("gated_fc1", "gated_column"), ["gate", "up"], spec(), Shard(0, 1), DictReader(tensors))
-
 
 
 @pytest.mark.usefixtures("model_parallel")
@@ -113,4 +98,3 @@ def test_gated_fc1_shards_match_megatron_swiglu_sharded_factory(tp: int) -> None
     declared = assemble(pieces)["fc1"]
     assert torch.equal(declared, torch.cat([gate, up]))
     assert torch.equal(declared, gather(r, spec(), shards))
-

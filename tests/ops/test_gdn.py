@@ -117,7 +117,6 @@ def test_gdn_preconditions() -> None:
         load(rule("gdn_in_proj", "gdn_heads", variant="qkvz_ba"), keys, spec(), Shard(0, 1), DictReader(t))
 
 
-
 @pytest.fixture
 def cpu_gdn(monkeypatch: pytest.MonkeyPatch) -> None:
     """Let megatron-core's GatedDeltaNet build and run on CPU: it refuses to build without
@@ -251,4 +250,3 @@ def test_gdn_shards_match_megatron_split_tensor_factory(op: str) -> None:
     full = torch.cat([declared[f"w.{name}"] for name in names])
     assert torch.equal(full, gather(r, spec(), shards))
     assert torch.equal(full, load(r, list(tensors), spec(), Shard(0, 1), reader))
-

@@ -73,8 +73,14 @@ EXAMPLES = [
         tps=(1, 3),
         spec={"num_query_groups": 3},
     ),
-    Example("qkv", "qkv_groups", {"q": (HEADS * HN, H), "k": (6 * HN, H), "v": (6 * HN, H)},
-            {"output_gate": False}, tps=(1, 2, 3, 6), spec={"num_query_groups": 6}),
+    Example(
+        "qkv",
+        "qkv_groups",
+        {"q": (HEADS * HN, H), "k": (6 * HN, H), "v": (6 * HN, H)},
+        {"output_gate": False},
+        tps=(1, 2, 3, 6),
+        spec={"num_query_groups": 6},
+    ),
     Example("gated_fc1", "gated_column", {"g": (FFN, H), "u": (FFN, H)}, {"fused": False}),
     Example("gated_fc1", "gated_column", {"g": (FFN,), "u": (FFN,)}, {"part": "bias"}),
     Example("gated_fc1", "gated_column", {"gu": (2 * FFN, H)}, {"fused": True, "part": "weight"}),
@@ -148,9 +154,7 @@ def _with_fragments(tensors: dict[str, torch.Tensor], frags: list[Any]) -> dict[
     return out
 
 
-@pytest.mark.parametrize(
-    ("ex", "tp"), [pytest.param(e, tp, id=f"{e.id}-tp{tp}") for e in EXAMPLES for tp in e.tps]
-)
+@pytest.mark.parametrize(("ex", "tp"), [pytest.param(e, tp, id=f"{e.id}-tp{tp}") for e in EXAMPLES for tp in e.tps])
 def test_load_save_split_gather_are_mutually_inverse(ex: Example, tp: int) -> None:
     r = rule(ex.op, ex.sharding, experts=ex.expert is not None, **ex.options)
     sp = spec(**ex.spec)

@@ -88,7 +88,6 @@ def test_qkv_shape_mismatch_names_the_key() -> None:
         load(rule("qkv", "qkv_groups", output_gate=True), ["q", "k", "v"], spec(), Shard(0, 1), DictReader(tensors))
 
 
-
 def hf_attention(gate: bool, groups: int) -> torch.nn.Module:
     if gate:
         from transformers.models.qwen3_5.configuration_qwen3_5 import Qwen3_5TextConfig
@@ -144,10 +143,10 @@ def hf_qkv_gate(module: Any, x: torch.Tensor, gate: bool) -> dict[str, torch.Ten
     return out
 
 
+@pytest.mark.usefixtures("model_parallel")
 @pytest.mark.parametrize(
     ("gate", "groups", "tp"), [(False, 2, 1), (False, 6, 2), (True, 2, 1), (True, 2, 2), (True, 3, 3)]
 )
-@pytest.mark.usefixtures("model_parallel")
 def test_qkv_matches_megatron_get_query_key_value_tensors(gate: bool, groups: int, tp: int) -> None:
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer.spec_utils import build_module
@@ -192,4 +191,3 @@ def test_qkv_matches_megatron_get_query_key_value_tensors(gate: bool, groups: in
         close(got[2].transpose(0, 1), expected["v"][:, :, kv])
         if gate:
             close(got[3].transpose(0, 1), expected["gate"][:, :, heads])
-
