@@ -136,7 +136,7 @@ def bind(layout: Layout, bridge: Bridge | None = None) -> Binding:
 
 
 def model_spec_for_parallel(spec: ModelSpec, par: Parallel) -> ModelSpec:
-    from mapgen.runtime.primitives import padded_vocab
+    from mapgen.ops import padded_vocab
 
     return spec.replace(vocab_size=padded_vocab(spec.vocab_size, par.tp))
 

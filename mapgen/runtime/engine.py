@@ -27,12 +27,12 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from mapgen import ops
 from mapgen.errors import Diagnostic, MapgenError, error
 from mapgen.ir import Layout
 from mapgen.plan.expand import Instance, plan_instances, tower_keys
 from mapgen.plan.rules import Rule
 from mapgen.plan.spec import ModelSpec
-from mapgen.runtime import primitives as P
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -91,10 +91,10 @@ class Coords:
             etp=ps.get_expert_tensor_parallel_world_size(),
         )
 
-    def shard(self, rule: Rule) -> P.Shard:
-        if P.shard_dim(rule) is None:
-            return P.Shard(0, 1)
-        return P.Shard(self.etp_rank, self.etp) if rule.experts else P.Shard(self.tp_rank, self.tp)
+    def shard(self, rule: Rule) -> ops.Shard:
+        if ops.shard_dim(rule) is None:
+            return ops.Shard(0, 1)
+        return ops.Shard(self.etp_rank, self.etp) if rule.experts else ops.Shard(self.tp_rank, self.tp)
 
 
 @dataclass
@@ -155,8 +155,8 @@ def load_model(model: torch.nn.Module, binding: Binding, reader: Any, coords: Co
                 release(shard_rank)
             target = params[local]
             try:
-                value = P.load(inst.rule, inst.hf, binding.spec, coords.shard(inst.rule), reader, expert=inst.expert)
-            except P.PrimitiveError as exc:
+                value = ops.load(inst.rule, inst.hf, binding.spec, coords.shard(inst.rule), reader, expert=inst.expert)
+            except ops.PrimitiveError as exc:
                 raise error("load.primitive", str(exc), key=local) from None
             if tuple(value.shape) != tuple(target.shape):
                 problems.append(Diagnostic(
@@ -300,8 +300,8 @@ def iter_hf_tensors(models: list[torch.nn.Module] | torch.nn.Module, binding: Bi
                 dist.send(local[(name, index)].contiguous(), dst=0)
         if coords.rank != 0:
             continue
-        full = P.gather(inst.rule, binding.spec, shards) if count > 1 else shards[0]
-        for frag in P.save(inst.rule, inst.hf, binding.spec, full, expert=inst.expert):
+        full = ops.gather(inst.rule, binding.spec, shards) if count > 1 else shards[0]
+        for frag in ops.save(inst.rule, inst.hf, binding.spec, full, expert=inst.expert):
             tensor = frag.tensor
             if frag.index is not None:
                 slot = packed[frag.key]

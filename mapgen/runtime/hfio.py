@@ -71,7 +71,7 @@ def read_weight_map(root: Path) -> tuple[dict[str, str], dict[str, Any]]:
 
 
 class SafetensorsReader:
-    """The primitives' ``Reader`` over a sharded safetensors checkpoint."""
+    """The ops' ``Reader`` (:class:`mapgen.ops.Reader`) over a sharded safetensors checkpoint."""
 
     def __init__(self, root: Path, weight_map: Mapping[str, str] | None = None) -> None:
         self.root = Path(root)

@@ -4,8 +4,8 @@ Everything below was verified against megatron-core 0.16.1 (torch 2.13 CPU, no T
 no apex) by building models on the meta and CPU devices; the tests in ``tests/test_megatron_build.py`` pin
 most of it.
 
-Facts the conversion primitives rely on
----------------------------------------
+Facts the conversion ops (``mapgen.ops``) rely on
+-------------------------------------------------
 GatedDeltaNet (``megatron/core/ssm/gated_delta_net.py``), per TP rank (``tp`` = TP size):
 
 - ``self_attention.in_proj.weight`` has shape ``[(2*Hk*Dk + 2*Hv*Dv + 2*Hv) / tp, hidden]``. Its rows on one
@@ -142,8 +142,8 @@ Device = Literal["meta", "cpu", "cuda"]
 
 def padded_vocab_size(vocab_size: int, tp: int = 1, divisible_by: int = 1) -> int:
     """Smallest multiple of ``divisible_by * tp`` >= ``vocab_size`` (Megatron-LM's rule; the one formula lives
-    in :func:`mapgen.runtime.primitives.padded_vocab`, which the loader's vocab slicing uses too)."""
-    from mapgen.runtime.primitives import padded_vocab
+    in :func:`mapgen.ops.padded_vocab`, which the loader's vocab slicing uses too)."""
+    from mapgen.ops import padded_vocab
 
     return padded_vocab(vocab_size, tp, divisible_by)
 

@@ -1,0 +1,101 @@
+"""``copy``: one HF tensor is one Megatron parameter; ``duplicate``: an HF tensor stored twice.
+
+Layouts (TP rank ``r`` of ``t``)
+--------------------------------
+``column``/``row``   HF rows/columns chunk r (ColumnParallelLinear / RowParallelLinear
+                     ``sharded_state_dict``: axis 0 / axis 1, tensor_parallel/layers.py).
+``vocab``            rows ``[r*P/t, (r+1)*P/t)`` of HF padded with zero rows to ``P = padded_vocab(V, t)``
+                     (VocabParallelEmbedding, VocabUtility); a rank holding padding only reads nothing.
+``replicated``       the whole tensor on every rank.
+``expert_column``/``expert_row``  as column/row, per expert over expert-TP.
+
+``duplicate`` has the layouts of ``copy``; the loader compares it with the primary tensor on import and
+the exporter re-emits it.
+
+Options
+-------
+``transform`` "none" | "zero_centered" (Megatron ``w = hf - 1`` for ``layernorm_zero_centered_gamma``;
+computed in fp32 and cast back, so in bf16/fp16 it is *not* bitwise: HF -> Megatron -> HF is exact only
+while ``hf`` is within [0.5, 2] (Sterbenz), and Megatron -> HF rounds ``w + 1`` to the storage precision),
+``dtype`` "native" (default: the tensor keeps the dtype it was read / handed in with, the caller casts into
+the parameter or the HF dtype) | "fp32" (load and save in fp32, e.g. the router's expert bias),
+``divisible_by`` (vocab, default 128), ``shared`` (engine-level, below), ``layout``/``orientation``
+(expert rules, :class:`~mapgen.ops._base.ExpertSource`: e.g. gpt-oss ``down_proj_bias [E, H]``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from mapgen.ops._base import Ctx, ExpertSource, Fragment, Op, Reader, Shard, padded_vocab
+
+
+@dataclass(frozen=True)
+class CopyOptions(ExpertSource):
+    transform: Literal["none", "zero_centered"] = "none"
+    dtype: Literal["native", "fp32"] = "native"
+    divisible_by: int = 128
+    # Engine-level: one HF tensor feeds this parameter at every MTP depth; the exporter emits it once and
+    # checks the depths agree. The op itself ignores it.
+    shared: bool = False
+
+
+def _transform_in(options: CopyOptions, x: torch.Tensor) -> torch.Tensor:
+    out_dtype = torch.float32 if options.dtype == "fp32" else x.dtype
+    if options.transform == "zero_centered":
+        return (x.float() - 1.0).to(out_dtype)
+    return x.to(out_dtype)
+
+
+def _transform_out(options: CopyOptions, x: torch.Tensor) -> torch.Tensor:
+    out_dtype = torch.float32 if options.dtype == "fp32" else x.dtype
+    if options.transform == "zero_centered":
+        return (x.float() + 1.0).to(out_dtype)
+    return x.to(out_dtype)
+
+
+class Copy(Op[CopyOptions]):
+    name = "copy"
+    options_type = CopyOptions
+    shardings = frozenset({"replicated", "column", "row", "vocab", "expert_column", "expert_row"})
+
+    def load(self, ctx: Ctx[CopyOptions], shard: Shard, reader: Reader) -> torch.Tensor:
+        src = ctx.source(reader, 0)
+        shape = src.shape
+        sharding = ctx.rule.sharding
+        if sharding == "replicated":
+            x = src.whole()
+        elif sharding in ("column", "expert_column"):
+            x = src.rows(*shard.bounds(shape[0], f"dim 0 of {src.key}", ctx.rule))
+        elif sharding in ("row", "expert_row"):
+            if len(shape) != 2:
+                raise ctx.fail(f"row sharding needs a matrix, {src.key} has shape {shape}")
+            x = src.cols(*shard.bounds(shape[1], f"dim 1 of {src.key}", ctx.rule))
+        else:  # vocab
+            vocab = ctx.spec.vocab_size
+            if shape[0] != vocab:
+                raise ctx.fail(f"{src.key} has {shape[0]} rows, the spec's vocab_size is {vocab}")
+            padded = padded_vocab(vocab, shard.size, ctx.options.divisible_by)
+            start, stop = shard.bounds(padded, "padded vocab", ctx.rule)
+            if start >= vocab:  # a rank holding padding only reads nothing
+                x = torch.zeros((stop - start, *shape[1:]), dtype=reader.dtype(src.key))
+            else:
+                x = src.rows(start, min(stop, vocab))
+                if x.shape[0] < stop - start:
+                    x = torch.cat([x, x.new_zeros((stop - start - x.shape[0], *shape[1:]))])
+        return _transform_in(ctx.options, x)
+
+    def save(self, ctx: Ctx[CopyOptions], full: torch.Tensor) -> list[Fragment]:
+        if ctx.rule.sharding == "vocab":
+            full = full[: ctx.spec.vocab_size]
+        return [ctx.emit(0, _transform_out(ctx.options, full))]
+
+
+class Duplicate(Copy):
+    """An HF tensor stored twice (e.g. GLM/DeepSeek MTP embedding and head copies): consumed on import,
+    where the loader checks it equals the primary tensor, and re-emitted on export."""
+
+    name = "duplicate"

@@ -1,0 +1,87 @@
+"""``gated_fc1``: HF ``gate_proj`` + ``up_proj`` (or one fused ``gate_up``) <-> Megatron ``linear_fc1``.
+
+Layout: TP rank ``r`` holds ``[gate_r; up_r]`` (transformer/mlp.py ``apply_swiglu_sharded_factory`` and the
+``glu`` ``torch.chunk(x, 2, -1)`` in ``MLP``/moe/experts.py), so the full tensor is ``[gate; up]`` and each
+half is split across TP. ``expert_fc1`` (:mod:`mapgen.ops.experts`) is this op per expert.
+
+Options
+-------
+``part`` "weight" | "bias"; ``fused`` bool (one ``gate_up`` key, gate first; default: fused exactly for
+packed expert tensors); ``interleave`` bool (gpt-oss: fused rows alternate gate, up; needs ``fused``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, TypeVar
+
+import torch
+
+from mapgen.ops._base import Ctx, Fragment, Op, Options, Reader, Shard
+
+
+@dataclass(frozen=True)
+class GatedFc1Options(Options):
+    part: Literal["weight", "bias"] = "weight"
+    fused: bool | None = None  # None: fused exactly for packed expert tensors
+    interleave: bool = False
+
+
+G = TypeVar("G", bound=GatedFc1Options)
+
+
+def fused(ctx: Ctx[G]) -> bool:
+    """One fused ``gate_up`` HF tensor (else separate gate and up)."""
+    if ctx.options.fused is None:
+        return ctx.packed
+    return ctx.options.fused
+
+
+class Gated(Op[G]):
+    """``[gate; up]`` halves, each split across TP: the dense op below and ``expert_fc1``."""
+
+    def key_count(self, ctx: Ctx[G]) -> int:
+        return 1 if fused(ctx) else 2
+
+    def check(self, ctx: Ctx[G]) -> None:
+        super().check(ctx)
+        if ctx.options.interleave and not fused(ctx):
+            raise ctx.fail("interleave=True needs a fused gate_up tensor")
+
+    def load(self, ctx: Ctx[G], shard: Shard, reader: Reader) -> torch.Tensor:
+        if fused(ctx):
+            src = ctx.source(reader, 0)
+            if src.shape[0] % 2:
+                raise ctx.fail(f"fused {src.key} has an odd number of rows ({src.shape[0]})")
+            inter = src.shape[0] // 2
+            start, stop = shard.bounds(inter, "the intermediate size", ctx.rule)
+            if ctx.options.interleave:  # gpt-oss: gate_up[..., ::2], gate_up[..., 1::2] (modeling_gpt_oss.py)
+                block = src.rows(2 * start, 2 * stop)
+                gate, up = block[0::2], block[1::2]
+            else:
+                gate, up = src.rows(start, stop), src.rows(inter + start, inter + stop)
+        else:
+            gate_src, up_src = ctx.source(reader, 0), ctx.source(reader, 1)
+            ctx.expect(up_src, gate_src.shape)
+            start, stop = shard.bounds(gate_src.shape[0], "the intermediate size", ctx.rule)
+            gate, up = gate_src.rows(start, stop), up_src.rows(start, stop)
+        return torch.cat([gate, up])
+
+    def save(self, ctx: Ctx[G], full: torch.Tensor) -> list[Fragment]:
+        gate, up = full.chunk(2)
+        if not fused(ctx):
+            return [ctx.emit(0, gate), ctx.emit(1, up)]
+        if ctx.options.interleave:
+            return [ctx.emit(0, torch.stack([gate, up], dim=1).reshape(full.shape))]
+        return [ctx.emit(0, full)]
+
+    def components(self, ctx: Ctx[G], length: int, tp: int) -> list[int]:
+        if length % 2:
+            raise ctx.fail(f"a gated linear_fc1 needs an even number of rows, got {length}")
+        return [length // 2, length // 2]
+
+
+class GatedFc1(Gated[GatedFc1Options]):
+    name = "gated_fc1"
+    options_type = GatedFc1Options
+    shardings = frozenset({"gated_column"})

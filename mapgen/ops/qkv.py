@@ -1,0 +1,86 @@
+"""``qkv``: HF ``q_proj``, ``k_proj``, ``v_proj`` (weights or biases) <-> Megatron ``linear_qkv``.
+
+Layout: per query group ``[q heads; (gate heads); k; v]``, whole groups per TP rank
+(transformer/attention.py ``SelfAttention.get_query_key_value_tensors``), so the rank tensors are a plain
+concatenation of the full tensor.
+
+Options
+-------
+``part`` "weight" | "bias"; ``output_gate`` bool (Qwen3.5 attention output gate: HF ``q_proj`` rows per
+head ``[q_h; gate_h]``, Megatron per group ``[q; gate]``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from mapgen.ops._base import Ctx, Fragment, Op, Options, Reader, Shard
+
+
+@dataclass(frozen=True)
+class QkvOptions(Options):
+    part: Literal["weight", "bias"] = "weight"
+    output_gate: bool = False
+
+
+def _dims(ctx: Ctx[QkvOptions]) -> tuple[int, int, int, int]:
+    """(query groups, heads per group, head dim, q_proj rows per head: 1 or 2 with the output gate)."""
+    spec = ctx.spec
+    heads, groups = spec.num_attention_heads, spec.num_query_groups
+    if groups < 1 or heads % groups:
+        raise ctx.fail(f"num_attention_heads ({heads}) is not a multiple of num_query_groups ({groups})")
+    return groups, heads // groups, spec.kv_channels, 2 if ctx.options.output_gate else 1
+
+
+def _check_tp(ctx: Ctx[QkvOptions], tp: int) -> None:
+    groups = _dims(ctx)[0]
+    if groups % tp:
+        raise ctx.fail(
+            f"num_query_groups ({groups}) is not divisible by the TP size {tp}: "
+            "qkv_groups sharding needs whole query groups per rank"
+        )
+
+
+class Qkv(Op[QkvOptions]):
+    name = "qkv"
+    options_type = QkvOptions
+    shardings = frozenset({"qkv_groups"})
+
+    def key_count(self, ctx: Ctx[QkvOptions]) -> int:
+        return 3
+
+    def load(self, ctx: Ctx[QkvOptions], shard: Shard, reader: Reader) -> torch.Tensor:
+        groups, per_group, hn, qmul = _dims(ctx)
+        _check_tp(ctx, shard.size)
+        q_src, k_src, v_src = (ctx.source(reader, i) for i in range(3))
+        rest = q_src.shape[1:]
+        ctx.expect(q_src, (groups * per_group * qmul * hn, *rest))
+        ctx.expect(k_src, (groups * hn, *rest))
+        ctx.expect(v_src, (groups * hn, *rest))
+        g0, g1 = shard.bounds(groups, "num_query_groups", ctx.rule)
+        local = g1 - g0
+        q = q_src.rows(g0 * per_group * qmul * hn, g1 * per_group * qmul * hn)
+        # HF q_proj with the output gate: per head [q_h; gate_h] (modeling_qwen3_5.py Qwen3_5Attention:
+        # torch.chunk(q_proj(x).view(..., -1, head_dim * 2), 2, dim=-1)); Megatron per group [q; gate].
+        q = q.reshape(local, per_group, qmul, hn, *rest).transpose(1, 2).reshape(local, -1, *rest)
+        k = k_src.rows(g0 * hn, g1 * hn).reshape(local, hn, *rest)
+        v = v_src.rows(g0 * hn, g1 * hn).reshape(local, hn, *rest)
+        return torch.cat([q, k, v], dim=1).reshape(-1, *rest)
+
+    def save(self, ctx: Ctx[QkvOptions], full: torch.Tensor) -> list[Fragment]:
+        groups, per_group, hn, qmul = _dims(ctx)
+        rest = full.shape[1:]
+        rows = groups * (per_group * qmul + 2) * hn
+        if full.shape[0] != rows:
+            raise ctx.fail(f"linear_qkv has {full.shape[0]} rows, the spec implies {rows}")
+        grouped = full.reshape(groups, (per_group * qmul + 2) * hn, *rest)
+        q, k, v = torch.split(grouped, [per_group * qmul * hn, hn, hn], dim=1)
+        q = q.reshape(groups, qmul, per_group, hn, *rest).transpose(1, 2).reshape(-1, *rest)
+        return [ctx.emit(0, q), ctx.emit(1, k.reshape(-1, *rest)), ctx.emit(2, v.reshape(-1, *rest))]
+
+    def components(self, ctx: Ctx[QkvOptions], length: int, tp: int) -> list[int]:
+        _check_tp(ctx, tp)  # whole groups per rank: one component
+        return [length]
