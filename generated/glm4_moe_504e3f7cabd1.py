@@ -14,7 +14,7 @@ shared expert).
 Generated from inputs/glm4-moe-mtp.json.
 """
 
-from mapgen.runtime.bridge import (
+from mapgen.contract import (
     Bridge,
     HFConfig,
     Layout,

@@ -12,7 +12,7 @@ MTP: none.
 Generated from inputs/llama-3.2-3b-instruct.json.
 """
 
-from mapgen.runtime.bridge import (
+from mapgen.contract import (
     Bridge,
     HFConfig,
     Layout,

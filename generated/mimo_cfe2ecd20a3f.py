@@ -12,7 +12,7 @@ MTP: scheme mtp_layers, any depth; inner layer mtp_attention: attention + dense 
 Generated from inputs/mimo-7b.json.
 """
 
-from mapgen.runtime.bridge import (
+from mapgen.contract import (
     Bridge,
     HFConfig,
     Layout,

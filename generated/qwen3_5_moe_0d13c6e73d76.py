@@ -15,7 +15,7 @@ Carried through unchanged: vision.
 Generated from inputs/qwen--qwen3.5-35b-a3b.json.
 """
 
-from mapgen.runtime.bridge import (
+from mapgen.contract import (
     Bridge,
     HFConfig,
     Layout,

@@ -12,7 +12,7 @@ MTP: none.
 Generated from inputs/tiny-qwen3.json.
 """
 
-from mapgen.runtime.bridge import (
+from mapgen.contract import (
     Bridge,
     HFConfig,
     Layout,

@@ -12,7 +12,7 @@ MTP: scheme mtp_block, any depth; inner layer mtp_attention: attention + dense g
 Generated from inputs/qwen3-dense-mtp.json.
 """
 
-from mapgen.runtime.bridge import (
+from mapgen.contract import (
     Bridge,
     HFConfig,
     Layout,

@@ -13,7 +13,7 @@ Carried through unchanged: vision.
 Generated from inputs/qwen3-vl-30b-a3b.json.
 """
 
-from mapgen.runtime.bridge import (
+from mapgen.contract import (
     Bridge,
     HFConfig,
     Layout,

@@ -19,6 +19,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from mapgen.contract.rules import Rule
 from mapgen.infer.ir import (
     MTP,
     Attention,
@@ -37,7 +38,6 @@ from mapgen.infer.ir import (
     layout_to_json,
 )
 from mapgen.plan.plan import BridgePlan, ConfigField
-from mapgen.plan.rules import Rule
 
 REPO = Path(__file__).resolve().parents[1]
 CASES = REPO / "tests" / "cases" / "emit"

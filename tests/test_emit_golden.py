@@ -16,9 +16,9 @@ import pytest
 from emit_support import CASES, REPO, import_tree
 from regen_emit_goldens import BUILDERS, load_case, render_case
 
+from mapgen.contract import Bridge, HFConfig
 from mapgen.emit.check import compare
 from mapgen.plan.recipe import model_spec_for_plan
-from mapgen.runtime.bridge import Bridge, HFConfig
 
 CASE_NAMES = sorted(p.name for p in CASES.iterdir() if (p / "expected").is_dir())
 REGEN = ".venv/bin/python -m tests.regen_emit_goldens"

@@ -38,7 +38,7 @@ def _check_module(text: str) -> ast.Module:
     kinds = {type(stmt).__name__ for stmt in tree.body}
     assert kinds <= {"Expr", "ImportFrom", "Assign", "AnnAssign", "FunctionDef"}
     imports = [stmt for stmt in tree.body if isinstance(stmt, ast.ImportFrom)]
-    assert [i.module for i in imports] == ["mapgen.runtime.bridge"]
+    assert [i.module for i in imports] == ["mapgen.contract"]
     assert text.isascii()
     assert text.splitlines() == text.split("\n")[:-1]  # no exotic line breaks anywhere
     return tree

@@ -201,7 +201,7 @@ def test_input_name_for_source(source: str, name: str) -> None:
 
 
 def test_literal_fits() -> None:
-    from mapgen.plan.spec import ModelSpec
+    from mapgen.contract.spec import ModelSpec
 
     hints = __import__("typing").get_type_hints(ModelSpec)
     assert literal_fits(None, hints["num_moe_experts"])

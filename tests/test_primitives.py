@@ -9,8 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mapgen.plan.rules import Rule
-from mapgen.plan.spec import ModelSpec
+from mapgen.contract.rules import Rule
+from mapgen.contract.spec import ModelSpec
 from mapgen.runtime.primitives import (
     DictReader,
     Fragment,

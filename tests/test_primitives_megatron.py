@@ -20,8 +20,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mapgen.plan.rules import Rule
-from mapgen.plan.spec import ModelSpec
+from mapgen.contract.rules import Rule
+from mapgen.contract.spec import ModelSpec
 from mapgen.runtime.primitives import DictReader, Shard, gather, load
 
 H, HEADS, HN, FFN = 48, 6, 8, 40

@@ -31,6 +31,8 @@ import jinja2
 import libcst
 
 from mapgen import __version__
+from mapgen.contract.rules import Op, Rule, Sharding
+from mapgen.contract.spec import ModelSpec
 from mapgen.emit import pyfmt
 from mapgen.emit.names import (
     PythonIdentifier,
@@ -47,8 +49,6 @@ from mapgen.emit.pyfmt import Lit, Name, Node, Tup, call
 from mapgen.errors import Diagnostic, MapgenError, error
 from mapgen.infer.ir import Layout, layout_to_json
 from mapgen.plan.plan import BridgePlan, ConfigField
-from mapgen.plan.rules import Op, Rule, Sharding
-from mapgen.plan.spec import ModelSpec
 
 REGENERATE_COMMAND = "mapgen emit --from-inputs"
 REGISTRY_PATH = "__init__.py"
@@ -347,7 +347,7 @@ def _config(fields: Sequence[ConfigField]) -> tuple[list[FieldView], list[str]]:
         name = PythonIdentifier(f.field, what="ModelSpec field")
         if name not in _SPEC_FIELDS:
             raise error("emit.invalid-config", f"ModelSpec has no field {name}",
-                        expected="a field of mapgen.plan.spec.ModelSpec")
+                        expected="a field of mapgen.contract.spec.ModelSpec")
         if name in seen:
             raise error("emit.invalid-config", f"ModelSpec field {name} is set twice")
         seen.add(name)
@@ -525,7 +525,7 @@ def group_modules(plans: Mapping[str, BridgePlan]) -> list[Module]:
             Diagnostic("error", "emit.plan-conflict",
                        f"inputs {names[0]} and {other} share fingerprint {fp} but were planned differently",
                        file=input_path(other), hint="the fingerprint must capture everything the plan depends "
-                       "on; fix mapgen.plan.planner.fingerprint")
+                       "on; fix mapgen.contract.fingerprint")
             for other in names[1:]
             if plans[other] != plan
         ]

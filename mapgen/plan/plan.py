@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from mapgen.plan.rules import Rule
+from mapgen.contract.rules import Rule
 
 ConfigExpr = Literal[
     "const",  # value: a Python literal (bool/int/float/str/None)

@@ -1,7 +1,7 @@
 """Planning: a scanned :class:`Layout` -> a :class:`BridgePlan` (Megatron config recipe + ordered rules).
 
 Pure and deterministic. Every rule names its Megatron parameter pattern in the global local-spec namespace
-(see :mod:`mapgen.plan.rules`), the HF key pattern(s), the primitive and its declared sharding. Layer,
+(see :mod:`mapgen.contract.rules`), the HF key pattern(s), the primitive and its declared sharding. Layer,
 expert and MTP indices are placeholders whose index sets come from the layout's groups; nothing is
 hard-coded to ``mtp.layers.0``.
 
@@ -12,10 +12,10 @@ bridge.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import re
 
+from mapgen.contract.fingerprint import fingerprint
+from mapgen.contract.rules import Rule
 from mapgen.errors import Diagnostic, MapgenError
 from mapgen.infer.ir import (
     MTP,
@@ -25,10 +25,8 @@ from mapgen.infer.ir import (
     LayerGroup,
     Layout,
     MoE,
-    to_jsonable,
 )
 from mapgen.plan.plan import BridgePlan, ConfigField
-from mapgen.plan.rules import Rule
 
 # Model types whose HF RMSNorms compute ``(1 + w) * x`` (zero-centred gamma) for every norm except the
 # gated delta-net output norm, which is a plain ``w * x`` RMSNorm initialised to ones.
@@ -41,33 +39,6 @@ _IDENT = re.compile(r"[^0-9a-zA-Z_]+")
 
 class _Unsupported(Exception):
     pass
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Fingerprint: the layout with dimensions (and index sets, counts, depths) removed.
-# ---------------------------------------------------------------------------------------------------------
-_DIMENSION_FIELDS = frozenset(
-    {"dims", "summary", "diagnostics", "unclassified", "layers", "num_layers", "num_experts", "depth",
-     "index_offset", "num_keys", "patterns", "orientation_source", "config"}
-)
-
-
-def _strip(data: object) -> object:
-    if isinstance(data, dict):
-        return {k: _strip(v) for k, v in sorted(data.items()) if k not in _DIMENSION_FIELDS}
-    if isinstance(data, list):
-        return [_strip(v) for v in data]
-    return data
-
-
-def fingerprint_data(layout: Layout) -> object:
-    """The canonical data a layout fingerprint is computed from (public for tests and ``mapgen diff``)."""
-    return _strip(to_jsonable(layout))
-
-
-def fingerprint(layout: Layout) -> str:
-    canonical = json.dumps(fingerprint_data(layout), sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(canonical.encode()).hexdigest()[:12]
 
 
 def module_name(layout: Layout, fp: str) -> str:

@@ -10,20 +10,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from mapgen.contract.bridge import layer_kinds, mlp_kinds, mtp_depth, mtp_layer_kind, mtp_mlp_kind
+from mapgen.contract.hf_config import HFConfig, head_dim, rope_scaling, rope_scaling_factor
+from mapgen.contract.spec import ModelSpec
 from mapgen.infer.ir import Layout
 from mapgen.plan.plan import BridgePlan, ConfigField
-from mapgen.plan.spec import ModelSpec
-from mapgen.runtime.bridge import (
-    HFConfig,
-    head_dim,
-    layer_kinds,
-    mlp_kinds,
-    mtp_depth,
-    mtp_layer_kind,
-    mtp_mlp_kind,
-    rope_scaling,
-    rope_scaling_factor,
-)
 
 
 def evaluate_field(field: ConfigField, hf: HFConfig, layout: Layout) -> Any:

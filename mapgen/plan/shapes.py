@@ -23,9 +23,9 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from mapgen.contract.hf_config import HFConfig
 from mapgen.errors import Diagnostic
 from mapgen.infer.ir import MLA, MTP, Attention, DenseMLP, Experts, GatedDeltaNet, IndexSet, LayerGroup, Layout, MoE
-from mapgen.runtime.bridge import HFConfig
 
 __all__ = ["Shape", "ShapeEntry", "expected_shapes", "shape_entries", "shape_problems"]
 

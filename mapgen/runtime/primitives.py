@@ -1,6 +1,6 @@
 """Conversion primitives: pure tensor code that turns HF tensors into one rank's Megatron tensor and back.
 
-Each :data:`~mapgen.plan.rules.Op` is implemented here in both directions, with the sharding the rule
+Each :data:`~mapgen.contract.rules.Op` is implemented here in both directions, with the sharding the rule
 *declares* (never guessed from shapes). No ``torch.distributed``, no file I/O: reading goes through a
 :class:`Reader` (safetensors ``get_slice`` at run time, :class:`DictReader` in tests) and gathering across
 ranks is the caller's job.
@@ -74,8 +74,8 @@ from typing import Protocol
 
 import torch
 
-from mapgen.plan.rules import Rule
-from mapgen.plan.spec import ModelSpec
+from mapgen.contract.rules import Rule
+from mapgen.contract.spec import ModelSpec
 
 Index = tuple[slice | int, ...]
 Option = str | int | bool

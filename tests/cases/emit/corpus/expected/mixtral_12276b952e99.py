@@ -12,7 +12,7 @@ MTP: none.
 Generated from inputs/mixtral-8x7b-instruct-v0.1.json.
 """
 
-from mapgen.runtime.bridge import (
+from mapgen.contract import (
     Bridge,
     HFConfig,
     Layout,

@@ -12,7 +12,7 @@ MTP: none.
 Generated from inputs/sakura-14b-qwen2.5.json.
 """
 
-from mapgen.runtime.bridge import (
+from mapgen.contract import (
     Bridge,
     HFConfig,
     Layout,

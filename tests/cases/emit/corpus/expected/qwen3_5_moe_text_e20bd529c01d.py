@@ -13,7 +13,7 @@ MTP: none.
 Generated from inputs/qwen3.5-25b-reap-a3b-coding.json.
 """
 
-from mapgen.runtime.bridge import (
+from mapgen.contract import (
     Bridge,
     HFConfig,
     Layout,

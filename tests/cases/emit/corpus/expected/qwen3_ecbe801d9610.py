@@ -12,7 +12,7 @@ MTP: none.
 Generated from inputs/qwen3-1.7b-mlx-bf16.json.
 """
 
-from mapgen.runtime.bridge import (
+from mapgen.contract import (
     Bridge,
     HFConfig,
     Layout,

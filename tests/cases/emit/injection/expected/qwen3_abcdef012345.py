@@ -23,7 +23,7 @@ nul\\x00byte
 Generated from inputs/evil.json.
 """
 
-from mapgen.runtime.bridge import (
+from mapgen.contract import (
     Bridge,
     HFConfig,
     Layout,

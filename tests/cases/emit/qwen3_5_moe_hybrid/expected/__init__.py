@@ -11,8 +11,8 @@ an error, never a fallback to a similar model: generate one with `mapgen emit SO
 
 import importlib
 
+from mapgen.contract import Bridge, Layout
 from mapgen.errors import error
-from mapgen.runtime.bridge import Bridge, Layout
 
 __all__ = ["BRIDGES", "get_bridge"]
 

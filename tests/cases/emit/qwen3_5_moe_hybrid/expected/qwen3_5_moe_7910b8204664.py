@@ -13,7 +13,7 @@ MTP: scheme mtp_block, any depth; inner layer mtp: attention + MoE (packed exper
 Generated from inputs/qwen3.5-moe-tiny.json.
 """
 
-from mapgen.runtime.bridge import (
+from mapgen.contract import (
     Bridge,
     HFConfig,
     Layout,

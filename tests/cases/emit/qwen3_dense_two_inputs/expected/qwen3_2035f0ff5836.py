@@ -13,7 +13,7 @@ MTP: none.
 Generated from inputs/qwen3-0.6b.json, inputs/qwen3-8b.json.
 """
 
-from mapgen.runtime.bridge import (
+from mapgen.contract import (
     Bridge,
     HFConfig,
     Layout,

@@ -1,37 +1,17 @@
-"""What a generated bridge module is made of, at run time.
+"""A read-only view of a Hugging Face ``config.json`` and the few values derived from it.
 
-Generated modules import only this module. Importing it must stay cheap (no torch, no megatron-core):
-registry look-ups and ``mapgen scan`` never pay for a framework import.
-
-A generated module defines ``FINGERPRINT``, ``megatron_config(hf, layout) -> ModelSpec``, ``RULES`` and
-``BRIDGE = Bridge(...)``.
+Shared by the planner (shapes, the proof's config), the runtime and the generated bridges; cheap to import
+(no torch, no megatron-core).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping
 from typing import Any
 
-from mapgen.infer.ir import LayerGroup, Layout
-from mapgen.plan.rules import Rule
-from mapgen.plan.spec import LayerKind, MlpKind, ModelSpec
+from mapgen.errors import error
 
-__all__ = [
-    "Bridge",
-    "HFConfig",
-    "Layout",
-    "ModelSpec",
-    "Rule",
-    "head_dim",
-    "layer_kinds",
-    "mlp_kinds",
-    "mtp_depth",
-    "mtp_layer_kind",
-    "mtp_mlp_kind",
-    "rope_scaling",
-    "rope_scaling_factor",
-]
+__all__ = ["HFConfig", "head_dim", "rope_scaling", "rope_scaling_factor"]
 
 _MISSING = object()
 
@@ -66,8 +46,6 @@ class HFConfig:
                 return value
         if default is not _MISSING:
             return default
-        from mapgen.errors import error
-
         raise error(
             "config.missing-key",
             f"the config has none of {', '.join(names)}",
@@ -105,8 +83,6 @@ def _rope(hf: HFConfig) -> dict[str, Any] | None:
                 float(value.get(k, v)) == v for k, v in _LLAMA3_DEFAULTS.items()
             ):
                 return dict(value)
-            from mapgen.errors import error
-
             raise error(
                 "config.unsupported-rope",
                 f"RoPE scaling {kind!r} with {dict(value)} has no megatron-core equivalent here",
@@ -124,57 +100,3 @@ def rope_scaling(hf: HFConfig) -> bool:
 def rope_scaling_factor(hf: HFConfig) -> float:
     rope = _rope(hf)
     return float(rope.get("factor", 8.0)) if rope else 8.0
-
-
-def _mixer_kind(group: LayerGroup) -> LayerKind:
-    return "gated_delta_net" if group.mixer.family == "gated_delta_net" else "attention"
-
-
-def _mlp_kind(group: LayerGroup) -> MlpKind:
-    return "moe" if group.mlp.family == "moe" else "dense"
-
-
-def _per_layer(groups: tuple[LayerGroup, ...], count: int, fn: Callable[[LayerGroup], str]) -> tuple[Any, ...]:
-    out: list[str | None] = [None] * count
-    for group in groups:
-        for i in group.layers:
-            out[i] = fn(group)
-    missing = [i for i, v in enumerate(out) if v is None]
-    if missing:
-        raise ValueError(f"layers {missing} belong to no layer group")
-    return tuple(out)
-
-
-def layer_kinds(layout: Layout) -> tuple[LayerKind, ...]:
-    lm = layout.language_model
-    return _per_layer(lm.groups, lm.num_layers, _mixer_kind)
-
-
-def mlp_kinds(layout: Layout) -> tuple[MlpKind, ...]:
-    lm = layout.language_model
-    return _per_layer(lm.groups, lm.num_layers, _mlp_kind)
-
-
-def mtp_depth(layout: Layout) -> int | None:
-    mtp = layout.language_model.mtp
-    return mtp.depth if mtp is not None and mtp.depth > 0 else None
-
-
-def mtp_layer_kind(layout: Layout) -> LayerKind:
-    mtp = layout.language_model.mtp
-    return _mixer_kind(mtp.inner[0]) if mtp is not None and mtp.inner else "attention"
-
-
-def mtp_mlp_kind(layout: Layout) -> MlpKind:
-    mtp = layout.language_model.mtp
-    return _mlp_kind(mtp.inner[0]) if mtp is not None and mtp.inner else "dense"
-
-
-@dataclass(frozen=True)
-class Bridge:
-    """A generated bridge: the layout fingerprint it serves, its config recipe and its rules."""
-
-    fingerprint: str
-    model_type: str
-    megatron_config: Callable[[HFConfig, Layout], ModelSpec]
-    rules: tuple[Rule, ...]
