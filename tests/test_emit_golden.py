@@ -17,8 +17,8 @@ from emit_support import CASES, REPO, import_tree
 from regen_emit_goldens import BUILDERS, load_case, render_case
 
 from mapgen.contract import Bridge, HFConfig
+from mapgen.contract.config import model_spec
 from mapgen.emit.check import compare
-from mapgen.plan.recipe import model_spec_for_plan
 
 CASE_NAMES = sorted(p.name for p in CASES.iterdir() if (p / "expected").is_dir())
 REGEN = ".venv/bin/python -m tests.regen_emit_goldens"
@@ -50,7 +50,7 @@ def test_golden_modules_agree_with_their_plans(case: str) -> None:
                 assert [r for r in bridge.rules if r.family == family] == [r for r in expected if r.family == family]
             if case != "injection":  # the hostile plan asks the config for keys that do not exist
                 hf = HFConfig(inputs[name].config)
-                assert bridge.megatron_config(hf, inputs[name]) == model_spec_for_plan(plan, hf, inputs[name])
+                assert bridge.megatron_config(hf, inputs[name]) == model_spec(hf, inputs[name], plan.facts)
 
 
 @pytest.mark.slow
@@ -88,4 +88,4 @@ def test_repo_generated_modules_agree_with_the_recipe_on_every_stored_input() ->
         p = plan(layout)
         bridge = generated.get_bridge(p.fingerprint, layout=layout)
         hf = HFConfig(layout.config)
-        assert bridge.megatron_config(hf, layout) == model_spec_for_plan(p, hf, layout)
+        assert bridge.megatron_config(hf, layout) == model_spec(hf, layout, p.facts)

@@ -14,12 +14,12 @@ import pytest
 from emit_support import REPO, import_tree, qwen3_5_moe_layout, qwen3_dense_layout, qwen3_dense_plan, write_tree
 
 from mapgen import __version__
+from mapgen.contract import Facts
 from mapgen.emit import pyfmt
 from mapgen.emit.names import input_name_for_source, module_identifier, plain_text, py_literal
 from mapgen.emit.render import input_sha256, literal_fits, render
 from mapgen.errors import MapgenError
 from mapgen.infer.ir import layout_to_json
-from mapgen.plan.plan import ConfigField
 from mapgen.plan.planner import plan
 
 
@@ -119,40 +119,16 @@ def test_unknown_family_renders_through_the_generic_section() -> None:
     assert "    # -- mla ---" in text
 
 
-def test_config_expressions() -> None:
+def test_facts_render_only_what_differs_from_the_defaults() -> None:
     text = _render_one()[f"{qwen3_dense_plan().module_name}.py"]
-    assert "        num_layers=hf.get('num_hidden_layers'),\n" in text
-    assert "        max_position_embeddings=hf.get('max_position_embeddings', default=4096),\n" in text
-    assert "        kv_channels=head_dim(hf),\n" in text
-    assert "        layer_kinds=layer_kinds(layout),\n" in text
-    assert "        qk_layernorm=True,\n" in text
-    assert "        # GQA groups; MHA when the config has no num_key_value_heads\n        num_query_groups=" in text
-    # only the helpers used are imported (ruff F401)
-    assert "mtp_depth" not in text
+    assert "    facts=Facts(qk_layernorm=True),\n" in text
+    assert "hf.get" not in text
 
 
-@pytest.mark.parametrize(
-    ("field", "message"),
-    [
-        (ConfigField("no_such_field", "const", default=1), "ModelSpec has no field no_such_field"),
-        (ConfigField("num_layers", "const", default="12"), "cannot be the constant"),
-        (ConfigField("normalization", "const", default="BatchNorm"), "cannot be the constant"),
-        (ConfigField("rotary_base", "const", default=float("inf")), "has no Python literal"),
-        (ConfigField("num_layers", "config"), "names no HF config key"),
-        (ConfigField("num_layers", "bogus"), "has no rendering"),  # type: ignore[arg-type]
-        (ConfigField("num layers", "const", default=1), "not a plain Python identifier"),
-    ],
-)
-def test_invalid_config_fields_are_refused(field: ConfigField, message: str) -> None:
-    p = qwen3_dense_plan()
-    with pytest.raises(MapgenError, match=message):
-        _render_one(dataclasses.replace(p, config=(field,)))
-
-
-def test_duplicate_config_field_is_refused() -> None:
-    p = qwen3_dense_plan()
-    with pytest.raises(MapgenError, match="set twice"):
-        _render_one(dataclasses.replace(p, config=(p.config[0], p.config[0])))
+@pytest.mark.parametrize("facts", [Facts(tied=1), Facts(qk_layernorm="yes"), {"tied": True}])  # type: ignore[arg-type]
+def test_invalid_facts_are_refused(facts: Facts) -> None:
+    with pytest.raises(MapgenError, match=r"[Ff]acts"):
+        _render_one(dataclasses.replace(qwen3_dense_plan(), facts=facts))
 
 
 def test_invalid_rule_fields_are_refused() -> None:

@@ -3,35 +3,23 @@
 Only :mod:`mapgen.infer.ir` (the IR, a leaf) and :mod:`mapgen.errors` are imported from the rest of mapgen,
 and nothing here imports torch or megatron-core. Generated bridge modules import only this package.
 
-* :mod:`~mapgen.contract.rules`      ``Rule`` (one Megatron parameter pattern <- HF key patterns, op, sharding)
-* :mod:`~mapgen.contract.spec`       ``ModelSpec`` (the Megatron model a bridge targets, as plain data)
-* :mod:`~mapgen.contract.hf_config`  ``HFConfig`` (a read-only ``config.json`` view) and derived values
-* :mod:`~mapgen.contract.bridge`     ``Bridge`` and the per-layer facts it reads off the scanned layout
-* :mod:`~mapgen.contract.expand`     rule instances (what the proof checks is what the runtime runs)
+* :mod:`~mapgen.contract.rules`       ``Rule`` (one Megatron parameter pattern <- HF key patterns, op, sharding)
+* :mod:`~mapgen.contract.spec`        ``ModelSpec`` (the Megatron model a bridge targets, as plain data)
+* :mod:`~mapgen.contract.hf_config`   ``HFConfig`` (a read-only ``config.json`` view) and derived values
+* :mod:`~mapgen.contract.config`      the HF config -> ``ModelSpec`` table and the layout-decided ``Facts``
+* :mod:`~mapgen.contract.bridge`      ``Bridge``
+* :mod:`~mapgen.contract.expand`      rule instances (what the proof checks is what the runtime runs)
 * :mod:`~mapgen.contract.fingerprint` the layout fingerprint that selects a bridge
-* :mod:`~mapgen.contract.registry`   finding the bridge for a layout
+* :mod:`~mapgen.contract.registry`    finding the bridge for a layout
 """
 
 from __future__ import annotations
 
-from mapgen.contract.bridge import Bridge, layer_kinds, mlp_kinds, mtp_depth, mtp_layer_kind, mtp_mlp_kind
-from mapgen.contract.hf_config import HFConfig, head_dim, rope_scaling, rope_scaling_factor
+from mapgen.contract.bridge import Bridge
+from mapgen.contract.config import Facts
+from mapgen.contract.hf_config import HFConfig
 from mapgen.contract.rules import Rule
 from mapgen.contract.spec import ModelSpec
 from mapgen.infer.ir import Layout
 
-__all__ = [
-    "Bridge",
-    "HFConfig",
-    "Layout",
-    "ModelSpec",
-    "Rule",
-    "head_dim",
-    "layer_kinds",
-    "mlp_kinds",
-    "mtp_depth",
-    "mtp_layer_kind",
-    "mtp_mlp_kind",
-    "rope_scaling",
-    "rope_scaling_factor",
-]
+__all__ = ["Bridge", "Facts", "HFConfig", "Layout", "ModelSpec", "Rule"]

@@ -1,8 +1,9 @@
 """The Megatron model a bridge targets, as plain data (no torch, no megatron-core imports).
 
-A generated bridge's ``megatron_config(hf_config)`` returns a :class:`ModelSpec`; the runtime turns it into a
-``TransformerConfig`` plus layer specs (``mapgen.runtime.megatron``). Everything a Megatron model's parameter
-names and shapes depend on is here, so the bijection proof can build the model on the meta device.
+A bridge's ``megatron_config(hf, layout)`` (the table in :mod:`mapgen.contract.config`) returns a
+:class:`ModelSpec`; the runtime turns it into a ``TransformerConfig`` plus layer specs
+(``mapgen.runtime.megatron``). Everything a Megatron model's parameter names and shapes depend on is here, so
+the bijection proof can build the model on the meta device.
 """
 
 from __future__ import annotations

@@ -31,8 +31,8 @@ import jinja2
 import libcst
 
 from mapgen import __version__
+from mapgen.contract.config import Facts
 from mapgen.contract.rules import Op, Rule, Sharding
-from mapgen.contract.spec import ModelSpec
 from mapgen.emit import pyfmt
 from mapgen.emit.names import (
     PythonIdentifier,
@@ -45,10 +45,10 @@ from mapgen.emit.names import (
     plain_text,
     py_literal,
 )
-from mapgen.emit.pyfmt import Lit, Name, Node, Tup, call
+from mapgen.emit.pyfmt import Call, Lit, Node, Tup, call
 from mapgen.errors import Diagnostic, MapgenError, error
 from mapgen.infer.ir import Layout, layout_to_json
-from mapgen.plan.plan import BridgePlan, ConfigField
+from mapgen.plan.plan import BridgePlan
 
 REGENERATE_COMMAND = "mapgen emit --from-inputs"
 REGISTRY_PATH = "__init__.py"
@@ -76,24 +76,12 @@ SECTIONS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("mtp", ("mtp",)),
 )
 
-# ConfigField.expr -> (runtime helper the module imports, argument). ``const``/``config`` are literal calls.
-_DERIVED: dict[str, tuple[str, str]] = {
-    "head_dim": ("head_dim", "hf"),
-    "rope_scaling": ("rope_scaling", "hf"),
-    "rope_scaling_factor": ("rope_scaling_factor", "hf"),
-    "layer_kinds": ("layer_kinds", "layout"),
-    "mlp_kinds": ("mlp_kinds", "layout"),
-    "mtp_depth": ("mtp_depth", "layout"),
-    "mtp_layer_kind": ("mtp_layer_kind", "layout"),
-    "mtp_mlp_kind": ("mtp_mlp_kind", "layout"),
-}
-_BASE_IMPORTS = ("Bridge", "HFConfig", "Layout", "ModelSpec", "Rule")
+_IMPORTS = ("Bridge", "Facts", "Rule")
 _OPS = frozenset(typing.get_args(Op))
 _SHARDINGS = frozenset(typing.get_args(Sharding))
-_SPEC_FIELDS = frozenset(f.name for f in dataclasses.fields(ModelSpec))
-_SPEC_TYPES: dict[str, Any] = typing.get_type_hints(ModelSpec)
+_FACT_TYPES: dict[str, Any] = typing.get_type_hints(Facts)
 # Calls a bridge module may contain (checked on the AST of every rendered module).
-_ALLOWED_CALLS = frozenset({"Bridge", "ModelSpec", "Rule", "hf.get", *(h for h, _ in _DERIVED.values())})
+_ALLOWED_CALLS = frozenset(_IMPORTS)
 _COMMENT_WIDTH = pyfmt.WIDTH - 6  # after "    # "
 
 
@@ -179,12 +167,6 @@ class SectionView:
     template: str
     title: str
     rules: tuple[RuleView, ...]
-
-
-@dataclass(frozen=True)
-class FieldView:
-    comment: tuple[str, ...]
-    lines: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -312,56 +294,20 @@ def literal_fits(value: object, annotation: Any) -> bool:
     return (origin is None and not isinstance(annotation, type)) or annotation is Any
 
 
-def _config_value(f: ConfigField) -> tuple[Node, str | None]:
-    """The expression for one ``ModelSpec`` keyword and the runtime helper it needs (if any)."""
-    if f.expr == "const":
-        annotation = _SPEC_TYPES.get(f.field, Any)
-        if not literal_fits(f.default, annotation):
-            raise error("emit.invalid-config",
-                        f"ModelSpec.{f.field} cannot be the constant {py_literal(f.default)}",
-                        expected=plain_text(str(annotation)), hint="fix the ConfigField the planner produces")
-        return Lit(f.default), None
-    if f.expr == "config":
-        if not f.names or not all(isinstance(n, str) for n in f.names):
-            raise error("emit.invalid-config", f"config field {f.field} names no HF config key",
-                        hint="ConfigField(expr='config') needs names")
-        names = tuple(Lit(n) for n in f.names)
-        if f.has_default:
-            return call("hf.get", *names, default=Lit(f.default)), None
-        return call("hf.get", *names), None
-    if f.expr in _DERIVED:
-        helper, arg = _DERIVED[f.expr]
-        return call(helper, Name(PythonIdentifier(arg))), helper
-    raise error(
-        "emit.invalid-config",
-        f"config field {f.field}: expression kind {py_literal(str(f.expr))} has no rendering",
-        expected="one of const, config, " + ", ".join(sorted(_DERIVED)),
-        hint="a new ConfigExpr needs a runtime helper and an entry in mapgen.emit.render._DERIVED",
-    )
-
-
-def _config(fields: Sequence[ConfigField]) -> tuple[list[FieldView], list[str]]:
-    seen: set[str] = set()
-    views, helpers = [], set()
-    for f in fields:
-        name = PythonIdentifier(f.field, what="ModelSpec field")
-        if name not in _SPEC_FIELDS:
-            raise error("emit.invalid-config", f"ModelSpec has no field {name}",
-                        expected="a field of mapgen.contract.spec.ModelSpec")
-        if name in seen:
-            raise error("emit.invalid-config", f"ModelSpec field {name} is set twice")
-        seen.add(name)
-        node, helper = _config_value(f)
-        if helper:
-            helpers.add(helper)
-        views.append(
-            FieldView(
-                comment=tuple(comment_lines(f.comment, pyfmt.WIDTH - 10)),
-                lines=tuple(pyfmt.layout(node, indent=2, prefix=f"{name}=", suffix=",")),
-            )
-        )
-    # isort order (ruff I001, order-by-type): classes first, then functions; both alphabetical.
-    return views, [*_BASE_IMPORTS, *sorted(helpers)]
+def _facts(facts: Facts) -> Node:
+    """``Facts(...)`` with the fields that differ from their defaults (type-checked: mypy checks the module)."""
+    if not isinstance(facts, Facts):
+        raise error("emit.invalid-facts", f"the plan's facts are a {type(facts).__name__}, not Facts",
+                    hint="mapgen.plan.planner builds BridgePlan.facts")
+    kwargs: list[tuple[PythonIdentifier, Node]] = []
+    for f in dataclasses.fields(Facts):
+        value = getattr(facts, f.name)
+        if not literal_fits(value, _FACT_TYPES[f.name]):
+            raise error("emit.invalid-facts", f"Facts.{f.name} cannot be {py_literal(value)}",
+                        expected=plain_text(str(_FACT_TYPES[f.name])), hint="fix the facts the planner produces")
+        if value != f.default:
+            kwargs.append((PythonIdentifier(f.name), Lit(value)))
+    return Call((PythonIdentifier("Facts"),), (), tuple(kwargs))
 
 
 def _docstring(plan: BridgePlan) -> tuple[str, list[str]]:
@@ -376,16 +322,15 @@ def _docstring(plan: BridgePlan) -> tuple[str, list[str]]:
 
 def _render_module(env: jinja2.Environment, mod: Module, digests: Mapping[str, str]) -> str:
     plan = mod.plan
-    config, imports = _config(plan.config)
     summary, body = _docstring(plan)
     model = {
         "header": header_lines(BRIDGE_TEMPLATE, [(n, digests[n]) for n in mod.inputs]),
         "summary": summary,
         "body": body,
         "inputs": [input_path(n) for n in mod.inputs],
-        "imports": imports,
+        "imports": _IMPORTS,
         "fingerprint": py_literal(plan.fingerprint),
-        "config": config,
+        "facts": pyfmt.layout(_facts(plan.facts), indent=1, prefix="facts=", suffix=","),
         "sections": _sections(plan.rules, env),
         "model_type_lines": pyfmt.layout(Lit(plan.model_type), indent=1, prefix="model_type=", suffix=","),
     }

@@ -1,4 +1,4 @@
-"""Planning: a scanned :class:`Layout` -> a :class:`BridgePlan` (Megatron config recipe + ordered rules).
+"""Planning: a scanned :class:`Layout` -> a :class:`BridgePlan` (layout-decided facts + ordered rules).
 
 Pure and deterministic. Every rule names its Megatron parameter pattern in the global local-spec namespace
 (see :mod:`mapgen.contract.rules`), the HF key pattern(s), the primitive and its declared sharding. Layer,
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import re
 
+from mapgen.contract.config import Facts
 from mapgen.contract.fingerprint import fingerprint
 from mapgen.contract.rules import Rule
 from mapgen.errors import Diagnostic, MapgenError
@@ -26,7 +27,7 @@ from mapgen.infer.ir import (
     Layout,
     MoE,
 )
-from mapgen.plan.plan import BridgePlan, ConfigField
+from mapgen.plan.plan import BridgePlan
 
 # Model types whose HF RMSNorms compute ``(1 + w) * x`` (zero-centred gamma) for every norm except the
 # gated delta-net output norm, which is a plain ``w * x`` RMSNorm initialised to ones.
@@ -282,78 +283,28 @@ class _Planner:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Config recipe
+# Facts: what the layout decides about the Megatron model (the config table in mapgen.contract.config does the rest)
 # ---------------------------------------------------------------------------------------------------------
-def _config(layout: Layout, zero_centered: bool) -> tuple[ConfigField, ...]:
+def _facts(layout: Layout, zero_centered: bool) -> Facts:
     lm = layout.language_model
     groups = list(lm.groups) + (list(lm.mtp.inner) if lm.mtp else [])
     attns = [g.mixer for g in groups if isinstance(g.mixer, Attention)]
     moes = [g.mlp for g in groups if isinstance(g.mlp, MoE)]
-    gdn = any(isinstance(g.mixer, GatedDeltaNet) for g in groups)
     a0 = attns[0] if attns else None
-
-    def cfg(
-        field: str, *names: str, default: object = None, has_default: bool = False, comment: str = ""
-    ) -> ConfigField:
-        return ConfigField(field, "config", names=names, default=default, has_default=has_default,  # type: ignore[arg-type]
-                           comment=comment)
-
-    def const(field: str, value: bool | int | float | str | None, comment: str = "") -> ConfigField:
-        return ConfigField(field, "const", default=value, has_default=True, comment=comment)
-
-    fields = [
-        cfg("num_layers", "num_hidden_layers"),
-        cfg("hidden_size", "hidden_size"),
-        cfg("num_attention_heads", "num_attention_heads"),
-        cfg("num_query_groups", "num_key_value_heads", "num_attention_heads",
-            comment="GQA groups; MHA when the config has no num_key_value_heads"),
-        ConfigField("kv_channels", "head_dim", comment="head_dim, else hidden_size // num_attention_heads"),
-        cfg("ffn_hidden_size", "intermediate_size", "moe_intermediate_size"),
-        cfg("vocab_size", "vocab_size"),
-        cfg("max_position_embeddings", "max_position_embeddings", default=4096, has_default=True),
-        ConfigField("layer_kinds", "layer_kinds", comment="per layer, from the scanned layer groups"),
-        ConfigField("mlp_kinds", "mlp_kinds", comment="per layer, from the scanned layer groups"),
-        const("add_qkv_bias", bool(a0 and a0.q_bias)),
-        const("add_bias_linear", bool(a0 and a0.o_bias)),
-        const("qk_layernorm", bool(a0 and a0.q_norm)),
-        const("attention_output_gate", bool(a0 and a0.output_gate)),
-        cfg("rotary_base", "rope_theta", "rope_parameters.rope_theta", default=10000.0, has_default=True),
-        cfg("rotary_percent", "partial_rotary_factor", "rope_parameters.partial_rotary_factor", default=1.0,
-            has_default=True),
-        ConfigField("rope_scaling", "rope_scaling", comment="Llama-3 RoPE scaling; other scalings are refused"),
-        ConfigField("rope_scaling_factor", "rope_scaling_factor"),
-        cfg("norm_epsilon", "rms_norm_eps", "layer_norm_eps", default=1e-6, has_default=True),
-        const("layernorm_zero_centered_gamma", zero_centered,
-              "HF norms compute (1 + w) * x" if zero_centered else ""),
-        const("untie_embeddings_and_output_weights", not lm.tied_embeddings),
-    ]
-    if moes:
-        m0 = moes[0]
-        fields += [
-            cfg("num_moe_experts", "num_experts", "num_local_experts", "n_routed_experts"),
-            cfg("moe_router_topk", "num_experts_per_tok", "moe_topk"),
-            cfg("moe_ffn_hidden_size", "moe_intermediate_size", "intermediate_size"),
-            const("moe_router_enable_expert_bias", bool(m0.expert_bias)),
-            const("moe_shared_expert_gate", bool(m0.shared and m0.shared.gate)),
-        ]
-        if m0.shared is not None:
-            fields.append(cfg("moe_shared_expert_intermediate_size", "shared_expert_intermediate_size",
-                              "moe_intermediate_size"))
-    if gdn:
-        fields += [
-            cfg("linear_num_key_heads", "linear_num_key_heads"),
-            cfg("linear_num_value_heads", "linear_num_value_heads"),
-            cfg("linear_key_head_dim", "linear_key_head_dim"),
-            cfg("linear_value_head_dim", "linear_value_head_dim"),
-            cfg("linear_conv_kernel_dim", "linear_conv_kernel_dim"),
-        ]
-    if lm.mtp is not None:
-        fields += [
-            ConfigField("mtp_num_layers", "mtp_depth", comment="MTP depth from the keys, not from the config"),
-            ConfigField("mtp_layer_kind", "mtp_layer_kind"),
-            ConfigField("mtp_mlp_kind", "mtp_mlp_kind"),
-        ]
-    return tuple(fields)
+    m0 = moes[0] if moes else None
+    return Facts(
+        tied=lm.tied_embeddings,
+        add_qkv_bias=bool(a0 and a0.q_bias),
+        add_bias_linear=bool(a0 and a0.o_bias),
+        qk_layernorm=bool(a0 and a0.q_norm),
+        attention_output_gate=bool(a0 and a0.output_gate),
+        zero_centered=zero_centered,
+        moe=m0 is not None,
+        expert_bias=bool(m0 and m0.expert_bias),
+        shared_expert=bool(m0 and m0.shared),
+        shared_expert_gate=bool(m0 and m0.shared and m0.shared.gate),
+        gated_delta_net=any(isinstance(g.mixer, GatedDeltaNet) for g in groups),
+    )
 
 
 def _group_line(group: LayerGroup) -> str:
@@ -396,6 +347,6 @@ def plan(layout: Layout) -> BridgePlan:
         module_name=module_name(layout, fp),
         model_type=layout.model_type,
         description=_description(layout, fp),
-        config=_config(layout, planner.zero_centered),
+        facts=_facts(layout, planner.zero_centered),
         rules=tuple(planner.rules),
     )

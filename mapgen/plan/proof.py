@@ -147,11 +147,11 @@ def check_bijection(instances: list[Instance], megatron: Mapping[str, tuple[int,
 
 def prove(plan: BridgePlan, layout: Layout) -> Proof:
     """Prove ``plan`` against the installed megatron-core for ``layout`` (its stored config gives sizes)."""
+    from mapgen.contract.config import model_spec
     from mapgen.contract.hf_config import HFConfig
-    from mapgen.plan.recipe import model_spec_for_plan
     from mapgen.runtime.megatron import enumerate_parameters, mtp_inner_name
 
-    spec = model_spec_for_plan(plan, HFConfig(layout.config), layout)
+    spec = model_spec(HFConfig(layout.config), layout, plan.facts)
     megatron = enumerate_parameters(spec)
     instances = list(plan_instances(plan.rules, layout, mtp_inner_name()))
     hf = language_model_keys(layout)

@@ -25,72 +25,11 @@ Generated from inputs/evil.json.
 
 from mapgen.contract import (
     Bridge,
-    HFConfig,
-    Layout,
-    ModelSpec,
+    Facts,
     Rule,
-    head_dim,
-    layer_kinds,
-    mlp_kinds,
 )
 
 FINGERPRINT = 'abcdef012345'
-
-
-def megatron_config(hf: HFConfig, layout: Layout) -> ModelSpec:
-    """The Megatron model for a checkpoint with this layout, sized from its config.json.
-
-    hf.get(a, b, default=d): the first of the keys the config has (text_config is searched first).
-    """
-    return ModelSpec(
-        # it's "quoted"
-        num_layers=hf.get('num_hidden_layers', 'it\'s "quoted"'),
-        # line\nbreak = __import__('os').system('x')
-        hidden_size=hf.get('hidden_size', "line\nbreak = __import__('os').system('x')"),
-        # "); __import__('os').system('x') #
-        num_attention_heads=hf.get('num_attention_heads', '"); __import__(\'os\').system(\'x\') #'),
-        # '); __import__('os').system('x') #
-        num_query_groups=hf.get(
-            'num_key_value_heads',
-            'num_attention_heads',
-            "'); __import__('os').system('x') #",
-        ),
-        # sep\u2028__import__('os').system('x')
-        kv_channels=head_dim(hf),
-        # para\u2029x = 1
-        ffn_hidden_size=hf.get('intermediate_size', 'para\u2029x = 1'),
-        # cr\rx = 2
-        vocab_size=hf.get('vocab_size', 'cr\rx = 2'),
-        # tab\tand\x0bvt\x0cff\x1cfs\x85nel
-        max_position_embeddings=hf.get(
-            'max_position_embeddings',
-            'tab\tand\x0bvt\x0cff\x1cfs\x85nel',
-            default=4096,
-        ),
-        # bidi \u202e)x(__tropmi__\u202c
-        layer_kinds=layer_kinds(layout),
-        # """ + __import__('os').system('x') + """
-        mlp_kinds=mlp_kinds(layout),
-        # back\slash\
-        qk_layernorm=True,
-        # zero\u200bwidth \u0430 cyrillic-a
-        rotary_base=hf.get(
-            'rope_theta',
-            'rope_parameters.rope_theta',
-            'zero\u200bwidth \u0430 cyrillic-a',
-            default=10000.0,
-        ),
-        # |pipe| `tick` <!-- html -->
-        norm_epsilon=hf.get('rms_norm_eps', '|pipe| `tick` <!-- html -->', default=1e-06),
-        # {layer}}}{{
-        untie_embeddings_and_output_weights=True,
-        # "); __import__('os').system('x') #
-        moe_ffn_hidden_size=hf.get(
-            '"); __import__(\'os\').system(\'x\') #',
-            default='"); __import__(\'os\').system(\'x\') #',
-        ),
-    )
-
 
 # One rule per Megatron parameter pattern, in the global (TP=EP=PP=1) names of the local layer spec.
 # {layer}: decoder layer or MTP depth; {expert}: global expert id; {hf_layer}: HF index when it differs.
@@ -302,6 +241,6 @@ RULES: tuple[Rule, ...] = (
 BRIDGE = Bridge(
     fingerprint=FINGERPRINT,
     model_type='"); __import__(\'os\').system(\'x\') #\u2028x',
-    megatron_config=megatron_config,
+    facts=Facts(qk_layernorm=True),
     rules=RULES,
 )

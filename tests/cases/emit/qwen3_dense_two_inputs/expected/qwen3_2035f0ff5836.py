@@ -15,58 +15,11 @@ Generated from inputs/qwen3-0.6b.json, inputs/qwen3-8b.json.
 
 from mapgen.contract import (
     Bridge,
-    HFConfig,
-    Layout,
-    ModelSpec,
+    Facts,
     Rule,
-    head_dim,
-    layer_kinds,
-    mlp_kinds,
-    rope_scaling,
-    rope_scaling_factor,
 )
 
 FINGERPRINT = '2035f0ff5836'
-
-
-def megatron_config(hf: HFConfig, layout: Layout) -> ModelSpec:
-    """The Megatron model for a checkpoint with this layout, sized from its config.json.
-
-    hf.get(a, b, default=d): the first of the keys the config has (text_config is searched first).
-    """
-    return ModelSpec(
-        num_layers=hf.get('num_hidden_layers'),
-        hidden_size=hf.get('hidden_size'),
-        num_attention_heads=hf.get('num_attention_heads'),
-        # GQA groups; MHA when the config has no num_key_value_heads
-        num_query_groups=hf.get('num_key_value_heads', 'num_attention_heads'),
-        # head_dim, else hidden_size // num_attention_heads
-        kv_channels=head_dim(hf),
-        ffn_hidden_size=hf.get('intermediate_size', 'moe_intermediate_size'),
-        vocab_size=hf.get('vocab_size'),
-        max_position_embeddings=hf.get('max_position_embeddings', default=4096),
-        # per layer, from the scanned layer groups
-        layer_kinds=layer_kinds(layout),
-        # per layer, from the scanned layer groups
-        mlp_kinds=mlp_kinds(layout),
-        add_qkv_bias=False,
-        add_bias_linear=False,
-        qk_layernorm=True,
-        attention_output_gate=False,
-        rotary_base=hf.get('rope_theta', 'rope_parameters.rope_theta', default=10000.0),
-        rotary_percent=hf.get(
-            'partial_rotary_factor',
-            'rope_parameters.partial_rotary_factor',
-            default=1.0,
-        ),
-        # Llama-3 RoPE scaling; other scalings are refused
-        rope_scaling=rope_scaling(hf),
-        rope_scaling_factor=rope_scaling_factor(hf),
-        norm_epsilon=hf.get('rms_norm_eps', 'layer_norm_eps', default=1e-06),
-        layernorm_zero_centered_gamma=False,
-        untie_embeddings_and_output_weights=True,
-    )
-
 
 # One rule per Megatron parameter pattern, in the global (TP=EP=PP=1) names of the local layer spec.
 # {layer}: decoder layer or MTP depth; {expert}: global expert id; {hf_layer}: HF index when it differs.
@@ -197,6 +150,6 @@ RULES: tuple[Rule, ...] = (
 BRIDGE = Bridge(
     fingerprint=FINGERPRINT,
     model_type='qwen3',
-    megatron_config=megatron_config,
+    facts=Facts(qk_layernorm=True),
     rules=RULES,
 )
