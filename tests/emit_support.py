@@ -214,7 +214,7 @@ def qwen3_dense_plan(fingerprint: str = "0123456789ab") -> BridgePlan:
 
     return BridgePlan(
         fingerprint=fingerprint,
-        module_name=f"qwen3_{fingerprint}",
+        module_name="qwen3",
         model_type="qwen3",
         description=(
             f"Bridge for model_type 'qwen3', layout fingerprint {fingerprint}.",

@@ -96,27 +96,49 @@ def test_every_input_needs_a_plan() -> None:
 def test_empty_registry_renders() -> None:
     files = render({}, {})
     assert sorted(files) == ["SUPPORTED.md", "__init__.py"]
-    assert "BRIDGES: dict[str, str] = {\n}" in files["__init__.py"]
+    assert "BRIDGES: dict[str, tuple[str, str]] = {\n}" in files["__init__.py"]
 
 
-def test_rules_are_grouped_into_sections_in_a_fixed_order() -> None:
+def test_rules_render_as_groups_of_rows_with_shared_blocks() -> None:
     p = plan(qwen3_5_moe_layout())
     text = render({"m": p}, {"m": qwen3_5_moe_layout()})[f"{p.module_name}.py"]
-    headings = [line for line in text.splitlines() if line.startswith("    # -- ")]
-    titles = [line.split("-- ")[1].rsplit(" -", 1)[0].strip() for line in headings]
-    assert titles == ["Embedding and output layer", "Norms", "Attention", "Gated delta net (linear attention)",
-                      "Mixture of experts", "Shared expert", "Multi-token prediction"]
-    mtp = text.split("# -- Multi-token prediction")[1]
-    assert "domain='mtp:mtp'" in mtp
-    assert "domain='decoder:" not in mtp
+    constants = [line.split(" = ")[0] for line in text.splitlines() if line.endswith(" = (")]
+    assert constants == ["EMBEDDING", "GDN", "MOE", "ATTENTION", "FINAL_NORM_OUTPUT", "MTP"]
+    assert text.count("    ('mlp.router.weight', 'mlp.gate.weight', copy()),\n") == 1  # the MoE block, once
+    groups = [line.strip() for line in text.splitlines() if line.strip().startswith("Group(")]
+    assert groups == [
+        "Group('global', '', '', EMBEDDING),",
+        "Group('decoder:linear', 'decoder.layers.{layer}.', 'model.language_model.layers.{layer}.', GDN + MOE),",
+        "Group('decoder:full', 'decoder.layers.{layer}.', 'model.language_model.layers.{layer}.', ATTENTION + MOE),",
+        "Group('global', '', '', FINAL_NORM_OUTPUT),",
+        "Group('mtp', 'mtp.layers.{layer}.', '', MTP),",
+        "Group('mtp:mtp', 'mtp.layers.{layer}.{mtp_inner}.', 'mtp.layers.{layer}.', ATTENTION + MOE),",
+    ]
+    assert "    ('self_attention.linear_qkv.weight',\n" in text
+    assert "qkv(output_gate=True)),\n" in text
+    assert "experts_fc1('packed', orientation='out_in', interleave=False)" in text
 
 
-def test_unknown_family_renders_through_the_generic_section() -> None:
+def test_bridges_of_one_model_type_share_a_module() -> None:
+    dense = qwen3_dense_layout()
+    tied = dataclasses.replace(dense, language_model=dataclasses.replace(dense.language_model, tied_embeddings=True))
+    plans = {"a": plan(dense), "b": plan(tied)}
+    assert plans["a"].fingerprint != plans["b"].fingerprint
+    files = render(plans, {"a": dense, "b": tied})
+    assert [p for p in files if p.endswith(".py")] == ["__init__.py", "qwen3.py"]
+    text = files["qwen3.py"]
+    assert f"BRIDGE_{plans['a'].fingerprint} = Bridge(" in text
+    assert f"BRIDGE_{plans['b'].fingerprint} = Bridge(" in text
+    assert text.count(" = (\n") == 5  # EMBEDDING, ATTENTION, MLP, FINAL_NORM_OUTPUT, FINAL_NORM: each once
+    assert f"'{plans['b'].fingerprint}': ('qwen3', 'BRIDGE_{plans['b'].fingerprint}')," in files["__init__.py"]
+
+
+def test_ops_without_a_constructor_spelling_use_the_general_form() -> None:
     p = qwen3_dense_plan()
-    rule = dataclasses.replace(p.rules[0], family="mla.kv_a", megatron="x.weight", hf=("y.weight",))
-    p = dataclasses.replace(p, rules=(*p.rules, rule))
+    odd = dataclasses.replace(p.rules[0], op="qkv", sharding="row", options=())
+    p = dataclasses.replace(p, rules=(*p.rules, odd))
     text = _render_one(p)[f"{p.module_name}.py"]
-    assert "    # -- mla ---" in text
+    assert "op('qkv', 'row')" in text
 
 
 def test_facts_render_only_what_differs_from_the_defaults() -> None:

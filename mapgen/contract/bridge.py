@@ -7,11 +7,13 @@ for a framework import.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 from mapgen.contract.config import Facts, model_spec
 from mapgen.contract.hf_config import HFConfig
 from mapgen.contract.rules import Rule
 from mapgen.contract.spec import ModelSpec
+from mapgen.contract.table import Group, flatten
 from mapgen.infer.ir import Layout
 
 __all__ = ["Bridge"]
@@ -20,12 +22,17 @@ __all__ = ["Bridge"]
 @dataclass(frozen=True)
 class Bridge:
     """A generated bridge: the layout fingerprint it serves, the facts its layout decides about the Megatron
-    model, and its rules."""
+    model, and its rules as tables (:class:`~mapgen.contract.table.Group`)."""
 
     fingerprint: str
     model_type: str
     facts: Facts
-    rules: tuple[Rule, ...]
+    groups: tuple[Group, ...]
+
+    @cached_property
+    def rules(self) -> tuple[Rule, ...]:
+        """The flat rules, in order: what the proof checked and what the runtime executes."""
+        return flatten(self.groups)
 
     def megatron_config(self, hf: HFConfig, layout: Layout) -> ModelSpec:
         """The Megatron model for a checkpoint with this layout: the config table

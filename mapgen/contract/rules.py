@@ -29,7 +29,7 @@ Domains
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 Op = Literal[
@@ -60,9 +60,13 @@ Sharding = Literal[
 
 @dataclass(frozen=True)
 class Rule:
-    """One mapping rule. ``options`` are primitive parameters as sorted ``(name, value)`` pairs."""
+    """One mapping rule. ``options`` are primitive parameters as sorted ``(name, value)`` pairs.
 
-    family: str
+    ``family`` and ``comment`` are the planner's labels for reports (``SUPPORTED.md``, diagnostics); they are
+    not part of what a rule means, so rules compare without them and generated bridges do not carry them.
+    """
+
+    family: str = field(compare=False)
     megatron: str
     hf: tuple[str, ...]
     op: Op
@@ -70,7 +74,7 @@ class Rule:
     domain: str = "global"
     experts: bool = False
     options: tuple[tuple[str, str | int | bool], ...] = ()
-    comment: str = ""
+    comment: str = field(default="", compare=False)
 
     def option(self, name: str, default: str | int | bool | None = None) -> str | int | bool | None:
         for key, value in self.options:

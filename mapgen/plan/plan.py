@@ -20,7 +20,7 @@ class BridgePlan:
     """A bridge: identity (fingerprint), provenance, layout-decided facts and rules."""
 
     fingerprint: str  # short hex digest of the layout with dimensions removed
-    module_name: str  # validated Python identifier, e.g. ``qwen3_5_moe_3f2a9c1d``
+    module_name: str  # the model type's module, a validated Python identifier, e.g. ``qwen3_5_moe``
     model_type: str
     description: tuple[str, ...]  # human lines for the module docstring (already plain text)
     facts: Facts

@@ -12,6 +12,7 @@ bridge.
 
 from __future__ import annotations
 
+import keyword
 import re
 
 from mapgen.contract.config import Facts
@@ -42,11 +43,12 @@ class _Unsupported(Exception):
     pass
 
 
-def module_name(layout: Layout, fp: str) -> str:
+def module_name(layout: Layout) -> str:
+    """The generated module of the layout's model type (it holds one bridge per fingerprint)."""
     base = _IDENT.sub("_", layout.model_type.lower()).strip("_") or "model"
-    if not base[0].isalpha():
+    if not base[0].isalpha() or keyword.iskeyword(base) or base in {"inputs", "supported"}:
         base = f"m_{base}"
-    return f"{base}_{fp}"
+    return base
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -344,7 +346,7 @@ def plan(layout: Layout) -> BridgePlan:
     fp = fingerprint(layout)
     return BridgePlan(
         fingerprint=fp,
-        module_name=module_name(layout, fp),
+        module_name=module_name(layout),
         model_type=layout.model_type,
         description=_description(layout, fp),
         facts=_facts(layout, planner.zero_centered),

@@ -9,7 +9,7 @@
 #   inputs/qwen3.5-25b-reap-a3b-coding.json  e5d538a4955546703492aebf1b66c592d9c18a4e14d958cfef61cfe43c67a5d1
 #   inputs/sakura-14b-qwen2.5.json  c923de0d589bae0b8572447555edc3c8376ae230e46363dc77736b139d628bb9
 # regenerate: mapgen emit --from-inputs
-"""Generated bridges, one module per layout fingerprint.
+"""Generated bridges: one module per model type, one Bridge per layout fingerprint in it.
 
 get_bridge(fingerprint) imports the bridge for a scanned layout lazily. A layout with no bridge here is
 an error, never a fallback to a similar model: generate one with `mapgen emit SOURCE`.
@@ -22,30 +22,30 @@ from mapgen.errors import error
 
 __all__ = ["BRIDGES", "get_bridge"]
 
-# layout fingerprint -> bridge module in this package
-BRIDGES: dict[str, str] = {
+# layout fingerprint -> (bridge module in this package, its attribute)
+BRIDGES: dict[str, tuple[str, str]] = {
     # llama: llama-3.2-3b-instruct
-    '056f4ee3abb8': 'llama_056f4ee3abb8',
+    '056f4ee3abb8': ('llama', 'BRIDGE_056f4ee3abb8'),
     # mimo: mimo-7b
-    'cfe2ecd20a3f': 'mimo_cfe2ecd20a3f',
+    'cfe2ecd20a3f': ('mimo', 'BRIDGE_cfe2ecd20a3f'),
     # mixtral: mixtral-8x7b-instruct-v0.1
-    '12276b952e99': 'mixtral_12276b952e99',
+    '12276b952e99': ('mixtral', 'BRIDGE_12276b952e99'),
     # qwen2: sakura-14b-qwen2.5
-    '052a0bdd0986': 'qwen2_052a0bdd0986',
-    # qwen3_5_moe_text: qwen3.5-25b-reap-a3b-coding
-    'e20bd529c01d': 'qwen3_5_moe_text_e20bd529c01d',
+    '052a0bdd0986': ('qwen2', 'BRIDGE_052a0bdd0986'),
     # qwen3: qwen3-1.7b-mlx-bf16
-    'ecbe801d9610': 'qwen3_ecbe801d9610',
+    'ecbe801d9610': ('qwen3', 'BRIDGE_ecbe801d9610'),
+    # qwen3_5_moe_text: qwen3.5-25b-reap-a3b-coding
+    'e20bd529c01d': ('qwen3_5_moe_text', 'BRIDGE_e20bd529c01d'),
     # qwen3_vl_moe: qwen3-vl-30b-a3b
-    '13e860baac5f': 'qwen3_vl_moe_13e860baac5f',
+    '13e860baac5f': ('qwen3_vl_moe', 'BRIDGE_13e860baac5f'),
 }
 
 
 def get_bridge(fingerprint: str, *, layout: Layout | None = None, source: str = "") -> Bridge:
     """The generated bridge for a layout fingerprint. ``layout`` and ``source`` (the checkpoint the
     user named) only make the error for an unknown layout specific."""
-    module_name = BRIDGES.get(fingerprint)
-    if module_name is None:
+    entry = BRIDGES.get(fingerprint)
+    if entry is None:
         what = f"layout {fingerprint}"
         if layout is not None:
             what += f" (model_type {layout.model_type!r}, {', '.join(layout.architectures) or 'no architectures'})"
@@ -59,12 +59,13 @@ def get_bridge(fingerprint: str, *, layout: Layout | None = None, source: str = 
             hint=f"run `mapgen emit {source or 'SOURCE'}` to generate and prove a bridge for it "
             "(mapgen never falls back to a similar model)",
         )
+    module_name, attribute = entry
     module = importlib.import_module(f"{__name__}.{module_name}")
-    bridge = module.BRIDGE
+    bridge = getattr(module, attribute, None)
     if not isinstance(bridge, Bridge) or bridge.fingerprint != fingerprint:
         raise error(
             "bridge.corrupt-module",
-            f"{__name__}.{module_name} does not define the bridge for layout {fingerprint}",
+            f"{__name__}.{module_name}.{attribute} is not the bridge for layout {fingerprint}",
             hint="generated/ was edited by hand; run `mapgen check`, then `mapgen emit --from-inputs`",
         )
     return bridge
