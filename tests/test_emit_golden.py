@@ -7,7 +7,6 @@ import cleanly, and its modules must agree with the plans they came from.
 
 from __future__ import annotations
 
-import dataclasses
 import subprocess
 import sys
 from pathlib import Path
@@ -16,9 +15,9 @@ import pytest
 from emit_support import CASES, REPO, import_tree
 from regen_emit_goldens import BUILDERS, load_case, render_case
 
+from mapgen.contract import Bridge, HFConfig
+from mapgen.contract.config import model_spec
 from mapgen.emit.check import compare
-from mapgen.plan.recipe import model_spec_for_plan
-from mapgen.runtime.bridge import Bridge, HFConfig
 
 CASE_NAMES = sorted(p.name for p in CASES.iterdir() if (p / "expected").is_dir())
 REGEN = ".venv/bin/python -m tests.regen_emit_goldens"
@@ -43,14 +42,10 @@ def test_golden_modules_agree_with_their_plans(case: str) -> None:
             assert isinstance(bridge, Bridge)
             assert bridge.fingerprint == plan.fingerprint
             assert bridge.model_type == plan.model_type
-            # Same rules (comments live in the module as '#' lines); sections regroup but never reorder a family.
-            expected = [dataclasses.replace(r, comment="") for r in plan.rules]
-            assert sorted(map(repr, bridge.rules)) == sorted(map(repr, expected))
-            for family in {r.family for r in expected}:
-                assert [r for r in bridge.rules if r.family == family] == [r for r in expected if r.family == family]
+            assert bridge.rules == plan.rules  # the tables flatten to the planned rules, rule for rule, in order
             if case != "injection":  # the hostile plan asks the config for keys that do not exist
                 hf = HFConfig(inputs[name].config)
-                assert bridge.megatron_config(hf, inputs[name]) == model_spec_for_plan(plan, hf, inputs[name])
+                assert bridge.megatron_config(hf, inputs[name]) == model_spec(hf, inputs[name], plan.facts)
 
 
 @pytest.mark.slow
@@ -75,17 +70,26 @@ def test_golden_trees_pass_ruff_and_mypy(tmp_path: Path) -> None:
     assert mypy.returncode == 0, mypy.stdout + mypy.stderr
 
 
-def test_repo_generated_modules_agree_with_the_recipe_on_every_stored_input() -> None:
-    """The committed generated/ tree: every stored input resolves through the registry to a bridge whose
-    megatron_config equals the plan's recipe evaluated in Python (what the proof used)."""
+def test_repo_bridges_equal_the_plans_of_every_stored_input() -> None:
+    """The committed generated/ tree: every stored input resolves through the registry to the bridge of its
+    fingerprint, whose tables flatten to exactly the rules the planner produces (rule for rule, in order:
+    names, op, sharding, domain, experts, options) and whose megatron_config is the config table on the
+    plan's facts (what the proof used)."""
     import generated
     from mapgen.cli.emit import load_stored_inputs
     from mapgen.plan.planner import plan
 
     inputs = load_stored_inputs(REPO / "generated")
-    assert set(generated.BRIDGES.values()) == {plan(layout).module_name for layout in inputs.values()}
-    for layout in inputs.values():
-        p = plan(layout)
+    plans = {name: plan(layout) for name, layout in inputs.items()}
+    assert {p.fingerprint: (p.module_name, f"BRIDGE_{p.fingerprint}") for p in plans.values()} == generated.BRIDGES
+    for name, layout in inputs.items():
+        p = plans[name]
         bridge = generated.get_bridge(p.fingerprint, layout=layout)
+        assert (bridge.fingerprint, bridge.model_type, bridge.facts) == (p.fingerprint, p.model_type, p.facts)
+        assert len(bridge.rules) == len(p.rules)
+        for got, want in zip(bridge.rules, p.rules, strict=True):
+            assert (got.megatron, got.hf, got.op, got.sharding, got.domain, got.experts, got.options) == (
+                want.megatron, want.hf, want.op, want.sharding, want.domain, want.experts, want.options), name
+        assert bridge.rules == p.rules
         hf = HFConfig(layout.config)
-        assert bridge.megatron_config(hf, layout) == model_spec_for_plan(p, hf, layout)
+        assert bridge.megatron_config(hf, layout) == model_spec(hf, layout, p.facts)

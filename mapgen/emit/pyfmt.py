@@ -92,6 +92,24 @@ def layout(node: Node, *, indent: int, prefix: str = "", suffix: str = "", width
     return [f"{pad}{prefix}{head}(", *_items(node.args, node.kwargs, indent + 1, width), f"{pad}){suffix}"]
 
 
+def fill(head: str, parts: Sequence[str], tail: str, width: int = WIDTH) -> list[str] | None:
+    """``head + ", ".join(parts) + tail`` filled greedily onto lines whose continuations align under the
+    first part (``head`` ends with the opening bracket); None when a part alone does not fit."""
+    cont = " " * len(head)
+    lines: list[str] = []
+    current = head
+    for i, part in enumerate(parts):
+        piece = part + (tail if i == len(parts) - 1 else ",")
+        fresh = current in (head, cont)
+        candidate = current + ("" if fresh else " ") + piece
+        if len(candidate) > width and not fresh:
+            lines.append(current)
+            candidate = cont + piece
+        current = candidate
+    lines.append(current)
+    return lines if all(len(line) <= width for line in lines) else None
+
+
 def _items(
     args: Sequence[Node], kwargs: Sequence[tuple[PythonIdentifier, Node]], indent: int, width: int
 ) -> list[str]:

@@ -26,12 +26,14 @@ import torch
 import torch.distributed as dist
 
 from mapgen import __version__
+from mapgen.contract.bridge import Bridge
+from mapgen.contract.hf_config import HFConfig
+from mapgen.contract.registry import find_bridge
+from mapgen.contract.spec import ModelSpec
 from mapgen.errors import Diagnostic, MapgenError, error
 from mapgen.ir import Layout, layout_from_json, layout_to_json
 from mapgen.plan.expand import tower_keys
-from mapgen.plan.spec import ModelSpec
 from mapgen.runtime._net import free_port as _free_port
-from mapgen.runtime.bridge import Bridge, HFConfig
 from mapgen.runtime.engine import Binding, Coords, Stats, iter_hf_tensors, load_model, shard_order
 from mapgen.runtime.hfio import (
     CONFIG_DTYPES,
@@ -121,10 +123,7 @@ class HFSource:
 # ---------------------------------------------------------------------------------------------------------
 def bridge_for(layout: Layout) -> Bridge:
     """The generated bridge for this layout's fingerprint (never a 'similar' one)."""
-    import generated
-    from mapgen.plan.planner import fingerprint
-
-    return generated.get_bridge(fingerprint(layout), layout=layout)
+    return find_bridge(layout)
 
 
 def bind(layout: Layout, bridge: Bridge | None = None) -> Binding:

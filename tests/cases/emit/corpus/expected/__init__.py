@@ -9,7 +9,7 @@
 #   inputs/qwen3.5-25b-reap-a3b-coding.json  75dcfa7d811737b1f77c5ea13fc575f3da830444f7c0c26debae69f12f76c20a
 #   inputs/sakura-14b-qwen2.5.json  d30ef2a71ceca7a8263fe96a49249b6aeaee91f4eb5e0dacc8ba18e38827367a
 # regenerate: mapgen emit --from-inputs
-"""Generated bridges, one module per layout fingerprint.
+"""Generated bridges: one module per model type, one Bridge per layout fingerprint in it.
 
 get_bridge(fingerprint) imports the bridge for a scanned layout lazily. A layout with no bridge here is
 an error, never a fallback to a similar model: generate one with `mapgen emit SOURCE`.
@@ -17,35 +17,35 @@ an error, never a fallback to a similar model: generate one with `mapgen emit SO
 
 import importlib
 
+from mapgen.contract import Bridge, Layout
 from mapgen.errors import error
-from mapgen.runtime.bridge import Bridge, Layout
 
 __all__ = ["BRIDGES", "get_bridge"]
 
-# layout fingerprint -> bridge module in this package
-BRIDGES: dict[str, str] = {
+# layout fingerprint -> (bridge module in this package, its attribute)
+BRIDGES: dict[str, tuple[str, str]] = {
     # llama: llama-3.2-3b-instruct
-    'f88cd89e815c': 'llama_f88cd89e815c',
+    'f88cd89e815c': ('llama', 'BRIDGE_f88cd89e815c'),
     # mimo: mimo-7b
-    '2d8ba05a9757': 'mimo_2d8ba05a9757',
+    '2d8ba05a9757': ('mimo', 'BRIDGE_2d8ba05a9757'),
     # mixtral: mixtral-8x7b-instruct-v0.1
-    '0ccbbfc89416': 'mixtral_0ccbbfc89416',
+    '0ccbbfc89416': ('mixtral', 'BRIDGE_0ccbbfc89416'),
     # qwen2: sakura-14b-qwen2.5
-    'd4543a9ddc5a': 'qwen2_d4543a9ddc5a',
+    'd4543a9ddc5a': ('qwen2', 'BRIDGE_d4543a9ddc5a'),
     # qwen3: qwen3-1.7b-mlx-bf16
-    '2a7dc069f35d': 'qwen3_2a7dc069f35d',
+    '2a7dc069f35d': ('qwen3', 'BRIDGE_2a7dc069f35d'),
     # qwen3_5_moe_text: qwen3.5-25b-reap-a3b-coding
-    '73dab3d70b63': 'qwen3_5_moe_text_73dab3d70b63',
+    '73dab3d70b63': ('qwen3_5_moe_text', 'BRIDGE_73dab3d70b63'),
     # qwen3_vl_moe: qwen3-vl-30b-a3b
-    'e921e7be0eb9': 'qwen3_vl_moe_e921e7be0eb9',
+    'e921e7be0eb9': ('qwen3_vl_moe', 'BRIDGE_e921e7be0eb9'),
 }
 
 
 def get_bridge(fingerprint: str, *, layout: Layout | None = None, source: str = "") -> Bridge:
     """The generated bridge for a layout fingerprint. ``layout`` and ``source`` (the checkpoint the
     user named) only make the error for an unknown layout specific."""
-    module_name = BRIDGES.get(fingerprint)
-    if module_name is None:
+    entry = BRIDGES.get(fingerprint)
+    if entry is None:
         what = f"layout {fingerprint}"
         if layout is not None:
             what += f" (model_type {layout.model_type!r}, {', '.join(layout.architectures) or 'no architectures'})"
@@ -59,12 +59,13 @@ def get_bridge(fingerprint: str, *, layout: Layout | None = None, source: str = 
             hint=f"run `mapgen emit {source or 'SOURCE'}` to generate and prove a bridge for it "
             "(mapgen never falls back to a similar model)",
         )
+    module_name, attribute = entry
     module = importlib.import_module(f"{__name__}.{module_name}")
-    bridge = module.BRIDGE
+    bridge = getattr(module, attribute, None)
     if not isinstance(bridge, Bridge) or bridge.fingerprint != fingerprint:
         raise error(
             "bridge.corrupt-module",
-            f"{__name__}.{module_name} does not define the bridge for layout {fingerprint}",
+            f"{__name__}.{module_name}.{attribute} is not the bridge for layout {fingerprint}",
             hint="generated/ was edited by hand; run `mapgen check`, then `mapgen emit --from-inputs`",
         )
     return bridge

@@ -3,7 +3,7 @@
 # inputs (sha256 of json.dumps(input, sort_keys=True)):
 #   inputs/qwen3-8b.json  ce8692d8b3c3f22fc1b7949235ce2e5356f6aac44eecb3318da4f43e504c3255
 # regenerate: mapgen emit --from-inputs
-"""Generated bridges, one module per layout fingerprint.
+"""Generated bridges: one module per model type, one Bridge per layout fingerprint in it.
 
 get_bridge(fingerprint) imports the bridge for a scanned layout lazily. A layout with no bridge here is
 an error, never a fallback to a similar model: generate one with `mapgen emit SOURCE`.
@@ -11,23 +11,23 @@ an error, never a fallback to a similar model: generate one with `mapgen emit SO
 
 import importlib
 
+from mapgen.contract import Bridge, Layout
 from mapgen.errors import error
-from mapgen.runtime.bridge import Bridge, Layout
 
 __all__ = ["BRIDGES", "get_bridge"]
 
-# layout fingerprint -> bridge module in this package
-BRIDGES: dict[str, str] = {
+# layout fingerprint -> (bridge module in this package, its attribute)
+BRIDGES: dict[str, tuple[str, str]] = {
     # qwen3: qwen3-8b
-    '0123456789ab': 'qwen3_0123456789ab',
+    '0123456789ab': ('qwen3', 'BRIDGE_0123456789ab'),
 }
 
 
 def get_bridge(fingerprint: str, *, layout: Layout | None = None, source: str = "") -> Bridge:
     """The generated bridge for a layout fingerprint. ``layout`` and ``source`` (the checkpoint the
     user named) only make the error for an unknown layout specific."""
-    module_name = BRIDGES.get(fingerprint)
-    if module_name is None:
+    entry = BRIDGES.get(fingerprint)
+    if entry is None:
         what = f"layout {fingerprint}"
         if layout is not None:
             what += f" (model_type {layout.model_type!r}, {', '.join(layout.architectures) or 'no architectures'})"
@@ -41,12 +41,13 @@ def get_bridge(fingerprint: str, *, layout: Layout | None = None, source: str = 
             hint=f"run `mapgen emit {source or 'SOURCE'}` to generate and prove a bridge for it "
             "(mapgen never falls back to a similar model)",
         )
+    module_name, attribute = entry
     module = importlib.import_module(f"{__name__}.{module_name}")
-    bridge = module.BRIDGE
+    bridge = getattr(module, attribute, None)
     if not isinstance(bridge, Bridge) or bridge.fingerprint != fingerprint:
         raise error(
             "bridge.corrupt-module",
-            f"{__name__}.{module_name} does not define the bridge for layout {fingerprint}",
+            f"{__name__}.{module_name}.{attribute} is not the bridge for layout {fingerprint}",
             hint="generated/ was edited by hand; run `mapgen check`, then `mapgen emit --from-inputs`",
         )
     return bridge
