@@ -21,7 +21,7 @@ from typing import Any
 from mapgen.cli._io import read_text, write_tree_atomically
 from mapgen.emit.check import compare, tree_files
 from mapgen.emit.names import input_name, input_name_for_source
-from mapgen.emit.pipeline import Generation, generate, parse_input
+from mapgen.emit.pipeline import PROOFS_PATH, Generation, ProofCache, generate, parse_input, parse_proof_cache
 from mapgen.emit.render import INPUTS_DIR, REGISTRY_PATH, module_files
 from mapgen.errors import Diagnostic, MapgenError, error
 from mapgen.infer.ir import Layout
@@ -43,7 +43,13 @@ def register(subparsers: Any) -> None:
                    help="regenerate from the inputs stored under OUT/inputs/ (no scanning, works offline)")
     p.add_argument("--out", default=DEFAULT_DIR, metavar="DIR", help=f"the generated tree (default: {DEFAULT_DIR})")
     p.add_argument("--name", help="the stored input name for a single SOURCE (default: derived from SOURCE)")
+    add_reprove(p)
     p.set_defaults(func=run)
+
+
+def add_reprove(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--reprove", action="store_true",
+                   help=f"re-run every bijection proof instead of trusting {PROOFS_PATH} for unchanged inputs")
 
 
 def fix_command(directory: str) -> str:
@@ -87,11 +93,17 @@ def load_source(spec: str) -> Layout:
     return layout
 
 
-def generate_dir(directory: Path, extra: dict[str, Layout] | None = None) -> Generation:
-    """emit and check share this: stored inputs (+ new ones) -> plans -> proofs -> rendered tree."""
+def load_proof_cache(directory: Path) -> ProofCache:
+    path = directory / PROOFS_PATH
+    return parse_proof_cache(read_text(path)) if path.is_file() else ProofCache()
+
+
+def generate_dir(directory: Path, extra: dict[str, Layout] | None = None, *, reprove: bool = False) -> Generation:
+    """emit and check share this: stored inputs (+ new ones) -> plans -> proofs (unless recorded in
+    ``proofs.json`` for the same input, plan and versions) -> rendered tree."""
     inputs = load_stored_inputs(directory)
     inputs.update(extra or {})
-    return generate(inputs)
+    return generate(inputs, cache=None if reprove else load_proof_cache(directory))
 
 
 def _check_target(out: Path, display: str) -> None:
@@ -132,9 +144,9 @@ def run(args: argparse.Namespace) -> int:
                         hint="emit them one at a time with --name")
         new[name] = load_source(spec)
 
-    gen = generate_dir(out, new)
+    gen = generate_dir(out, new, reprove=args.reprove)
     for name in sorted(gen.proofs):
-        marker = "  (new)" if name in new else ""
+        marker = "  (new)" if name in new else "  (recorded proof)" if name in gen.cached else ""
         print(f"{name}: {gen.plans[name].module_name}: {gen.proofs[name].line}{marker}")
 
     drift = compare(gen.files, out)
