@@ -15,10 +15,11 @@
 #   inputs/tiny-qwen3.json  2a84baed1bb409811efa17aca87ce0b2cf82426f055be50428f98fd752dc0fd8
 #   inputs/tiny-qwen3-moe.json  35646b34318ceb41e590320b811429f1b2c67a69bbe8c706bf8a12dfe79f2d1c
 # regenerate: mapgen emit --from-inputs
-"""Generated bridges, one module per layout fingerprint.
+"""Generated bridges: the registry of layout fingerprint -> (module, attribute).
 
-get_bridge(fingerprint) imports the bridge for a scanned layout lazily. A layout with no bridge here is
-an error, never a fallback to a similar model: generate one with `mapgen emit SOURCE`.
+mapgen reads BRIDGES without running this file (mapgen/runtime/discovery.py) and loads only the module a
+fingerprint names. get_bridge(fingerprint) is the same lookup for code that imports this package. A layout
+with no bridge here is an error, never a fallback to a similar model: generate one with `mapgen emit SOURCE`.
 """
 
 import importlib
@@ -28,42 +29,42 @@ from mapgen.runtime.bridge import Bridge, Layout
 
 __all__ = ["BRIDGES", "get_bridge"]
 
-# layout fingerprint -> bridge module in this package
-BRIDGES: dict[str, str] = {
+# layout fingerprint -> (bridge module in this package, attribute)
+BRIDGES: dict[str, tuple[str, str]] = {
     # glm4_moe: glm4-moe-mtp
-    '504e3f7cabd1': 'glm4_moe_504e3f7cabd1',
+    '504e3f7cabd1': ('glm4_moe_504e3f7cabd1', 'BRIDGE'),
     # llama: llama-3.2-3b-instruct
-    '056f4ee3abb8': 'llama_056f4ee3abb8',
+    '056f4ee3abb8': ('llama_056f4ee3abb8', 'BRIDGE'),
     # mimo: mimo-7b
-    'cfe2ecd20a3f': 'mimo_cfe2ecd20a3f',
+    'cfe2ecd20a3f': ('mimo_cfe2ecd20a3f', 'BRIDGE'),
     # mixtral: mixtral-8x7b-instruct-v0.1
-    '12276b952e99': 'mixtral_12276b952e99',
+    '12276b952e99': ('mixtral_12276b952e99', 'BRIDGE'),
     # qwen2: sakura-14b-qwen2.5
-    '052a0bdd0986': 'qwen2_052a0bdd0986',
+    '052a0bdd0986': ('qwen2_052a0bdd0986', 'BRIDGE'),
     # qwen3_5_moe: qwen--qwen3.5-35b-a3b
-    '0d13c6e73d76': 'qwen3_5_moe_0d13c6e73d76',
+    '0d13c6e73d76': ('qwen3_5_moe_0d13c6e73d76', 'BRIDGE'),
     # qwen3_5_moe: qwen--qwen3.6-35b-a3b
-    '4308fa9e4a43': 'qwen3_5_moe_4308fa9e4a43',
+    '4308fa9e4a43': ('qwen3_5_moe_4308fa9e4a43', 'BRIDGE'),
     # qwen3_5_moe_text: qwen3.5-25b-reap-a3b-coding
-    'e20bd529c01d': 'qwen3_5_moe_text_e20bd529c01d',
+    'e20bd529c01d': ('qwen3_5_moe_text_e20bd529c01d', 'BRIDGE'),
     # qwen3: tiny-qwen3
-    '71236238b5f4': 'qwen3_71236238b5f4',
+    '71236238b5f4': ('qwen3_71236238b5f4', 'BRIDGE'),
     # qwen3: qwen3-1.7b-mlx-bf16
-    'ecbe801d9610': 'qwen3_ecbe801d9610',
+    'ecbe801d9610': ('qwen3_ecbe801d9610', 'BRIDGE'),
     # qwen3: qwen3-dense-mtp
-    'f3220821e4b5': 'qwen3_f3220821e4b5',
+    'f3220821e4b5': ('qwen3_f3220821e4b5', 'BRIDGE'),
     # qwen3_moe: tiny-qwen3-moe
-    '29544011d0c7': 'qwen3_moe_29544011d0c7',
+    '29544011d0c7': ('qwen3_moe_29544011d0c7', 'BRIDGE'),
     # qwen3_vl_moe: qwen3-vl-30b-a3b
-    '13e860baac5f': 'qwen3_vl_moe_13e860baac5f',
+    '13e860baac5f': ('qwen3_vl_moe_13e860baac5f', 'BRIDGE'),
 }
 
 
 def get_bridge(fingerprint: str, *, layout: Layout | None = None, source: str = "") -> Bridge:
     """The generated bridge for a layout fingerprint. ``layout`` and ``source`` (the checkpoint the
     user named) only make the error for an unknown layout specific."""
-    module_name = BRIDGES.get(fingerprint)
-    if module_name is None:
+    entry = BRIDGES.get(fingerprint)
+    if entry is None:
         what = f"layout {fingerprint}"
         if layout is not None:
             what += f" (model_type {layout.model_type!r}, {', '.join(layout.architectures) or 'no architectures'})"
@@ -73,16 +74,16 @@ def get_bridge(fingerprint: str, *, layout: Layout | None = None, source: str = 
             "bridge.unknown-layout",
             f"no generated bridge for {what}",
             file=source,
-            expected="a layout listed in generated/SUPPORTED.md",
+            expected=f"a layout listed in {__name__}/SUPPORTED.md",
             hint=f"run `mapgen emit {source or 'SOURCE'}` to generate and prove a bridge for it "
             "(mapgen never falls back to a similar model)",
         )
-    module = importlib.import_module(f"{__name__}.{module_name}")
-    bridge = module.BRIDGE
+    module_name, attribute = entry
+    bridge = getattr(importlib.import_module(f"{__name__}.{module_name}"), attribute, None)
     if not isinstance(bridge, Bridge) or bridge.fingerprint != fingerprint:
         raise error(
             "bridge.corrupt-module",
-            f"{__name__}.{module_name} does not define the bridge for layout {fingerprint}",
+            f"{__name__}.{module_name}.{attribute} is not the bridge for layout {fingerprint}",
             hint="generated/ was edited by hand; run `mapgen check`, then `mapgen emit --from-inputs`",
         )
     return bridge

@@ -54,6 +54,7 @@ REGENERATE_COMMAND = "mapgen emit --from-inputs"
 REGISTRY_PATH = "__init__.py"
 SUPPORTED_PATH = "SUPPORTED.md"
 INPUTS_DIR = "inputs"
+REGISTRY_ATTRIBUTE = "BRIDGE"  # the name a bridge module binds its Bridge to (the registry says (module, name))
 
 BRIDGE_TEMPLATE = "bridge_module.py.jinja"
 REGISTRY_TEMPLATE = "registry.py.jinja"
@@ -449,6 +450,7 @@ def _registry(env: jinja2.Environment, modules: Sequence[Module], digests: Mappi
             "comment": comment_lines(f"{m.plan.model_type}: " + ", ".join(m.inputs), _COMMENT_WIDTH),
             "fingerprint": py_literal(m.plan.fingerprint),
             "module": py_literal(str(m.module)),
+            "attribute": py_literal(REGISTRY_ATTRIBUTE),
         }
         for m in modules
     ]

@@ -7,7 +7,8 @@
   logits parity.
 
 Every function here is SPMD: under ``torchrun`` (or :func:`spawn`) every rank calls it; rank 0 writes.
-The bridge always comes from the generated registry, keyed by the checkpoint's layout fingerprint.
+The bridge always comes from a generated registry, keyed by the checkpoint's layout fingerprint
+(:mod:`mapgen.runtime.discovery` says which registries are searched).
 """
 
 from __future__ import annotations
@@ -120,11 +121,14 @@ class HFSource:
 # Bridges and models
 # ---------------------------------------------------------------------------------------------------------
 def bridge_for(layout: Layout) -> Bridge:
-    """The generated bridge for this layout's fingerprint (never a 'similar' one)."""
-    import generated
+    """The generated bridge for this layout's fingerprint (never a 'similar' one), from the first registry on
+    the search path that lists it (:mod:`mapgen.runtime.discovery`)."""
     from mapgen.plan.planner import fingerprint
+    from mapgen.runtime import discovery
 
-    return generated.get_bridge(fingerprint(layout), layout=layout)
+    fp = fingerprint(layout)
+    what = f"layout {fp} (model_type {layout.model_type!r}, {', '.join(layout.architectures) or 'no architectures'})"
+    return discovery.bridge(fp, what=what)
 
 
 def bind(layout: Layout, bridge: Bridge | None = None) -> Binding:
