@@ -40,7 +40,6 @@ from mapgen.plan.plan import BridgePlan, ConfigField
 from mapgen.plan.rules import Rule
 
 REPO = Path(__file__).resolve().parents[1]
-CASES = REPO / "tests" / "cases" / "emit"
 
 QWEN3_CONFIG: dict[str, Any] = {
     "architectures": ["Qwen3ForCausalLM"],
