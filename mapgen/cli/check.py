@@ -47,7 +47,8 @@ def _directories(args: argparse.Namespace) -> list[tuple[str, Path]]:
                             hint=f"generate it with `mapgen emit SOURCE{flag}`")
             out.append((d, Path(d)))
         return out
-    looked, found = [], []
+    looked: list[str] = []
+    found: list[tuple[str, Path]] = []
     for loc in directory_locations():
         reg = read_registry(loc)
         looked.append(f"  {loc.describe()}: {reg.status}")

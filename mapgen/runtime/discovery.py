@@ -113,16 +113,22 @@ def _parse_registry(path: Path) -> dict[str, tuple[str, str]]:
     text = path.read_text(encoding="utf-8")
     if not text.startswith(MARK):
         raise ValueError(f"{REGISTRY} does not start with {MARK!r}")
+    raw: object = None
+    target: ast.expr
     for node in ast.parse(text, str(path)).body:
-        target = node.target if isinstance(node, ast.AnnAssign) else (
-            node.targets[0] if isinstance(node, ast.Assign) and len(node.targets) == 1 else None)
-        if isinstance(target, ast.Name) and target.id == "BRIDGES" and node.value is not None:  # type: ignore[union-attr]
-            raw = ast.literal_eval(node.value)  # type: ignore[union-attr]
+        if isinstance(node, ast.AnnAssign) and node.value is not None:
+            target, value = node.target, node.value
+        elif isinstance(node, ast.Assign) and len(node.targets) == 1:
+            target, value = node.targets[0], node.value
+        else:
+            continue
+        if isinstance(target, ast.Name) and target.id == "BRIDGES":
+            raw = ast.literal_eval(value)
             break
-    else:
+    if not isinstance(raw, dict):
         raise ValueError(f"{REGISTRY} has no BRIDGES mapping")
     out: dict[str, tuple[str, str]] = {}
-    for fp, entry in dict(raw).items():
+    for fp, entry in raw.items():
         module, attribute = (entry, "BRIDGE") if isinstance(entry, str) else entry
         if not (isinstance(fp, str) and str(module).isidentifier() and str(attribute).isidentifier()):
             raise ValueError(f"BRIDGES entry {fp!r}: {entry!r} is not (module, attribute)")
@@ -214,11 +220,10 @@ def find(fingerprint: str) -> tuple[Registry, list[Registry]]:
     directories: set[Path] = set()
     for location in search_path():
         reg = read_registry(location)
-        if reg.directory is not None:
-            if reg.directory in directories:
-                reg = Registry(location, None, {}, f"same directory as above ({reg.directory})")
-            else:
-                directories.add(reg.directory)
+        if reg.directory in directories:
+            reg = Registry(location, None, {}, f"same directory as above ({reg.directory})")
+        elif reg.directory is not None:
+            directories.add(reg.directory)
         seen.append(reg)
         if fingerprint in reg.bridges:
             return reg, seen
