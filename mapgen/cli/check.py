@@ -15,10 +15,10 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from mapgen.cli.emit import DEFAULT_DIR, add_reprove, fix_command, generate_dir
+from mapgen.cli.emit import add_reprove, fix_command, generate_dir
 from mapgen.emit.check import compare
 from mapgen.errors import MapgenError, error
-from mapgen.runtime.discovery import ENV_VAR, directory_locations, read_registry
+from mapgen.runtime.discovery import DEFAULT_DIR, ENV_VAR, directory_locations, read_registry
 
 
 def register(subparsers: Any) -> None:
