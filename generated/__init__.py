@@ -15,10 +15,12 @@
 #   inputs/tiny-qwen3.json  feaa7aa6c3c67989ba151131d20db8414ad47209db237b8f4dc6af9513722eeb
 #   inputs/tiny-qwen3-moe.json  d53bccba17b5e44f2def8e31e4ae0c86662d4c692c9015e88d8f67f70260a7f6
 # regenerate: mapgen emit --from-inputs
-"""Generated bridges: one module per model type, one Bridge per layout fingerprint in it.
+"""Generated bridges: the registry of layout fingerprint -> (module, attribute); one module per model type,
+one Bridge per layout fingerprint in it.
 
-get_bridge(fingerprint) imports the bridge for a scanned layout lazily. A layout with no bridge here is
-an error, never a fallback to a similar model: generate one with `mapgen emit SOURCE`.
+mapgen reads BRIDGES without running this file (mapgen/runtime/discovery.py) and loads only the module a
+fingerprint names. get_bridge(fingerprint) is the same lookup for code that imports this package. A layout
+with no bridge here is an error, never a fallback to a similar model: generate one with `mapgen emit SOURCE`.
 """
 
 import importlib
@@ -73,13 +75,12 @@ def get_bridge(fingerprint: str, *, layout: Layout | None = None, source: str = 
             "bridge.unknown-layout",
             f"no generated bridge for {what}",
             file=source,
-            expected="a layout listed in generated/SUPPORTED.md",
+            expected=f"a layout listed in {__name__}/SUPPORTED.md",
             hint=f"run `mapgen emit {source or 'SOURCE'}` to generate and prove a bridge for it "
             "(mapgen never falls back to a similar model)",
         )
     module_name, attribute = entry
-    module = importlib.import_module(f"{__name__}.{module_name}")
-    bridge = getattr(module, attribute, None)
+    bridge = getattr(importlib.import_module(f"{__name__}.{module_name}"), attribute, None)
     if not isinstance(bridge, Bridge) or bridge.fingerprint != fingerprint:
         raise error(
             "bridge.corrupt-module",

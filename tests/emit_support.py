@@ -36,7 +36,6 @@ from mapgen.ir import (
 from mapgen.plan.plan import BridgePlan
 
 REPO = Path(__file__).resolve().parents[1]
-CASES = REPO / "tests" / "cases" / "emit"
 
 NORMS = Component.make("norms", "pre_norm", {"input_norm": "input_layernorm.weight",
                                              "post_attention_norm": "post_attention_layernorm.weight"})

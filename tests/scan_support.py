@@ -18,7 +18,7 @@ TESTS = Path(__file__).resolve().parent
 CORPUS = TESTS / "fixtures" / "corpus"
 CORPUS_PENDING = TESTS / "fixtures" / "corpus_pending"  # shared cases scan does not support yet (breadth issue)
 HUB_FIXTURES = TESTS / "fixtures" / "hub"
-GOLDEN = TESTS / "cases" / "scan"
+LAYOUT_FIXTURES = TESTS / "fixtures" / "layouts"
 SHARED_CORPUS = TESTS.parent.parent / "shared" / "corpus"
 
 CORPUS_CASES = sorted(p.name for p in CORPUS.iterdir() if p.is_dir())
@@ -33,6 +33,13 @@ _BYTES = {"BF16": 2, "F16": 2, "F32": 4, "U8": 1, "I64": 8}
 
 def case_dir(case: str) -> Path:
     return HUB_FIXTURES / HUB_CASES[case][0] if case in HUB_CASES else CORPUS / case
+
+
+def expected_layout(case: str) -> str:
+    """The golden layout JSON of scan case ``tests/cases/<case>/`` (``tests.regen`` says where it lives)."""
+    from regen import case as golden_case
+
+    return golden_case(case).expected_layout.read_text(encoding="utf-8")
 
 
 ALL_CASES = CORPUS_CASES + sorted(HUB_CASES)

@@ -1,8 +1,7 @@
-"""Golden cases for the renderer: ``tests/cases/emit/<case>/`` (inputs, optional hand plans, expected tree).
-
-Regenerate after an intended change with ``.venv/bin/python -m tests.regen_emit_goldens`` and review
-``git diff tests/cases/emit``. Every expected tree must also pass ``ruff check`` and ``mypy --strict`` and
-import cleanly, and its modules must agree with the plans they came from.
+"""Emit goldens: ``tests/cases/<case>/`` with ``"builder"`` in its case.json holds inputs, optional hand plans and
+the expected rendered tree. Regenerate every golden with ``.venv/bin/python -m tests.regen`` and review the diff.
+Every expected tree must also pass ``ruff check`` and ``mypy --strict`` and import cleanly, and its modules must
+agree with the plans they came from. (The corpus layouts' emit golden is ``generated/`` itself: ``mapgen check``.)
 """
 
 from __future__ import annotations
@@ -12,38 +11,37 @@ import sys
 from pathlib import Path
 
 import pytest
-from emit_support import CASES, REPO, import_tree
-from regen_emit_goldens import BUILDERS, load_case, render_case
+from emit_support import REPO, import_tree
+from regen import BUILDERS, COMMAND, NOTE, Case, emit_cases, load_emit_case, render_emit_case
 
 from mapgen.contract import Bridge, HFConfig
 from mapgen.contract.config import model_spec
 from mapgen.emit.check import compare
 
-CASE_NAMES = sorted(p.name for p in CASES.iterdir() if (p / "expected").is_dir())
-REGEN = ".venv/bin/python -m tests.regen_emit_goldens"
+CASES = emit_cases()
 
 
 def test_every_builder_has_a_case() -> None:
-    assert sorted(BUILDERS) == CASE_NAMES
+    assert sorted(BUILDERS) == sorted(c.builder for c in CASES)
 
 
-@pytest.mark.parametrize("case", CASE_NAMES)
-def test_golden(case: str) -> None:
-    drift = compare(render_case(CASES / case), CASES / case / "expected")
-    assert drift.clean, drift.render(f"tests/cases/emit/{case}/expected", f"{REGEN} {case}")
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_golden(case: Case) -> None:
+    drift = compare(render_emit_case(*load_emit_case(case.folder)), case.folder / "expected")
+    assert drift.clean, drift.render(f"tests/cases/{case.name}/expected", COMMAND, note=NOTE)
 
 
-@pytest.mark.parametrize("case", CASE_NAMES)
-def test_golden_modules_agree_with_their_plans(case: str) -> None:
-    inputs, plans = load_case(CASES / case)
-    with import_tree(CASES / case / "expected") as package:
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_golden_modules_agree_with_their_plans(case: Case) -> None:
+    inputs, plans = load_emit_case(case.folder)
+    with import_tree(case.folder / "expected") as package:
         for name, plan in plans.items():
             bridge = package.get_bridge(plan.fingerprint)
             assert isinstance(bridge, Bridge)
             assert bridge.fingerprint == plan.fingerprint
             assert bridge.model_type == plan.model_type
             assert bridge.rules == plan.rules  # the tables flatten to the planned rules, rule for rule, in order
-            if case != "injection":  # the hostile plan asks the config for keys that do not exist
+            if case.name != "injection":  # the hostile plan asks the config for keys that do not exist
                 hf = HFConfig(inputs[name].config)
                 assert bridge.megatron_config(hf, inputs[name]) == model_spec(hf, inputs[name], plan.facts)
 
@@ -51,10 +49,10 @@ def test_golden_modules_agree_with_their_plans(case: str) -> None:
 @pytest.mark.slow
 def test_golden_trees_pass_ruff_and_mypy(tmp_path: Path) -> None:
     packages = []
-    for case in CASE_NAMES:
-        dest = tmp_path / f"golden_{case}"
+    for case in CASES:
+        dest = tmp_path / f"golden_{case.name}"
         dest.mkdir()
-        for src in (CASES / case / "expected").glob("*.py"):
+        for src in (case.folder / "expected").glob("*.py"):
             dest.joinpath(src.name).write_bytes(src.read_bytes())
         packages.append(str(dest))
     ruff = subprocess.run(
@@ -75,7 +73,8 @@ def test_repo_bridges_equal_the_plans_of_every_stored_input() -> None:
     fingerprint, whose tables flatten to exactly the rules the planner produces (rule for rule, in order:
     names, op, sharding, domain, experts, options) and whose megatron_config is the config table on the
     plan's facts (what the proof used)."""
-    import generated
+    import mapgen_bridges as generated
+
     from mapgen.cli.emit import load_stored_inputs
     from mapgen.plan.planner import plan
 

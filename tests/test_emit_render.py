@@ -230,11 +230,10 @@ def test_plain_text_is_single_line_printable_ascii() -> None:
 _RENDER_SCRIPT = """
 import hashlib, sys
 sys.path.insert(0, {tests!r})
-from regen_emit_goldens import BUILDERS, render_case
-from emit_support import CASES
+from regen import emit_cases, load_emit_case, render_emit_case
 h = hashlib.sha256()
-for case in sorted(BUILDERS):
-    for path, text in render_case(CASES / case).items():
+for case in emit_cases():
+    for path, text in render_emit_case(*load_emit_case(case.folder)).items():
         h.update(path.encode() + b"\\0" + text.encode() + b"\\0")
 print(h.hexdigest())
 """

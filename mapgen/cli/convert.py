@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from mapgen.cli._bridges import add_bridges_arg, use_bridges
 from mapgen.cli._parallel import add_parallel_args, is_rank0, launcher_world, parallel_from_args, run_spmd
 
 
@@ -18,6 +19,7 @@ def register(sub: Any) -> None:
     p.add_argument("out", type=Path, help="output directory (must not exist unless --overwrite)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (only once complete)")
     add_parallel_args(p)
+    add_bridges_arg(p)
     p.set_defaults(func=run)
 
 
@@ -29,6 +31,7 @@ def _work(source: str, out: Path, par: Any, overwrite: bool) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
+    use_bridges(args)
     par = parallel_from_args(args)
     world = launcher_world(par, args.nproc)
     if world is not None:  # every check that needs no worker, before workers start or a byte is written

@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from mapgen.cli._bridges import add_bridges_arg, use_bridges
 from mapgen.cli._parallel import add_parallel_args, is_rank0, launcher_world, parallel_from_args, run_spmd
 
 
@@ -20,6 +21,7 @@ def register(sub: Any) -> None:
     p.add_argument("--source", default=None, help="the original HF checkpoint (layout, towers, side files)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (only once complete)")
     add_parallel_args(p)
+    add_bridges_arg(p)
     p.set_defaults(func=run)
 
 
@@ -31,6 +33,7 @@ def _work(ckpt: Path, out: Path, par: Any, source: str | None, overwrite: bool) 
 
 
 def run(args: argparse.Namespace) -> int:
+    use_bridges(args)
     par = parallel_from_args(args)
     world = launcher_world(par, args.nproc)
     if world is not None:  # every check that needs no worker, before workers start or a byte is written

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from mapgen.cli._bridges import add_bridges_arg, use_bridges
 from mapgen.cli._parallel import add_parallel_args, is_rank0, launcher_world, parallel_from_args, run_spmd
 
 
@@ -17,6 +18,7 @@ def register(sub: Any) -> None:
     p.add_argument("--no-logits", action="store_true", help="skip the logits comparison")
     p.add_argument("--atol", type=float, default=1e-4, help="logits tolerance (default 1e-4)")
     add_parallel_args(p)
+    add_bridges_arg(p)
     p.set_defaults(func=run)
 
 
@@ -27,6 +29,7 @@ def _work(source: str, par: Any, logits: bool, atol: float) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
+    use_bridges(args)
     par = parallel_from_args(args)
     world = launcher_world(par, args.nproc)
     if world is not None:  # every check that needs no worker, before workers start or a byte is written

@@ -11,7 +11,6 @@ and nothing here imports torch or megatron-core. Generated bridge modules import
 * :mod:`~mapgen.contract.bridge`      ``Bridge``
 * :mod:`~mapgen.contract.expand`      rule instances (what the proof checks is what the runtime runs)
 * :mod:`~mapgen.contract.fingerprint` the layout fingerprint that selects a bridge
-* :mod:`~mapgen.contract.registry`    finding the bridge for a layout
 """
 
 from __future__ import annotations

@@ -57,6 +57,7 @@ REGENERATE_COMMAND = "mapgen emit --from-inputs"
 REGISTRY_PATH = "__init__.py"
 SUPPORTED_PATH = "SUPPORTED.md"
 INPUTS_DIR = "inputs"
+REGISTRY_ATTRIBUTE = "BRIDGE"  # the name a bridge module binds its Bridge to (the registry says (module, name))
 
 BRIDGE_TEMPLATE = "bridge_module.py.jinja"
 REGISTRY_TEMPLATE = "registry.py.jinja"
@@ -72,11 +73,6 @@ _COMMENT_WIDTH = pyfmt.WIDTH - 6  # after "    # "
 # ---------------------------------------------------------------------------------------------------------
 # Inputs
 # ---------------------------------------------------------------------------------------------------------
-def canonical_input_json(layout: Layout) -> str:
-    """The stored form of an input: exactly what ``layout_to_json`` writes."""
-    return layout_to_json(layout)
-
-
 def input_sha256(text: str) -> str:
     """sha256 of the canonical form of a JSON document: parsed, dumped with sorted keys (the project's
     ``json.dumps(obj, sort_keys=True)`` convention), UTF-8. Whitespace and key order do not matter."""
@@ -441,7 +437,7 @@ def render(plans: Mapping[str, BridgePlan], inputs: Mapping[str, Layout]) -> dic
         raise MapgenError(problems)
 
     env = _environment()
-    stored = {input_path(name): canonical_input_json(layout) for name, layout in inputs.items()}
+    stored = {input_path(name): layout_to_json(layout) for name, layout in inputs.items()}
     digests = {name: input_sha256(stored[input_path(name)]) for name in inputs}
     modules = group_modules(plans)
 

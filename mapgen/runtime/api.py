@@ -7,7 +7,8 @@
   logits parity.
 
 Every function here is SPMD: under ``torchrun`` (or :func:`spawn`) every rank calls it; rank 0 writes.
-The bridge always comes from the generated registry, keyed by the checkpoint's layout fingerprint.
+The bridge always comes from a generated registry, keyed by the checkpoint's layout fingerprint
+(:mod:`mapgen.runtime.discovery` says which registries are searched).
 """
 
 from __future__ import annotations
@@ -28,7 +29,6 @@ import torch.distributed as dist
 from mapgen import __version__
 from mapgen.contract.bridge import Bridge
 from mapgen.contract.hf_config import HFConfig
-from mapgen.contract.registry import find_bridge
 from mapgen.contract.spec import ModelSpec
 from mapgen.errors import Diagnostic, MapgenError, error
 from mapgen.ir import Layout, layout_from_json, layout_to_json
@@ -122,8 +122,14 @@ class HFSource:
 # Bridges and models
 # ---------------------------------------------------------------------------------------------------------
 def bridge_for(layout: Layout) -> Bridge:
-    """The generated bridge for this layout's fingerprint (never a 'similar' one)."""
-    return find_bridge(layout)
+    """The generated bridge for this layout's fingerprint (never a 'similar' one), from the first registry on
+    the search path that lists it (:mod:`mapgen.runtime.discovery`)."""
+    from mapgen.contract.fingerprint import fingerprint
+    from mapgen.runtime import discovery
+
+    fp = fingerprint(layout)
+    what = f"layout {fp} (model_type {layout.model_type!r}, {', '.join(layout.architectures) or 'no architectures'})"
+    return discovery.bridge(fp, what=what)
 
 
 def bind(layout: Layout, bridge: Bridge | None = None) -> Binding:
