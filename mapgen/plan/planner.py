@@ -105,26 +105,15 @@ class _Planner:
 # Facts: what the layout decides about the Megatron model (the config table in mapgen.contract.config does the rest)
 # ---------------------------------------------------------------------------------------------------------
 def _facts(layout: Layout, zero_centered: bool) -> Facts:
+    """Each family states the facts its components decide; the first group (decoder order, then the MTP inner
+    layers) that states a fact decides it."""
     lm = layout.language_model
-    groups = list(lm.groups) + (list(lm.mtp.inner) if lm.mtp else [])
-    attns = [g.mixer for g in groups if g.mixer.family == "attention"]
-    moes = [g.mlp for g in groups if g.mlp.family == "moe"]
-    a0 = attns[0] if attns else None
-    m0 = moes[0] if moes else None
-    shared = m0.child("shared") if m0 is not None else None
-    return Facts(
-        tied=lm.tied_embeddings,
-        add_qkv_bias=bool(a0 and a0.key("q_bias")),
-        add_bias_linear=bool(a0 and a0.key("o_bias")),
-        qk_layernorm=bool(a0 and a0.key("q_norm")),
-        attention_output_gate=bool(a0 and a0.flag("output_gate")),
-        zero_centered=zero_centered,
-        moe=m0 is not None,
-        expert_bias=bool(m0 and m0.key("expert_bias")),
-        shared_expert=shared is not None,
-        shared_expert_gate=bool(shared and shared.key("gate")),
-        gated_delta_net=any(g.mixer.family == "gated_delta_net" for g in groups),
-    )
+    decided: dict[str, bool] = {"tied": lm.tied_embeddings, "zero_centered": zero_centered}
+    for group in (*lm.groups, *(lm.mtp.inner if lm.mtp else ())):
+        for component in (group.mixer, group.mlp):
+            for name, value in behaviour(component).facts(component).items():
+                decided.setdefault(name, value)
+    return Facts(**decided)
 
 
 def _group_line(group: LayerGroup) -> str:
