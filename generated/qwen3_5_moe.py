@@ -88,7 +88,7 @@ MTP = (
     ('eh_proj.weight', 'mtp.fc.weight', mtp_eh_proj(shared=True)),
     ('final_layernorm.weight', 'mtp.norm.weight', copy(shared=True)),
 )
-MOE_2 = (
+MTP_MOE = (
     ('mlp.router.weight', 'mlp.gate.weight', copy()),
     ('mlp.experts.local_experts.{expert}.linear_fc1.weight',
      'mlp.experts.gate_up_proj', experts_fc1('packed', orientation='out_in', interleave=False)),
@@ -111,7 +111,7 @@ BRIDGE_2157b3c6d7d8 = Bridge(
         Group('decoder:attention', 'decoder.layers.{layer}.', 'model.language_model.layers.{layer}.', ATTENTION + MOE),
         Group('global', '', '', FINAL_NORM_OUTPUT),
         Group('mtp', 'mtp.layers.{layer}.', '', MTP),
-        Group('mtp:mtp_attention', 'mtp.layers.{layer}.{mtp_inner}.', 'mtp.layers.{layer}.', ATTENTION + MOE_2),
+        Group('mtp:mtp_attention', 'mtp.layers.{layer}.{mtp_inner}.', 'mtp.layers.{layer}.', ATTENTION + MTP_MOE),
     ),
 )
 

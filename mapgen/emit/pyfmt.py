@@ -1,9 +1,10 @@
 """A tiny deterministic layout engine for the expressions mapgen generates.
 
-Generated modules contain only literals, tuples and calls with keyword arguments, so a black-like layout
-needs no more than this: an expression goes on one line when it fits, otherwise its brackets open and each
-element goes on its own line with a trailing comma; an over-long string becomes an implicit concatenation
-of ``ascii()`` chunks inside parentheses. Nothing depends on black being installed.
+Generated modules contain only literals, names, tuples and calls, so a black-like layout needs no more than
+this: an expression goes on one line when it fits, otherwise its brackets open and each element goes on its
+own line with a trailing comma; an over-long string becomes an implicit concatenation of ``ascii()`` chunks
+inside parentheses. :func:`fill` packs short arguments onto aligned lines instead (table rows, ``Group``,
+``Facts``). Nothing depends on black being installed.
 """
 
 from __future__ import annotations
@@ -38,22 +39,20 @@ class Tup:
 
 @dataclass(frozen=True)
 class Call:
-    """``func(*args, **kwargs)``; ``func`` is a validated (possibly dotted) name. ``explode`` forces one
-    argument per line even when the call would fit."""
+    """``func(*args, **kwargs)``; ``func`` is a validated (possibly dotted) name."""
 
     func: tuple[PythonIdentifier, ...]
     args: tuple[Node, ...] = ()
     kwargs: tuple[tuple[PythonIdentifier, Node], ...] = ()
-    explode: bool = False
 
 
 Node = Lit | Name | Tup | Call
 
 
-def call(func: str, *args: Node, explode: bool = False, **kwargs: Node) -> Call:
+def call(func: str, *args: Node, **kwargs: Node) -> Call:
     """Build a :class:`Call`; keyword order is the order given."""
     parts = tuple(PythonIdentifier(p, what="callable name") for p in func.split("."))
-    return Call(parts, args, tuple((PythonIdentifier(k, what="keyword"), v) for k, v in kwargs.items()), explode)
+    return Call(parts, args, tuple((PythonIdentifier(k, what="keyword"), v) for k, v in kwargs.items()))
 
 
 def flat(node: Node) -> str:
@@ -74,8 +73,7 @@ def layout(node: Node, *, indent: int, prefix: str = "", suffix: str = "", width
     """Lines (without newlines) spelling ``prefix + node + suffix`` at ``indent`` levels."""
     pad = INDENT * indent
     one = f"{pad}{prefix}{flat(node)}{suffix}"
-    exploded = isinstance(node, Call) and node.explode and (node.args or node.kwargs)
-    if (len(one) <= width and not exploded) or isinstance(node, Name):
+    if len(one) <= width or isinstance(node, Name):
         return [one]
     if isinstance(node, Lit):
         if not isinstance(node.value, str):

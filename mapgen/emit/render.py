@@ -12,7 +12,8 @@ The output is the whole ``generated/`` tree:
 Everything is computed here, in Python, into a small *render model* of pre-formatted strings (literals via
 ``ascii()``, prose via :func:`~mapgen.emit.names.plain_text`, expressions laid out by
 :mod:`mapgen.emit.pyfmt`); the templates only loop over it. Every Python file is parsed with libcst and
-compiled before it is returned, and bridge modules are checked to call nothing but the runtime API.
+compiled before it is returned, bridge modules are checked to call nothing but the contract's table API,
+and their tables are checked to flatten back to exactly the planned rules.
 """
 
 from __future__ import annotations
@@ -219,9 +220,10 @@ def _docstring(mod: Module) -> tuple[str, list[str]]:
         body += ["", docstring_text(f"{bridge_attribute(plan.fingerprint)} ({sources}):")]
         for line in plan.description:
             text = docstring_text(line)
-            if plain_text(line).strip():
-                body += [f"    {w}" for w in comment_lines(text, pyfmt.WIDTH - 4)] if len(text) > pyfmt.WIDTH - 4 \
-                    else [f"    {text}"]
+            if not plain_text(line).strip():
+                continue
+            wrapped = comment_lines(text, pyfmt.WIDTH - 4) if len(text) > pyfmt.WIDTH - 4 else [text]
+            body += [f"    {w}" for w in wrapped]
     return summary, body
 
 

@@ -146,6 +146,19 @@ def _base_name(rules: Sequence[Rule]) -> str:
     return base[:40]
 
 
+def _free_name(base: str, domain: str, used: set[str]) -> str:
+    """``base``; if a different block has it, ``<DOMAIN KIND>_<base>`` (``MTP_MOE``); then numbered."""
+    if base not in used:
+        return base
+    kind = re.sub(r"[^A-Z0-9]+", "_", domain.partition(":")[0].upper()).strip("_")
+    name = f"{kind}_{base}" if kind and kind[0].isalpha() and not kind.startswith("BRIDGE") else base
+    n = 1
+    while name in used:
+        n += 1
+        name = f"{base}_{n}"
+    return name
+
+
 def _split(section: list[Rule], mroot: str) -> list[list[Rule]]:
     """A layer's rules -> [mixer block, MLP block] (cut where ``mlp.`` rows start); other sections stay whole."""
     for i, rule in enumerate(section):
@@ -170,11 +183,7 @@ def build(plans: Sequence[BridgePlan]) -> tuple[list[Block], list[BridgeTables]]
                 rows = tuple((r.megatron[len(mroot):], tuple(k[len(hroot):] for k in r.hf), op_node(r)) for r in part)
                 key = tuple((m, h, pyfmt.flat(o)) for m, h, o in rows)
                 if key not in blocks:
-                    base = name = _base_name(part)
-                    n = 1
-                    while name in used:
-                        n += 1
-                        name = f"{base}_{n}"
+                    name = _free_name(_base_name(part), section[0].domain, used)
                     used.add(name)
                     blocks[key] = Block(PythonIdentifier(name, what="block name"), rows, key)
                 names.append(blocks[key].name)

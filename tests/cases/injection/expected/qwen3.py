@@ -83,7 +83,7 @@ IMPORT_OS = (
         ),
     ),
 )
-ATTENTION_2 = (
+DECODER_ATTENTION = (
     (
         "self_attention.q_layernorm.weightsep\u2028__import__('os').system('x')",
         ('model.layers.{layer}.self_attn.q_norm.weight', "sep\u2028__import__('os').system('x')"),
@@ -98,7 +98,7 @@ ATTENTION_2 = (
         ),
     ),
 )
-ATTENTION_3 = (
+ATTENTION_2 = (
     (
         'self_attention.k_layernorm.weightpara\u2029x = 1',
         ('model.layers.{layer}.self_attn.k_norm.weight', 'para\u2029x = 1'),
@@ -129,7 +129,7 @@ MLP = (
         ),
     ),
 )
-MLP_2 = (
+DECODER_MLP = (
     (
         'mlp.linear_fc2.weightbidi \u202e)x(__tropmi__\u202c',
         ('model.layers.{layer}.mlp.down_proj.weight', 'bidi \u202e)x(__tropmi__\u202c'),
@@ -140,7 +140,7 @@ MLP_2 = (
         ),
     ),
 )
-IMPORT_OS_2 = (
+GLOBAL_IMPORT_OS_SYSTEM_X_IMPORT_OS = (
     (
         'decoder.final_layernorm.weight""" + __import__(\'os\').system(\'x\') + """',
         ('model.norm.weight', '""" + __import__(\'os\').system(\'x\') + """'),
@@ -170,12 +170,12 @@ BRIDGE_abcdef012345 = Bridge(
         Group("decoder:denseline\nbreak = __import__('os').system('x')", 'decoder.layers.{layer}.', '', NORM),
         Group('decoder:dense', 'decoder.layers.{layer}.', '', ATTENTION),
         Group("decoder:dense'); __import__('os').system('x') #", 'decoder.layers.{layer}.', '', IMPORT_OS),
-        Group('decoder:dense', 'decoder.layers.{layer}.', '', ATTENTION_2),
-        Group('decoder:densepara\u2029x = 1', 'decoder.layers.{layer}.', '', ATTENTION_3),
+        Group('decoder:dense', 'decoder.layers.{layer}.', '', DECODER_ATTENTION),
+        Group('decoder:densepara\u2029x = 1', 'decoder.layers.{layer}.', '', ATTENTION_2),
         Group('decoder:dense', 'decoder.layers.{layer}.', '', CR_X_2),
         Group('decoder:densetab\tand\x0bvt\x0cff\x1cfs\x85nel', 'decoder.layers.{layer}.', '', MLP),
-        Group('decoder:dense', 'decoder.layers.{layer}.', '', MLP_2),
-        Group('global""" + __import__(\'os\').system(\'x\') + """', '', '', IMPORT_OS_2),
+        Group('decoder:dense', 'decoder.layers.{layer}.', '', DECODER_MLP),
+        Group('global""" + __import__(\'os\').system(\'x\') + """', '', '', GLOBAL_IMPORT_OS_SYSTEM_X_IMPORT_OS),
         Group('global', '', '', OUTPUT),
     ),
 )
