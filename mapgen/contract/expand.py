@@ -2,19 +2,22 @@
 and expert it was instantiated for. The runtime and the proof share it, so what is proven is what runs.
 
 The layout is reached only through :func:`domain_index` (a rule domain's layer indices, HF index offset and
-expert count); the key sets a layout describes (``layout_keys``) live with the planner in
-:mod:`mapgen.plan.expand`.
+expert count) and :func:`tower_keys` (the keys carried through unchanged); the key sets a layout describes
+(``layout_keys``) live with the planner in :mod:`mapgen.plan.expand`.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 from mapgen.contract.rules import Rule
 from mapgen.ir import LayerGroup, Layout
 
-__all__ = ["Instance", "domain_index", "plan_instances", "rule_instances"]
+__all__ = ["Instance", "domain_index", "expand_braces", "plan_instances", "rule_instances", "tower_keys"]
+
+_BRACES = re.compile(r"\{(\d+)\.\.(\d+)\}|\{([0-9,\.]+)\}")
 
 
 @dataclass(frozen=True)
@@ -84,3 +87,29 @@ def rule_instances(rule: Rule, layout: Layout, mtp_inner: str) -> Iterator[Insta
 def plan_instances(rules: tuple[Rule, ...], layout: Layout, mtp_inner: str) -> Iterator[Instance]:
     for rule in rules:
         yield from rule_instances(rule, layout, mtp_inner)
+
+
+def expand_braces(pattern: str) -> Iterator[str]:
+    """``a.{0..2}.b`` / ``a.{0,3}.b`` -> concrete strings (for tower patterns)."""
+    m = _BRACES.search(pattern)
+    if m is None:
+        yield pattern
+        return
+    if m.group(1) is not None:
+        values = [str(v) for v in range(int(m.group(1)), int(m.group(2)) + 1)]
+    else:
+        values = []
+        for part in m.group(3).split(","):
+            lo, _, hi = part.partition("..")
+            values += [str(v) for v in range(int(lo), int(hi or lo) + 1)]
+    for v in values:
+        yield from expand_braces(pattern[: m.start()] + v + pattern[m.end():])
+
+
+def tower_keys(layout: Layout) -> set[str]:
+    """Every key of the layout's towers (vision encoders, ...): carried through a conversion unchanged."""
+    out: set[str] = set()
+    for tower in layout.towers:
+        for pattern in tower.patterns:
+            out.update(expand_braces(pattern))
+    return out

@@ -2,18 +2,17 @@
 
 :func:`layout_keys` — every HF key a layout describes (the IR is symbolic; this is its meaning). Scan checks
 that it equals the checkpoint's key set, the proof checks that the rules consume exactly it. The concrete
-instances of the rules live in :mod:`mapgen.contract.expand`, shared with the runtime.
+instances of the rules and the tower keys (carried through unchanged) live in :mod:`mapgen.contract.expand`,
+shared with the runtime.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterator
 
+from mapgen.contract.expand import tower_keys
 from mapgen.families.moe import experts_of, num_experts
 from mapgen.ir import MTP, LayerGroup, Layout
-
-_BRACES = re.compile(r"\{(\d+)\.\.(\d+)\}|\{([0-9,\.]+)\}")
 
 
 def group_suffixes(group: LayerGroup) -> list[str]:
@@ -55,23 +54,6 @@ def mtp_keys(mtp: MTP) -> Iterator[str]:
         yield from group_keys(group, mtp.index_offset)
 
 
-def expand_braces(pattern: str) -> Iterator[str]:
-    """``a.{0..2}.b`` / ``a.{0,3}.b`` -> concrete strings (for tower patterns)."""
-    m = _BRACES.search(pattern)
-    if m is None:
-        yield pattern
-        return
-    if m.group(1) is not None:
-        values = [str(v) for v in range(int(m.group(1)), int(m.group(2)) + 1)]
-    else:
-        values = []
-        for part in m.group(3).split(","):
-            lo, _, hi = part.partition("..")
-            values += [str(v) for v in range(int(lo), int(hi or lo) + 1)]
-    for v in values:
-        yield from expand_braces(pattern[: m.start()] + v + pattern[m.end():])
-
-
 def language_model_keys(layout: Layout) -> set[str]:
     lm = layout.language_model
     keys = {lm.embedding, lm.final_norm}
@@ -82,14 +64,6 @@ def language_model_keys(layout: Layout) -> set[str]:
     if lm.mtp is not None:
         keys.update(mtp_keys(lm.mtp))
     return keys
-
-
-def tower_keys(layout: Layout) -> set[str]:
-    out: set[str] = set()
-    for tower in layout.towers:
-        for pattern in tower.patterns:
-            out.update(expand_braces(pattern))
-    return out
 
 
 def layout_keys(layout: Layout) -> set[str]:

@@ -17,11 +17,11 @@ from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from mapgen.contract.expand import Instance, plan_instances
+from mapgen.contract.expand import Instance, plan_instances, tower_keys
 from mapgen.errors import Diagnostic
 from mapgen.families.moe import experts_of
 from mapgen.ir import Layout
-from mapgen.plan.expand import language_model_keys, tower_keys
+from mapgen.plan.expand import language_model_keys
 from mapgen.plan.plan import BridgePlan
 
 _NUM = re.compile(r"(?<=\.)\d+(?=\.|$)")

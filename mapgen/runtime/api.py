@@ -28,11 +28,11 @@ import torch.distributed as dist
 
 from mapgen import __version__
 from mapgen.contract.bridge import Bridge
+from mapgen.contract.expand import tower_keys
 from mapgen.contract.hf_config import HFConfig
 from mapgen.contract.spec import ModelSpec
 from mapgen.errors import Diagnostic, MapgenError, error
 from mapgen.ir import Layout, layout_from_json, layout_to_json
-from mapgen.plan.expand import tower_keys
 from mapgen.runtime._net import free_port as _free_port
 from mapgen.runtime.engine import Binding, Coords, Stats, iter_hf_tensors, load_model, shard_order
 from mapgen.runtime.hfio import (

@@ -28,12 +28,11 @@ import torch
 import torch.distributed as dist
 
 from mapgen import ops
-from mapgen.contract.expand import Instance, plan_instances
+from mapgen.contract.expand import Instance, plan_instances, tower_keys
 from mapgen.contract.rules import Rule
 from mapgen.contract.spec import ModelSpec
 from mapgen.errors import Diagnostic, MapgenError, error
 from mapgen.ir import Layout
-from mapgen.plan.expand import tower_keys
 
 
 # ---------------------------------------------------------------------------------------------------------
