@@ -15,7 +15,9 @@ from mapgen.errors import MapgenError
 from mapgen.runtime import discovery
 
 REPO = Path(__file__).resolve().parents[1]
-LLAMA = "f88cd89e815c"  # generated/llama.py, BRIDGE_f88cd89e815c
+# The Llama-3.2 bridge mapgen ships, read from the committed registry (its fingerprint changes whenever the IR does).
+_SHIPPED = discovery.read_registry(discovery.Location("dir", "repo", str(REPO / "generated"))).bridges
+LLAMA, (LLAMA_MODULE, LLAMA_ATTRIBUTE) = next((fp, e) for fp, e in sorted(_SHIPPED.items()) if e[0] == "llama")
 
 
 @pytest.fixture
@@ -28,7 +30,7 @@ def isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return work
 
 
-def copy_tree(dest: Path, modules: tuple[str, ...] = ("llama",)) -> Path:
+def copy_tree(dest: Path, modules: tuple[str, ...] = (LLAMA_MODULE,)) -> Path:
     """A generated tree holding the repository's registry and some of its modules."""
     dest.mkdir(parents=True)
     shutil.copyfile(REPO / "generated" / "__init__.py", dest / "__init__.py")
@@ -70,7 +72,7 @@ def test_env_var_and_bridges_flag_come_first(isolated: Path, tmp_path: Path, mon
 
 def test_a_directory_that_is_not_a_registry_is_skipped(isolated: Path) -> None:
     (isolated / "generated").mkdir()
-    (isolated / "generated" / "__init__.py").write_text("BRIDGES = {'f88cd89e815c': ('llama', 'B')}\n")
+    (isolated / "generated" / "__init__.py").write_text(f"BRIDGES = {{{LLAMA!r}: ({LLAMA_MODULE!r}, 'B')}}\n")
     reg, seen = discovery.find(LLAMA)
     assert reg.location.target == discovery.BUNDLED_PACKAGE
     assert "not a mapgen registry" in seen[0].status
@@ -85,7 +87,7 @@ def test_the_registry_is_read_not_executed(isolated: Path) -> None:
 
 def test_a_module_without_the_header_is_refused(isolated: Path) -> None:
     tree = copy_tree(isolated / "generated")
-    module = tree / "llama.py"
+    module = tree / f"{LLAMA_MODULE}.py"
     module.write_text("raise SystemExit('executed')\n" + module.read_text())
     with pytest.raises(MapgenError) as info:
         discovery.bridge(LLAMA)
@@ -101,7 +103,9 @@ def test_unlisted_files_are_never_loaded(isolated: Path) -> None:
 def test_a_wrong_attribute_is_a_corrupt_module(isolated: Path) -> None:
     tree = copy_tree(isolated / "generated")
     registry = tree / "__init__.py"
-    registry.write_text(registry.read_text().replace("('llama', 'BRIDGE_f88cd89e815c')", "('llama', 'NOPE')"))
+    entry = f"({LLAMA_MODULE!r}, {LLAMA_ATTRIBUTE!r})"
+    assert entry in registry.read_text()
+    registry.write_text(registry.read_text().replace(entry, f"({LLAMA_MODULE!r}, 'NOPE')"))
     with pytest.raises(MapgenError) as info:
         discovery.bridge(LLAMA)
     assert info.value.diagnostics[0].code == "bridge.corrupt-module"
