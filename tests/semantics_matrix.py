@@ -15,8 +15,8 @@ dimensions (2 layers), random perturbed weights, saved in several shards. Outcom
 Memory stays small: the model is first built on the meta device and refused (``build-failed``) when the tiny
 config still has more than ``MAX_PARAMS`` parameters (some configs keep sub-module sizes the small dimensions
 do not reach); ``run_isolated`` runs a case in its own process with capped address space when a crash must
-not take the caller down. Emitted bridges go to a temporary ``generated`` package put first on
-``PYTHONPATH`` for verify, so the repository's ``generated/`` is never touched.
+not take the caller down. Emitted bridges go to a temporary bridge directory that verify is
+pointed at (``--bridges``), so the repository's ``generated/`` is never touched.
 
 Full table: ``.venv/bin/python benchmarks/semantics_matrix.py`` (minutes; writes markdown to stdout).
 """
@@ -124,11 +124,10 @@ def build(model_type: str, out: Path, seed: int = 0) -> None:
     model.save_pretrained(str(out), max_shard_size="100KB")
 
 
-def _env(pythonpath: Path | None = None) -> dict[str, str]:
+def _env() -> dict[str, str]:
     env = dict(os.environ, PYTHONWARNINGS="ignore", MAPGEN_PROGRESS="0")
-    env.pop("WORLD_SIZE", None)
-    if pythonpath is not None:
-        env["PYTHONPATH"] = os.pathsep.join([str(pythonpath), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    for name in ("WORLD_SIZE", "MAPGEN_BRIDGES"):
+        env.pop(name, None)
     return env
 
 
@@ -177,8 +176,8 @@ def run_case(model_type: str, work: Path, *, timeout: int = 600) -> Case:
         case.outcome, case.detail = "emit-failed", _code(emit.stderr)
         return case
     par = ["--tp", "2"] + (["--ep", "2"] if case.moe else [])
-    ver = subprocess.run([sys.executable, "-m", "mapgen", "verify", str(ckpt), *par], cwd=work, capture_output=True,
-                         text=True, timeout=timeout, env=_env(gen.parent), check=False)
+    ver = subprocess.run([sys.executable, "-m", "mapgen", "verify", str(ckpt), *par, "--bridges", str(gen)], cwd=work,
+                         capture_output=True, text=True, timeout=timeout, env=_env(), check=False)
     m = re.search(r"max \|Δ\| = ([0-9.eE+-]+|nan|inf)", ver.stdout)
     if m:
         case.max_diff = float(m.group(1))
