@@ -282,7 +282,9 @@ def check_config(config: Mapping[str, Any], *, assume_inert: Iterable[str] = (),
         scopes.append(Scope(TEXT_CONFIG + ".", text_values, defaults_for(text_type), text_type, parent=top))
     for scope in scopes:
         checker.scope(scope)
-        checker.facts(scope.model_type, scope.prefix)
+    # a wrapper's facts are its language model's: report them once, on the text config when it has its own
+    fact_scope = scopes[-1] if FACTS.get(scopes[-1].model_type) else top
+    checker.facts(fact_scope.model_type, fact_scope.prefix)
     checker.fallbacks(scopes[-1])
     for flag, given, what in (("--assume-inert", checker.assume_inert, "unknown"),
                               ("--accept-semantic-gap", checker.accept_gaps, "refused")):
