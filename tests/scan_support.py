@@ -42,6 +42,18 @@ def expected_layout(case: str) -> str:
     return golden_case(case).expected_layout.read_text(encoding="utf-8")
 
 
+def expected_scan_json(case: str) -> str:
+    """What ``mapgen scan --json`` writes for scan case ``case``: the golden layout plus the config catalog's
+    verdict per config key (``config_fields``), which goldens and stored inputs do not carry."""
+    import dataclasses
+
+    from mapgen.catalog import check_config
+    from mapgen.ir import layout_from_json, layout_to_json
+
+    layout = layout_from_json(expected_layout(case))
+    return layout_to_json(dataclasses.replace(layout, config_fields=check_config(layout.config).to_json()))
+
+
 ALL_CASES = CORPUS_CASES + sorted(HUB_CASES)
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from mapgen.cli._bridges import add_bridges_arg, use_bridges
+from mapgen.cli._config import add_config_args, gate_checkpoint
 from mapgen.cli._parallel import add_parallel_args, is_rank0, launcher_world, parallel_from_args, run_spmd
 
 
@@ -20,25 +21,28 @@ def register(sub: Any) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (only once complete)")
     add_parallel_args(p)
     add_bridges_arg(p)
+    add_config_args(p)
     p.set_defaults(func=run)
 
 
-def _work(source: str, out: Path, par: Any, overwrite: bool) -> dict[str, Any]:
+def _work(source: str, out: Path, par: Any, overwrite: bool, config_check: dict[str, Any] | None) -> dict[str, Any]:
     from mapgen.runtime.api import convert
 
-    stats = convert(source, out, par, overwrite=overwrite)
+    stats = convert(source, out, par, overwrite=overwrite, config_check=config_check)
     return {"tensors": stats.tensors, "bytes": stats.bytes, "bytes_read": stats.bytes_read, "seconds": stats.seconds}
 
 
 def run(args: argparse.Namespace) -> int:
     use_bridges(args)
     par = parallel_from_args(args)
+    report = gate_checkpoint(args.source, args)  # refused/unknown config fields: nothing is started or written
     world = launcher_world(par, args.nproc)
     if world is not None:  # every check that needs no worker, before workers start or a byte is written
         from mapgen.runtime.api import preflight
 
         preflight(args.source, par, world, out=args.out, overwrite=args.overwrite)
-    results = run_spmd(_work, par, args.nproc, args.source, args.out, par, args.overwrite)
+    results = run_spmd(_work, par, args.nproc, args.source, args.out, par, args.overwrite,
+                       report.to_json() if report is not None else None)
     if is_rank0():
         total = sum(r["tensors"] for r in results)
         nbytes = sum(r["bytes"] for r in results)

@@ -14,10 +14,12 @@ is written).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 from typing import Any
 
+from mapgen.cli._config import add_config_args, gate
 from mapgen.cli._io import read_text, write_tree_atomically
 from mapgen.emit.check import compare, tree_files
 from mapgen.emit.names import input_name, input_name_for_source
@@ -43,6 +45,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--out", default=DEFAULT_DIR, metavar="DIR", help=f"the generated tree (default: {DEFAULT_DIR})")
     p.add_argument("--name", help="the stored input name for a single SOURCE (default: derived from SOURCE)")
     add_reprove(p)
+    add_config_args(p)
     p.set_defaults(func=run)
 
 
@@ -71,7 +74,7 @@ def load_stored_inputs(directory: Path) -> dict[str, Layout]:
     return out
 
 
-def load_source(spec: str) -> Layout:
+def load_source(spec: str, args: argparse.Namespace | None = None) -> Layout:
     """A layout JSON file (``mapgen scan --json``) is read; anything else is scanned. A layout with unclassified
     keys is refused (exit 2, like ``mapgen scan``): its bridge would not cover the checkpoint."""
     path = Path(spec)
@@ -81,6 +84,9 @@ def load_source(spec: str) -> Layout:
         from mapgen.infer import scan
 
         layout = scan(spec)
+    report = gate(layout.config, args or argparse.Namespace(), f"{spec}: config")
+    if report.assumed_inert or report.accepted_gaps:  # the stored input records the user's escapes
+        layout = dataclasses.replace(layout, config_fields=report.to_json())
     if layout.unclassified:
         raise MapgenError(
             Diagnostic("error", "emit.unclassified", f"{sum(u.count for u in layout.unclassified)} key(s) of {spec} "
@@ -141,7 +147,7 @@ def run(args: argparse.Namespace) -> int:
         if name in new:
             raise error("emit.duplicate-input", f"two sources map to the input name {name}", file=spec,
                         hint="emit them one at a time with --name")
-        new[name] = load_source(spec)
+        new[name] = load_source(spec, args)
 
     gen = generate_dir(out, new, reprove=args.reprove)
     for name in sorted(gen.proofs):

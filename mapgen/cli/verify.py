@@ -6,6 +6,7 @@ import argparse
 from typing import Any
 
 from mapgen.cli._bridges import add_bridges_arg, use_bridges
+from mapgen.cli._config import add_config_args, gate_checkpoint
 from mapgen.cli._parallel import add_parallel_args, is_rank0, launcher_world, parallel_from_args, run_spmd
 
 
@@ -19,6 +20,7 @@ def register(sub: Any) -> None:
     p.add_argument("--atol", type=float, default=1e-4, help="logits tolerance (default 1e-4)")
     add_parallel_args(p)
     add_bridges_arg(p)
+    add_config_args(p)
     p.set_defaults(func=run)
 
 
@@ -31,6 +33,7 @@ def _work(source: str, par: Any, logits: bool, atol: float) -> dict[str, Any]:
 def run(args: argparse.Namespace) -> int:
     use_bridges(args)
     par = parallel_from_args(args)
+    gate_checkpoint(args.source, args)  # refused/unknown config fields: say so before any worker starts
     world = launcher_world(par, args.nproc)
     if world is not None:  # every check that needs no worker, before workers start or a byte is written
         from mapgen.runtime.api import preflight

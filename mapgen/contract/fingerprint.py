@@ -16,7 +16,7 @@ __all__ = ["fingerprint", "fingerprint_data"]
 
 _DIMENSION_FIELDS = frozenset(
     {"dims", "summary", "diagnostics", "unclassified", "layers", "num_layers", "depth", "index_offset", "num_keys",
-     "patterns", "config", "counts"}
+     "patterns", "config", "config_fields", "counts"}
 )
 """Layout fields that are sizes, counts or reports, not structure (a component's ``counts`` by their role)."""
 

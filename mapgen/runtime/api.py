@@ -546,9 +546,11 @@ def _copy_side_files(source_root: Path, staging: Path) -> None:
 # ---------------------------------------------------------------------------------------------------------
 # Megatron distributed checkpoints
 # ---------------------------------------------------------------------------------------------------------
-def convert(source_path: str, out: Path, par: Parallel, *, overwrite: bool = False) -> Stats:
+def convert(source_path: str, out: Path, par: Parallel, *, overwrite: bool = False,
+            config_check: dict[str, Any] | None = None) -> Stats:
     """HF checkpoint -> Megatron-Core distributed checkpoint (torch_dist), loadable by Megatron-LM:
-    ``OUT/release/`` plus ``latest_checkpointed_iteration.txt``; ``OUT/mapgen.json`` records the layout."""
+    ``OUT/release/`` plus ``latest_checkpointed_iteration.txt``; ``OUT/mapgen.json`` records the layout and
+    ``config_check`` (the config catalog's verdicts, with any --assume-inert / --accept-semantic-gap)."""
     from mapgen.runtime.megatron import save_dist_checkpoint
 
     source = HFSource.open(source_path)
@@ -567,6 +569,8 @@ def convert(source_path: str, out: Path, par: Parallel, *, overwrite: bool = Fal
                 (staging / "latest_checkpointed_iteration.txt").write_text("release\n")
                 meta = {"mapgen_version": __version__, "layout": json.loads(layout_to_json(source.layout)),
                         "source": source.to_meta(), "parallel": par.__dict__}
+                if config_check is not None:
+                    meta["config_check"] = config_check
                 (staging / MAPGEN_META).write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
             _barrier()
             if coords.rank == 0:
