@@ -2,6 +2,7 @@
 # template: templates/registry.py.jinja
 # inputs (sha256 of json.dumps(input, sort_keys=True)):
 #   inputs/glm4-moe-mtp.json  366833471cafa54730c0459b3d7cd364e6a7945a65b3ad9d9ffb6c7e3b63872e
+#   inputs/internlm2-chat-7b-intermind.json  28e5039a8241fce6aabf4aadad360146a49c18e69f3dc8fa4ac5b37ae8545b12
 #   inputs/llama-3.2-3b-instruct.json  7e9dfcb5e98ba41bd1ac5e1caeffc59f2573af90d1d6e5aea388ff5ba9410286
 #   inputs/mimo-7b.json  209bb4e0d03ec38438c4c3cac60ba686e59a48f9fb397d57a2c0b5b493c1edf2
 #   inputs/mixtral-8x7b-instruct-v0.1.json  301249e7d3a6493f6e0ccf96b8fe906833670e021461fae44ef49245f27e8a86
@@ -35,6 +36,8 @@ __all__ = ["BRIDGES", "get_bridge"]
 BRIDGES: dict[str, tuple[str, str]] = {
     # glm4_moe: glm4-moe-mtp
     'f74f07859595': ('glm4_moe', 'BRIDGE_f74f07859595'),
+    # internlm2: internlm2-chat-7b-intermind
+    'a21aba0dfba7': ('internlm2', 'BRIDGE_a21aba0dfba7'),
     # llama: llama-3.2-3b-instruct
     'f88cd89e815c': ('llama', 'BRIDGE_f88cd89e815c'),
     # mimo: mimo-7b

@@ -29,6 +29,8 @@ FACTS: dict[str, tuple[Any, ...]] = {
                     False, 0, "none", "none", False, ()),
     "llama-3.2-3b-instruct": (28, "28 layers, all attention", 0, 0, "none", False, 0, "none", "none", True, ()),
     "mimo-7b": (36, "36 layers, all attention", 0, 0, "none", False, 1, "mtp_layers", "none", False, ()),
+    "internlm2-chat-7b-intermind": (32, "32 layers, all attention", 0, 0, "none", False, 0, "none", "none", False,
+                                    ()),
     "phi-4": (40, "40 layers, all attention", 0, 0, "none", False, 0, "none", "none", False, ()),
     "mixtral-8x7b-instruct-v0.1": (32, "32 layers, all attention", 32, 8, "per_expert", False, 0, "none", "none",
                                    False, ()),

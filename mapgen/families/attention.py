@@ -15,13 +15,13 @@ ATTENTION = Family(
     role="mixer",
     description="softmax attention (q/k/v or fused qkv, biases, QK-norm, output gate, sinks)",
     file=__name__,
-    roots=("self_attn.",),
+    roots=("self_attn.", "attention."),
     slots=(
         Slot("q", ("q_proj.weight",)),
         Slot("k", ("k_proj.weight",)),
         Slot("v", ("v_proj.weight",)),
-        Slot("qkv", ("qkv_proj.weight",)),
-        Slot("o", ("o_proj.weight",)),
+        Slot("qkv", ("qkv_proj.weight", "wqkv.weight")),
+        Slot("o", ("o_proj.weight", "wo.weight")),
         Slot("q_bias", ("q_proj.bias",)),
         Slot("k_bias", ("k_proj.bias",)),
         Slot("v_bias", ("v_proj.bias",)),
@@ -44,6 +44,7 @@ ATTENTION = Family(
 FUSED_QKV_LAYOUT: dict[str, str] = {
     # spelling of the fused projection -> how it stores q/k/v (mapgen.ops.qkv): declared, never guessed
     "qkv_proj.weight": "blocks",  # Phi-3/Phi-4: [q (all heads); k; v]
+    "wqkv.weight": "per_group",  # InternLM2: per KV group [q heads of the group; k; v] (modeling_internlm2.py)
 }
 
 INPUT_NORM = "input_layernorm.weight"
