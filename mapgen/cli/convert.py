@@ -6,7 +6,14 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from mapgen.cli._parallel import add_parallel_args, is_rank0, launcher_world, parallel_from_args, run_spmd
+from mapgen.cli._parallel import (
+    add_dtype_arg,
+    add_parallel_args,
+    is_rank0,
+    launcher_world,
+    parallel_from_args,
+    run_spmd,
+)
 
 
 def register(sub: Any) -> None:
@@ -17,14 +24,19 @@ def register(sub: Any) -> None:
     p.add_argument("source", help="local HF checkpoint directory")
     p.add_argument("out", type=Path, help="output directory (must not exist unless --overwrite)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (only once complete)")
+    p.add_argument("--in-memory", action="store_true",
+                   help="build and fill the whole Megatron model, then save it (default: stream entry by entry "
+                   "from the HF slices; no model in memory)")
+    add_dtype_arg(p, "dtype of the Megatron checkpoint")
     add_parallel_args(p)
     p.set_defaults(func=run)
 
 
-def _work(source: str, out: Path, par: Any, overwrite: bool) -> dict[str, Any]:
+def _work(source: str, out: Path, par: Any, overwrite: bool, dtype: str = "auto",
+          streaming: bool = True) -> dict[str, Any]:
     from mapgen.runtime.api import convert
 
-    stats = convert(source, out, par, overwrite=overwrite)
+    stats = convert(source, out, par, overwrite=overwrite, dtype=dtype, streaming=streaming)
     return {"tensors": stats.tensors, "bytes": stats.bytes, "bytes_read": stats.bytes_read, "seconds": stats.seconds}
 
 
@@ -35,7 +47,8 @@ def run(args: argparse.Namespace) -> int:
         from mapgen.runtime.api import preflight
 
         preflight(args.source, par, world, out=args.out, overwrite=args.overwrite)
-    results = run_spmd(_work, par, args.nproc, args.source, args.out, par, args.overwrite)
+    results = run_spmd(_work, par, args.nproc, args.source, args.out, par, args.overwrite, args.dtype,
+                       not args.in_memory)
     if is_rank0():
         total = sum(r["tensors"] for r in results)
         nbytes = sum(r["bytes"] for r in results)

@@ -6,7 +6,14 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from mapgen.cli._parallel import add_parallel_args, is_rank0, launcher_world, parallel_from_args, run_spmd
+from mapgen.cli._parallel import (
+    add_dtype_arg,
+    add_parallel_args,
+    is_rank0,
+    launcher_world,
+    parallel_from_args,
+    run_spmd,
+)
 
 
 def register(sub: Any) -> None:
@@ -19,14 +26,16 @@ def register(sub: Any) -> None:
     p.add_argument("out", type=Path, help="output HF directory (must not exist unless --overwrite)")
     p.add_argument("--source", default=None, help="the original HF checkpoint (layout, towers, side files)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (only once complete)")
+    add_dtype_arg(p, "dtype of the HF tensors written (auto: the source's, as recorded in mapgen.json)")
     add_parallel_args(p)
     p.set_defaults(func=run)
 
 
-def _work(ckpt: Path, out: Path, par: Any, source: str | None, overwrite: bool) -> dict[str, Any]:
+def _work(ckpt: Path, out: Path, par: Any, source: str | None, overwrite: bool,
+          dtype: str = "auto") -> dict[str, Any]:
     from mapgen.runtime.api import export_megatron
 
-    stats = export_megatron(ckpt, out, par, source_path=source, overwrite=overwrite)
+    stats = export_megatron(ckpt, out, par, source_path=source, overwrite=overwrite, dtype=dtype)
     return {"tensors": stats.tensors, "bytes": stats.bytes, "seconds": stats.seconds}
 
 
@@ -37,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
         from mapgen.runtime.api import preflight
 
         preflight(args.source, par, world, out=args.out, overwrite=args.overwrite, ckpt=args.ckpt)
-    results = run_spmd(_work, par, args.nproc, args.ckpt, args.out, par, args.source, args.overwrite)
+    results = run_spmd(_work, par, args.nproc, args.ckpt, args.out, par, args.source, args.overwrite, args.dtype)
     if is_rank0():
         r = results[0]
         print(f"exported {args.ckpt} -> {args.out} [{par.describe()}]: {r['tensors']} tensors, "

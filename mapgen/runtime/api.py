@@ -135,6 +135,98 @@ def bind(layout: Layout, bridge: Bridge | None = None) -> Binding:
     return Binding.create(spec, layout, bridge.rules, mtp_inner_name())
 
 
+DTYPE_NAMES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPE_CHOICES = ("auto", *DTYPE_NAMES)
+_WIDTH = {torch.float16: 1, torch.bfloat16: 2, torch.float32: 3, torch.float64: 4}
+
+
+@dataclass(frozen=True)
+class DtypePlan:
+    """The dtypes of the Megatron model: ``base`` (megatron's ``params_dtype``) and per-parameter
+    ``overrides`` (global Megatron name -> dtype name) where the source stores a tensor in another dtype
+    (fp32 ``A_log`` in a bf16 checkpoint) or a rule asks for fp32 (the router's expert bias). ``choice`` is
+    what the user asked for: ``auto`` (the source's dtypes) or one dtype name."""
+
+    choice: str = "auto"
+    base: str = "float32"
+    overrides: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def params_dtype(self) -> torch.dtype:
+        return DTYPE_NAMES[self.base]
+
+    def override_map(self) -> dict[str, torch.dtype]:
+        return {name: DTYPE_NAMES[d] for name, d in self.overrides}
+
+    def dtype_of(self, megatron: str) -> torch.dtype:
+        return self.override_map().get(megatron, self.params_dtype)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"choice": self.choice, "params_dtype": self.base, "overrides": dict(self.overrides)}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any] | None) -> DtypePlan:
+        """A checkpoint's recorded plan; checkpoints written before dtypes were recorded are fp32."""
+        if not isinstance(data, Mapping):
+            return cls("float32", "float32", ())
+        base = str(data.get("params_dtype", "float32"))
+        overrides = data.get("overrides") or {}
+        names = [base, *map(str, overrides.values())]
+        bad = [n for n in names if n not in DTYPE_NAMES]
+        if bad:
+            raise error("megatron.bad-metadata", f"{MAPGEN_META} names an unknown dtype {bad[0]!r}",
+                        expected=", ".join(DTYPE_NAMES))
+        return cls(str(data.get("choice", base)), base, tuple(sorted((str(k), str(v)) for k, v in overrides.items())))
+
+
+def _torch_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def plan_dtypes(binding: Binding, hf_dtypes: Mapping[str, str], choice: str = "auto") -> DtypePlan:
+    """The Megatron dtypes for a conversion. ``auto``: the source's own dtypes -- the base is the dtype most
+    of the source's tensors have (the config's ``torch_dtype`` on a tie), and every parameter whose source
+    tensors are stored in another floating dtype keeps it. An explicit ``choice`` puts every parameter in
+    that dtype. Either way a rule that declares ``dtype: fp32`` stays fp32."""
+    if choice not in DTYPE_CHOICES:
+        raise error("cli.dtype", f"unknown dtype {choice!r}", expected=", ".join(DTYPE_CHOICES))
+
+    def floating(key: str) -> torch.dtype | None:
+        dt = DTYPES.get(hf_dtypes.get(key, ""))
+        return dt if dt in _WIDTH else None
+
+    if choice == "auto":
+        counts: dict[torch.dtype, int] = {}
+        for inst in binding.by_megatron.values():
+            for key in inst.hf:
+                dt = floating(key)
+                if dt is not None:
+                    counts[dt] = counts.get(dt, 0) + 1
+        declared = CONFIG_DTYPES.get(str(HFConfig(binding.layout.config).get("torch_dtype", "dtype", default="")))
+        top = max(counts.values(), default=0)
+        winners = [d for d, n in counts.items() if n == top]
+        base = declared if declared in winners else (max(winners, key=lambda d: _WIDTH[d]) if winners
+                                                     else declared or torch.float32)
+        if base == torch.float64:
+            base = torch.float32
+    else:
+        base = DTYPE_NAMES[choice]
+    overrides: dict[str, str] = {}
+    for name, inst in binding.by_megatron.items():
+        if inst.rule.option("dtype") == "fp32":
+            want = torch.float32
+        elif choice == "auto":
+            found = {d for d in (floating(k) for k in inst.hf) if d is not None}
+            want = max(found, key=lambda d: _WIDTH[d]) if found else base
+            if want == torch.float64:
+                want = torch.float32
+        else:
+            want = base
+        if want != base:
+            overrides[name] = _torch_name(want)
+    return DtypePlan(choice, _torch_name(base), tuple(sorted(overrides.items())))
+
+
 def model_spec_for_parallel(spec: ModelSpec, par: Parallel) -> ModelSpec:
     from mapgen.ops import padded_vocab
 
@@ -177,11 +269,14 @@ def preflight(source_path: str | None, par: Parallel, world: int, *, out: Path |
 
 
 def build(binding: Binding, par: Parallel, *, device: Literal["cpu", "meta", "cuda"] = "cpu",
-          initialize: bool = True) -> torch.nn.Module:
-    from mapgen.runtime.megatron import build_model
+          initialize: bool = True, dtypes: DtypePlan | None = None) -> torch.nn.Module:
+    """This rank's Megatron model, in ``dtypes`` (default: fp32 everywhere)."""
+    from mapgen.runtime.megatron import build_model, set_param_dtypes
 
+    dtypes = dtypes or DtypePlan("float32", "float32", ())
     model: torch.nn.Module = build_model(model_spec_for_parallel(binding.spec, par), device=device,
-                                         initialize=initialize)
+                                         initialize=initialize, params_dtype=dtypes.params_dtype)
+    set_param_dtypes(model, dtypes.override_map(), dtypes.params_dtype)
     return model
 
 
@@ -370,27 +465,35 @@ def log(message: str) -> None:
 # ---------------------------------------------------------------------------------------------------------
 # HF -> Megatron
 # ---------------------------------------------------------------------------------------------------------
-def load_hf(source: HFSource, par: Parallel, *, bridge: Bridge | None = None) -> tuple[torch.nn.Module, Binding, Stats]:
-    """Build this rank's Megatron model and fill it from ``source``. Call inside :class:`parallel_context`."""
+def load_hf(source: HFSource, par: Parallel, *, bridge: Bridge | None = None,
+            dtype: str = "auto") -> tuple[torch.nn.Module, Binding, Stats]:
+    """Build this rank's Megatron model (in the source's dtypes, or ``dtype``) and fill it from ``source``.
+    Call inside :class:`parallel_context`. ``stats.extra["dtypes"]`` is the :class:`DtypePlan` used."""
     binding = bind(source.layout, bridge)
+    dtypes = plan_dtypes(binding, source.dtypes, dtype)
     # No random initialisation: load_model writes every parameter exactly once (or raises), and the
     # initialisation costs several times the load itself on CPU.
-    model = build(binding, par, initialize=False)
+    model = build(binding, par, initialize=False, dtypes=dtypes)
     reader = SafetensorsReader(source.root, source.weight_map)
     try:
         with progress_bar("HF -> Megatron", len(binding.by_megatron)) as bar:
             stats = load_model(model, binding, reader, progress=bar)
     finally:
         reader.close()
+    stats.extra["dtypes"] = dtypes
     return model, binding, stats
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Megatron -> HF
 # ---------------------------------------------------------------------------------------------------------
-def _dtype_picker(layout: Layout, dtypes: Mapping[str, str]) -> Callable[[str, torch.Tensor], torch.dtype]:
+def _dtype_picker(layout: Layout, dtypes: Mapping[str, str],
+                  force: str | None = None) -> Callable[[str, torch.Tensor], torch.dtype]:
     default = CONFIG_DTYPES.get(str(HFConfig(layout.config).get("torch_dtype", "dtype", default="float32")),
                                 torch.float32)
+    if force is not None:
+        forced = DTYPE_NAMES[force]
+        return lambda key, tensor: forced if tensor.is_floating_point() else tensor.dtype
 
     def pick(key: str, tensor: torch.Tensor) -> torch.dtype:
         if key in dtypes:
@@ -408,7 +511,8 @@ def stream_hf(models: list[torch.nn.Module] | torch.nn.Module, binding: Binding,
     weight_map = target.get("weight_map") or {}
     order = shard_order(weight_map) if weight_map else None
     return iter_hf_tensors(models, binding, order=order,
-                           dtype_for=_dtype_picker(binding.layout, target.get("dtypes") or {}))
+                           dtype_for=_dtype_picker(binding.layout, target.get("dtypes") or {},
+                                                   target.get("force_dtype")))
 
 
 def export_hf(models: list[torch.nn.Module] | torch.nn.Module, binding: Binding, out: Path, *,
@@ -541,9 +645,35 @@ def _copy_side_files(source_root: Path, staging: Path) -> None:
 # ---------------------------------------------------------------------------------------------------------
 # Megatron distributed checkpoints
 # ---------------------------------------------------------------------------------------------------------
-def convert(source_path: str, out: Path, par: Parallel, *, overwrite: bool = False) -> Stats:
+def _stream_to_dist(model: torch.nn.Module, binding: Binding, source: HFSource, path: Path) -> Stats:
+    """Write this rank's part of the dist checkpoint of ``model`` (built on meta) straight from the HF
+    slices, entry by entry (:func:`mapgen.runtime.megatron.save_dist_checkpoint_streaming`)."""
+    from mapgen.runtime.engine import EntryProducer
+    from mapgen.runtime.megatron import save_dist_checkpoint_streaming
+
+    start = time.perf_counter()
+    reader = SafetensorsReader(source.root, source.weight_map)
+    try:
+        with progress_bar("HF -> Megatron (streaming)", 0) as bar:
+            producer = EntryProducer(model, binding, reader, progress=bar)
+            producer.check_duplicates()
+            written = save_dist_checkpoint_streaming(model, path, producer)
+    finally:
+        reader.close()
+    stats = producer.stats
+    stats.bytes_read = reader.bytes_read
+    stats.extra["bytes_written"] = written
+    stats.seconds = time.perf_counter() - start
+    return stats
+
+
+def convert(source_path: str, out: Path, par: Parallel, *, overwrite: bool = False, dtype: str = "auto",
+            streaming: bool = True) -> Stats:
     """HF checkpoint -> Megatron-Core distributed checkpoint (torch_dist), loadable by Megatron-LM:
-    ``OUT/release/`` plus ``latest_checkpointed_iteration.txt``; ``OUT/mapgen.json`` records the layout."""
+    ``OUT/release/`` plus ``latest_checkpointed_iteration.txt``; ``OUT/mapgen.json`` records the layout and
+    the dtypes (the source's by default, ``dtype`` to choose one). ``streaming`` (default): no Megatron model
+    is materialised, each rank writes its shards entry by entry from the HF slices (memory: a few times the
+    largest tensor); otherwise the model is loaded in memory and saved by megatron-core."""
     from mapgen.runtime.megatron import save_dist_checkpoint
 
     source = HFSource.open(source_path)
@@ -553,15 +683,24 @@ def convert(source_path: str, out: Path, par: Parallel, *, overwrite: bool = Fal
     check_parallel(binding.spec, par, world)
     prepare_target(out, overwrite=overwrite, sources=[source.root])
     with parallel_context(par) as coords:
-        log(f"mapgen convert: {source.root} -> {out} ({par.describe()}, world {world})")
-        model, binding, stats = load_hf(source, par)
+        log(f"mapgen convert: {source.root} -> {out} ({par.describe()}, world {world}"
+            f"{', in memory' if not streaming else ''})")
+        if streaming:
+            dtypes = plan_dtypes(binding, source.dtypes, dtype)
+            model = build(binding, par, device="meta", dtypes=dtypes)
+        else:
+            model, binding, stats = load_hf(source, par, dtype=dtype)
+            dtypes = stats.extra["dtypes"]
         staging = _shared_staging(out, coords)
         try:
-            save_dist_checkpoint(model, staging / "release")
+            if streaming:
+                stats = _stream_to_dist(model, binding, source, staging / "release")
+            else:
+                save_dist_checkpoint(model, staging / "release")
             if coords.rank == 0:
                 (staging / "latest_checkpointed_iteration.txt").write_text("release\n")
                 meta = {"mapgen_version": __version__, "layout": json.loads(layout_to_json(source.layout)),
-                        "source": source.to_meta(), "parallel": par.__dict__}
+                        "source": source.to_meta(), "parallel": par.__dict__, "dtype": dtypes.to_json()}
                 (staging / MAPGEN_META).write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
             _barrier()
             if coords.rank == 0:
@@ -608,8 +747,10 @@ def read_megatron_meta(ckpt: Path) -> dict[str, Any]:
 
 
 def export_megatron(ckpt: Path, out: Path, par: Parallel, *, source_path: str | None = None,
-                    overwrite: bool = False) -> Stats:
-    """Megatron distributed checkpoint (any parallel layout; resharded by dist_checkpointing) -> HF."""
+                    overwrite: bool = False, dtype: str = "auto") -> Stats:
+    """Megatron distributed checkpoint (any parallel layout; resharded by dist_checkpointing) -> HF.
+    The model is built in the dtypes ``mapgen.json`` records (fp32 without one: exact for any float
+    checkpoint); HF tensors are written in the source's dtypes, or all floating ones in ``dtype``."""
     from mapgen.runtime._safeload import check_dist_checkpoint
     from mapgen.runtime.megatron import load_dist_checkpoint
 
@@ -621,12 +762,21 @@ def export_megatron(ckpt: Path, out: Path, par: Parallel, *, source_path: str | 
         meta = read_megatron_meta(ckpt)
         layout = layout_from_json(json.dumps(meta["layout"]))
         target, root = meta.get("source") or {}, None
+    recorded = read_megatron_meta(ckpt) if (ckpt / MAPGEN_META).is_file() else {}
+    dtypes = DtypePlan.from_json(recorded.get("dtype"))
+    if dtype != "auto":
+        if dtype not in DTYPE_NAMES:
+            raise error("cli.dtype", f"unknown dtype {dtype!r}", expected=", ".join(DTYPE_CHOICES))
+        target = dict(target)
+        target["dtypes"] = {}
+        target["force_dtype"] = dtype
     prepare_target(out, overwrite=overwrite, sources=[ckpt] + ([source.root] if source else []))
     binding = bind(layout)
     check_parallel(binding.spec, par, world_from_env())
     with parallel_context(par):
         log(f"mapgen export: {ckpt} -> {out} ({par.describe()})")
-        model = build(binding, par, initialize=False)  # every tensor comes from the checkpoint (strict load)
+        # every tensor comes from the checkpoint (strict load)
+        model = build(binding, par, initialize=False, dtypes=dtypes)
         release = ckpt / "release" if (ckpt / "release").is_dir() else ckpt
         check_dist_checkpoint(release)  # megatron/torch unpickle .metadata and common.pt: data types only
         load_dist_checkpoint(model, release)

@@ -86,7 +86,7 @@ import functools
 import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, fields, is_dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import torch
 
@@ -129,6 +129,8 @@ __all__ = [
     "parallel_sizes",
     "rename_mtp_inner",
     "save_dist_checkpoint",
+    "save_dist_checkpoint_streaming",
+    "set_param_dtypes",
     "te_to_local_name",
     "te_to_local_names",
     "transformer_config",
@@ -802,6 +804,102 @@ def save_dist_checkpoint(model: GPTModel, path: str | os.PathLike[str]) -> None:
         dist_checkpointing.save(model.sharded_state_dict(), str(path))
 
 
+class StreamingSource(Protocol):
+    """What :func:`save_dist_checkpoint_streaming` asks of its caller: the real value of one rank-local
+    state-dict entry (``produce``), and where it should come in the write order (``order``, e.g. the HF shard
+    its data lives in)."""
+
+    def produce(self, local: str) -> torch.Tensor: ...
+
+    def order(self, local: str) -> tuple[Any, ...]: ...
+
+
+def save_dist_checkpoint_streaming(model: GPTModel, path: str | os.PathLike[str], source: StreamingSource) -> int:
+    """Write the dist checkpoint of ``model`` -- built on the **meta** device -- without ever holding it:
+    megatron-core's own ``dist_checkpointing.save`` plans the checkpoint from ``model.sharded_state_dict()``
+    (keys, global shapes and offsets, replica ids, the factories that split fused tensors), and a
+    torch.distributed.checkpoint save planner produces each write item's data only when the writer asks for
+    it: ``source.produce(local_name)`` gives the rank-local entry (cached while its pieces are written) and
+    the piece is the same view of it that the factory took of the meta tensor. Only main replicas are
+    written, so a rank produces only what it writes. All ranks must call it. Returns the bytes written."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.strategies.torch import (
+        MCoreSavePlanner,
+        TorchDistSaveShardedStrategy,
+        _replace_state_dict_keys_with_sharded_keys,
+        mcore_to_pyt_state_dict,
+    )
+    from torch.distributed.checkpoint.filesystem import FileSystemWriter
+    from torch.distributed.checkpoint.planner import SavePlan, WriteItem, WriteItemType
+    from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
+
+    entries = _checkpoint_entries(model)
+    by_storage = {t.untyped_storage()._cdata: local for local, t in entries.items()}
+    written = [0]
+    cache: dict[str, torch.Tensor] = {}
+
+    def owner(meta: torch.Tensor) -> str:
+        local = by_storage.get(meta.untyped_storage()._cdata)
+        if local is None:
+            raise RuntimeError(f"a sharded tensor of shape {tuple(meta.shape)} is no view of a model entry")
+        return local
+
+    class Planner(MCoreSavePlanner):  # type: ignore[misc]
+        def create_local_plan(self) -> SavePlan:
+            plan: SavePlan = super().create_local_plan()
+
+            def key(item: WriteItem) -> tuple[Any, ...]:
+                if item.type == WriteItemType.BYTE_IO:
+                    return ((), item.index.fqn)
+                local = owner(self.lookup_object(item.index))
+                return (source.order(local), local, item.index.fqn, tuple(item.index.offset or ()))
+
+            plan.items.sort(key=key)  # the writer writes in plan order: HF shard by shard
+            self.plan = plan
+            return plan
+
+        def resolve_data(self, write_item: WriteItem) -> Any:
+            if write_item.type == WriteItemType.BYTE_IO:
+                return super().resolve_data(write_item)
+            meta = self.lookup_object(write_item.index)
+            local = owner(meta)
+            if local not in cache:
+                cache.clear()  # one entry at a time: its pieces are consecutive in the plan
+                full = source.produce(local).contiguous()
+                if full.storage_offset() or full.untyped_storage().nbytes() != full.nbytes:
+                    full = full.clone()  # a slice of a larger tensor: own storage, so the views below hold
+                want = entries[local]
+                if tuple(full.shape) != tuple(want.shape) or full.dtype != want.dtype:
+                    raise RuntimeError(f"{local}: produced {tuple(full.shape)} {full.dtype}, the model has "
+                                       f"{tuple(want.shape)} {want.dtype}")
+                cache[local] = full
+            piece = cache[local].as_strided(meta.size(), meta.stride(), meta.storage_offset())
+            written[0] += piece.numel() * piece.element_size()
+            return piece
+
+    class Writer(FileSystemWriter):
+        def storage_meta(self) -> Any:  # a str checkpoint id, as megatron's writer stores (no pathlib pickled)
+            meta = super().storage_meta()
+            if meta is not None and meta.checkpoint_id is not None:
+                meta.checkpoint_id = str(meta.checkpoint_id)
+            return meta
+
+    class Strategy(TorchDistSaveShardedStrategy):  # type: ignore[misc]
+        def save(self, sharded_state_dict: Any, checkpoint_dir: Any) -> None:
+            flat, _, _ = _replace_state_dict_keys_with_sharded_keys(sharded_state_dict, self.keep_only_main_replica)
+            pyt_state_dict = mcore_to_pyt_state_dict(flat, False)
+            writer = Writer(str(checkpoint_dir), single_file_per_rank=True, thread_count=1)
+            dcp_save(pyt_state_dict, storage_writer=writer,
+                     planner=Planner(dedup_replicated_tensors=False, flatten_state_dict=False,
+                                     can_run_decentralized_global_plan=False))
+
+    os.makedirs(path, exist_ok=True)
+    with cpu_shims():
+        dist_checkpointing.save(model.sharded_state_dict(), str(path), sharded_strategy=Strategy("torch_dist", 1))
+    cache.clear()
+    return written[0]
+
+
 def load_dist_checkpoint(model: GPTModel, path: str | os.PathLike[str], *, strict: bool = True) -> None:
     """Load a dist checkpoint into ``model`` in place, resharding to the model's TP/EP/PP layout.
 
@@ -816,6 +914,26 @@ def load_dist_checkpoint(model: GPTModel, path: str | os.PathLike[str], *, stric
     missing = [k for k in missing if not k.endswith("_extra_state")]
     if strict and (missing or unexpected):
         raise RuntimeError(f"dist checkpoint mismatch: missing={missing} unexpected={unexpected}")
+
+
+def set_param_dtypes(model: torch.nn.Module, want: dict[str, torch.dtype], base: torch.dtype) -> None:
+    """Put every floating parameter in ``want[global name]``, else ``base`` -- including those megatron's
+    local modules create in fp32 whatever ``params_dtype`` (torch norms; Megatron-LM's ``Float16Module``
+    casts them for training the same way). Buffers change only when named in ``want``: megatron keeps some
+    in a fixed dtype of its own (the router's fp32 expert bias). Values are converted (uninitialised or
+    meta tensors stay so)."""
+    names = local_to_global(model)
+    for local, tensor in _checkpoint_entries(model).items():
+        is_param = isinstance(tensor, torch.nn.Parameter)
+        dtype = want.get(names[local], base if is_param else None)
+        if dtype is None or not tensor.is_floating_point() or tensor.dtype == dtype:
+            continue
+        mod_path, _, attr = local.rpartition(".")
+        module = model.get_submodule(mod_path) if mod_path else model
+        if is_param:
+            tensor.data = tensor.data.to(dtype)
+        else:
+            module._buffers[attr] = tensor.to(dtype)
 
 
 def named_global_tensors(model: torch.nn.Module) -> Iterable[tuple[str, str, torch.Tensor]]:
