@@ -227,9 +227,9 @@ class EntryProducer:
             release(self.order(local)[0])
         try:
             with torch.no_grad():
-                value = P.load(inst.rule, inst.hf, self.binding.spec, self.coords.shard(inst.rule), self.reader,
+                value = ops.load(inst.rule, inst.hf, self.binding.spec, self.coords.shard(inst.rule), self.reader,
                                expert=inst.expert)
-        except P.PrimitiveError as exc:
+        except ops.PrimitiveError as exc:
             raise error("load.primitive", str(exc), key=local) from None
         if tuple(value.shape) != tuple(target.shape):
             raise error("load.shape", f"{local}: HF gives {tuple(value.shape)}, Megatron expects "
