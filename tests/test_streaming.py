@@ -143,3 +143,29 @@ def test_recorded_dtype(tmp_path: Path) -> None:
         md = FileSystemReader(str(tmp_path / name / "release")).read_metadata()
         stored = {str(m.properties.dtype) for m in md.state_dict_metadata.values() if hasattr(m, "properties")}
         assert stored == {want}, (name, stored)
+
+
+def test_dry_run_predicts_what_convert_reads_and_writes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--dry-run writes nothing; its per-rank read bytes are what the conversion then reads."""
+    import re
+
+    from mapgen.cli import main
+
+    src = tiny.write("qwen3-moe", tmp_path / "hf")
+    out = tmp_path / "mcore"
+    assert main(["convert", str(src), str(out), "--dry-run"]) == 0
+    dry = capsys.readouterr().out
+    assert not out.exists()
+    assert "dry run" in dry
+    assert "disk needed" in dry
+    assert "plain-read floor here" in dry
+    row = re.search(r"^\s+0\s+([\d.]+) MiB\s+([\d.]+) MiB", dry, re.M)
+    assert row, dry
+    assert main(["convert", str(src), str(out)]) == 0
+    done = capsys.readouterr().out
+    read = re.search(r"read rank 0: ([\d.]+) MiB", done)
+    assert read, done
+    assert read.group(1) == row.group(1)
+    assert main(["export", str(out), str(tmp_path / "back"), "--dry-run"]) == 0
+    assert "dry run: mapgen export" in capsys.readouterr().out
+    assert not (tmp_path / "back").exists()

@@ -27,6 +27,9 @@ def register(sub: Any) -> None:
     p.add_argument("--in-memory", action="store_true",
                    help="build and fill the whole Megatron model, then save it (default: stream entry by entry "
                    "from the HF slices; no model in memory)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print what each rank would read, write and hold, the disk needed and an estimate; "
+                   "write nothing")
     add_dtype_arg(p, "dtype of the Megatron checkpoint")
     add_parallel_args(p)
     p.set_defaults(func=run)
@@ -40,6 +43,12 @@ def _work(source: str, out: Path, par: Any, overwrite: bool, dtype: str = "auto"
     return {"tensors": stats.tensors, "bytes": stats.bytes, "bytes_read": stats.bytes_read, "seconds": stats.seconds}
 
 
+def _dry(source: str, par: Any, dtype: str) -> dict[str, Any]:
+    from mapgen.runtime.api import dry_run_convert
+
+    return dry_run_convert(source, par, dtype=dtype)
+
+
 def run(args: argparse.Namespace) -> int:
     par = parallel_from_args(args)
     world = launcher_world(par, args.nproc)
@@ -47,6 +56,14 @@ def run(args: argparse.Namespace) -> int:
         from mapgen.runtime.api import preflight
 
         preflight(args.source, par, world, out=args.out, overwrite=args.overwrite)
+    if args.dry_run:
+        results = run_spmd(_dry, par, args.nproc, args.source, par, args.dtype)
+        if is_rank0():
+            from mapgen.cli._dryrun import report
+
+            report(f"convert {args.source} -> {args.out} [{par.describe()}, streaming]", results,
+                   Path(args.source), args.out)
+        return 0
     results = run_spmd(_work, par, args.nproc, args.source, args.out, par, args.overwrite, args.dtype,
                        not args.in_memory)
     if is_rank0():

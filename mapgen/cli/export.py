@@ -26,6 +26,9 @@ def register(sub: Any) -> None:
     p.add_argument("out", type=Path, help="output HF directory (must not exist unless --overwrite)")
     p.add_argument("--source", default=None, help="the original HF checkpoint (layout, towers, side files)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (only once complete)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print what each rank would read, write and hold, the disk needed and an estimate; "
+                   "write nothing")
     add_dtype_arg(p, "dtype of the HF tensors written (auto: the source's, as recorded in mapgen.json)")
     add_parallel_args(p)
     p.set_defaults(func=run)
@@ -39,6 +42,12 @@ def _work(ckpt: Path, out: Path, par: Any, source: str | None, overwrite: bool,
     return {"tensors": stats.tensors, "bytes": stats.bytes, "seconds": stats.seconds}
 
 
+def _dry(ckpt: Path, par: Any, source: str | None) -> dict[str, Any]:
+    from mapgen.runtime.api import dry_run_export
+
+    return dry_run_export(ckpt, par, source_path=source)
+
+
 def run(args: argparse.Namespace) -> int:
     par = parallel_from_args(args)
     world = launcher_world(par, args.nproc)
@@ -46,6 +55,14 @@ def run(args: argparse.Namespace) -> int:
         from mapgen.runtime.api import preflight
 
         preflight(args.source, par, world, out=args.out, overwrite=args.overwrite, ckpt=args.ckpt)
+    if args.dry_run:
+        results = run_spmd(_dry, par, args.nproc, args.ckpt, par, args.source)
+        if is_rank0():
+            from mapgen.cli._dryrun import report
+
+            release = args.ckpt / "release" if (args.ckpt / "release").is_dir() else args.ckpt
+            report(f"export {args.ckpt} -> {args.out} [{par.describe()}]", results, release, args.out)
+        return 0
     results = run_spmd(_work, par, args.nproc, args.ckpt, args.out, par, args.source, args.overwrite, args.dtype)
     if is_rank0():
         r = results[0]

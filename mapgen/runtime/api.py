@@ -714,6 +714,94 @@ def convert(source_path: str, out: Path, par: Parallel, *, overwrite: bool = Fal
     return stats
 
 
+def _rss_bytes() -> int:
+    import resource
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def dry_run_convert(source_path: str, par: Parallel, *, dtype: str = "auto") -> dict[str, Any]:
+    """SPMD: what a streaming :func:`convert` of ``source_path`` would do on this rank, from the model on
+    the meta device and the source's headers only -- nothing is read or written. Bytes this rank reads
+    (the primitives run on meta tensors of the source's shapes) and writes (the main replicas megatron-core's
+    sharded state dict assigns it), the largest entry, and a peak-memory estimate (this process now, with
+    torch and megatron-core imported, plus the largest entry's read slices and two copies of it)."""
+    from mapgen.runtime.engine import EntryProducer
+    from mapgen.runtime.megatron import planned_writes
+
+    source = HFSource.open(source_path)
+    binding = bind(source.layout)
+    check_parallel(binding.spec, par, world_from_env())
+    with parallel_context(par) as coords:
+        dtypes = plan_dtypes(binding, source.dtypes, dtype)
+        model = build(binding, par, device="meta", dtypes=dtypes)
+        writes = planned_writes(model)
+        reader = SafetensorsReader(source.root, source.weight_map)
+        try:
+            producer = EntryProducer(model, binding, reader)
+            reads = {local: producer.measure(local) for local in writes}
+        finally:
+            reader.close()
+        entry_bytes = {local: t.numel() * t.element_size() for local, t in producer.entries.items()}
+        worst = max(writes, key=lambda k: reads[k] + 2 * entry_bytes[k], default=None)
+        peak = _rss_bytes() + (reads[worst] + 2 * entry_bytes[worst] if worst else 0)
+        _barrier()
+    return {"rank": coords.rank, "read": sum(reads.values()), "write": sum(writes.values()), "entries": len(writes),
+            "largest": max(entry_bytes.values(), default=0), "peak": peak, "dtypes": dtypes.to_json()}
+
+
+def dry_run_export(ckpt: Path, par: Parallel, *, source_path: str | None = None) -> dict[str, Any]:
+    """SPMD: what :func:`export_megatron` would do on this rank, from the model on the meta device: every
+    rank reads its model's entries from the dist checkpoint; rank 0 gathers and writes the HF checkpoint
+    (about the checkpoint's bytes, without vocabulary padding). Peak: the rank's model plus, on rank 0, two
+    copies of the largest full tensor."""
+    ckpt = Path(ckpt)
+    meta = read_megatron_meta(ckpt) if (ckpt / MAPGEN_META).is_file() else {}
+    if source_path:
+        layout = HFSource.open(source_path).layout
+    else:
+        layout = layout_from_json(json.dumps(read_megatron_meta(ckpt)["layout"]))
+    dtypes = DtypePlan.from_json(meta.get("dtype"))
+    binding = bind(layout)
+    check_parallel(binding.spec, par, world_from_env())
+    with parallel_context(par) as coords:
+        model = build(binding, par, device="meta", dtypes=dtypes)
+        from mapgen.runtime.megatron import planned_writes
+
+        local = {k: t.numel() * t.element_size() for k, t in model.state_dict().items() if isinstance(t, torch.Tensor)}
+        writes = planned_writes(model)
+        totals = [sum(writes.values())]
+        if coords.world > 1:
+            gathered: list[Any] = [None] * coords.world
+            dist.all_gather_object(gathered, totals[0])
+            totals = gathered
+        largest = max(local.values(), default=0) * max(par.tp, par.etp_size)
+        read = sum(local.values())
+        hf = sum(totals) if coords.rank == 0 else 0
+        peak = _rss_bytes() + read + (2 * largest if coords.rank == 0 else 0)
+        _barrier()
+    return {"rank": coords.rank, "read": read, "write": hf, "entries": len(local), "largest": largest,
+            "peak": peak, "dtypes": dtypes.to_json()}
+
+
+def read_floor(root: Path, budget: int = 256 * 2**20) -> tuple[float, int]:
+    """Plain ``read()`` throughput of up to ``budget`` bytes of the safetensors files under ``root`` (the page
+    cache as it is now): ``(bytes per second, bytes read)``."""
+    files = sorted(Path(root).glob("*.safetensors")) or sorted(Path(root).rglob("*.distcp"))
+    done, start = 0, time.perf_counter()
+    for path in files:
+        with open(path, "rb", buffering=0) as f:
+            while done < budget:
+                chunk = f.read(min(16 * 2**20, budget - done))
+                if not chunk:
+                    break
+                done += len(chunk)
+        if done >= budget:
+            break
+    seconds = max(time.perf_counter() - start, 1e-9)
+    return done / seconds, done
+
+
 def _shared_staging(out: Path, coords: Coords) -> Path:
     """One staging directory name agreed by all ranks."""
     name = [str(staging_dir(out))] if coords.rank == 0 else [""]

@@ -183,6 +183,28 @@ def load_model(model: torch.nn.Module, binding: Binding, reader: Any, coords: Co
     return stats
 
 
+class MetaReader:
+    """A reader over another reader's shapes and dtypes that returns meta tensors: what a load would read,
+    counted in ``bytes_read``, with nothing read."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.bytes_read = 0
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self.inner.shape(key))
+
+    def dtype(self, key: str) -> torch.dtype:
+        dtype: torch.dtype = self.inner.dtype(key)
+        return dtype
+
+    def read(self, key: str, index: tuple[slice | int, ...] = ()) -> torch.Tensor:
+        full = torch.empty(self.shape(key), dtype=self.dtype(key), device="meta")
+        out = full[index] if index else full
+        self.bytes_read += out.numel() * out.element_size()
+        return out
+
+
 class EntryProducer:
     """HF -> one rank-local Megatron entry at a time, for the streaming convert (no model in memory).
 
@@ -243,6 +265,15 @@ class EntryProducer:
         if self.progress:
             self.progress(len(self.produced), len(self.entries))
         return value
+
+    def measure(self, local: str) -> int:
+        """Bytes :meth:`produce` would read for ``local``, without reading: the primitive runs on meta tensors
+        of the source's shapes and dtypes (:class:`MetaReader`)."""
+        inst = self.instances[local]
+        reader = MetaReader(self.reader)
+        with torch.no_grad():
+            ops.load(inst.rule, inst.hf, self.binding.spec, self.coords.shard(inst.rule), reader, expert=inst.expert)
+        return reader.bytes_read
 
     def check_duplicates(self) -> None:
         _check_duplicates(self.binding, self.reader, self.coords)

@@ -127,6 +127,7 @@ __all__ = [
     "padded_vocab_size",
     "parallel",
     "parallel_sizes",
+    "planned_writes",
     "rename_mtp_inner",
     "save_dist_checkpoint",
     "save_dist_checkpoint_streaming",
@@ -898,6 +899,27 @@ def save_dist_checkpoint_streaming(model: GPTModel, path: str | os.PathLike[str]
         dist_checkpointing.save(model.sharded_state_dict(), str(path), sharded_strategy=Strategy("torch_dist", 1))
     cache.clear()
     return written[0]
+
+
+def planned_writes(model: GPTModel) -> dict[str, int]:
+    """Bytes this rank writes into a dist checkpoint of ``model`` (meta is fine), per local state-dict entry:
+    the main replicas of its sharded state dict after megatron's factories, as
+    :func:`save_dist_checkpoint_streaming` writes them. Entries other ranks write are absent."""
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories, is_main_replica
+
+    entries = _checkpoint_entries(model)
+    by_storage = {t.untyped_storage()._cdata: local for local, t in entries.items()}
+    with cpu_shims():
+        sharded = model.sharded_state_dict()
+        apply_factories(sharded)
+    out: dict[str, int] = {}
+    for sh in nested_values(sharded):
+        if isinstance(sh, ShardedTensor) and sh.data is not None and is_main_replica(sh.replica_id):
+            local = by_storage.get(sh.data.untyped_storage()._cdata)
+            if local is not None:
+                out[local] = out.get(local, 0) + sh.data.numel() * sh.data.element_size()
+    return out
 
 
 def load_dist_checkpoint(model: GPTModel, path: str | os.PathLike[str], *, strict: bool = True) -> None:
