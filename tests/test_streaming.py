@@ -109,7 +109,7 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     batch = [(case, str(paths[src]), LAYOUTS_2[lay], str(out)) for case, src, lay in CASES]
     per_rank = spawn(_compare_worker, 2, batch)
     single = spawn(_compare_worker, 1, [(case, str(paths[src]), {}, str(out)) for case, src in CASES_1])
-    return {**per_rank[0], **single[0], "_ranks": per_rank}
+    return {**per_rank[0], **single[0], "_ranks": per_rank, "_out": out, "_paths": paths}
 
 
 @pytest.mark.parametrize("name", [c[0] for c in CASES] + [c[0] for c in CASES_1])
@@ -169,3 +169,68 @@ def test_dry_run_predicts_what_convert_reads_and_writes(tmp_path: Path, capsys: 
     assert main(["export", str(out), str(tmp_path / "back"), "--dry-run"]) == 0
     assert "dry run: mapgen export" in capsys.readouterr().out
     assert not (tmp_path / "back").exists()
+
+
+def _args_worker(cases: list[tuple[str, str, str]]) -> dict[str, Any]:
+    """Build the model from megatron_args.txt alone (as Megatron-LM would), load the checkpoint into it with
+    dist_checkpointing.load (strict), and export it to HF through the layout's bridge."""
+    import dataclasses
+    import shutil
+    import tempfile
+
+    import torch
+
+    from mapgen.ops import padded_vocab
+    from mapgen.runtime.api import (
+        HFSource,
+        Parallel,
+        bind,
+        compare_checkpoints,
+        export_hf,
+        parallel_context,
+    )
+    from mapgen.runtime.megatron import build_model, load_dist_checkpoint, transformer_config
+    from mapgen.runtime.megatron_args import ARGS_FILE, canonical, from_text, spec_from_args
+
+    out: dict[str, Any] = {}
+    for name, src, ckpt in cases:
+        argv = from_text((Path(ckpt) / ARGS_FILE).read_text())
+        spec, run = spec_from_args(argv)
+        source = HFSource.open(src)
+        binding = bind(source.layout)
+        par = Parallel(tp=run["tp"], ep=run["ep"], etp=run["etp"], pp=run["pp"])
+        dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[run["dtype"]]
+        with parallel_context(par) as coords:
+            mine, theirs = transformer_config(binding.spec), transformer_config(spec)
+            differ = [f.name for f in dataclasses.fields(mine)
+                      if not callable(getattr(mine, f.name)) and getattr(mine, f.name) != getattr(theirs, f.name)]
+            padded = spec.replace(vocab_size=padded_vocab(spec.vocab_size, run["tp"], run["divisible_by"]))
+            model = build_model(padded, params_dtype=dtype, initialize=False)
+            model.mapgen_vocab_size = spec.vocab_size
+            load_dist_checkpoint(model, Path(run["load"]) / "release")
+            tmp = Path(tempfile.mkdtemp(prefix="mapgen-args-")) if coords.rank == 0 else Path()
+            export_hf(model, binding, tmp / "hf", target=source.to_meta(), source_root=source.root)
+            mismatches = compare_checkpoints(source.root, tmp / "hf").mismatches if coords.rank == 0 else []
+            if coords.rank == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+        out[name] = {"spec_equal": spec == canonical(binding.spec), "config_differs": differ, "mismatches": mismatches,
+                     "load": run["load"], "ckpt": str(Path(ckpt).resolve())}
+    return out
+
+
+ARGS_CASES = ["qwen3-moe-ep2", "qwen3-pp2", "qwen3.6-mtp2-tp2", "glm4-moe-mtp-tp2", "qwen3.6-mixed-tp2"]
+
+
+def test_megatron_lm_arguments_build_a_model_that_loads_the_checkpoint(results: dict[str, Any]) -> None:
+    """megatron_args.txt parses back to the bridge's own ModelSpec and TransformerConfig; a model built from
+    it alone loads the checkpoint (dist_checkpointing.load, strict) and exports to the source, bitwise."""
+    from mapgen.runtime.api import spawn
+
+    src = {case: lay for case, lay, _ in CASES}
+    cases = [(c, str(results["_paths"][src[c]]), str(results["_out"] / f"{c}-stream")) for c in ARGS_CASES]
+    per_rank = spawn(_args_worker, 2, cases)
+    for name, r in per_rank[0].items():
+        assert r["spec_equal"], name
+        assert r["config_differs"] == [], (name, r["config_differs"])
+        assert r["mismatches"] == [], (name, r["mismatches"][:5])
+        assert r["load"] == r["ckpt"]
