@@ -91,7 +91,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 import torch
 
 from mapgen.plan.spec import LayerKind, MlpKind, ModelSpec
-from mapgen.runtime._cpu import cpu_shims, install_cpu_shims
+from mapgen.runtime._cpu import cpu_shims, import_megatron, install_cpu_shims
 from mapgen.runtime._names import (
     MTP_INNER_NAMES,
     detect_mtp_inner_name,
@@ -255,6 +255,7 @@ def _drop_process_group() -> None:
 
 def parallel_sizes() -> ParallelSizes:
     """The sizes of the current megatron parallel state (all 1 when none is initialised)."""
+    import_megatron()
     from megatron.core import parallel_state as ps
 
     if not ps.model_parallel_is_initialized():
@@ -290,6 +291,7 @@ def init_parallel(
     etp = tp if etp is None else etp
     import torch.distributed as dist
 
+    import_megatron()
     if spec is not None:
         world = None
         if dist.is_initialized():
@@ -353,6 +355,7 @@ def parallel(
 @contextlib.contextmanager
 def _single_rank_state() -> Iterator[None]:
     """TP=EP=PP=1 megatron state for the block, restoring whatever existed before."""
+    import_megatron()
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
