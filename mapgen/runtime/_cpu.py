@@ -126,7 +126,7 @@ def import_megatron() -> None:
         import megatron.core
         return
     original = torch.compile
-    torch.compile = _eager_compile  # type: ignore[assignment]
+    torch.compile = _eager_compile
     try:
         import megatron.core
         import megatron.core.jit  # noqa: F401
