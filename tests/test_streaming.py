@@ -5,7 +5,9 @@ For every layout the conversion tests cover -- dense and MoE Qwen3 written by tr
 packed experts, MTP), Qwen3.5 (per-expert experts, MTP), a GLM extra-layer MTP (duplicated tensors, fp32
 router bias) and a mixed-dtype checkpoint (fp32 ``A_log`` among bf16) -- at TP=2, EP=2 (ETP=1), PP=2 and
 TP=1, both paths convert the same source; then megatron-core's ``dist_checkpointing.load`` reads each
-into a freshly built model and every tensor (values and dtype) is compared.
+into a freshly built model and every tensor (values and dtype) is compared. The streamed checkpoint is
+then exported both ways -- streaming (no model; each rank writes its share of the output shards) and in
+memory at the same layout -- and both must equal the source bitwise.
 """
 
 from __future__ import annotations
@@ -31,7 +33,9 @@ def _compare_worker(cases: list[tuple[str, str, dict[str, Any], str]]) -> dict[s
         Parallel,
         bind,
         build,
+        compare_checkpoints,
         convert,
+        export_megatron,
         parallel_context,
         read_megatron_meta,
     )
@@ -47,7 +51,7 @@ def _compare_worker(cases: list[tuple[str, str, dict[str, Any], str]]) -> dict[s
         meta_a, meta_b = read_megatron_meta(a), read_megatron_meta(b)
         dtypes = DtypePlan.from_json(meta_a["dtype"])
         problems = [] if meta_a["dtype"] == meta_b["dtype"] else [f"dtype plans differ: {meta_a['dtype']}"]
-        with parallel_context(par):
+        with parallel_context(par) as coords:
             ma = build(binding, par, initialize=False, dtypes=dtypes)
             mb = build(binding, par, initialize=False, dtypes=dtypes)
             with torch.no_grad():  # different garbage in both, so that a tensor left unloaded shows
@@ -68,6 +72,14 @@ def _compare_worker(cases: list[tuple[str, str, dict[str, Any], str]]) -> dict[s
                 if ta.dtype != tb.dtype or ta.shape != tb.shape or not torch.equal(ta, tb):
                     problems.append(f"{k}: {ta.dtype}{tuple(ta.shape)} vs {tb.dtype}{tuple(tb.shape)}")
             dtypes_seen = sorted({str(sda[k].dtype) for k in keys})
+        # Export both ways (streaming: each rank writes its share of the shards; in memory at the layout).
+        ea, eb = Path(root) / f"{name}-hf-stream", Path(root) / f"{name}-hf-memory"
+        export_megatron(a, ea, par, source_path=src, streaming=True)
+        export_megatron(a, eb, par, source_path=src, streaming=False)
+        if coords.rank == 0:
+            for label, path in (("streaming export", ea), ("in-memory export", eb)):
+                rt = compare_checkpoints(Path(src), path)
+                problems += [f"{label}: {m}" for m in rt.mismatches[:5]]
         out[name] = {"problems": problems, "tensors": len(keys), "dtypes": dtypes_seen,
                      "read_stream": sa.bytes_read, "read_memory": sb.bytes_read}
     return out

@@ -23,7 +23,7 @@ def report(what: str, results: list[dict[str, Any]], floor_root: Path, out: Path
     print(f"dry run: mapgen {what} (nothing read but headers, nothing written)")
     print(f"  megatron dtypes: {dtypes['params_dtype']}" + (f"; {len(overrides)} entries in {', '.join(kinds)} "
                                                             f"(e.g. {next(iter(overrides))})" if overrides else ""))
-    print(f"  {'rank':>4}  {'reads':>10}  {'writes':>10}  {'entries':>7}  {'largest':>10}  {'peak memory (est.)':>18}")
+    print(f"  {'rank':>4}  {'reads':>10}  {'writes':>10}  {'items':>7}  {'largest':>10}  {'peak memory (est.)':>18}")
     for r in results:
         print(f"  {r['rank']:>4}  {_gib(r['read']):>10}  {_gib(r['write']):>10}  {r['entries']:>7}  "
               f"{_gib(r['largest']):>10}  {_gib(r['peak']):>18}")

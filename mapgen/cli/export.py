@@ -26,6 +26,9 @@ def register(sub: Any) -> None:
     p.add_argument("out", type=Path, help="output HF directory (must not exist unless --overwrite)")
     p.add_argument("--source", default=None, help="the original HF checkpoint (layout, towers, side files)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (only once complete)")
+    p.add_argument("--in-memory", action="store_true",
+                   help="load the whole model at --tp/--ep/--pp and gather it to rank 0 (default: stream; each "
+                   "of the --nproc (or TP*PP...) ranks writes its share of the output shards, no model in memory)")
     p.add_argument("--dry-run", action="store_true",
                    help="print what each rank would read, write and hold, the disk needed and an estimate; "
                    "write nothing")
@@ -35,10 +38,11 @@ def register(sub: Any) -> None:
 
 
 def _work(ckpt: Path, out: Path, par: Any, source: str | None, overwrite: bool,
-          dtype: str = "auto") -> dict[str, Any]:
+          dtype: str = "auto", streaming: bool = True) -> dict[str, Any]:
     from mapgen.runtime.api import export_megatron
 
-    stats = export_megatron(ckpt, out, par, source_path=source, overwrite=overwrite, dtype=dtype)
+    stats = export_megatron(ckpt, out, par, source_path=source, overwrite=overwrite, dtype=dtype,
+                            streaming=streaming)
     return {"tensors": stats.tensors, "bytes": stats.bytes, "seconds": stats.seconds}
 
 
@@ -61,11 +65,14 @@ def run(args: argparse.Namespace) -> int:
             from mapgen.cli._dryrun import report
 
             release = args.ckpt / "release" if (args.ckpt / "release").is_dir() else args.ckpt
-            report(f"export {args.ckpt} -> {args.out} [{par.describe()}]", results, release, args.out)
+            report(f"export {args.ckpt} -> {args.out} [streaming, {len(results)} rank(s); items = output shards]",
+                   results, release, args.out)
         return 0
-    results = run_spmd(_work, par, args.nproc, args.ckpt, args.out, par, args.source, args.overwrite, args.dtype)
+    results = run_spmd(_work, par, args.nproc, args.ckpt, args.out, par, args.source, args.overwrite, args.dtype,
+                       not args.in_memory)
     if is_rank0():
-        r = results[0]
-        print(f"exported {args.ckpt} -> {args.out} [{par.describe()}]: {r['tensors']} tensors, "
-              f"{r['bytes'] / 2**20:.1f} MiB, {r['seconds']:.2f} s")
+        tensors, nbytes = sum(r["tensors"] for r in results), sum(r["bytes"] for r in results)
+        how = par.describe() if args.in_memory else f"streaming, {len(results)} rank(s)"
+        print(f"exported {args.ckpt} -> {args.out} [{how}]: {tensors} tensors, "
+              f"{nbytes / 2**20:.1f} MiB, {max(r['seconds'] for r in results):.2f} s")
     return 0

@@ -99,6 +99,8 @@ QUIET_WARNINGS = (
     r".*Transformer Engine and Apex are not installed.*",
     r".*Apex is not installed.*",
     r".*full scope is deprecated.*",
+    r".*Please use DTensor instead and we are deprecating ShardedTensor.*",
+    r".*torch.distributed is disabled, unavailable or uninitialized.*",
 )
 
 

@@ -28,7 +28,7 @@ import torch.distributed as dist
 from mapgen import __version__
 from mapgen.errors import Diagnostic, MapgenError, error
 from mapgen.ir import Layout, layout_from_json, layout_to_json
-from mapgen.plan.expand import tower_keys
+from mapgen.plan.expand import Instance, tower_keys
 from mapgen.plan.spec import ModelSpec
 from mapgen.runtime._net import free_port as _free_port
 from mapgen.runtime.bridge import Bridge, HFConfig
@@ -757,36 +757,44 @@ def dry_run_convert(source_path: str, par: Parallel, *, dtype: str = "auto") -> 
 
 
 def dry_run_export(ckpt: Path, par: Parallel, *, source_path: str | None = None) -> dict[str, Any]:
-    """SPMD: what :func:`export_megatron` would do on this rank, from the model on the meta device: every
-    rank reads its model's entries from the dist checkpoint; rank 0 gathers and writes the HF checkpoint
-    (about the checkpoint's bytes, without vocabulary padding). Peak: the rank's model plus, on rank 0, two
-    copies of the largest full tensor."""
+    """SPMD: what a streaming :func:`export_megatron` would do on this rank, from the TP=1 model on the meta
+    device: the output shards it is dealt, the Megatron entries they need (read from the checkpoint) and the
+    HF bytes it writes (about the same bytes in the recorded dtypes, without vocabulary padding). Peak: this
+    process now plus twice the largest shard's entries (the entries, then the converted HF tensors)."""
+    from mapgen.runtime.megatron import local_to_global
+
     ckpt = Path(ckpt)
     meta = read_megatron_meta(ckpt) if (ckpt / MAPGEN_META).is_file() else {}
     if source_path:
-        layout = HFSource.open(source_path).layout
+        source = HFSource.open(source_path)
+        layout, weight_map = source.layout, source.weight_map
     else:
-        layout = layout_from_json(json.dumps(read_megatron_meta(ckpt)["layout"]))
+        meta = read_megatron_meta(ckpt)
+        layout = layout_from_json(json.dumps(meta["layout"]))
+        weight_map = dict((meta.get("source") or {}).get("weight_map") or {})
     dtypes = DtypePlan.from_json(meta.get("dtype"))
     binding = bind(layout)
-    check_parallel(binding.spec, par, world_from_env())
-    with parallel_context(par) as coords:
-        model = build(binding, par, device="meta", dtypes=dtypes)
-        from mapgen.runtime.megatron import planned_writes
-
-        local = {k: t.numel() * t.element_size() for k, t in model.state_dict().items() if isinstance(t, torch.Tensor)}
-        writes = planned_writes(model)
-        totals = [sum(writes.values())]
-        if coords.world > 1:
-            gathered: list[Any] = [None] * coords.world
-            dist.all_gather_object(gathered, totals[0])
-            totals = gathered
-        largest = max(local.values(), default=0) * max(par.tp, par.etp_size)
-        read = sum(local.values())
-        hf = sum(totals) if coords.rank == 0 else 0
-        peak = _rss_bytes() + read + (2 * largest if coords.rank == 0 else 0)
+    with parallel_context(Parallel()) as coords:
+        model = build(binding, Parallel(), device="meta", dtypes=dtypes)
+        size = {glob: t.numel() * t.element_size() for glob, t in
+                ((local_to_global(model)[k], t) for k, t in model.state_dict().items() if isinstance(t, torch.Tensor))}
+        producers: dict[str, set[str]] = {}
+        for inst in binding.instances:
+            for key in inst.hf:
+                producers.setdefault(key, set()).add(inst.megatron)
+        shards = list(dict.fromkeys(weight_map.values()))
+        read, per_shard, mine = 0, [0], 0
+        for n, shard in enumerate(shards):
+            if n % coords.world != coords.rank:
+                continue
+            need = {m for k, s in weight_map.items() if s == shard for m in producers.get(k, ())}
+            nbytes = sum(size.get(m, 0) for m in need)
+            read += nbytes
+            per_shard.append(nbytes)
+            mine += 1
+        peak = _rss_bytes() + 2 * max(per_shard)
         _barrier()
-    return {"rank": coords.rank, "read": read, "write": hf, "entries": len(local), "largest": largest,
+    return {"rank": coords.rank, "read": read, "write": read, "entries": mine, "largest": max(size.values(), default=0),
             "peak": peak, "dtypes": dtypes.to_json()}
 
 
@@ -840,9 +848,133 @@ def read_megatron_meta(ckpt: Path) -> dict[str, Any]:
     return meta
 
 
+def _export_streaming(binding: Binding, release: Path, out: Path, target: Mapping[str, Any], root: Path | None,
+                      dtypes: DtypePlan, overwrite: bool) -> Stats:
+    """SPMD Megatron dist checkpoint -> HF without a model: the output shard files of ``target``'s weight map
+    are dealt round-robin to the ranks; each rank reads, for one output shard at a time, just the Megatron
+    entries that shard needs (:func:`mapgen.runtime.megatron.load_dist_entries`, resharded from any saved
+    layout), converts them with the rules' ``save`` and writes the shard. Rank 0 writes the index, config and
+    side files last and renames the directory into place."""
+    from mapgen import ops
+    from mapgen.runtime.megatron import load_dist_entries, local_to_global
+
+    start = time.perf_counter()
+    coords = Coords.current()
+    layout = binding.layout
+    model = build(binding, Parallel(), device="meta", dtypes=dtypes)
+    local_of: dict[str, str] = {}
+    for local, glob in local_to_global(model).items():
+        local_of.setdefault(glob, local)
+    weight_map: dict[str, str] = dict(target["weight_map"])
+    shard_meta: Mapping[str, dict[str, str]] = target.get("shard_metadata") or {}
+    towers = tower_keys(layout)
+    if towers and root is None:
+        raise error("export.towers-need-source", f"the layout carries {len(towers)} tower keys that live only in the "
+                    "source checkpoint", hint="pass --source with the original HF checkpoint")
+    producers: dict[str, list[Instance]] = {}
+    for inst in binding.instances:
+        for key in inst.hf:
+            producers.setdefault(key, []).append(inst)
+    packed_counts: dict[str, set[int]] = {}
+    for inst in binding.instances:
+        if inst.rule.experts and inst.rule.option("layout") == "packed" and inst.expert is not None:
+            for key in inst.hf:
+                packed_counts.setdefault(key, set()).add(inst.expert)
+    dtype_for = _dtype_picker(layout, target.get("dtypes") or {}, target.get("force_dtype"))
+    shards = list(dict.fromkeys(weight_map.values()))
+    staging = _shared_staging(out, coords)
+    stats = Stats()
+    written: dict[str, str] = {}
+    sizes: dict[str, int] = {}
+    src = SafetensorsReader(root, weight_map) if root is not None and towers else None
+    try:
+        with progress_bar("Megatron -> HF (streaming)", len(shards)) as bar:
+            for n, shard in enumerate(shards):
+                if n % coords.world != coords.rank:
+                    continue
+                keys = [k for k, s in weight_map.items() if s == shard]
+                keyset = set(keys)
+                insts = list({id(i): i for k in keys for i in producers.get(k, [])}.values())
+                loaded = load_dist_entries(model, release, {local_of[i.megatron] for i in insts})
+                tensors: dict[str, torch.Tensor] = {}
+                packed: dict[str, dict[int, torch.Tensor]] = {}
+                for inst in insts:
+                    for frag in ops.save(inst.rule, inst.hf, binding.spec, loaded[local_of[inst.megatron]],
+                                         expert=inst.expert):
+                        if frag.key not in keyset:
+                            continue
+                        if frag.index is not None:
+                            packed.setdefault(frag.key, {})[frag.index] = frag.tensor
+                        elif frag.key in tensors:
+                            if inst.rule.option("shared") and not torch.equal(tensors[frag.key], frag.tensor):
+                                raise error("export.shared-diverged", f"{frag.key} is one HF tensor for every MTP "
+                                            "depth, but the Megatron copies differ between depths", key=inst.megatron,
+                                            hint="tie them before exporting")
+                        else:
+                            tensors[frag.key] = frag.tensor
+                del loaded
+                for key, slots in packed.items():
+                    if len(slots) != len(packed_counts.get(key, ())):
+                        raise error("export.incomplete-packed", f"only {len(slots)} expert slots filled", key=key)
+                    tensors[key] = torch.stack([slots[e] for e in range(len(slots))])
+                tensors = {k: v.to(dtype_for(k, v)).contiguous() for k, v in tensors.items()}
+                for key in keys:
+                    if key not in tensors:
+                        if src is None or key not in towers:
+                            raise error("export.incomplete", "no rule produces this key of the target layout",
+                                        key=key)
+                        tensors[key] = src.read(key)
+                from safetensors.torch import save_file
+
+                save_file(tensors, str(staging / shard), metadata=shard_meta.get(shard))
+                for key, value in tensors.items():
+                    written[key] = shard
+                    sizes[key] = value.numel() * value.element_size()
+                stats.tensors += len(tensors)
+                stats.bytes += sum(v.numel() * v.element_size() for v in tensors.values())
+                del tensors
+                if bar is not None:
+                    bar(n + 1, len(shards))
+        maps: list[Any] = [(written, sizes)]
+        if coords.world > 1:
+            maps = [None] * coords.world
+            dist.all_gather_object(maps, (written, sizes))
+        if coords.rank == 0:
+            all_written = {k: v for w, _ in maps for k, v in w.items()}
+            missing = sorted(set(weight_map) - set(all_written))
+            if missing:
+                raise error("export.incomplete", f"{len(missing)} keys were never written", key=missing[0])
+            total = sum(n for _, sz in maps for n in sz.values())
+            if not target.get("single_file"):
+                meta = dict(target.get("index_metadata") or {})
+                meta["total_size"] = total
+                index = {"metadata": meta, "weight_map": dict(sorted(all_written.items()))}
+                (staging / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+            (staging / "config.json").write_text(json.dumps(layout.config, indent=2, sort_keys=True) + "\n")
+            if root is not None:
+                _copy_side_files(Path(root), staging)
+        _barrier()
+        if coords.rank == 0:
+            if Path(out).exists() and not overwrite:
+                raise error("output.exists", "the output directory appeared meanwhile", file=str(out))
+            commit_dir(staging, Path(out))
+    except BaseException:
+        if coords.rank == 0:
+            shutil.rmtree(staging, ignore_errors=True)
+        raise
+    finally:
+        if src is not None:
+            src.close()
+    _barrier()
+    stats.seconds = time.perf_counter() - start
+    return stats
+
+
 def export_megatron(ckpt: Path, out: Path, par: Parallel, *, source_path: str | None = None,
-                    overwrite: bool = False, dtype: str = "auto") -> Stats:
+                    overwrite: bool = False, dtype: str = "auto", streaming: bool = True) -> Stats:
     """Megatron distributed checkpoint (any parallel layout; resharded by dist_checkpointing) -> HF.
+    ``streaming`` (default, when the source's shard layout is known): no model, each rank writes its share of
+    the output shards (:func:`_export_streaming`); otherwise the model is loaded and gathered to rank 0.
     The model is built in the dtypes ``mapgen.json`` records (fp32 without one: exact for any float
     checkpoint); HF tensors are written in the source's dtypes, or all floating ones in ``dtype``."""
     from mapgen.runtime._safeload import check_dist_checkpoint
@@ -867,11 +999,16 @@ def export_megatron(ckpt: Path, out: Path, par: Parallel, *, source_path: str | 
     prepare_target(out, overwrite=overwrite, sources=[ckpt] + ([source.root] if source else []))
     binding = bind(layout)
     check_parallel(binding.spec, par, world_from_env())
+    release = ckpt / "release" if (ckpt / "release").is_dir() else ckpt
+    if streaming and target.get("weight_map"):
+        check_dist_checkpoint(release)  # megatron/torch unpickle .metadata and common.pt: data types only
+        with parallel_context(Parallel()):  # every rank sees the whole (TP=1) model on meta; DP = the world
+            log(f"mapgen export: {ckpt} -> {out} (streaming, {world_from_env()} rank(s))")
+            return _export_streaming(binding, release, Path(out), target, root, dtypes, overwrite)
     with parallel_context(par):
-        log(f"mapgen export: {ckpt} -> {out} ({par.describe()})")
+        log(f"mapgen export: {ckpt} -> {out} ({par.describe()}, in memory)")
         # every tensor comes from the checkpoint (strict load)
         model = build(binding, par, initialize=False, dtypes=dtypes)
-        release = ckpt / "release" if (ckpt / "release").is_dir() else ckpt
         check_dist_checkpoint(release)  # megatron/torch unpickle .metadata and common.pt: data types only
         load_dist_checkpoint(model, release)
         stats = export_hf(model, binding, Path(out), target=target, source_root=root, overwrite=overwrite)

@@ -119,6 +119,7 @@ __all__ = [
     "init_parallel",
     "install_cpu_shims",
     "load_dist_checkpoint",
+    "load_dist_entries",
     "local_to_global",
     "local_to_te_name",
     "local_to_te_names",
@@ -234,6 +235,11 @@ def _ensure_process_group(backend: str | None) -> None:
         if backend == "nccl" and "LOCAL_RANK" in os.environ:
             torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
         dist.init_process_group(backend, timeout=_dist_timeout())
+    elif backend == "gloo":
+        # One process: an in-memory store, no TCP port (a free port picked here can be taken by another
+        # process before the store binds it on a busy machine).
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1,  # type: ignore[attr-defined]
+                                timeout=_dist_timeout())
     else:
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         if "MASTER_PORT" not in os.environ:
@@ -923,6 +929,65 @@ def planned_writes(model: GPTModel) -> dict[str, int]:
             if local is not None:
                 out[local] = out.get(local, 0) + sh.data.numel() * sh.data.element_size()
     return out
+
+
+def load_dist_entries(model: GPTModel, path: str | os.PathLike[str], names: Iterable[str]) -> dict[str, torch.Tensor]:
+    """Read only the entries ``names`` (local state-dict names) of ``model`` -- built on the **meta** device --
+    from a dist checkpoint, on this rank alone (no collectives: each rank may read a different subset).
+    megatron-core does the mapping (``sharded_state_dict``, factories and their merges, resharding from any
+    saved layout); torch.distributed.checkpoint reads the chunks. Returns fresh CPU tensors."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+    from megatron.core.dist_checkpointing.strategies.torch import (
+        MCoreLoadPlanner,
+        TorchDistLoadShardedStrategy,
+        _replace_sharded_keys_with_state_dict_keys,
+        _replace_state_dict_keys_with_sharded_keys,
+        _restore_dict_types,
+        _unwrap_pyt_sharded_tensor,
+        mcore_to_pyt_state_dict,
+    )
+    from torch.distributed.checkpoint.filesystem import FileSystemReader
+    from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
+
+    wanted = set(names)
+    entries = _checkpoint_entries(model)
+    saved: dict[str, tuple[dict[str, Any], str, Any]] = {}
+    for name in wanted:  # real storage for the entries asked for; the rest of the model stays on meta
+        t = entries[name]
+        mod_path, _, attr = name.rpartition(".")
+        module = model.get_submodule(mod_path) if mod_path else model
+        table = module._parameters if attr in module._parameters else module._buffers
+        saved[name] = (table, attr, table[attr])
+        real = torch.empty(t.shape, dtype=t.dtype, device="cpu")
+        table[attr] = torch.nn.Parameter(real, requires_grad=False) if table is module._parameters else real
+
+    class Local(TorchDistLoadShardedStrategy):  # type: ignore[misc]
+        def load(self, sharded_state_dict: Any, checkpoint_dir: Any) -> Any:
+            orig = sharded_state_dict
+            flat, flat_mapping, rename_mapping = _replace_state_dict_keys_with_sharded_keys(sharded_state_dict)
+            pyt = mcore_to_pyt_state_dict(flat, True)
+            checks = [t for t in nested_values(sharded_state_dict) if isinstance(t, ShardedTensor)]
+            dcp_load(pyt, storage_reader=FileSystemReader(str(checkpoint_dir)),
+                     planner=MCoreLoadPlanner(shapes_validation_sharded_tensors=checks), no_dist=True)
+            out = {k: _unwrap_pyt_sharded_tensor(v) for k, v in pyt.items()}
+            out = _replace_sharded_keys_with_state_dict_keys(out, flat_mapping, rename_mapping)
+            _restore_dict_types(out, orig)
+            return out
+
+    try:
+        with cpu_shims():
+            sharded = {k: v for k, v in model.sharded_state_dict().items() if k in wanted}
+            missing = wanted - set(sharded)
+            if missing or not all(isinstance(v, (ShardedTensor, ShardedTensorFactory)) for v in sharded.values()):
+                raise RuntimeError(f"entries without a plain sharded tensor: {sorted(missing)[:3]}")
+            state = dist_checkpointing.load(sharded, str(path), sharded_strategy=Local(),
+                                            validate_access_integrity=False)
+        return {name: state[name] for name in wanted}
+    finally:
+        for table, attr, original in saved.values():
+            table[attr] = original
 
 
 def load_dist_checkpoint(model: GPTModel, path: str | os.PathLike[str], *, strict: bool = True) -> None:
