@@ -425,21 +425,25 @@ class progress_bar:
     """A tqdm bar on rank 0 when stderr is a terminal (or ``MAPGEN_PROGRESS=1``); otherwise silent.
     Called as ``bar(done, total)``."""
 
-    def __init__(self, what: str, total: int) -> None:
+    def __init__(self, what: str, total: int, *, unit: str = "tensor") -> None:
         rank0 = not dist.is_initialized() or dist.get_rank() == 0
         wanted = os.environ.get("MAPGEN_PROGRESS", "1" if sys.stderr.isatty() else "0") == "1"
         self._bar: Any = None
+        self._bytes = unit == "B"
         if rank0 and wanted:
             from tqdm import tqdm
 
-            self._bar = tqdm(total=total or None, desc=what, unit="tensor", leave=False)
+            self._bar = tqdm(total=total or None, desc=what, unit=unit, leave=False, unit_scale=self._bytes,
+                             unit_divisor=1024 if self._bytes else 1000)
 
     def __enter__(self) -> Callable[[int, int], None] | None:
         return self if self._bar is not None else None
 
     def __call__(self, done: int, total: int) -> None:
+        if total and self._bar.total != total:
+            self._bar.total = total
         self._bar.n = done
-        if done == total or done % 64 == 0:
+        if self._bytes or done == total or done % 64 == 0:
             self._bar.refresh()
 
     def __exit__(self, *exc: object) -> None:
@@ -654,8 +658,12 @@ def _stream_to_dist(model: torch.nn.Module, binding: Binding, source: HFSource, 
     start = time.perf_counter()
     reader = SafetensorsReader(source.root, source.weight_map)
     try:
-        with progress_bar("HF -> Megatron (streaming)", 0) as bar:
+        with progress_bar("HF -> Megatron", 0, unit="B") as bar:
             producer = EntryProducer(model, binding, reader, progress=bar)
+            if bar is not None:  # bytes this rank writes, for the bar's total and rate
+                from mapgen.runtime.megatron import planned_writes
+
+                producer.total_bytes = sum(planned_writes(model).values())
             producer.check_duplicates()
             written = save_dist_checkpoint_streaming(model, path, producer)
     finally:
@@ -888,7 +896,7 @@ def _export_streaming(binding: Binding, release: Path, out: Path, target: Mappin
     sizes: dict[str, int] = {}
     src = SafetensorsReader(root, weight_map) if root is not None and towers else None
     try:
-        with progress_bar("Megatron -> HF (streaming)", len(shards)) as bar:
+        with progress_bar("Megatron -> HF", len(shards), unit="shard") as bar:
             for n, shard in enumerate(shards):
                 if n % coords.world != coords.rank:
                     continue

@@ -235,6 +235,7 @@ class EntryProducer:
             raise MapgenError(problems)
         self.stats = Stats()
         self.produced: dict[str, int] = defaultdict(int)
+        self.total_bytes = 0  # for a progress bar in bytes (0: unknown)
 
     def order(self, local: str) -> tuple[Any, ...]:
         inst = self.instances[local]
@@ -263,7 +264,7 @@ class EntryProducer:
         self.stats.bytes += value.numel() * value.element_size()
         self.stats.bytes_read = getattr(self.reader, "bytes_read", 0)
         if self.progress:
-            self.progress(len(self.produced), len(self.entries))
+            self.progress(self.stats.bytes, self.total_bytes)
         return value
 
     def measure(self, local: str) -> int:
