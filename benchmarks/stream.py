@@ -11,7 +11,7 @@ below), alternating the kinds within each repetition, medians:
   checkpoint directory, both whole processes, warm page cache;
 * ``mapgen convert`` (streaming, the default) and ``mapgen convert --in-memory`` at TP=1: wall time, the
   conversion work the CLI reports, peak RSS (``ru_maxrss`` of the process tree: its largest process);
-* ``mapgen export`` of the streamed checkpoint (still the in-memory export), checked bitwise against the
+* ``mapgen export`` (streaming, one rank) of the streamed checkpoint, checked bitwise against the
   source once;
 * at 1 GiB: streaming convert at TP=2 and at EP=2 (two processes on two cores).
 
@@ -145,7 +145,7 @@ def render(meta: dict[str, Any], sizes: dict[str, dict[str, Any]], par: dict[str
     row("peak RSS, in-memory",
         lambda s: f"{max(x[1] for x in s['rows']['memory']) / GiB:.2f} GiB" if s["memory"] else "not run")
     row("dist checkpoint on disk / HF bytes", lambda s: f"{s['disk_stream'] / s['bytes']:.3f}")
-    row("`mapgen export` (in-memory path), whole CLI",
+    row("`mapgen export` (streaming), whole CLI",
         lambda s: _rate(s["bytes"], med([x[0] for x in s["rows"]["export"]])) if s["memory"] else "not run")
     row("export peak RSS / bitwise vs source",
         lambda s: (f"{max(x[1] for x in s['rows']['export']) / GiB:.2f} GiB / "

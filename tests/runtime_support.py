@@ -48,6 +48,31 @@ def retype(root: Path, suffixes: tuple[str, ...], dtype: str = "float32") -> lis
     return changed
 
 
+def one_tensor_per_shard(root: Path) -> int:
+    """Re-shard a checkpoint so that every tensor is its own shard file (the experts of one layer then span
+    many output shards); returns the number of shards."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    index = json.loads((root / "model.safetensors.index.json").read_text())
+    tensors = {}
+    for shard in sorted(set(index["weight_map"].values())):
+        with safe_open(str(root / shard), framework="pt") as f:
+            tensors.update({k: f.get_tensor(k) for k in f.keys()})  # noqa: SIM118
+        (root / shard).unlink()
+    keys = sorted(tensors)
+    weight_map = {}
+    for i, key in enumerate(keys):
+        name = f"model-{i + 1:05d}-of-{len(keys):05d}.safetensors"
+        save_file({key: tensors[key]}, str(root / name), metadata={"format": "pt"})
+        weight_map[key] = name
+    index["weight_map"] = weight_map
+    (root / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    return len(keys)
+
+
 @dataclass(frozen=True)
 class Case:
     name: str

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from tests import tiny
-from tests.runtime_support import HUB, LAYOUTS, retype, synth
+from tests.runtime_support import HUB, LAYOUTS, one_tensor_per_shard, retype, synth
 
 pytestmark = pytest.mark.distributed
 
@@ -88,6 +88,7 @@ def _compare_worker(cases: list[tuple[str, str, dict[str, Any], str]]) -> dict[s
 SOURCES: dict[str, tuple[Path | None, tuple[str, ...]]] = {
     "qwen3": (None, ()),
     "qwen3-moe": (None, ()),
+    "qwen3-moe-small-shards": (None, ()),  # one tensor per shard: a layer's experts span many output shards
     "qwen3.6-mtp2": (HUB / "Qwen--Qwen3.6-35B-A3B", ("--mtp-depth", "2")),
     "qwen3.5-mtp1": (HUB / "Qwen--Qwen3.5-35B-A3B", ("--mtp-depth", "1")),
     "glm4-moe-mtp": (LAYOUTS / "glm4-moe-mtp", ()),
@@ -97,6 +98,7 @@ LAYOUTS_2 = {"tp2": {"tp": 2}, "ep2": {"ep": 2, "etp": 1}, "pp2": {"pp": 2}}
 CASES = [
     ("qwen3-tp2", "qwen3", "tp2"), ("qwen3-pp2", "qwen3", "pp2"),
     ("qwen3-moe-tp2", "qwen3-moe", "tp2"), ("qwen3-moe-ep2", "qwen3-moe", "ep2"),
+    ("qwen3-moe-small-shards-ep2", "qwen3-moe-small-shards", "ep2"),
     ("qwen3.6-mtp2-tp2", "qwen3.6-mtp2", "tp2"), ("qwen3.6-mtp2-ep2", "qwen3.6-mtp2", "ep2"),
     ("qwen3.5-mtp1-ep2", "qwen3.5-mtp1", "ep2"), ("glm4-moe-mtp-tp2", "glm4-moe-mtp", "tp2"),
     ("qwen3.6-mixed-tp2", "qwen3.6-mixed", "tp2"),
@@ -111,7 +113,10 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     root = tmp_path_factory.mktemp("stream")
     paths: dict[str, Path] = {}
     for name, (src, args) in SOURCES.items():
-        if src is None:
+        if name == "qwen3-moe-small-shards":
+            paths[name] = tiny.write("qwen3-moe", root / name)
+            assert one_tensor_per_shard(paths[name]) > 40
+        elif src is None:
             paths[name] = tiny.write(name, root / name)
         else:
             paths[name] = synth(src, root / name, *args)

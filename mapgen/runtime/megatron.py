@@ -931,6 +931,45 @@ def planned_writes(model: GPTModel) -> dict[str, int]:
     return out
 
 
+def _key_groups(model: GPTModel) -> dict[str, set[str]]:
+    """Local entry -> the entries whose sharded tensors share a checkpoint key with it (cached on the model)."""
+    cached: dict[str, set[str]] | None = getattr(model, "_mapgen_key_groups", None)
+    if cached is not None:
+        return cached
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories
+
+    entries = _checkpoint_entries(model)
+    by_storage = {t.untyped_storage()._cdata: local for local, t in entries.items()}
+    with cpu_shims():
+        sharded = model.sharded_state_dict()
+        apply_factories(sharded)
+    by_key: dict[str, set[str]] = {}
+    for sh in nested_values(sharded):
+        if isinstance(sh, ShardedTensor) and sh.data is not None:
+            local = by_storage.get(sh.data.untyped_storage()._cdata)
+            if local is not None:
+                by_key.setdefault(sh.key, set()).add(local)
+    parent = {local: local for local in entries}
+
+    def root(x: str) -> str:
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    for members in by_key.values():
+        first, *rest = sorted(members)
+        for other in rest:
+            parent[root(other)] = root(first)
+    classes: dict[str, set[str]] = {}
+    for local in entries:
+        classes.setdefault(root(local), set()).add(local)
+    groups = {local: classes[root(local)] for local in entries}
+    model._mapgen_key_groups = groups
+    return groups
+
+
 def load_dist_entries(model: GPTModel, path: str | os.PathLike[str], names: Iterable[str]) -> dict[str, torch.Tensor]:
     """Read only the entries ``names`` (local state-dict names) of ``model`` -- built on the **meta** device --
     from a dist checkpoint, on this rank alone (no collectives: each rank may read a different subset).
@@ -951,8 +990,12 @@ def load_dist_entries(model: GPTModel, path: str | os.PathLike[str], names: Iter
     from torch.distributed.checkpoint.filesystem import FileSystemReader
     from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
 
-    wanted = set(names)
     entries = _checkpoint_entries(model)
+    groups = _key_groups(model)
+    # torch's ShardedTensor wants every local shard of a key: experts of one layer share a key (an expert
+    # axis), so asking for one expert loads its layer's others too; the caller gets what it asked for.
+    asked = set(names)
+    wanted = set().union(*(groups.get(n, {n}) for n in asked)) if asked else set()
     saved: dict[str, tuple[dict[str, Any], str, Any]] = {}
     for name in wanted:  # real storage for the entries asked for; the rest of the model stays on meta
         t = entries[name]
@@ -984,7 +1027,7 @@ def load_dist_entries(model: GPTModel, path: str | os.PathLike[str], names: Iter
                 raise RuntimeError(f"entries without a plain sharded tensor: {sorted(missing)[:3]}")
             state = dist_checkpointing.load(sharded, str(path), sharded_strategy=Local(),
                                             validate_access_integrity=False)
-        return {name: state[name] for name in wanted}
+        return {name: state[name] for name in asked}
     finally:
         for table, attr, original in saved.values():
             table[attr] = original
