@@ -15,55 +15,57 @@
 #   inputs/tiny-qwen3.json  feaa7aa6c3c67989ba151131d20db8414ad47209db237b8f4dc6af9513722eeb
 #   inputs/tiny-qwen3-moe.json  d53bccba17b5e44f2def8e31e4ae0c86662d4c692c9015e88d8f67f70260a7f6
 # regenerate: mapgen emit --from-inputs
-"""Generated bridges, one module per layout fingerprint.
+"""Generated bridges: the registry of layout fingerprint -> (module, attribute); one module per model type,
+one Bridge per layout fingerprint in it.
 
-get_bridge(fingerprint) imports the bridge for a scanned layout lazily. A layout with no bridge here is
-an error, never a fallback to a similar model: generate one with `mapgen emit SOURCE`.
+mapgen reads BRIDGES without running this file (mapgen/runtime/discovery.py) and loads only the module a
+fingerprint names. get_bridge(fingerprint) is the same lookup for code that imports this package. A layout
+with no bridge here is an error, never a fallback to a similar model: generate one with `mapgen emit SOURCE`.
 """
 
 import importlib
 
+from mapgen.contract import Bridge, Layout
 from mapgen.errors import error
-from mapgen.runtime.bridge import Bridge, Layout
 
 __all__ = ["BRIDGES", "get_bridge"]
 
-# layout fingerprint -> bridge module in this package
-BRIDGES: dict[str, str] = {
+# layout fingerprint -> (bridge module in this package, its attribute)
+BRIDGES: dict[str, tuple[str, str]] = {
     # glm4_moe: glm4-moe-mtp
-    'f74f07859595': 'glm4_moe_f74f07859595',
+    'f74f07859595': ('glm4_moe', 'BRIDGE_f74f07859595'),
     # llama: llama-3.2-3b-instruct
-    'f88cd89e815c': 'llama_f88cd89e815c',
+    'f88cd89e815c': ('llama', 'BRIDGE_f88cd89e815c'),
     # mimo: mimo-7b
-    '2d8ba05a9757': 'mimo_2d8ba05a9757',
+    '2d8ba05a9757': ('mimo', 'BRIDGE_2d8ba05a9757'),
     # mixtral: mixtral-8x7b-instruct-v0.1
-    '0ccbbfc89416': 'mixtral_0ccbbfc89416',
+    '0ccbbfc89416': ('mixtral', 'BRIDGE_0ccbbfc89416'),
     # qwen2: sakura-14b-qwen2.5
-    'd4543a9ddc5a': 'qwen2_d4543a9ddc5a',
+    'd4543a9ddc5a': ('qwen2', 'BRIDGE_d4543a9ddc5a'),
     # qwen3: qwen3-1.7b-mlx-bf16
-    '2a7dc069f35d': 'qwen3_2a7dc069f35d',
+    '2a7dc069f35d': ('qwen3', 'BRIDGE_2a7dc069f35d'),
     # qwen3: qwen3-dense-mtp
-    '2f227796a21d': 'qwen3_2f227796a21d',
-    # qwen3_5_moe: qwen--qwen3.6-35b-a3b
-    '2157b3c6d7d8': 'qwen3_5_moe_2157b3c6d7d8',
-    # qwen3_5_moe: qwen--qwen3.5-35b-a3b
-    '84608c14bd40': 'qwen3_5_moe_84608c14bd40',
-    # qwen3_5_moe_text: qwen3.5-25b-reap-a3b-coding
-    '73dab3d70b63': 'qwen3_5_moe_text_73dab3d70b63',
+    '2f227796a21d': ('qwen3', 'BRIDGE_2f227796a21d'),
     # qwen3: tiny-qwen3
-    'd8b11378add6': 'qwen3_d8b11378add6',
+    'd8b11378add6': ('qwen3', 'BRIDGE_d8b11378add6'),
+    # qwen3_5_moe: qwen--qwen3.6-35b-a3b
+    '2157b3c6d7d8': ('qwen3_5_moe', 'BRIDGE_2157b3c6d7d8'),
+    # qwen3_5_moe: qwen--qwen3.5-35b-a3b
+    '84608c14bd40': ('qwen3_5_moe', 'BRIDGE_84608c14bd40'),
+    # qwen3_5_moe_text: qwen3.5-25b-reap-a3b-coding
+    '73dab3d70b63': ('qwen3_5_moe_text', 'BRIDGE_73dab3d70b63'),
     # qwen3_moe: tiny-qwen3-moe
-    'a3b31817df13': 'qwen3_moe_a3b31817df13',
+    'a3b31817df13': ('qwen3_moe', 'BRIDGE_a3b31817df13'),
     # qwen3_vl_moe: qwen3-vl-30b-a3b
-    'e921e7be0eb9': 'qwen3_vl_moe_e921e7be0eb9',
+    'e921e7be0eb9': ('qwen3_vl_moe', 'BRIDGE_e921e7be0eb9'),
 }
 
 
 def get_bridge(fingerprint: str, *, layout: Layout | None = None, source: str = "") -> Bridge:
     """The generated bridge for a layout fingerprint. ``layout`` and ``source`` (the checkpoint the
     user named) only make the error for an unknown layout specific."""
-    module_name = BRIDGES.get(fingerprint)
-    if module_name is None:
+    entry = BRIDGES.get(fingerprint)
+    if entry is None:
         what = f"layout {fingerprint}"
         if layout is not None:
             what += f" (model_type {layout.model_type!r}, {', '.join(layout.architectures) or 'no architectures'})"
@@ -73,16 +75,16 @@ def get_bridge(fingerprint: str, *, layout: Layout | None = None, source: str = 
             "bridge.unknown-layout",
             f"no generated bridge for {what}",
             file=source,
-            expected="a layout listed in generated/SUPPORTED.md",
+            expected=f"a layout listed in {__name__}/SUPPORTED.md",
             hint=f"run `mapgen emit {source or 'SOURCE'}` to generate and prove a bridge for it "
             "(mapgen never falls back to a similar model)",
         )
-    module = importlib.import_module(f"{__name__}.{module_name}")
-    bridge = module.BRIDGE
+    module_name, attribute = entry
+    bridge = getattr(importlib.import_module(f"{__name__}.{module_name}"), attribute, None)
     if not isinstance(bridge, Bridge) or bridge.fingerprint != fingerprint:
         raise error(
             "bridge.corrupt-module",
-            f"{__name__}.{module_name} does not define the bridge for layout {fingerprint}",
+            f"{__name__}.{module_name}.{attribute} is not the bridge for layout {fingerprint}",
             hint="generated/ was edited by hand; run `mapgen check`, then `mapgen emit --from-inputs`",
         )
     return bridge

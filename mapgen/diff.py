@@ -8,7 +8,7 @@
 * **dimensions** — what a bridge takes from the config at run time: sizes, layer and expert counts, which
   layers belong to which group, MTP depth, tower key counts;
 
-and whether the two layouts share one bridge (equal :func:`~mapgen.plan.planner.fingerprint`).
+and whether the two layouts share one bridge (equal :func:`~mapgen.contract.fingerprint.fingerprint`).
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from mapgen.contract.fingerprint import fingerprint, fingerprint_data
 from mapgen.families.moe import experts_of, num_experts
 from mapgen.ir import MTP, Component, LayerGroup, Layout
-from mapgen.plan.planner import fingerprint, fingerprint_data
 
 __all__ = ["Change", "LayoutDiff", "diff_layouts", "render_diff"]
 

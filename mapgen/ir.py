@@ -301,6 +301,10 @@ class Layout:
     # The parsed config.json (canonical: compared and hashed as sorted JSON). Dimensions live here; it is
     # excluded from the layout fingerprint. It makes a stored layout self-contained for offline proofs.
     config: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+    # The config catalog's verdict per config key (``mapgen.catalog``); set by ``mapgen scan``, omitted from the
+    # JSON when None, never part of the fingerprint.
+    config_fields: dict[str, Any] | None = field(default=None, compare=False, hash=False,
+                                                 metadata={"omit_if_none": True})
     schema_version: int = SCHEMA_VERSION
 
 
@@ -321,7 +325,8 @@ def to_jsonable(obj: Any) -> Any:
             "children": {k: to_jsonable(v) for k, v in obj.children},
         }
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return {f.name: to_jsonable(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        return {f.name: to_jsonable(getattr(obj, f.name)) for f in dataclasses.fields(obj)
+                if not (f.metadata.get("omit_if_none") and getattr(obj, f.name) is None)}
     if isinstance(obj, tuple | list):
         return [to_jsonable(v) for v in obj]
     return obj

@@ -33,13 +33,13 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
+from mapgen.contract.expand import expand_braces
 from mapgen.errors import Diagnostic, MapgenError
 from mapgen.families import by_name
 from mapgen.families import mtp as mtp_family
 from mapgen.families.moe import experts_of
 from mapgen.infer.summary import make_summary
 from mapgen.ir import MTP, Component, Dims, IndexSet, LanguageModel, LayerGroup, Layout
-from mapgen.plan.expand import expand_braces
 from mapgen.plan.shapes import Shape, shape_entries
 
 if TYPE_CHECKING:

@@ -19,6 +19,8 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from mapgen.contract.config import Facts
+from mapgen.contract.rules import Rule
 from mapgen.ir import (
     MTP,
     Component,
@@ -31,11 +33,9 @@ from mapgen.ir import (
     layout_from_json,
     layout_to_json,
 )
-from mapgen.plan.plan import BridgePlan, ConfigField
-from mapgen.plan.rules import Rule
+from mapgen.plan.plan import BridgePlan
 
 REPO = Path(__file__).resolve().parents[1]
-CASES = REPO / "tests" / "cases" / "emit"
 
 NORMS = Component.make("norms", "pre_norm", {"input_norm": "input_layernorm.weight",
                                              "post_attention_norm": "post_attention_layernorm.weight"})
@@ -201,29 +201,9 @@ def qwen3_dense_plan(fingerprint: str = "0123456789ab") -> BridgePlan:
              comment="Output layer (untied): vocab-parallel."),
     )
 
-    def cfg(field: str, *names: str, default: Any = None, has_default: bool = False, comment: str = "") -> ConfigField:
-        return ConfigField(field, "config", names=names, default=default, has_default=has_default, comment=comment)
-
-    config = (
-        cfg("num_layers", "num_hidden_layers"),
-        cfg("hidden_size", "hidden_size"),
-        cfg("num_attention_heads", "num_attention_heads"),
-        cfg("num_query_groups", "num_key_value_heads", "num_attention_heads",
-            comment="GQA groups; MHA when the config has no num_key_value_heads"),
-        ConfigField("kv_channels", "head_dim", comment="head_dim, else hidden_size // num_attention_heads"),
-        cfg("ffn_hidden_size", "intermediate_size"),
-        cfg("vocab_size", "vocab_size"),
-        cfg("max_position_embeddings", "max_position_embeddings", default=4096, has_default=True),
-        ConfigField("layer_kinds", "layer_kinds", comment="per layer, from the scanned layer groups"),
-        ConfigField("mlp_kinds", "mlp_kinds"),
-        ConfigField("qk_layernorm", "const", default=True, has_default=True),
-        cfg("rotary_base", "rope_theta", "rope_parameters.rope_theta", default=10000.0, has_default=True),
-        cfg("norm_epsilon", "rms_norm_eps", default=1e-6, has_default=True),
-        ConfigField("untie_embeddings_and_output_weights", "const", default=True, has_default=True),
-    )
     return BridgePlan(
         fingerprint=fingerprint,
-        module_name=f"qwen3_{fingerprint}",
+        module_name="qwen3",
         model_type="qwen3",
         description=(
             f"Bridge for model_type 'qwen3', layout fingerprint {fingerprint}.",
@@ -231,7 +211,7 @@ def qwen3_dense_plan(fingerprint: str = "0123456789ab") -> BridgePlan:
             "Decoder layer groups: dense: attention + dense gated MLP.",
             "MTP: none.",
         ),
-        config=config,
+        facts=Facts(qk_layernorm=True),
         rules=rules,
     )
 
@@ -245,7 +225,6 @@ def plan_to_data(plan: BridgePlan) -> dict[str, Any]:
 
 
 def plan_from_data(data: dict[str, Any]) -> BridgePlan:
-    config = tuple(ConfigField(**dict(f, names=tuple(f["names"]))) for f in data["config"])
     rules = tuple(
         Rule(**dict(r, hf=tuple(r["hf"]), options=tuple((k, v) for k, v in r["options"]))) for r in data["rules"]
     )
@@ -254,7 +233,7 @@ def plan_from_data(data: dict[str, Any]) -> BridgePlan:
         module_name=data["module_name"],
         model_type=data["model_type"],
         description=tuple(data["description"]),
-        config=config,
+        facts=Facts(**data["facts"]),
         rules=rules,
     )
 
@@ -330,21 +309,10 @@ def evil_plan() -> BridgePlan:
                 comment=f"{evil} -- {rule.comment}",
             )
         )
-    config = [
-        dataclasses.replace(
-            f,
-            comment=EVIL_STRINGS[i % len(EVIL_STRINGS)],
-            names=(*f.names, EVIL_STRINGS[i % len(EVIL_STRINGS)]) if f.expr == "config" else f.names,
-        )
-        for i, f in enumerate(good.config)
-    ]
-    config.append(ConfigField("moe_ffn_hidden_size", "config", names=(EVIL_KEY,), default=EVIL_KEY,
-                              has_default=True, comment=EVIL_KEY))
     return dataclasses.replace(
         good,
         model_type=EVIL_KEY + "\u2028x",
         description=EVIL_STRINGS,
-        config=tuple(config),
         rules=tuple(rules),
     )
 

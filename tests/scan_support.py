@@ -18,7 +18,7 @@ TESTS = Path(__file__).resolve().parent
 CORPUS = TESTS / "fixtures" / "corpus"
 CORPUS_PENDING = TESTS / "fixtures" / "corpus_pending"  # shared cases scan does not support yet (breadth issue)
 HUB_FIXTURES = TESTS / "fixtures" / "hub"
-GOLDEN = TESTS / "cases" / "scan"
+LAYOUT_FIXTURES = TESTS / "fixtures" / "layouts"
 SHARED_CORPUS = TESTS.parent.parent / "shared" / "corpus"
 
 CORPUS_CASES = sorted(p.name for p in CORPUS.iterdir() if p.is_dir())
@@ -33,6 +33,25 @@ _BYTES = {"BF16": 2, "F16": 2, "F32": 4, "U8": 1, "I64": 8}
 
 def case_dir(case: str) -> Path:
     return HUB_FIXTURES / HUB_CASES[case][0] if case in HUB_CASES else CORPUS / case
+
+
+def expected_layout(case: str) -> str:
+    """The golden layout JSON of scan case ``tests/cases/<case>/`` (``tests.regen`` says where it lives)."""
+    from regen import case as golden_case
+
+    return golden_case(case).expected_layout.read_text(encoding="utf-8")
+
+
+def expected_scan_json(case: str) -> str:
+    """What ``mapgen scan --json`` writes for scan case ``case``: the golden layout plus the config catalog's
+    verdict per config key (``config_fields``), which goldens and stored inputs do not carry."""
+    import dataclasses
+
+    from mapgen.catalog import check_config
+    from mapgen.ir import layout_from_json, layout_to_json
+
+    layout = layout_from_json(expected_layout(case))
+    return layout_to_json(dataclasses.replace(layout, config_fields=check_config(layout.config).to_json()))
 
 
 ALL_CASES = CORPUS_CASES + sorted(HUB_CASES)

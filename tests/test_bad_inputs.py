@@ -459,6 +459,35 @@ def convert_unclassified_key(tmp: Path, tiny: dict[str, Path]) -> list[str]:
     return ["convert", str(d), str(tmp / "out")]
 
 
+@case("semantics.unsupported", also=("norm_topk_prob", "--accept-semantic-gap norm_topk_prob"))
+def convert_routing_the_bridge_cannot_express(tmp: Path, tiny: dict[str, Path]) -> list[str]:
+    """The round trip would be bitwise, but the Megatron model would route differently: refused by name."""
+    d = _copy(tiny["qwen3-moe"], tmp)
+    _config(d, norm_topk_prob=False)
+    return ["convert", str(d), str(tmp / "out")]
+
+
+@case("config.invalid-value", also=("rms_norm_eps must be a positive number",))
+def verify_negative_epsilon(tmp: Path, tiny: dict[str, Path]) -> list[str]:
+    d = _copy(tiny["qwen3"], tmp)
+    _config(d, rms_norm_eps=-1)
+    return ["verify", str(d), "--tp", "2"]
+
+
+@case("config.unknown-field", also=("'frobnicate'", "--assume-inert frobnicate"))
+def scan_unknown_config_key(tmp: Path, tiny: dict[str, Path]) -> list[str]:
+    d = _copy(tiny["qwen3"], tmp)
+    _config(d, frobnicate=True)
+    return _scan(d)
+
+
+@case("scope.no-lm-head", also=("out of scope",))
+def scan_reward_model(tmp: Path, tiny: dict[str, Path]) -> list[str]:
+    d = _copy(tiny["qwen3"], tmp)
+    _config(d, architectures=["Qwen3ForSequenceClassification"])
+    return _scan(d)
+
+
 @case("megatron.no-metadata", also=("pass --source",))
 def export_directory_without_mapgen_metadata(tmp: Path, tiny: dict[str, Path]) -> list[str]:
     (tmp / "ckpt" / "release").mkdir(parents=True)

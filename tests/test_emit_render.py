@@ -14,12 +14,12 @@ import pytest
 from emit_support import REPO, import_tree, qwen3_5_moe_layout, qwen3_dense_layout, qwen3_dense_plan, write_tree
 
 from mapgen import __version__
+from mapgen.contract import Facts
 from mapgen.emit import pyfmt
 from mapgen.emit.names import input_name_for_source, module_identifier, plain_text, py_literal
 from mapgen.emit.render import input_sha256, literal_fits, render
 from mapgen.errors import MapgenError
 from mapgen.ir import layout_to_json
-from mapgen.plan.plan import ConfigField
 from mapgen.plan.planner import plan
 
 
@@ -96,63 +96,62 @@ def test_every_input_needs_a_plan() -> None:
 def test_empty_registry_renders() -> None:
     files = render({}, {})
     assert sorted(files) == ["SUPPORTED.md", "__init__.py"]
-    assert "BRIDGES: dict[str, str] = {\n}" in files["__init__.py"]
+    assert "BRIDGES: dict[str, tuple[str, str]] = {\n}" in files["__init__.py"]
 
 
-def test_rules_are_grouped_into_sections_in_a_fixed_order() -> None:
+def test_rules_render_as_groups_of_rows_with_shared_blocks() -> None:
     p = plan(qwen3_5_moe_layout())
     text = render({"m": p}, {"m": qwen3_5_moe_layout()})[f"{p.module_name}.py"]
-    headings = [line for line in text.splitlines() if line.startswith("    # -- ")]
-    titles = [line.split("-- ")[1].rsplit(" -", 1)[0].strip() for line in headings]
-    assert titles == ["Embedding and output layer", "Norms", "Attention", "Gated delta net (linear attention)",
-                      "Mixture of experts", "Shared expert", "Multi-token prediction"]
-    mtp = text.split("# -- Multi-token prediction")[1]
-    assert "domain='mtp:mtp'" in mtp
-    assert "domain='decoder:" not in mtp
+    constants = [line.split(" = ")[0] for line in text.splitlines() if line.endswith(" = (")]
+    assert constants == ["EMBEDDING", "GDN", "MOE", "ATTENTION", "FINAL_NORM_OUTPUT", "MTP"]
+    assert text.count("    ('mlp.router.weight', 'mlp.gate.weight', copy()),\n") == 1  # the MoE block, once
+    groups = [line.strip() for line in text.splitlines() if line.strip().startswith("Group(")]
+    assert groups == [
+        "Group('global', '', '', EMBEDDING),",
+        "Group('decoder:linear', 'decoder.layers.{layer}.', 'model.language_model.layers.{layer}.', GDN + MOE),",
+        "Group('decoder:full', 'decoder.layers.{layer}.', 'model.language_model.layers.{layer}.', ATTENTION + MOE),",
+        "Group('global', '', '', FINAL_NORM_OUTPUT),",
+        "Group('mtp', 'mtp.layers.{layer}.', '', MTP),",
+        "Group('mtp:mtp', 'mtp.layers.{layer}.{mtp_inner}.', 'mtp.layers.{layer}.', ATTENTION + MOE),",
+    ]
+    assert "    ('self_attention.linear_qkv.weight',\n" in text
+    assert "qkv(output_gate=True)),\n" in text
+    assert "experts_fc1('packed', orientation='out_in', interleave=False)" in text
 
 
-def test_unknown_family_renders_through_the_generic_section() -> None:
+def test_bridges_of_one_model_type_share_a_module() -> None:
+    dense = qwen3_dense_layout()
+    top = dataclasses.replace(dense.language_model.top.with_slots(lm_head=None), variant="tied")
+    tied = dataclasses.replace(dense, language_model=dataclasses.replace(dense.language_model, top=top))
+    plans = {"a": plan(dense), "b": plan(tied)}
+    assert plans["a"].fingerprint != plans["b"].fingerprint
+    files = render(plans, {"a": dense, "b": tied})
+    assert [p for p in files if p.endswith(".py")] == ["__init__.py", "qwen3.py"]
+    text = files["qwen3.py"]
+    assert f"BRIDGE_{plans['a'].fingerprint} = Bridge(" in text
+    assert f"BRIDGE_{plans['b'].fingerprint} = Bridge(" in text
+    assert text.count(" = (\n") == 5  # EMBEDDING, ATTENTION, MLP, FINAL_NORM_OUTPUT, FINAL_NORM: each once
+    assert f"'{plans['b'].fingerprint}': ('qwen3', 'BRIDGE_{plans['b'].fingerprint}')," in files["__init__.py"]
+
+
+def test_ops_without_a_constructor_spelling_use_the_general_form() -> None:
     p = qwen3_dense_plan()
-    rule = dataclasses.replace(p.rules[0], family="mla.kv_a", megatron="x.weight", hf=("y.weight",))
-    p = dataclasses.replace(p, rules=(*p.rules, rule))
+    odd = dataclasses.replace(p.rules[0], op="qkv", sharding="row", options=())
+    p = dataclasses.replace(p, rules=(*p.rules, odd))
     text = _render_one(p)[f"{p.module_name}.py"]
-    assert "    # -- mla ---" in text
+    assert "op('qkv', 'row')" in text
 
 
-def test_config_expressions() -> None:
+def test_facts_render_only_what_differs_from_the_defaults() -> None:
     text = _render_one()[f"{qwen3_dense_plan().module_name}.py"]
-    assert "        num_layers=hf.get('num_hidden_layers'),\n" in text
-    assert "        max_position_embeddings=hf.get('max_position_embeddings', default=4096),\n" in text
-    assert "        kv_channels=head_dim(hf),\n" in text
-    assert "        layer_kinds=layer_kinds(layout),\n" in text
-    assert "        qk_layernorm=True,\n" in text
-    assert "        # GQA groups; MHA when the config has no num_key_value_heads\n        num_query_groups=" in text
-    # only the helpers used are imported (ruff F401)
-    assert "mtp_depth" not in text
+    assert "    facts=Facts(qk_layernorm=True),\n" in text
+    assert "hf.get" not in text
 
 
-@pytest.mark.parametrize(
-    ("field", "message"),
-    [
-        (ConfigField("no_such_field", "const", default=1), "ModelSpec has no field no_such_field"),
-        (ConfigField("num_layers", "const", default="12"), "cannot be the constant"),
-        (ConfigField("normalization", "const", default="BatchNorm"), "cannot be the constant"),
-        (ConfigField("rotary_base", "const", default=float("inf")), "has no Python literal"),
-        (ConfigField("num_layers", "config"), "names no HF config key"),
-        (ConfigField("num_layers", "bogus"), "has no rendering"),  # type: ignore[arg-type]
-        (ConfigField("num layers", "const", default=1), "not a plain Python identifier"),
-    ],
-)
-def test_invalid_config_fields_are_refused(field: ConfigField, message: str) -> None:
-    p = qwen3_dense_plan()
-    with pytest.raises(MapgenError, match=message):
-        _render_one(dataclasses.replace(p, config=(field,)))
-
-
-def test_duplicate_config_field_is_refused() -> None:
-    p = qwen3_dense_plan()
-    with pytest.raises(MapgenError, match="set twice"):
-        _render_one(dataclasses.replace(p, config=(p.config[0], p.config[0])))
+@pytest.mark.parametrize("facts", [Facts(tied=1), Facts(qk_layernorm="yes"), {"tied": True}])  # type: ignore[arg-type]
+def test_invalid_facts_are_refused(facts: Facts) -> None:
+    with pytest.raises(MapgenError, match=r"[Ff]acts"):
+        _render_one(dataclasses.replace(qwen3_dense_plan(), facts=facts))
 
 
 def test_invalid_rule_fields_are_refused() -> None:
@@ -201,7 +200,7 @@ def test_input_name_for_source(source: str, name: str) -> None:
 
 
 def test_literal_fits() -> None:
-    from mapgen.plan.spec import ModelSpec
+    from mapgen.contract.spec import ModelSpec
 
     hints = __import__("typing").get_type_hints(ModelSpec)
     assert literal_fits(None, hints["num_moe_experts"])
@@ -231,11 +230,10 @@ def test_plain_text_is_single_line_printable_ascii() -> None:
 _RENDER_SCRIPT = """
 import hashlib, sys
 sys.path.insert(0, {tests!r})
-from regen_emit_goldens import BUILDERS, render_case
-from emit_support import CASES
+from regen import emit_cases, load_emit_case, render_emit_case
 h = hashlib.sha256()
-for case in sorted(BUILDERS):
-    for path, text in render_case(CASES / case).items():
+for case in emit_cases():
+    for path, text in render_emit_case(*load_emit_case(case.folder)).items():
         h.update(path.encode() + b"\\0" + text.encode() + b"\\0")
 print(h.hexdigest())
 """

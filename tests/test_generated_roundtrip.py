@@ -28,7 +28,7 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[dict[str
 
 
 def test_every_bridge_has_an_input() -> None:
-    import generated
+    import mapgen_bridges as generated
 
     assert INPUTS
     assert len(generated.BRIDGES) <= len(INPUTS)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mapgen.plan.spec import ModelSpec
+from mapgen.contract.spec import ModelSpec
 from mapgen.runtime import megatron as M
 
 warnings.filterwarnings("ignore", message=".*Apex is not installed.*")

@@ -79,7 +79,7 @@ def test_mtp_depth_and_expert_storage_are_per_checkpoint(sources: dict[str, Path
         assert layout.summary.mtp_depth == depth
         assert layout.summary.mtp_expert_layout == storage
         assert layout.summary.expert_layout == "per_expert"
-    from mapgen.plan.planner import fingerprint
+    from mapgen.contract.fingerprint import fingerprint
 
     assert fingerprint(a) != fingerprint(b), "per-expert and packed MTP experts must not share a bridge"
 

@@ -1,5 +1,5 @@
 """The families redesign preserved behaviour: for every stored input, the planner's rules equal, rule for rule,
-the rules the stage-major planner produced before it (``tests/cases/redesign/rules_v1.json``, recorded from
+the rules the stage-major planner produced before it (``tests/fixtures/rules_before_redesign.json``, recorded from
 mapgen 852a0a9 + the spelling tables, through the schema-1 layouts the inputs were stored as).
 
 Fields compared: family, Megatron pattern, HF patterns, op, sharding, domain, experts, options (comments are
@@ -16,7 +16,7 @@ from mapgen.emit.pipeline import parse_input
 from mapgen.plan.planner import plan
 
 REPO = Path(__file__).resolve().parents[1]
-BEFORE = json.loads((REPO / "tests" / "cases" / "redesign" / "rules_v1.json").read_text())
+BEFORE = json.loads((REPO / "tests" / "fixtures" / "rules_before_redesign.json").read_text())
 INPUTS = REPO / "generated" / "inputs"
 
 

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 from scan_support import (
     CORPUS,
-    GOLDEN,
     HUB_CASES,
     HUB_FIXTURES,
+    expected_scan_json,
     make_hf_cache,
     tiny_config,
     tiny_dense,
@@ -51,7 +51,7 @@ def test_json_output_matches_golden(tmp_path: Path, capsys: pytest.CaptureFixtur
     target = tmp_path / "layout.json"
     assert main(["scan", str(CORPUS / "qwen3-vl-30b-a3b"), "--json", str(target), "-q"]) == 0
     assert capsys.readouterr().out == ""
-    assert target.read_text() == (GOLDEN / "qwen3-vl-30b-a3b" / "expected_layout.json").read_text()
+    assert target.read_text() == expected_scan_json("qwen3-vl-30b-a3b")
     assert main(["scan", str(CORPUS / "mimo-7b"), "--json", "-"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["summary"]["mtp_scheme"] == "mtp_layers"
@@ -101,7 +101,7 @@ def test_hub_id_offline_end_to_end(tmp_path: Path) -> None:
     proc = run_cli(repo, "--json", str(out), env=env)
     assert proc.returncode == 0, proc.stderr
     assert "MTP experts      packed" in proc.stdout
-    assert out.read_text() == (GOLDEN / "hub-qwen3.6-35b-a3b" / "expected_layout.json").read_text()
+    assert out.read_text() == expected_scan_json("hub-qwen3.6-35b-a3b")
     missing = run_cli("Qwen/Not-Cached", env=env)
     assert missing.returncode == 1
     assert "hub.not-cached" in missing.stderr
@@ -113,4 +113,4 @@ def test_json_bytes_do_not_depend_on_hash_seed() -> None:
         seed: run_cli(str(CORPUS / "gpt-oss-20b"), "--json", "-", env={"PYTHONHASHSEED": seed}).stdout
         for seed in ("1", "2")
     }
-    assert outs["1"] == outs["2"] == (GOLDEN / "gpt-oss-20b" / "expected_layout.json").read_text()
+    assert outs["1"] == outs["2"] == expected_scan_json("gpt-oss-20b")

@@ -10,11 +10,11 @@ import pytest
 from scan_support import CORPUS, HUB_FIXTURES, write_metadata
 
 from mapgen.cli import main
+from mapgen.contract.fingerprint import fingerprint
 from mapgen.errors import MapgenError
 from mapgen.infer import scan
 from mapgen.ir import Summary
 from mapgen.plan.expand import layout_keys
-from mapgen.plan.planner import fingerprint
 from mapgen.plan.shapes import expected_shapes
 from mapgen.source import read_source
 from mapgen.synth import SynthOptions, synthesize

@@ -6,6 +6,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from mapgen.cli._bridges import add_bridges_arg, use_bridges
+from mapgen.cli._config import add_config_args, gate_checkpoint
 from mapgen.cli._parallel import (
     add_dtype_arg,
     add_parallel_args,
@@ -32,14 +34,17 @@ def register(sub: Any) -> None:
                    "write nothing")
     add_dtype_arg(p, "dtype of the Megatron checkpoint")
     add_parallel_args(p)
+    add_bridges_arg(p)
+    add_config_args(p)
     p.set_defaults(func=run)
 
 
-def _work(source: str, out: Path, par: Any, overwrite: bool, dtype: str = "auto",
-          streaming: bool = True) -> dict[str, Any]:
+def _work(source: str, out: Path, par: Any, overwrite: bool, config_check: dict[str, Any] | None,
+          dtype: str = "auto", streaming: bool = True) -> dict[str, Any]:
     from mapgen.runtime.api import convert
 
-    stats = convert(source, out, par, overwrite=overwrite, dtype=dtype, streaming=streaming)
+    stats = convert(source, out, par, overwrite=overwrite, config_check=config_check, dtype=dtype,
+                    streaming=streaming)
     return {"tensors": stats.tensors, "bytes": stats.bytes, "bytes_read": stats.bytes_read, "seconds": stats.seconds}
 
 
@@ -50,7 +55,9 @@ def _dry(source: str, par: Any, dtype: str) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
+    use_bridges(args)
     par = parallel_from_args(args)
+    report = gate_checkpoint(args.source, args)  # refused/unknown config fields: nothing is started or written
     world = launcher_world(par, args.nproc)
     if world is not None:  # every check that needs no worker, before workers start or a byte is written
         from mapgen.runtime.api import preflight
@@ -59,13 +66,13 @@ def run(args: argparse.Namespace) -> int:
     if args.dry_run:
         results = run_spmd(_dry, par, args.nproc, args.source, par, args.dtype)
         if is_rank0():
-            from mapgen.cli._dryrun import report
+            from mapgen.cli._dryrun import report as dry_report
 
-            report(f"convert {args.source} -> {args.out} [{par.describe()}, streaming]", results,
+            dry_report(f"convert {args.source} -> {args.out} [{par.describe()}, streaming]", results,
                    Path(args.source), args.out)
         return 0
-    results = run_spmd(_work, par, args.nproc, args.source, args.out, par, args.overwrite, args.dtype,
-                       not args.in_memory)
+    results = run_spmd(_work, par, args.nproc, args.source, args.out, par, args.overwrite,
+                       report.to_json() if report is not None else None, args.dtype, not args.in_memory)
     if is_rank0():
         total = sum(r["tensors"] for r in results)
         nbytes = sum(r["bytes"] for r in results)

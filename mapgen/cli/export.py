@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from mapgen.cli._bridges import add_bridges_arg, use_bridges
 from mapgen.cli._parallel import (
     add_dtype_arg,
     add_parallel_args,
@@ -34,6 +35,7 @@ def register(sub: Any) -> None:
                    "write nothing")
     add_dtype_arg(p, "dtype of the HF tensors written (auto: the source's, as recorded in mapgen.json)")
     add_parallel_args(p)
+    add_bridges_arg(p)
     p.set_defaults(func=run)
 
 
@@ -53,6 +55,7 @@ def _dry(ckpt: Path, par: Any, source: str | None) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
+    use_bridges(args)
     par = parallel_from_args(args)
     world = launcher_world(par, args.nproc)
     if world is not None:  # every check that needs no worker, before workers start or a byte is written
@@ -62,10 +65,10 @@ def run(args: argparse.Namespace) -> int:
     if args.dry_run:
         results = run_spmd(_dry, par, args.nproc, args.ckpt, par, args.source)
         if is_rank0():
-            from mapgen.cli._dryrun import report
+            from mapgen.cli._dryrun import report as dry_report
 
             release = args.ckpt / "release" if (args.ckpt / "release").is_dir() else args.ckpt
-            report(f"export {args.ckpt} -> {args.out} [streaming, {len(results)} rank(s); items = output shards]",
+            dry_report(f"export {args.ckpt} -> {args.out} [streaming, {len(results)} rank(s); items = output shards]",
                    results, release, args.out)
         return 0
     results = run_spmd(_work, par, args.nproc, args.ckpt, args.out, par, args.source, args.overwrite, args.dtype,

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from mapgen.cli._bridges import add_bridges_arg, use_bridges
+from mapgen.cli._config import add_config_args, gate_checkpoint
 from mapgen.cli._parallel import (
     add_dtype_arg,
     add_parallel_args,
@@ -25,6 +27,8 @@ def register(sub: Any) -> None:
     p.add_argument("--atol", type=float, default=1e-4, help="logits tolerance (default 1e-4)")
     add_dtype_arg(p, "dtype of the Megatron model in the round trip")
     add_parallel_args(p)
+    add_bridges_arg(p)
+    add_config_args(p)
     p.set_defaults(func=run)
 
 
@@ -35,7 +39,9 @@ def _work(source: str, par: Any, logits: bool, atol: float, dtype: str = "auto")
 
 
 def run(args: argparse.Namespace) -> int:
+    use_bridges(args)
     par = parallel_from_args(args)
+    gate_checkpoint(args.source, args)  # refused/unknown config fields: say so before any worker starts
     world = launcher_world(par, args.nproc)
     if world is not None:  # every check that needs no worker, before workers start or a byte is written
         from mapgen.runtime.api import preflight

@@ -56,7 +56,8 @@ class Drift:
     def clean(self) -> bool:
         return not (self.changed or self.missing or self.orphaned)
 
-    def render(self, directory: str, fix: str) -> str:
+    def render(self, directory: str, fix: str, *,
+               note: str = "Files under generated/ are never edited by hand. To regenerate them, run:") -> str:
         """The report ``mapgen check`` prints: a summary, every diff, and the command that fixes it."""
         if self.clean:
             return f"{directory}: up to date"
@@ -66,7 +67,7 @@ class Drift:
         lines += [f"  orphaned: {p}  (no input renders it any more)" for p in self.orphaned]
         for path in self.changed:
             lines += ["", self.diffs[path].rstrip("\n")]
-        lines += ["", "Files under generated/ are never edited by hand. To regenerate them, run:", f"  {fix}"]
+        lines += ["", note, f"  {fix}"]
         return "\n".join(lines)
 
 

@@ -3,20 +3,32 @@
 ``generate(inputs)`` plans every stored/new input, proves every plan against its layout, and renders the
 whole generated tree in memory. It writes nothing: ``emit`` writes the result, ``check`` compares it with
 the directory on disk. Planner and prover are parameters so tests can substitute them.
+
+**The proof record** (``proofs.json`` in the generated tree). Proving builds the model on the meta device
+with megatron-core: seconds per input, plus ~5 s to import torch and megatron-core. Planning and rendering
+take about a second for every stored input together, so they are always redone (a hand edit of a module,
+a template or renderer change is always caught). Only the proof is skipped, for an input whose record
+matches all of: the sha256 of its canonical input, the sha256 of its plan (``repr`` of the rules and config
+recipe, so any planner change re-proves), the mapgen version and the installed megatron-core version. The
+record is part of the rendered tree (written by emit, drift-checked by check) and is rewritten from the
+proofs of the current run, so it never holds a stale or failed proof. ``reprove=True``
+(``--reprove``) ignores it; CI runs ``mapgen check --reprove``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from mapgen import __version__
 from mapgen.emit.names import input_name
-from mapgen.emit.render import input_path, render
+from mapgen.emit.render import input_path, input_sha256, render
 from mapgen.errors import Diagnostic, MapgenError, error
-from mapgen.ir import Layout, layout_from_json
+from mapgen.ir import Layout, layout_from_json, layout_to_json
 from mapgen.plan.plan import BridgePlan
 
 
@@ -37,13 +49,106 @@ Planner = Callable[[Layout], BridgePlan]
 Prover = Callable[[BridgePlan, Layout], ProofLike]
 
 
+PROOFS_PATH = "proofs.json"
+PROOFS_SCHEMA = 1
+
+
 @dataclass(frozen=True)
 class Generation:
-    """Everything one run produced, keyed by input name (files by relative path)."""
+    """Everything one run produced, keyed by input name (files by relative path). ``cached`` names the
+    inputs whose proof came from the proof record instead of being re-run."""
 
     files: dict[str, str]
     plans: dict[str, BridgePlan]
     proofs: dict[str, ProofLike]
+    cached: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True)
+class ProofRecord:
+    """One entry of ``proofs.json``: the proof line of a plan that held, and what it was proven for."""
+
+    input_sha256: str
+    plan_sha256: str
+    line: str
+
+
+@dataclass(frozen=True)
+class CachedProof:
+    """A proof taken from the record (it held when the record was written; nothing was re-run)."""
+
+    line: str
+    ok: bool = True
+    problems: tuple[Diagnostic, ...] = ()
+
+
+@dataclass(frozen=True)
+class ProofCache:
+    """The proof record of a generated tree. It is used only when the mapgen and megatron-core versions it
+    names are the installed ones."""
+
+    mapgen: str = ""
+    megatron_core: str = ""
+    records: Mapping[str, ProofRecord] = dataclasses.field(default_factory=dict)
+
+    def lookup(self, name: str, input_sha: str, plan_sha: str, versions: tuple[str, str]) -> CachedProof | None:
+        record = self.records.get(name)
+        if record is None or (self.mapgen, self.megatron_core) != versions:
+            return None
+        if (record.input_sha256, record.plan_sha256) != (input_sha, plan_sha):
+            return None
+        return CachedProof(record.line)
+
+
+def megatron_core_version() -> str:
+    """The installed megatron-core's version, read from its metadata (importing it takes seconds)."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("megatron-core")
+    except metadata.PackageNotFoundError:
+        return ""
+
+
+def plan_sha256(plan: BridgePlan) -> str:
+    """A digest of everything the proof checks: the rules and the config recipe (``repr`` of the frozen plan)."""
+    return hashlib.sha256(repr(plan).encode("utf-8")).hexdigest()
+
+
+def layout_sha256(layout: Layout) -> str:
+    """sha256 of the canonical stored input (the digest the module headers carry)."""
+    return input_sha256(layout_to_json(layout))
+
+
+def parse_proof_cache(text: str) -> ProofCache:
+    """``proofs.json`` -> ProofCache; anything malformed is an empty cache (everything is re-proven, and the
+    re-rendered record shows up as a drift)."""
+    try:
+        data = json.loads(text)
+        if data.get("schema") != PROOFS_SCHEMA:
+            return ProofCache()
+        records = {
+            str(name): ProofRecord(str(r["input_sha256"]), str(r["plan_sha256"]), str(r["proof"]))
+            for name, r in data["proofs"].items()
+        }
+        return ProofCache(str(data["mapgen"]), str(data["megatron_core"]), records)
+    except (ValueError, TypeError, KeyError, AttributeError):
+        return ProofCache()
+
+
+def render_proof_cache(records: Mapping[str, ProofRecord], megatron_core: str) -> str:
+    data = {
+        "about": "Bijection proofs of the plans in this tree, by input: the proof is skipped while the input, "
+        "its plan and both versions are unchanged. Written by mapgen emit; `mapgen check --reprove` re-runs them.",
+        "mapgen": __version__,
+        "megatron_core": megatron_core,
+        "proofs": {
+            name: {"input_sha256": r.input_sha256, "plan_sha256": r.plan_sha256, "proof": r.line}
+            for name, r in sorted(records.items())
+        },
+        "schema": PROOFS_SCHEMA,
+    }
+    return json.dumps(data, indent=2, sort_keys=True) + "\n"
 
 
 def default_planner() -> Planner:
@@ -94,9 +199,12 @@ def generate(
     *,
     planner: Planner | None = None,
     prover: Prover | None = None,
+    cache: ProofCache | None = None,
 ) -> Generation:
     """Plan, prove and render ``inputs`` (input name -> layout). Raises :class:`MapgenError` with every
-    planning problem, or every proof problem grouped by pattern, before anything is rendered."""
+    planning problem, or every proof problem grouped by pattern, before anything is rendered. With a
+    ``cache``, an input whose record matches (see the module docstring) is not proven again; the rendered
+    tree includes the proof record (``proofs.json``) of this run."""
     names = sorted(inputs)
     for name in names:
         input_name(name)
@@ -112,19 +220,30 @@ def generate(
         raise MapgenError(problems, extra="nothing was written: no bridge could be planned for these inputs")
 
     proofs: dict[str, ProofLike] = {}
-    if names:
-        prove = prover or default_prover()
-        for name in names:
-            proof = prove(plans[name], inputs[name])
-            proofs[name] = proof
-            if not proof.ok:
-                problems.append(
-                    Diagnostic("error", "emit.proof-failed",
-                               f"the rules of {plans[name].module_name} are not a bijection: {proof.line}",
-                               file=input_path(name), hint="fix the problems listed with it (grouped by pattern)")
-                )
-                problems += [_with_file(d, input_path(name)) for d in proof.problems]
+    versions = (__version__, megatron_core_version())
+    digests = {name: (layout_sha256(inputs[name]), plan_sha256(plans[name])) for name in names}
+    cached: set[str] = set()
+    prove: Prover | None = None
+    for name in names:
+        hit = cache.lookup(name, *digests[name], versions) if cache is not None else None
+        if hit is not None:
+            proofs[name] = hit
+            cached.add(name)
+            continue
+        prove = prove or prover or default_prover()
+        proof = prove(plans[name], inputs[name])
+        proofs[name] = proof
+        if not proof.ok:
+            problems.append(
+                Diagnostic("error", "emit.proof-failed",
+                           f"the rules of {plans[name].module_name} are not a bijection: {proof.line}",
+                           file=input_path(name), hint="fix the problems listed with it (grouped by pattern)")
+            )
+            problems += [_with_file(d, input_path(name)) for d in proof.problems]
     if problems:
         lines = [f"  {name}: {plans[name].module_name}: {proofs[name].line}" for name in names]
         raise MapgenError(problems, extra="\n".join(["proofs:", *lines, "nothing was written."]))
-    return Generation(files=render(plans, inputs), plans=plans, proofs=proofs)
+    files = render(plans, inputs)
+    records = {name: ProofRecord(*digests[name], proofs[name].line) for name in names}
+    files[PROOFS_PATH] = render_proof_cache(records, versions[1])
+    return Generation(files=dict(sorted(files.items())), plans=plans, proofs=proofs, cached=frozenset(cached))

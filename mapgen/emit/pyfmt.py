@@ -1,9 +1,10 @@
 """A tiny deterministic layout engine for the expressions mapgen generates.
 
-Generated modules contain only literals, tuples and calls with keyword arguments, so a black-like layout
-needs no more than this: an expression goes on one line when it fits, otherwise its brackets open and each
-element goes on its own line with a trailing comma; an over-long string becomes an implicit concatenation
-of ``ascii()`` chunks inside parentheses. Nothing depends on black being installed.
+Generated modules contain only literals, names, tuples and calls, so a black-like layout needs no more than
+this: an expression goes on one line when it fits, otherwise its brackets open and each element goes on its
+own line with a trailing comma; an over-long string becomes an implicit concatenation of ``ascii()`` chunks
+inside parentheses. :func:`fill` packs short arguments onto aligned lines instead (table rows, ``Group``,
+``Facts``). Nothing depends on black being installed.
 """
 
 from __future__ import annotations
@@ -38,22 +39,20 @@ class Tup:
 
 @dataclass(frozen=True)
 class Call:
-    """``func(*args, **kwargs)``; ``func`` is a validated (possibly dotted) name. ``explode`` forces one
-    argument per line even when the call would fit."""
+    """``func(*args, **kwargs)``; ``func`` is a validated (possibly dotted) name."""
 
     func: tuple[PythonIdentifier, ...]
     args: tuple[Node, ...] = ()
     kwargs: tuple[tuple[PythonIdentifier, Node], ...] = ()
-    explode: bool = False
 
 
 Node = Lit | Name | Tup | Call
 
 
-def call(func: str, *args: Node, explode: bool = False, **kwargs: Node) -> Call:
+def call(func: str, *args: Node, **kwargs: Node) -> Call:
     """Build a :class:`Call`; keyword order is the order given."""
     parts = tuple(PythonIdentifier(p, what="callable name") for p in func.split("."))
-    return Call(parts, args, tuple((PythonIdentifier(k, what="keyword"), v) for k, v in kwargs.items()), explode)
+    return Call(parts, args, tuple((PythonIdentifier(k, what="keyword"), v) for k, v in kwargs.items()))
 
 
 def flat(node: Node) -> str:
@@ -74,8 +73,7 @@ def layout(node: Node, *, indent: int, prefix: str = "", suffix: str = "", width
     """Lines (without newlines) spelling ``prefix + node + suffix`` at ``indent`` levels."""
     pad = INDENT * indent
     one = f"{pad}{prefix}{flat(node)}{suffix}"
-    exploded = isinstance(node, Call) and node.explode and (node.args or node.kwargs)
-    if (len(one) <= width and not exploded) or isinstance(node, Name):
+    if len(one) <= width or isinstance(node, Name):
         return [one]
     if isinstance(node, Lit):
         if not isinstance(node.value, str):
@@ -90,6 +88,24 @@ def layout(node: Node, *, indent: int, prefix: str = "", suffix: str = "", width
         return [f"{pad}{prefix}(", *_items(node.items, (), indent + 1, width), f"{pad}){suffix}"]
     head = ".".join(node.func)
     return [f"{pad}{prefix}{head}(", *_items(node.args, node.kwargs, indent + 1, width), f"{pad}){suffix}"]
+
+
+def fill(head: str, parts: Sequence[str], tail: str, width: int = WIDTH) -> list[str] | None:
+    """``head + ", ".join(parts) + tail`` filled greedily onto lines whose continuations align under the
+    first part (``head`` ends with the opening bracket); None when a part alone does not fit."""
+    cont = " " * len(head)
+    lines: list[str] = []
+    current = head
+    for i, part in enumerate(parts):
+        piece = part + (tail if i == len(parts) - 1 else ",")
+        fresh = current in (head, cont)
+        candidate = current + ("" if fresh else " ") + piece
+        if len(candidate) > width and not fresh:
+            lines.append(current)
+            candidate = cont + piece
+        current = candidate
+    lines.append(current)
+    return lines if all(len(line) <= width for line in lines) else None
 
 
 def _items(

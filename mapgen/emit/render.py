@@ -2,15 +2,18 @@
 
 The output is the whole ``generated/`` tree:
 
-* ``<module_name>.py``      one bridge module per layout fingerprint (``templates/bridge_module.py.jinja``);
-* ``__init__.py``           the fingerprint registry with a lazy ``get_bridge`` (``templates/registry.py.jinja``);
+* ``<model_type>.py``       one bridge module per model type, one ``Bridge`` per layout fingerprint in it, written
+                            as tables (``templates/bridge_module.py.jinja``, laid out by :mod:`mapgen.emit.tables`);
+* ``__init__.py``           the fingerprint -> (module, attribute) registry with a lazy ``get_bridge``
+                            (``templates/registry.py.jinja``);
 * ``SUPPORTED.md``          the table of supported layouts and rule families (``templates/supported.md.jinja``);
 * ``inputs/<name>.json``    the canonical inputs (``layout_to_json``), so ``mapgen check`` runs offline.
 
 Everything is computed here, in Python, into a small *render model* of pre-formatted strings (literals via
 ``ascii()``, prose via :func:`~mapgen.emit.names.plain_text`, expressions laid out by
 :mod:`mapgen.emit.pyfmt`); the templates only loop over it. Every Python file is parsed with libcst and
-compiled before it is returned, and bridge modules are checked to call nothing but the runtime API.
+compiled before it is returned, bridge modules are checked to call nothing but the contract's table API,
+and their tables are checked to flatten back to exactly the planned rules.
 """
 
 from __future__ import annotations
@@ -19,7 +22,6 @@ import ast
 import dataclasses
 import hashlib
 import json
-import types
 import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -31,7 +33,10 @@ import jinja2
 import libcst
 
 from mapgen import __version__
-from mapgen.emit import pyfmt
+from mapgen.contract.config import Facts
+from mapgen.contract.rules import Op, Rule, Sharding
+from mapgen.contract.table import CONSTRUCTORS
+from mapgen.emit import pyfmt, tables
 from mapgen.emit.names import (
     PythonIdentifier,
     comment_lines,
@@ -43,68 +48,32 @@ from mapgen.emit.names import (
     plain_text,
     py_literal,
 )
-from mapgen.emit.pyfmt import Lit, Name, Node, Tup, call
+from mapgen.emit.pyfmt import Call, Lit, Node
+from mapgen.emit.tables import literal_fits
 from mapgen.errors import Diagnostic, MapgenError, error
 from mapgen.ir import Layout, layout_to_json
-from mapgen.plan.plan import BridgePlan, ConfigField
-from mapgen.plan.rules import Op, Rule, Sharding
-from mapgen.plan.spec import ModelSpec
+from mapgen.plan.plan import BridgePlan
 
 REGENERATE_COMMAND = "mapgen emit --from-inputs"
 REGISTRY_PATH = "__init__.py"
 SUPPORTED_PATH = "SUPPORTED.md"
 INPUTS_DIR = "inputs"
+REGISTRY_ATTRIBUTE = "BRIDGE"  # the name a bridge module binds its Bridge to (the registry says (module, name))
 
 BRIDGE_TEMPLATE = "bridge_module.py.jinja"
 REGISTRY_TEMPLATE = "registry.py.jinja"
 SUPPORTED_TEMPLATE = "supported.md.jinja"
-GENERIC_SECTION = "_generic"
-
-# Rule sections, in the order a bridge module lists them. A rule goes to the section whose family prefix
-# is the longest match for ``rule.family`` (``moe.shared.fc1`` -> ``shared_expert``); every rule whose
-# domain is MTP (``mtp`` / ``mtp:<group>``) goes to the MTP section, so the MTP block reads as one unit.
-# A family with no section here renders through ``sections/_generic.py.jinja`` under its own name.
-# Adding a family = one entry here + one ``templates/sections/<name>.py.jinja``.
-SECTIONS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("embedding", ("embedding", "output", "lm_head")),
-    ("norm", ("norm", "final_norm", "norms")),
-    ("attention", ("attention",)),
-    ("gated_delta_net", ("gdn", "gated_delta_net", "linear_attn")),
-    ("dense_mlp", ("mlp", "dense_mlp")),
-    ("moe", ("moe", "experts", "router")),
-    ("shared_expert", ("moe.shared", "shared_expert", "shared_experts")),
-    ("mtp", ("mtp",)),
-)
-
-# ConfigField.expr -> (runtime helper the module imports, argument). ``const``/``config`` are literal calls.
-_DERIVED: dict[str, tuple[str, str]] = {
-    "head_dim": ("head_dim", "hf"),
-    "rope_scaling": ("rope_scaling", "hf"),
-    "rope_scaling_factor": ("rope_scaling_factor", "hf"),
-    "layer_kinds": ("layer_kinds", "layout"),
-    "mlp_kinds": ("mlp_kinds", "layout"),
-    "mtp_depth": ("mtp_depth", "layout"),
-    "mtp_layer_kind": ("mtp_layer_kind", "layout"),
-    "mtp_mlp_kind": ("mtp_mlp_kind", "layout"),
-}
-_BASE_IMPORTS = ("Bridge", "HFConfig", "Layout", "ModelSpec", "Rule")
 _OPS = frozenset(typing.get_args(Op))
 _SHARDINGS = frozenset(typing.get_args(Sharding))
-_SPEC_FIELDS = frozenset(f.name for f in dataclasses.fields(ModelSpec))
-_SPEC_TYPES: dict[str, Any] = typing.get_type_hints(ModelSpec)
+_FACT_TYPES: dict[str, Any] = typing.get_type_hints(Facts)
 # Calls a bridge module may contain (checked on the AST of every rendered module).
-_ALLOWED_CALLS = frozenset({"Bridge", "ModelSpec", "Rule", "hf.get", *(h for h, _ in _DERIVED.values())})
+_ALLOWED_CALLS = frozenset({"Bridge", "Facts", "Group", "op", *(fn.__name__ for fn in CONSTRUCTORS.values())})
 _COMMENT_WIDTH = pyfmt.WIDTH - 6  # after "    # "
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Inputs
 # ---------------------------------------------------------------------------------------------------------
-def canonical_input_json(layout: Layout) -> str:
-    """The stored form of an input: exactly what ``layout_to_json`` writes."""
-    return layout_to_json(layout)
-
-
 def input_sha256(text: str) -> str:
     """sha256 of the canonical form of a JSON document: parsed, dumped with sorted keys (the project's
     ``json.dumps(obj, sort_keys=True)`` convention), UTF-8. Whitespace and key order do not matter."""
@@ -143,11 +112,6 @@ def _finish(text: str) -> str:
     return "\n".join(lines).rstrip("\n") + "\n"
 
 
-def _heading(title: str) -> str:
-    text = f"-- {plain_text(title)} "
-    return text + "-" * max(3, pyfmt.WIDTH - len("    # ") - len(text))
-
-
 def _environment() -> jinja2.Environment:
     # autoescape is for HTML; these templates produce Python and markdown whose every checkpoint-controlled
     # string is already escaped in Python (py_literal / plain_text / markdown_cell) before it gets here.
@@ -160,7 +124,6 @@ def _environment() -> jinja2.Environment:
         lstrip_blocks=True,
         newline_sequence="\n",
     )
-    env.filters["heading"] = _heading
     return env
 
 
@@ -168,32 +131,21 @@ def _environment() -> jinja2.Environment:
 # The render model
 # ---------------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class RuleView:
-    comment: tuple[str, ...]
-    lines: tuple[str, ...]
-
-
-@dataclass(frozen=True)
-class SectionView:
-    name: str
-    template: str
-    title: str
-    rules: tuple[RuleView, ...]
-
-
-@dataclass(frozen=True)
-class FieldView:
-    comment: tuple[str, ...]
-    lines: tuple[str, ...]
-
-
-@dataclass(frozen=True)
 class Module:
-    """One bridge module: a plan and the inputs it serves."""
+    """One bridge module: the plans of one model type (sorted by fingerprint) and the inputs they serve."""
 
-    plan: BridgePlan
     module: PythonIdentifier
-    inputs: tuple[str, ...]  # input names, sorted
+    plans: tuple[BridgePlan, ...]
+    inputs: tuple[tuple[str, ...], ...]  # per plan: its input names, sorted
+
+    @property
+    def all_inputs(self) -> tuple[str, ...]:
+        return tuple(sorted(n for names in self.inputs for n in names))
+
+
+def bridge_attribute(fingerprint: str) -> PythonIdentifier:
+    """The module attribute holding the bridge of a fingerprint."""
+    return PythonIdentifier(f"BRIDGE_{fingerprint_text(fingerprint)}", what="bridge name")
 
 
 def header_lines(template: str, inputs: Sequence[tuple[str, str]]) -> list[str]:
@@ -209,23 +161,6 @@ def header_lines(template: str, inputs: Sequence[tuple[str, str]]) -> list[str]:
         lines.append("inputs: none")
     lines.append(f"regenerate: {REGENERATE_COMMAND}")
     return lines
-
-
-def _rule_call(rule: Rule) -> Node:
-    kwargs: dict[str, Node] = {
-        "family": Lit(rule.family),
-        "megatron": Lit(rule.megatron),
-        "hf": Tup(tuple(Lit(k) for k in rule.hf)),
-        "op": Lit(rule.op),
-        "sharding": Lit(rule.sharding),
-    }
-    if rule.domain != "global":
-        kwargs["domain"] = Lit(rule.domain)
-    if rule.experts:
-        kwargs["experts"] = Lit(True)
-    if rule.options:
-        kwargs["options"] = Tup(tuple(Tup((Lit(k), Lit(v))) for k, v in rule.options))
-    return call("Rule", explode=True, **kwargs)
 
 
 def _check_rule(rule: Rule, where: str) -> list[Diagnostic]:
@@ -258,136 +193,82 @@ def _check_rule(rule: Rule, where: str) -> list[Diagnostic]:
     ]
 
 
-def _section_of(rule: Rule) -> str:
-    if rule.domain == "mtp" or rule.domain.startswith("mtp:"):
-        return "mtp"
-    best, best_len = "", -1
-    for name, prefixes in SECTIONS:
-        for prefix in prefixes:
-            if (rule.family == prefix or rule.family.startswith(prefix + ".")) and len(prefix) > best_len:
-                best, best_len = name, len(prefix)
-    return best or rule.family.split(".", 1)[0]
+def _facts(facts: Facts) -> Call:
+    """``Facts(...)`` with the fields that differ from their defaults (type-checked: mypy checks the module)."""
+    if not isinstance(facts, Facts):
+        raise error("emit.invalid-facts", f"the plan's facts are a {type(facts).__name__}, not Facts",
+                    hint="mapgen.plan.planner builds BridgePlan.facts")
+    kwargs: list[tuple[PythonIdentifier, Node]] = []
+    for f in dataclasses.fields(Facts):
+        value = getattr(facts, f.name)
+        if not literal_fits(value, _FACT_TYPES[f.name]):
+            raise error("emit.invalid-facts", f"Facts.{f.name} cannot be {py_literal(value)}",
+                        expected=plain_text(str(_FACT_TYPES[f.name])), hint="fix the facts the planner produces")
+        if value != f.default:
+            kwargs.append((PythonIdentifier(f.name), Lit(value)))
+    return Call((PythonIdentifier("Facts"),), (), tuple(kwargs))
 
 
-def _sections(rules: Sequence[Rule], env: jinja2.Environment) -> list[SectionView]:
-    buckets: dict[str, list[Rule]] = {}
-    for rule in rules:
-        buckets.setdefault(_section_of(rule), []).append(rule)
-    known = [name for name, _ in SECTIONS]
-    order = [n for n in known if n in buckets] + [n for n in buckets if n not in known]
-    available = set(env.list_templates())
-    out = []
-    for name in order:
-        has_template = name in known and f"sections/{name}.py.jinja" in available
-        views = tuple(
-            RuleView(
-                comment=tuple(comment_lines(r.comment, _COMMENT_WIDTH)),
-                lines=tuple(pyfmt.layout(_rule_call(r), indent=1, suffix=",")),
-            )
-            for r in buckets[name]
-        )
-        template = f"sections/{name}.py.jinja" if has_template else f"sections/{GENERIC_SECTION}.py.jinja"
-        out.append(SectionView(name=name, template=template, title=plain_text(name), rules=views))
-    return out
+def _docstring(mod: Module) -> tuple[str, list[str]]:
+    types_ = ", ".join(py_literal(t) for t in sorted({p.model_type for p in mod.plans}))
+    summary = docstring_text(f"Bridges for model_type {types_}: one Bridge per layout fingerprint.")
+    if len(summary) > pyfmt.WIDTH:
+        summary = "Bridges for one model type: one Bridge per layout fingerprint."
+    body: list[str] = []
+    for plan, names in zip(mod.plans, mod.inputs, strict=True):
+        sources = ", ".join(input_path(n) for n in names)
+        body += ["", docstring_text(f"{bridge_attribute(plan.fingerprint)} ({sources}):")]
+        for line in plan.description:
+            text = docstring_text(line)
+            if not plain_text(line).strip():
+                continue
+            wrapped = comment_lines(text, pyfmt.WIDTH - 4) if len(text) > pyfmt.WIDTH - 4 else [text]
+            body += [f"    {w}" for w in wrapped]
+    return summary, body
 
 
-def literal_fits(value: object, annotation: Any) -> bool:
-    """Does a literal ``value`` type-check against a ``ModelSpec`` annotation? (What mypy --strict will
-    say about the generated keyword; unknown annotation shapes are accepted.)"""
-    origin = typing.get_origin(annotation)
-    if origin in (typing.Union, types.UnionType):
-        return any(literal_fits(value, a) for a in typing.get_args(annotation))
-    if origin is typing.Literal:
-        return any(type(value) is type(a) and value == a for a in typing.get_args(annotation))
-    if annotation is type(None):
-        return value is None
-    if annotation is bool:
-        return isinstance(value, bool)
-    if annotation is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if annotation is float:
-        return isinstance(value, int | float) and not isinstance(value, bool)
-    if annotation is str:
-        return isinstance(value, str)
-    return (origin is None and not isinstance(annotation, type)) or annotation is Any
+def _imports(blocks: Sequence[tables.Block]) -> list[str]:
+    """What the module imports from mapgen.contract, in isort order (classes, then functions)."""
+    used = {pyfmt.flat(op).partition("(")[0] for b in blocks for _, _, op in b.rows}
+    return ["Bridge", "Facts", "Group", *sorted(used)]
 
 
-def _config_value(f: ConfigField) -> tuple[Node, str | None]:
-    """The expression for one ``ModelSpec`` keyword and the runtime helper it needs (if any)."""
-    if f.expr == "const":
-        annotation = _SPEC_TYPES.get(f.field, Any)
-        if not literal_fits(f.default, annotation):
-            raise error("emit.invalid-config",
-                        f"ModelSpec.{f.field} cannot be the constant {py_literal(f.default)}",
-                        expected=plain_text(str(annotation)), hint="fix the ConfigField the planner produces")
-        return Lit(f.default), None
-    if f.expr == "config":
-        if not f.names or not all(isinstance(n, str) for n in f.names):
-            raise error("emit.invalid-config", f"config field {f.field} names no HF config key",
-                        hint="ConfigField(expr='config') needs names")
-        names = tuple(Lit(n) for n in f.names)
-        if f.has_default:
-            return call("hf.get", *names, default=Lit(f.default)), None
-        return call("hf.get", *names), None
-    if f.expr in _DERIVED:
-        helper, arg = _DERIVED[f.expr]
-        return call(helper, Name(PythonIdentifier(arg))), helper
-    raise error(
-        "emit.invalid-config",
-        f"config field {f.field}: expression kind {py_literal(str(f.expr))} has no rendering",
-        expected="one of const, config, " + ", ".join(sorted(_DERIVED)),
-        hint="a new ConfigExpr needs a runtime helper and an entry in mapgen.emit.render._DERIVED",
-    )
+def _import_lines(names: Sequence[str]) -> list[str]:
+    one = f"from mapgen.contract import {', '.join(names)}"
+    if len(one) <= tables.WIDTH:
+        return [one]
+    return ["from mapgen.contract import (", *(f"    {n}," for n in names), ")"]
 
 
-def _config(fields: Sequence[ConfigField]) -> tuple[list[FieldView], list[str]]:
-    seen: set[str] = set()
-    views, helpers = [], set()
-    for f in fields:
-        name = PythonIdentifier(f.field, what="ModelSpec field")
-        if name not in _SPEC_FIELDS:
-            raise error("emit.invalid-config", f"ModelSpec has no field {name}",
-                        expected="a field of mapgen.plan.spec.ModelSpec")
-        if name in seen:
-            raise error("emit.invalid-config", f"ModelSpec field {name} is set twice")
-        seen.add(name)
-        node, helper = _config_value(f)
-        if helper:
-            helpers.add(helper)
-        views.append(
-            FieldView(
-                comment=tuple(comment_lines(f.comment, pyfmt.WIDTH - 10)),
-                lines=tuple(pyfmt.layout(node, indent=2, prefix=f"{name}=", suffix=",")),
-            )
-        )
-    # isort order (ruff I001, order-by-type): classes first, then functions; both alphabetical.
-    return views, [*_BASE_IMPORTS, *sorted(helpers)]
-
-
-def _docstring(plan: BridgePlan) -> tuple[str, list[str]]:
-    lines = [docstring_text(line) for line in plan.description if plain_text(line).strip()]
-    wrapped: list[str] = []
-    for line in lines:
-        wrapped += comment_lines(line, pyfmt.WIDTH) if len(line) > pyfmt.WIDTH else [line]
-    if not wrapped:
-        wrapped = [f"Bridge for layout fingerprint {plan.fingerprint}."]
-    return wrapped[0], wrapped[1:]
+def _bridge_lines(plan: BridgePlan, groups: Sequence[tables.GroupView]) -> list[str]:
+    lines = [f"{bridge_attribute(plan.fingerprint)} = Bridge("]
+    lines += pyfmt.layout(Lit(plan.fingerprint), indent=1, prefix="fingerprint=", suffix=",")
+    lines += pyfmt.layout(Lit(plan.model_type), indent=1, prefix="model_type=", suffix=",")
+    lines += tables.call_lines(_facts(plan.facts), indent=1, prefix="facts=", suffix=",")
+    lines.append("    groups=(")
+    for group in groups:
+        lines += tables.group_lines(group, indent=2)
+    lines += ["    ),", ")"]
+    return lines
 
 
 def _render_module(env: jinja2.Environment, mod: Module, digests: Mapping[str, str]) -> str:
-    plan = mod.plan
-    config, imports = _config(plan.config)
-    summary, body = _docstring(plan)
+    blocks, bridges = tables.build(mod.plans)
+    problems = tables.check_round_trip(blocks, bridges)
+    if problems:
+        raise error("emit.table-mismatch", "; ".join(problems), file=f"{mod.module}.py",
+                    hint="mapgen.emit.tables is broken; this is a mapgen bug")
+    summary, body = _docstring(mod)
     model = {
-        "header": header_lines(BRIDGE_TEMPLATE, [(n, digests[n]) for n in mod.inputs]),
+        "header": header_lines(BRIDGE_TEMPLATE, [(n, digests[n]) for n in mod.all_inputs]),
         "summary": summary,
         "body": body,
-        "inputs": [input_path(n) for n in mod.inputs],
-        "imports": imports,
-        "fingerprint": py_literal(plan.fingerprint),
-        "config": config,
-        "sections": _sections(plan.rules, env),
-        "model_type_lines": pyfmt.layout(Lit(plan.model_type), indent=1, prefix="model_type=", suffix=","),
+        "imports": _import_lines(_imports(blocks)),
+        "blocks": [
+            {"name": b.name, "lines": [line for m, h, op in b.rows for line in tables.row_lines(m, h, op)]}
+            for b in blocks
+        ],
+        "bridges": [_bridge_lines(bt.plan, bt.groups) for bt in bridges],
     }
     return _finish(env.get_template(BRIDGE_TEMPLATE).render(**model))
 
@@ -446,11 +327,13 @@ def _mtp_text(layout: Layout) -> str:
 def _registry(env: jinja2.Environment, modules: Sequence[Module], digests: Mapping[str, str]) -> str:
     entries = [
         {
-            "comment": comment_lines(f"{m.plan.model_type}: " + ", ".join(m.inputs), _COMMENT_WIDTH),
-            "fingerprint": py_literal(m.plan.fingerprint),
+            "comment": comment_lines(f"{plan.model_type}: " + ", ".join(names), _COMMENT_WIDTH),
+            "fingerprint": py_literal(plan.fingerprint),
             "module": py_literal(str(m.module)),
+            "attribute": py_literal(str(bridge_attribute(plan.fingerprint))),
         }
         for m in modules
+        for plan, names in zip(m.plans, m.inputs, strict=True)
     ]
     header = header_lines(REGISTRY_TEMPLATE, sorted(digests.items()))
     return _finish(env.get_template(REGISTRY_TEMPLATE).render(header=header, entries=entries))
@@ -462,23 +345,24 @@ def _supported(
     layouts = []
     families: dict[str, dict[str, set[str]]] = {}
     for m in modules:
-        first = inputs[m.inputs[0]]
-        fams = sorted({r.family for r in m.plan.rules})
-        for r in m.plan.rules:
-            entry = families.setdefault(r.family, {"ops": set(), "modules": set()})
-            entry["ops"].add(f"{r.op}/{r.sharding}")
-            entry["modules"].add(str(m.module))
-        layouts.append(
-            {
-                "module": markdown_cell(str(m.module)),
-                "fingerprint": markdown_cell(m.plan.fingerprint),
-                "model_type": markdown_cell(m.plan.model_type),
-                "architectures": markdown_cell(", ".join(first.architectures) or "-"),
-                "rules": len(m.plan.rules),
-                "families": markdown_cell(", ".join(fams)),
-            }
-        )
-    by_input = {name: m for m in modules for name in m.inputs}
+        for plan, names in zip(m.plans, m.inputs, strict=True):
+            first = inputs[names[0]]
+            fams = sorted({r.family for r in plan.rules})
+            for r in plan.rules:
+                entry = families.setdefault(r.family, {"ops": set(), "modules": set()})
+                entry["ops"].add(f"{r.op}/{r.sharding}")
+                entry["modules"].add(str(m.module))
+            layouts.append(
+                {
+                    "module": markdown_cell(f"{m.module}.{bridge_attribute(plan.fingerprint)}"),
+                    "fingerprint": markdown_cell(plan.fingerprint),
+                    "model_type": markdown_cell(plan.model_type),
+                    "architectures": markdown_cell(", ".join(first.architectures) or "-"),
+                    "rules": len(plan.rules),
+                    "families": markdown_cell(", ".join(fams)),
+                }
+            )
+    by_input = {name: m for m in modules for names in m.inputs for name in names}
     checkpoints = [
         {
             "name": markdown_cell(name),
@@ -512,12 +396,13 @@ def _supported(
 # Entry point
 # ---------------------------------------------------------------------------------------------------------
 def group_modules(plans: Mapping[str, BridgePlan]) -> list[Module]:
-    """Inputs sharing a fingerprint share one module; their plans must be identical. Sorted by module."""
+    """Inputs sharing a fingerprint share one bridge (their plans must be identical); the bridges of one
+    model type share one module. Sorted by module, bridges by fingerprint."""
     by_fp: dict[str, list[str]] = {}
     problems: list[Diagnostic] = []
     for name in sorted(plans):
         by_fp.setdefault(fingerprint_text(plans[name].fingerprint), []).append(name)
-    modules = []
+    by_module: dict[PythonIdentifier, list[tuple[BridgePlan, tuple[str, ...]]]] = {}
     for fp in sorted(by_fp):
         names = by_fp[fp]
         plan = plans[names[0]]
@@ -525,21 +410,17 @@ def group_modules(plans: Mapping[str, BridgePlan]) -> list[Module]:
             Diagnostic("error", "emit.plan-conflict",
                        f"inputs {names[0]} and {other} share fingerprint {fp} but were planned differently",
                        file=input_path(other), hint="the fingerprint must capture everything the plan depends "
-                       "on; fix mapgen.plan.planner.fingerprint")
+                       "on; fix mapgen.contract.fingerprint")
             for other in names[1:]
             if plans[other] != plan
         ]
-        modules.append(Module(plan, module_identifier(plan.module_name), tuple(names)))
-    seen: dict[str, str] = {}
-    for m in modules:
-        if m.module in seen:
-            problems.append(Diagnostic("error", "emit.module-clash",
-                                       f"fingerprints {seen[m.module]} and {m.plan.fingerprint} both want module "
-                                       f"{m.module}", hint="module names must be unique per fingerprint"))
-        seen[m.module] = m.plan.fingerprint
+        by_module.setdefault(module_identifier(plan.module_name), []).append((plan, tuple(names)))
     if problems:
         raise MapgenError(problems)
-    return sorted(modules, key=lambda m: str(m.module))
+    return [
+        Module(module, tuple(p for p, _ in entries), tuple(n for _, n in entries))
+        for module, entries in sorted(by_module.items())
+    ]
 
 
 def render(plans: Mapping[str, BridgePlan], inputs: Mapping[str, Layout]) -> dict[str, str]:
@@ -558,7 +439,7 @@ def render(plans: Mapping[str, BridgePlan], inputs: Mapping[str, Layout]) -> dic
         raise MapgenError(problems)
 
     env = _environment()
-    stored = {input_path(name): canonical_input_json(layout) for name, layout in inputs.items()}
+    stored = {input_path(name): layout_to_json(layout) for name, layout in inputs.items()}
     digests = {name: input_sha256(stored[input_path(name)]) for name in inputs}
     modules = group_modules(plans)
 

@@ -45,6 +45,16 @@ INPUT_NORM = "input_layernorm.weight"
 """Megatron's name for the block's pre-mixer norm (a separate module with the local spec)."""
 
 
+def facts(c: Component) -> dict[str, bool]:
+    """The Megatron config facts this component decides (``mapgen.contract.config.Facts`` fields)."""
+    return {
+        "add_qkv_bias": bool(c.key("q_bias")),
+        "add_bias_linear": bool(c.key("o_bias")),
+        "qk_layernorm": bool(c.key("q_norm")),
+        "attention_output_gate": bool(c.flag("output_gate")),
+    }
+
+
 def kind(c: Component) -> str:
     return "sliding_attention" if c.flag("sliding_window") else "attention"
 

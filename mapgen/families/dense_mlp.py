@@ -32,6 +32,10 @@ DENSE_MLP = Family(
 )
 
 
+def facts(c: Component) -> dict[str, bool]:
+    return {}
+
+
 def kind(c: Component) -> str:
     return "dense"
 

@@ -42,6 +42,10 @@ INPUT_NORM = "self_attention.in_proj.layer_norm_weight"
 """Megatron fuses the block's pre-mixer norm into the gated delta-net's ``in_proj``."""
 
 
+def facts(c: Component) -> dict[str, bool]:
+    return {"gated_delta_net": True}
+
+
 def kind(c: Component) -> str:
     return "gated_delta_net"
 

@@ -36,6 +36,10 @@ MLA = Family(
 INPUT_NORM = "input_layernorm.weight"
 
 
+def facts(c: Component) -> dict[str, bool]:
+    return {}
+
+
 def kind(c: Component) -> str:
     return "mla"
 

@@ -64,6 +64,16 @@ SHARED_EXPERT = Family(
 )
 
 
+def facts(c: Component) -> dict[str, bool]:
+    shared = c.child("shared")
+    return {
+        "moe": True,
+        "expert_bias": bool(c.key("expert_bias")),
+        "shared_expert": shared is not None,
+        "shared_expert_gate": bool(shared and shared.key("gate")),
+    }
+
+
 def kind(c: Component) -> str:
     return "moe"
 

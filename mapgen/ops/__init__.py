@@ -40,7 +40,7 @@ Adding an op
 ------------
 One new file here with an :class:`Op` subclass (its options dataclass, shardings, ``key_count``, ``load``
 beside ``save``, ``components`` if the sharded dimension has several components) and one line in
-:data:`OPS`. While ``Rule.op`` (:mod:`mapgen.plan.rules`) is a ``Literal``, the name goes there too;
+:data:`OPS`. While ``Rule.op`` (:mod:`mapgen.contract.rules`) is a ``Literal``, the name goes there too;
 ``tests/ops/test_registry.py`` checks that the two agree and ``tests/ops/test_inverse.py`` asks for an example
 of every (op, sharding) to check that load/save/split/gather are mutually inverse.
 """
@@ -52,6 +52,8 @@ from typing import Any
 
 import torch
 
+from mapgen.contract.rules import Rule
+from mapgen.contract.spec import ModelSpec
 from mapgen.ops._base import (
     DictReader,
     Fragment,
@@ -69,8 +71,6 @@ from mapgen.ops.experts import ExpertFc1, ExpertFc2
 from mapgen.ops.gated_fc1 import GatedFc1
 from mapgen.ops.gdn import GdnConv1d, GdnInProj
 from mapgen.ops.qkv import Qkv
-from mapgen.plan.rules import Rule
-from mapgen.plan.spec import ModelSpec
 
 __all__ = [
     "OPS",

@@ -19,8 +19,8 @@ from typing import Generic, Literal, Protocol, Self, TypeVar
 
 import torch
 
-from mapgen.plan.rules import Rule, Sharding
-from mapgen.plan.spec import ModelSpec
+from mapgen.contract.rules import Rule, Sharding
+from mapgen.contract.spec import ModelSpec
 
 Index = tuple[slice | int, ...]
 Option = str | int | bool

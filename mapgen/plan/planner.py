@@ -1,7 +1,7 @@
-"""Planning: a scanned :class:`Layout` -> a :class:`BridgePlan` (Megatron config recipe + ordered rules).
+"""Planning: a scanned :class:`Layout` -> a :class:`BridgePlan` (layout-decided facts + ordered rules).
 
 Pure and deterministic. Every rule names its Megatron parameter pattern in the global local-spec namespace
-(see :mod:`mapgen.plan.rules`), the HF key pattern(s), the primitive and its declared sharding. Layer,
+(see :mod:`mapgen.contract.rules`), the HF key pattern(s), the primitive and its declared sharding. Layer,
 expert and MTP indices are placeholders whose index sets come from the layout's groups; nothing is
 hard-coded to ``mtp.layers.0``.
 
@@ -12,54 +12,28 @@ bridge.
 
 from __future__ import annotations
 
-import hashlib
-import json
+import keyword
 import re
 
+from mapgen.contract.config import Facts
+from mapgen.contract.fingerprint import fingerprint
+from mapgen.contract.rules import Rule
 from mapgen.errors import Diagnostic, MapgenError
 from mapgen.families import behaviour, embedding, facts_for, input_norm_target, norms
 from mapgen.families import mtp as mtp_family
 from mapgen.families.moe import experts_of
-from mapgen.ir import LayerGroup, Layout, to_jsonable
-from mapgen.plan.plan import BridgePlan, ConfigField
-from mapgen.plan.rules import Rule
+from mapgen.ir import LayerGroup, Layout
+from mapgen.plan.plan import BridgePlan
 
 _IDENT = re.compile(r"[^0-9a-zA-Z_]+")
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Fingerprint: the layout with dimensions (and index sets, counts, depths) removed.
-# ---------------------------------------------------------------------------------------------------------
-_DIMENSION_FIELDS = frozenset(
-    {"dims", "summary", "diagnostics", "unclassified", "layers", "num_layers", "depth", "index_offset", "num_keys",
-     "patterns", "config", "counts"}
-)
-"""Layout fields that are sizes, counts or reports, not structure (a component's ``counts`` by their role)."""
-
-
-def _strip(data: object) -> object:
-    if isinstance(data, dict):
-        return {k: _strip(v) for k, v in sorted(data.items()) if k not in _DIMENSION_FIELDS}
-    if isinstance(data, list):
-        return [_strip(v) for v in data]
-    return data
-
-
-def fingerprint_data(layout: Layout) -> object:
-    """The canonical data a layout fingerprint is computed from (public for tests and ``mapgen diff``)."""
-    return _strip(to_jsonable(layout))
-
-
-def fingerprint(layout: Layout) -> str:
-    canonical = json.dumps(fingerprint_data(layout), sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(canonical.encode()).hexdigest()[:12]
-
-
-def module_name(layout: Layout, fp: str) -> str:
+def module_name(layout: Layout) -> str:
+    """The generated module of the layout's model type (it holds one bridge per fingerprint)."""
     base = _IDENT.sub("_", layout.model_type.lower()).strip("_") or "model"
-    if not base[0].isalpha():
+    if not base[0].isalpha() or keyword.iskeyword(base) or base in {"inputs", "supported"}:
         base = f"m_{base}"
-    return f"{base}_{fp}"
+    return base
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -128,78 +102,18 @@ class _Planner:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Config recipe
+# Facts: what the layout decides about the Megatron model (the config table in mapgen.contract.config does the rest)
 # ---------------------------------------------------------------------------------------------------------
-def _config(layout: Layout, zero_centered: bool) -> tuple[ConfigField, ...]:
+def _facts(layout: Layout, zero_centered: bool) -> Facts:
+    """Each family states the facts its components decide; the first group (decoder order, then the MTP inner
+    layers) that states a fact decides it."""
     lm = layout.language_model
-    groups = list(lm.groups) + (list(lm.mtp.inner) if lm.mtp else [])
-    attns = [g.mixer for g in groups if g.mixer.family == "attention"]
-    moes = [g.mlp for g in groups if g.mlp.family == "moe"]
-    gdn = any(g.mixer.family == "gated_delta_net" for g in groups)
-    a0 = attns[0] if attns else None
-
-    def cfg(
-        field: str, *names: str, default: object = None, has_default: bool = False, comment: str = ""
-    ) -> ConfigField:
-        return ConfigField(field, "config", names=names, default=default, has_default=has_default,  # type: ignore[arg-type]
-                           comment=comment)
-
-    def const(field: str, value: bool | int | float | str | None, comment: str = "") -> ConfigField:
-        return ConfigField(field, "const", default=value, has_default=True, comment=comment)
-
-    fields = [
-        cfg("num_layers", "num_hidden_layers"),
-        cfg("hidden_size", "hidden_size"),
-        cfg("num_attention_heads", "num_attention_heads"),
-        cfg("num_query_groups", "num_key_value_heads", "num_attention_heads",
-            comment="GQA groups; MHA when the config has no num_key_value_heads"),
-        ConfigField("kv_channels", "head_dim", comment="head_dim, else hidden_size // num_attention_heads"),
-        cfg("ffn_hidden_size", "intermediate_size", "moe_intermediate_size"),
-        cfg("vocab_size", "vocab_size"),
-        cfg("max_position_embeddings", "max_position_embeddings", default=4096, has_default=True),
-        ConfigField("layer_kinds", "layer_kinds", comment="per layer, from the scanned layer groups"),
-        ConfigField("mlp_kinds", "mlp_kinds", comment="per layer, from the scanned layer groups"),
-        const("add_qkv_bias", bool(a0 and a0.key("q_bias"))),
-        const("add_bias_linear", bool(a0 and a0.key("o_bias"))),
-        const("qk_layernorm", bool(a0 and a0.key("q_norm"))),
-        const("attention_output_gate", bool(a0 and a0.flag("output_gate"))),
-        cfg("rotary_base", "rope_theta", "rope_parameters.rope_theta", default=10000.0, has_default=True),
-        cfg("rotary_percent", "partial_rotary_factor", "rope_parameters.partial_rotary_factor", default=1.0,
-            has_default=True),
-        ConfigField("rope_scaling", "rope_scaling", comment="Llama-3 RoPE scaling; other scalings are refused"),
-        ConfigField("rope_scaling_factor", "rope_scaling_factor"),
-        cfg("norm_epsilon", "rms_norm_eps", "layer_norm_eps", default=1e-6, has_default=True),
-        const("layernorm_zero_centered_gamma", zero_centered,
-              "HF norms compute (1 + w) * x" if zero_centered else ""),
-        const("untie_embeddings_and_output_weights", not lm.tied_embeddings),
-    ]
-    if moes:
-        m0 = moes[0]
-        fields += [
-            cfg("num_moe_experts", "num_experts", "num_local_experts", "n_routed_experts"),
-            cfg("moe_router_topk", "num_experts_per_tok", "moe_topk"),
-            cfg("moe_ffn_hidden_size", "moe_intermediate_size", "intermediate_size"),
-            const("moe_router_enable_expert_bias", bool(m0.key("expert_bias"))),
-            const("moe_shared_expert_gate", bool((shared := m0.child("shared")) and shared.key("gate"))),
-        ]
-        if m0.child("shared") is not None:
-            fields.append(cfg("moe_shared_expert_intermediate_size", "shared_expert_intermediate_size",
-                              "moe_intermediate_size"))
-    if gdn:
-        fields += [
-            cfg("linear_num_key_heads", "linear_num_key_heads"),
-            cfg("linear_num_value_heads", "linear_num_value_heads"),
-            cfg("linear_key_head_dim", "linear_key_head_dim"),
-            cfg("linear_value_head_dim", "linear_value_head_dim"),
-            cfg("linear_conv_kernel_dim", "linear_conv_kernel_dim"),
-        ]
-    if lm.mtp is not None:
-        fields += [
-            ConfigField("mtp_num_layers", "mtp_depth", comment="MTP depth from the keys, not from the config"),
-            ConfigField("mtp_layer_kind", "mtp_layer_kind"),
-            ConfigField("mtp_mlp_kind", "mtp_mlp_kind"),
-        ]
-    return tuple(fields)
+    decided: dict[str, bool] = {"tied": lm.tied_embeddings, "zero_centered": zero_centered}
+    for group in (*lm.groups, *(lm.mtp.inner if lm.mtp else ())):
+        for component in (group.mixer, group.mlp):
+            for name, value in behaviour(component).facts(component).items():
+                decided.setdefault(name, value)
+    return Facts(**decided)
 
 
 def _group_line(group: LayerGroup) -> str:
@@ -241,9 +155,9 @@ def plan(layout: Layout) -> BridgePlan:
     fp = fingerprint(layout)
     return BridgePlan(
         fingerprint=fp,
-        module_name=module_name(layout, fp),
+        module_name=module_name(layout),
         model_type=layout.model_type,
         description=_description(layout, fp),
-        config=_config(layout, planner.zero_centered),
+        facts=_facts(layout, planner.zero_centered),
         rules=tuple(planner.rules),
     )

@@ -17,10 +17,11 @@ from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
+from mapgen.contract.expand import Instance, plan_instances, tower_keys
 from mapgen.errors import Diagnostic
 from mapgen.families.moe import experts_of
 from mapgen.ir import Layout
-from mapgen.plan.expand import Instance, language_model_keys, plan_instances, tower_keys
+from mapgen.plan.expand import language_model_keys
 from mapgen.plan.plan import BridgePlan
 
 _NUM = re.compile(r"(?<=\.)\d+(?=\.|$)")
@@ -145,11 +146,11 @@ def check_bijection(instances: list[Instance], megatron: Mapping[str, tuple[int,
 
 def prove(plan: BridgePlan, layout: Layout) -> Proof:
     """Prove ``plan`` against the installed megatron-core for ``layout`` (its stored config gives sizes)."""
-    from mapgen.plan.recipe import model_spec_for_plan
-    from mapgen.runtime.bridge import HFConfig
+    from mapgen.contract.config import model_spec
+    from mapgen.contract.hf_config import HFConfig
     from mapgen.runtime.megatron import enumerate_parameters, mtp_inner_name
 
-    spec = model_spec_for_plan(plan, HFConfig(layout.config), layout)
+    spec = model_spec(HFConfig(layout.config), layout, plan.facts)
     megatron = enumerate_parameters(spec)
     instances = list(plan_instances(plan.rules, layout, mtp_inner_name()))
     hf = language_model_keys(layout)

@@ -23,13 +23,13 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from mapgen.contract.hf_config import HFConfig
 from mapgen.errors import Diagnostic
 from mapgen.families import behaviour, embedding, norms
 from mapgen.families import mtp as mtp_family
 from mapgen.families._dsl import Dims
 from mapgen.families.moe import num_experts
 from mapgen.ir import MTP, IndexSet, LayerGroup, Layout
-from mapgen.runtime.bridge import HFConfig
 
 __all__ = ["Shape", "ShapeEntry", "expected_shapes", "shape_entries", "shape_problems"]
 

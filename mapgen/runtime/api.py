@@ -7,7 +7,8 @@
   logits parity.
 
 Every function here is SPMD: under ``torchrun`` (or :func:`spawn`) every rank calls it; rank 0 writes.
-The bridge always comes from the generated registry, keyed by the checkpoint's layout fingerprint.
+The bridge always comes from a generated registry, keyed by the checkpoint's layout fingerprint
+(:mod:`mapgen.runtime.discovery` says which registries are searched).
 """
 
 from __future__ import annotations
@@ -26,12 +27,13 @@ import torch
 import torch.distributed as dist
 
 from mapgen import __version__
+from mapgen.contract.bridge import Bridge
+from mapgen.contract.expand import Instance, tower_keys
+from mapgen.contract.hf_config import HFConfig
+from mapgen.contract.spec import ModelSpec
 from mapgen.errors import Diagnostic, MapgenError, error
 from mapgen.ir import Layout, layout_from_json, layout_to_json
-from mapgen.plan.expand import Instance, tower_keys
-from mapgen.plan.spec import ModelSpec
 from mapgen.runtime._net import free_port as _free_port
-from mapgen.runtime.bridge import Bridge, HFConfig
 from mapgen.runtime.engine import Binding, Coords, Stats, iter_hf_tensors, load_model, shard_order
 from mapgen.runtime.hfio import (
     CONFIG_DTYPES,
@@ -120,11 +122,14 @@ class HFSource:
 # Bridges and models
 # ---------------------------------------------------------------------------------------------------------
 def bridge_for(layout: Layout) -> Bridge:
-    """The generated bridge for this layout's fingerprint (never a 'similar' one)."""
-    import generated
-    from mapgen.plan.planner import fingerprint
+    """The generated bridge for this layout's fingerprint (never a 'similar' one), from the first registry on
+    the search path that lists it (:mod:`mapgen.runtime.discovery`)."""
+    from mapgen.contract.fingerprint import fingerprint
+    from mapgen.runtime import discovery
 
-    return generated.get_bridge(fingerprint(layout), layout=layout)
+    fp = fingerprint(layout)
+    what = f"layout {fp} (model_type {layout.model_type!r}, {', '.join(layout.architectures) or 'no architectures'})"
+    return discovery.bridge(fp, what=what)
 
 
 def bind(layout: Layout, bridge: Bridge | None = None) -> Binding:
@@ -675,11 +680,12 @@ def _stream_to_dist(model: torch.nn.Module, binding: Binding, source: HFSource, 
     return stats
 
 
-def convert(source_path: str, out: Path, par: Parallel, *, overwrite: bool = False, dtype: str = "auto",
-            streaming: bool = True) -> Stats:
+def convert(source_path: str, out: Path, par: Parallel, *, overwrite: bool = False,
+            config_check: dict[str, Any] | None = None, dtype: str = "auto", streaming: bool = True) -> Stats:
     """HF checkpoint -> Megatron-Core distributed checkpoint (torch_dist), loadable by Megatron-LM:
     ``OUT/release/`` plus ``latest_checkpointed_iteration.txt``; ``OUT/mapgen.json`` records the layout and
-    the dtypes (the source's by default, ``dtype`` to choose one). ``streaming`` (default): no Megatron model
+    the dtypes (the source's by default, ``dtype`` to choose one), and ``config_check`` (the config catalog's
+    verdicts, with any --assume-inert / --accept-semantic-gap). ``streaming`` (default): no Megatron model
     is materialised, each rank writes its shards entry by entry from the HF slices (memory: a few times the
     largest tensor); otherwise the model is loaded in memory and saved by megatron-core."""
     from mapgen.runtime.megatron import save_dist_checkpoint
@@ -715,6 +721,8 @@ def convert(source_path: str, out: Path, par: Parallel, *, overwrite: bool = Fal
                 meta = {"mapgen_version": __version__, "layout": json.loads(layout_to_json(source.layout)),
                         "source": source.to_meta(), "parallel": par.__dict__, "dtype": dtypes.to_json(),
                         "megatron_args": argv}
+                if config_check is not None:
+                    meta["config_check"] = config_check
                 (staging / MAPGEN_META).write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
             _barrier()
             if coords.rank == 0:

@@ -1,6 +1,6 @@
 """The distributed conversion engine: HF -> Megatron loading and Megatron -> HF streaming export.
 
-Both directions execute the same rule instances the bijection proof checked (``mapgen.plan.expand``).
+Both directions execute the same rule instances the bijection proof checked (``mapgen.contract.expand``).
 
 Loading: every rank walks its *own* parameters (rank-local names translated to the global namespace by
 megatron-core's own layer offsets and local expert indices), orders them by the shard file their HF
@@ -28,11 +28,11 @@ import torch
 import torch.distributed as dist
 
 from mapgen import ops
+from mapgen.contract.expand import Instance, plan_instances, tower_keys
+from mapgen.contract.rules import Rule
+from mapgen.contract.spec import ModelSpec
 from mapgen.errors import Diagnostic, MapgenError, error
 from mapgen.ir import Layout
-from mapgen.plan.expand import Instance, plan_instances, tower_keys
-from mapgen.plan.rules import Rule
-from mapgen.plan.spec import ModelSpec
 
 
 # ---------------------------------------------------------------------------------------------------------

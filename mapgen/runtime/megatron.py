@@ -90,7 +90,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import torch
 
-from mapgen.plan.spec import LayerKind, MlpKind, ModelSpec
+from mapgen.contract.spec import LayerKind, MlpKind, ModelSpec
 from mapgen.runtime._cpu import cpu_shims, import_megatron, install_cpu_shims
 from mapgen.runtime._names import (
     MTP_INNER_NAMES,

@@ -22,7 +22,7 @@ import shlex
 from collections.abc import Sequence
 from typing import Any
 
-from mapgen.plan.spec import LayerKind, MlpKind, ModelSpec
+from mapgen.contract.spec import LayerKind, MlpKind, ModelSpec
 
 ARGS_FILE = "megatron_args.txt"
 DIVISIBLE_BY = 128  # mapgen pads the vocabulary like Megatron-LM's default --make-vocab-size-divisible-by

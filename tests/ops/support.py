@@ -12,9 +12,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from mapgen.contract.rules import Rule
+from mapgen.contract.spec import ModelSpec
 from mapgen.ops import DictReader, Shard, gather, load, save, split
-from mapgen.plan.rules import Rule
-from mapgen.plan.spec import ModelSpec
 
 H, HEADS, HN, FFN, VOCAB = 48, 6, 8, 40, 100
 NK, NV, DK, DV, KERNEL = 2, 4, 8, 6, 4  # GDN key heads, value heads, key/value head dims, conv kernel

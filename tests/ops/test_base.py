@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from mapgen.contract.rules import Rule
 from mapgen.ops import DictReader, PrimitiveError, Shard, gather, load, padded_vocab, shard_dim, split
-from mapgen.plan.rules import Rule
 
 from .support import FFN, H, arange, rule, spec
 

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 
 from mapgen import ops
+from mapgen.contract import rules
 from mapgen.ops import OPS, DictReader, Op, PrimitiveError, Shard
 from mapgen.ops._base import Options
-from mapgen.plan import rules
 
 from .support import FFN, H, arange, rule, spec
 

@@ -1,0 +1,504 @@
+"""The catalog: every ``config.json`` key mapgen knows, one row each (see :mod:`mapgen.catalog.rows`).
+
+``TOP`` holds the keys of a config (and of its ``text_config``: the same table applies to both levels);
+``ROPE_PARAMETERS`` / ``ROPE_SCALING`` the keys inside those two RoPE objects. ``BRIDGE_READS`` is what
+today's bridges read for a ModelSpec field and their fallback (``mapgen.contract.config.CONFIG``; a test keeps
+them equal);
+it decides when a spelling the bridge does not read still computes the same thing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from mapgen.catalog.rows import (
+    Row,
+    Scope,
+    boolean,
+    equals,
+    falsy,
+    fraction,
+    inert,
+    is_int,
+    mapped,
+    non_negative_int,
+    one_of,
+    positive_int,
+    positive_number,
+    refused,
+    refused_all,
+    structural,
+)
+
+# transformers' ACT2FN names (a drift test keeps them equal to the installed transformers).
+ACTIVATIONS = frozenset({
+    "gelu", "gelu_10", "gelu_accurate", "gelu_fast", "gelu_new", "gelu_python", "gelu_python_tanh",
+    "gelu_pytorch_tanh", "hardswish", "laplace", "leaky_relu", "linear", "mish", "prelu", "quick_gelu", "relu",
+    "relu2", "relu6", "sigmoid", "silu", "sqrtsoftplus", "swish", "tanh", "xielu",
+})
+# transformers' ROPE_INIT_FUNCTIONS names, plus "default" and the legacy spellings transformers still reads.
+ROPE_TYPES = frozenset({"default", "dynamic", "linear", "llama3", "longrope", "proportional", "yarn", "mrope", "su"})
+LLAMA3_DEFAULTS = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+
+# ModelSpec field -> (config names the bridge tries in order, the bridge's fallback): mirrors
+# mapgen.contract.config.CONFIG.
+BRIDGE_READS: dict[str, tuple[tuple[str, ...], Any]] = {
+    "num_layers": (("num_hidden_layers",), None),
+    "hidden_size": (("hidden_size",), None),
+    "num_attention_heads": (("num_attention_heads",), None),
+    "num_query_groups": (("num_key_value_heads", "num_attention_heads"), None),
+    "ffn_hidden_size": (("intermediate_size", "moe_intermediate_size"), None),
+    "vocab_size": (("vocab_size",), None),
+    "max_position_embeddings": (("max_position_embeddings",), 4096),
+    "rotary_base": (("rope_theta", "rope_parameters.rope_theta"), 10000.0),
+    "rotary_percent": (("partial_rotary_factor", "rope_parameters.partial_rotary_factor"), 1.0),
+    "norm_epsilon": (("rms_norm_eps", "layer_norm_eps"), 1e-6),
+    "num_moe_experts": (("num_experts", "num_local_experts", "n_routed_experts"), None),
+    "moe_router_topk": (("num_experts_per_tok", "moe_topk"), None),
+    "moe_ffn_hidden_size": (("moe_intermediate_size", "intermediate_size"), None),
+    "moe_shared_expert_intermediate_size": (("shared_expert_intermediate_size", "moe_intermediate_size"), None),
+    "linear_num_key_heads": (("linear_num_key_heads",), None),
+    "linear_num_value_heads": (("linear_num_value_heads",), None),
+    "linear_key_head_dim": (("linear_key_head_dim",), None),
+    "linear_value_head_dim": (("linear_value_head_dim",), None),
+    "linear_conv_kernel_dim": (("linear_conv_kernel_dim",), None),
+}
+# Fields whose bridge fallback differs from transformers' default change the model when the key is absent.
+SEMANTIC_FALLBACKS = ("rotary_base", "rotary_percent", "norm_epsilon")
+
+
+def bridge_value(scope: Scope, field: str) -> Any:
+    """The value today's bridge computes for ModelSpec ``field`` from this config (its own fallback when the
+    config has none of the names: transformers' defaults are not consulted, which is the point)."""
+    names, fallback = BRIDGE_READS[field]
+    return scope.lookup(*names, default=fallback, config_only=True)
+
+
+def same_as_bridge(field: str) -> Any:
+    """Inert-equivalent when the value equals what the bridge reads for ``field`` from its own spelling."""
+
+    def same(v: Any, scope: Scope) -> bool:
+        if v is None:
+            return True
+        ref = bridge_value(scope, field)
+        try:
+            return ref is not None and abs(float(v) - float(ref)) <= 1e-12 * max(1.0, abs(float(ref)))
+        except (TypeError, ValueError):
+            return bool(v == ref)
+
+    return same
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Value rules shared by several rows
+# ---------------------------------------------------------------------------------------------------------
+def _heads_divide(v: Any, scope: Scope) -> str | None:
+    problem = positive_int(v, scope)
+    if problem or v is None:
+        return problem
+    heads = scope.get("num_attention_heads")
+    if is_int(heads) and heads > 0 and heads % v:
+        return f"must divide num_attention_heads={heads}, got {v}"
+    return None
+
+
+def _topk(v: Any, scope: Scope) -> str | None:
+    problem = positive_int(v, scope)
+    if problem or v is None:
+        return problem
+    experts = scope.lookup("num_experts", "num_local_experts", "n_routed_experts")
+    if is_int(experts) and experts > 0 and v > experts:
+        return f"must not exceed the number of experts ({experts}), got {v}"
+    return None
+
+
+def _activation(v: Any, scope: Scope) -> str | None:
+    if v is None:
+        return None
+    return None if isinstance(v, str) and v in ACTIVATIONS else (
+        f"is not an activation transformers knows ({v!r}; known: silu, gelu, gelu_pytorch_tanh, relu, ...)")
+
+
+def _window_used(scope: Scope) -> bool:
+    window = scope.get("sliding_window")
+    if not is_int(window) or window <= 0:
+        return False
+    max_pos = scope.lookup("max_position_embeddings")
+    if is_int(max_pos) and window >= max_pos:
+        return False
+    if scope.has("use_sliding_window") and not scope.get("use_sliding_window"):
+        return False
+    kinds = scope.get("layer_types")
+    return not (isinstance(kinds, list) and "sliding_attention" not in kinds)
+
+
+def _no_window(v: Any, scope: Scope) -> bool:
+    return not _window_used(scope)
+
+
+_KNOWN_LAYER_TYPES = frozenset({"full_attention", "linear_attention", "sliding_attention"})
+
+
+def _layer_types_limit(v: Any, scope: Scope) -> str | None:
+    if not isinstance(v, list):
+        return None
+    other = sorted({str(k) for k in v} - _KNOWN_LAYER_TYPES)
+    return f"layer type(s) {', '.join(other)}: the bridge builds attention and gated delta-net layers only" if other \
+        else None
+
+
+def _layer_types_valid(v: Any, scope: Scope) -> str | None:
+    if v is None:
+        return None
+    if not isinstance(v, list) or not all(isinstance(k, str) for k in v):
+        return f"must be a list of layer type names, got {v!r}"
+    n = scope.get("num_hidden_layers")
+    if is_int(n) and len(v) != n:
+        return f"has {len(v)} entries for num_hidden_layers={n}"
+    return None
+
+
+def _int_list(v: Any, _: Scope) -> str | None:
+    if v is None:
+        return None
+    return None if isinstance(v, list) and all(is_int(x) and x >= 0 for x in v) else (
+        f"must be a list of layer indices, got {v!r}")
+
+
+def _rope_dict(v: Any, scope: Scope) -> str | None:
+    if v is None:
+        return None
+    if not isinstance(v, Mapping):
+        return f"must be an object, got {v!r}"
+    kind = v.get("rope_type", v.get("type", "default"))
+    if kind not in ROPE_TYPES:
+        return f"has an unknown RoPE type {kind!r} (known: {', '.join(sorted(ROPE_TYPES))})"
+    return None
+
+
+def _rope_limit(v: Any, scope: Scope) -> str | None:
+    """Mirrors the bridge helper ``_rope``: plain RoPE and Llama-3 scaling with default factors are built."""
+    if not isinstance(v, Mapping):
+        return None
+    kind = v.get("rope_type") or v.get("type") or "default"
+    if kind == "default":
+        return None
+    if kind == "llama3":
+        off = {k: v[k] for k, d in LLAMA3_DEFAULTS.items() if k in v and v[k] != d}
+        return None if not off else (
+            f"Llama-3 RoPE scaling with {off}: megatron-core's GPTModel rope_scaling fixes low/high frequency "
+            "factors 1/4 over 8192 original positions")
+    if kind == "mrope":
+        return ("RoPE type 'mrope': the bridge refuses it (megatron-core has position_embedding_type='mrope' with "
+                "mrope_section; not wired into ModelSpec yet)")
+    return f"RoPE scaling {kind!r}: no megatron-core equivalent wired into ModelSpec (only Llama-3 scaling is)"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The top-level table (also applied to text_config)
+# ---------------------------------------------------------------------------------------------------------
+_DIMS = "sizes the Megatron model"
+_STRUCT = "read from the checkpoint's keys (scan cross-checks the config against them)"
+_TEXT_ONLY_MROPE = ("M-RoPE for vision positions: on text (t = h = w positions) it equals the RoPE the bridge "
+                    "builds over the same rotary dims; multimodal positions would need "
+                    "position_embedding_type='mrope' (not set)")
+
+TOP: tuple[Row, ...] = (
+    # -- dimensions the bridge reads ------------------------------------------------------------------------
+    mapped("num_hidden_layers", "num_layers", why=_DIMS, valid=positive_int),
+    mapped("hidden_size", "hidden_size", why=_DIMS, valid=positive_int),
+    mapped("num_attention_heads", "num_attention_heads", "num_query_groups", "kv_channels", why=_DIMS,
+           valid=positive_int),
+    mapped("num_key_value_heads", "num_query_groups", why="GQA groups", valid=_heads_divide),
+    mapped("head_dim", "kv_channels", why=_DIMS, valid=positive_int),
+    mapped("intermediate_size", "ffn_hidden_size", "moe_ffn_hidden_size", why=_DIMS, valid=positive_int),
+    mapped("moe_intermediate_size", "moe_ffn_hidden_size", "ffn_hidden_size", "moe_shared_expert_intermediate_size",
+           why=_DIMS, valid=positive_int),
+    mapped("shared_expert_intermediate_size", "moe_shared_expert_intermediate_size", why=_DIMS,
+           valid=non_negative_int),
+    mapped("vocab_size", "vocab_size", why=_DIMS, valid=positive_int),
+    mapped("max_position_embeddings", "max_position_embeddings", why="RoPE table length (no learned positions)",
+           valid=positive_int),
+    mapped("num_experts", "num_moe_experts", why=_DIMS, valid=positive_int),
+    mapped("num_local_experts", "num_moe_experts", why=_DIMS, valid=positive_int),
+    mapped("n_routed_experts", "num_moe_experts", why=_DIMS, valid=positive_int),
+    mapped("num_experts_per_tok", "moe_router_topk", why="routed experts per token", valid=_topk),
+    mapped("moe_topk", "moe_router_topk", why="routed experts per token", valid=_topk),
+    mapped("linear_num_key_heads", "linear_num_key_heads", why=_DIMS, valid=positive_int),
+    mapped("linear_num_value_heads", "linear_num_value_heads", why=_DIMS, valid=positive_int),
+    mapped("linear_key_head_dim", "linear_key_head_dim", why=_DIMS, valid=positive_int),
+    mapped("linear_value_head_dim", "linear_value_head_dim", why=_DIMS, valid=positive_int),
+    mapped("linear_conv_kernel_dim", "linear_conv_kernel_dim", why=_DIMS, valid=positive_int),
+    mapped("rms_norm_eps", "norm_epsilon", why="norm epsilon", valid=positive_number),
+    mapped("layer_norm_eps", "norm_epsilon", why="norm epsilon", valid=positive_number),
+    mapped("rope_theta", "rotary_base", why="RoPE base", valid=positive_number),
+    mapped("partial_rotary_factor", "rotary_percent", why="fraction of head dims rotated", valid=fraction),
+    mapped("rope_parameters", "rotary_base", "rotary_percent", "rope_scaling", "rope_scaling_factor",
+           why="RoPE (transformers 5 spelling)", valid=_rope_dict, limit=_rope_limit),
+    mapped("rope_scaling", "rope_scaling", "rope_scaling_factor", why="RoPE scaling", valid=_rope_dict,
+           limit=_rope_limit),
+    # -- structure: the keys decide, scan cross-checks ------------------------------------------------------
+    structural("tie_word_embeddings", "untie_embeddings_and_output_weights", why=_STRUCT, valid=boolean),
+    structural("layer_types", "layer_kinds", why=_STRUCT + "; sliding windows are judged by sliding_window",
+               valid=_layer_types_valid, limit=_layer_types_limit),
+    structural("full_attention_interval", "layer_kinds", why=_STRUCT, valid=positive_int),
+    structural("mlp_only_layers", "mlp_kinds", why=_STRUCT, valid=_int_list),
+    structural("decoder_sparse_step", "mlp_kinds", why=_STRUCT, valid=non_negative_int),
+    structural("first_k_dense_replace", "mlp_kinds", why=_STRUCT, valid=non_negative_int),
+    structural("num_nextn_predict_layers", "mtp_num_layers", why=_STRUCT, valid=non_negative_int),
+    structural("mtp_num_hidden_layers", "mtp_num_layers", why=_STRUCT, valid=non_negative_int),
+    structural("attention_bias", "add_qkv_bias", "add_bias_linear", why=_STRUCT + "; partial biases are refused "
+               "by the planner", valid=boolean),
+    structural("bias", "add_qkv_bias", "add_bias_linear", why=_STRUCT, valid=boolean),
+    structural("use_qkv_bias", "add_qkv_bias", why=_STRUCT, valid=boolean),
+    structural("qkv_bias", "add_qkv_bias", why=_STRUCT, valid=boolean),
+    structural("mlp_bias", "add_bias_linear", why=_STRUCT + "; MLP biases are refused by the planner",
+               valid=boolean),
+    structural("use_qk_norm", "qk_layernorm", why=_STRUCT, valid=boolean),
+    structural("attn_output_gate", "attention_output_gate", why=_STRUCT, valid=boolean),
+    structural("n_shared_experts", "moe_shared_expert_intermediate_size", why=_STRUCT, valid=non_negative_int),
+    # -- refused where the value changes the maths ----------------------------------------------------------
+    refused("hidden_act", "the bridge builds a SiLU-gated MLP (ModelSpec.activation is not read from the config)",
+            unless=equals("silu", "swish"), valid=_activation),
+    refused("hidden_activation", "the bridge builds a SiLU-gated MLP (ModelSpec.activation is not read from the "
+            "config)", unless=equals("silu", "swish"), valid=_activation),
+    refused("norm_topk_prob", "top-k probabilities not renormalised: megatron-core has moe_router_pre_softmax "
+            "(softmax over all experts before top-k), the bridge does not set it", unless=equals(True),
+            valid=boolean),
+    refused("routed_scaling_factor", "routed-expert weights scaled: megatron-core has "
+            "moe_router_topk_scaling_factor, the bridge does not set it", unless=equals(1, 1.0),
+            valid=positive_number),
+    refused("route_scale", "routed-expert weights scaled (moe_router_topk_scaling_factor not set by the bridge)",
+            unless=equals(1, 1.0), valid=positive_number),
+    refused("scoring_func", "router scores: the bridge picks sigmoid only from an expert-bias tensor "
+            "(ModelSpec.moe_router_score_function is not read from the config)", unless=equals("softmax"),
+            valid=one_of("softmax", "sigmoid", "sqrtsoftplus")),
+    refused("topk_method", "grouped top-k routing (megatron-core has moe_router_num_groups/group_topk, the bridge "
+            "does not set them)", unless=equals("greedy", "noaux_tc")),
+    refused("n_group", "grouped top-k routing (megatron-core has moe_router_num_groups, the bridge does not set "
+            "it)", unless=equals(0, 1), valid=non_negative_int),
+    refused("topk_group", "grouped top-k routing (megatron-core has moe_router_group_topk, the bridge does not set "
+            "it)", unless=equals(0, 1), valid=non_negative_int),
+    refused("sliding_window", "sliding-window attention shorter than the context: megatron-core has "
+            "window_size, the bridge does not set it", unless=_no_window, valid=non_negative_int),
+    refused("no_rope_layers", "layers without RoPE (NoPE): the bridge applies RoPE in every layer",
+            unless=lambda v, s: v is None or (isinstance(v, list) and all(x == 1 for x in v))),
+    refused("no_rope_layer_interval", "layers without RoPE (NoPE): the bridge applies RoPE in every layer",
+            unless=lambda v, s: not isinstance(s.get("no_rope_layers"), list) or all(
+                x == 1 for x in s.get("no_rope_layers"))),
+    refused("embedding_multiplier", "embeddings scaled by a constant: no ModelSpec/megatron-core setting",
+            unless=equals(1, 1.0)),
+    refused("attention_multiplier", "attention scores scaled by a constant instead of 1/sqrt(head_dim): no "
+            "ModelSpec setting (megatron-core has softmax_scale, not wired)",
+            unless=lambda v, s: v is None or _is_default_attention_scale(v, s)),
+    refused("residual_multiplier", "residual branches scaled by a constant: no megatron-core setting",
+            unless=equals(1, 1.0)),
+    refused("logits_scaling", "logits divided by a constant: no megatron-core setting", unless=equals(1, 1.0)),
+    refused("logit_scale", "logits multiplied by a constant: no megatron-core setting", unless=equals(1, 1.0)),
+    refused("attn_logit_softcapping", "attention logit soft-capping: no megatron-core setting", unless=falsy),
+    refused("final_logit_softcapping", "final logit soft-capping: no megatron-core setting", unless=falsy),
+    refused("query_pre_attn_scalar", "attention scaled by query_pre_attn_scalar**-0.5 instead of head_dim**-0.5 "
+            "(megatron-core has softmax_scale, not wired)",
+            unless=lambda v, s: v is None or v == s.lookup("head_dim")),
+    refused("rope_local_base_freq", "a second RoPE base for local layers: the bridge has one rotary_base",
+            unless=lambda v, s: v is None or not _window_used(s) or v == bridge_value(s, "rotary_base")),
+    refused("alibi", "ALiBi positions: the bridge builds RoPE", unless=falsy, valid=boolean),
+    refused("parallel_attn", "attention and MLP in parallel from one norm: the bridge builds sequential blocks",
+            unless=falsy, valid=boolean),
+    refused("use_parallel_residual", "parallel attention/MLP residual: the bridge builds sequential blocks",
+            unless=falsy, valid=boolean),
+    refused("new_decoder_architecture", "Falcon's decoder block (separate attention/MLP input norms in parallel): "
+            "the bridge builds sequential pre-norm blocks", unless=falsy, valid=boolean),
+    refused("multi_query", "Falcon's multi-query spelling: the bridge reads num_key_value_heads",
+            unless=lambda v, s: not v or bridge_value(s, "num_query_groups") == 1, valid=boolean),
+    refused("num_kv_heads", "a KV-head spelling the bridge does not read (it reads num_key_value_heads)",
+            unless=same_as_bridge("num_query_groups"), valid=positive_int),
+    refused("num_heads", "a head-count spelling the bridge does not read (it reads num_attention_heads)",
+            unless=same_as_bridge("num_attention_heads"), valid=positive_int),
+    refused("layer_norm_epsilon", "an epsilon spelling the bridge does not read (rms_norm_eps, layer_norm_eps)",
+            unless=same_as_bridge("norm_epsilon"), valid=positive_number),
+    refused("norm_eps", "an epsilon spelling the bridge does not read (rms_norm_eps, layer_norm_eps)",
+            unless=same_as_bridge("norm_epsilon"), valid=positive_number),
+    refused("rotary_emb_base", "a RoPE-base spelling the bridge does not read (rope_theta)",
+            unless=same_as_bridge("rotary_base"), valid=positive_number),
+    refused("rotary_pct", "a rotary-fraction spelling the bridge does not read (partial_rotary_factor)",
+            unless=same_as_bridge("rotary_percent"), valid=fraction),
+    refused("rope_pct", "a rotary-fraction spelling the bridge does not read (partial_rotary_factor)",
+            unless=same_as_bridge("rotary_percent"), valid=fraction),
+    refused("rotary_scaling_factor", "RoPE scaling (StableLM spelling): not read by the bridge",
+            unless=equals(1, 1.0)),
+    refused("experts_per_token", "a top-k spelling the bridge does not read (num_experts_per_tok)",
+            unless=same_as_bridge("moe_router_topk"), valid=positive_int),
+    refused("mtp_use_dedicated_embeddings", "MTP layers with their own embedding table: the bridge shares the "
+            "main embedding", unless=falsy, valid=boolean),
+    refused("swiglu_limit", "clamped SwiGLU (gpt-oss): no megatron-core setting", unless=falsy),
+    refused("quantization_config", "quantized weights: mapgen converts floating-point checkpoints only",
+            unless=falsy),
+    refused("quantization", "quantized weights (MLX): mapgen converts floating-point checkpoints only",
+            unless=falsy),
+    refused("use_bidirectional_attention", "bidirectional attention: the bridge builds a causal decoder",
+            unless=falsy, valid=boolean),
+    refused("is_encoder_decoder", "encoder-decoder model: out of scope", unless=falsy, valid=boolean, default=False),
+    # -- families and block shapes the bridge does not build -----------------------------------------------
+    *refused_all("MLA (low-rank latent attention): megatron-core has multi_latent_attention, mapgen's planner "
+                 "refuses MLA layers", "kv_lora_rank", "q_lora_rank", "qk_head_dim", "qk_nope_head_dim",
+                 "qk_rope_head_dim", "v_head_dim", "rope_interleave"),
+    *refused_all("DeepSeek sparse-attention indexer: not built by the bridge", "index_n_heads", "index_head_dim",
+                 "index_topk", "indexer_types"),
+    *refused_all("state-space (Mamba) layers: the bridge builds attention and gated delta-net layers only",
+                 "mamba_d_conv", "mamba_d_state", "mamba_expand", "mamba_proj_bias", "mamba_conv_bias",
+                 "mamba_chunk_size", "mamba_n_heads", "mamba_n_groups", "mamba_d_head", "mamba_dt_rank",
+                 "time_step_min", "time_step_max", "time_step_floor", "time_step_limit", "time_step_rank",
+                 "time_step_scale", "time_step_init_scheme", "use_conv_bias", "conv_kernel", "expand", "state_size",
+                 "layers_block_type", "attn_layer_period", "attn_layer_offset", "n_mamba_heads"),
+    *refused_all("encoder-decoder / cross-attention structure: out of scope", "add_cross_attention", "d_model",
+                 "decoder_layers", "encoder_layers", "decoder_ffn_dim", "encoder_ffn_dim", "decoder_attention_heads",
+                 "encoder_attention_heads"),
+    *refused_all("token-type embeddings (BERT-style): not built by the bridge", "type_vocab_size"),
+    *refused_all("a per-layer RoPE base: the bridge has one rotary_base", "layer_rope_theta"),
+    *refused_all("a second attention shape for sliding-window layers: not built by the bridge",
+                 "swa_num_key_value_heads", "swa_num_attention_heads", "swa_head_dim", "sliding_window_size",
+                 "sliding_window_pattern"),
+    *refused_all("clamped/soft-capped activations or projections: no megatron-core setting", "swiglu_alpha",
+                 "clip_qkv", "mlp_gate_softcap", "mlp_up_softcap"),
+    *refused_all("embeddings scaled by sqrt(d_model): no megatron-core setting", "scale_embedding"),
+    *refused_all("attention scaled by the inverse layer index: no megatron-core setting",
+                 "scale_attn_by_inverse_layer_idx"),
+    *refused_all("grouped expert routing: the bridge does not set moe_router_num_groups", "num_expert_group"),
+    refused("scale_attn_weights", "attention without the 1/sqrt(head_dim) scale: the bridge always scales",
+            unless=equals(True), valid=boolean),
+    refused("moe_renormalize", "top-k probabilities not renormalised (see norm_topk_prob)", unless=equals(True),
+            valid=boolean),
+    refused("activation_function", "the bridge builds a SiLU-gated MLP (ModelSpec.activation is not read from the "
+            "config)", unless=equals("silu", "swish"), valid=_activation),
+    refused("rotary_dim", "a rotary-dimension spelling the bridge does not read (partial_rotary_factor)",
+            unless=lambda v, s: v is None or v == _rotary_dims(s), valid=positive_int),
+    *(refused(name, f"a size spelling the bridge does not read (it reads {BRIDGE_READS[field][0][0]})",
+              unless=same_as_bridge(field), valid=positive_int)
+      for name, field in (("n_embd", "hidden_size"), ("n_layer", "num_layers"), ("num_layers", "num_layers"),
+                          ("n_layers", "num_layers"), ("n_head", "num_attention_heads"),
+                          ("n_heads", "num_attention_heads"), ("n_inner", "ffn_hidden_size"),
+                          ("ffn_dim", "ffn_hidden_size"), ("n_positions", "max_position_embeddings"),
+                          ("num_experts_per_token", "moe_router_topk"), ("moe_num_experts", "num_moe_experts"),
+                          ("shared_intermediate_size", "moe_shared_expert_intermediate_size"))),
+    refused("eps", "an epsilon spelling the bridge does not read (rms_norm_eps, layer_norm_eps)",
+            unless=same_as_bridge("norm_epsilon"), valid=positive_number),
+    structural("use_bias", "add_qkv_bias", "add_bias_linear", why=_STRUCT, valid=boolean),
+    structural("attention_out_bias", "add_bias_linear", why=_STRUCT, valid=boolean),
+    structural("lm_head_bias", "untie_embeddings_and_output_weights", why=_STRUCT + "; a head bias is unclassified",
+               valid=boolean),
+    structural("qk_layernorm", "qk_layernorm", why=_STRUCT, valid=boolean),
+    structural("mlp_layer_types", "mlp_kinds", why=_STRUCT),
+    structural("num_dense_layers", "mlp_kinds", why=_STRUCT, valid=non_negative_int),
+    structural("num_shared_experts", "moe_shared_expert_intermediate_size", why=_STRUCT, valid=non_negative_int),
+    structural("moe_num_shared_experts", "moe_shared_expert_intermediate_size", why=_STRUCT,
+               valid=non_negative_int),
+    *inert("transformers' decoder flag: mapgen builds causal decoders (scope and keys decide the rest)",
+           "is_decoder"),
+    *inert("kernel/implementation choice in transformers: same maths", "use_mamba_kernels", "use_mambapy",
+           "use_associative_scan", "residual_in_fp32", "reorder_and_upcast_attn", "rescale_prenorm_residual"),
+    *inert("sequence-summary head of classification models: not part of the causal LM", "summary_type",
+           "summary_use_proj", "summary_activation", "summary_proj_to_labels", "summary_first_dropout",
+           "summary_last_dropout"),
+    *inert("context-length bookkeeping for tokenizers/generation", "model_max_length", "max_seq_len"),
+    # -- inert: cannot change the converted model's outputs -------------------------------------------------
+    *inert("text-only equivalence: " + _TEXT_ONLY_MROPE, "use_mrope"),
+    *inert("token ids: tokenizer and prompting, not weights", "eod_token_id", "eoa_token_index", "bos_token_id",
+           "eos_token_id", "pad_token_id",
+           "sep_token_id", "decoder_start_token_id", "forced_eos_token_id", "forced_bos_token_id",
+           "image_token_id", "video_token_id", "audio_token_id", "vision_start_token_id", "vision_end_token_id",
+           "vision_token_id", "image_token_index", "video_token_index", "boi_token_index", "eoi_token_index",
+           "boi_token_id", "eoi_token_id", "boa_token_id", "eoa_token_id", "mm_tokens_per_image"),
+    *inert("storage dtype: mapgen keeps every tensor's stored dtype", "torch_dtype", "dtype"),
+    *inert("provenance and identity: no effect on the weights' maths", "transformers_version", "_name_or_path",
+           "model_type", "architectures", "_commit_hash"),
+    *inert("remote-code pointers: mapgen never imports or runs checkpoint code", "auto_map", "custom_pipelines"),
+    *inert("generation/tokenizer settings", "use_cache", "tokenizer_class", "max_length", "num_logits_to_keep",
+           "attn_implementation", "_attn_implementation", "return_dict", "chunk_size_feed_forward",
+           "output_hidden_states", "output_attentions", "output_router_logits", "torchscript", "problem_type",
+           "prefix", "task_specific_params", "id2label", "label2id"),
+    *inert("initialisation: only for training from scratch", "initializer_range", "embedding_initializer_range",
+           "init_std",
+           "initializer_factor"),
+    *inert("dropout: inactive at inference; Megatron's is set by the training run", "attention_dropout",
+           "hidden_dropout", "embd_pdrop", "resid_pdrop", "attn_pdrop", "classifier_dropout", "dropout",
+           "activation_dropout", "hidden_dropout_prob", "attention_probs_dropout_prob", "embedding_dropout",
+           "emb_pdrop", "residual_dropout", "layerdrop", "decoder_layerdrop", "encoder_layerdrop"),
+    *inert("auxiliary losses and router noise: training only (moe_aux_loss_coeff is the training run's)",
+           "router_aux_loss_coef", "aux_loss_alpha", "seq_aux", "router_z_loss_coef", "router_jitter_noise"),
+    *inert("tensor-parallel pretraining detail: the same maths at any value", "pretraining_tp"),
+    *inert("sliding-window bookkeeping: judged by sliding_window", "use_sliding_window", "max_window_layers"),
+    *inert("GDN state precision in transformers' kernel; the computation is the same", "mamba_ssm_dtype"),
+    *inert("original context length: read only by YaRN/LongRoPE scaling, judged by rope_scaling",
+           "original_max_position_embeddings", "initial_context_length"),
+    *inert("reward-model pooling/classifier settings (the model itself is out of scope)", "pooling"),
+    *inert("vision/audio tower settings: towers are carried through unchanged", "vision_config", "audio_config",
+           "mm_hidden_size", "mm_projector_type", "mm_resampler_type", "mm_use_im_patch_token",
+           "mm_use_im_start_end", "mm_vision_select_feature", "mm_vision_select_layer", "mm_vision_tower",
+           "image_aspect_ratio", "use_mm_proj", "freeze_mm_mlp_adapter", "freeze_mm_vision_resampler",
+           "tune_mm_mlp_adapter", "tune_mm_vision_resampler", "unfreeze_mm_vision_tower", "vision_feature_layer",
+           "vision_feature_select_strategy", "projector_hidden_act", "image_seq_length", "multimodal_projector_bias"),
+)
+
+_ROPE_INERT = "a parameter of the scaling named by rope_type (judged there)"
+
+ROPE_PARAMETERS: tuple[Row, ...] = (
+    mapped("rope_type", "rope_scaling", why="RoPE scaling kind", valid=one_of(*ROPE_TYPES)),
+    mapped("type", "rope_scaling", why="RoPE scaling kind (legacy spelling)", valid=one_of(*ROPE_TYPES)),
+    mapped("rope_theta", "rotary_base", why="RoPE base", valid=positive_number),
+    mapped("partial_rotary_factor", "rotary_percent", why="fraction of head dims rotated", valid=fraction),
+    mapped("factor", "rope_scaling_factor", why="Llama-3 scaling factor", valid=positive_number),
+    mapped("low_freq_factor", "rope_scaling", why="Llama-3 scaling (must be 1)", valid=positive_number),
+    mapped("high_freq_factor", "rope_scaling", why="Llama-3 scaling (must be 4)", valid=positive_number),
+    mapped("original_max_position_embeddings", "rope_scaling", why="Llama-3 scaling (must be 8192)",
+           valid=positive_int),
+    *inert("text-only equivalence: " + _TEXT_ONLY_MROPE, "mrope_section", "mrope_interleaved"),
+    *inert(_ROPE_INERT, "beta_fast", "beta_slow", "mscale", "mscale_all_dim", "attention_factor", "truncate",
+           "short_factor", "long_factor", "extrapolation_factor", "finetuned"),
+)
+
+# Legacy ``rope_scaling``: the bridge reads the scaling from it, never the base or the rotary fraction.
+ROPE_SCALING: tuple[Row, ...] = (
+    *(r for r in ROPE_PARAMETERS if r.name not in ("rope_theta", "partial_rotary_factor")),
+    refused("rope_theta", "a RoPE base inside rope_scaling: the bridge reads rope_theta / rope_parameters",
+            unless=same_as_bridge("rotary_base")),
+    refused("partial_rotary_factor", "a rotary fraction inside rope_scaling: the bridge reads partial_rotary_factor",
+            unless=same_as_bridge("rotary_percent")),
+)
+
+NESTED: dict[str, tuple[Row, ...]] = {"rope_parameters": ROPE_PARAMETERS, "rope_scaling": ROPE_SCALING}
+
+
+def _rotary_dims(scope: Scope) -> int | None:
+    """The rotary dimensions the bridge builds: kv_channels * rotary_percent."""
+    head_dim = scope.lookup("head_dim", config_only=True)
+    if head_dim is None:
+        hidden, heads = bridge_value(scope, "hidden_size"), bridge_value(scope, "num_attention_heads")
+        head_dim = hidden // heads if is_int(hidden) and is_int(heads) and heads else None
+    percent = bridge_value(scope, "rotary_percent")
+    return int(head_dim * percent) if is_int(head_dim) and isinstance(percent, int | float) else None
+
+
+def _is_default_attention_scale(v: Any, scope: Scope) -> bool:
+    head_dim = scope.lookup("head_dim")
+    if head_dim is None:
+        hidden, heads = scope.lookup("hidden_size"), scope.lookup("num_attention_heads")
+        head_dim = hidden // heads if is_int(hidden) and is_int(heads) and heads else None
+    try:
+        return head_dim is not None and abs(float(v) - float(head_dim) ** -0.5) < 1e-9
+    except (TypeError, ValueError):
+        return False
+
+
+def index(rows: tuple[Row, ...]) -> dict[str, Row]:
+    out: dict[str, Row] = {}
+    for row in rows:
+        if row.name in out:
+            raise ValueError(f"catalog row {row.name!r} is declared twice")
+        out[row.name] = row
+    return out
+
+
+TOP_INDEX = index(TOP)
+NESTED_INDEX = {name: index(rows) for name, rows in NESTED.items()}

@@ -1,0 +1,109 @@
+"""What a ``model_type`` implies that ``config.json`` does not say, and what is out of scope.
+
+``FACTS``: model-type facts (fixed in transformers' modelling code, not in the config) that change the maths
+relative to what the bridge builds, as refusals keyed by model_type. A fact the bridge learns to express
+(e.g. zero-centred norms, already handled for Qwen3.5/Qwen3-Next) moves out of this table.
+
+Scope: encoder-decoder models, configs without ``model_type`` and architectures without an LM head are out of
+scope for a causal-LM bridge: one ``scope.*`` error instead of misleading key errors.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any
+
+_GEMMA_SCALE = ("embedding scale", "embeddings multiplied by sqrt(hidden_size) in the model code: no megatron-core "
+                "setting")
+_ZERO_NORM = ("zero-centred norms", "RMSNorm computes (1 + w) * x: the bridge applies "
+              "layernorm_zero_centered_gamma for Qwen3.5/Qwen3-Next only")
+_LAYERNORM = ("LayerNorm", "LayerNorm with bias: the bridge builds RMSNorm")
+_PARALLEL = ("parallel block", "attention and MLP computed in parallel from one input: the bridge builds "
+             "sequential pre-norm blocks")
+_POST_NORM = ("post-norm block", "norms applied to the attention/MLP outputs (post-norm or sandwich): the bridge "
+              "builds pre-norm blocks")
+_NOPE = ("NoPE layers", "some layers skip RoPE in the model code: the bridge applies RoPE in every layer")
+_INTERLEAVED = ("interleaved RoPE", "rotary pairs are adjacent dims (GPT-J style rotate_half): megatron-core has "
+                "rotary_interleaved, the bridge does not set it")
+_SIGMOID_ROUTER = ("sigmoid router", "top-k over sigmoid scores without an expert-bias tensor: the bridge builds a "
+                   "softmax router")
+
+# model_type -> ((fact, what megatron-core / the bridge lacks), ...)
+FACTS: dict[str, tuple[tuple[str, str], ...]] = {
+    "gemma": (_GEMMA_SCALE, _ZERO_NORM),
+    "gemma2": (_GEMMA_SCALE, _ZERO_NORM, _POST_NORM),
+    "gemma3": (_GEMMA_SCALE, _ZERO_NORM, _POST_NORM),
+    "gemma3_text": (_GEMMA_SCALE, _ZERO_NORM, _POST_NORM),
+    "gemma3n": (_GEMMA_SCALE, _ZERO_NORM, _POST_NORM),
+    "gemma3n_text": (_GEMMA_SCALE, _ZERO_NORM, _POST_NORM),
+    "gemma4": (_GEMMA_SCALE, _POST_NORM),
+    "gemma4_text": (_GEMMA_SCALE, _POST_NORM),
+    "vaultgemma": (_GEMMA_SCALE, _ZERO_NORM),
+    "recurrent_gemma": (_GEMMA_SCALE, _ZERO_NORM),
+    "paligemma": (_GEMMA_SCALE, _ZERO_NORM),
+    "olmo": (("non-parametric LayerNorm", "LayerNorm without weights: the bridge builds RMSNorm"),),
+    "olmo2": (_POST_NORM, ("QK-norm over all heads", "q/k norms over the whole projection, not per head")),
+    "olmo3": (_POST_NORM, ("QK-norm over all heads", "q/k norms over the whole projection, not per head")),
+    "cohere": (_LAYERNORM, _PARALLEL, _INTERLEAVED),
+    "cohere2": (_LAYERNORM, _PARALLEL, _INTERLEAVED),
+    "cohere2_moe": (_LAYERNORM, _PARALLEL, _INTERLEAVED),
+    "glm": (_INTERLEAVED,),
+    "glm4": (_INTERLEAVED, _POST_NORM),
+    "glm4v": (_INTERLEAVED, _POST_NORM),
+    "glm4v_text": (_INTERLEAVED, _POST_NORM),
+    "glm_ocr": (_INTERLEAVED,),
+    "helium": (_INTERLEAVED,),
+    "ernie4_5": (_INTERLEAVED,),
+    "ernie4_5_moe": (_INTERLEAVED,),
+    "falcon": (_LAYERNORM, _PARALLEL),
+    "gpt_neox": (_LAYERNORM, _PARALLEL),
+    "gpt_neox_reward_model": (_LAYERNORM, _PARALLEL),
+    "gptj": (_LAYERNORM, _PARALLEL),
+    "phi": (_LAYERNORM, _PARALLEL),
+    "stablelm": (_LAYERNORM,),
+    "stablelm_epoch": (_LAYERNORM,),
+    "starcoder2": (_LAYERNORM,),
+    "persimmon": (_LAYERNORM,),
+    "gpt2": (_LAYERNORM,),
+    "gpt_bigcode": (_LAYERNORM,),
+    "bloom": (_LAYERNORM,),
+    "opt": (_LAYERNORM,),
+    "llama4": (_NOPE, _SIGMOID_ROUTER),
+    "llama4_text": (_NOPE, _SIGMOID_ROUTER),
+}
+
+ENCODER_DECODER = frozenset({
+    "bart", "bigbird_pegasus", "blenderbot", "blenderbot-small", "marian", "mbart", "mvp", "pegasus", "plbart",
+    "prophetnet", "t5", "mt5", "umt5", "longt5", "switch_transformers", "whisper", "encoder-decoder",
+    "speech-encoder-decoder", "vision-encoder-decoder", "trocr", "moss_transcribe_diarize",
+})
+_NO_LM_HEAD = re.compile(
+    r"(ForSequenceClassification|ForTokenClassification|ForQuestionAnswering|ForMultipleChoice|RewardModel|"
+    r"ForRewardModeling|ForMaskedLM|ForPreTraining|Embedding|ForImageClassification|ForAudioClassification)$"
+)
+
+
+def _headless(arch: str) -> bool:
+    """A classifier/reward/embedding head, or a bare ``XModel`` (no head at all); ``XLMHeadModel`` has one."""
+    if _NO_LM_HEAD.search(arch):
+        return True
+    return arch.endswith("Model") and not arch.endswith(("LMHeadModel", "CausalLMModel"))
+
+
+def scope_problem(config: Mapping[str, Any]) -> tuple[str, str] | None:
+    """``(code, message)`` when the checkpoint is out of scope for a causal-LM bridge, else None."""
+    model_type = config.get("model_type")
+    if not isinstance(model_type, str) or not model_type:
+        return ("scope.no-model-type", "out of scope: config.json has no model_type, so nothing says which "
+                "architecture the weights belong to")
+    if config.get("is_encoder_decoder") is True or model_type in ENCODER_DECODER:
+        return ("scope.encoder-decoder", f"out of scope: {model_type!r} is an encoder-decoder model; mapgen "
+                "converts decoder-only language models")
+    archs = config.get("architectures")
+    if isinstance(archs, list) and archs and all(isinstance(a, str) and _headless(a) for a in archs):
+        return ("scope.no-lm-head", f"out of scope: {', '.join(archs)} has no language-model head (classifier, "
+                "reward or embedding model); mapgen converts causal language models")
+    if model_type.endswith("_reward_model"):
+        return ("scope.no-lm-head", f"out of scope: {model_type!r} is a reward model without a language-model head")
+    return None

@@ -1,0 +1,218 @@
+"""The Megatron model config of a bridge: one reviewed table from the HF ``config.json`` to :class:`ModelSpec`.
+
+Each :class:`ConfigRow` sets one ``ModelSpec`` field from exactly one source:
+
+* ``hf``:     candidate HF config names, tried in order (``text_config`` first, dotted names reach into nested
+              objects); ``default`` when none is present, else a ``config.missing-key`` error;
+* ``derive``: a named derivation from the config or the scanned layout (:data:`DERIVATIONS`);
+* ``fact``:   a layout-decided :class:`Facts` field (what the checkpoint's keys say, not its config), negated
+              with ``negate``.
+
+``when`` names a :class:`Facts` field that must hold for the row to apply; otherwise the field keeps its
+``ModelSpec`` default (a dense model never reads ``num_experts``). Fields no row sets keep their defaults.
+Rows are data: the table is evaluated by :func:`model_spec` at run time, for the proof and for every bridge.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from mapgen.contract.hf_config import HFConfig, head_dim, rope_scaling, rope_scaling_factor
+from mapgen.contract.spec import LayerKind, MlpKind, ModelSpec
+from mapgen.ir import LayerGroup, Layout
+
+__all__ = ["CONFIG", "DERIVATIONS", "ConfigRow", "Facts", "model_spec"]
+
+
+@dataclass(frozen=True)
+class Facts:
+    """What the scanned layout decides about the Megatron model. The planner sets them from the checkpoint's
+    keys and model type; a generated bridge states them (only those that are true)."""
+
+    tied: bool = False  # the output layer is the token embedding
+    add_qkv_bias: bool = False  # q/k/v projections have biases
+    add_bias_linear: bool = False  # the attention output projection has a bias
+    qk_layernorm: bool = False  # per-head q/k norms
+    attention_output_gate: bool = False  # q_proj carries a sigmoid output gate (Qwen3.5/3.6)
+    zero_centered: bool = False  # HF norms compute (1 + w) * x
+    moe: bool = False  # some layer (or the MTP inner layer) has routed experts
+    expert_bias: bool = False  # the router has an expert score-correction bias
+    shared_expert: bool = False  # the MoE block has a shared expert
+    shared_expert_gate: bool = False  # ... with a sigmoid gate
+    gated_delta_net: bool = False  # some layer is a gated delta-net
+
+
+# -- derivations ----------------------------------------------------------------------------------------------
+def _mixer_kind(group: LayerGroup) -> LayerKind:
+    return "gated_delta_net" if group.mixer.family == "gated_delta_net" else "attention"
+
+
+def _mlp_kind(group: LayerGroup) -> MlpKind:
+    return "moe" if group.mlp.family == "moe" else "dense"
+
+
+def _per_layer(layout: Layout, fn: Callable[[LayerGroup], str]) -> tuple[Any, ...]:
+    lm = layout.language_model
+    out: list[str | None] = [None] * lm.num_layers
+    for group in lm.groups:
+        for i in group.layers:
+            out[i] = fn(group)
+    missing = [i for i, v in enumerate(out) if v is None]
+    if missing:
+        raise ValueError(f"layers {missing} belong to no layer group")
+    return tuple(out)
+
+
+def _mtp_inner(layout: Layout) -> LayerGroup | None:
+    mtp = layout.language_model.mtp
+    return mtp.inner[0] if mtp is not None and mtp.inner else None
+
+
+def _mtp_depth(layout: Layout) -> int | None:
+    mtp = layout.language_model.mtp
+    return mtp.depth if mtp is not None and mtp.depth > 0 else None
+
+
+def _mtp_layer_kind(layout: Layout) -> LayerKind:
+    inner = _mtp_inner(layout)
+    return _mixer_kind(inner) if inner is not None else "attention"
+
+
+def _mtp_mlp_kind(layout: Layout) -> MlpKind:
+    inner = _mtp_inner(layout)
+    return _mlp_kind(inner) if inner is not None else "dense"
+
+
+Derivation = Literal[
+    "head_dim", "rope_scaling", "rope_scaling_factor", "layer_kinds", "mlp_kinds", "mtp_depth", "mtp_layer_kind",
+    "mtp_mlp_kind",
+]
+DERIVATIONS: dict[str, Callable[[HFConfig, Layout], Any]] = {
+    "head_dim": lambda hf, _: head_dim(hf),  # head_dim, else hidden_size // num_attention_heads
+    "rope_scaling": lambda hf, _: rope_scaling(hf),  # Llama-3 RoPE scaling; other scalings are refused
+    "rope_scaling_factor": lambda hf, _: rope_scaling_factor(hf),
+    "layer_kinds": lambda _, layout: _per_layer(layout, _mixer_kind),  # per layer, from the scanned groups
+    "mlp_kinds": lambda _, layout: _per_layer(layout, _mlp_kind),
+    "mtp_depth": lambda _, layout: _mtp_depth(layout),  # from the keys, not from the config
+    "mtp_layer_kind": lambda _, layout: _mtp_layer_kind(layout),
+    "mtp_mlp_kind": lambda _, layout: _mtp_mlp_kind(layout),
+}
+
+
+class _Required:
+    def __repr__(self) -> str:
+        return "REQUIRED"
+
+
+REQUIRED: Any = _Required()
+
+
+@dataclass(frozen=True)
+class ConfigRow:
+    """One ``ModelSpec`` field and where its value comes from (exactly one of ``hf``, ``derive``, ``fact``)."""
+
+    field: str
+    hf: tuple[str, ...] = ()
+    default: bool | int | float | str | None = REQUIRED
+    derive: Derivation | None = None
+    fact: str | None = None
+    negate: bool = False
+    when: str | None = None
+    note: str = ""
+
+
+# fmt: off
+CONFIG: tuple[ConfigRow, ...] = (
+    # -- dimensions --------------------------------------------------------------------------------------
+    ConfigRow("num_layers", hf=("num_hidden_layers",)),
+    ConfigRow("hidden_size", hf=("hidden_size",)),
+    ConfigRow("num_attention_heads", hf=("num_attention_heads",)),
+    ConfigRow("num_query_groups", hf=("num_key_value_heads", "num_attention_heads"), note="MHA without kv heads"),
+    ConfigRow("kv_channels", derive="head_dim"),
+    ConfigRow("ffn_hidden_size", hf=("intermediate_size", "moe_intermediate_size")),
+    ConfigRow("vocab_size", hf=("vocab_size",)),
+    ConfigRow("max_position_embeddings", hf=("max_position_embeddings",), default=4096),
+    # -- per-layer structure -----------------------------------------------------------------------------
+    ConfigRow("layer_kinds", derive="layer_kinds"),
+    ConfigRow("mlp_kinds", derive="mlp_kinds"),
+    # -- attention ---------------------------------------------------------------------------------------
+    ConfigRow("add_qkv_bias", fact="add_qkv_bias"),
+    ConfigRow("add_bias_linear", fact="add_bias_linear"),
+    ConfigRow("qk_layernorm", fact="qk_layernorm"),
+    ConfigRow("attention_output_gate", fact="attention_output_gate"),
+    ConfigRow("rotary_base", hf=("rope_theta", "rope_parameters.rope_theta"), default=10000.0),
+    ConfigRow("rotary_percent", hf=("partial_rotary_factor", "rope_parameters.partial_rotary_factor"), default=1.0),
+    ConfigRow("rope_scaling", derive="rope_scaling"),
+    ConfigRow("rope_scaling_factor", derive="rope_scaling_factor"),
+    # -- norms -------------------------------------------------------------------------------------------
+    ConfigRow("norm_epsilon", hf=("rms_norm_eps", "layer_norm_eps"), default=1e-6),
+    ConfigRow("layernorm_zero_centered_gamma", fact="zero_centered"),
+    ConfigRow("untie_embeddings_and_output_weights", fact="tied", negate=True),
+    # -- MoE ---------------------------------------------------------------------------------------------
+    ConfigRow("num_moe_experts", hf=("num_experts", "num_local_experts", "n_routed_experts"), when="moe"),
+    ConfigRow("moe_router_topk", hf=("num_experts_per_tok", "moe_topk"), when="moe"),
+    ConfigRow("moe_ffn_hidden_size", hf=("moe_intermediate_size", "intermediate_size"), when="moe"),
+    ConfigRow("moe_router_enable_expert_bias", fact="expert_bias"),
+    ConfigRow("moe_shared_expert_gate", fact="shared_expert_gate"),
+    ConfigRow("moe_shared_expert_intermediate_size", hf=("shared_expert_intermediate_size", "moe_intermediate_size"),
+              when="shared_expert"),
+    # -- gated delta net ---------------------------------------------------------------------------------
+    ConfigRow("linear_num_key_heads", hf=("linear_num_key_heads",), when="gated_delta_net"),
+    ConfigRow("linear_num_value_heads", hf=("linear_num_value_heads",), when="gated_delta_net"),
+    ConfigRow("linear_key_head_dim", hf=("linear_key_head_dim",), when="gated_delta_net"),
+    ConfigRow("linear_value_head_dim", hf=("linear_value_head_dim",), when="gated_delta_net"),
+    ConfigRow("linear_conv_kernel_dim", hf=("linear_conv_kernel_dim",), when="gated_delta_net"),
+    # -- MTP (depth and inner layer from the scanned keys) -----------------------------------------------
+    ConfigRow("mtp_num_layers", derive="mtp_depth"),
+    ConfigRow("mtp_layer_kind", derive="mtp_layer_kind"),
+    ConfigRow("mtp_mlp_kind", derive="mtp_mlp_kind"),
+)
+# fmt: on
+
+
+def row_value(row: ConfigRow, hf: HFConfig, layout: Layout, facts: Facts) -> Any:
+    """The value ``row`` gives its field."""
+    if row.fact is not None:
+        value = getattr(facts, row.fact)
+        return not value if row.negate else value
+    if row.derive is not None:
+        return DERIVATIONS[row.derive](hf, layout)
+    if row.default is REQUIRED:
+        return hf.get(*row.hf)
+    return hf.get(*row.hf, default=row.default)
+
+
+def applies(row: ConfigRow, facts: Facts) -> bool:
+    return row.when is None or bool(getattr(facts, row.when))
+
+
+def model_spec(hf: HFConfig, layout: Layout, facts: Facts, table: tuple[ConfigRow, ...] = CONFIG) -> ModelSpec:
+    """The Megatron model for a checkpoint: ``table`` evaluated on its config, its scanned layout and the
+    bridge's layout-decided facts."""
+    return ModelSpec(**{row.field: row_value(row, hf, layout, facts) for row in table if applies(row, facts)})
+
+
+def check_table(table: tuple[ConfigRow, ...] = CONFIG) -> list[str]:
+    """Problems with a config table (each field once, known fields and facts, exactly one source per row)."""
+    spec_fields = {f.name for f in dataclasses.fields(ModelSpec)}
+    fact_fields = {f.name for f in dataclasses.fields(Facts)}
+    problems, seen = [], set()
+    for row in table:
+        where = f"ConfigRow({row.field!r})"
+        if row.field not in spec_fields:
+            problems.append(f"{where}: ModelSpec has no field {row.field!r}")
+        if row.field in seen:
+            problems.append(f"{where}: the field is set twice")
+        seen.add(row.field)
+        if sum((bool(row.hf), row.derive is not None, row.fact is not None)) != 1:
+            problems.append(f"{where}: needs exactly one of hf, derive, fact")
+        if row.derive is not None and row.derive not in DERIVATIONS:
+            problems.append(f"{where}: unknown derivation {row.derive!r}")
+        problems += [f"{where}: Facts has no field {name!r}" for name in (row.fact, row.when)
+                     if name is not None and name not in fact_fields]
+        if row.negate and row.fact is None:
+            problems.append(f"{where}: negate needs a fact")
+    return problems

@@ -1,0 +1,92 @@
+"""The Megatron model a bridge targets, as plain data (no torch, no megatron-core imports).
+
+A bridge's ``megatron_config(hf, layout)`` (the table in :mod:`mapgen.contract.config`) returns a
+:class:`ModelSpec`; the runtime turns it into a ``TransformerConfig`` plus layer specs
+(``mapgen.runtime.megatron``). Everything a Megatron model's parameter names and shapes depend on is here, so
+the bijection proof can build the model on the meta device.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Literal
+
+LayerKind = Literal["attention", "gated_delta_net"]
+MlpKind = Literal["dense", "moe"]
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    # -- dimensions -------------------------------------------------------------------------------------
+    num_layers: int
+    hidden_size: int
+    num_attention_heads: int
+    num_query_groups: int
+    kv_channels: int
+    ffn_hidden_size: int
+    vocab_size: int
+    max_position_embeddings: int = 4096
+    # -- per-layer structure (len == num_layers) ---------------------------------------------------------
+    layer_kinds: tuple[LayerKind, ...] = ()
+    mlp_kinds: tuple[MlpKind, ...] = ()
+    # -- attention ---------------------------------------------------------------------------------------
+    add_qkv_bias: bool = False
+    add_bias_linear: bool = False  # o_proj / MLP biases
+    qk_layernorm: bool = False
+    attention_output_gate: bool = False
+    rotary_base: float = 10000.0
+    rotary_percent: float = 1.0
+    rope_scaling: bool = False  # Llama-3 style frequency scaling (megatron-core GPTModel rope_scaling)
+    rope_scaling_factor: float = 8.0
+    # -- norms / activations -----------------------------------------------------------------------------
+    normalization: Literal["RMSNorm", "LayerNorm"] = "RMSNorm"
+    norm_epsilon: float = 1e-6
+    layernorm_zero_centered_gamma: bool = False
+    gated_linear_unit: bool = True
+    activation: Literal["silu", "gelu"] = "silu"
+    untie_embeddings_and_output_weights: bool = True
+    # -- MoE ---------------------------------------------------------------------------------------------
+    num_moe_experts: int | None = None
+    moe_router_topk: int = 1
+    moe_ffn_hidden_size: int | None = None
+    moe_shared_expert_intermediate_size: int | None = None
+    moe_shared_expert_gate: bool = False
+    moe_router_enable_expert_bias: bool = False
+    moe_router_bias: bool = False
+    # None: "sigmoid" with moe_router_enable_expert_bias (megatron-core requires it), else "softmax"
+    moe_router_score_function: Literal["softmax", "sigmoid"] | None = None
+    moe_router_pre_softmax: bool = False  # softmax over all experts before top-k (HF norm_topk_prob=False)
+    moe_router_topk_scaling_factor: float | None = None  # routed_scaling_factor
+    # -- gated delta net ---------------------------------------------------------------------------------
+    linear_num_key_heads: int | None = None
+    linear_num_value_heads: int | None = None
+    linear_key_head_dim: int | None = None
+    linear_value_head_dim: int | None = None
+    linear_conv_kernel_dim: int | None = None
+    # -- MTP ---------------------------------------------------------------------------------------------
+    mtp_num_layers: int | None = None
+    mtp_layer_kind: LayerKind = "attention"
+    mtp_mlp_kind: MlpKind = "dense"
+
+    def __post_init__(self) -> None:
+        if self.layer_kinds and len(self.layer_kinds) != self.num_layers:
+            raise ValueError(f"layer_kinds has {len(self.layer_kinds)} entries for {self.num_layers} layers")
+        if self.mlp_kinds and len(self.mlp_kinds) != self.num_layers:
+            raise ValueError(f"mlp_kinds has {len(self.mlp_kinds)} entries for {self.num_layers} layers")
+
+    @property
+    def kinds(self) -> tuple[LayerKind, ...]:
+        attention: LayerKind = "attention"
+        return self.layer_kinds or tuple(attention for _ in range(self.num_layers))
+
+    @property
+    def mlps(self) -> tuple[MlpKind, ...]:
+        default: MlpKind = "moe" if self.num_moe_experts else "dense"
+        return self.mlp_kinds or (default,) * self.num_layers
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes: Any) -> ModelSpec:
+        return dataclasses.replace(self, **changes)
