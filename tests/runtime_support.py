@@ -27,6 +27,52 @@ def synth(source: Path | str, out: Path, *args: str) -> Path:
     return out
 
 
+def retype(root: Path, suffixes: tuple[str, ...], dtype: str = "float32") -> list[str]:
+    """Rewrite the tensors whose keys end with one of ``suffixes`` in ``dtype`` (a mixed-dtype checkpoint,
+    like real Qwen3.5/3.6 with fp32 ``A_log``); returns the keys changed."""
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    changed = []
+    for shard in sorted(root.glob("*.safetensors")):
+        with safe_open(str(shard), framework="pt") as f:
+            meta = f.metadata()
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+        hit = [k for k in tensors if k.endswith(suffixes)]
+        if hit:
+            for k in hit:
+                tensors[k] = tensors[k].to(getattr(torch, dtype))
+            save_file(tensors, str(shard), metadata=meta)
+            changed += hit
+    return changed
+
+
+def one_tensor_per_shard(root: Path) -> int:
+    """Re-shard a checkpoint so that every tensor is its own shard file (the experts of one layer then span
+    many output shards); returns the number of shards."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    index = json.loads((root / "model.safetensors.index.json").read_text())
+    tensors = {}
+    for shard in sorted(set(index["weight_map"].values())):
+        with safe_open(str(root / shard), framework="pt") as f:
+            tensors.update({k: f.get_tensor(k) for k in f.keys()})  # noqa: SIM118
+        (root / shard).unlink()
+    keys = sorted(tensors)
+    weight_map = {}
+    for i, key in enumerate(keys):
+        name = f"model-{i + 1:05d}-of-{len(keys):05d}.safetensors"
+        save_file({key: tensors[key]}, str(root / name), metadata={"format": "pt"})
+        weight_map[key] = name
+    index["weight_map"] = weight_map
+    (root / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    return len(keys)
+
+
 @dataclass(frozen=True)
 class Case:
     name: str
@@ -36,6 +82,7 @@ class Case:
     etp: int | None = None
     pp: int = 1
     logits: bool = True
+    dtype: str = "auto"
 
     @property
     def world(self) -> int:
@@ -54,7 +101,7 @@ def _run(cases: list[Case]) -> dict[str, Any]:
     for case in cases:
         par = Parallel(tp=case.tp, ep=case.ep, etp=case.etp, pp=case.pp)
         try:
-            out[case.name] = verify(case.source, par, logits=case.logits)
+            out[case.name] = verify(case.source, par, logits=case.logits, dtype=case.dtype)
         except MapgenError as exc:
             # Fail the whole batch: the other ranks may be blocked in a collective of this case.
             raise MapgenError(exc.diagnostics, extra=f"(case {case.name})") from None

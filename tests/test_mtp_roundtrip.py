@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.runtime_support import CORPUS, HUB, LAYOUTS, Case, assert_case, run_cases, synth
+from tests.runtime_support import CORPUS, HUB, LAYOUTS, Case, assert_case, retype, run_cases, synth
 
 pytestmark = pytest.mark.distributed
 
@@ -38,13 +38,21 @@ def _case_names() -> list[str]:
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("mtp")
-    return {name: synth(src, root / name, *args) for name, (src, args) in SOURCES.items()}
+    out = {name: synth(src, root / name, *args) for name, (src, args) in SOURCES.items()}
+    # Real Qwen3.5/3.6 checkpoints store A_log in fp32 beside bf16 weights: the Megatron model keeps it fp32.
+    mixed = synth(HUB / "Qwen--Qwen3.6-35B-A3B", root / "qwen3.6-mixed-dtype", "--mtp-depth", "1")
+    assert retype(mixed, (".A_log",))
+    out["qwen3.6-mixed-dtype"] = mixed
+    return out
 
 
 @pytest.fixture(scope="module")
 def results(sources: dict[str, Path]) -> dict[str, list[dict[str, object]]]:
     cases = []
     for name, path in sources.items():
+        if name == "qwen3.6-mixed-dtype":
+            cases.append(Case("qwen3.6-mixed-dtype-tp2", str(path), tp=2))
+            continue
         for pname, layout in PARALLEL.items():
             # dense models have no experts: their second layout is PP=2
             kw = {"tp": 1, "pp": 2} if pname == "ep2" and name in ("qwen3-dense-mtp2", "mimo") else layout
@@ -91,3 +99,15 @@ def test_megatron_mtp_inner_spelling_is_derived_from_the_installed_megatron() ->
     assert mtp_inner_name() == detect_mtp_inner_name(["mtp.layers.0.transformer_layer.mlp.linear_fc2.weight"])
     assert detect_mtp_inner_name(["mtp.layers.1.mtp_model_layer.self_attention.linear_qkv.weight"]) == (
         "mtp_model_layer")
+
+
+def test_mixed_source_dtypes_stay_per_tensor(results: dict[str, list[dict[str, object]]]) -> None:
+    """bf16 weights with fp32 A_log: a bf16 model whose A_log parameters are fp32, bitwise both ways."""
+    r0 = assert_case(results, "qwen3.6-mixed-dtype-tp2")
+    assert r0["param_dtypes"] == ["torch.bfloat16", "torch.float32"]
+    dtypes = r0["dtypes"]
+    assert isinstance(dtypes, dict)
+    assert dtypes["params_dtype"] == "bfloat16"
+    overrides = dtypes["overrides"]
+    assert overrides
+    assert all(k.endswith("A_log") and v == "float32" for k, v in overrides.items()), overrides

@@ -29,6 +29,9 @@ def _cases(root: Path) -> list[Case]:
                 continue
             etp = 1 if ep > 1 else None
             cases.append(Case(f"{model}-tp{tp}-ep{ep}-pp{pp}", src, tp=tp, ep=ep, etp=etp, pp=pp))
+    # The sources are bf16, so every case above builds a bf16 model (the source dtype); these build fp32.
+    cases.append(Case("qwen3-moe-tp2-ep1-pp1-fp32", str(root / "qwen3-moe"), tp=2, dtype="float32"))
+    cases.append(Case("qwen3-tp1-ep1-pp2-fp32", str(root / "qwen3"), pp=2, dtype="float32"))
     return cases
 
 
@@ -42,8 +45,11 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[dict[str
 
 @pytest.mark.parametrize("name", [c.name for c in _cases(Path("/unused"))])
 def test_round_trip_is_bitwise_and_logits_match(results: dict[str, list[dict[str, object]]], name: str) -> None:
-    pp = int(name.rsplit("pp", 1)[1])
-    assert_case(results, name, logits="skipped" if pp > 1 else "ok")
+    pp = int(name.rsplit("pp", 1)[1].split("-", maxsplit=1)[0])
+    r0 = assert_case(results, name, logits="skipped" if pp > 1 else "ok")
+    want = "torch.float32" if name.endswith("-fp32") else "torch.bfloat16"
+    assert r0["param_dtypes"] == [want], r0["param_dtypes"]
+    assert r0["dtypes"]["params_dtype"] == want.removeprefix("torch.")
 
 
 def test_tp2_ranks_each_read_about_half(results: dict[str, list[dict[str, object]]]) -> None:

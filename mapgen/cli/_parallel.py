@@ -25,6 +25,14 @@ def add_parallel_args(parser: argparse.ArgumentParser) -> None:
                        help="processes to start when not launched by torchrun (default: the smallest world)")
 
 
+DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")  # mapgen.runtime.api.DTYPE_CHOICES (no torch here)
+
+
+def add_dtype_arg(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
+                        help=f"{what} (default auto: the source's own dtypes, per tensor)")
+
+
 def parallel_from_args(args: argparse.Namespace) -> Any:
     from mapgen.errors import error
     from mapgen.runtime.api import Parallel

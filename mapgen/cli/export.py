@@ -7,7 +7,14 @@ from pathlib import Path
 from typing import Any
 
 from mapgen.cli._bridges import add_bridges_arg, use_bridges
-from mapgen.cli._parallel import add_parallel_args, is_rank0, launcher_world, parallel_from_args, run_spmd
+from mapgen.cli._parallel import (
+    add_dtype_arg,
+    add_parallel_args,
+    is_rank0,
+    launcher_world,
+    parallel_from_args,
+    run_spmd,
+)
 
 
 def register(sub: Any) -> None:
@@ -20,16 +27,31 @@ def register(sub: Any) -> None:
     p.add_argument("out", type=Path, help="output HF directory (must not exist unless --overwrite)")
     p.add_argument("--source", default=None, help="the original HF checkpoint (layout, towers, side files)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (only once complete)")
+    p.add_argument("--in-memory", action="store_true",
+                   help="load the whole model at --tp/--ep/--pp and gather it to rank 0 (default: stream; each "
+                   "of the --nproc (or TP*PP...) ranks writes its share of the output shards, no model in memory)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print what each rank would read, write and hold, the disk needed and an estimate; "
+                   "write nothing")
+    add_dtype_arg(p, "dtype of the HF tensors written (auto: the source's, as recorded in mapgen.json)")
     add_parallel_args(p)
     add_bridges_arg(p)
     p.set_defaults(func=run)
 
 
-def _work(ckpt: Path, out: Path, par: Any, source: str | None, overwrite: bool) -> dict[str, Any]:
+def _work(ckpt: Path, out: Path, par: Any, source: str | None, overwrite: bool,
+          dtype: str = "auto", streaming: bool = True) -> dict[str, Any]:
     from mapgen.runtime.api import export_megatron
 
-    stats = export_megatron(ckpt, out, par, source_path=source, overwrite=overwrite)
+    stats = export_megatron(ckpt, out, par, source_path=source, overwrite=overwrite, dtype=dtype,
+                            streaming=streaming)
     return {"tensors": stats.tensors, "bytes": stats.bytes, "seconds": stats.seconds}
+
+
+def _dry(ckpt: Path, par: Any, source: str | None) -> dict[str, Any]:
+    from mapgen.runtime.api import dry_run_export
+
+    return dry_run_export(ckpt, par, source_path=source)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -40,9 +62,20 @@ def run(args: argparse.Namespace) -> int:
         from mapgen.runtime.api import preflight
 
         preflight(args.source, par, world, out=args.out, overwrite=args.overwrite, ckpt=args.ckpt)
-    results = run_spmd(_work, par, args.nproc, args.ckpt, args.out, par, args.source, args.overwrite)
+    if args.dry_run:
+        results = run_spmd(_dry, par, args.nproc, args.ckpt, par, args.source)
+        if is_rank0():
+            from mapgen.cli._dryrun import report as dry_report
+
+            release = args.ckpt / "release" if (args.ckpt / "release").is_dir() else args.ckpt
+            dry_report(f"export {args.ckpt} -> {args.out} [streaming, {len(results)} rank(s); items = output shards]",
+                   results, release, args.out)
+        return 0
+    results = run_spmd(_work, par, args.nproc, args.ckpt, args.out, par, args.source, args.overwrite, args.dtype,
+                       not args.in_memory)
     if is_rank0():
-        r = results[0]
-        print(f"exported {args.ckpt} -> {args.out} [{par.describe()}]: {r['tensors']} tensors, "
-              f"{r['bytes'] / 2**20:.1f} MiB, {r['seconds']:.2f} s")
+        tensors, nbytes = sum(r["tensors"] for r in results), sum(r["bytes"] for r in results)
+        how = par.describe() if args.in_memory else f"streaming, {len(results)} rank(s)"
+        print(f"exported {args.ckpt} -> {args.out} [{how}]: {tensors} tensors, "
+              f"{nbytes / 2**20:.1f} MiB, {max(r['seconds'] for r in results):.2f} s")
     return 0

@@ -7,7 +7,14 @@ from typing import Any
 
 from mapgen.cli._bridges import add_bridges_arg, use_bridges
 from mapgen.cli._config import add_config_args, gate_checkpoint
-from mapgen.cli._parallel import add_parallel_args, is_rank0, launcher_world, parallel_from_args, run_spmd
+from mapgen.cli._parallel import (
+    add_dtype_arg,
+    add_parallel_args,
+    is_rank0,
+    launcher_world,
+    parallel_from_args,
+    run_spmd,
+)
 
 
 def register(sub: Any) -> None:
@@ -18,16 +25,17 @@ def register(sub: Any) -> None:
     p.add_argument("source", help="local HF checkpoint directory")
     p.add_argument("--no-logits", action="store_true", help="skip the logits comparison")
     p.add_argument("--atol", type=float, default=1e-4, help="logits tolerance (default 1e-4)")
+    add_dtype_arg(p, "dtype of the Megatron model in the round trip")
     add_parallel_args(p)
     add_bridges_arg(p)
     add_config_args(p)
     p.set_defaults(func=run)
 
 
-def _work(source: str, par: Any, logits: bool, atol: float) -> dict[str, Any]:
+def _work(source: str, par: Any, logits: bool, atol: float, dtype: str = "auto") -> dict[str, Any]:
     from mapgen.runtime.verify import verify
 
-    return verify(source, par, logits=logits, atol=atol)
+    return verify(source, par, logits=logits, atol=atol, dtype=dtype)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -39,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
         from mapgen.runtime.api import preflight
 
         preflight(args.source, par, world)
-    results = run_spmd(_work, par, args.nproc, args.source, par, not args.no_logits, args.atol)
+    results = run_spmd(_work, par, args.nproc, args.source, par, not args.no_logits, args.atol, args.dtype)
     if not is_rank0():
         return 0
     r = results[0]

@@ -13,8 +13,11 @@ for unconditionally:
   ``GatedDeltaNet.reset_parameters`` fork the CUDA RNG tracker; without CUDA there is no state to fork).
 - ``moe_utils.te_general_gemm`` is set to ``None`` when Transformer Engine is absent (the router refers
   to the name, which 0.16.1 only defines when TE imports).
-- ``torch._dynamo.config.disable`` is set, so that megatron-core's ``jit_fuser`` (``torch.compile``) runs
-  eagerly: compiling with inductor on CPU takes tens of seconds per function and needs a C++ toolchain.
+- ``torch._dynamo.config.disable`` is set (only where dynamo was imported already), so that megatron-core's
+  ``jit_fuser`` (``torch.compile``) runs eagerly: compiling with inductor on CPU takes tens of seconds per
+  function and needs a C++ toolchain. :func:`import_megatron` avoids the question altogether: it imports
+  megatron-core with ``torch.compile`` standing in as the identity, so ``jit_fuser`` never compiles and
+  torch's dynamo/inductor stack (half of megatron-core's import time) is never imported.
 - the flash-linear-attention fallback of :mod:`mapgen.runtime._gdn` (GatedDeltaNet refuses to build
   without ``fla``; the fallback uses megatron-core's own torch implementation of the chunked rule).
 """
@@ -22,7 +25,10 @@ for unconditionally:
 from __future__ import annotations
 
 import contextlib
+import os
+import sys
 import threading
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -63,8 +69,9 @@ def _patches() -> list[tuple[Any, str, Any]]:
         (torch.cuda, "synchronize", _synchronize),
         (torch.Tensor, "cuda", _tensor_cuda),
         (mcore_random.CudaRNGStatesTracker, "fork", _fork),
-        (torch._dynamo.config, "disable", True),
     ]
+    if "torch._dynamo" in sys.modules:  # imported (so maybe used by jit_fuser): run compiled functions eagerly
+        patches.append((torch._dynamo.config, "disable", True))
     if getattr(moe_utils, "te_general_gemm", None) is None:
         patches.append((moe_utils, "te_general_gemm", None))
     patches.extend(_gdn.fla_fallback_patches())
@@ -84,6 +91,49 @@ def _restore() -> None:
             setattr(obj, attr, old)
         else:
             delattr(obj, attr)
+
+
+# Warnings megatron-core 0.16.1 prints on every CPU run, about optional accelerators and its own defaults;
+# shown with MAPGEN_VERBOSE=1 (`--verbose`).
+QUIET_WARNINGS = (
+    r".*Transformer Engine and Apex are not installed.*",
+    r".*Apex is not installed.*",
+    r".*full scope is deprecated.*",
+    r".*Please use DTensor instead and we are deprecating ShardedTensor.*",
+    r".*torch.distributed is disabled, unavailable or uninitialized.*",
+)
+
+
+def quiet_third_party() -> None:
+    """Silence :data:`QUIET_WARNINGS` for the process unless ``MAPGEN_VERBOSE=1``."""
+    if os.environ.get("MAPGEN_VERBOSE") == "1":
+        return
+    for pattern in QUIET_WARNINGS:
+        warnings.filterwarnings("ignore", message=pattern)
+
+
+def _eager_compile(model: Any = None, **kwargs: Any) -> Any:
+    return model if model is not None else (lambda fn: fn)
+
+
+def import_megatron() -> None:
+    """Import megatron-core for mapgen (once; cheap afterwards). On CPU its ``jit_fuser`` is bound to the
+    identity instead of ``torch.compile`` (megatron-core reads ``torch.compile`` once, at import): the fused
+    kernels are never compiled -- conversion does not run them, a CPU forward runs them eagerly -- and
+    torch's dynamo/inductor stack is not imported (about 2 s of CPU per process). With CUDA nothing changes."""
+    quiet_third_party()
+    if "megatron.core" in sys.modules:
+        return
+    if not shims_needed():
+        import megatron.core
+        return
+    original = torch.compile
+    torch.compile = _eager_compile
+    try:
+        import megatron.core
+        import megatron.core.jit  # noqa: F401
+    finally:
+        torch.compile = original
 
 
 def shims_needed() -> bool:

@@ -28,7 +28,7 @@ import torch.distributed as dist
 
 from mapgen import __version__
 from mapgen.contract.bridge import Bridge
-from mapgen.contract.expand import tower_keys
+from mapgen.contract.expand import Instance, tower_keys
 from mapgen.contract.hf_config import HFConfig
 from mapgen.contract.spec import ModelSpec
 from mapgen.errors import Diagnostic, MapgenError, error
@@ -140,6 +140,98 @@ def bind(layout: Layout, bridge: Bridge | None = None) -> Binding:
     return Binding.create(spec, layout, bridge.rules, mtp_inner_name())
 
 
+DTYPE_NAMES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPE_CHOICES = ("auto", *DTYPE_NAMES)
+_WIDTH = {torch.float16: 1, torch.bfloat16: 2, torch.float32: 3, torch.float64: 4}
+
+
+@dataclass(frozen=True)
+class DtypePlan:
+    """The dtypes of the Megatron model: ``base`` (megatron's ``params_dtype``) and per-parameter
+    ``overrides`` (global Megatron name -> dtype name) where the source stores a tensor in another dtype
+    (fp32 ``A_log`` in a bf16 checkpoint) or a rule asks for fp32 (the router's expert bias). ``choice`` is
+    what the user asked for: ``auto`` (the source's dtypes) or one dtype name."""
+
+    choice: str = "auto"
+    base: str = "float32"
+    overrides: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def params_dtype(self) -> torch.dtype:
+        return DTYPE_NAMES[self.base]
+
+    def override_map(self) -> dict[str, torch.dtype]:
+        return {name: DTYPE_NAMES[d] for name, d in self.overrides}
+
+    def dtype_of(self, megatron: str) -> torch.dtype:
+        return self.override_map().get(megatron, self.params_dtype)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"choice": self.choice, "params_dtype": self.base, "overrides": dict(self.overrides)}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any] | None) -> DtypePlan:
+        """A checkpoint's recorded plan; checkpoints written before dtypes were recorded are fp32."""
+        if not isinstance(data, Mapping):
+            return cls("float32", "float32", ())
+        base = str(data.get("params_dtype", "float32"))
+        overrides = data.get("overrides") or {}
+        names = [base, *map(str, overrides.values())]
+        bad = [n for n in names if n not in DTYPE_NAMES]
+        if bad:
+            raise error("megatron.bad-metadata", f"{MAPGEN_META} names an unknown dtype {bad[0]!r}",
+                        expected=", ".join(DTYPE_NAMES))
+        return cls(str(data.get("choice", base)), base, tuple(sorted((str(k), str(v)) for k, v in overrides.items())))
+
+
+def _torch_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def plan_dtypes(binding: Binding, hf_dtypes: Mapping[str, str], choice: str = "auto") -> DtypePlan:
+    """The Megatron dtypes for a conversion. ``auto``: the source's own dtypes -- the base is the dtype most
+    of the source's tensors have (the config's ``torch_dtype`` on a tie), and every parameter whose source
+    tensors are stored in another floating dtype keeps it. An explicit ``choice`` puts every parameter in
+    that dtype. Either way a rule that declares ``dtype: fp32`` stays fp32."""
+    if choice not in DTYPE_CHOICES:
+        raise error("cli.dtype", f"unknown dtype {choice!r}", expected=", ".join(DTYPE_CHOICES))
+
+    def floating(key: str) -> torch.dtype | None:
+        dt = DTYPES.get(hf_dtypes.get(key, ""))
+        return dt if dt in _WIDTH else None
+
+    if choice == "auto":
+        counts: dict[torch.dtype, int] = {}
+        for inst in binding.by_megatron.values():
+            for key in inst.hf:
+                dt = floating(key)
+                if dt is not None:
+                    counts[dt] = counts.get(dt, 0) + 1
+        declared = CONFIG_DTYPES.get(str(HFConfig(binding.layout.config).get("torch_dtype", "dtype", default="")))
+        top = max(counts.values(), default=0)
+        winners = [d for d, n in counts.items() if n == top]
+        base = declared if declared in winners else (max(winners, key=lambda d: _WIDTH[d]) if winners
+                                                     else declared or torch.float32)
+        if base == torch.float64:
+            base = torch.float32
+    else:
+        base = DTYPE_NAMES[choice]
+    overrides: dict[str, str] = {}
+    for name, inst in binding.by_megatron.items():
+        if inst.rule.option("dtype") == "fp32":
+            want = torch.float32
+        elif choice == "auto":
+            found = {d for d in (floating(k) for k in inst.hf) if d is not None}
+            want = max(found, key=lambda d: _WIDTH[d]) if found else base
+            if want == torch.float64:
+                want = torch.float32
+        else:
+            want = base
+        if want != base:
+            overrides[name] = _torch_name(want)
+    return DtypePlan(choice, _torch_name(base), tuple(sorted(overrides.items())))
+
+
 def model_spec_for_parallel(spec: ModelSpec, par: Parallel) -> ModelSpec:
     from mapgen.ops import padded_vocab
 
@@ -182,11 +274,14 @@ def preflight(source_path: str | None, par: Parallel, world: int, *, out: Path |
 
 
 def build(binding: Binding, par: Parallel, *, device: Literal["cpu", "meta", "cuda"] = "cpu",
-          initialize: bool = True) -> torch.nn.Module:
-    from mapgen.runtime.megatron import build_model
+          initialize: bool = True, dtypes: DtypePlan | None = None) -> torch.nn.Module:
+    """This rank's Megatron model, in ``dtypes`` (default: fp32 everywhere)."""
+    from mapgen.runtime.megatron import build_model, set_param_dtypes
 
+    dtypes = dtypes or DtypePlan("float32", "float32", ())
     model: torch.nn.Module = build_model(model_spec_for_parallel(binding.spec, par), device=device,
-                                         initialize=initialize)
+                                         initialize=initialize, params_dtype=dtypes.params_dtype)
+    set_param_dtypes(model, dtypes.override_map(), dtypes.params_dtype)
     return model
 
 
@@ -335,21 +430,25 @@ class progress_bar:
     """A tqdm bar on rank 0 when stderr is a terminal (or ``MAPGEN_PROGRESS=1``); otherwise silent.
     Called as ``bar(done, total)``."""
 
-    def __init__(self, what: str, total: int) -> None:
+    def __init__(self, what: str, total: int, *, unit: str = "tensor") -> None:
         rank0 = not dist.is_initialized() or dist.get_rank() == 0
         wanted = os.environ.get("MAPGEN_PROGRESS", "1" if sys.stderr.isatty() else "0") == "1"
         self._bar: Any = None
+        self._bytes = unit == "B"
         if rank0 and wanted:
             from tqdm import tqdm
 
-            self._bar = tqdm(total=total or None, desc=what, unit="tensor", leave=False)
+            self._bar = tqdm(total=total or None, desc=what, unit=unit, leave=False, unit_scale=self._bytes,
+                             unit_divisor=1024 if self._bytes else 1000)
 
     def __enter__(self) -> Callable[[int, int], None] | None:
         return self if self._bar is not None else None
 
     def __call__(self, done: int, total: int) -> None:
+        if total and self._bar.total != total:
+            self._bar.total = total
         self._bar.n = done
-        if done == total or done % 64 == 0:
+        if self._bytes or done == total or done % 64 == 0:
             self._bar.refresh()
 
     def __exit__(self, *exc: object) -> None:
@@ -375,27 +474,35 @@ def log(message: str) -> None:
 # ---------------------------------------------------------------------------------------------------------
 # HF -> Megatron
 # ---------------------------------------------------------------------------------------------------------
-def load_hf(source: HFSource, par: Parallel, *, bridge: Bridge | None = None) -> tuple[torch.nn.Module, Binding, Stats]:
-    """Build this rank's Megatron model and fill it from ``source``. Call inside :class:`parallel_context`."""
+def load_hf(source: HFSource, par: Parallel, *, bridge: Bridge | None = None,
+            dtype: str = "auto") -> tuple[torch.nn.Module, Binding, Stats]:
+    """Build this rank's Megatron model (in the source's dtypes, or ``dtype``) and fill it from ``source``.
+    Call inside :class:`parallel_context`. ``stats.extra["dtypes"]`` is the :class:`DtypePlan` used."""
     binding = bind(source.layout, bridge)
+    dtypes = plan_dtypes(binding, source.dtypes, dtype)
     # No random initialisation: load_model writes every parameter exactly once (or raises), and the
     # initialisation costs several times the load itself on CPU.
-    model = build(binding, par, initialize=False)
+    model = build(binding, par, initialize=False, dtypes=dtypes)
     reader = SafetensorsReader(source.root, source.weight_map)
     try:
         with progress_bar("HF -> Megatron", len(binding.by_megatron)) as bar:
             stats = load_model(model, binding, reader, progress=bar)
     finally:
         reader.close()
+    stats.extra["dtypes"] = dtypes
     return model, binding, stats
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Megatron -> HF
 # ---------------------------------------------------------------------------------------------------------
-def _dtype_picker(layout: Layout, dtypes: Mapping[str, str]) -> Callable[[str, torch.Tensor], torch.dtype]:
+def _dtype_picker(layout: Layout, dtypes: Mapping[str, str],
+                  force: str | None = None) -> Callable[[str, torch.Tensor], torch.dtype]:
     default = CONFIG_DTYPES.get(str(HFConfig(layout.config).get("torch_dtype", "dtype", default="float32")),
                                 torch.float32)
+    if force is not None:
+        forced = DTYPE_NAMES[force]
+        return lambda key, tensor: forced if tensor.is_floating_point() else tensor.dtype
 
     def pick(key: str, tensor: torch.Tensor) -> torch.dtype:
         if key in dtypes:
@@ -413,7 +520,8 @@ def stream_hf(models: list[torch.nn.Module] | torch.nn.Module, binding: Binding,
     weight_map = target.get("weight_map") or {}
     order = shard_order(weight_map) if weight_map else None
     return iter_hf_tensors(models, binding, order=order,
-                           dtype_for=_dtype_picker(binding.layout, target.get("dtypes") or {}))
+                           dtype_for=_dtype_picker(binding.layout, target.get("dtypes") or {},
+                                                   target.get("force_dtype")))
 
 
 def export_hf(models: list[torch.nn.Module] | torch.nn.Module, binding: Binding, out: Path, *,
@@ -546,11 +654,40 @@ def _copy_side_files(source_root: Path, staging: Path) -> None:
 # ---------------------------------------------------------------------------------------------------------
 # Megatron distributed checkpoints
 # ---------------------------------------------------------------------------------------------------------
+def _stream_to_dist(model: torch.nn.Module, binding: Binding, source: HFSource, path: Path) -> Stats:
+    """Write this rank's part of the dist checkpoint of ``model`` (built on meta) straight from the HF
+    slices, entry by entry (:func:`mapgen.runtime.megatron.save_dist_checkpoint_streaming`)."""
+    from mapgen.runtime.engine import EntryProducer
+    from mapgen.runtime.megatron import save_dist_checkpoint_streaming
+
+    start = time.perf_counter()
+    reader = SafetensorsReader(source.root, source.weight_map)
+    try:
+        with progress_bar("HF -> Megatron", 0, unit="B") as bar:
+            producer = EntryProducer(model, binding, reader, progress=bar)
+            if bar is not None:  # bytes this rank writes, for the bar's total and rate
+                from mapgen.runtime.megatron import planned_writes
+
+                producer.total_bytes = sum(planned_writes(model).values())
+            producer.check_duplicates()
+            written = save_dist_checkpoint_streaming(model, path, producer)
+    finally:
+        reader.close()
+    stats = producer.stats
+    stats.bytes_read = reader.bytes_read
+    stats.extra["bytes_written"] = written
+    stats.seconds = time.perf_counter() - start
+    return stats
+
+
 def convert(source_path: str, out: Path, par: Parallel, *, overwrite: bool = False,
-            config_check: dict[str, Any] | None = None) -> Stats:
+            config_check: dict[str, Any] | None = None, dtype: str = "auto", streaming: bool = True) -> Stats:
     """HF checkpoint -> Megatron-Core distributed checkpoint (torch_dist), loadable by Megatron-LM:
     ``OUT/release/`` plus ``latest_checkpointed_iteration.txt``; ``OUT/mapgen.json`` records the layout and
-    ``config_check`` (the config catalog's verdicts, with any --assume-inert / --accept-semantic-gap)."""
+    the dtypes (the source's by default, ``dtype`` to choose one), and ``config_check`` (the config catalog's
+    verdicts, with any --assume-inert / --accept-semantic-gap). ``streaming`` (default): no Megatron model
+    is materialised, each rank writes its shards entry by entry from the HF slices (memory: a few times the
+    largest tensor); otherwise the model is loaded in memory and saved by megatron-core."""
     from mapgen.runtime.megatron import save_dist_checkpoint
 
     source = HFSource.open(source_path)
@@ -560,15 +697,30 @@ def convert(source_path: str, out: Path, par: Parallel, *, overwrite: bool = Fal
     check_parallel(binding.spec, par, world)
     prepare_target(out, overwrite=overwrite, sources=[source.root])
     with parallel_context(par) as coords:
-        log(f"mapgen convert: {source.root} -> {out} ({par.describe()}, world {world})")
-        model, binding, stats = load_hf(source, par)
+        log(f"mapgen convert: {source.root} -> {out} ({par.describe()}, world {world}"
+            f"{', in memory' if not streaming else ''})")
+        if streaming:
+            dtypes = plan_dtypes(binding, source.dtypes, dtype)
+            model = build(binding, par, device="meta", dtypes=dtypes)
+        else:
+            model, binding, stats = load_hf(source, par, dtype=dtype)
+            dtypes = stats.extra["dtypes"]
         staging = _shared_staging(out, coords)
         try:
-            save_dist_checkpoint(model, staging / "release")
+            if streaming:
+                stats = _stream_to_dist(model, binding, source, staging / "release")
+            else:
+                save_dist_checkpoint(model, staging / "release")
             if coords.rank == 0:
                 (staging / "latest_checkpointed_iteration.txt").write_text("release\n")
+                from mapgen.runtime.megatron_args import ARGS_FILE, megatron_args, to_text
+
+                argv = megatron_args(binding.spec, tp=par.tp, pp=par.pp, ep=par.ep, etp=par.etp_size,
+                                     dtype=dtypes.base, load=str(Path(out).resolve()))
+                (staging / ARGS_FILE).write_text(to_text(argv))
                 meta = {"mapgen_version": __version__, "layout": json.loads(layout_to_json(source.layout)),
-                        "source": source.to_meta(), "parallel": par.__dict__}
+                        "source": source.to_meta(), "parallel": par.__dict__, "dtype": dtypes.to_json(),
+                        "megatron_args": argv}
                 if config_check is not None:
                     meta["config_check"] = config_check
                 (staging / MAPGEN_META).write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
@@ -582,6 +734,102 @@ def convert(source_path: str, out: Path, par: Parallel, *, overwrite: bool = Fal
         _barrier()
     stats.extra["bytes_read_rank0"] = stats.bytes_read
     return stats
+
+
+def _rss_bytes() -> int:
+    import resource
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def dry_run_convert(source_path: str, par: Parallel, *, dtype: str = "auto") -> dict[str, Any]:
+    """SPMD: what a streaming :func:`convert` of ``source_path`` would do on this rank, from the model on
+    the meta device and the source's headers only -- nothing is read or written. Bytes this rank reads
+    (the primitives run on meta tensors of the source's shapes) and writes (the main replicas megatron-core's
+    sharded state dict assigns it), the largest entry, and a peak-memory estimate (this process now, with
+    torch and megatron-core imported, plus the largest entry's read slices and two copies of it)."""
+    from mapgen.runtime.engine import EntryProducer
+    from mapgen.runtime.megatron import planned_writes
+
+    source = HFSource.open(source_path)
+    binding = bind(source.layout)
+    check_parallel(binding.spec, par, world_from_env())
+    with parallel_context(par) as coords:
+        dtypes = plan_dtypes(binding, source.dtypes, dtype)
+        model = build(binding, par, device="meta", dtypes=dtypes)
+        writes = planned_writes(model)
+        reader = SafetensorsReader(source.root, source.weight_map)
+        try:
+            producer = EntryProducer(model, binding, reader)
+            reads = {local: producer.measure(local) for local in writes}
+        finally:
+            reader.close()
+        entry_bytes = {local: t.numel() * t.element_size() for local, t in producer.entries.items()}
+        worst = max(writes, key=lambda k: reads[k] + 2 * entry_bytes[k], default=None)
+        peak = _rss_bytes() + (reads[worst] + 2 * entry_bytes[worst] if worst else 0)
+        _barrier()
+    return {"rank": coords.rank, "read": sum(reads.values()), "write": sum(writes.values()), "entries": len(writes),
+            "largest": max(entry_bytes.values(), default=0), "peak": peak, "dtypes": dtypes.to_json()}
+
+
+def dry_run_export(ckpt: Path, par: Parallel, *, source_path: str | None = None) -> dict[str, Any]:
+    """SPMD: what a streaming :func:`export_megatron` would do on this rank, from the TP=1 model on the meta
+    device: the output shards it is dealt, the Megatron entries they need (read from the checkpoint) and the
+    HF bytes it writes (about the same bytes in the recorded dtypes, without vocabulary padding). Peak: this
+    process now plus twice the largest shard's entries (the entries, then the converted HF tensors)."""
+    from mapgen.runtime.megatron import local_to_global
+
+    ckpt = Path(ckpt)
+    meta = read_megatron_meta(ckpt) if (ckpt / MAPGEN_META).is_file() else {}
+    if source_path:
+        source = HFSource.open(source_path)
+        layout, weight_map = source.layout, source.weight_map
+    else:
+        meta = read_megatron_meta(ckpt)
+        layout = layout_from_json(json.dumps(meta["layout"]))
+        weight_map = dict((meta.get("source") or {}).get("weight_map") or {})
+    dtypes = DtypePlan.from_json(meta.get("dtype"))
+    binding = bind(layout)
+    with parallel_context(Parallel()) as coords:
+        model = build(binding, Parallel(), device="meta", dtypes=dtypes)
+        size = {glob: t.numel() * t.element_size() for glob, t in
+                ((local_to_global(model)[k], t) for k, t in model.state_dict().items() if isinstance(t, torch.Tensor))}
+        producers: dict[str, set[str]] = {}
+        for inst in binding.instances:
+            for key in inst.hf:
+                producers.setdefault(key, set()).add(inst.megatron)
+        shards = list(dict.fromkeys(weight_map.values()))
+        read, per_shard, mine = 0, [0], 0
+        for n, shard in enumerate(shards):
+            if n % coords.world != coords.rank:
+                continue
+            need = {m for k, s in weight_map.items() if s == shard for m in producers.get(k, ())}
+            nbytes = sum(size.get(m, 0) for m in need)
+            read += nbytes
+            per_shard.append(nbytes)
+            mine += 1
+        peak = _rss_bytes() + 2 * max(per_shard)
+        _barrier()
+    return {"rank": coords.rank, "read": read, "write": read, "entries": mine, "largest": max(size.values(), default=0),
+            "peak": peak, "dtypes": dtypes.to_json()}
+
+
+def read_floor(root: Path, budget: int = 256 * 2**20) -> tuple[float, int]:
+    """Plain ``read()`` throughput of up to ``budget`` bytes of the safetensors files under ``root`` (the page
+    cache as it is now): ``(bytes per second, bytes read)``."""
+    files = sorted(Path(root).glob("*.safetensors")) or sorted(Path(root).rglob("*.distcp"))
+    done, start = 0, time.perf_counter()
+    for path in files:
+        with open(path, "rb", buffering=0) as f:
+            while done < budget:
+                chunk = f.read(min(16 * 2**20, budget - done))
+                if not chunk:
+                    break
+                done += len(chunk)
+        if done >= budget:
+            break
+    seconds = max(time.perf_counter() - start, 1e-9)
+    return done / seconds, done
 
 
 def _shared_staging(out: Path, coords: Coords) -> Path:
@@ -616,9 +864,135 @@ def read_megatron_meta(ckpt: Path) -> dict[str, Any]:
     return meta
 
 
+def _export_streaming(binding: Binding, release: Path, out: Path, target: Mapping[str, Any], root: Path | None,
+                      dtypes: DtypePlan, overwrite: bool) -> Stats:
+    """SPMD Megatron dist checkpoint -> HF without a model: the output shard files of ``target``'s weight map
+    are dealt round-robin to the ranks; each rank reads, for one output shard at a time, just the Megatron
+    entries that shard needs (:func:`mapgen.runtime.megatron.load_dist_entries`, resharded from any saved
+    layout), converts them with the rules' ``save`` and writes the shard. Rank 0 writes the index, config and
+    side files last and renames the directory into place."""
+    from mapgen import ops
+    from mapgen.runtime.megatron import load_dist_entries, local_to_global
+
+    start = time.perf_counter()
+    coords = Coords.current()
+    layout = binding.layout
+    model = build(binding, Parallel(), device="meta", dtypes=dtypes)
+    local_of: dict[str, str] = {}
+    for local, glob in local_to_global(model).items():
+        local_of.setdefault(glob, local)
+    weight_map: dict[str, str] = dict(target["weight_map"])
+    shard_meta: Mapping[str, dict[str, str]] = target.get("shard_metadata") or {}
+    towers = tower_keys(layout)
+    if towers and root is None:
+        raise error("export.towers-need-source", f"the layout carries {len(towers)} tower keys that live only in the "
+                    "source checkpoint", hint="pass --source with the original HF checkpoint")
+    producers: dict[str, list[Instance]] = {}
+    for inst in binding.instances:
+        for key in inst.hf:
+            producers.setdefault(key, []).append(inst)
+    packed_counts: dict[str, set[int]] = {}
+    for inst in binding.instances:
+        if inst.rule.experts and inst.rule.option("layout") == "packed" and inst.expert is not None:
+            for key in inst.hf:
+                packed_counts.setdefault(key, set()).add(inst.expert)
+    dtype_for = _dtype_picker(layout, target.get("dtypes") or {}, target.get("force_dtype"))
+    shards = list(dict.fromkeys(weight_map.values()))
+    staging = _shared_staging(out, coords)
+    stats = Stats()
+    written: dict[str, str] = {}
+    sizes: dict[str, int] = {}
+    src = SafetensorsReader(root, weight_map) if root is not None and towers else None
+    try:
+        with progress_bar("Megatron -> HF", len(shards), unit="shard") as bar:
+            for n, shard in enumerate(shards):
+                if n % coords.world != coords.rank:
+                    continue
+                keys = [k for k, s in weight_map.items() if s == shard]
+                keyset = set(keys)
+                insts = list({id(i): i for k in keys for i in producers.get(k, [])}.values())
+                loaded = load_dist_entries(model, release, {local_of[i.megatron] for i in insts})
+                tensors: dict[str, torch.Tensor] = {}
+                packed: dict[str, dict[int, torch.Tensor]] = {}
+                for inst in insts:
+                    for frag in ops.save(inst.rule, inst.hf, binding.spec, loaded[local_of[inst.megatron]],
+                                         expert=inst.expert):
+                        if frag.key not in keyset:
+                            continue
+                        if frag.index is not None:
+                            packed.setdefault(frag.key, {})[frag.index] = frag.tensor
+                        elif frag.key in tensors:
+                            if inst.rule.option("shared") and not torch.equal(tensors[frag.key], frag.tensor):
+                                raise error("export.shared-diverged", f"{frag.key} is one HF tensor for every MTP "
+                                            "depth, but the Megatron copies differ between depths", key=inst.megatron,
+                                            hint="tie them before exporting")
+                        else:
+                            tensors[frag.key] = frag.tensor
+                del loaded
+                for key, slots in packed.items():
+                    if len(slots) != len(packed_counts.get(key, ())):
+                        raise error("export.incomplete-packed", f"only {len(slots)} expert slots filled", key=key)
+                    tensors[key] = torch.stack([slots[e] for e in range(len(slots))])
+                tensors = {k: v.to(dtype_for(k, v)).contiguous() for k, v in tensors.items()}
+                for key in keys:
+                    if key not in tensors:
+                        if src is None or key not in towers:
+                            raise error("export.incomplete", "no rule produces this key of the target layout",
+                                        key=key)
+                        tensors[key] = src.read(key)
+                from safetensors.torch import save_file
+
+                save_file(tensors, str(staging / shard), metadata=shard_meta.get(shard))
+                for key, value in tensors.items():
+                    written[key] = shard
+                    sizes[key] = value.numel() * value.element_size()
+                stats.tensors += len(tensors)
+                stats.bytes += sum(v.numel() * v.element_size() for v in tensors.values())
+                del tensors
+                if bar is not None:
+                    bar(n + 1, len(shards))
+        maps: list[Any] = [(written, sizes)]
+        if coords.world > 1:
+            maps = [None] * coords.world
+            dist.all_gather_object(maps, (written, sizes))
+        if coords.rank == 0:
+            all_written = {k: v for w, _ in maps for k, v in w.items()}
+            missing = sorted(set(weight_map) - set(all_written))
+            if missing:
+                raise error("export.incomplete", f"{len(missing)} keys were never written", key=missing[0])
+            total = sum(n for _, sz in maps for n in sz.values())
+            if not target.get("single_file"):
+                meta = dict(target.get("index_metadata") or {})
+                meta["total_size"] = total
+                index = {"metadata": meta, "weight_map": dict(sorted(all_written.items()))}
+                (staging / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+            (staging / "config.json").write_text(json.dumps(layout.config, indent=2, sort_keys=True) + "\n")
+            if root is not None:
+                _copy_side_files(Path(root), staging)
+        _barrier()
+        if coords.rank == 0:
+            if Path(out).exists() and not overwrite:
+                raise error("output.exists", "the output directory appeared meanwhile", file=str(out))
+            commit_dir(staging, Path(out))
+    except BaseException:
+        if coords.rank == 0:
+            shutil.rmtree(staging, ignore_errors=True)
+        raise
+    finally:
+        if src is not None:
+            src.close()
+    _barrier()
+    stats.seconds = time.perf_counter() - start
+    return stats
+
+
 def export_megatron(ckpt: Path, out: Path, par: Parallel, *, source_path: str | None = None,
-                    overwrite: bool = False) -> Stats:
-    """Megatron distributed checkpoint (any parallel layout; resharded by dist_checkpointing) -> HF."""
+                    overwrite: bool = False, dtype: str = "auto", streaming: bool = True) -> Stats:
+    """Megatron distributed checkpoint (any parallel layout; resharded by dist_checkpointing) -> HF.
+    ``streaming`` (default, when the source's shard layout is known): no model, each rank writes its share of
+    the output shards (:func:`_export_streaming`); otherwise the model is loaded and gathered to rank 0.
+    The model is built in the dtypes ``mapgen.json`` records (fp32 without one: exact for any float
+    checkpoint); HF tensors are written in the source's dtypes, or all floating ones in ``dtype``."""
     from mapgen.runtime._safeload import check_dist_checkpoint
     from mapgen.runtime.megatron import load_dist_checkpoint
 
@@ -630,13 +1004,27 @@ def export_megatron(ckpt: Path, out: Path, par: Parallel, *, source_path: str | 
         meta = read_megatron_meta(ckpt)
         layout = layout_from_json(json.dumps(meta["layout"]))
         target, root = meta.get("source") or {}, None
+    recorded = read_megatron_meta(ckpt) if (ckpt / MAPGEN_META).is_file() else {}
+    dtypes = DtypePlan.from_json(recorded.get("dtype"))
+    if dtype != "auto":
+        if dtype not in DTYPE_NAMES:
+            raise error("cli.dtype", f"unknown dtype {dtype!r}", expected=", ".join(DTYPE_CHOICES))
+        target = dict(target)
+        target["dtypes"] = {}
+        target["force_dtype"] = dtype
     prepare_target(out, overwrite=overwrite, sources=[ckpt] + ([source.root] if source else []))
     binding = bind(layout)
     check_parallel(binding.spec, par, world_from_env())
+    release = ckpt / "release" if (ckpt / "release").is_dir() else ckpt
+    if streaming and target.get("weight_map"):
+        check_dist_checkpoint(release)  # megatron/torch unpickle .metadata and common.pt: data types only
+        with parallel_context(Parallel()):  # every rank sees the whole (TP=1) model on meta; DP = the world
+            log(f"mapgen export: {ckpt} -> {out} (streaming, {world_from_env()} rank(s))")
+            return _export_streaming(binding, release, Path(out), target, root, dtypes, overwrite)
     with parallel_context(par):
-        log(f"mapgen export: {ckpt} -> {out} ({par.describe()})")
-        model = build(binding, par, initialize=False)  # every tensor comes from the checkpoint (strict load)
-        release = ckpt / "release" if (ckpt / "release").is_dir() else ckpt
+        log(f"mapgen export: {ckpt} -> {out} ({par.describe()}, in memory)")
+        # every tensor comes from the checkpoint (strict load)
+        model = build(binding, par, initialize=False, dtypes=dtypes)
         check_dist_checkpoint(release)  # megatron/torch unpickle .metadata and common.pt: data types only
         load_dist_checkpoint(model, release)
         stats = export_hf(model, binding, Path(out), target=target, source_root=root, overwrite=overwrite)

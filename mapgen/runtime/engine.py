@@ -183,6 +183,103 @@ def load_model(model: torch.nn.Module, binding: Binding, reader: Any, coords: Co
     return stats
 
 
+class MetaReader:
+    """A reader over another reader's shapes and dtypes that returns meta tensors: what a load would read,
+    counted in ``bytes_read``, with nothing read."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.bytes_read = 0
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self.inner.shape(key))
+
+    def dtype(self, key: str) -> torch.dtype:
+        dtype: torch.dtype = self.inner.dtype(key)
+        return dtype
+
+    def read(self, key: str, index: tuple[slice | int, ...] = ()) -> torch.Tensor:
+        full = torch.empty(self.shape(key), dtype=self.dtype(key), device="meta")
+        out = full[index] if index else full
+        self.bytes_read += out.numel() * out.element_size()
+        return out
+
+
+class EntryProducer:
+    """HF -> one rank-local Megatron entry at a time, for the streaming convert (no model in memory).
+
+    ``model`` is this rank's model on the meta device: it gives the entry names, shapes and dtypes. Each
+    entry is produced by the rule's primitive from only this rank's slices of the HF tensors, cast to the
+    entry's dtype. Entries are asked for in HF shard order (:meth:`order`), so shards are unmapped once
+    passed, as in :func:`load_model`."""
+
+    def __init__(self, model: torch.nn.Module, binding: Binding, reader: Any, coords: Coords | None = None,
+                 *, progress: Callable[[int, int], None] | None = None) -> None:
+        self.binding = binding
+        self.reader = reader
+        self.coords = coords or Coords.current()
+        self.progress = progress
+        self.entries = _local_params(model)
+        names = _global_names(model)
+        self.instances: dict[str, Instance] = {}
+        problems = []
+        for local in self.entries:
+            glob = names.get(local, local)
+            inst = binding.by_megatron.get(glob)
+            if inst is None:
+                problems.append(Diagnostic("error", "load.unmapped", "no rule produces this Megatron parameter",
+                                           key=glob, hint="the bridge does not match this model; re-run `mapgen emit`"))
+                continue
+            self.instances[local] = inst
+        if problems:
+            raise MapgenError(problems)
+        self.stats = Stats()
+        self.produced: dict[str, int] = defaultdict(int)
+        self.total_bytes = 0  # for a progress bar in bytes (0: unknown)
+
+    def order(self, local: str) -> tuple[Any, ...]:
+        inst = self.instances[local]
+        rank = min((self.reader.shard_rank(k) for k in inst.hf), default=0)
+        return (rank, inst.hf[0] if inst.hf else "")
+
+    def produce(self, local: str) -> torch.Tensor:
+        inst = self.instances[local]
+        target = self.entries[local]
+        release = getattr(self.reader, "release_below", None)
+        if release is not None:
+            release(self.order(local)[0])
+        try:
+            with torch.no_grad():
+                value = ops.load(inst.rule, inst.hf, self.binding.spec, self.coords.shard(inst.rule), self.reader,
+                               expert=inst.expert)
+        except ops.PrimitiveError as exc:
+            raise error("load.primitive", str(exc), key=local) from None
+        if tuple(value.shape) != tuple(target.shape):
+            raise error("load.shape", f"{local}: HF gives {tuple(value.shape)}, Megatron expects "
+                        f"{tuple(target.shape)}", key=", ".join(inst.hf),
+                        hint="the config and the checkpoint disagree on a dimension")
+        value = value.to(target.dtype)
+        self.produced[local] += 1
+        self.stats.tensors += 1
+        self.stats.bytes += value.numel() * value.element_size()
+        self.stats.bytes_read = getattr(self.reader, "bytes_read", 0)
+        if self.progress:
+            self.progress(self.stats.bytes, self.total_bytes)
+        return value
+
+    def measure(self, local: str) -> int:
+        """Bytes :meth:`produce` would read for ``local``, without reading: the primitive runs on meta tensors
+        of the source's shapes and dtypes (:class:`MetaReader`)."""
+        inst = self.instances[local]
+        reader = MetaReader(self.reader)
+        with torch.no_grad():
+            ops.load(inst.rule, inst.hf, self.binding.spec, self.coords.shard(inst.rule), reader, expert=inst.expert)
+        return reader.bytes_read
+
+    def check_duplicates(self) -> None:
+        _check_duplicates(self.binding, self.reader, self.coords)
+
+
 def _check_duplicates(binding: Binding, reader: Any, coords: Coords) -> None:
     """An HF tensor stored twice must hold the same values twice (checked once, on global rank 0)."""
     if coords.rank != 0:

@@ -70,18 +70,90 @@ def read_weight_map(root: Path) -> tuple[dict[str, str], dict[str, Any]]:
                 hint="point at a Hugging Face checkpoint directory")
 
 
+class _Shard:
+    """One safetensors file read with ``os.pread`` (no memory map: pages a load has passed are not kept
+    mapped, so they never count in the process's RSS): its header, and reads of contiguous byte ranges."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.fd = os.open(path, os.O_RDONLY)
+        try:
+            head = os.pread(self.fd, 8, 0)
+            if len(head) != 8:
+                raise ValueError("shorter than a safetensors header")
+            size = int.from_bytes(head, "little")
+            header = json.loads(os.pread(self.fd, size, 8))
+        except (ValueError, OSError) as exc:
+            os.close(self.fd)
+            raise error("checkpoint.bad-shard", f"cannot read the safetensors header: {exc}", file=str(path),
+                        hint="the shard is truncated or not a safetensors file; download it again") from None
+        self.data_start = 8 + size
+        header.pop("__metadata__", None)
+        self.tensors: dict[str, tuple[str, tuple[int, ...], int, int]] = {
+            k: (v["dtype"], tuple(v["shape"]), int(v["data_offsets"][0]), int(v["data_offsets"][1]))
+            for k, v in header.items()}
+
+    def read(self, key: str, index: tuple[slice | int, ...]) -> torch.Tensor:
+        dtype_name, shape, begin, end = self.tensors[key]
+        dtype = DTYPES[dtype_name]
+        item = torch.empty((), dtype=dtype).element_size()
+        strides = [1] * len(shape)
+        for d in range(len(shape) - 2, -1, -1):
+            strides[d] = strides[d + 1] * shape[d + 1]
+        if len(index) > len(shape):
+            raise IndexError(f"{key}: {len(index)} indices for a {len(shape)}-d tensor")
+        offset, d = 0, 0
+        while d < len(index) and isinstance(index[d], int):
+            i = int(index[d])  # type: ignore[arg-type]
+            if not -shape[d] <= i < shape[d]:
+                raise IndexError(f"{key}: index {i} out of range for dim {d} of size {shape[d]}")
+            offset += (i % shape[d]) * strides[d]
+            d += 1
+        block: tuple[int, ...]
+        rest: tuple[slice | int, ...] = ()
+        if d < len(shape):
+            first = index[d] if d < len(index) else slice(None)
+            if not isinstance(first, slice) or first.step not in (None, 1):
+                raise IndexError(f"{key}: only ints and unit-step slices are supported")
+            start, stop, _ = first.indices(shape[d])
+            stop = max(start, stop)
+            offset += start * strides[d]
+            count = (stop - start) * strides[d]
+            block = (stop - start, *shape[d + 1:])
+            rest = tuple(index[d + 1:])
+        else:
+            count, block = 1, ()
+        nbytes = count * item
+        data = os.pread(self.fd, nbytes, self.data_start + begin + offset * item) if nbytes else b""
+        if len(data) != nbytes or (offset + count) * item > end - begin:
+            raise error("checkpoint.truncated", f"{key} is cut short in its shard", file=str(self.path), key=key,
+                        hint="download the shard again")
+        tensor = torch.frombuffer(bytearray(data), dtype=dtype) if nbytes else torch.empty(0, dtype=dtype)
+        tensor = tensor.reshape(block)
+        if rest:
+            tensor = tensor[(slice(None), *rest)].contiguous()
+        return tensor
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
 class SafetensorsReader:
-    """The ops' ``Reader`` (:class:`mapgen.ops.Reader`) over a sharded safetensors checkpoint."""
+    """The primitives' ``Reader`` over a sharded safetensors checkpoint (``os.pread`` of the byte ranges a
+    slice needs: a row range is one read; columns read their rows)."""
 
     def __init__(self, root: Path, weight_map: Mapping[str, str] | None = None) -> None:
         self.root = Path(root)
         self.weight_map = dict(weight_map) if weight_map is not None else read_weight_map(self.root)[0]
         self.shard_order = list(dict.fromkeys(self.weight_map.values()))
-        self._handles: dict[str, Any] = {}
+        self._rank = {s: i for i, s in enumerate(self.shard_order)}
+        self._handles: dict[str, _Shard] = {}
         self.bytes_read = 0
         self.opened: list[str] = []
 
-    def _handle(self, key: str) -> Any:
+    def _handle(self, key: str) -> _Shard:
         shard = self.weight_map.get(key)
         if shard is None:
             raise error("checkpoint.missing-key", f"the checkpoint has no tensor {key!r}", file=INDEX_NAME, key=key,
@@ -91,36 +163,32 @@ class SafetensorsReader:
             path = safe_child(self.root, shard, what="shard")
             if not path.is_file():
                 raise error("checkpoint.missing-shard", f"shard {shard!r} is missing", file=str(path), key=key)
-            handle = safe_open(str(path), framework="pt")
+            handle = _Shard(path)
             self._handles[shard] = handle
             self.opened.append(shard)
-        if key not in handle.keys():  # noqa: SIM118 (safe_open handles have no __contains__)
+        if key not in handle.tensors:
             raise error("checkpoint.key-not-in-shard", f"the index puts {key!r} in {shard!r}, which lacks it",
                         file=shard, key=key, hint="the index is stale; regenerate it")
         return handle
 
     def shard_rank(self, key: str) -> int:
         shard = self.weight_map.get(key)
-        return self.shard_order.index(shard) if shard in self.shard_order else len(self.shard_order)
+        return self._rank.get(shard, len(self.shard_order)) if shard is not None else len(self.shard_order)
 
     def release_below(self, rank: int) -> None:
-        """Close the shards that come before ``rank`` in shard order. The loader reads in shard order, so
-        it never needs them again; unmapping them keeps resident memory to the shards in use."""
+        """Close the shards that come before ``rank`` in shard order (the loaders read in shard order)."""
         for shard in list(self._handles):
-            if self.shard_order.index(shard) < rank:
-                del self._handles[shard]
+            if self._rank.get(shard, 0) < rank:
+                self._handles.pop(shard).close()
 
     def shape(self, key: str) -> tuple[int, ...]:
-        return tuple(self._handle(key).get_slice(key).get_shape())
+        return self._handle(key).tensors[key][1]
 
     def dtype(self, key: str) -> torch.dtype:
-        return DTYPES[self._handle(key).get_slice(key).get_dtype()]
+        return DTYPES[self._handle(key).tensors[key][0]]
 
     def read(self, key: str, index: tuple[slice | int, ...] = ()) -> torch.Tensor:
-        sl = self._handle(key).get_slice(key)
-        tensor: torch.Tensor = sl[index] if index else sl[:]
-        if tensor.dim() == 0 and not index:
-            tensor = self._handle(key).get_tensor(key)
+        tensor = self._handle(key).read(key, index)
         self.bytes_read += tensor.numel() * tensor.element_size()
         return tensor
 
@@ -130,6 +198,8 @@ class SafetensorsReader:
             return dict(f.metadata() or {})
 
     def close(self) -> None:
+        for handle in self._handles.values():
+            handle.close()
         self._handles.clear()
 
 

@@ -86,12 +86,12 @@ import functools
 import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, fields, is_dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import torch
 
 from mapgen.contract.spec import LayerKind, MlpKind, ModelSpec
-from mapgen.runtime._cpu import cpu_shims, install_cpu_shims
+from mapgen.runtime._cpu import cpu_shims, import_megatron, install_cpu_shims
 from mapgen.runtime._names import (
     MTP_INNER_NAMES,
     detect_mtp_inner_name,
@@ -119,6 +119,7 @@ __all__ = [
     "init_parallel",
     "install_cpu_shims",
     "load_dist_checkpoint",
+    "load_dist_entries",
     "local_to_global",
     "local_to_te_name",
     "local_to_te_names",
@@ -127,8 +128,11 @@ __all__ = [
     "padded_vocab_size",
     "parallel",
     "parallel_sizes",
+    "planned_writes",
     "rename_mtp_inner",
     "save_dist_checkpoint",
+    "save_dist_checkpoint_streaming",
+    "set_param_dtypes",
     "te_to_local_name",
     "te_to_local_names",
     "transformer_config",
@@ -231,6 +235,11 @@ def _ensure_process_group(backend: str | None) -> None:
         if backend == "nccl" and "LOCAL_RANK" in os.environ:
             torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
         dist.init_process_group(backend, timeout=_dist_timeout())
+    elif backend == "gloo":
+        # One process: an in-memory store, no TCP port (a free port picked here can be taken by another
+        # process before the store binds it on a busy machine).
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1,  # type: ignore[attr-defined]
+                                timeout=_dist_timeout())
     else:
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         if "MASTER_PORT" not in os.environ:
@@ -252,6 +261,7 @@ def _drop_process_group() -> None:
 
 def parallel_sizes() -> ParallelSizes:
     """The sizes of the current megatron parallel state (all 1 when none is initialised)."""
+    import_megatron()
     from megatron.core import parallel_state as ps
 
     if not ps.model_parallel_is_initialized():
@@ -287,6 +297,7 @@ def init_parallel(
     etp = tp if etp is None else etp
     import torch.distributed as dist
 
+    import_megatron()
     if spec is not None:
         world = None
         if dist.is_initialized():
@@ -350,6 +361,7 @@ def parallel(
 @contextlib.contextmanager
 def _single_rank_state() -> Iterator[None]:
     """TP=EP=PP=1 megatron state for the block, restoring whatever existed before."""
+    import_megatron()
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
@@ -802,6 +814,225 @@ def save_dist_checkpoint(model: GPTModel, path: str | os.PathLike[str]) -> None:
         dist_checkpointing.save(model.sharded_state_dict(), str(path))
 
 
+class StreamingSource(Protocol):
+    """What :func:`save_dist_checkpoint_streaming` asks of its caller: the real value of one rank-local
+    state-dict entry (``produce``), and where it should come in the write order (``order``, e.g. the HF shard
+    its data lives in)."""
+
+    def produce(self, local: str) -> torch.Tensor: ...
+
+    def order(self, local: str) -> tuple[Any, ...]: ...
+
+
+def save_dist_checkpoint_streaming(model: GPTModel, path: str | os.PathLike[str], source: StreamingSource) -> int:
+    """Write the dist checkpoint of ``model`` -- built on the **meta** device -- without ever holding it:
+    megatron-core's own ``dist_checkpointing.save`` plans the checkpoint from ``model.sharded_state_dict()``
+    (keys, global shapes and offsets, replica ids, the factories that split fused tensors), and a
+    torch.distributed.checkpoint save planner produces each write item's data only when the writer asks for
+    it: ``source.produce(local_name)`` gives the rank-local entry (cached while its pieces are written) and
+    the piece is the same view of it that the factory took of the meta tensor. Only main replicas are
+    written, so a rank produces only what it writes. All ranks must call it. Returns the bytes written."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.strategies.torch import (
+        MCoreSavePlanner,
+        TorchDistSaveShardedStrategy,
+        _replace_state_dict_keys_with_sharded_keys,
+        mcore_to_pyt_state_dict,
+    )
+    from torch.distributed.checkpoint.filesystem import FileSystemWriter
+    from torch.distributed.checkpoint.planner import SavePlan, WriteItem, WriteItemType
+    from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
+
+    entries = _checkpoint_entries(model)
+    by_storage = {t.untyped_storage()._cdata: local for local, t in entries.items()}
+    written = [0]
+    cache: dict[str, torch.Tensor] = {}
+
+    def owner(meta: torch.Tensor) -> str:
+        local = by_storage.get(meta.untyped_storage()._cdata)
+        if local is None:
+            raise RuntimeError(f"a sharded tensor of shape {tuple(meta.shape)} is no view of a model entry")
+        return local
+
+    class Planner(MCoreSavePlanner):  # type: ignore[misc]
+        def create_local_plan(self) -> SavePlan:
+            plan: SavePlan = super().create_local_plan()
+
+            def key(item: WriteItem) -> tuple[Any, ...]:
+                if item.type == WriteItemType.BYTE_IO:
+                    return ((), item.index.fqn)
+                local = owner(self.lookup_object(item.index))
+                return (source.order(local), local, item.index.fqn, tuple(item.index.offset or ()))
+
+            plan.items.sort(key=key)  # the writer writes in plan order: HF shard by shard
+            self.plan = plan
+            return plan
+
+        def resolve_data(self, write_item: WriteItem) -> Any:
+            if write_item.type == WriteItemType.BYTE_IO:
+                return super().resolve_data(write_item)
+            meta = self.lookup_object(write_item.index)
+            local = owner(meta)
+            if local not in cache:
+                cache.clear()  # one entry at a time: its pieces are consecutive in the plan
+                full = source.produce(local).contiguous()
+                if full.storage_offset() or full.untyped_storage().nbytes() != full.nbytes:
+                    full = full.clone()  # a slice of a larger tensor: own storage, so the views below hold
+                want = entries[local]
+                if tuple(full.shape) != tuple(want.shape) or full.dtype != want.dtype:
+                    raise RuntimeError(f"{local}: produced {tuple(full.shape)} {full.dtype}, the model has "
+                                       f"{tuple(want.shape)} {want.dtype}")
+                cache[local] = full
+            piece = cache[local].as_strided(meta.size(), meta.stride(), meta.storage_offset())
+            written[0] += piece.numel() * piece.element_size()
+            return piece
+
+    class Writer(FileSystemWriter):
+        def storage_meta(self) -> Any:  # a str checkpoint id, as megatron's writer stores (no pathlib pickled)
+            meta = super().storage_meta()
+            if meta is not None and meta.checkpoint_id is not None:
+                meta.checkpoint_id = str(meta.checkpoint_id)
+            return meta
+
+    class Strategy(TorchDistSaveShardedStrategy):  # type: ignore[misc]
+        def save(self, sharded_state_dict: Any, checkpoint_dir: Any) -> None:
+            flat, _, _ = _replace_state_dict_keys_with_sharded_keys(sharded_state_dict, self.keep_only_main_replica)
+            pyt_state_dict = mcore_to_pyt_state_dict(flat, False)
+            writer = Writer(str(checkpoint_dir), single_file_per_rank=True, thread_count=1)
+            dcp_save(pyt_state_dict, storage_writer=writer,
+                     planner=Planner(dedup_replicated_tensors=False, flatten_state_dict=False,
+                                     can_run_decentralized_global_plan=False))
+
+    os.makedirs(path, exist_ok=True)
+    with cpu_shims():
+        dist_checkpointing.save(model.sharded_state_dict(), str(path), sharded_strategy=Strategy("torch_dist", 1))
+    cache.clear()
+    return written[0]
+
+
+def planned_writes(model: GPTModel) -> dict[str, int]:
+    """Bytes this rank writes into a dist checkpoint of ``model`` (meta is fine), per local state-dict entry:
+    the main replicas of its sharded state dict after megatron's factories, as
+    :func:`save_dist_checkpoint_streaming` writes them. Entries other ranks write are absent."""
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories, is_main_replica
+
+    entries = _checkpoint_entries(model)
+    by_storage = {t.untyped_storage()._cdata: local for local, t in entries.items()}
+    with cpu_shims():
+        sharded = model.sharded_state_dict()
+        apply_factories(sharded)
+    out: dict[str, int] = {}
+    for sh in nested_values(sharded):
+        if isinstance(sh, ShardedTensor) and sh.data is not None and is_main_replica(sh.replica_id):
+            local = by_storage.get(sh.data.untyped_storage()._cdata)
+            if local is not None:
+                out[local] = out.get(local, 0) + sh.data.numel() * sh.data.element_size()
+    return out
+
+
+def _key_groups(model: GPTModel) -> dict[str, set[str]]:
+    """Local entry -> the entries whose sharded tensors share a checkpoint key with it (cached on the model)."""
+    cached: dict[str, set[str]] | None = getattr(model, "_mapgen_key_groups", None)
+    if cached is not None:
+        return cached
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories
+
+    entries = _checkpoint_entries(model)
+    by_storage = {t.untyped_storage()._cdata: local for local, t in entries.items()}
+    with cpu_shims():
+        sharded = model.sharded_state_dict()
+        apply_factories(sharded)
+    by_key: dict[str, set[str]] = {}
+    for sh in nested_values(sharded):
+        if isinstance(sh, ShardedTensor) and sh.data is not None:
+            local = by_storage.get(sh.data.untyped_storage()._cdata)
+            if local is not None:
+                by_key.setdefault(sh.key, set()).add(local)
+    parent = {local: local for local in entries}
+
+    def root(x: str) -> str:
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    for members in by_key.values():
+        first, *rest = sorted(members)
+        for other in rest:
+            parent[root(other)] = root(first)
+    classes: dict[str, set[str]] = {}
+    for local in entries:
+        classes.setdefault(root(local), set()).add(local)
+    groups = {local: classes[root(local)] for local in entries}
+    model._mapgen_key_groups = groups
+    return groups
+
+
+def load_dist_entries(model: GPTModel, path: str | os.PathLike[str], names: Iterable[str]) -> dict[str, torch.Tensor]:
+    """Read only the entries ``names`` (local state-dict names) of ``model`` -- built on the **meta** device --
+    from a dist checkpoint, on this rank alone (no collectives: each rank may read a different subset).
+    megatron-core does the mapping (``sharded_state_dict``, factories and their merges, resharding from any
+    saved layout); torch.distributed.checkpoint reads the chunks. Returns fresh CPU tensors."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+    from megatron.core.dist_checkpointing.strategies.torch import (
+        MCoreLoadPlanner,
+        TorchDistLoadShardedStrategy,
+        _replace_sharded_keys_with_state_dict_keys,
+        _replace_state_dict_keys_with_sharded_keys,
+        _restore_dict_types,
+        _unwrap_pyt_sharded_tensor,
+        mcore_to_pyt_state_dict,
+    )
+    from torch.distributed.checkpoint.filesystem import FileSystemReader
+    from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
+
+    entries = _checkpoint_entries(model)
+    groups = _key_groups(model)
+    # torch's ShardedTensor wants every local shard of a key: experts of one layer share a key (an expert
+    # axis), so asking for one expert loads its layer's others too; the caller gets what it asked for.
+    asked = set(names)
+    wanted = set().union(*(groups.get(n, {n}) for n in asked)) if asked else set()
+    saved: dict[str, tuple[dict[str, Any], str, Any]] = {}
+    for name in wanted:  # real storage for the entries asked for; the rest of the model stays on meta
+        t = entries[name]
+        mod_path, _, attr = name.rpartition(".")
+        module = model.get_submodule(mod_path) if mod_path else model
+        table = module._parameters if attr in module._parameters else module._buffers
+        saved[name] = (table, attr, table[attr])
+        real = torch.empty(t.shape, dtype=t.dtype, device="cpu")
+        table[attr] = torch.nn.Parameter(real, requires_grad=False) if table is module._parameters else real
+
+    class Local(TorchDistLoadShardedStrategy):  # type: ignore[misc]
+        def load(self, sharded_state_dict: Any, checkpoint_dir: Any) -> Any:
+            orig = sharded_state_dict
+            flat, flat_mapping, rename_mapping = _replace_state_dict_keys_with_sharded_keys(sharded_state_dict)
+            pyt = mcore_to_pyt_state_dict(flat, True)
+            checks = [t for t in nested_values(sharded_state_dict) if isinstance(t, ShardedTensor)]
+            dcp_load(pyt, storage_reader=FileSystemReader(str(checkpoint_dir)),
+                     planner=MCoreLoadPlanner(shapes_validation_sharded_tensors=checks), no_dist=True)
+            out = {k: _unwrap_pyt_sharded_tensor(v) for k, v in pyt.items()}
+            out = _replace_sharded_keys_with_state_dict_keys(out, flat_mapping, rename_mapping)
+            _restore_dict_types(out, orig)
+            return out
+
+    try:
+        with cpu_shims():
+            sharded = {k: v for k, v in model.sharded_state_dict().items() if k in wanted}
+            missing = wanted - set(sharded)
+            if missing or not all(isinstance(v, (ShardedTensor, ShardedTensorFactory)) for v in sharded.values()):
+                raise RuntimeError(f"entries without a plain sharded tensor: {sorted(missing)[:3]}")
+            state = dist_checkpointing.load(sharded, str(path), sharded_strategy=Local(),
+                                            validate_access_integrity=False)
+        return {name: state[name] for name in asked}
+    finally:
+        for table, attr, original in saved.values():
+            table[attr] = original
+
+
 def load_dist_checkpoint(model: GPTModel, path: str | os.PathLike[str], *, strict: bool = True) -> None:
     """Load a dist checkpoint into ``model`` in place, resharding to the model's TP/EP/PP layout.
 
@@ -816,6 +1047,26 @@ def load_dist_checkpoint(model: GPTModel, path: str | os.PathLike[str], *, stric
     missing = [k for k in missing if not k.endswith("_extra_state")]
     if strict and (missing or unexpected):
         raise RuntimeError(f"dist checkpoint mismatch: missing={missing} unexpected={unexpected}")
+
+
+def set_param_dtypes(model: torch.nn.Module, want: dict[str, torch.dtype], base: torch.dtype) -> None:
+    """Put every floating parameter in ``want[global name]``, else ``base`` -- including those megatron's
+    local modules create in fp32 whatever ``params_dtype`` (torch norms; Megatron-LM's ``Float16Module``
+    casts them for training the same way). Buffers change only when named in ``want``: megatron keeps some
+    in a fixed dtype of its own (the router's fp32 expert bias). Values are converted (uninitialised or
+    meta tensors stay so)."""
+    names = local_to_global(model)
+    for local, tensor in _checkpoint_entries(model).items():
+        is_param = isinstance(tensor, torch.nn.Parameter)
+        dtype = want.get(names[local], base if is_param else None)
+        if dtype is None or not tensor.is_floating_point() or tensor.dtype == dtype:
+            continue
+        mod_path, _, attr = local.rpartition(".")
+        module = model.get_submodule(mod_path) if mod_path else model
+        if is_param:
+            tensor.data = tensor.data.to(dtype)
+        else:
+            module._buffers[attr] = tensor.to(dtype)
 
 
 def named_global_tensors(model: torch.nn.Module) -> Iterable[tuple[str, str, torch.Tensor]]:

@@ -67,19 +67,25 @@ def transformers_logits(root: Path, input_ids: torch.Tensor) -> tuple[torch.Tens
     return out.logits.float(), ""
 
 
-def verify(source_path: str, par: Parallel, *, logits: bool = True, atol: float = 1e-4) -> dict[str, Any]:
-    """SPMD entry point. Every rank returns its own read statistics; rank 0 also the findings."""
+def verify(source_path: str, par: Parallel, *, logits: bool = True, atol: float = 1e-4,
+           dtype: str = "auto") -> dict[str, Any]:
+    """SPMD entry point. Every rank returns its own read statistics; rank 0 also the findings. The Megatron
+    model is built in the source's dtypes (or ``dtype``); the logits are compared in fp32 (the model is cast
+    to fp32 after the round trip: every bf16/fp16 value is exact in fp32)."""
     from mapgen.runtime.megatron import logits as megatron_logits
 
     source = HFSource.open(source_path)
     binding = bind(source.layout)
     check_parallel(binding.spec, par, world_from_env())
     with parallel_context(par) as coords:
-        model, binding, stats = load_hf(source, par)
+        model, binding, stats = load_hf(source, par, dtype=dtype)
         tmp = Path(tempfile.mkdtemp(prefix="mapgen-verify-")) if coords.rank == 0 else Path()
         out = tmp / "hf"
         export_hf(model, binding, out, target=source.to_meta(), source_root=source.root)
-        result: dict[str, Any] = {"rank": coords.rank, "bytes_read": stats.bytes_read, "tensors": stats.tensors}
+        result: dict[str, Any] = {"rank": coords.rank, "bytes_read": stats.bytes_read, "tensors": stats.tensors,
+                                  "dtypes": stats.extra["dtypes"].to_json(),
+                                  "param_dtypes": sorted({str(p.dtype) for p in model.state_dict().values()
+                                                          if isinstance(p, torch.Tensor)})}
         if coords.rank == 0:
             rt = compare_checkpoints(source.root, out)
             result.update(keys=rt.keys, mismatches=rt.mismatches)
@@ -90,12 +96,33 @@ def verify(source_path: str, par: Parallel, *, logits: bool = True, atol: float 
     return result
 
 
+def _to_fp32(model: torch.nn.Module) -> None:
+    """Cast every floating parameter and buffer to fp32 in place, and the config with them (the logits
+    check runs the same values in fp32, as transformers does)."""
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.is_floating_point() and p.dtype != torch.float32:
+                p.data = p.data.float()
+        for mod in model.modules():
+            for flag in ("input_in_fp16", "input_in_bf16", "input_in_float16"):  # FusedScaleMaskSoftmax
+                if getattr(mod, flag, False):
+                    setattr(mod, flag, False)
+            for name, buf in list(mod._buffers.items()):
+                if buf is not None and buf.is_floating_point() and buf.dtype != torch.float32:
+                    mod._buffers[name] = buf.float()
+    config = getattr(model, "config", None)
+    if config is not None:
+        config.params_dtype = config.pipeline_dtype = torch.float32
+        config.bf16 = config.fp16 = False
+
+
 def _logits_parity(source: HFSource, binding: Any, model: torch.nn.Module, par: Parallel, rank: int, atol: float,
                    megatron_logits: Any) -> dict[str, Any] | None:
     if par.pp > 1:
         return {"skipped": "logits are checked at PP=1 (the round trip covers PP)"}
     vocab = int(binding.spec.vocab_size)
     ids = fixed_batch(vocab)
+    _to_fp32(model)
     got = megatron_logits(model, ids)
     if rank != 0:
         return None

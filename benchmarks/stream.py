@@ -1,0 +1,208 @@
+"""Streaming convert vs the in-memory path, whole CLI processes, side by side in one run; writes its section
+of ``benchmarks/RESULTS.md`` and ``benchmarks/results_stream.json``.
+
+    .venv/bin/python -m benchmarks.stream                      # 0.25, 1 and 2.5 GiB (about 15 minutes here)
+    .venv/bin/python -m benchmarks.stream --sizes 16 --no-memory --runs 1   # the 16 GiB case (needs ~40 GiB disk)
+
+Per size (synthetic bf16 Qwen3-MoE from ``mapgen synth``, shapes in ``benchmarks.run.SIZES`` plus the ones
+below), alternating the kinds within each repetition, medians:
+
+* floors: plain ``read()`` of the shard files (``benchmarks._workers floor-file``) and ``cp -r`` of the
+  checkpoint directory, both whole processes, warm page cache;
+* ``mapgen convert`` (streaming, the default) and ``mapgen convert --in-memory`` at TP=1: wall time, the
+  conversion work the CLI reports, peak RSS (``ru_maxrss`` of the process tree: its largest process);
+* ``mapgen export`` (streaming, one rank) of the streamed checkpoint, checked bitwise against the
+  source once;
+* at 1 GiB: streaming convert at TP=2 and at EP=2 (two processes on two cores).
+
+The in-memory rows and the export are skipped above ``--memory-limit`` GiB of checkpoint (default 1.5): the
+machine is shared and they hold the whole model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from benchmarks.run import REPO, SIZES, GiB, med, run, worker
+
+RESULTS = REPO / "benchmarks" / "RESULTS.md"
+RAW = REPO / "benchmarks" / "results_stream.json"
+BEGIN = "<!-- benchmarks/stream.py: begin (generated; edit stream.py, not this section) -->"
+END = "<!-- benchmarks/stream.py: end -->"
+
+STREAM_SIZES: dict[str, dict[str, int]] = {
+    **{k: v for k, v in SIZES.items() if k in ("0.25", "1")},
+    "2.5": {**SIZES["1"], "layers": 14, "shards": 5},
+    "16": {**SIZES["1"], "layers": 98, "shards": 32},
+}
+
+
+def synth(size: str, root: Path) -> Path:
+    tiny = root / "tiny"
+    if not (tiny / "qwen3-moe").is_dir():
+        run([sys.executable, "-m", "tests.tiny", str(tiny)])
+    out = root / f"qwen3-moe-{size}g"
+    if not out.is_dir():
+        args = [a for k, v in STREAM_SIZES[size].items() for a in (f"--{k}", str(v))]
+        run([sys.executable, "-m", "mapgen", "synth", str(tiny / "qwen3-moe"), str(out), *args])
+    return out
+
+
+def dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def convert(src: Path, out: Path, *flags: str) -> tuple[float, int, float]:
+    wall, rss, text = run([sys.executable, "-m", "mapgen", "convert", str(src), str(out), "--overwrite", *flags])
+    work = re.search(r", ([\d.]+) s; read", text)
+    return wall, rss, float(work.group(1)) if work else float("nan")
+
+
+def bench(size: str, src: Path, root: Path, runs: int, memory: bool, log: Any) -> dict[str, Any]:
+    index = json.loads((src / "model.safetensors.index.json").read_text())
+    r: dict[str, Any] = {"bytes": int(index["metadata"]["total_size"]), "tensors": len(index["weight_map"]),
+                         "runs": runs, "memory": memory}
+    worker("floor-file", str(src))  # warm the page cache, untimed
+    rows: dict[str, list[Any]] = {k: [] for k in ("floor", "cp", "stream", "memory", "export")}
+    out_s, out_m, cp_dir = root / f"mc-{size}-stream", root / f"mc-{size}-memory", root / f"cp-{size}"
+    for i in range(runs):
+        rows["floor"].append(worker("floor-file", str(src))[2]["seconds"])
+        shutil.rmtree(cp_dir, ignore_errors=True)
+        rows["cp"].append(run(["cp", "-r", str(src), str(cp_dir)])[0])
+        shutil.rmtree(cp_dir, ignore_errors=True)
+        rows["stream"].append(convert(src, out_s))
+        if memory:
+            rows["memory"].append(convert(src, out_m, "--in-memory"))
+            back = root / f"hf-{size}"
+            wall, rss, _ = run([sys.executable, "-m", "mapgen", "export", str(out_s), str(back), "--overwrite"])
+            rows["export"].append((wall, rss))
+            if i == 0:
+                from mapgen.runtime.api import compare_checkpoints
+
+                rt = compare_checkpoints(src, back)
+                r["export_bitwise"] = rt.ok
+                r["export_mismatches"] = rt.mismatches[:5]
+            shutil.rmtree(back, ignore_errors=True)
+        log(f"{size} GiB run {i + 1}: floor {rows['floor'][-1]:.2f} s, cp {rows['cp'][-1]:.2f} s, "
+            f"stream {rows['stream'][-1][0]:.2f} s / {rows['stream'][-1][1] / GiB:.2f} GiB"
+            + (f", in-memory {rows['memory'][-1][0]:.2f} s / {rows['memory'][-1][1] / GiB:.2f} GiB" if memory else ""))
+    r["disk_stream"] = dir_bytes(out_s / "release")
+    r["rows"] = rows
+    shutil.rmtree(out_m, ignore_errors=True)
+    shutil.rmtree(out_s, ignore_errors=True)
+    return r
+
+
+def bench_parallel(src: Path, root: Path, runs: int, log: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name, flags in (("tp2", ["--tp", "2"]), ("ep2", ["--ep", "2", "--etp", "1"])):
+        out[name] = [convert(src, root / f"mc-{name}", *flags) for _ in range(runs)]
+        shutil.rmtree(root / f"mc-{name}", ignore_errors=True)
+        log(f"{name}: {med([x[0] for x in out[name]]):.2f} s, {max(x[1] for x in out[name]) / GiB:.2f} GiB")
+    return out
+
+
+def _rate(nbytes: int, secs: float) -> str:
+    return f"{secs:.2f} s ({nbytes / GiB / secs:.2f} GiB/s)"
+
+
+def render(meta: dict[str, Any], sizes: dict[str, dict[str, Any]], par: dict[str, Any] | None) -> str:
+    L = [BEGIN, "", f"### Streaming convert vs in-memory (`benchmarks/stream.py`, measured {meta['date']})", "",
+         f"{meta['duration_min']:.1f} min on {meta['cpus']} CPUs, Python {meta['python']}, load average "
+         f"{meta['load']:.1f} at the end; whole processes, medians, page cache warm. Throughput is HF checkpoint "
+         "bytes per second of wall time. The dist checkpoint is in the source dtype (bf16) now.", ""]
+    names = list(sizes)
+    L.append("| | " + " | ".join(f"{n} GiB" for n in names) + " |")
+    L.append("|---|" + "---|" * len(names))
+
+    def row(label: str, fn: Any) -> None:
+        L.append(f"| {label} | " + " | ".join(fn(sizes[n]) for n in names) + " |")
+
+    row("checkpoint", lambda s: f"{s['bytes'] / GiB:.2f} GiB, {s['tensors']} tensors, runs {s['runs']}")
+    row("floor: plain read()", lambda s: _rate(s["bytes"], med(s["rows"]["floor"])))
+    row("floor: `cp -r`", lambda s: _rate(s["bytes"], med(s["rows"]["cp"])))
+    row("**`mapgen convert` (streaming), whole CLI**",
+        lambda s: "**" + _rate(s["bytes"], med([x[0] for x in s["rows"]["stream"]])) + "**")
+    row("  its conversion work (reported by the CLI)",
+        lambda s: _rate(s["bytes"], med([x[2] for x in s["rows"]["stream"]])))
+    row("**streaming work / plain-read floor**",
+        lambda s: f"**{med(s['rows']['floor']) / med([x[2] for x in s['rows']['stream']]):.2f}x**")
+    row("whole CLI / `cp -r`", lambda s: f"{med([x[0] for x in s['rows']['stream']]) / med(s['rows']['cp']):.2f}x")
+    row("whole CLI / its conversion work",
+        lambda s: f"{med([x[0] for x in s['rows']['stream']]) / med([x[2] for x in s['rows']['stream']]):.2f}x")
+    row("**peak RSS, streaming**", lambda s: f"**{max(x[1] for x in s['rows']['stream']) / GiB:.2f} GiB**")
+    row("`mapgen convert --in-memory`, whole CLI",
+        lambda s: _rate(s["bytes"], med([x[0] for x in s["rows"]["memory"]])) if s["memory"] else "not run")
+    row("peak RSS, in-memory",
+        lambda s: f"{max(x[1] for x in s['rows']['memory']) / GiB:.2f} GiB" if s["memory"] else "not run")
+    row("dist checkpoint on disk / HF bytes", lambda s: f"{s['disk_stream'] / s['bytes']:.3f}")
+    row("`mapgen export` (streaming), whole CLI",
+        lambda s: _rate(s["bytes"], med([x[0] for x in s["rows"]["export"]])) if s["memory"] else "not run")
+    row("export peak RSS / bitwise vs source",
+        lambda s: (f"{max(x[1] for x in s['rows']['export']) / GiB:.2f} GiB / "
+                   f"{'yes' if s.get('export_bitwise') else 'NO'}") if s["memory"] else "not run")
+    if par:
+        L += ["", "Streaming convert of the 1 GiB checkpoint on two processes (whole CLI, medians):", "",
+              "| layout | wall | work | peak RSS (largest process) |", "|---|---|---|---|"]
+        for name, xs in par.items():
+            L.append(f"| {name.upper()} | {med([x[0] for x in xs]):.2f} s | {med([x[2] for x in xs]):.2f} s | "
+                     f"{max(x[1] for x in xs) / GiB:.2f} GiB |")
+    L += ["", END]
+    return "\n".join(L) + "\n"
+
+
+def write(section: str) -> None:
+    text = RESULTS.read_text()
+    if BEGIN in text and END in text:
+        head, rest = text.split(BEGIN, 1)
+        text = head + section.rstrip("\n") + rest.split(END, 1)[1]
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    RESULTS.write_text(text)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", default="0.25,1,2.5", help="comma-separated subset of " + ",".join(STREAM_SIZES))
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--memory-limit", type=float, default=1.5,
+                    help="run the in-memory convert and the export only up to this many GiB")
+    ap.add_argument("--no-memory", action="store_true", help="streaming rows only")
+    ap.add_argument("--no-parallel", action="store_true", help="skip the TP=2 / EP=2 rows")
+    ap.add_argument("--workdir", type=Path, default=Path("/tmp/mapgen-bench-stream"))
+    ap.add_argument("--no-write", action="store_true")
+    args = ap.parse_args()
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    start = time.time()
+
+    def log(msg: str) -> None:
+        print(f"[{time.time() - start:7.1f} s] {msg}", flush=True)
+
+    sizes: dict[str, dict[str, Any]] = {}
+    for size in args.sizes.split(","):
+        src = synth(size, args.workdir)
+        memory = not args.no_memory and float(size) <= args.memory_limit
+        sizes[size] = bench(size, src, args.workdir, args.runs, memory, log)
+    par = None
+    if not args.no_parallel and "1" in sizes:
+        par = bench_parallel(synth("1", args.workdir), args.workdir, max(1, args.runs - 1), log)
+    meta = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "duration_min": (time.time() - start) / 60,
+            "cpus": os.cpu_count(), "python": platform.python_version(), "load": os.getloadavg()[0]}
+    section = render(meta, sizes, par)
+    print(section)
+    if not args.no_write:
+        RAW.write_text(json.dumps({"meta": meta, "sizes": sizes, "parallel": par}, indent=1) + "\n")
+        write(section)
+
+
+if __name__ == "__main__":
+    main()
