@@ -131,7 +131,10 @@ def test_unknown_layout_lists_every_place_searched(isolated: Path, tmp_path: Pat
     text = info.value.render()
     assert "no generated bridge for layout ffffffffffff (model_type 'x', X)" in text
     assert f"1. $MAPGEN_BRIDGES: {tmp_path / 'nowhere'}: no such directory" in text
-    assert f"2. ./generated: {isolated / 'generated'}: 13 bridge(s), not this layout" in text
+    import mapgen_bridges
+
+    shipped = len(mapgen_bridges.BRIDGES)  # copy_tree copies the shipped registry
+    assert f"2. ./generated: {isolated / 'generated'}: {shipped} bridge(s), not this layout" in text
     assert f"3. bundled with mapgen: package mapgen_bridges ({REPO / 'generated'})" in text
     assert "mapgen emit SOURCE" in text
 

@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 
 from mapgen import ops
-from mapgen.contract.expand import Instance, plan_instances, tower_keys
+from mapgen.contract.expand import Instance, plan_instances
 from mapgen.contract.rules import Rule
 from mapgen.contract.spec import ModelSpec
 from mapgen.errors import Diagnostic, MapgenError, error
@@ -438,11 +438,6 @@ def _cast(key: str, tensor: torch.Tensor, dtype_for: Callable[[str, torch.Tensor
     if dtype_for is None:
         return tensor
     return tensor.to(dtype_for(key, tensor))
-
-
-def carried_keys(layout: Layout) -> set[str]:
-    """Keys of non-language towers, copied through exports unchanged from the source."""
-    return tower_keys(layout)
 
 
 def shard_order(weight_map: Mapping[str, str]) -> Callable[[Instance], Any]:

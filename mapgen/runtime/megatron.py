@@ -1067,10 +1067,3 @@ def set_param_dtypes(model: torch.nn.Module, want: dict[str, torch.dtype], base:
             tensor.data = tensor.data.to(dtype)
         else:
             module._buffers[attr] = tensor.to(dtype)
-
-
-def named_global_tensors(model: torch.nn.Module) -> Iterable[tuple[str, str, torch.Tensor]]:
-    """(local name, global name, tensor) for every checkpoint entry of a rank-local model."""
-    names = local_to_global(model)
-    for k, v in _checkpoint_entries(model).items():
-        yield k, names[k], v
