@@ -2,9 +2,11 @@
 # template: templates/registry.py.jinja
 # inputs (sha256 of json.dumps(input, sort_keys=True)):
 #   inputs/glm4-moe-mtp.json  366833471cafa54730c0459b3d7cd364e6a7945a65b3ad9d9ffb6c7e3b63872e
+#   inputs/internlm2-chat-7b-intermind.json  28e5039a8241fce6aabf4aadad360146a49c18e69f3dc8fa4ac5b37ae8545b12
 #   inputs/llama-3.2-3b-instruct.json  7e9dfcb5e98ba41bd1ac5e1caeffc59f2573af90d1d6e5aea388ff5ba9410286
 #   inputs/mimo-7b.json  209bb4e0d03ec38438c4c3cac60ba686e59a48f9fb397d57a2c0b5b493c1edf2
 #   inputs/mixtral-8x7b-instruct-v0.1.json  301249e7d3a6493f6e0ccf96b8fe906833670e021461fae44ef49245f27e8a86
+#   inputs/phi-4.json  7818a2af4ba81b894bbbd68c6cc246b1620495400a5e708139021bf896e5bf86
 #   inputs/qwen--qwen3.5-35b-a3b.json  60af6ee8bd9b6d1092c2d819bc32004957dc36e59f90afff137ebbb087151be7
 #   inputs/qwen--qwen3.6-35b-a3b.json  67b7f78805960a4337e575ef0ab73597f2c882086ec8704d544ff9ed17faf085
 #   inputs/qwen3-1.7b-mlx-bf16.json  d0b1e11edd9e2c8aeeb46aa295193718a85246cdaf08363830d506bfd4ed2949
@@ -34,12 +36,16 @@ __all__ = ["BRIDGES", "get_bridge"]
 BRIDGES: dict[str, tuple[str, str]] = {
     # glm4_moe: glm4-moe-mtp
     'f74f07859595': ('glm4_moe', 'BRIDGE_f74f07859595'),
+    # internlm2: internlm2-chat-7b-intermind
+    'a21aba0dfba7': ('internlm2', 'BRIDGE_a21aba0dfba7'),
     # llama: llama-3.2-3b-instruct
     'f88cd89e815c': ('llama', 'BRIDGE_f88cd89e815c'),
     # mimo: mimo-7b
     '2d8ba05a9757': ('mimo', 'BRIDGE_2d8ba05a9757'),
     # mixtral: mixtral-8x7b-instruct-v0.1
     '0ccbbfc89416': ('mixtral', 'BRIDGE_0ccbbfc89416'),
+    # phi3: phi-4
+    '541ccb0711a1': ('phi3', 'BRIDGE_541ccb0711a1'),
     # qwen2: sakura-14b-qwen2.5
     'd4543a9ddc5a': ('qwen2', 'BRIDGE_d4543a9ddc5a'),
     # qwen3: qwen3-1.7b-mlx-bf16

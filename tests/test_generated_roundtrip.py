@@ -14,7 +14,7 @@ INPUTS = sorted((REPO / "generated" / "inputs").glob("*.json"))
 # Where transformers has no causal-LM class for the layout the round trip still runs and logits are
 # reported as skipped: MiMo needs checkpoint code (never executed); Qwen3-VL-MoE is only a
 # conditional-generation model in transformers (AutoModelForCausalLM refuses its config).
-NO_LOGITS = {"mimo-7b", "qwen3-vl-30b-a3b"}
+NO_LOGITS = {"internlm2-chat-7b-intermind", "mimo-7b", "qwen3-vl-30b-a3b"}  # no transformers class
 
 
 @pytest.fixture(scope="module")

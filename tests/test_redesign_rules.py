@@ -31,5 +31,6 @@ def test_rules_equal_the_pre_redesign_rules(name: str) -> None:
     assert [_row(r) for r in plan(layout).rules] == BEFORE[name]
 
 
-def test_every_stored_input_is_covered() -> None:
-    assert sorted(p.stem for p in INPUTS.glob("*.json")) == sorted(BEFORE)
+def test_every_pre_redesign_input_is_still_stored() -> None:
+    """Inputs added after the redesign (phi-4, internlm2) have no "before"; none of the old ones was dropped."""
+    assert set(BEFORE) <= {p.stem for p in INPUTS.glob("*.json")}

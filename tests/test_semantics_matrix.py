@@ -1,8 +1,8 @@
 """Issue 10's matrix: no causal-LM architecture ends "converted, logits differ" (see ``tests/semantics_matrix.py``).
 
-CI runs a slice of three architectures (one that converts and verifies at TP=2, one refused by a transformers
-default, one refused by model-type facts). The whole matrix, every causal-LM architecture of the installed
-transformers (tens of minutes on two cores):
+CI runs a slice of four architectures (two that convert and verify at TP=2, phi3 with its fused qkv_proj; one
+refused by a transformers default; one refused by model-type facts). The whole matrix, every causal-LM
+architecture of the installed transformers (tens of minutes on two cores):
 
     MAPGEN_MATRIX=full .venv/bin/python -m pytest -m matrix tests/test_semantics_matrix.py
 """
@@ -20,6 +20,7 @@ EXPECTED = {
     "llama": ("verified", ""),
     "qwen2_moe": ("refused", "norm_topk_prob"),  # absent from a hand-written config, false in transformers too
     "gemma": ("refused", "model_type.embedding-scale"),
+    "phi3": ("verified", ""),  # fused qkv_proj ([q; k; v] blocks) and gate_up_proj
 }
 
 

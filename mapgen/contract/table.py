@@ -69,9 +69,11 @@ def copy(sharding: Sharding = "replicated", *, transform: Literal["none", "zero_
     return _spec("copy", sharding, transform=transform, dtype=dtype, shared=shared)
 
 
-def qkv(*, output_gate: bool = False, part: Literal["weight", "bias"] = "weight") -> OpSpec:
-    """q, k, v (``output_gate``: q carries the gate) -> linear_qkv, grouped per query group."""
-    return _spec("qkv", "qkv_groups", output_gate=output_gate, part=part)
+def qkv(*, output_gate: bool = False, part: Literal["weight", "bias"] = "weight",
+        layout: Literal["blocks", "per_group"] | None = None) -> OpSpec:
+    """q, k, v (``output_gate``: q carries the gate; ``layout``: one fused HF tensor stored as ``blocks``
+    [q; k; v] or ``per_group`` [q_g; k_g; v_g]) -> linear_qkv, grouped per query group."""
+    return _spec("qkv", "qkv_groups", output_gate=output_gate, part=part, layout=layout)
 
 
 def gated_fc1(*, fused: bool = False) -> OpSpec:

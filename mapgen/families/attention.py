@@ -15,13 +15,13 @@ ATTENTION = Family(
     role="mixer",
     description="softmax attention (q/k/v or fused qkv, biases, QK-norm, output gate, sinks)",
     file=__name__,
-    roots=("self_attn.",),
+    roots=("self_attn.", "attention."),
     slots=(
         Slot("q", ("q_proj.weight",)),
         Slot("k", ("k_proj.weight",)),
         Slot("v", ("v_proj.weight",)),
-        Slot("qkv", ("qkv_proj.weight",)),
-        Slot("o", ("o_proj.weight",)),
+        Slot("qkv", ("qkv_proj.weight", "wqkv.weight")),
+        Slot("o", ("o_proj.weight", "wo.weight")),
         Slot("q_bias", ("q_proj.bias",)),
         Slot("k_bias", ("k_proj.bias",)),
         Slot("v_bias", ("v_proj.bias",)),
@@ -38,8 +38,14 @@ ATTENTION = Family(
                 ("q_bias", "k_bias", "v_bias", "qkv_bias", "o_bias", "q_norm", "k_norm", "sinks")),
     ),
     excludes=("kv_a_proj_with_mqa.weight",),
-    flags=("output_gate", "sliding_window"),
+    flags=("output_gate", "sliding_window", "qkv_layout"),
 )
+
+FUSED_QKV_LAYOUT: dict[str, str] = {
+    # spelling of the fused projection -> how it stores q/k/v (mapgen.ops.qkv): declared, never guessed
+    "qkv_proj.weight": "blocks",  # Phi-3/Phi-4: [q (all heads); k; v]
+    "wqkv.weight": "per_group",  # InternLM2: per KV group [q heads of the group; k; v] (modeling_internlm2.py)
+}
 
 INPUT_NORM = "input_layernorm.weight"
 """Megatron's name for the block's pre-mixer norm (a separate module with the local spec)."""
@@ -48,7 +54,7 @@ INPUT_NORM = "input_layernorm.weight"
 def facts(c: Component) -> dict[str, bool]:
     """The Megatron config facts this component decides (``mapgen.contract.config.Facts`` fields)."""
     return {
-        "add_qkv_bias": bool(c.key("q_bias")),
+        "add_qkv_bias": bool(c.key("q_bias") or c.key("qkv_bias")),
         "add_bias_linear": bool(c.key("o_bias")),
         "qk_layernorm": bool(c.key("q_norm")),
         "attention_output_gate": bool(c.flag("output_gate")),
@@ -97,8 +103,11 @@ def shapes(c: Component, d: Dims) -> ShapePairs:
 
 def plan(c: Component, p: Planner, mroot: str, hroot: str, domain: str, name: str) -> None:
     q, k, v, o = c.key("q"), c.key("k"), c.key("v"), c.key("o")
-    if c.key("qkv") is not None or q is None or k is None or v is None or o is None:
-        p.unsupported("a fused qkv projection", hroot + (c.key("qkv") or "self_attn"))
+    if c.key("qkv") is not None:
+        _plan_fused(c, p, mroot, hroot, domain, name)
+        return
+    if q is None or k is None or v is None or o is None:
+        p.unsupported("an incomplete q/k/v projection set", hroot + "self_attn")
         return
     if c.key("sinks") is not None:
         p.unsupported("attention sinks", hroot + str(c.key("sinks")))
@@ -118,9 +127,38 @@ def plan(c: Component, p: Planner, mroot: str, hroot: str, domain: str, name: st
               comment=f"[{name}] q/k/v biases, grouped like the weights.")
     p.add("attention.o", f"{mroot}self_attention.linear_proj.weight", (hroot + o,), "copy", "row", domain=domain,
           comment=f"[{name}] Output projection: row-parallel.")
+    _plan_common(c, p, mroot, hroot, domain, name)
+
+
+def _plan_fused(c: Component, p: Planner, mroot: str, hroot: str, domain: str, name: str) -> None:
+    layout = str(c.flag("qkv_layout", ""))
+    qkv_key = str(c.key("qkv"))
+    if not layout:
+        p.unsupported("a fused qkv projection with no declared q/k/v order", hroot + qkv_key)
+        return
+    if c.key("sinks") is not None:
+        p.unsupported("attention sinks", hroot + str(c.key("sinks")))
+        return
+    p.add("attention.qkv", f"{mroot}self_attention.linear_qkv.weight", (hroot + qkv_key,), "qkv", "qkv_groups",
+          domain=domain, options=opts(layout=layout, output_gate=False, part="weight"),
+          comment=f"[{name}] fused qkv ({layout}) -> linear_qkv, regrouped per query group.")
+    if c.key("qkv_bias"):
+        p.add("attention.qkv_bias", f"{mroot}self_attention.linear_qkv.bias", (hroot + str(c.key("qkv_bias")),),
+              "qkv", "qkv_groups", domain=domain, options=opts(layout=layout, output_gate=False, part="bias"),
+              comment=f"[{name}] fused qkv bias, regrouped like the weight.")
+    elif c.key("q_bias") or c.key("k_bias") or c.key("v_bias"):
+        p.unsupported("separate q/k/v biases beside a fused qkv projection", hroot + qkv_key)
+        return
+    p.add("attention.o", f"{mroot}self_attention.linear_proj.weight", (hroot + str(c.key("o")),), "copy", "row",
+          domain=domain, comment=f"[{name}] Output projection: row-parallel.")
+    _plan_common(c, p, mroot, hroot, domain, name)
+
+
+def _plan_common(c: Component, p: Planner, mroot: str, hroot: str, domain: str, name: str) -> None:
+    """The output-projection bias and QK norms, whatever stores q/k/v."""
     if c.key("o_bias"):
-        p.add("attention.o_bias", f"{mroot}self_attention.linear_proj.bias", (hroot + str(c.key("o_bias")),), "copy",
-              "replicated", domain=domain, comment=f"[{name}] Output projection bias.")
+        p.add("attention.o_bias", f"{mroot}self_attention.linear_proj.bias", (hroot + str(c.key("o_bias")),),
+              "copy", "replicated", domain=domain, comment=f"[{name}] Output projection bias.")
     if c.key("q_norm"):
         p.add("attention.q_norm", f"{mroot}self_attention.q_layernorm.weight", (hroot + str(c.key("q_norm")),),
               "copy", "replicated", domain=domain, comment=f"[{name}] QK-norm on queries (per head).")

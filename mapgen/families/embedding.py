@@ -15,9 +15,9 @@ EMBEDDING = Family(
     description="token embedding, final norm and (untied) output layer",
     file=__name__,
     slots=(
-        Slot("embedding", ("embed_tokens.weight",)),
+        Slot("embedding", ("embed_tokens.weight", "tok_embeddings.weight")),
         Slot("final_norm", ("norm.weight",), init="norm"),
-        Slot("lm_head", ("lm_head.weight",)),
+        Slot("lm_head", ("lm_head.weight", "output.weight")),
     ),
     variants=(Variant("tied", ("embedding", "final_norm")), Variant("untied", ("embedding", "final_norm", "lm_head"))),
 )

@@ -16,8 +16,8 @@ NORMS = Family(
     description="pre-norm block: input norm before the mixer, post-attention norm before the MLP",
     file=__name__,
     slots=(
-        Slot("input_norm", ("input_layernorm.weight",), init="norm"),
-        Slot("post_attention_norm", ("post_attention_layernorm.weight",), init="norm"),
+        Slot("input_norm", ("input_layernorm.weight", "attention_norm.weight"), init="norm"),
+        Slot("post_attention_norm", ("post_attention_layernorm.weight", "ffn_norm.weight"), init="norm"),
     ),
     variants=(Variant("pre_norm", ("input_norm", "post_attention_norm")),),
 )

@@ -13,6 +13,7 @@ from typing import Literal, NamedTuple
 
 from mapgen.families import Family, Match
 from mapgen.families.attention import ATTENTION as ATTENTION_FAMILY
+from mapgen.families.attention import FUSED_QKV_LAYOUT
 from mapgen.families.dense_mlp import DENSE_MLP as DENSE_MLP_FAMILY
 from mapgen.families.gated_delta_net import GATED_DELTA_NET as GDN_FAMILY
 from mapgen.families.mla import MLA as MLA_FAMILY
@@ -147,8 +148,10 @@ def recognise_attention(pool: Pool, shape: ShapeOf, ctx: Context, *, sliding: bo
     q_shape, o_shape = (shape(q) if q else None), shape(o)
     if q_shape and o_shape and len(q_shape) == 2 and len(o_shape) == 2:
         gate = q_shape[0] == 2 * o_shape[1]
-    return Component.make(ATTENTION_FAMILY.name, m.variant.name, m.keys,
-                          flags={"output_gate": gate and q is not None, "sliding_window": sliding})
+    flags: dict[str, bool | str | None] = {"output_gate": gate and q is not None, "sliding_window": sliding}
+    if m.get("qkv") is not None:  # how the fused projection stores q/k/v is declared per spelling
+        flags["qkv_layout"] = FUSED_QKV_LAYOUT.get(m.keys["qkv"].removeprefix(m.root))
+    return Component.make(ATTENTION_FAMILY.name, m.variant.name, m.keys, flags=flags)
 
 
 def _plain(family: Family, pool: Pool, roots: Iterable[str] | None = None) -> Component | None:

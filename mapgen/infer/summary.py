@@ -19,13 +19,8 @@ KIND_LABELS = {
 }
 
 
-def mixer_kind(mixer: Component) -> str:
-    """``attention`` | ``sliding_attention`` | ``gated_delta_net`` | ``mla``."""
-    return behaviour(mixer).kind(mixer)
-
-
 def per_layer_kinds(groups: Sequence[LayerGroup]) -> list[str]:
-    by_layer = {i: mixer_kind(g.mixer) for g in groups for i in g.layers}
+    by_layer = {i: behaviour(g.mixer).kind(g.mixer) for g in groups for i in g.layers}
     return [by_layer[i] for i in sorted(by_layer)]
 
 

@@ -7,7 +7,14 @@ concatenation of the full tensor.
 Options
 -------
 ``part`` "weight" | "bias"; ``output_gate`` bool (Qwen3.5 attention output gate: HF ``q_proj`` rows per
-head ``[q_h; gate_h]``, Megatron per group ``[q; gate]``).
+head ``[q_h; gate_h]``, Megatron per group ``[q; gate]``); ``layout`` — how HF stores q/k/v, declared by the
+attention family per spelling, never guessed from shapes:
+
+* ``separate`` (default): three keys ``q_proj``, ``k_proj``, ``v_proj``;
+* ``blocks``: one key, rows ``[q (all heads); k (all groups); v (all groups)]`` (Phi-3 ``qkv_proj``,
+  Baichuan ``W_pack``; transformers' ``Phi3Attention`` splits ``qkv[..., :q_pos]``, ``[q_pos:q_pos+kv]``, ...);
+* ``per_group``: one key, rows per KV group ``[q_g (heads/groups heads); k_g; v_g]`` — Megatron's own order
+  (InternLM2 ``wqkv``).
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ from mapgen.ops._base import Ctx, Fragment, Op, Options, Reader, Shard
 class QkvOptions(Options):
     part: Literal["weight", "bias"] = "weight"
     output_gate: bool = False
+    layout: Literal["separate", "blocks", "per_group"] = "separate"
 
 
 def _dims(ctx: Ctx[QkvOptions]) -> tuple[int, int, int, int]:
@@ -50,11 +58,17 @@ class Qkv(Op[QkvOptions]):
     shardings = frozenset({"qkv_groups"})
 
     def key_count(self, ctx: Ctx[QkvOptions]) -> int:
-        return 3
+        return 3 if ctx.options.layout == "separate" else 1
+
+    def check(self, ctx: Ctx[QkvOptions]) -> None:
+        if ctx.options.layout != "separate" and ctx.options.output_gate:
+            raise ctx.fail("the output gate is only known stored in a separate q_proj")
 
     def load(self, ctx: Ctx[QkvOptions], shard: Shard, reader: Reader) -> torch.Tensor:
         groups, per_group, hn, qmul = _dims(ctx)
         _check_tp(ctx, shard.size)
+        if ctx.options.layout != "separate":
+            return self._load_fused(ctx, shard, reader)
         q_src, k_src, v_src = (ctx.source(reader, i) for i in range(3))
         rest = q_src.shape[1:]
         ctx.expect(q_src, (groups * per_group * qmul * hn, *rest))
@@ -70,16 +84,37 @@ class Qkv(Op[QkvOptions]):
         v = v_src.rows(g0 * hn, g1 * hn).reshape(local, hn, *rest)
         return torch.cat([q, k, v], dim=1).reshape(-1, *rest)
 
+    def _load_fused(self, ctx: Ctx[QkvOptions], shard: Shard, reader: Reader) -> torch.Tensor:
+        groups, per_group, hn, _ = _dims(ctx)
+        src = ctx.source(reader, 0)
+        rest = src.shape[1:]
+        ctx.expect(src, (groups * (per_group + 2) * hn, *rest))
+        g0, g1 = shard.bounds(groups, "num_query_groups", ctx.rule)
+        if ctx.options.layout == "per_group":  # already Megatron's order: this rank's groups are one row range
+            width = (per_group + 2) * hn
+            return src.rows(g0 * width, g1 * width)
+        q_rows, kv_rows = groups * per_group * hn, groups * hn
+        local = g1 - g0
+        q = src.rows(g0 * per_group * hn, g1 * per_group * hn).reshape(local, per_group * hn, *rest)
+        k = src.rows(q_rows + g0 * hn, q_rows + g1 * hn).reshape(local, hn, *rest)
+        v = src.rows(q_rows + kv_rows + g0 * hn, q_rows + kv_rows + g1 * hn).reshape(local, hn, *rest)
+        return torch.cat([q, k, v], dim=1).reshape(-1, *rest)
+
     def save(self, ctx: Ctx[QkvOptions], full: torch.Tensor) -> list[Fragment]:
         groups, per_group, hn, qmul = _dims(ctx)
         rest = full.shape[1:]
         rows = groups * (per_group * qmul + 2) * hn
         if full.shape[0] != rows:
             raise ctx.fail(f"linear_qkv has {full.shape[0]} rows, the spec implies {rows}")
+        if ctx.options.layout == "per_group":
+            return [ctx.emit(0, full)]
         grouped = full.reshape(groups, (per_group * qmul + 2) * hn, *rest)
         q, k, v = torch.split(grouped, [per_group * qmul * hn, hn, hn], dim=1)
         q = q.reshape(groups, qmul, per_group, hn, *rest).transpose(1, 2).reshape(-1, *rest)
-        return [ctx.emit(0, q), ctx.emit(1, k.reshape(-1, *rest)), ctx.emit(2, v.reshape(-1, *rest))]
+        k, v = k.reshape(-1, *rest), v.reshape(-1, *rest)
+        if ctx.options.layout == "blocks":
+            return [ctx.emit(0, torch.cat([q, k, v]))]
+        return [ctx.emit(0, q), ctx.emit(1, k), ctx.emit(2, v)]
 
     def components(self, ctx: Ctx[QkvOptions], length: int, tp: int) -> list[int]:
         _check_tp(ctx, tp)  # whole groups per rank: one component

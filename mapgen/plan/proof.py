@@ -12,44 +12,22 @@
 
 from __future__ import annotations
 
-import re
-from collections import Counter, defaultdict
+from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from mapgen.contract.expand import Instance, plan_instances, tower_keys
 from mapgen.errors import Diagnostic
 from mapgen.families.moe import experts_of
+from mapgen.infer.patterns import compress_keys
 from mapgen.ir import Layout
 from mapgen.plan.expand import language_model_keys
 from mapgen.plan.plan import BridgePlan
 
-_NUM = re.compile(r"(?<=\.)\d+(?=\.|$)")
-
 
 def group_names(names: Iterable[str]) -> list[str]:
     """Compress concrete names into patterns with brace sets: ``a.{0..47}.b  (48)``."""
-    buckets: dict[str, list[tuple[int, ...]]] = defaultdict(list)
-    for name in names:
-        nums = tuple(int(m) for m in _NUM.findall(name))
-        buckets[_NUM.sub("#", name)].append(nums)
-    out = []
-    for pattern, tuples in sorted(buckets.items()):
-        text = pattern
-        for pos in range(len(tuples[0]) if tuples else 0):
-            values = sorted({t[pos] for t in tuples})
-            ranges: list[str] = []
-            start = prev = values[0]
-            for v in [*values[1:], None]:
-                if v is not None and v == prev + 1:
-                    prev = v
-                    continue
-                ranges.append(str(start) if start == prev else f"{start}..{prev}")
-                if v is not None:
-                    start = prev = v
-            text = text.replace("#", ranges[0] if len(values) == 1 else "{" + ",".join(ranges) + "}", 1)
-        out.append(f"{text}  ({len(tuples)})")
-    return out
+    return [f"{pattern}  ({count})" for pattern, count in compress_keys(names)]
 
 
 @dataclass(frozen=True)

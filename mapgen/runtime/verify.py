@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
 from pathlib import Path
@@ -44,9 +45,16 @@ def transformers_logits(root: Path, input_ids: torch.Tensor) -> tuple[torch.Tens
     """
     try:
         import transformers
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
+        config = json.loads((root / "config.json").read_text(encoding="utf-8"))
+        model_type = config.get("model_type") if isinstance(config, dict) else None
+        if model_type not in CONFIG_MAPPING:  # remote code is never run, and never asked about
+            return None, f"no reference model: transformers {transformers.__version__} has no class for model_type " \
+                         f"{model_type!r} (checkpoint code is never executed)"
         loaded: Any = transformers.AutoModelForCausalLM.from_pretrained(
-            str(root), dtype=torch.float32, attn_implementation="eager", output_loading_info=True)
+            str(root), dtype=torch.float32, attn_implementation="eager", output_loading_info=True,
+            trust_remote_code=False)
         model, info = loaded
     except Exception as exc:
         return None, f"transformers cannot run it as a causal LM: {type(exc).__name__}: {str(exc)[:200]}"
