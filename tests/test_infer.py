@@ -418,3 +418,21 @@ def test_qwen3_next_fused_gdn_and_audio_tower(tmp_path: Path) -> None:
     assert lay.summary.layer_pattern == "2 layers = 1 gated-delta-net + 1 attention (every 2nd)"
     assert [(t.name, t.prefix, t.num_keys) for t in lay.towers] == [("audio", "audio_tower.", 3)]
     assert lay.summary.unclassified_keys == 0
+
+
+def test_layers_under_another_container_are_found_and_never_miscounted(tmp_path: Path) -> None:
+    """GPT-2/Falcon-style ``transformer.h.<n>``: the layers are found under the declared container, the top-level
+    spellings (``word_embeddings``, ``ln_f``) are data, and layers no family classifies are counted as such —
+    never reported as "0 decoder layers"."""
+    keys = [k.replace("model.layers.", "transformer.h.").replace("model.embed_tokens", "transformer.word_embeddings")
+            .replace("model.norm", "transformer.ln_f") for k in tiny_dense()]
+    write_metadata(tmp_path / "a", tiny_config(), keys)
+    lay = scan(str(tmp_path / "a"))
+    assert lay.language_model.prefix == "transformer."
+    assert lay.language_model.groups[0].root == "transformer.h.{layer}."
+    assert (lay.summary.num_layers, lay.summary.unclassified_keys) == (2, 0)
+    odd = [k.replace("self_attn.q_proj", "attn.c_q") for k in keys]  # a spelling no family declares
+    write_metadata(tmp_path / "b", tiny_config(), odd)
+    lay = scan(str(tmp_path / "b"))
+    assert lay.summary.layer_pattern == "2 layers, none classified (see the unclassified keys)"
+    assert all(d.code != "config.layers-mismatch" for d in lay.diagnostics)

@@ -15,15 +15,17 @@ EMBEDDING = Family(
     description="token embedding, final norm and (untied) output layer",
     file=__name__,
     slots=(
-        Slot("embedding", ("embed_tokens.weight", "tok_embeddings.weight")),
-        Slot("final_norm", ("norm.weight",), init="norm"),
+        Slot("embedding", ("embed_tokens.weight", "tok_embeddings.weight", "word_embeddings.weight", "wte.weight",
+                           "embed_in.weight")),
+        Slot("final_norm", ("norm.weight", "ln_f.weight", "final_layernorm.weight", "final_layer_norm.weight"),
+             init="norm"),
         Slot("lm_head", ("lm_head.weight", "output.weight")),
     ),
     variants=(Variant("tied", ("embedding", "final_norm")), Variant("untied", ("embedding", "final_norm", "lm_head"))),
 )
 
-LAYERS_CONTAINER = "layers"
-"""The segment that numbers decoder layers: ``<prefix>layers.<n>.``."""
+LAYER_CONTAINERS = ("layers", "h")
+"""The segments that number decoder layers: ``model.layers.<n>.``, GPT-2/Falcon-style ``transformer.h.<n>.``."""
 
 
 def shapes(c: Component, d: Dims) -> ShapePairs:

@@ -18,7 +18,7 @@ from typing import Any, NamedTuple
 
 from mapgen.errors import Diagnostic, MapgenError
 from mapgen.families import behaviour
-from mapgen.families.embedding import EMBEDDING
+from mapgen.families.embedding import EMBEDDING, LAYER_CONTAINERS
 from mapgen.families.model_types import facts_for
 from mapgen.families.mtp import (
     EXTRA_LAYER_MARKER,
@@ -59,7 +59,9 @@ from mapgen.ir import (
 from mapgen.source.base import INDEX_NAME, Source
 
 CONFIG = "config.json"
-_LAYER = re.compile(r"((?:[A-Za-z0-9_]+\.)*?)layers\.(0|[1-9][0-9]*)\.(.*)", re.DOTALL)
+_LAYER = re.compile(
+    r"((?:[A-Za-z0-9_]+\.)*?)(" + "|".join(map(re.escape, LAYER_CONTAINERS)) + r")\.(0|[1-9][0-9]*)\.(.*)", re.DOTALL
+)
 _TOWERS = {
     "visual": "vision",
     "vision_tower": "vision",
@@ -82,10 +84,11 @@ _ATTENTION_TYPES = {"full_attention", "sliding_attention", "attention", "chunked
 
 
 def split_layer(key: str) -> tuple[str, int, str] | None:
-    """``model.layers.12.mlp.x`` -> ``("model.", 12, "mlp.x")``: the first ``layers.<n>.`` segment whose
-    prefix is whole dotted identifiers; ``None`` when there is none."""
+    """``model.layers.12.mlp.x`` -> ``("model.layers.", 12, "mlp.x")``: the first ``<container>.<n>.`` segment
+    (``layers``, ``h``: :data:`~mapgen.families.embedding.LAYER_CONTAINERS`) whose prefix is whole dotted
+    identifiers; ``None`` when there is none."""
     m = _LAYER.match(key)
-    return None if m is None else (m.group(1), int(m.group(2)), m.group(3))
+    return None if m is None else (m.group(1) + m.group(2) + ".", int(m.group(3)), m.group(4))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -334,7 +337,7 @@ def infer(source: Source) -> Layout:
     # -- towers, and decoder layers by prefix ------------------------------------------------------------
     tower_keys: dict[str, list[str]] = {}
     others: list[str] = []  # keys outside any decoder layer
-    by_prefix_s: dict[str, dict[str, list[str]]] = {}  # prefix -> layer (digits) -> suffixes
+    by_prefix_s: dict[str, dict[str, list[str]]] = {}  # "model.layers." -> layer (digits) -> suffixes
     for key in source.tensors:
         m = _LAYER.match(key)
         if m is None:
@@ -344,22 +347,24 @@ def infer(source: Source) -> Layout:
             else:
                 others.append(key)
             continue
-        p, i, rest = m.groups()
-        by_prefix_s.setdefault(p, {}).setdefault(i, []).append(rest)
+        p, container, i, rest = m.groups()
+        by_prefix_s.setdefault(f"{p}{container}.", {}).setdefault(i, []).append(rest)
     for p in [p for p in by_prefix_s if p.startswith(_TOWER_STARTS)]:  # e.g. audio_tower.layers.<n>.*
         tower_prefix = _TOWER.match(p)
         assert tower_prefix is not None
         tower_layers = by_prefix_s.pop(p)
         tower_keys.setdefault(tower_prefix.group(1), []).extend(
-            f"{p}layers.{i}.{r}" for i in tower_layers for r in tower_layers[i]
+            f"{p}{i}.{r}" for i in tower_layers for r in tower_layers[i]
         )
     by_prefix = {p: {int(i): v for i, v in layers.items()} for p, layers in by_prefix_s.items()}
     towers = _towers(tower_keys)
     candidates = [p for p in by_prefix if not p.startswith("mtp.")]
-    prefix = max(
-        candidates, key=lambda p: (sum(len(v) for v in by_prefix[p].values()), p == "model."), default="model."
+    layers_at = max(  # the decoder's "<prefix><container>." (most keys; "model.layers." on ties)
+        candidates, key=lambda p: (sum(len(v) for v in by_prefix[p].values()), p == "model.layers."),
+        default="model.layers.",
     )
-    layer_suffixes = by_prefix.get(prefix, {})
+    prefix = layers_at[: layers_at[:-1].rfind(".") + 1]  # the language model's prefix, "model." / "transformer."
+    layer_suffixes = by_prefix.get(layers_at, {})
     claimed: set[str] = set()
 
     def claim(key: str | None) -> str | None:
@@ -398,34 +403,34 @@ def infer(source: Source) -> Layout:
     main_ids = sorted(i for i in layer_suffixes if n_main is None or i < n_main)
     results: dict[int, LayerResult] = {}
     fold_cache: dict[frozenset[str], Folded] = {}
-    layer_root = prefix + "layers.{layer}."
+    layer_root = layers_at + "{layer}."
     for i in main_ids:
         problems: list[Problem] = []
         sliding = bool(layer_types and i < len(layer_types) and layer_types[i] == "sliding_attention")
         results[i] = classify_layer(
             layer_suffixes[i],
-            _shape_lookup(source, f"{prefix}layers.{i}."),
+            _shape_lookup(source, f"{layers_at}{i}."),
             ctx,
             sliding=sliding,
             problems=problems,
             fold_cache=fold_cache,
         )
-        _problems_to_diags(problems, f"{prefix}layers.{i}.", findings)
+        _problems_to_diags(problems, f"{layers_at}{i}.", findings)
     groups = make_groups(results, layer_root)
-    leftover = [f"{prefix}layers.{i}.{s}" for i, r in results.items() for s in r.leftover]
+    leftover = [f"{layers_at}{i}.{s}" for i, r in results.items() for s in r.leftover]
     num_layers = len(main_ids)
     _check_layers(results, main_ids, n_cfg, layer_types, cfg, layer_root, findings)
 
     # -- MTP ----------------------------------------------------------------------------------------------
-    mtp, mtp_leftover = _mtp(source, cfg, ctx, prefix, layer_suffixes, extra, n_main, claim, findings)
+    mtp, mtp_leftover = _mtp(source, cfg, ctx, prefix, layers_at, layer_suffixes, extra, n_main, claim, findings)
     leftover.extend(mtp_leftover)
 
     # -- unclassified -------------------------------------------------------------------------------------
     rest = [k for k in others if k not in claimed]  # strays outside decoder layers; MTP keys are claimed
     for p, layers in by_prefix.items():  # decoder-layer keys outside the main decoder (MTP claims its own)
         for i, suffixes in layers.items():
-            if p != prefix or i not in results:
-                rest.extend(k for k in (f"{p}layers.{i}.{s}" for s in suffixes) if k not in claimed)
+            if p != layers_at or i not in results:
+                rest.extend(k for k in (f"{p}{i}.{s}" for s in suffixes) if k not in claimed)
     unclassified_keys = sorted(set(leftover) | set(rest))
     unclassified = tuple(UnclassifiedGroup(p, c) for p, c in compress_keys(unclassified_keys))
 
@@ -654,6 +659,7 @@ def _mtp(
     cfg: Config,
     ctx: Context,
     prefix: str,
+    layers_at: str,
     layer_suffixes: Mapping[int, list[str]],
     extra: list[int],
     n_main: int | None,
@@ -710,7 +716,7 @@ def _mtp(
             y = MTP_LAYERS
             enorm, hnorm, eh_proj, final_norm = y.enorm, y.hnorm, y.eh_proj, y.final_norm
         elif extra:
-            scheme, root = EXTRA_LAYERS.name, prefix + "layers.{layer}."
+            scheme, root = EXTRA_LAYERS.name, layers_at + "{layer}."
             assert n_main is not None
             per_depth = {i - n_main: list(layer_suffixes[i]) for i in layer_suffixes if i >= n_main}
             x = EXTRA_LAYERS

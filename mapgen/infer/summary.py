@@ -29,6 +29,15 @@ def _expert_layout(groups: Sequence[LayerGroup]) -> ExpertLayout:
     return "packed" if layouts and layouts[0] == "packed" else "per_expert" if layouts else "none"
 
 
+def _pattern(kinds: list[str], num_layers: int) -> str:
+    """The layer pattern of the classified layers; layers no family classified are counted, never hidden."""
+    if len(kinds) >= num_layers:
+        return layer_pattern(kinds, KIND_LABELS)
+    if not kinds:
+        return f"{num_layers} layers, none classified (see the unclassified keys)"
+    return f"{layer_pattern(kinds, KIND_LABELS)}; {num_layers - len(kinds)} of {num_layers} layers unclassified"
+
+
 def make_summary(
     *,
     model_type: str,
@@ -55,7 +64,7 @@ def make_summary(
         tied_embeddings=language_model.tied_embeddings,
         unclassified_keys=unclassified_keys,
         towers=tuple(t.name for t in towers),
-        layer_pattern=layer_pattern(kinds, KIND_LABELS),
+        layer_pattern=_pattern(kinds, language_model.num_layers),
         mtp_declared=mtp_declared,
     )
 
