@@ -436,3 +436,17 @@ def test_layers_under_another_container_are_found_and_never_miscounted(tmp_path:
     lay = scan(str(tmp_path / "b"))
     assert lay.summary.layer_pattern == "2 layers, none classified (see the unclassified keys)"
     assert all(d.code != "config.layers-mismatch" for d in lay.diagnostics)
+
+
+def test_an_empty_weight_map_and_a_checkpoint_without_layers_say_so(tmp_path: Path) -> None:
+    write_metadata(tmp_path / "a", tiny_config(), [])
+    with pytest.raises(MapgenError) as exc:
+        scan(str(tmp_path / "a"))
+    assert [d.code for d in exc.value.diagnostics] == ["checkpoint.no-tensors"]
+    write_metadata(tmp_path / "b", tiny_config(), ["model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"])
+    with pytest.raises(MapgenError) as exc:
+        scan(str(tmp_path / "b"))
+    codes = [d.code for d in exc.value.diagnostics]
+    assert codes == ["keys.no-decoder-layers"]
+    assert "the config declares 2 layers" in exc.value.render()
+    assert "hold 0" not in exc.value.render()

@@ -329,6 +329,12 @@ def infer(source: Source) -> Layout:
     """Classify every key of ``source`` into the IR. Raises :class:`MapgenError` with all errors found."""
     cfg = Config.of(source.config)
     ctx = _context(cfg)
+    if not source.tensors:
+        raise MapgenError(Diagnostic(
+            "error", "checkpoint.no-tensors", "the checkpoint lists no tensors (an empty weight_map)",
+            file=INDEX_NAME, expected="weight_map: tensor name -> shard file, one entry per tensor",
+            hint="the index or the download is incomplete: fetch the checkpoint again",
+        ))
     findings = Findings([], list(source.diagnostics))
     quantization = _quantization(source, cfg, findings)
     if findings.errors:
@@ -565,6 +571,20 @@ def _check_layers(
     findings: Findings,
 ) -> None:
     n = len(main_ids)
+    if not main_ids:  # never "the keys hold 0 layers": say what was looked for
+        containers = ", ".join(f"<prefix>{c}.<n>." for c in LAYER_CONTAINERS)
+        findings.add(
+            Diagnostic(
+                "error",
+                "keys.no-decoder-layers",
+                "found no decoder-layer keys" + (f" (the config declares {n_cfg} layers)" if n_cfg else ""),
+                file=INDEX_NAME,
+                expected=f"keys under {containers}",
+                hint="if this model numbers its layers under another name, add it to "
+                "mapgen/families/embedding.py LAYER_CONTAINERS",
+            )
+        )
+        return
     if main_ids != list(range(n)):
         missing = sorted(set(range(max(main_ids) + 1)) - set(main_ids))
         findings.add(
