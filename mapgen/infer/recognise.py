@@ -324,14 +324,14 @@ def recognise_mlp(
     pool: Pool, shape: ShapeOf, ctx: Context, ids: dict[str, dict[str, set[int]]], problems: list[Problem]
 ) -> Component | None:
     for p in MOE.roots:
-        router = next((p + s for s in MOE.slot("router").spellings if pool.has(p + s)), None)
+        router = _resolve(pool, p, MOE, "router")
         if router is not None:
             experts = recognise_experts(pool, p, shape, ctx, ids, problems)
             if experts is not None:
                 pool.need(router)
                 shared_mlp = next((m for r in SHARED_EXPERT.roots if (m := recognise_dense(pool, p + r))), None)
-                shared_gate = next((pool.need(p + s) for s in SHARED_EXPERT.slot("gate").spellings
-                                    if pool.has(p + s)), None)
+                gate_key = _resolve(pool, p, SHARED_EXPERT, "gate")
+                shared_gate = pool.need(gate_key) if gate_key else None
                 shared = (Component.make(SHARED_EXPERT.name, "shared", {"gate": shared_gate},
                                          children={"mlp": shared_mlp}) if shared_mlp else None)
                 if shared is None and shared_gate is not None:
@@ -339,7 +339,7 @@ def recognise_mlp(
                     pool.used.discard(shared_gate)
                 router_bias = next((p + s for s in MOE.slot("router_bias").spellings
                                     if p + s == router.removesuffix("weight") + "bias"), None)
-                expert_bias = next((p + s for s in MOE.slot("expert_bias").spellings if pool.has(p + s)), None)
+                expert_bias = _resolve(pool, p, MOE, "expert_bias")
                 slots = {
                     "router": router,
                     "router_bias": pool.take(router_bias) if router_bias else None,

@@ -121,6 +121,26 @@ def _global_names(model: torch.nn.Module) -> dict[str, str]:
     return local_to_global(model)
 
 
+def _local_instances(params: Mapping[str, torch.Tensor], model: torch.nn.Module,
+                     binding: Binding) -> dict[str, Instance]:
+    """The rule instance behind each of this rank's entries (local name -> instance); every entry unmapped
+    by the bridge is reported at once (``load.unmapped``)."""
+    names = _global_names(model)
+    out: dict[str, Instance] = {}
+    problems: list[Diagnostic] = []
+    for local in params:
+        glob = names.get(local, local)
+        inst = binding.by_megatron.get(glob)
+        if inst is None:
+            problems.append(Diagnostic("error", "load.unmapped", "no rule produces this Megatron parameter",
+                                       key=glob, hint="the bridge does not match this model; re-run `mapgen emit`"))
+            continue
+        out[local] = inst
+    if problems:
+        raise MapgenError(problems)
+    return out
+
+
 # ---------------------------------------------------------------------------------------------------------
 # HF -> Megatron
 # ---------------------------------------------------------------------------------------------------------
@@ -130,22 +150,13 @@ def load_model(model: torch.nn.Module, binding: Binding, reader: Any, coords: Co
     coords = coords or Coords.current()
     start = time.perf_counter()
     params = _local_params(model)
-    names = _global_names(model)
-    problems: list[Diagnostic] = []
     plan: list[tuple[int, str, str, Instance]] = []
-    for local, _tensor in params.items():
-        glob = names.get(local, local)
-        inst = binding.by_megatron.get(glob)
-        if inst is None:
-            problems.append(Diagnostic("error", "load.unmapped", "no rule produces this Megatron parameter",
-                                       key=glob, hint="the bridge does not match this model; re-run `mapgen emit`"))
-            continue
+    for local, inst in _local_instances(params, model, binding).items():
         order = min((reader.shard_rank(k) for k in inst.hf), default=0) if hasattr(reader, "shard_rank") else 0
         plan.append((order, inst.hf[0] if inst.hf else "", local, inst))
-    if problems:
-        raise MapgenError(problems)
     plan.sort(key=lambda item: (item[0], item[1], item[2]))
 
+    problems: list[Diagnostic] = []
     written: dict[str, int] = defaultdict(int)
     stats = Stats()
     with torch.no_grad():
@@ -220,19 +231,7 @@ class EntryProducer:
         self.coords = coords or Coords.current()
         self.progress = progress
         self.entries = _local_params(model)
-        names = _global_names(model)
-        self.instances: dict[str, Instance] = {}
-        problems = []
-        for local in self.entries:
-            glob = names.get(local, local)
-            inst = binding.by_megatron.get(glob)
-            if inst is None:
-                problems.append(Diagnostic("error", "load.unmapped", "no rule produces this Megatron parameter",
-                                           key=glob, hint="the bridge does not match this model; re-run `mapgen emit`"))
-                continue
-            self.instances[local] = inst
-        if problems:
-            raise MapgenError(problems)
+        self.instances = _local_instances(self.entries, model, binding)
         self.stats = Stats()
         self.produced: dict[str, int] = defaultdict(int)
         self.total_bytes = 0  # for a progress bar in bytes (0: unknown)
