@@ -14,6 +14,7 @@
 #   inputs/qwen3-vl-30b-a3b.json  b7cbe1387282960fccd37cb5e85b5b236fb54648555ee1f558460132f48bb9fd
 #   inputs/qwen3.5-25b-reap-a3b-coding.json  75dcfa7d811737b1f77c5ea13fc575f3da830444f7c0c26debae69f12f76c20a
 #   inputs/sakura-14b-qwen2.5.json  d30ef2a71ceca7a8263fe96a49249b6aeaee91f4eb5e0dacc8ba18e38827367a
+#   inputs/stable-code-3b-stablelm.json  43b7d3590c94c9694fb79b2f1d4eb438fd2be9bb16e731e654e8e90d9ebea194
 #   inputs/tiny-qwen3.json  feaa7aa6c3c67989ba151131d20db8414ad47209db237b8f4dc6af9513722eeb
 #   inputs/tiny-qwen3-moe.json  d53bccba17b5e44f2def8e31e4ae0c86662d4c692c9015e88d8f67f70260a7f6
 # regenerate: mapgen emit --from-inputs
@@ -64,6 +65,8 @@ BRIDGES: dict[str, tuple[str, str]] = {
     'a3b31817df13': ('qwen3_moe', 'BRIDGE_a3b31817df13'),
     # qwen3_vl_moe: qwen3-vl-30b-a3b
     'e921e7be0eb9': ('qwen3_vl_moe', 'BRIDGE_e921e7be0eb9'),
+    # stablelm_epoch: stable-code-3b-stablelm
+    '5fc3df409ed9': ('stablelm_epoch', 'BRIDGE_5fc3df409ed9'),
 }
 
 

@@ -40,8 +40,8 @@ ATOL = 1e-4
 MEMORY_CAP = 6 * 1024**3  # address space per case process (torch reserves far more than it touches)
 CASE_TIMEOUT = 600
 MAX_PARAMS = 5_000_000
-# converts / refused by a default / refused by model-type facts / fused qkv_proj converts
-SLICE = ("llama", "qwen2_moe", "gemma", "phi3")
+# converts / refused by a default / refused by model-type facts / fused qkv_proj converts / LayerNorm + partial RoPE
+SLICE = ("llama", "qwen2_moe", "gemma", "phi3", "stablelm")
 
 _TINY = {
     "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 4,

@@ -67,10 +67,13 @@ def _recipe(layout: Layout) -> ModelSpec:
         "qk_layernorm": bool(a0 and a0.key("q_norm")),
         "attention_output_gate": bool(a0 and a0.flag("output_gate")),
         "rotary_base": hf.get("rope_theta", "rope_parameters.rope_theta", default=10000.0),
-        "rotary_percent": hf.get("partial_rotary_factor", "rope_parameters.partial_rotary_factor", default=1.0),
+        "rotary_percent": hf.get("partial_rotary_factor", "rope_parameters.partial_rotary_factor", "rotary_pct",
+                                 "rope_pct", default=1.0),
         "rope_scaling": rope_scaling(hf),
         "rope_scaling_factor": rope_scaling_factor(hf),
-        "norm_epsilon": hf.get("rms_norm_eps", "layer_norm_eps", default=1e-6),
+        "norm_epsilon": hf.get("rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon", "norm_eps", default=1e-6),
+        # a norm bias in the keys (the planner refuses one on a model type not declared LayerNorm)
+        "normalization": "LayerNorm" if lm.top.key("final_norm_bias") else "RMSNorm",
         "layernorm_zero_centered_gamma": zero,
         "untie_embeddings_and_output_weights": not lm.tied_embeddings,
     }

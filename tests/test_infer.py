@@ -32,6 +32,7 @@ FACTS: dict[str, tuple[Any, ...]] = {
     "internlm2-chat-7b-intermind": (32, "32 layers, all attention", 0, 0, "none", False, 0, "none", "none", False,
                                     ()),
     "phi-4": (40, "40 layers, all attention", 0, 0, "none", False, 0, "none", "none", False, ()),
+    "stable-code-3b-stablelm": (32, "32 layers, all attention", 0, 0, "none", False, 0, "none", "none", False, ()),
     "mixtral-8x7b-instruct-v0.1": (32, "32 layers, all attention", 32, 8, "per_expert", False, 0, "none", "none",
                                    False, ()),
     "qwen3-1.7b-mlx-bf16": (28, "28 layers, all attention", 0, 0, "none", False, 0, "none", "none", True, ()),

@@ -21,6 +21,7 @@ EXPECTED = {
     "qwen2_moe": ("refused", "norm_topk_prob"),  # absent from a hand-written config, false in transformers too
     "gemma": ("refused", "model_type.embedding-scale"),
     "phi3": ("verified", ""),  # fused qkv_proj ([q; k; v] blocks) and gate_up_proj
+    "stablelm": ("verified", ""),  # LayerNorm with bias, partial rotary (0.25)
 }
 
 

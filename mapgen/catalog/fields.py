@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from mapgen.catalog.rows import (
+    Check,
     Row,
     Scope,
     boolean,
@@ -52,8 +53,9 @@ BRIDGE_READS: dict[str, tuple[tuple[str, ...], Any]] = {
     "vocab_size": (("vocab_size",), None),
     "max_position_embeddings": (("max_position_embeddings",), 4096),
     "rotary_base": (("rope_theta", "rope_parameters.rope_theta"), 10000.0),
-    "rotary_percent": (("partial_rotary_factor", "rope_parameters.partial_rotary_factor"), 1.0),
-    "norm_epsilon": (("rms_norm_eps", "layer_norm_eps"), 1e-6),
+    "rotary_percent": (("partial_rotary_factor", "rope_parameters.partial_rotary_factor", "rotary_pct", "rope_pct"),
+                       1.0),
+    "norm_epsilon": (("rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon", "norm_eps"), 1e-6),
     "num_moe_experts": (("num_experts", "num_local_experts", "n_routed_experts"), None),
     "moe_router_topk": (("num_experts_per_tok", "moe_topk"), None),
     "moe_ffn_hidden_size": (("moe_intermediate_size", "intermediate_size"), None),
@@ -73,6 +75,17 @@ def bridge_value(scope: Scope, field: str) -> Any:
     config has none of the names: transformers' defaults are not consulted, which is the point)."""
     names, fallback = BRIDGE_READS[field]
     return scope.lookup(*names, default=fallback, config_only=True)
+
+
+def agrees_with_bridge(field: str) -> Check:
+    """For a second spelling the bridge also reads: refused when it disagrees with the value the bridge takes
+    (an earlier spelling in ``BRIDGE_READS`` wins)."""
+
+    def check(value: Any, scope: Scope) -> str | None:
+        taken = bridge_value(scope, field)
+        return None if value == taken else f"disagrees with the {field} the bridge reads ({taken!r})"
+
+    return check
 
 
 def same_as_bridge(field: str) -> Any:
@@ -316,16 +329,16 @@ TOP: tuple[Row, ...] = (
             unless=same_as_bridge("num_query_groups"), valid=positive_int),
     refused("num_heads", "a head-count spelling the bridge does not read (it reads num_attention_heads)",
             unless=same_as_bridge("num_attention_heads"), valid=positive_int),
-    refused("layer_norm_epsilon", "an epsilon spelling the bridge does not read (rms_norm_eps, layer_norm_eps)",
-            unless=same_as_bridge("norm_epsilon"), valid=positive_number),
-    refused("norm_eps", "an epsilon spelling the bridge does not read (rms_norm_eps, layer_norm_eps)",
-            unless=same_as_bridge("norm_epsilon"), valid=positive_number),
+    mapped("layer_norm_epsilon", "norm_epsilon", why="norm epsilon (Falcon/GPT-2 spelling)", valid=positive_number,
+           limit=agrees_with_bridge("norm_epsilon")),
+    mapped("norm_eps", "norm_epsilon", why="norm epsilon (StableLM-Epoch spelling)", valid=positive_number,
+           limit=agrees_with_bridge("norm_epsilon")),
     refused("rotary_emb_base", "a RoPE-base spelling the bridge does not read (rope_theta)",
             unless=same_as_bridge("rotary_base"), valid=positive_number),
-    refused("rotary_pct", "a rotary-fraction spelling the bridge does not read (partial_rotary_factor)",
-            unless=same_as_bridge("rotary_percent"), valid=fraction),
-    refused("rope_pct", "a rotary-fraction spelling the bridge does not read (partial_rotary_factor)",
-            unless=same_as_bridge("rotary_percent"), valid=fraction),
+    mapped("rotary_pct", "rotary_percent", why="fraction of head dims rotated (GPT-NeoX spelling)", valid=fraction,
+           limit=agrees_with_bridge("rotary_percent")),
+    mapped("rope_pct", "rotary_percent", why="fraction of head dims rotated (StableLM-Epoch spelling)",
+           valid=fraction, limit=agrees_with_bridge("rotary_percent")),
     refused("rotary_scaling_factor", "RoPE scaling (StableLM spelling): not read by the bridge",
             unless=equals(1, 1.0)),
     refused("experts_per_token", "a top-k spelling the bridge does not read (num_experts_per_tok)",

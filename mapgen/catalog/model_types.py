@@ -18,7 +18,8 @@ _GEMMA_SCALE = ("embedding scale", "embeddings multiplied by sqrt(hidden_size) i
                 "setting")
 _ZERO_NORM = ("zero-centred norms", "RMSNorm computes (1 + w) * x: the bridge applies "
               "layernorm_zero_centered_gamma for Qwen3.5/Qwen3-Next only")
-_LAYERNORM = ("LayerNorm", "LayerNorm with bias: the bridge builds RMSNorm")
+_LAYERNORM = ("LayerNorm", "LayerNorm: the bridge builds it (megatron-core normalization='LayerNorm') only for the "
+              "model types mapgen/families/model_types.py declares layernorm=True")
 _PARALLEL = ("parallel block", "attention and MLP computed in parallel from one input: the bridge builds "
              "sequential pre-norm blocks")
 _POST_NORM = ("post-norm block", "norms applied to the attention/MLP outputs (post-norm or sandwich): the bridge "
@@ -29,7 +30,9 @@ _INTERLEAVED = ("interleaved RoPE", "rotary pairs are adjacent dims (GPT-J style
 _SIGMOID_ROUTER = ("sigmoid router", "top-k over sigmoid scores without an expert-bias tensor: the bridge builds a "
                    "softmax router")
 
-# model_type -> ((fact, what megatron-core / the bridge lacks), ...)
+# model_type -> ((fact, what megatron-core / the bridge lacks), ...). LayerNorm model types the bridge builds
+# (stablelm, stablelm_epoch, gpt_neox: Facts.layernorm in mapgen/families/model_types.py) are not listed; GPT-NeoX's
+# parallel residual is a config value (use_parallel_residual, refused in fields.py), not a model-type fact.
 FACTS: dict[str, tuple[tuple[str, str], ...]] = {
     "gemma": (_GEMMA_SCALE, _ZERO_NORM),
     "gemma2": (_GEMMA_SCALE, _ZERO_NORM, _POST_NORM),
@@ -57,12 +60,9 @@ FACTS: dict[str, tuple[tuple[str, str], ...]] = {
     "ernie4_5": (_INTERLEAVED,),
     "ernie4_5_moe": (_INTERLEAVED,),
     "falcon": (_LAYERNORM, _PARALLEL),
-    "gpt_neox": (_LAYERNORM, _PARALLEL),
     "gpt_neox_reward_model": (_LAYERNORM, _PARALLEL),
     "gptj": (_LAYERNORM, _PARALLEL),
     "phi": (_LAYERNORM, _PARALLEL),
-    "stablelm": (_LAYERNORM,),
-    "stablelm_epoch": (_LAYERNORM,),
     "starcoder2": (_LAYERNORM,),
     "persimmon": (_LAYERNORM,),
     "gpt2": (_LAYERNORM,),

@@ -6,7 +6,7 @@ Each :class:`ConfigRow` sets one ``ModelSpec`` field from exactly one source:
               objects); ``default`` when none is present, else a ``config.missing-key`` error;
 * ``derive``: a named derivation from the config or the scanned layout (:data:`DERIVATIONS`);
 * ``fact``:   a layout-decided :class:`Facts` field (what the checkpoint's keys say, not its config), negated
-              with ``negate``.
+              with ``negate``, or mapped to one of two values with ``choices`` (false value, true value).
 
 ``when`` names a :class:`Facts` field that must hold for the row to apply; otherwise the field keeps its
 ``ModelSpec`` default (a dense model never reads ``num_experts``). Fields no row sets keep their defaults.
@@ -43,6 +43,7 @@ class Facts:
     shared_expert: bool = False  # the MoE block has a shared expert
     shared_expert_gate: bool = False  # ... with a sigmoid gate
     gated_delta_net: bool = False  # some layer is a gated delta-net
+    layernorm: bool = False  # norms are LayerNorm with bias (a model-type fact), else RMSNorm
 
 
 # -- derivations ----------------------------------------------------------------------------------------------
@@ -120,6 +121,7 @@ class ConfigRow:
     derive: Derivation | None = None
     fact: str | None = None
     negate: bool = False
+    choices: tuple[str, str] | None = None
     when: str | None = None
     note: str = ""
 
@@ -144,11 +146,13 @@ CONFIG: tuple[ConfigRow, ...] = (
     ConfigRow("qk_layernorm", fact="qk_layernorm"),
     ConfigRow("attention_output_gate", fact="attention_output_gate"),
     ConfigRow("rotary_base", hf=("rope_theta", "rope_parameters.rope_theta"), default=10000.0),
-    ConfigRow("rotary_percent", hf=("partial_rotary_factor", "rope_parameters.partial_rotary_factor"), default=1.0),
+    ConfigRow("rotary_percent", hf=("partial_rotary_factor", "rope_parameters.partial_rotary_factor", "rotary_pct",
+                                    "rope_pct"), default=1.0),
     ConfigRow("rope_scaling", derive="rope_scaling"),
     ConfigRow("rope_scaling_factor", derive="rope_scaling_factor"),
     # -- norms -------------------------------------------------------------------------------------------
-    ConfigRow("norm_epsilon", hf=("rms_norm_eps", "layer_norm_eps"), default=1e-6),
+    ConfigRow("normalization", fact="layernorm", choices=("RMSNorm", "LayerNorm")),
+    ConfigRow("norm_epsilon", hf=("rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon", "norm_eps"), default=1e-6),
     ConfigRow("layernorm_zero_centered_gamma", fact="zero_centered"),
     ConfigRow("untie_embeddings_and_output_weights", fact="tied", negate=True),
     # -- MoE ---------------------------------------------------------------------------------------------
@@ -177,6 +181,8 @@ def row_value(row: ConfigRow, hf: HFConfig, layout: Layout, facts: Facts) -> Any
     """The value ``row`` gives its field."""
     if row.fact is not None:
         value = getattr(facts, row.fact)
+        if row.choices is not None:
+            return row.choices[bool(value)]
         return not value if row.negate else value
     if row.derive is not None:
         return DERIVATIONS[row.derive](hf, layout)
@@ -213,6 +219,6 @@ def check_table(table: tuple[ConfigRow, ...] = CONFIG) -> list[str]:
             problems.append(f"{where}: unknown derivation {row.derive!r}")
         problems += [f"{where}: Facts has no field {name!r}" for name in (row.fact, row.when)
                      if name is not None and name not in fact_fields]
-        if row.negate and row.fact is None:
-            problems.append(f"{where}: negate needs a fact")
+        if (row.negate or row.choices is not None) and row.fact is None:
+            problems.append(f"{where}: negate and choices need a fact")
     return problems

@@ -20,8 +20,10 @@ EMBEDDING = Family(
         Slot("final_norm", ("norm.weight", "ln_f.weight", "final_layernorm.weight", "final_layer_norm.weight"),
              init="norm"),
         Slot("lm_head", ("lm_head.weight", "output.weight")),
+        Slot("final_norm_bias", ("norm.bias", "ln_f.bias", "final_layernorm.bias", "final_layer_norm.bias")),
     ),
-    variants=(Variant("tied", ("embedding", "final_norm")), Variant("untied", ("embedding", "final_norm", "lm_head"))),
+    variants=(Variant("tied", ("embedding", "final_norm"), ("final_norm_bias",)),
+              Variant("untied", ("embedding", "final_norm", "lm_head"), ("final_norm_bias",))),
 )
 
 LAYER_CONTAINERS = ("layers", "h")
@@ -30,7 +32,7 @@ LAYER_CONTAINERS = ("layers", "h")
 
 def shapes(c: Component, d: Dims) -> ShapePairs:
     return [(c.key("embedding"), (d.vocab, d.hidden)), (c.key("final_norm"), (d.hidden,)),
-            (c.key("lm_head"), (d.vocab, d.hidden))]
+            (c.key("final_norm_bias"), (d.hidden,)), (c.key("lm_head"), (d.vocab, d.hidden))]
 
 
 def plan_embedding(c: Component, p: Planner) -> None:
@@ -38,9 +40,17 @@ def plan_embedding(c: Component, p: Planner) -> None:
           domain="global", comment="Token embedding: vocab-parallel; padded on import, truncated on export.")
 
 
-def plan_head(c: Component, p: Planner) -> None:
+def plan_head(c: Component, p: Planner, layernorm: bool) -> None:
     p.add("final_norm", "decoder.final_layernorm.weight", (str(c.key("final_norm")),), "copy", "replicated",
           domain="global", comment="Final norm before the output layer.")
+    bias = c.key("final_norm_bias")
+    if (bias is not None) != layernorm:
+        p.unsupported("a final LayerNorm without a bias tensor" if layernorm else
+                      "a final-norm bias on a model type not declared LayerNorm (mapgen/families/model_types.py "
+                      "Facts.layernorm)", str(bias or c.key("final_norm")))
+    elif bias is not None:
+        p.add("final_norm_bias", "decoder.final_layernorm.bias", (bias,), "copy", "replicated", domain="global",
+              comment="Its LayerNorm bias.")
     if c.key("lm_head") is not None:
         p.add("output", "output_layer.weight", (str(c.key("lm_head")),), "copy", "vocab", domain="global",
               comment="Output layer (untied): vocab-parallel.")

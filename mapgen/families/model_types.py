@@ -16,11 +16,15 @@ Orientation = Literal["out_in", "in_out"]
 class Facts:
     """``packed``: storage of packed experts when no shard header tells (orientation, gate/up interleaved).
     ``zero_centered``: HF RMSNorms compute ``(1 + w) * x`` (every norm except the gated delta-net output
-    norm). ``output_gate``: attention's ``q_proj`` carries the output gate when shapes cannot tell."""
+    norm). ``output_gate``: attention's ``q_proj`` carries the output gate when shapes cannot tell.
+    ``layernorm``: the block and final norms are ``nn.LayerNorm`` (mean-centred, with a bias tensor) in the model
+    code, not RMSNorm: megatron-core ``normalization="LayerNorm"``. A norm bias in the keys of a model type without
+    this fact is refused (a bias says LayerNorm, but not which LayerNorm)."""
 
     packed: tuple[Orientation, bool] | None = None
     zero_centered: bool = False
     output_gate: bool = False
+    layernorm: bool = False
 
 
 _QWEN35 = Facts(packed=("out_in", False), zero_centered=True, output_gate=True)
@@ -37,6 +41,10 @@ MODEL_TYPES: dict[str, Facts] = {
     "qwen3_5": Facts(zero_centered=True, output_gate=True),
     "qwen3_5_text": Facts(zero_centered=True, output_gate=True),
     "qwen3_next": Facts(zero_centered=True, output_gate=True),
+    # nn.LayerNorm(hidden, eps) with bias in every block and final norm (modeling_stablelm.py, modeling_gpt_neox.py)
+    "stablelm": Facts(layernorm=True),
+    "stablelm_epoch": Facts(layernorm=True),  # stable-code-3b's remote code: the layer transformers' stablelm ported
+    "gpt_neox": Facts(layernorm=True),
 }
 
 _NONE = Facts()

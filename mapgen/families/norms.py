@@ -18,9 +18,15 @@ NORMS = Family(
     slots=(
         Slot("input_norm", ("input_layernorm.weight", "attention_norm.weight"), init="norm"),
         Slot("post_attention_norm", ("post_attention_layernorm.weight", "ffn_norm.weight"), init="norm"),
+        # LayerNorm biases (StableLM, GPT-NeoX): the model type declares LayerNorm (families/model_types.py)
+        Slot("input_norm_bias", ("input_layernorm.bias",)),
+        Slot("post_attention_norm_bias", ("post_attention_layernorm.bias",)),
     ),
-    variants=(Variant("pre_norm", ("input_norm", "post_attention_norm")),),
+    variants=(Variant("pre_norm", ("input_norm", "post_attention_norm"),
+                      ("input_norm_bias", "post_attention_norm_bias")),),
 )
+BIAS_OF = {"input_norm": "input_norm_bias", "post_attention_norm": "post_attention_norm_bias"}
+"""A norm weight's bias slot: Megatron's name is the weight's with ``.bias``."""
 
 # Where each norm of a block shape sits in Megatron: (slot, before which component, Megatron name, comment).
 # ``None`` as the name: the mixer family's ``INPUT_NORM`` (separate with attention, fused into the gated
@@ -39,8 +45,23 @@ def shapes(c: Component, d: Dims) -> ShapePairs:
 
 
 def norm_keys(c: Component) -> list[str]:
-    """Key suffixes that are norm weights (synth initialises them near 1)."""
-    return c.own_keys()
+    """Key suffixes that are norm weights (synth initialises them near 1; biases stay small)."""
+    return [str(c.key(slot)) for slot in BIAS_OF if c.key(slot)]
+
+
+def check_biases(c: Component, layernorm: bool, p: Planner, hroot: str) -> bool:
+    """LayerNorm needs every bias and RMSNorm none: megatron-core's torch LayerNorm always has one (and a bias on
+    a norm the model type does not declare LayerNorm could be any of several norms). False when refused."""
+    missing = [w for w, b in BIAS_OF.items() if bool(c.key(b)) != layernorm]
+    if not missing:
+        return True
+    if layernorm:
+        p.unsupported("a LayerNorm without a bias tensor (megatron-core's LayerNorm always has one)",
+                      hroot + str(c.key(missing[0])))
+    else:
+        p.unsupported("a norm bias on a model type not declared LayerNorm (mapgen/families/model_types.py "
+                      "Facts.layernorm)", hroot + str(c.key(BIAS_OF[missing[0]])))
+    return False
 
 
 def plan_before(c: Component, where: str, mixer_input_norm: str, p: Planner, mroot: str, hroot: str,
@@ -56,3 +77,7 @@ def plan_before(c: Component, where: str, mixer_input_norm: str, p: Planner, mro
         family = "norm.input" if slot == "input_norm" else f"norm.{slot.removesuffix('_norm')}"
         p.add(family, mroot + megatron, (hroot + key,), "copy", "replicated", domain=domain,
               comment=f"[{name}] {FUSED_COMMENT if fused else comment}")
+        bias = c.key(BIAS_OF[slot])
+        if bias is not None:
+            p.add(family + "_bias", mroot + megatron.removesuffix("weight") + "bias", (hroot + bias,), "copy",
+                  "replicated", domain=domain, comment=f"[{name}] Its LayerNorm bias.")

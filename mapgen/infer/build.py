@@ -382,6 +382,11 @@ def infer(source: Source) -> Layout:
     # -- top level ----------------------------------------------------------------------------------------
     embedding = next((k for s in EMBEDDING.slot("embedding").spellings if (k := claim(prefix + s))), None)
     final_norm = next((k for s in EMBEDDING.slot("final_norm").spellings if (k := claim(prefix + s))), None)
+    final_norm_bias = next(  # the bias beside the weight found (ln_f.weight -> ln_f.bias)
+        (k for s in EMBEDDING.slot("final_norm_bias").spellings
+         if final_norm and prefix + s == final_norm.removesuffix("weight") + "bias" and (k := claim(prefix + s))),
+        None,
+    )
     parent = prefix.removesuffix("model.") if prefix.endswith("model.") else ""
     lm_head = next(
         (k for s in EMBEDDING.slot("lm_head").spellings for r in ("", parent, prefix) if (k := claim(r + s))), None
@@ -484,7 +489,8 @@ def infer(source: Source) -> Layout:
         raise MapgenError(findings.errors, extra=extra_text)
 
     top = Component.make(EMBEDDING.name, "tied" if tied else "untied",
-                         {"embedding": embedding, "final_norm": final_norm, "lm_head": lm_head})
+                         {"embedding": embedding, "final_norm": final_norm, "lm_head": lm_head,
+                          "final_norm_bias": final_norm_bias})
     language_model = LanguageModel(prefix=prefix, top=top, groups=groups, num_layers=num_layers, mtp=mtp)
     mtp_declared = cfg.int(*MTP_COUNT_KEYS) or 0
     archs = source.config.get("architectures")

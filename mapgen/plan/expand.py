@@ -56,9 +56,7 @@ def mtp_keys(mtp: MTP) -> Iterator[str]:
 
 def language_model_keys(layout: Layout) -> set[str]:
     lm = layout.language_model
-    keys = {lm.embedding, lm.final_norm}
-    if lm.lm_head is not None:
-        keys.add(lm.lm_head)
+    keys = set(lm.top.own_keys())  # embedding, final norm (+ its bias), lm_head when untied
     for group in lm.groups:
         keys.update(group_keys(group))
     if lm.mtp is not None:

@@ -47,7 +47,9 @@ class _Planner:
     def __init__(self, layout: Layout) -> None:
         self.layout = layout
         self.lm = layout.language_model
-        self.zero_centered = facts_for((layout.text_model_type, layout.model_type)).zero_centered
+        model_facts = facts_for((layout.text_model_type, layout.model_type))
+        self.zero_centered = model_facts.zero_centered
+        self.layernorm = model_facts.layernorm
         self.rules: list[Rule] = []
         self.problems: list[Diagnostic] = []
 
@@ -86,7 +88,7 @@ class _Planner:
         embedding.plan_embedding(lm.top, self)
         for group in lm.groups:
             self.group(group, "decoder.layers.{layer}.", group.root, f"decoder:{group.name}")
-        embedding.plan_head(lm.top, self)
+        embedding.plan_head(lm.top, self, self.layernorm)
         if lm.mtp is not None:
             mtp_family.plan(lm.mtp, lm.tied_embeddings, self)
             for group in lm.mtp.inner:
@@ -96,6 +98,8 @@ class _Planner:
     # -- one decoder layer group: the block's norms around its mixer and MLP -----------------------------
     def group(self, group: LayerGroup, mroot: str, hroot: str, domain: str) -> None:
         input_norm = input_norm_target(group.mixer)
+        if not norms.check_biases(group.block, self.layernorm, self, hroot):
+            return
         for where, component in (("mixer", group.mixer), ("mlp", group.mlp)):
             norms.plan_before(group.block, where, input_norm, self, mroot, hroot, domain, group.name)
             behaviour(component).plan(component, self, mroot, hroot, domain, group.name)
@@ -104,11 +108,11 @@ class _Planner:
 # ---------------------------------------------------------------------------------------------------------
 # Facts: what the layout decides about the Megatron model (the config table in mapgen.contract.config does the rest)
 # ---------------------------------------------------------------------------------------------------------
-def _facts(layout: Layout, zero_centered: bool) -> Facts:
+def _facts(layout: Layout, zero_centered: bool, layernorm: bool) -> Facts:
     """Each family states the facts its components decide; the first group (decoder order, then the MTP inner
     layers) that states a fact decides it."""
     lm = layout.language_model
-    decided: dict[str, bool] = {"tied": lm.tied_embeddings, "zero_centered": zero_centered}
+    decided: dict[str, bool] = {"tied": lm.tied_embeddings, "zero_centered": zero_centered, "layernorm": layernorm}
     for group in (*lm.groups, *(lm.mtp.inner if lm.mtp else ())):
         for component in (group.mixer, group.mlp):
             for name, value in behaviour(component).facts(component).items():
@@ -158,6 +162,6 @@ def plan(layout: Layout) -> BridgePlan:
         module_name=module_name(layout),
         model_type=layout.model_type,
         description=_description(layout, fp),
-        facts=_facts(layout, planner.zero_centered),
+        facts=_facts(layout, planner.zero_centered, planner.layernorm),
         rules=tuple(planner.rules),
     )
