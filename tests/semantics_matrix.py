@@ -86,8 +86,9 @@ def causal_lm_types() -> list[str]:
     return sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
 
 
-def build(model_type: str, out: Path, seed: int = 0) -> None:
-    """A tiny fp32 model of ``model_type`` written by transformers, in several shards."""
+def build(model_type: str, out: Path, seed: int = 0, overrides: dict[str, Any] | None = None) -> None:
+    """A tiny fp32 model of ``model_type`` written by transformers, in several shards; ``overrides`` are config
+    values set on top of the tiny sizes (a variant of the architecture: e.g. GPT-NeoX without parallel residual)."""
     import torch
     import transformers
     from transformers import CONFIG_MAPPING
@@ -107,7 +108,7 @@ def build(model_type: str, out: Path, seed: int = 0) -> None:
                 kwargs[key] = i
             elif isinstance(defaults.get(key), list):
                 kwargs[key] = [i]
-        config = cls(**kwargs)
+        config = cls(**(kwargs | (overrides or {})))
         with torch.device("meta"):
             probe = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         count = sum(p.numel() for p in probe.parameters())
@@ -137,7 +138,7 @@ def _code(stderr: str) -> str:
     return ", ".join(codes) or (stderr.strip().splitlines() or ["?"])[-1][:100]
 
 
-def run_case(model_type: str, work: Path, *, timeout: int = 600) -> Case:
+def run_case(model_type: str, work: Path, *, timeout: int = 600, overrides: dict[str, Any] | None = None) -> Case:
     from mapgen.catalog import check_config
     from mapgen.errors import MapgenError
     from mapgen.infer import scan
@@ -145,7 +146,7 @@ def run_case(model_type: str, work: Path, *, timeout: int = 600) -> Case:
     case = Case(model_type)
     ckpt = work / model_type / "hf"
     try:
-        build(model_type, ckpt)
+        build(model_type, ckpt, overrides=overrides)
     except Exception as exc:
         case.outcome, case.detail = "build-failed", f"{type(exc).__name__}: {str(exc)[:100]}"
         return case

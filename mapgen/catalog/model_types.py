@@ -31,8 +31,8 @@ _SIGMOID_ROUTER = ("sigmoid router", "top-k over sigmoid scores without an exper
                    "softmax router")
 
 # model_type -> ((fact, what megatron-core / the bridge lacks), ...). LayerNorm model types the bridge builds
-# (stablelm, stablelm_epoch, gpt_neox: Facts.layernorm in mapgen/families/model_types.py) are not listed; GPT-NeoX's
-# parallel residual is a config value (use_parallel_residual, refused in fields.py), not a model-type fact.
+# (stablelm, stablelm_epoch, gpt_neox, falcon: Facts.layernorm in mapgen/families/model_types.py) are not
+# listed; GPT-NeoX's parallel residual is a config value (use_parallel_residual, refused in fields.py).
 FACTS: dict[str, tuple[tuple[str, str], ...]] = {
     "gemma": (_GEMMA_SCALE, _ZERO_NORM),
     "gemma2": (_GEMMA_SCALE, _ZERO_NORM, _POST_NORM),
@@ -59,7 +59,7 @@ FACTS: dict[str, tuple[tuple[str, str], ...]] = {
     "helium": (_INTERLEAVED,),
     "ernie4_5": (_INTERLEAVED,),
     "ernie4_5_moe": (_INTERLEAVED,),
-    "falcon": (_LAYERNORM, _PARALLEL),
+    "falcon": (_PARALLEL,),
     "gpt_neox_reward_model": (_LAYERNORM, _PARALLEL),
     "gptj": (_LAYERNORM, _PARALLEL),
     "phi": (_LAYERNORM, _PARALLEL),

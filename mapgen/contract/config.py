@@ -44,6 +44,7 @@ class Facts:
     shared_expert_gate: bool = False  # ... with a sigmoid gate
     gated_delta_net: bool = False  # some layer is a gated delta-net
     layernorm: bool = False  # norms are LayerNorm with bias (a model-type fact), else RMSNorm
+    non_gated_mlp: bool = False  # dense MLPs are fc1 -> activation -> fc2 (no gate)
 
 
 # -- derivations ----------------------------------------------------------------------------------------------
@@ -154,6 +155,7 @@ CONFIG: tuple[ConfigRow, ...] = (
     ConfigRow("normalization", fact="layernorm", choices=("RMSNorm", "LayerNorm")),
     ConfigRow("norm_epsilon", hf=("rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon", "norm_eps"), default=1e-6),
     ConfigRow("layernorm_zero_centered_gamma", fact="zero_centered"),
+    ConfigRow("gated_linear_unit", fact="non_gated_mlp", negate=True),
     ConfigRow("untie_embeddings_and_output_weights", fact="tied", negate=True),
     # -- MoE ---------------------------------------------------------------------------------------------
     ConfigRow("num_moe_experts", hf=("num_experts", "num_local_experts", "n_routed_experts"), when="moe"),

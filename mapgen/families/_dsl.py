@@ -180,7 +180,8 @@ def opts(**kw: str | int | bool) -> Options:
 
 class Planner(Protocol):
     """What a family's ``plan`` hook may call: add a rule (Megatron pattern, HF key patterns, op, declared
-    sharding) or refuse a feature by name."""
+    sharding), refuse a feature by name (``unsupported``: mapgen has no rule yet; ``unbuildable``: megatron-core
+    cannot build it)."""
 
     zero_centered: bool
 
@@ -188,3 +189,5 @@ class Planner(Protocol):
             experts: bool = False, options: Options = (), comment: str = "") -> None: ...
 
     def unsupported(self, what: str, key: str) -> None: ...
+
+    def unbuildable(self, what: str, key: str) -> None: ...

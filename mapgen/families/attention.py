@@ -15,18 +15,18 @@ ATTENTION = Family(
     role="mixer",
     description="softmax attention (q/k/v or fused qkv, biases, QK-norm, output gate, sinks)",
     file=__name__,
-    roots=("self_attn.", "attention."),
+    roots=("self_attn.", "attention.", "self_attention."),
     slots=(
         Slot("q", ("q_proj.weight",)),
         Slot("k", ("k_proj.weight",)),
         Slot("v", ("v_proj.weight",)),
-        Slot("qkv", ("qkv_proj.weight", "wqkv.weight")),
-        Slot("o", ("o_proj.weight", "wo.weight")),
+        Slot("qkv", ("qkv_proj.weight", "wqkv.weight", "query_key_value.weight")),
+        Slot("o", ("o_proj.weight", "wo.weight", "dense.weight")),
         Slot("q_bias", ("q_proj.bias",)),
         Slot("k_bias", ("k_proj.bias",)),
         Slot("v_bias", ("v_proj.bias",)),
-        Slot("qkv_bias", ("qkv_proj.bias",)),
-        Slot("o_bias", ("o_proj.bias",)),
+        Slot("qkv_bias", ("qkv_proj.bias", "query_key_value.bias")),
+        Slot("o_bias", ("o_proj.bias", "dense.bias")),
         Slot("q_norm", ("q_norm.weight",), init="norm"),
         Slot("k_norm", ("k_norm.weight",), init="norm"),
         Slot("sinks", ("sinks",)),
@@ -45,6 +45,9 @@ FUSED_QKV_LAYOUT: dict[str, str] = {
     # spelling of the fused projection -> how it stores q/k/v (mapgen.ops.qkv): declared, never guessed
     "qkv_proj.weight": "blocks",  # Phi-3/Phi-4: [q (all heads); k; v]
     "wqkv.weight": "per_group",  # InternLM2: per KV group [q heads of the group; k; v] (modeling_internlm2.py)
+    # GPT-NeoX: per head [q_h; k_h; v_h] (modeling_gpt_neox.py: view(..., -1, 3 * head_size).chunk(3, -1)), i.e.
+    # per group with one head per group (the model is MHA: num_query_groups = num_attention_heads)
+    "query_key_value.weight": "per_group",
 }
 
 INPUT_NORM = "input_layernorm.weight"

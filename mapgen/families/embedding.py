@@ -19,7 +19,7 @@ EMBEDDING = Family(
                            "embed_in.weight")),
         Slot("final_norm", ("norm.weight", "ln_f.weight", "final_layernorm.weight", "final_layer_norm.weight"),
              init="norm"),
-        Slot("lm_head", ("lm_head.weight", "output.weight")),
+        Slot("lm_head", ("lm_head.weight", "output.weight", "embed_out.weight")),
         Slot("final_norm_bias", ("norm.bias", "ln_f.bias", "final_layernorm.bias", "final_layer_norm.bias")),
     ),
     variants=(Variant("tied", ("embedding", "final_norm"), ("final_norm_bias",)),

@@ -2,7 +2,15 @@
 
 ``pre_norm`` (Llama/Qwen): ``input_layernorm`` before the mixer, ``post_attention_layernorm`` before the MLP
 (Megatron ``input_layernorm``/``pre_mlp_layernorm``, or the gated delta-net's fused ``in_proj`` norm).
-Other block shapes (Gemma sandwich norms, OLMo-2 post-norms, parallel blocks) are new variants here.
+
+The other block shapes are recognised so that scan classifies every key, and refused by name by the planner
+(:data:`UNSUPPORTED`): megatron-core 0.16.1's ``TransformerLayer`` computes
+``x + attn(input_layernorm(x))`` then ``x + mlp(pre_mlp_layernorm(x))`` and has no other norm slot
+(``TransformerLayerSubmodules``: input_layernorm, pre_cross_attn_layernorm, pre_mlp_layernorm), so it cannot
+build a norm on a sub-block's output (Gemma-2/3 sandwich norms, OLMo-2 post-norms) nor attention and MLP in
+parallel from the same input (Falcon ``parallel_attn``/``new_decoder_architecture``, GPT-J, Phi-1/2, Cohere).
+A block's variant is decided by its keys; a parallel block whose keys equal a sequential one (GPT-NeoX
+``use_parallel_residual``) is refused by the config catalog.
 """
 
 from __future__ import annotations
@@ -13,18 +21,46 @@ from mapgen.ir import Component
 NORMS = Family(
     "norms",
     role="block",
-    description="pre-norm block: input norm before the mixer, post-attention norm before the MLP",
+    description="the block's norms: pre-norm (converted); sandwich, post-norm and parallel blocks (refused)",
     file=__name__,
     slots=(
-        Slot("input_norm", ("input_layernorm.weight", "attention_norm.weight"), init="norm"),
-        Slot("post_attention_norm", ("post_attention_layernorm.weight", "ffn_norm.weight"), init="norm"),
+        Slot("input_norm", ("input_layernorm.weight", "attention_norm.weight", "ln_1.weight"), init="norm"),
+        Slot("post_attention_norm", ("post_attention_layernorm.weight", "ffn_norm.weight", "ln_2.weight"),
+             init="norm"),
         # LayerNorm biases (StableLM, GPT-NeoX): the model type declares LayerNorm (families/model_types.py)
-        Slot("input_norm_bias", ("input_layernorm.bias",)),
-        Slot("post_attention_norm_bias", ("post_attention_layernorm.bias",)),
+        Slot("input_norm_bias", ("input_layernorm.bias", "ln_1.bias")),
+        Slot("post_attention_norm_bias", ("post_attention_layernorm.bias", "ln_2.bias")),
+        # Gemma-2/3 sandwich and OLMo-2 post-norms: norms on the attention / MLP outputs
+        Slot("pre_feedforward_norm", ("pre_feedforward_layernorm.weight",), init="norm"),
+        Slot("post_feedforward_norm", ("post_feedforward_layernorm.weight",), init="norm"),
+        # Falcon new_decoder_architecture: one norm per parallel branch
+        Slot("attention_branch_norm", ("ln_attn.weight",), init="norm"),
+        Slot("mlp_branch_norm", ("ln_mlp.weight",), init="norm"),
+        Slot("attention_branch_norm_bias", ("ln_attn.bias",)),
+        Slot("mlp_branch_norm_bias", ("ln_mlp.bias",)),
     ),
-    variants=(Variant("pre_norm", ("input_norm", "post_attention_norm"),
-                      ("input_norm_bias", "post_attention_norm_bias")),),
+    variants=(
+        Variant("sandwich", ("input_norm", "post_attention_norm", "pre_feedforward_norm", "post_feedforward_norm")),
+        Variant("pre_norm", ("input_norm", "post_attention_norm"), ("input_norm_bias", "post_attention_norm_bias")),
+        Variant("post_norm", ("post_attention_norm", "post_feedforward_norm")),
+        Variant("parallel_two_norms", ("attention_branch_norm", "mlp_branch_norm"),
+                ("attention_branch_norm_bias", "mlp_branch_norm_bias")),
+        Variant("parallel_one_norm", ("input_norm",), ("input_norm_bias",)),
+    ),
 )
+_NO_SLOT = ("megatron-core 0.16.1's TransformerLayer has no norm on a sub-block's output (its norm slots are "
+            "input_layernorm, pre_cross_attn_layernorm and pre_mlp_layernorm)")
+_PARALLEL = ("megatron-core 0.16.1's TransformerLayer runs attention, then the MLP on the attention's residual "
+             "output; it has no parallel attention + MLP block")
+UNSUPPORTED: dict[str, str] = {
+    # block variant -> what megatron-core lacks (the planner refuses the layout by name)
+    "sandwich": f"sandwich norms (Gemma-2/3: norms after attention and after the MLP): {_NO_SLOT}",
+    "post_norm": f"a post-norm block (OLMo-2: norms after attention and after the MLP only): {_NO_SLOT}",
+    "parallel_two_norms": f"a parallel attention + MLP block with a norm per branch (Falcon ln_attn/ln_mlp): "
+                          f"{_PARALLEL}",
+    "parallel_one_norm": f"a parallel attention + MLP block from one norm (GPT-J, Phi-1/2, Falcon parallel_attn, "
+                         f"Cohere): {_PARALLEL}",
+}
 BIAS_OF = {"input_norm": "input_norm_bias", "post_attention_norm": "post_attention_norm_bias"}
 """A norm weight's bias slot: Megatron's name is the weight's with ``.bias``."""
 

@@ -260,6 +260,11 @@ def recognise_experts(
             mlp = recognise_dense(pool, f"{ep}{EXPERT_SLOT}.")
             if mlp is None:
                 return None
+            if mlp.variant == "plain":  # per-expert fc1/fc2: no expert op builds them; leave them unclassified
+                for key in mlp.own_keys():
+                    pool.avail.add(key)
+                    pool.used.discard(key)
+                return None
             n = _per_expert_problems(pool, ep, ctx, ids[ep], problems)
             return Component.make(
                 EXPERTS.name, "per_expert", dict(mlp.slots),

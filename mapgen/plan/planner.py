@@ -65,6 +65,19 @@ class _Planner:
             )
         )
 
+    def unbuildable(self, what: str, key: str) -> None:
+        """A layout the installed megatron-core cannot build (not a missing mapgen rule)."""
+        self.problems.append(
+            Diagnostic(
+                "error",
+                "plan.megatron-lacks",
+                f"{what}: refused, megatron-core cannot build this model",
+                key=key,
+                hint="nothing was written; this block shape needs support in megatron-core itself (a layer spec "
+                "mapgen could compose from megatron-core's own modules does not exist for it)",
+            )
+        )
+
     def add(self, family: str, megatron: str, hf: tuple[str, ...], op: str, sharding: str, *,
             domain: str, experts: bool = False, options: tuple[tuple[str, str | int | bool], ...] = (),
             comment: str = "") -> None:
@@ -98,6 +111,9 @@ class _Planner:
     # -- one decoder layer group: the block's norms around its mixer and MLP -----------------------------
     def group(self, group: LayerGroup, mroot: str, hroot: str, domain: str) -> None:
         input_norm = input_norm_target(group.mixer)
+        if group.block.variant in norms.UNSUPPORTED:
+            self.unbuildable(norms.UNSUPPORTED[group.block.variant], hroot + group.block.own_keys()[0])
+            return
         if not norms.check_biases(group.block, self.layernorm, self, hroot):
             return
         for where, component in (("mixer", group.mixer), ("mlp", group.mlp)):
@@ -108,16 +124,20 @@ class _Planner:
 # ---------------------------------------------------------------------------------------------------------
 # Facts: what the layout decides about the Megatron model (the config table in mapgen.contract.config does the rest)
 # ---------------------------------------------------------------------------------------------------------
-def _facts(layout: Layout, zero_centered: bool, layernorm: bool) -> Facts:
+def _facts(layout: Layout, zero_centered: bool, layernorm: bool) -> tuple[Facts, list[tuple[str, str]]]:
     """Each family states the facts its components decide; the first group (decoder order, then the MTP inner
-    layers) that states a fact decides it."""
+    layers) that states a fact decides it. Also returns (fact, group) for every group that states the opposite:
+    megatron-core has one switch per fact (``add_bias_linear`` gives the attention output projection *and* the
+    MLP a bias), so a layout whose components disagree is refused by name."""
     lm = layout.language_model
     decided: dict[str, bool] = {"tied": lm.tied_embeddings, "zero_centered": zero_centered, "layernorm": layernorm}
+    conflicts: list[tuple[str, str]] = []
     for group in (*lm.groups, *(lm.mtp.inner if lm.mtp else ())):
         for component in (group.mixer, group.mlp):
             for name, value in behaviour(component).facts(component).items():
-                decided.setdefault(name, value)
-    return Facts(**decided)
+                if decided.setdefault(name, value) != value:
+                    conflicts.append((name, f"{group.root}{component.family}"))
+    return Facts(**decided), conflicts
 
 
 def _group_line(group: LayerGroup) -> str:
@@ -154,6 +174,11 @@ def plan(layout: Layout) -> BridgePlan:
     """Plan a bridge for ``layout`` or raise :class:`MapgenError` listing every unsupported family."""
     planner = _Planner(layout)
     planner.plan()
+    facts, conflicts = _facts(layout, planner.zero_centered, planner.layernorm)
+    for name, where in conflicts:
+        planner.unsupported(f"components that disagree on the Megatron switch {name!r} (megatron-core sets it for "
+                            "the whole model: e.g. add_bias_linear biases the attention output and the MLP together)",
+                            where)
     if planner.problems:
         raise MapgenError(sorted(set(planner.problems)))
     fp = fingerprint(layout)
@@ -162,6 +187,6 @@ def plan(layout: Layout) -> BridgePlan:
         module_name=module_name(layout),
         model_type=layout.model_type,
         description=_description(layout, fp),
-        facts=_facts(layout, planner.zero_centered, planner.layernorm),
+        facts=facts,
         rules=tuple(planner.rules),
     )

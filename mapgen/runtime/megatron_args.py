@@ -53,6 +53,8 @@ def megatron_args(spec: ModelSpec, *, tp: int = 1, pp: int = 1, ep: int = 1, etp
         raise ArgsError("a router bias has no Megatron-LM flag of its own (it comes with --add-bias-linear)")
     if spec.gated_linear_unit and spec.activation != "silu":
         raise ArgsError("a gated MLP with GELU has no Megatron-LM flag here")
+    if not spec.gated_linear_unit and spec.activation == "silu":
+        raise ArgsError("a plain (not gated) MLP with SiLU has no Megatron-LM flag (without --swiglu it builds GELU)")
     a: list[str] = [
         "--num-layers", str(spec.num_layers),
         "--hidden-size", str(spec.hidden_size),

@@ -1,0 +1,153 @@
+"""Issue 11 (breadth): dense decoder families beyond Llama names.
+
+* every shared real case still in ``tests/fixtures/corpus_pending/`` has a named verdict: scan classifies every
+  key (or lists the ones it cannot) and the config catalog, the scope check or the planner refuses it by name;
+* block shapes megatron-core cannot build (parallel attention + MLP, sandwich / post norms) are refused by the
+  planner with ``plan.megatron-lacks`` before anything is written;
+* LayerNorm-with-bias and plain-MLP layouts: the facts and rules they plan into, and the refusals when keys and
+  model-type facts disagree;
+* GPT-NeoX (fused per-head ``query_key_value``, LayerNorm with bias, plain MLP with biases, partial RoPE,
+  ``embed_in``/``embed_out``) written by transformers converts and verifies at TP=2 (slow, distributed).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from scan_support import CORPUS_PENDING
+from semantics_matrix import ATOL, run_case
+
+from mapgen.catalog import check_config
+from mapgen.errors import MapgenError
+from mapgen.infer import scan
+from mapgen.ir import Component, Layout
+from mapgen.plan.planner import plan
+
+# case -> (unclassified keys, catalog/scope error codes, planner error codes; None: the plan succeeds)
+PENDING: dict[str, tuple[int, set[str], set[str] | None]] = {
+    "falcon-180b-chat": (0, {"semantics.unsupported"}, {"plan.megatron-lacks"}),  # ln_attn/ln_mlp parallel block
+    "gemma-2b-it": (0, {"semantics.unsupported"}, None),  # embedding scale, (1 + w) norms, GELU: the catalog
+    "medgemma-27b-it-gemma3": (0, {"semantics.unsupported"}, {"plan.megatron-lacks"}),  # sandwich norms
+    "oasst-rm-pythia-1.4b-gpt-neox": (-1, {"scope.no-lm-head"}, None),  # a reward model: out of scope
+    "qwen2.5-vl-7b-instruct": (0, {"semantics.unsupported"}, None),  # mrope (the semantics issue)
+    "llava-v1.5-7b": (32, set(), None),  # rotary_emb.inv_freq buffers: not classified yet
+}
+
+
+def _case(name: str) -> Path:
+    return CORPUS_PENDING / name
+
+
+def test_every_pending_case_has_a_verdict() -> None:
+    assert sorted(PENDING) == sorted(p.name for p in CORPUS_PENDING.iterdir() if p.is_dir())
+
+
+@pytest.mark.parametrize("name", sorted(PENDING))
+def test_pending_case_verdict(name: str) -> None:
+    unclassified, catalog_codes, plan_codes = PENDING[name]
+    config = json.loads((_case(name) / "config.json").read_text())
+    report = check_config(config, file="config.json")
+    assert {d.code for d in report.errors} == catalog_codes
+    if report.scope_error:
+        return
+    layout = scan(str(_case(name)))
+    assert sum(u.count for u in layout.unclassified) == unclassified
+    if unclassified:
+        return
+    if plan_codes is None:
+        plan(layout)
+        return
+    with pytest.raises(MapgenError) as err:
+        plan(layout)
+    assert {d.code for d in err.value.diagnostics} == plan_codes
+    assert all("megatron-core" in d.message for d in err.value.diagnostics)
+
+
+def test_falcon_keys_are_named_and_the_parallel_block_refused() -> None:
+    layout = scan(str(_case("falcon-180b-chat")))
+    (group,) = layout.language_model.groups
+    assert group.block.variant == "parallel_two_norms"
+    assert group.block.key("attention_branch_norm_bias") == "ln_attn.bias"
+    assert group.mixer.key("qkv") == "self_attention.query_key_value.weight"
+    assert group.mixer.flag("qkv_layout") == "per_group"
+    assert group.mlp.variant == "plain"
+    assert layout.language_model.top.key("final_norm_bias") == "transformer.ln_f.bias"
+    with pytest.raises(MapgenError) as err:
+        plan(layout)
+    (diag,) = err.value.diagnostics
+    assert "parallel attention + MLP" in diag.message
+    assert diag.key == "transformer.h.{layer}.ln_attn.weight"
+
+
+def _edit(layout: Layout, **changes: Any) -> Layout:
+    """``layout`` with its first group's block/mixer/mlp replaced and/or its model_type changed."""
+    import dataclasses
+
+    lm = layout.language_model
+    group = lm.groups[0]
+    group = dataclasses.replace(group, **{k: v for k, v in changes.items() if k in ("block", "mixer", "mlp")})
+    lm = dataclasses.replace(lm, groups=(group, *lm.groups[1:]))
+    out = dataclasses.replace(layout, language_model=lm)
+    if "model_type" in changes:
+        out = dataclasses.replace(out, model_type=changes["model_type"], text_model_type=changes["model_type"])
+    return out
+
+
+def _component(c: Component, drop: tuple[str, ...] = (), **slots: str) -> Component:
+    keys = {k: v for k, v in c.slots if k not in drop} | slots
+    return Component.make(c.family, c.variant, keys, flags=dict(c.flags), counts=dict(c.counts))
+
+
+def test_stablelm_layernorm_rules_and_facts() -> None:
+    from scan_support import CORPUS
+
+    layout = scan(str(CORPUS / "stable-code-3b-stablelm"))
+    bridge = plan(layout)
+    assert bridge.facts.layernorm
+    by_megatron = {r.megatron: r for r in bridge.rules}
+    for megatron, hf in (("decoder.layers.{layer}.input_layernorm.bias", "model.layers.{layer}.input_layernorm.bias"),
+                         ("decoder.layers.{layer}.pre_mlp_layernorm.bias",
+                          "model.layers.{layer}.post_attention_layernorm.bias"),
+                         ("decoder.final_layernorm.bias", "model.norm.bias")):
+        assert by_megatron[megatron].hf == (hf,)
+        assert by_megatron[megatron].sharding == "replicated"
+
+
+def test_norm_bias_and_layernorm_fact_must_agree() -> None:
+    from scan_support import CORPUS
+
+    layout = scan(str(CORPUS / "stable-code-3b-stablelm"))
+    with pytest.raises(MapgenError, match="not declared LayerNorm"):  # biases on an RMSNorm model type
+        plan(_edit(layout, model_type="llama"))
+    block = _component(layout.language_model.groups[0].block, drop=("input_norm_bias",))
+    with pytest.raises(MapgenError, match="LayerNorm without a bias"):
+        plan(_edit(layout, block=block))
+
+
+def test_plain_mlp_biases_must_agree_with_the_attention_output_bias() -> None:
+    """megatron-core's add_bias_linear biases linear_proj and the MLP together: a layout with one and not the other
+    is refused by name (never a proof failure or a silently zero bias)."""
+    layout = scan(str(_case("falcon-180b-chat")))
+    lm = layout.language_model
+    block = Component.make("norms", "pre_norm", {"input_norm": "input_layernorm.weight",
+                                                 "post_attention_norm": "post_attention_layernorm.weight",
+                                                 "input_norm_bias": "input_layernorm.bias",
+                                                 "post_attention_norm_bias": "post_attention_layernorm.bias"})
+    mlp = _component(lm.groups[0].mlp, fc1_bias="mlp.dense_h_to_4h.bias", fc2_bias="mlp.dense_4h_to_h.bias")
+    with pytest.raises(MapgenError, match="add_bias_linear"):
+        plan(_edit(layout, block=block, mlp=mlp, model_type="gpt_neox"))
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_gpt_neox_verifies_at_tp2(tmp_path: Path) -> None:
+    """GPT-NeoX with a sequential residual (use_parallel_residual=False) and SiLU (GELU is the semantics issue's
+    activation mapping): per-head fused query_key_value + bias, dense bias, LayerNorm with bias, plain MLP with
+    biases, rotary_pct 0.25, embed_in/embed_out."""
+    case = run_case("gpt_neox", tmp_path, overrides={"use_parallel_residual": False, "hidden_act": "silu"})
+    assert case.outcome == "verified", case.row()
+    assert case.max_diff is not None
+    assert case.max_diff <= ATOL
