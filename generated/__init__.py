@@ -4,6 +4,7 @@
 #   inputs/glm4-moe-mtp.json  366833471cafa54730c0459b3d7cd364e6a7945a65b3ad9d9ffb6c7e3b63872e
 #   inputs/internlm2-chat-7b-intermind.json  28e5039a8241fce6aabf4aadad360146a49c18e69f3dc8fa4ac5b37ae8545b12
 #   inputs/llama-3.2-3b-instruct.json  7e9dfcb5e98ba41bd1ac5e1caeffc59f2573af90d1d6e5aea388ff5ba9410286
+#   inputs/llava-v1.5-7b.json  510b1c4de8bff51760051cdbb33d3a8cdabe65db3de9e576981341f22ef069a5
 #   inputs/mimo-7b.json  209bb4e0d03ec38438c4c3cac60ba686e59a48f9fb397d57a2c0b5b493c1edf2
 #   inputs/mixtral-8x7b-instruct-v0.1.json  301249e7d3a6493f6e0ccf96b8fe906833670e021461fae44ef49245f27e8a86
 #   inputs/phi-4.json  7818a2af4ba81b894bbbd68c6cc246b1620495400a5e708139021bf896e5bf86
@@ -41,6 +42,8 @@ BRIDGES: dict[str, tuple[str, str]] = {
     'a21aba0dfba7': ('internlm2', 'BRIDGE_a21aba0dfba7'),
     # llama: llama-3.2-3b-instruct
     'f88cd89e815c': ('llama', 'BRIDGE_f88cd89e815c'),
+    # llava: llava-v1.5-7b
+    '1bd6f8491d30': ('llava', 'BRIDGE_1bd6f8491d30'),
     # mimo: mimo-7b
     '2d8ba05a9757': ('mimo', 'BRIDGE_2d8ba05a9757'),
     # mixtral: mixtral-8x7b-instruct-v0.1

@@ -37,9 +37,11 @@ from mapgen.contract.expand import expand_braces
 from mapgen.errors import Diagnostic, MapgenError
 from mapgen.families import by_name
 from mapgen.families import mtp as mtp_family
+from mapgen.families.attention import DERIVED_BUFFERS_TOWER
 from mapgen.families.moe import experts_of
+from mapgen.infer.patterns import compress_keys
 from mapgen.infer.summary import make_summary
-from mapgen.ir import MTP, Component, Dims, IndexSet, LanguageModel, LayerGroup, Layout
+from mapgen.ir import MTP, Component, Dims, IndexSet, LanguageModel, LayerGroup, Layout, Tower
 from mapgen.plan.shapes import Shape, shape_entries
 
 if TYPE_CHECKING:
@@ -371,7 +373,28 @@ def _shrunk_layout(layout: Layout, o: SynthOptions) -> tuple[Layout, list[int], 
             mtp = dataclasses.replace(lm.mtp, depth=new_depth, inner=inner, index_offset=offset)
 
     language_model = dataclasses.replace(lm, groups=groups, num_layers=count, mtp=mtp)
-    return dataclasses.replace(layout, language_model=language_model), source_of, new_depth
+    towers = tuple(_shrunk_buffers(t, count) if t.name == DERIVED_BUFFERS_TOWER else t for t in layout.towers)
+    return dataclasses.replace(layout, language_model=language_model, towers=towers), source_of, new_depth
+
+
+def _shrunk_buffers(tower: Tower, count: int) -> Tower:
+    """The derived RoPE buffers of the kept decoder layers (the source's are per layer: ``<prefix>{0..N}.<rest>``)."""
+    rests = sorted({key[len(tower.prefix):].split(".", 1)[1] for p in tower.patterns for key in expand_braces(p)})
+    keys = [f"{tower.prefix}{i}.{rest}" for i in range(count) for rest in rests]
+    return dataclasses.replace(tower, num_keys=len(keys), patterns=tuple(p for p, _ in compress_keys(keys)))
+
+
+def _inv_freq(layout: Layout, config: Mapping[str, Any]) -> Any:
+    """RoPE's inverse frequencies for the synthesized config, read with the bridge's own config rows."""
+    import torch
+
+    from mapgen.contract.config import CONFIG, Facts, row_value
+    from mapgen.contract.hf_config import HFConfig
+
+    hf, rows = HFConfig(config), {r.field: r for r in CONFIG}
+    dim, pct, base = (row_value(rows[f], hf, layout, Facts()) for f in ("kv_channels", "rotary_percent", "rotary_base"))
+    rot = int(dim * pct)
+    return 1.0 / (float(base) ** (torch.arange(0, rot, 2, dtype=torch.float64) / rot))
 
 
 def _finish_layout(layout: Layout, config: Mapping[str, Any], o: SynthOptions) -> Layout:
@@ -505,9 +528,14 @@ def synthesize(
     for entry in shape_entries(shrunk, config):
         kind = kinds.get(entry.pattern, "normal")
         shapes[entry.key] = (entry.shape, kind)
+    fixed: dict[str, Any] = {}
     for tower in shrunk.towers:
         for pattern in tower.patterns:
             for key in expand_braces(pattern):
+                if tower.name == DERIVED_BUFFERS_TOWER:  # derived from the config: the values it implies
+                    fixed[key] = _inv_freq(shrunk, config)
+                    shapes[key] = (tuple(fixed[key].shape), "normal")
+                    continue
                 shape = _tower_shape(key, tensors.get(key))
                 kind = "norm" if len(shape) == 1 and key.endswith("norm.weight") else "normal"
                 shapes[key] = (shape, kind)
@@ -536,7 +564,7 @@ def synthesize(
             shape, kind = shapes[key]
             # A tensor HF stores twice (DeepSeek/GLM MTP embedding and head copies) gets the same values.
             origin = copies.get(key, key)
-            t = make(origin, shape, kind, o.seed, dtype_of(origin))
+            t = fixed[key].to(dtype_of(key)) if key in fixed else make(origin, shape, kind, o.seed, dtype_of(origin))
             shard[key] = t
             weight_map[key] = name
             total += t.numel() * t.element_size()

@@ -129,6 +129,8 @@ def assert_case(results: dict[str, list[dict[str, Any]]], name: str, *, logits: 
     r0 = ranks[0]
     assert r0["keys"] > 0
     assert r0["mismatches"] == [], f"{name}: {r0['mismatches'][:10]}"
+    buffers = r0.get("rope_buffers")  # stored rotary_emb.inv_freq: must agree with the config's RoPE
+    assert buffers is None or buffers.get("skipped") or buffers["ok"], f"{name}: {buffers}"
     lg = r0.get("logits")
     if logits == "ok":
         assert lg is not None, f"{name}: logits not compared"

@@ -31,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -138,7 +139,10 @@ def _code(stderr: str) -> str:
     return ", ".join(codes) or (stderr.strip().splitlines() or ["?"])[-1][:100]
 
 
-def run_case(model_type: str, work: Path, *, timeout: int = 600, overrides: dict[str, Any] | None = None) -> Case:
+def run_case(model_type: str, work: Path, *, timeout: int = 600, overrides: dict[str, Any] | None = None,
+             post_build: Callable[[Path], None] | None = None) -> Case:
+    """One architecture through scan, catalog, emit and verify. ``post_build`` edits the written checkpoint
+    before mapgen sees it (e.g. adds the RoPE buffers older exports store)."""
     from mapgen.catalog import check_config
     from mapgen.errors import MapgenError
     from mapgen.infer import scan
@@ -147,6 +151,8 @@ def run_case(model_type: str, work: Path, *, timeout: int = 600, overrides: dict
     ckpt = work / model_type / "hf"
     try:
         build(model_type, ckpt, overrides=overrides)
+        if post_build is not None:
+            post_build(ckpt)
     except Exception as exc:
         case.outcome, case.detail = "build-failed", f"{type(exc).__name__}: {str(exc)[:100]}"
         return case

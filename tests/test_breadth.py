@@ -33,7 +33,6 @@ PENDING: dict[str, tuple[int, set[str], set[str] | None]] = {
     "medgemma-27b-it-gemma3": (0, {"semantics.unsupported"}, {"plan.megatron-lacks"}),  # sandwich norms
     "oasst-rm-pythia-1.4b-gpt-neox": (-1, {"scope.no-lm-head"}, None),  # a reward model: out of scope
     "qwen2.5-vl-7b-instruct": (0, {"semantics.unsupported"}, None),  # mrope (the semantics issue)
-    "llava-v1.5-7b": (32, set(), None),  # rotary_emb.inv_freq buffers: not classified yet
 }
 
 
@@ -151,3 +150,56 @@ def test_gpt_neox_verifies_at_tp2(tmp_path: Path) -> None:
     assert case.outcome == "verified", case.row()
     assert case.max_diff is not None
     assert case.max_diff <= ATOL
+
+
+# -- derived RoPE buffers (rotary_emb.inv_freq: LLaVA-1.5, older Llama exports) ---------------------------------
+def _add_inv_freq(ckpt: Path, scale: float = 1.0) -> None:
+    """Store ``model.layers.<i>.self_attn.rotary_emb.inv_freq`` as transformers 4.x exports did (a shard of its
+    own, listed in the index), computed from the config (``scale`` != 1 corrupts them)."""
+    import torch
+    from safetensors.torch import save_file
+
+    config = json.loads((ckpt / "config.json").read_text())
+    dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    base = (config.get("rope_parameters") or {}).get("rope_theta") or config.get("rope_theta", 10000.0)
+    inv = scale / (float(base) ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    tensors = {f"model.layers.{i}.self_attn.rotary_emb.inv_freq": inv.clone()
+               for i in range(config["num_hidden_layers"])}
+    save_file(tensors, str(ckpt / "rope-buffers.safetensors"), metadata={"format": "pt"})
+    index_path = ckpt / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    index["weight_map"].update(dict.fromkeys(tensors, "rope-buffers.safetensors"))
+    index_path.write_text(json.dumps(index, indent=2))
+
+
+def test_rope_buffers_are_carried_and_checked(tmp_path: Path) -> None:
+    from semantics_matrix import build
+
+    from mapgen.contract.config import model_spec
+    from mapgen.contract.hf_config import HFConfig
+    from mapgen.runtime.api import HFSource
+    from mapgen.runtime.verify import rope_buffer_check
+
+    for scale, ok in ((1.0, True), (2.0, False)):
+        ckpt = tmp_path / f"llama-{scale}"
+        build("llama", ckpt)
+        _add_inv_freq(ckpt, scale)
+        layout = scan(str(ckpt))
+        assert not layout.unclassified
+        (tower,) = layout.towers
+        assert tower.name == "derived_rope_buffers"
+        assert tower.patterns == ("model.layers.{0..1}.self_attn.rotary_emb.inv_freq",)
+        assert not any("inv_freq" in r.hf[0] for r in plan(layout).rules)  # dropped on import: no rule reads them
+        spec = model_spec(HFConfig(layout.config), layout, plan(layout).facts)
+        found = rope_buffer_check(HFSource.open(ckpt), spec)
+        assert found is not None
+        assert found["checked"] == 2
+        assert found["ok"] is ok, found
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_llama_with_rope_buffers_verifies_at_tp2(tmp_path: Path) -> None:
+    """The buffers come back bitwise on export (copied from the source, in their shard) and logits match."""
+    case = run_case("llama", tmp_path, post_build=_add_inv_freq)
+    assert case.outcome == "verified", case.row()

@@ -14,9 +14,10 @@ INPUTS = sorted((REPO / "generated" / "inputs").glob("*.json"))
 # Where transformers has no causal-LM class for the layout the round trip still runs and logits are
 # reported as skipped: MiMo needs checkpoint code (never executed); Qwen3-VL-MoE is only a
 # conditional-generation model in transformers (AutoModelForCausalLM refuses its config); stable-code-3b's
-# stablelm_epoch is checkpoint code (its transformers port, stablelm, verifies in the semantics matrix slice).
+# stablelm_epoch is checkpoint code (its transformers port, stablelm, verifies in the semantics matrix slice);
+# LLaVA-1.5's LlavaLlamaForCausalLM is checkpoint code (a Llama with stored RoPE buffers: tests/test_breadth.py).
 NO_LOGITS = {"internlm2-chat-7b-intermind", "mimo-7b", "qwen3-vl-30b-a3b",  # no transformers class
-             "stable-code-3b-stablelm"}  # stablelm_epoch is remote code; transformers' stablelm twin is in the matrix
+             "stable-code-3b-stablelm", "llava-v1.5-7b"}  # stablelm_epoch is remote code; transformers' stablelm twin is in the matrix
 
 
 @pytest.fixture(scope="module")

@@ -28,6 +28,8 @@ FACTS: dict[str, tuple[Any, ...]] = {
     "gpt-oss-20b": (24, "24 layers = 12 sliding-window attention + 12 attention (every 2nd)", 24, 32, "packed",
                     False, 0, "none", "none", False, ()),
     "llama-3.2-3b-instruct": (28, "28 layers, all attention", 0, 0, "none", False, 0, "none", "none", True, ()),
+    "llava-v1.5-7b": (32, "32 layers, all attention", 0, 0, "none", False, 0, "none", "none", False,
+                      ("projector", "derived_rope_buffers")),
     "mimo-7b": (36, "36 layers, all attention", 0, 0, "none", False, 1, "mtp_layers", "none", False, ()),
     "internlm2-chat-7b-intermind": (32, "32 layers, all attention", 0, 0, "none", False, 0, "none", "none", False,
                                     ()),

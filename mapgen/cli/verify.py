@@ -58,6 +58,12 @@ def run(args: argparse.Namespace) -> int:
         print(f"  {line}")
     reads = ", ".join(f"rank {x['rank']}: {x['bytes_read'] / 2**20:.2f} MiB" for x in results)
     print(f"bytes read per rank: {reads}")
+    buffers = r.get("rope_buffers")
+    if buffers is not None:
+        status = ("skipped: " + buffers["skipped"]) if buffers.get("skipped") else buffers.get("detail") or (
+            f"max relative |Δ| = {buffers['max_rel']:.3g} -> {'OK' if buffers['ok'] else 'FAIL'}")
+        print(f"stored rotary_emb.inv_freq buffers ({buffers['checked']}) vs the config's RoPE: {status}")
+        ok = ok and (bool(buffers.get("skipped")) or bool(buffers["ok"]))
     logit = r.get("logits")
     if logit is not None:
         status = "skipped: " + logit["skipped"] if logit.get("skipped") else (

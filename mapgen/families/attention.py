@@ -50,6 +50,14 @@ FUSED_QKV_LAYOUT: dict[str, str] = {
     "query_key_value.weight": "per_group",
 }
 
+DERIVED_BUFFERS = frozenset(root + "rotary_emb.inv_freq" for root in ATTENTION.roots)
+"""Buffers some checkpoints store beside attention (LLaVA-1.5, older Llama exports): RoPE's inverse frequencies,
+a function of the config (transformers recomputes them and ignores the stored copy: a non-persistent buffer).
+Scan lists them as one carried group (:data:`DERIVED_BUFFERS_TOWER`), the Megatron model computes its own from
+``rotary_base``/``rotary_percent``, and export copies them back from ``--source`` exactly when the source had
+them; ``verify`` checks them against the config."""
+DERIVED_BUFFERS_TOWER = "derived_rope_buffers"
+
 INPUT_NORM = "input_layernorm.weight"
 """Megatron's name for the block's pre-mixer norm (a separate module with the local spec)."""
 

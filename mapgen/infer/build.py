@@ -18,6 +18,7 @@ from typing import Any, NamedTuple
 
 from mapgen.errors import Diagnostic, MapgenError
 from mapgen.families import behaviour
+from mapgen.families.attention import DERIVED_BUFFERS, DERIVED_BUFFERS_TOWER
 from mapgen.families.embedding import EMBEDDING, LAYER_CONTAINERS
 from mapgen.families.model_types import facts_for
 from mapgen.families.mtp import (
@@ -415,11 +416,13 @@ def infer(source: Source) -> Layout:
     results: dict[int, LayerResult] = {}
     fold_cache: dict[frozenset[str], Folded] = {}
     layer_root = layers_at + "{layer}."
+    buffers: list[str] = []  # derived buffers (rotary_emb.inv_freq): carried through, never converted
     for i in main_ids:
         problems: list[Problem] = []
         sliding = bool(layer_types and i < len(layer_types) and layer_types[i] == "sliding_attention")
+        buffers.extend(f"{layers_at}{i}.{x}" for x in layer_suffixes[i] if x in DERIVED_BUFFERS)
         results[i] = classify_layer(
-            layer_suffixes[i],
+            [x for x in layer_suffixes[i] if x not in DERIVED_BUFFERS],
             _shape_lookup(source, f"{layers_at}{i}."),
             ctx,
             sliding=sliding,
@@ -428,6 +431,9 @@ def infer(source: Source) -> Layout:
         )
         _problems_to_diags(problems, f"{layers_at}{i}.", findings)
     groups = make_groups(results, layer_root)
+    if buffers:
+        towers = (*towers, Tower(DERIVED_BUFFERS_TOWER, layers_at, len(buffers),
+                                 tuple(p for p, _ in compress_keys(buffers))))
     leftover = [f"{layers_at}{i}.{s}" for i, r in results.items() for s in r.leftover]
     num_layers = len(main_ids)
     _check_layers(results, main_ids, n_cfg, layer_types, cfg, layer_root, findings)

@@ -90,10 +90,47 @@ def verify(source_path: str, par: Parallel, *, logits: bool = True, atol: float 
             rt = compare_checkpoints(source.root, out)
             result.update(keys=rt.keys, mismatches=rt.mismatches)
             shutil.rmtree(tmp, ignore_errors=True)
+            result["rope_buffers"] = rope_buffer_check(source, binding.spec)
         if logits:
             result["logits"] = _logits_parity(source, binding, model, par, coords.rank, atol, megatron_logits)
         _barrier()
     return result
+
+
+def expected_inv_freq(spec: Any) -> torch.Tensor:
+    """RoPE's inverse frequencies as megatron-core's ``RotaryEmbedding`` computes them from the spec (and
+    transformers' default RoPE from the config): ``1 / base ** (arange(0, d, 2) / d)`` over the rotated dims."""
+    dim = int(spec.kv_channels * spec.rotary_percent)
+    return 1.0 / (float(spec.rotary_base) ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+
+
+def rope_buffer_check(source: HFSource, spec: Any, ulps: int = 4) -> dict[str, Any] | None:
+    """The stored ``rotary_emb.inv_freq`` buffers (a derived group scan carries through) against the config's
+    RoPE: they are dropped on import (the Megatron model computes its own), so they must say the same, to within
+    ``ulps`` units of the stored dtype's precision (fp16/bf16 exports round them). ``None`` when the checkpoint has
+    none; skipped (with the reason) under a RoPE scaling."""
+    from mapgen.contract.expand import expand_braces
+    from mapgen.runtime.hfio import SafetensorsReader
+
+    keys = sorted(k for t in source.layout.towers for p in t.patterns for k in expand_braces(p)
+                  if k.endswith(".rotary_emb.inv_freq"))
+    if not keys:
+        return None
+    if spec.rope_scaling:
+        return {"checked": 0, "skipped": "a RoPE scaling changes the frequencies; not compared"}
+    want = expected_inv_freq(spec)
+    reader = SafetensorsReader(source.root, source.weight_map)
+    worst, ok = 0.0, True
+    for key in keys:
+        stored = reader.read(key, ())
+        got = stored.double()
+        if got.shape != want.shape:
+            return {"checked": len(keys), "ok": False, "detail": f"{key} has shape {tuple(got.shape)}, the config's "
+                    f"RoPE has {tuple(want.shape)} frequencies"}
+        rel = float(((got - want).abs() / want.abs()).max())
+        worst = max(worst, rel)
+        ok = ok and rel <= ulps * torch.finfo(stored.dtype).eps
+    return {"checked": len(keys), "max_rel": worst, "ok": ok}
 
 
 def _to_fp32(model: torch.nn.Module) -> None:
