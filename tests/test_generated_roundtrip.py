@@ -17,7 +17,7 @@ INPUTS = sorted((REPO / "generated" / "inputs").glob("*.json"))
 # stablelm_epoch is checkpoint code (its transformers port, stablelm, verifies in the semantics matrix slice);
 # LLaVA-1.5's LlavaLlamaForCausalLM is checkpoint code (a Llama with stored RoPE buffers: tests/test_breadth.py).
 NO_LOGITS = {"internlm2-chat-7b-intermind", "mimo-7b", "qwen3-vl-30b-a3b",  # no transformers class
-             "stable-code-3b-stablelm", "llava-v1.5-7b"}  # stablelm_epoch is remote code; transformers' stablelm twin is in the matrix
+             "stable-code-3b-stablelm", "llava-v1.5-7b"}
 
 
 @pytest.fixture(scope="module")
