@@ -52,14 +52,15 @@ def _recipe(layout: Layout) -> ModelSpec:
         for i in g.layers:
             kinds[i], mlps[i] = _kind(g), _mlp(g)
     f: dict[str, Any] = {
-        "num_layers": hf.get("num_hidden_layers"),
-        "hidden_size": hf.get("hidden_size"),
-        "num_attention_heads": hf.get("num_attention_heads"),
-        "num_query_groups": hf.get("num_key_value_heads", "num_attention_heads"),
+        "num_layers": hf.get("num_hidden_layers", "n_layer"),
+        "hidden_size": hf.get("hidden_size", "n_embd"),
+        "num_attention_heads": hf.get("num_attention_heads", "n_head"),
+        "num_query_groups": hf.get("num_key_value_heads", "num_attention_heads", "n_head"),
         "kv_channels": head_dim(hf),
-        "ffn_hidden_size": hf.get("intermediate_size", "moe_intermediate_size"),
+        "ffn_hidden_size": hf.get("intermediate_size", "moe_intermediate_size", "n_inner"),
         "vocab_size": hf.get("vocab_size"),
-        "max_position_embeddings": hf.get("max_position_embeddings", default=4096),
+        "max_position_embeddings": hf.get("max_position_embeddings", "n_positions", default=4096),
+        "position_embedding_type": "learned_absolute" if lm.top.key("position_embedding") else "rope",
         "layer_kinds": tuple(kinds),
         "mlp_kinds": tuple(mlps),
         "add_qkv_bias": bool(a0 and a0.key("q_bias")),

@@ -45,13 +45,13 @@ LLAMA3_DEFAULTS = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_ma
 # ModelSpec field -> (config names the bridge tries in order, the bridge's fallback): mirrors
 # mapgen.contract.config.CONFIG.
 BRIDGE_READS: dict[str, tuple[tuple[str, ...], Any]] = {
-    "num_layers": (("num_hidden_layers",), None),
-    "hidden_size": (("hidden_size",), None),
-    "num_attention_heads": (("num_attention_heads",), None),
-    "num_query_groups": (("num_key_value_heads", "num_attention_heads"), None),
-    "ffn_hidden_size": (("intermediate_size", "moe_intermediate_size"), None),
+    "num_layers": (("num_hidden_layers", "n_layer"), None),
+    "hidden_size": (("hidden_size", "n_embd"), None),
+    "num_attention_heads": (("num_attention_heads", "n_head"), None),
+    "num_query_groups": (("num_key_value_heads", "num_attention_heads", "n_head"), None),
+    "ffn_hidden_size": (("intermediate_size", "moe_intermediate_size", "n_inner"), None),
     "vocab_size": (("vocab_size",), None),
-    "max_position_embeddings": (("max_position_embeddings",), 4096),
+    "max_position_embeddings": (("max_position_embeddings", "n_positions"), 4096),
     "rotary_base": (("rope_theta", "rope_parameters.rope_theta"), 10000.0),
     "rotary_percent": (("partial_rotary_factor", "rope_parameters.partial_rotary_factor", "rotary_pct", "rope_pct"),
                        1.0),
@@ -389,12 +389,19 @@ TOP: tuple[Row, ...] = (
             unless=lambda v, s: v is None or v == _rotary_dims(s), valid=positive_int),
     *(refused(name, f"a size spelling the bridge does not read (it reads {BRIDGE_READS[field][0][0]})",
               unless=same_as_bridge(field), valid=positive_int)
-      for name, field in (("n_embd", "hidden_size"), ("n_layer", "num_layers"), ("num_layers", "num_layers"),
-                          ("n_layers", "num_layers"), ("n_head", "num_attention_heads"),
-                          ("n_heads", "num_attention_heads"), ("n_inner", "ffn_hidden_size"),
-                          ("ffn_dim", "ffn_hidden_size"), ("n_positions", "max_position_embeddings"),
+      for name, field in (("num_layers", "num_layers"),
+                          ("n_layers", "num_layers"),
+                          ("n_heads", "num_attention_heads"),
+                          ("ffn_dim", "ffn_hidden_size"),
                           ("num_experts_per_token", "moe_router_topk"), ("moe_num_experts", "num_moe_experts"),
                           ("shared_intermediate_size", "moe_shared_expert_intermediate_size"))),
+    *(mapped(name, field, why=f"{what} (GPT-2 spelling)", valid=positive_int, limit=agrees_with_bridge(field))
+      for name, field, what in (("n_embd", "hidden_size", "hidden size"), ("n_layer", "num_layers", "layers"),
+                                ("n_head", "num_attention_heads", "attention heads"),
+                                ("n_positions", "max_position_embeddings", "positions (wpe rows with learned "
+                                 "positions)"))),
+    mapped("n_inner", "ffn_hidden_size", why="MLP size (GPT-2 spelling; null means 4 * n_embd, which the bridge does "
+           "not derive: refused as a missing size)", valid=positive_int, limit=agrees_with_bridge("ffn_hidden_size")),
     refused("eps", "an epsilon spelling the bridge does not read (rms_norm_eps, layer_norm_eps)",
             unless=same_as_bridge("norm_epsilon"), valid=positive_number),
     structural("use_bias", "add_qkv_bias", "add_bias_linear", why=_STRUCT, valid=boolean),

@@ -31,7 +31,7 @@ _SIGMOID_ROUTER = ("sigmoid router", "top-k over sigmoid scores without an exper
                    "softmax router")
 
 # model_type -> ((fact, what megatron-core / the bridge lacks), ...). LayerNorm model types the bridge builds
-# (stablelm, stablelm_epoch, gpt_neox, falcon: Facts.layernorm in mapgen/families/model_types.py) are not
+# (stablelm, stablelm_epoch, gpt_neox, gpt2, falcon: Facts.layernorm in mapgen/families/model_types.py) are not
 # listed; GPT-NeoX's parallel residual is a config value (use_parallel_residual, refused in fields.py).
 FACTS: dict[str, tuple[tuple[str, str], ...]] = {
     "gemma": (_GEMMA_SCALE, _ZERO_NORM),
@@ -65,7 +65,6 @@ FACTS: dict[str, tuple[tuple[str, str], ...]] = {
     "phi": (_LAYERNORM, _PARALLEL),
     "starcoder2": (_LAYERNORM,),
     "persimmon": (_LAYERNORM,),
-    "gpt2": (_LAYERNORM,),
     "gpt_bigcode": (_LAYERNORM,),
     "bloom": (_LAYERNORM,),
     "opt": (_LAYERNORM,),

@@ -45,6 +45,7 @@ class Facts:
     gated_delta_net: bool = False  # some layer is a gated delta-net
     layernorm: bool = False  # norms are LayerNorm with bias (a model-type fact), else RMSNorm
     non_gated_mlp: bool = False  # dense MLPs are fc1 -> activation -> fc2 (no gate)
+    learned_positions: bool = False  # learned absolute position embeddings (GPT-2 wpe) instead of RoPE
 
 
 # -- derivations ----------------------------------------------------------------------------------------------
@@ -130,14 +131,16 @@ class ConfigRow:
 # fmt: off
 CONFIG: tuple[ConfigRow, ...] = (
     # -- dimensions --------------------------------------------------------------------------------------
-    ConfigRow("num_layers", hf=("num_hidden_layers",)),
-    ConfigRow("hidden_size", hf=("hidden_size",)),
-    ConfigRow("num_attention_heads", hf=("num_attention_heads",)),
-    ConfigRow("num_query_groups", hf=("num_key_value_heads", "num_attention_heads"), note="MHA without kv heads"),
+    ConfigRow("num_layers", hf=("num_hidden_layers", "n_layer")),
+    ConfigRow("hidden_size", hf=("hidden_size", "n_embd")),
+    ConfigRow("num_attention_heads", hf=("num_attention_heads", "n_head")),
+    ConfigRow("num_query_groups", hf=("num_key_value_heads", "num_attention_heads", "n_head"),
+              note="MHA without kv heads"),
     ConfigRow("kv_channels", derive="head_dim"),
-    ConfigRow("ffn_hidden_size", hf=("intermediate_size", "moe_intermediate_size")),
+    ConfigRow("ffn_hidden_size", hf=("intermediate_size", "moe_intermediate_size", "n_inner")),
     ConfigRow("vocab_size", hf=("vocab_size",)),
-    ConfigRow("max_position_embeddings", hf=("max_position_embeddings",), default=4096),
+    ConfigRow("max_position_embeddings", hf=("max_position_embeddings", "n_positions"), default=4096),
+    ConfigRow("position_embedding_type", fact="learned_positions", choices=("rope", "learned_absolute")),
     # -- per-layer structure -----------------------------------------------------------------------------
     ConfigRow("layer_kinds", derive="layer_kinds"),
     ConfigRow("mlp_kinds", derive="mlp_kinds"),

@@ -63,7 +63,7 @@ def head_dim(hf: HFConfig) -> int:
     """``head_dim`` when the config states it, else ``hidden_size // num_attention_heads``."""
     value = hf.get("head_dim", default=None)
     if value is None:
-        value = int(hf.get("hidden_size")) // int(hf.get("num_attention_heads"))
+        value = int(hf.get("hidden_size", "n_embd")) // int(hf.get("num_attention_heads", "n_head"))
     return int(value)
 
 

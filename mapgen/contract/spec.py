@@ -27,6 +27,7 @@ class ModelSpec:
     ffn_hidden_size: int
     vocab_size: int
     max_position_embeddings: int = 4096
+    position_embedding_type: Literal["rope", "learned_absolute"] = "rope"
     # -- per-layer structure (len == num_layers) ---------------------------------------------------------
     layer_kinds: tuple[LayerKind, ...] = ()
     mlp_kinds: tuple[MlpKind, ...] = ()

@@ -63,17 +63,19 @@ def op(name: Op, sharding: Sharding, *, experts: bool = False, options: tuple[Op
 
 
 def copy(sharding: Sharding = "replicated", *, transform: Literal["none", "zero_centered"] | None = None,
-         dtype: Literal["fp32"] | None = None, shared: bool | None = None) -> OpSpec:
+         dtype: Literal["fp32"] | None = None, shared: bool | None = None,
+         orientation: Literal["in_out"] | None = None) -> OpSpec:
     """One tensor as is (``transform``: zero-centred norm weights; ``dtype``: kept in fp32; ``shared``: one HF
-    tensor serves every MTP depth)."""
-    return _spec("copy", sharding, transform=transform, dtype=dtype, shared=shared)
+    tensor serves every MTP depth; ``orientation='in_out'``: a GPT-2 Conv1D weight stored [in, out])."""
+    return _spec("copy", sharding, transform=transform, dtype=dtype, shared=shared, orientation=orientation)
 
 
 def qkv(*, output_gate: bool = False, part: Literal["weight", "bias"] = "weight",
-        layout: Literal["blocks", "per_group"] | None = None) -> OpSpec:
+        layout: Literal["blocks", "per_group"] | None = None, orientation: Literal["in_out"] | None = None) -> OpSpec:
     """q, k, v (``output_gate``: q carries the gate; ``layout``: one fused HF tensor stored as ``blocks``
-    [q; k; v] or ``per_group`` [q_g; k_g; v_g]) -> linear_qkv, grouped per query group."""
-    return _spec("qkv", "qkv_groups", output_gate=output_gate, part=part, layout=layout)
+    [q; k; v] or ``per_group`` [q_g; k_g; v_g]; ``orientation='in_out'``: a Conv1D weight) -> linear_qkv,
+    grouped per query group."""
+    return _spec("qkv", "qkv_groups", output_gate=output_gate, part=part, layout=layout, orientation=orientation)
 
 
 def gated_fc1(*, fused: bool = False) -> OpSpec:

@@ -170,6 +170,14 @@ class Dims:
     mla: tuple[int | None, int, int, int, int] | None  # q_lora_rank, kv_lora_rank, nope, rope, v_head_dim
 
 
+def conv1d_shapes(pairs: ShapePairs, conv1d: bool) -> ShapePairs:
+    """``pairs`` as a GPT-2 ``Conv1D`` stores them: matrices ``[in, out]`` (vectors unchanged)."""
+    if not conv1d:
+        return pairs
+    matrix = 2
+    return [(key, shape[::-1] if shape is not None and len(shape) == matrix else shape) for key, shape in pairs]
+
+
 Options = tuple[tuple[str, str | int | bool], ...]
 
 

@@ -7,7 +7,7 @@ Megatron: ``self_attention.linear_qkv`` (q/k/v interleaved per query group), ``l
 
 from __future__ import annotations
 
-from mapgen.families._dsl import Dims, Family, Planner, ShapePairs, Slot, Variant, opts
+from mapgen.families._dsl import Dims, Family, Planner, ShapePairs, Slot, Variant, conv1d_shapes, opts
 from mapgen.ir import Component
 
 ATTENTION = Family(
@@ -15,18 +15,18 @@ ATTENTION = Family(
     role="mixer",
     description="softmax attention (q/k/v or fused qkv, biases, QK-norm, output gate, sinks)",
     file=__name__,
-    roots=("self_attn.", "attention.", "self_attention."),
+    roots=("self_attn.", "attention.", "self_attention.", "attn."),
     slots=(
         Slot("q", ("q_proj.weight",)),
         Slot("k", ("k_proj.weight",)),
         Slot("v", ("v_proj.weight",)),
-        Slot("qkv", ("qkv_proj.weight", "wqkv.weight", "query_key_value.weight")),
-        Slot("o", ("o_proj.weight", "wo.weight", "dense.weight")),
+        Slot("qkv", ("qkv_proj.weight", "wqkv.weight", "query_key_value.weight", "c_attn.weight")),
+        Slot("o", ("o_proj.weight", "wo.weight", "dense.weight", "c_proj.weight")),
         Slot("q_bias", ("q_proj.bias",)),
         Slot("k_bias", ("k_proj.bias",)),
         Slot("v_bias", ("v_proj.bias",)),
-        Slot("qkv_bias", ("qkv_proj.bias", "query_key_value.bias")),
-        Slot("o_bias", ("o_proj.bias", "dense.bias")),
+        Slot("qkv_bias", ("qkv_proj.bias", "query_key_value.bias", "c_attn.bias")),
+        Slot("o_bias", ("o_proj.bias", "dense.bias", "c_proj.bias")),
         Slot("q_norm", ("q_norm.weight",), init="norm"),
         Slot("k_norm", ("k_norm.weight",), init="norm"),
         Slot("sinks", ("sinks",)),
@@ -38,7 +38,7 @@ ATTENTION = Family(
                 ("q_bias", "k_bias", "v_bias", "qkv_bias", "o_bias", "q_norm", "k_norm", "sinks")),
     ),
     excludes=("kv_a_proj_with_mqa.weight",),
-    flags=("output_gate", "sliding_window", "qkv_layout"),
+    flags=("output_gate", "sliding_window", "qkv_layout", "conv1d"),
 )
 
 FUSED_QKV_LAYOUT: dict[str, str] = {
@@ -48,7 +48,11 @@ FUSED_QKV_LAYOUT: dict[str, str] = {
     # GPT-NeoX: per head [q_h; k_h; v_h] (modeling_gpt_neox.py: view(..., -1, 3 * head_size).chunk(3, -1)), i.e.
     # per group with one head per group (the model is MHA: num_query_groups = num_attention_heads)
     "query_key_value.weight": "per_group",
+    "c_attn.weight": "blocks",  # GPT-2: Conv1D output split(hidden, dim=2) -> [q; k; v] (modeling_gpt2.py)
 }
+CONV1D = frozenset({"c_attn.weight", "c_proj.weight"})
+"""Spellings stored as GPT-2 ``Conv1D`` weights, ``[in, out]`` (every GPT-2 linear): rules say
+``orientation='in_out'``, the ops read and write the transposed view."""
 
 DERIVED_BUFFERS = frozenset(root + "rotary_emb.inv_freq" for root in ATTENTION.roots)
 """Buffers some checkpoints store beside attention (LLaVA-1.5, older Llama exports): RoPE's inverse frequencies,
@@ -95,7 +99,7 @@ def shapes(c: Component, d: Dims) -> ShapePairs:
     q_rows = d.heads * d.head_dim * (2 if c.flag("output_gate") else 1)
     kv_rows = d.kv_heads * d.head_dim
     qkv_rows = d.heads * d.head_dim + 2 * kv_rows
-    return [
+    return conv1d_shapes([
         (c.key("q"), (q_rows, d.hidden)),
         (c.key("k"), (kv_rows, d.hidden)),
         (c.key("v"), (kv_rows, d.hidden)),
@@ -109,7 +113,7 @@ def shapes(c: Component, d: Dims) -> ShapePairs:
         (c.key("q_norm"), (d.head_dim,)),
         (c.key("k_norm"), (d.head_dim,)),
         (c.key("sinks"), (d.heads,)),
-    ]
+    ], bool(c.flag("conv1d")))
 
 
 def plan(c: Component, p: Planner, mroot: str, hroot: str, domain: str, name: str) -> None:
@@ -150,9 +154,12 @@ def _plan_fused(c: Component, p: Planner, mroot: str, hroot: str, domain: str, n
     if c.key("sinks") is not None:
         p.unsupported("attention sinks", hroot + str(c.key("sinks")))
         return
+    conv1d = bool(c.flag("conv1d"))
+    stored = {"orientation": "in_out"} if conv1d else {}
     p.add("attention.qkv", f"{mroot}self_attention.linear_qkv.weight", (hroot + qkv_key,), "qkv", "qkv_groups",
-          domain=domain, options=opts(layout=layout, output_gate=False, part="weight"),
-          comment=f"[{name}] fused qkv ({layout}) -> linear_qkv, regrouped per query group.")
+          domain=domain, options=opts(layout=layout, output_gate=False, part="weight", **stored),
+          comment=f"[{name}] fused qkv ({layout}) -> linear_qkv, regrouped per query group"
+          + (" (Conv1D: stored [in, out])." if conv1d else "."))
     if c.key("qkv_bias"):
         p.add("attention.qkv_bias", f"{mroot}self_attention.linear_qkv.bias", (hroot + str(c.key("qkv_bias")),),
               "qkv", "qkv_groups", domain=domain, options=opts(layout=layout, output_gate=False, part="bias"),
@@ -161,7 +168,7 @@ def _plan_fused(c: Component, p: Planner, mroot: str, hroot: str, domain: str, n
         p.unsupported("separate q/k/v biases beside a fused qkv projection", hroot + qkv_key)
         return
     p.add("attention.o", f"{mroot}self_attention.linear_proj.weight", (hroot + str(c.key("o")),), "copy", "row",
-          domain=domain, comment=f"[{name}] Output projection: row-parallel.")
+          domain=domain, options=opts(**stored), comment=f"[{name}] Output projection: row-parallel.")
     _plan_common(c, p, mroot, hroot, domain, name)
 
 

@@ -10,7 +10,7 @@ attention output projection a bias: the two must agree, see the planner's fact c
 
 from __future__ import annotations
 
-from mapgen.families._dsl import Dims, Family, Planner, ShapePairs, Slot, Variant, opts
+from mapgen.families._dsl import Dims, Family, Planner, ShapePairs, Slot, Variant, conv1d_shapes, opts
 from mapgen.ir import Component
 
 DENSE_MLP = Family(
@@ -27,17 +27,20 @@ DENSE_MLP = Family(
         Slot("gate_bias", ("gate_proj.bias", "w1.bias")),
         Slot("up_bias", ("up_proj.bias", "w3.bias")),
         Slot("down_bias", ("down_proj.bias", "w2.bias")),
-        Slot("fc1", ("dense_h_to_4h.weight", "fc1.weight", "fc_in.weight")),
-        Slot("fc2", ("dense_4h_to_h.weight", "fc2.weight", "fc_out.weight")),
-        Slot("fc1_bias", ("dense_h_to_4h.bias", "fc1.bias", "fc_in.bias")),
-        Slot("fc2_bias", ("dense_4h_to_h.bias", "fc2.bias", "fc_out.bias")),
+        Slot("fc1", ("dense_h_to_4h.weight", "fc1.weight", "fc_in.weight", "c_fc.weight")),
+        Slot("fc2", ("dense_4h_to_h.weight", "fc2.weight", "fc_out.weight", "c_proj.weight")),
+        Slot("fc1_bias", ("dense_h_to_4h.bias", "fc1.bias", "fc_in.bias", "c_fc.bias")),
+        Slot("fc2_bias", ("dense_4h_to_h.bias", "fc2.bias", "fc_out.bias", "c_proj.bias")),
     ),
     variants=(
         Variant("separate", ("gate", "up", "down"), ("gate_bias", "up_bias", "down_bias")),
         Variant("fused", ("gate_up", "down"), ("down_bias",)),
         Variant("plain", ("fc1", "fc2"), ("fc1_bias", "fc2_bias")),
     ),
+    flags=("conv1d",),
 )
+CONV1D = frozenset({"c_fc.weight", "c_proj.weight"})
+"""GPT-2 ``Conv1D`` spellings (stored ``[in, out]``): the rules say ``orientation='in_out'``."""
 
 
 def facts(c: Component) -> dict[str, bool]:
@@ -75,7 +78,7 @@ def sized(c: Component, hidden: int, inter: int | None) -> ShapePairs:
 
 
 def shapes(c: Component, d: Dims) -> ShapePairs:
-    return sized(c, d.hidden, d.intermediate)
+    return conv1d_shapes(sized(c, d.hidden, d.intermediate), bool(c.flag("conv1d")))
 
 
 def plan_mlp(c: Component, p: Planner, mprefix: str, hroot: str, domain: str, name: str, family: str) -> None:
@@ -107,13 +110,14 @@ def _plan_plain(c: Component, p: Planner, mprefix: str, hroot: str, domain: str,
     if mprefix != "mlp." and not mprefix.endswith(".mlp."):
         p.unsupported("a plain (not gated) MLP inside a MoE block", hroot + str(fc1))
         return
+    stored = opts(orientation="in_out") if c.flag("conv1d") else ()
     p.add(f"{family}.fc1", f"{mprefix}linear_fc1.weight", (hroot + str(fc1),), "copy", "column", domain=domain,
-          comment=f"[{name}] up projection -> linear_fc1 (not gated): column-parallel.")
+          options=stored, comment=f"[{name}] up projection -> linear_fc1 (not gated): column-parallel.")
     if fc1_bias:
         p.add(f"{family}.fc1_bias", f"{mprefix}linear_fc1.bias", (hroot + fc1_bias,), "copy", "column",
               domain=domain, comment=f"[{name}] Its bias, split like the rows.")
     p.add(f"{family}.fc2", f"{mprefix}linear_fc2.weight", (hroot + str(fc2),), "copy", "row", domain=domain,
-          comment=f"[{name}] down projection -> linear_fc2: row-parallel.")
+          options=stored, comment=f"[{name}] down projection -> linear_fc2: row-parallel.")
     if fc2_bias:
         p.add(f"{family}.fc2_bias", f"{mprefix}linear_fc2.bias", (hroot + fc2_bias,), "copy", "replicated",
               domain=domain, comment=f"[{name}] Its bias, added once after the row-parallel reduction.")

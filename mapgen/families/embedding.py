@@ -21,9 +21,11 @@ EMBEDDING = Family(
              init="norm"),
         Slot("lm_head", ("lm_head.weight", "output.weight", "embed_out.weight")),
         Slot("final_norm_bias", ("norm.bias", "ln_f.bias", "final_layernorm.bias", "final_layer_norm.bias")),
+        # GPT-2 learned absolute positions: megatron-core position_embedding_type='learned_absolute'
+        Slot("position_embedding", ("wpe.weight",)),
     ),
-    variants=(Variant("tied", ("embedding", "final_norm"), ("final_norm_bias",)),
-              Variant("untied", ("embedding", "final_norm", "lm_head"), ("final_norm_bias",))),
+    variants=(Variant("tied", ("embedding", "final_norm"), ("final_norm_bias", "position_embedding")),
+              Variant("untied", ("embedding", "final_norm", "lm_head"), ("final_norm_bias", "position_embedding"))),
 )
 
 LAYER_CONTAINERS = ("layers", "h")
@@ -38,6 +40,10 @@ def shapes(c: Component, d: Dims) -> ShapePairs:
 def plan_embedding(c: Component, p: Planner) -> None:
     p.add("embedding", "embedding.word_embeddings.weight", (str(c.key("embedding")),), "copy", "vocab",
           domain="global", comment="Token embedding: vocab-parallel; padded on import, truncated on export.")
+    if c.key("position_embedding") is not None:
+        p.add("position_embedding", "embedding.position_embeddings.weight", (str(c.key("position_embedding")),),
+              "copy", "replicated", domain="global",
+              comment="Learned absolute positions (a plain nn.Embedding in megatron-core: every rank holds it).")
 
 
 def plan_head(c: Component, p: Planner, layernorm: bool) -> None:

@@ -45,6 +45,7 @@ MODEL_TYPES: dict[str, Facts] = {
     "stablelm": Facts(layernorm=True),
     "stablelm_epoch": Facts(layernorm=True),  # stable-code-3b's remote code: the layer transformers' stablelm ported
     "gpt_neox": Facts(layernorm=True),
+    "gpt2": Facts(layernorm=True),
     "falcon": Facts(layernorm=True),  # its parallel blocks are refused by the planner (families/norms.py)
 }
 

@@ -288,14 +288,14 @@ def make_groups(results: Mapping[int, LayerResult], root: str, name_prefix: str 
 # The whole checkpoint
 # ---------------------------------------------------------------------------------------------------------
 def _dims(cfg: Config) -> Dims:
-    hidden = cfg.int("hidden_size") or 0
-    heads = cfg.int("num_attention_heads") or 0
+    hidden = cfg.int("hidden_size", "n_embd") or 0
+    heads = cfg.int("num_attention_heads", "n_head") or 0
     return Dims(
         hidden_size=hidden,
         num_attention_heads=heads,
         num_key_value_heads=cfg.int("num_key_value_heads") or heads,
         head_dim=cfg.int("head_dim") or (hidden // heads if heads else 0),
-        intermediate_size=cfg.int("intermediate_size") or 0,
+        intermediate_size=cfg.int("intermediate_size", "n_inner") or 0,
         moe_intermediate_size=cfg.int("moe_intermediate_size") or 0,
         shared_expert_intermediate_size=cfg.int("shared_expert_intermediate_size") or 0,
         vocab_size=cfg.int("vocab_size") or 0,
@@ -383,6 +383,9 @@ def infer(source: Source) -> Layout:
     # -- top level ----------------------------------------------------------------------------------------
     embedding = next((k for s in EMBEDDING.slot("embedding").spellings if (k := claim(prefix + s))), None)
     final_norm = next((k for s in EMBEDDING.slot("final_norm").spellings if (k := claim(prefix + s))), None)
+    position_embedding = next(
+        (k for s in EMBEDDING.slot("position_embedding").spellings if (k := claim(prefix + s))), None
+    )
     final_norm_bias = next(  # the bias beside the weight found (ln_f.weight -> ln_f.bias)
         (k for s in EMBEDDING.slot("final_norm_bias").spellings
          if final_norm and prefix + s == final_norm.removesuffix("weight") + "bias" and (k := claim(prefix + s))),
@@ -496,7 +499,7 @@ def infer(source: Source) -> Layout:
 
     top = Component.make(EMBEDDING.name, "tied" if tied else "untied",
                          {"embedding": embedding, "final_norm": final_norm, "lm_head": lm_head,
-                          "final_norm_bias": final_norm_bias})
+                          "final_norm_bias": final_norm_bias, "position_embedding": position_embedding})
     language_model = LanguageModel(prefix=prefix, top=top, groups=groups, num_layers=num_layers, mtp=mtp)
     mtp_declared = cfg.int(*MTP_COUNT_KEYS) or 0
     archs = source.config.get("architectures")

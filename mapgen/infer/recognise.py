@@ -13,7 +13,9 @@ from typing import Literal, NamedTuple
 
 from mapgen.families import Family, Match
 from mapgen.families.attention import ATTENTION as ATTENTION_FAMILY
+from mapgen.families.attention import CONV1D as ATTENTION_CONV1D
 from mapgen.families.attention import FUSED_QKV_LAYOUT
+from mapgen.families.dense_mlp import CONV1D as MLP_CONV1D
 from mapgen.families.dense_mlp import DENSE_MLP as DENSE_MLP_FAMILY
 from mapgen.families.gated_delta_net import GATED_DELTA_NET as GDN_FAMILY
 from mapgen.families.mla import MLA as MLA_FAMILY
@@ -151,7 +153,14 @@ def recognise_attention(pool: Pool, shape: ShapeOf, ctx: Context, *, sliding: bo
     flags: dict[str, bool | str | None] = {"output_gate": gate and q is not None, "sliding_window": sliding}
     if m.get("qkv") is not None:  # how the fused projection stores q/k/v is declared per spelling
         flags["qkv_layout"] = FUSED_QKV_LAYOUT.get(m.keys["qkv"].removeprefix(m.root))
+    flags["conv1d"] = _conv1d(m, ATTENTION_CONV1D)
     return Component.make(ATTENTION_FAMILY.name, m.variant.name, m.keys, flags=flags)
+
+
+def _conv1d(m: Match, spellings: frozenset[str]) -> bool | None:
+    """True when the matched weights are GPT-2 ``Conv1D`` spellings (stored ``[in, out]``); all or none."""
+    found = {key.removeprefix(m.root) in spellings for slot, key in m.keys.items() if not slot.endswith("bias")}
+    return True if found == {True} else None
 
 
 def _plain(family: Family, pool: Pool, roots: Iterable[str] | None = None) -> Component | None:
@@ -178,8 +187,11 @@ def recognise_mixer(pool: Pool, shape: ShapeOf, ctx: Context, *, sliding: bool) 
 # MLPs
 # ---------------------------------------------------------------------------------------------------------
 def recognise_dense(pool: Pool, p: str) -> Component | None:
-    """A gated MLP under prefix ``p`` (``mlp.``, ``mlp.shared_expert.``, ``mlp.experts.{expert}.``)."""
-    return _plain(DENSE_MLP_FAMILY, pool, roots=(p,))
+    """A dense MLP under prefix ``p`` (``mlp.``, ``mlp.shared_expert.``, ``mlp.experts.{expert}.``)."""
+    m = match_family(DENSE_MLP_FAMILY, pool, (p,))
+    if m is None:
+        return None
+    return Component.make(DENSE_MLP_FAMILY.name, m.variant.name, m.keys, flags={"conv1d": _conv1d(m, MLP_CONV1D)})
 
 
 def _orientation(gate_up: tuple[int, ...] | None, down: tuple[int, ...] | None) -> Orientation | None:

@@ -207,13 +207,21 @@ Orientation = Literal["out_in", "in_out"]
 
 
 @dataclass(frozen=True)
-class ExpertSource(Options):
+class Stored(Options):
+    """How an HF matrix is stored: ``[out, in]`` like ``nn.Linear`` (``orientation="out_in"``) or ``[in, out]``
+    (``"in_out"``: GPT-2's ``Conv1D``, gpt-oss packed experts). Ops see Megatron's ``[out, in]`` either way
+    (:class:`HFTensor` flips on read, :meth:`Ctx.emit` on write); vectors are unaffected."""
+
+    orientation: Orientation = "out_in"
+
+
+@dataclass(frozen=True)
+class ExpertSource(Stored):
     """Where an expert rule's HF tensor lives: per-expert keys, or slot ``packed[expert]`` of a 3-D tensor
-    (``layout="packed"``) stored ``[E, out, in]`` like ``nn.Linear`` (``orientation="out_in"``) or
-    ``[E, in, out]`` (``"in_out"``, gpt-oss). Ignored by dense rules."""
+    (``layout="packed"``) stored ``[E, out, in]`` (``orientation="out_in"``) or ``[E, in, out]`` (``"in_out"``,
+    gpt-oss). ``layout`` is ignored by dense rules."""
 
     layout: Layout = "per_expert"
-    orientation: Orientation = "out_in"
 
 
 OptionsT = TypeVar("OptionsT", bound=Options)
@@ -274,8 +282,9 @@ class Ctx(Generic[OptionsT]):
 
     @property
     def in_out(self) -> bool:
+        """The HF matrix is stored ``[in, out]`` (a packed expert slot, or a dense GPT-2 ``Conv1D`` weight)."""
         options = self.options
-        return self.packed and isinstance(options, ExpertSource) and options.orientation == "in_out"
+        return isinstance(options, Stored) and options.orientation == "in_out" and (self.packed or self.expert is None)
 
     def source(self, reader: Reader, i: int) -> HFTensor:
         """The view of HF key ``i`` (``packed[expert]`` for packed experts)."""
@@ -337,8 +346,10 @@ class Op(ABC, Generic[OptionsT]):
     def check(self, ctx: Ctx[OptionsT]) -> None:
         """Preconditions across options (after each option was validated on its own)."""
         options = ctx.options
-        if isinstance(options, ExpertSource) and options.orientation == "in_out" and not ctx.packed:
-            raise ctx.fail("orientation='in_out' applies only to layout='packed' expert tensors")
+        if isinstance(options, ExpertSource) and options.orientation == "in_out" and ctx.expert is not None \
+                and not ctx.packed:
+            raise ctx.fail("orientation='in_out' applies only to layout='packed' expert tensors (and dense Conv1D "
+                           "weights)")
 
     @abstractmethod
     def load(self, ctx: Ctx[OptionsT], shard: Shard, reader: Reader) -> torch.Tensor:

@@ -14,7 +14,10 @@ attention family per spelling, never guessed from shapes:
 * ``blocks``: one key, rows ``[q (all heads); k (all groups); v (all groups)]`` (Phi-3 ``qkv_proj``,
   Baichuan ``W_pack``; transformers' ``Phi3Attention`` splits ``qkv[..., :q_pos]``, ``[q_pos:q_pos+kv]``, ...);
 * ``per_group``: one key, rows per KV group ``[q_g (heads/groups heads); k_g; v_g]`` — Megatron's own order
-  (InternLM2 ``wqkv``).
+  (InternLM2 ``wqkv``; GPT-NeoX ``query_key_value`` per head ``[q_h; k_h; v_h]``, i.e. groups of one head).
+
+``orientation`` "out_in" | "in_out" (:class:`~mapgen.ops._base.Stored`): GPT-2's ``Conv1D`` ``c_attn`` stores
+the fused weight ``[hidden, 3 * hidden]``; the layout is read on the transposed view.
 """
 
 from __future__ import annotations
@@ -24,11 +27,11 @@ from typing import Literal
 
 import torch
 
-from mapgen.ops._base import Ctx, Fragment, Op, Options, Reader, Shard
+from mapgen.ops._base import Ctx, Fragment, Op, Reader, Shard, Stored
 
 
 @dataclass(frozen=True)
-class QkvOptions(Options):
+class QkvOptions(Stored):
     part: Literal["weight", "bias"] = "weight"
     output_gate: bool = False
     layout: Literal["separate", "blocks", "per_group"] = "separate"

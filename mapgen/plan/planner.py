@@ -130,7 +130,8 @@ def _facts(layout: Layout, zero_centered: bool, layernorm: bool) -> tuple[Facts,
     megatron-core has one switch per fact (``add_bias_linear`` gives the attention output projection *and* the
     MLP a bias), so a layout whose components disagree is refused by name."""
     lm = layout.language_model
-    decided: dict[str, bool] = {"tied": lm.tied_embeddings, "zero_centered": zero_centered, "layernorm": layernorm}
+    decided: dict[str, bool] = {"tied": lm.tied_embeddings, "zero_centered": zero_centered, "layernorm": layernorm,
+                                "learned_positions": bool(lm.top.key("position_embedding"))}
     conflicts: list[tuple[str, str]] = []
     for group in (*lm.groups, *(lm.mtp.inner if lm.mtp else ())):
         for component in (group.mixer, group.mlp):

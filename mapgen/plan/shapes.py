@@ -57,11 +57,11 @@ def _int(hf: HFConfig, *names: str) -> int | None:
 
 def config_dims(config: Mapping[str, Any]) -> Dims:
     hf = HFConfig(config)
-    hidden = int(hf.get("hidden_size"))
-    heads = _int(hf, "num_attention_heads") or 0
+    hidden = int(hf.get("hidden_size", "n_embd"))
+    heads = _int(hf, "num_attention_heads", "n_head") or 0
     kv_heads = _int(hf, "num_key_value_heads") or heads
     head_dim = _int(hf, "head_dim") or (hidden // heads if heads else 0)
-    intermediate = _int(hf, "intermediate_size")
+    intermediate = _int(hf, "intermediate_size", "n_inner")
     moe_intermediate = _int(hf, "moe_intermediate_size") or intermediate
     shared = _int(hf, "shared_expert_intermediate_size")
     if shared is None:

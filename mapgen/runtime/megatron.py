@@ -644,7 +644,7 @@ def build_model(
             post_process=post_process,
             parallel_output=True,
             share_embeddings_and_output_weights=not spec.untie_embeddings_and_output_weights,
-            position_embedding_type="rope",
+            position_embedding_type=spec.position_embedding_type,
             rotary_percent=spec.rotary_percent,
             rotary_base=int(spec.rotary_base),
             rope_scaling=spec.rope_scaling,

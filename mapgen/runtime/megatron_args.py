@@ -64,7 +64,7 @@ def megatron_args(spec: ModelSpec, *, tp: int = 1, pp: int = 1, ep: int = 1, etp
         "--group-query-attention", "--num-query-groups", str(spec.num_query_groups),
         "--max-position-embeddings", str(spec.max_position_embeddings),
         "--seq-length", str(min(4096, spec.max_position_embeddings)),
-        "--position-embedding-type", "rope",
+        "--position-embedding-type", spec.position_embedding_type,
         "--rotary-base", str(int(spec.rotary_base)) if float(spec.rotary_base).is_integer() else repr(spec.rotary_base),
         "--rotary-percent", repr(float(spec.rotary_percent)),
         "--normalization", spec.normalization,
@@ -183,8 +183,9 @@ def spec_from_args(argv: Sequence[str]) -> tuple[ModelSpec, dict[str, Any]]:
     unknown = sorted(set(a) - known)
     if unknown:
         raise ArgsError(f"arguments this parser does not map: {', '.join('--' + u.replace('_', '-') for u in unknown)}")
-    if a.get("position_embedding_type", "rope") != "rope":
-        raise ArgsError("only --position-embedding-type rope is mapped")
+    position = a.get("position_embedding_type", "learned_absolute")
+    if position not in ("rope", "learned_absolute"):
+        raise ArgsError("only --position-embedding-type rope and learned_absolute are mapped")
     n = int(a["num_layers"])
     heads = int(a["num_attention_heads"])
     gdn: LayerKind = "gated_delta_net"
@@ -213,6 +214,7 @@ def spec_from_args(argv: Sequence[str]) -> tuple[ModelSpec, dict[str, Any]]:
         ffn_hidden_size=int(a["ffn_hidden_size"]),
         vocab_size=int(a["vocab_size"]),
         max_position_embeddings=int(a["max_position_embeddings"]),
+        position_embedding_type=position,
         layer_kinds=kinds,
         mlp_kinds=mlps,
         add_qkv_bias=bool(a.get("add_qkv_bias")),

@@ -50,6 +50,8 @@ _COPY = [
     Example("copy", "column", {"w": (FFN, H)}),
     Example("copy", "column", {"w": (FFN,)}, {"transform": "none", "dtype": "native"}),
     Example("copy", "row", {"w": (H, FFN)}),
+    Example("copy", "column", {"w": (H, FFN)}, {"orientation": "in_out"}),  # GPT-2 Conv1D c_fc: [in, out]
+    Example("copy", "row", {"w": (FFN, H)}, {"orientation": "in_out"}),  # GPT-2 Conv1D c_proj
     Example("copy", "vocab", {"emb": (VOCAB, H)}, {"divisible_by": 8}),
     Example("copy", "vocab", {"emb": (VOCAB, H)}, tps=(1, 2)),  # divisible_by 128: rank 1 holds padding only
     Example("copy", "replicated", {"bias": (E, H)}, {"layout": "packed"}, expert=2, tps=(1,)),
@@ -84,6 +86,8 @@ EXAMPLES = [
     Example("qkv", "qkv_groups", {"qkv": ((HEADS + 4) * HN, H)}, {"layout": "blocks"}, tps=(1, 2)),
     Example("qkv", "qkv_groups", {"qkv": ((HEADS + 4) * HN,)}, {"layout": "blocks", "part": "bias"}, tps=(1, 2)),
     Example("qkv", "qkv_groups", {"qkv": ((HEADS + 4) * HN, H)}, {"layout": "per_group"}, tps=(1, 2)),
+    Example("qkv", "qkv_groups", {"qkv": (H, (HEADS + 4) * HN)}, {"layout": "blocks", "orientation": "in_out"},
+            tps=(1, 2)),  # GPT-2 Conv1D c_attn: [hidden, q + k + v]
     Example("qkv", "qkv_groups", {"q": (HEADS * HN, H), "k": (2 * HN, H), "v": (2 * HN, H)}, {"layout": "separate"},
             tps=(1, 2)),
     Example("gated_fc1", "gated_column", {"g": (FFN, H), "u": (FFN, H)}, {"fused": False}),
