@@ -241,3 +241,20 @@ def test_gpt2_verifies_at_tp2(tmp_path: Path) -> None:
     """SiLU instead of GPT-2's gelu_new (the activation mapping is the semantics issue's)."""
     case = run_case("gpt2", tmp_path, overrides={"activation_function": "silu"})
     assert case.outcome == "verified", case.row()
+
+
+def test_conv1d_spellings_need_a_declared_storage(tmp_path: Path) -> None:
+    """c_attn/c_proj/c_fc are Conv1D [in, out] in GPT-2 and nn.Linear [out, in] in GPT-BigCode/StarCoder2: a model
+    type that declares neither is refused, never guessed from the names."""
+    from semantics_matrix import build
+
+    ckpt = tmp_path / "gpt2"
+    build("gpt2", ckpt, overrides={"activation_function": "silu"})
+    config = json.loads((ckpt / "config.json").read_text())
+    (ckpt / "config.json").write_text(json.dumps(config | {"model_type": "my_gpt2_fork"}))
+    layout = scan(str(ckpt), headers=False)
+    with pytest.raises(MapgenError) as err:
+        plan(layout)
+    found = {d.message.split(" is recognised")[0] for d in err.value.diagnostics}
+    assert any("declares neither Conv1D" in m for m in found), found
+    assert any("not declared LayerNorm" in m for m in found), found  # and the LayerNorm fact is missing too

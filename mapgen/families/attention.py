@@ -51,8 +51,12 @@ FUSED_QKV_LAYOUT: dict[str, str] = {
     "c_attn.weight": "blocks",  # GPT-2: Conv1D output split(hidden, dim=2) -> [q; k; v] (modeling_gpt2.py)
 }
 CONV1D = frozenset({"c_attn.weight", "c_proj.weight"})
-"""Spellings stored as GPT-2 ``Conv1D`` weights, ``[in, out]`` (every GPT-2 linear): rules say
-``orientation='in_out'``, the ops read and write the transposed view."""
+"""GPT-2's ``Conv1D`` spellings: stored ``[in, out]`` when the model type declares it (``Facts.conv1d``; GPT-BigCode
+and StarCoder2 use the same names for ``nn.Linear``): rules say ``orientation='in_out'``, the ops read and write
+the transposed view."""
+UNDECLARED_CONV1D = ("a GPT-2-style spelling (c_attn/c_proj/c_fc) of a model type that declares neither Conv1D "
+                     "[in, out] nor nn.Linear [out, in] storage (mapgen/families/model_types.py Facts.conv1d)")
+
 
 DERIVED_BUFFERS = frozenset(root + "rotary_emb.inv_freq" for root in ATTENTION.roots)
 """Buffers some checkpoints store beside attention (LLaVA-1.5, older Llama exports): RoPE's inverse frequencies,
@@ -113,11 +117,14 @@ def shapes(c: Component, d: Dims) -> ShapePairs:
         (c.key("q_norm"), (d.head_dim,)),
         (c.key("k_norm"), (d.head_dim,)),
         (c.key("sinks"), (d.heads,)),
-    ], bool(c.flag("conv1d")))
+    ], c.flag("conv1d") is True)
 
 
 def plan(c: Component, p: Planner, mroot: str, hroot: str, domain: str, name: str) -> None:
     q, k, v, o = c.key("q"), c.key("k"), c.key("v"), c.key("o")
+    if c.flag("conv1d") == "undeclared":
+        p.unsupported(UNDECLARED_CONV1D, hroot + str(c.key("qkv") or o))
+        return
     if c.key("qkv") is not None:
         _plan_fused(c, p, mroot, hroot, domain, name)
         return
@@ -154,7 +161,7 @@ def _plan_fused(c: Component, p: Planner, mroot: str, hroot: str, domain: str, n
     if c.key("sinks") is not None:
         p.unsupported("attention sinks", hroot + str(c.key("sinks")))
         return
-    conv1d = bool(c.flag("conv1d"))
+    conv1d = c.flag("conv1d") is True
     stored = {"orientation": "in_out"} if conv1d else {}
     p.add("attention.qkv", f"{mroot}self_attention.linear_qkv.weight", (hroot + qkv_key,), "qkv", "qkv_groups",
           domain=domain, options=opts(layout=layout, output_gate=False, part="weight", **stored),

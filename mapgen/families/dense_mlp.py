@@ -11,6 +11,7 @@ attention output projection a bias: the two must agree, see the planner's fact c
 from __future__ import annotations
 
 from mapgen.families._dsl import Dims, Family, Planner, ShapePairs, Slot, Variant, conv1d_shapes, opts
+from mapgen.families.attention import UNDECLARED_CONV1D
 from mapgen.ir import Component
 
 DENSE_MLP = Family(
@@ -78,7 +79,7 @@ def sized(c: Component, hidden: int, inter: int | None) -> ShapePairs:
 
 
 def shapes(c: Component, d: Dims) -> ShapePairs:
-    return conv1d_shapes(sized(c, d.hidden, d.intermediate), bool(c.flag("conv1d")))
+    return conv1d_shapes(sized(c, d.hidden, d.intermediate), c.flag("conv1d") is True)
 
 
 def plan_mlp(c: Component, p: Planner, mprefix: str, hroot: str, domain: str, name: str, family: str) -> None:
@@ -110,7 +111,10 @@ def _plan_plain(c: Component, p: Planner, mprefix: str, hroot: str, domain: str,
     if mprefix != "mlp." and not mprefix.endswith(".mlp."):
         p.unsupported("a plain (not gated) MLP inside a MoE block", hroot + str(fc1))
         return
-    stored = opts(orientation="in_out") if c.flag("conv1d") else ()
+    if c.flag("conv1d") == "undeclared":
+        p.unsupported(UNDECLARED_CONV1D, hroot + str(fc1))
+        return
+    stored = opts(orientation="in_out") if c.flag("conv1d") is True else ()
     p.add(f"{family}.fc1", f"{mprefix}linear_fc1.weight", (hroot + str(fc1),), "copy", "column", domain=domain,
           options=stored, comment=f"[{name}] up projection -> linear_fc1 (not gated): column-parallel.")
     if fc1_bias:

@@ -17,6 +17,9 @@ class Facts:
     """``packed``: storage of packed experts when no shard header tells (orientation, gate/up interleaved).
     ``zero_centered``: HF RMSNorms compute ``(1 + w) * x`` (every norm except the gated delta-net output
     norm). ``output_gate``: attention's ``q_proj`` carries the output gate when shapes cannot tell.
+    ``conv1d``: ``c_attn``/``c_proj``/``c_fc`` weights are GPT-2 ``Conv1D`` (stored ``[in, out]``: True) or
+    ``nn.Linear`` (``[out, in]``: False, GPT-BigCode/StarCoder2); the spelling alone does not say, so a model type
+    that stores them and declares neither is refused.
     ``layernorm``: the block and final norms are ``nn.LayerNorm`` (mean-centred, with a bias tensor) in the model
     code, not RMSNorm: megatron-core ``normalization="LayerNorm"``. A norm bias in the keys of a model type without
     this fact is refused (a bias says LayerNorm, but not which LayerNorm)."""
@@ -25,6 +28,7 @@ class Facts:
     zero_centered: bool = False
     output_gate: bool = False
     layernorm: bool = False
+    conv1d: bool | None = None
 
 
 _QWEN35 = Facts(packed=("out_in", False), zero_centered=True, output_gate=True)
@@ -45,7 +49,7 @@ MODEL_TYPES: dict[str, Facts] = {
     "stablelm": Facts(layernorm=True),
     "stablelm_epoch": Facts(layernorm=True),  # stable-code-3b's remote code: the layer transformers' stablelm ported
     "gpt_neox": Facts(layernorm=True),
-    "gpt2": Facts(layernorm=True),
+    "gpt2": Facts(layernorm=True, conv1d=True),
     "falcon": Facts(layernorm=True),  # its parallel blocks are refused by the planner (families/norms.py)
 }
 

@@ -153,14 +153,20 @@ def recognise_attention(pool: Pool, shape: ShapeOf, ctx: Context, *, sliding: bo
     flags: dict[str, bool | str | None] = {"output_gate": gate and q is not None, "sliding_window": sliding}
     if m.get("qkv") is not None:  # how the fused projection stores q/k/v is declared per spelling
         flags["qkv_layout"] = FUSED_QKV_LAYOUT.get(m.keys["qkv"].removeprefix(m.root))
-    flags["conv1d"] = _conv1d(m, ATTENTION_CONV1D)
+    flags["conv1d"] = _conv1d(m, ATTENTION_CONV1D, ctx.model_types)
     return Component.make(ATTENTION_FAMILY.name, m.variant.name, m.keys, flags=flags)
 
 
-def _conv1d(m: Match, spellings: frozenset[str]) -> bool | None:
-    """True when the matched weights are GPT-2 ``Conv1D`` spellings (stored ``[in, out]``); all or none."""
-    found = {key.removeprefix(m.root) in spellings for slot, key in m.keys.items() if not slot.endswith("bias")}
-    return True if found == {True} else None
+def _conv1d(m: Match, spellings: frozenset[str], model_types: Iterable[str]) -> bool | str | None:
+    """The ``conv1d`` flag: True when the matched weights use GPT-2 spellings (``c_attn``, ``c_proj``, ``c_fc``)
+    and the model type declares ``Conv1D`` storage (``[in, out]``); ``"undeclared"`` when it declares neither
+    that nor ``nn.Linear`` (the planner refuses: the spelling does not say); None otherwise."""
+    if not any(key.removeprefix(m.root) in spellings for key in m.keys.values()):
+        return None
+    declared = next((MODEL_TYPES[t].conv1d for t in model_types if t in MODEL_TYPES), None)
+    if declared is None:
+        return "undeclared"
+    return True if declared else None
 
 
 def _plain(family: Family, pool: Pool, roots: Iterable[str] | None = None) -> Component | None:
@@ -186,12 +192,13 @@ def recognise_mixer(pool: Pool, shape: ShapeOf, ctx: Context, *, sliding: bool) 
 # ---------------------------------------------------------------------------------------------------------
 # MLPs
 # ---------------------------------------------------------------------------------------------------------
-def recognise_dense(pool: Pool, p: str) -> Component | None:
+def recognise_dense(pool: Pool, p: str, model_types: Iterable[str] = ()) -> Component | None:
     """A dense MLP under prefix ``p`` (``mlp.``, ``mlp.shared_expert.``, ``mlp.experts.{expert}.``)."""
     m = match_family(DENSE_MLP_FAMILY, pool, (p,))
     if m is None:
         return None
-    return Component.make(DENSE_MLP_FAMILY.name, m.variant.name, m.keys, flags={"conv1d": _conv1d(m, MLP_CONV1D)})
+    flags = {"conv1d": _conv1d(m, MLP_CONV1D, model_types)}
+    return Component.make(DENSE_MLP_FAMILY.name, m.variant.name, m.keys, flags=flags)
 
 
 def _orientation(gate_up: tuple[int, ...] | None, down: tuple[int, ...] | None) -> Orientation | None:
@@ -363,7 +370,7 @@ def recognise_mlp(
                     "expert_bias": pool.take(expert_bias) if expert_bias else None,
                 }
                 return Component.make(MOE.name, "routed", slots, children={"experts": experts, "shared": shared})
-        dense = recognise_dense(pool, p)
+        dense = recognise_dense(pool, p, ctx.model_types)
         if dense is not None:
             return dense
     return None

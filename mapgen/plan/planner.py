@@ -111,13 +111,13 @@ class _Planner:
     # -- one decoder layer group: the block's norms around its mixer and MLP -----------------------------
     def group(self, group: LayerGroup, mroot: str, hroot: str, domain: str) -> None:
         input_norm = input_norm_target(group.mixer)
-        if group.block.variant in norms.UNSUPPORTED:
+        block_ok = group.block.variant not in norms.UNSUPPORTED  # every refusal is listed, not just the first
+        if not block_ok:
             self.unbuildable(norms.UNSUPPORTED[group.block.variant], hroot + group.block.own_keys()[0])
-            return
-        if not norms.check_biases(group.block, self.layernorm, self, hroot):
-            return
+        block_ok = block_ok and norms.check_biases(group.block, self.layernorm, self, hroot)
         for where, component in (("mixer", group.mixer), ("mlp", group.mlp)):
-            norms.plan_before(group.block, where, input_norm, self, mroot, hroot, domain, group.name)
+            if block_ok:
+                norms.plan_before(group.block, where, input_norm, self, mroot, hroot, domain, group.name)
             behaviour(component).plan(component, self, mroot, hroot, domain, group.name)
 
 
