@@ -258,3 +258,13 @@ def test_conv1d_spellings_need_a_declared_storage(tmp_path: Path) -> None:
     found = {d.message.split(" is recognised")[0] for d in err.value.diagnostics}
     assert any("declares neither Conv1D" in m for m in found), found
     assert any("not declared LayerNorm" in m for m in found), found  # and the LayerNorm fact is missing too
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.skipif(not FULL, reason="opt-in: MAPGEN_BREADTH=full (about two minutes)")
+def test_starcoder2_verifies_at_tp2(tmp_path: Path) -> None:
+    """StarCoder2: c_fc/c_proj as nn.Linear (Facts.conv1d=False), q/k/v/o and MLP biases, LayerNorm with bias,
+    norm_epsilon spelling; SiLU instead of gelu_pytorch_tanh (the semantics issue's activation mapping)."""
+    case = run_case("starcoder2", tmp_path, overrides={"hidden_act": "silu"})
+    assert case.outcome == "verified", case.row()

@@ -72,7 +72,8 @@ def _recipe(layout: Layout) -> ModelSpec:
                                  "rope_pct", default=1.0),
         "rope_scaling": rope_scaling(hf),
         "rope_scaling_factor": rope_scaling_factor(hf),
-        "norm_epsilon": hf.get("rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon", "norm_eps", default=1e-6),
+        "norm_epsilon": hf.get("rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon", "norm_eps", "norm_epsilon",
+                               default=1e-6),
         # a norm bias in the keys (the planner refuses one on a model type not declared LayerNorm)
         "normalization": "LayerNorm" if lm.top.key("final_norm_bias") else "RMSNorm",
         "layernorm_zero_centered_gamma": zero,

@@ -156,7 +156,8 @@ CONFIG: tuple[ConfigRow, ...] = (
     ConfigRow("rope_scaling_factor", derive="rope_scaling_factor"),
     # -- norms -------------------------------------------------------------------------------------------
     ConfigRow("normalization", fact="layernorm", choices=("RMSNorm", "LayerNorm")),
-    ConfigRow("norm_epsilon", hf=("rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon", "norm_eps"), default=1e-6),
+    ConfigRow("norm_epsilon", hf=("rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon", "norm_eps", "norm_epsilon"),
+              default=1e-6),
     ConfigRow("layernorm_zero_centered_gamma", fact="zero_centered"),
     ConfigRow("gated_linear_unit", fact="non_gated_mlp", negate=True),
     ConfigRow("untie_embeddings_and_output_weights", fact="tied", negate=True),

@@ -59,7 +59,10 @@ def config_dims(config: Mapping[str, Any]) -> Dims:
     hf = HFConfig(config)
     hidden = int(hf.get("hidden_size", "n_embd"))
     heads = _int(hf, "num_attention_heads", "n_head") or 0
-    kv_heads = _int(hf, "num_key_value_heads") or heads
+    # Falcon/GPT-BigCode: multi_query means one KV head, except in Falcon's new decoder (num_kv_heads): as
+    # modeling_falcon.py FalconAttention and modeling_gpt_bigcode.py read them
+    multi_query = hf.get("multi_query", default=False) and not hf.get("new_decoder_architecture", default=False)
+    kv_heads = 1 if multi_query else (_int(hf, "num_key_value_heads", "num_kv_heads") or heads)
     head_dim = _int(hf, "head_dim") or (hidden // heads if heads else 0)
     intermediate = _int(hf, "intermediate_size", "n_inner")
     moe_intermediate = _int(hf, "moe_intermediate_size") or intermediate
