@@ -268,3 +268,18 @@ def test_starcoder2_verifies_at_tp2(tmp_path: Path) -> None:
     norm_epsilon spelling; SiLU instead of gelu_pytorch_tanh (the semantics issue's activation mapping)."""
     case = run_case("starcoder2", tmp_path, overrides={"hidden_act": "silu"})
     assert case.outcome == "verified", case.row()
+
+
+def test_phi_parallel_block_and_head_bias_are_refused_by_name(tmp_path: Path) -> None:
+    """Phi-1/2: one input norm feeding attention and MLP in parallel, and a biased output layer: every key is
+    classified, and both are refused as what megatron-core cannot build."""
+    from semantics_matrix import build
+
+    build("phi", tmp_path / "phi")
+    layout = scan(str(tmp_path / "phi"))
+    assert not layout.unclassified
+    assert layout.language_model.groups[0].block.variant == "parallel_one_norm"
+    with pytest.raises(MapgenError) as err:
+        plan(layout)
+    lacks = {d.key for d in err.value.diagnostics if d.code == "plan.megatron-lacks"}
+    assert lacks == {"model.layers.{layer}.input_layernorm.weight", "lm_head.bias"}

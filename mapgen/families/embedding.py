@@ -23,9 +23,12 @@ EMBEDDING = Family(
         Slot("final_norm_bias", ("norm.bias", "ln_f.bias", "final_layernorm.bias", "final_layer_norm.bias")),
         # GPT-2 learned absolute positions: megatron-core position_embedding_type='learned_absolute'
         Slot("position_embedding", ("wpe.weight",)),
+        # Phi-1/2, GPT-J, CodeGen: a bias on the output layer (refused: GPTModel's output_layer has none)
+        Slot("lm_head_bias", ("lm_head.bias", "embed_out.bias")),
     ),
     variants=(Variant("tied", ("embedding", "final_norm"), ("final_norm_bias", "position_embedding")),
-              Variant("untied", ("embedding", "final_norm", "lm_head"), ("final_norm_bias", "position_embedding"))),
+              Variant("untied", ("embedding", "final_norm", "lm_head"),
+                      ("final_norm_bias", "position_embedding", "lm_head_bias"))),
 )
 
 LAYER_CONTAINERS = ("layers", "h")
@@ -34,7 +37,8 @@ LAYER_CONTAINERS = ("layers", "h")
 
 def shapes(c: Component, d: Dims) -> ShapePairs:
     return [(c.key("embedding"), (d.vocab, d.hidden)), (c.key("final_norm"), (d.hidden,)),
-            (c.key("final_norm_bias"), (d.hidden,)), (c.key("lm_head"), (d.vocab, d.hidden))]
+            (c.key("final_norm_bias"), (d.hidden,)), (c.key("lm_head"), (d.vocab, d.hidden)),
+            (c.key("lm_head_bias"), (d.vocab,))]
 
 
 def plan_embedding(c: Component, p: Planner) -> None:
@@ -60,3 +64,6 @@ def plan_head(c: Component, p: Planner, layernorm: bool) -> None:
     if c.key("lm_head") is not None:
         p.add("output", "output_layer.weight", (str(c.key("lm_head")),), "copy", "vocab", domain="global",
               comment="Output layer (untied): vocab-parallel.")
+    if c.key("lm_head_bias") is not None:
+        p.unbuildable("an output-layer bias (megatron-core's GPTModel builds output_layer with bias=False)",
+                      str(c.key("lm_head_bias")))

@@ -439,6 +439,10 @@ def infer(source: Source) -> Layout:
     lm_head = next(
         (k for s in EMBEDDING.slot("lm_head").spellings for r in ("", parent, prefix) if (k := claim(r + s))), None
     )
+    lm_head_bias = next(  # beside the head found (lm_head.weight -> lm_head.bias)
+        (k for s in EMBEDDING.slot("lm_head_bias").spellings for r in ("", parent, prefix)
+         if lm_head and r + s == lm_head.removesuffix("weight") + "bias" and (k := claim(r + s))), None
+    )
     for name, slot, found in (("embedding", "embedding", embedding), ("final norm", "final_norm", final_norm)):
         if found is None:
             findings.add(
@@ -543,7 +547,8 @@ def infer(source: Source) -> Layout:
 
     top = Component.make(EMBEDDING.name, "tied" if tied else "untied",
                          {"embedding": embedding, "final_norm": final_norm, "lm_head": lm_head,
-                          "final_norm_bias": final_norm_bias, "position_embedding": position_embedding})
+                          "final_norm_bias": final_norm_bias, "position_embedding": position_embedding,
+                          "lm_head_bias": lm_head_bias})
     language_model = LanguageModel(prefix=prefix, top=top, groups=groups, num_layers=num_layers, mtp=mtp)
     mtp_declared = cfg.int(*MTP_COUNT_KEYS) or 0
     archs = source.config.get("architectures")
