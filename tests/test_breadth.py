@@ -283,3 +283,13 @@ def test_phi_parallel_block_and_head_bias_are_refused_by_name(tmp_path: Path) ->
         plan(layout)
     lacks = {d.key for d in err.value.diagnostics if d.code == "plan.megatron-lacks"}
     assert lacks == {"model.layers.{layer}.input_layernorm.weight", "lm_head.bias"}
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.skipif(not FULL, reason="opt-in: MAPGEN_BREADTH=full (about a minute)")
+def test_persimmon_verifies_at_tp2(tmp_path: Path) -> None:
+    """Persimmon: per-head fused query_key_value, LayerNorm QK norms with bias, partial rotary 0.5, plain MLP with
+    biases; SiLU instead of relu2 (the semantics issue's activation mapping)."""
+    case = run_case("persimmon", tmp_path, overrides={"hidden_act": "silu"})
+    assert case.outcome == "verified", case.row()

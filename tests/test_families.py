@@ -38,9 +38,9 @@ def test_every_spelling_is_listed_once() -> None:
 
 def _layernorm_checkpoint(tmp_path: Path) -> Path:
     tensors = tiny_dense()
-    for i in range(2):  # a QK-norm spelled q_layernorm / k_layernorm (as some exports write it)
-        tensors[f"model.layers.{i}.self_attn.q_layernorm.weight"] = (4,)
-        tensors[f"model.layers.{i}.self_attn.k_layernorm.weight"] = (4,)
+    for i in range(2):  # a QK-norm spelling mapgen does not know (q_normalization / k_normalization)
+        tensors[f"model.layers.{i}.self_attn.q_normalization.weight"] = (4,)
+        tensors[f"model.layers.{i}.self_attn.k_normalization.weight"] = (4,)
     return write_checkpoint(tmp_path / "ck", tiny_config(head_dim=4), {"model.safetensors": tensors})
 
 
@@ -48,7 +48,7 @@ def test_unknown_spelling_is_unclassified_with_a_suggestion(tmp_path: Path) -> N
     layout = scan(str(_layernorm_checkpoint(tmp_path)))
     assert layout.summary.unclassified_keys == 4
     text = render_summary(layout)
-    line = next(x for x in text.splitlines() if "self_attn.q_layernorm.weight  (2 keys)  did you mean" in x)
+    line = next(x for x in text.splitlines() if "self_attn.q_normalization.weight  (2 keys)  did you mean" in x)
     assert "self_attn.q_norm.weight" in line
     assert suggest("mlp.gate_prj.weight")[0] == "mlp.gate_proj.weight"
 
@@ -56,7 +56,7 @@ def test_unknown_spelling_is_unclassified_with_a_suggestion(tmp_path: Path) -> N
 def test_a_new_spelling_is_one_data_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     slots = tuple(
         # THE data line: one more spelling of the known q_norm / k_norm slots.
-        dataclasses.replace(s, spellings=(*s.spellings, s.spellings[0].replace("_norm", "_layernorm")))
+        dataclasses.replace(s, spellings=(*s.spellings, s.spellings[0].replace("_norm", "_normalization")))
         if s.name in ("q_norm", "k_norm") else s
         for s in ATTENTION.slots
     )
@@ -64,5 +64,5 @@ def test_a_new_spelling_is_one_data_line(tmp_path: Path, monkeypatch: pytest.Mon
     layout = scan(str(_layernorm_checkpoint(tmp_path)))
     assert layout.summary.unclassified_keys == 0
     (group,) = layout.language_model.groups
-    assert group.mixer.key("q_norm") == "self_attn.q_layernorm.weight"
-    assert group.mixer.key("k_norm") == "self_attn.k_layernorm.weight"
+    assert group.mixer.key("q_norm") == "self_attn.q_normalization.weight"
+    assert group.mixer.key("k_norm") == "self_attn.k_normalization.weight"

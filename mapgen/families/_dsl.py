@@ -192,6 +192,7 @@ class Planner(Protocol):
     cannot build it)."""
 
     zero_centered: bool
+    layernorm: bool
 
     def add(self, family: str, megatron: str, hf: tuple[str, ...], op: str, sharding: str, *, domain: str,
             experts: bool = False, options: Options = (), comment: str = "") -> None: ...

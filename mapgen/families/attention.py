@@ -27,15 +27,19 @@ ATTENTION = Family(
         Slot("v_bias", ("v_proj.bias",)),
         Slot("qkv_bias", ("qkv_proj.bias", "query_key_value.bias", "c_attn.bias")),
         Slot("o_bias", ("o_proj.bias", "dense.bias", "c_proj.bias")),
-        Slot("q_norm", ("q_norm.weight",), init="norm"),
-        Slot("k_norm", ("k_norm.weight",), init="norm"),
+        Slot("q_norm", ("q_norm.weight", "q_layernorm.weight"), init="norm"),
+        Slot("k_norm", ("k_norm.weight", "k_layernorm.weight"), init="norm"),
+        Slot("q_norm_bias", ("q_layernorm.bias",)),  # Persimmon: per-head LayerNorm QK norms (with bias)
+        Slot("k_norm_bias", ("k_layernorm.bias",)),
         Slot("sinks", ("sinks",)),
     ),
     variants=(
         Variant("separate", ("o", "q", "k", "v"),
-                ("q_bias", "k_bias", "v_bias", "qkv_bias", "o_bias", "q_norm", "k_norm", "sinks")),
+                ("q_bias", "k_bias", "v_bias", "qkv_bias", "o_bias", "q_norm", "k_norm", "q_norm_bias", "k_norm_bias",
+                 "sinks")),
         Variant("fused", ("o", "qkv"),
-                ("q_bias", "k_bias", "v_bias", "qkv_bias", "o_bias", "q_norm", "k_norm", "sinks")),
+                ("q_bias", "k_bias", "v_bias", "qkv_bias", "o_bias", "q_norm", "k_norm", "q_norm_bias", "k_norm_bias",
+                 "sinks")),
     ),
     excludes=("kv_a_proj_with_mqa.weight",),
     flags=("output_gate", "sliding_window", "qkv_layout", "conv1d"),
@@ -116,6 +120,8 @@ def shapes(c: Component, d: Dims) -> ShapePairs:
         (c.key("o_bias"), (d.hidden,)),
         (c.key("q_norm"), (d.head_dim,)),
         (c.key("k_norm"), (d.head_dim,)),
+        (c.key("q_norm_bias"), (d.head_dim,)),
+        (c.key("k_norm_bias"), (d.head_dim,)),
         (c.key("sinks"), (d.heads,)),
     ], c.flag("conv1d") is True)
 
@@ -184,9 +190,19 @@ def _plan_common(c: Component, p: Planner, mroot: str, hroot: str, domain: str, 
     if c.key("o_bias"):
         p.add("attention.o_bias", f"{mroot}self_attention.linear_proj.bias", (hroot + str(c.key("o_bias")),),
               "copy", "replicated", domain=domain, comment=f"[{name}] Output projection bias.")
-    if c.key("q_norm"):
-        p.add("attention.q_norm", f"{mroot}self_attention.q_layernorm.weight", (hroot + str(c.key("q_norm")),),
-              "copy", "replicated", domain=domain, comment=f"[{name}] QK-norm on queries (per head).")
-    if c.key("k_norm"):
-        p.add("attention.k_norm", f"{mroot}self_attention.k_layernorm.weight", (hroot + str(c.key("k_norm")),),
-              "copy", "replicated", domain=domain, comment=f"[{name}] QK-norm on keys (per head).")
+    for side in ("q", "k"):
+        weight, bias = c.key(f"{side}_norm"), c.key(f"{side}_norm_bias")
+        if weight is None:
+            continue
+        if bool(bias) != p.layernorm:  # the QK norms are the model's norm type (megatron-core builds them so)
+            p.unsupported("a QK-norm bias on a model type not declared LayerNorm" if bias else
+                          "an RMS QK-norm in a LayerNorm model (megatron-core builds QK norms of the model's norm "
+                          "type)",
+                          hroot + str(bias or weight))
+            continue
+        what = "queries" if side == "q" else "keys"
+        p.add(f"attention.{side}_norm", f"{mroot}self_attention.{side}_layernorm.weight", (hroot + weight,), "copy",
+              "replicated", domain=domain, comment=f"[{name}] QK-norm on {what} (per head).")
+        if bias:
+            p.add(f"attention.{side}_norm_bias", f"{mroot}self_attention.{side}_layernorm.bias", (hroot + bias,),
+                  "copy", "replicated", domain=domain, comment=f"[{name}] Its LayerNorm bias.")

@@ -50,6 +50,7 @@ MODEL_TYPES: dict[str, Facts] = {
     "stablelm_epoch": Facts(layernorm=True),  # stable-code-3b's remote code: the layer transformers' stablelm ported
     "gpt_neox": Facts(layernorm=True),
     "gpt2": Facts(layernorm=True, conv1d=True),
+    "persimmon": Facts(layernorm=True),  # QK norms too: nn.LayerNorm(head_dim) (modeling_persimmon.py)
     # c_attn/c_proj/c_fc as nn.Linear [out, in] (modeling_gpt_bigcode.py, modeling_starcoder2.py)
     "gpt_bigcode": Facts(layernorm=True, conv1d=False),
     "starcoder2": Facts(layernorm=True, conv1d=False),
