@@ -25,10 +25,15 @@ EMBEDDING = Family(
         Slot("position_embedding", ("wpe.weight",)),
         # Phi-1/2, GPT-J, CodeGen: a bias on the output layer (refused: GPTModel's output_layer has none)
         Slot("lm_head_bias", ("lm_head.bias", "embed_out.bias")),
+        # Bloom: a LayerNorm right after the token embedding (refused: LanguageModelEmbedding has none)
+        Slot("embedding_norm", ("word_embeddings_layernorm.weight",)),
+        Slot("embedding_norm_bias", ("word_embeddings_layernorm.bias",)),
     ),
-    variants=(Variant("tied", ("embedding", "final_norm"), ("final_norm_bias", "position_embedding")),
+    variants=(Variant("tied", ("embedding", "final_norm"),
+                      ("final_norm_bias", "position_embedding", "embedding_norm", "embedding_norm_bias")),
               Variant("untied", ("embedding", "final_norm", "lm_head"),
-                      ("final_norm_bias", "position_embedding", "lm_head_bias"))),
+                      ("final_norm_bias", "position_embedding", "lm_head_bias", "embedding_norm",
+                       "embedding_norm_bias"))),
 )
 
 LAYER_CONTAINERS = ("layers", "h")
@@ -38,12 +43,16 @@ LAYER_CONTAINERS = ("layers", "h")
 def shapes(c: Component, d: Dims) -> ShapePairs:
     return [(c.key("embedding"), (d.vocab, d.hidden)), (c.key("final_norm"), (d.hidden,)),
             (c.key("final_norm_bias"), (d.hidden,)), (c.key("lm_head"), (d.vocab, d.hidden)),
-            (c.key("lm_head_bias"), (d.vocab,))]
+            (c.key("lm_head_bias"), (d.vocab,)), (c.key("embedding_norm"), (d.hidden,)),
+            (c.key("embedding_norm_bias"), (d.hidden,))]
 
 
 def plan_embedding(c: Component, p: Planner) -> None:
     p.add("embedding", "embedding.word_embeddings.weight", (str(c.key("embedding")),), "copy", "vocab",
           domain="global", comment="Token embedding: vocab-parallel; padded on import, truncated on export.")
+    if c.key("embedding_norm") is not None:
+        p.unbuildable("a LayerNorm on the token embeddings (Bloom word_embeddings_layernorm): megatron-core's "
+                      "LanguageModelEmbedding has no norm", str(c.key("embedding_norm")))
     if c.key("position_embedding") is not None:
         p.add("position_embedding", "embedding.position_embeddings.weight", (str(c.key("position_embedding")),),
               "copy", "replicated", domain="global",

@@ -427,6 +427,10 @@ def infer(source: Source) -> Layout:
     # -- top level ----------------------------------------------------------------------------------------
     embedding = next((k for s in EMBEDDING.slot("embedding").spellings if (k := claim(prefix + s))), None)
     final_norm = next((k for s in EMBEDDING.slot("final_norm").spellings if (k := claim(prefix + s))), None)
+    embedding_norm, embedding_norm_bias = (
+        next((k for s in EMBEDDING.slot(slot).spellings if (k := claim(prefix + s))), None)
+        for slot in ("embedding_norm", "embedding_norm_bias")
+    )
     position_embedding = next(
         (k for s in EMBEDDING.slot("position_embedding").spellings if (k := claim(prefix + s))), None
     )
@@ -548,7 +552,8 @@ def infer(source: Source) -> Layout:
     top = Component.make(EMBEDDING.name, "tied" if tied else "untied",
                          {"embedding": embedding, "final_norm": final_norm, "lm_head": lm_head,
                           "final_norm_bias": final_norm_bias, "position_embedding": position_embedding,
-                          "lm_head_bias": lm_head_bias})
+                          "lm_head_bias": lm_head_bias, "embedding_norm": embedding_norm,
+                          "embedding_norm_bias": embedding_norm_bias})
     language_model = LanguageModel(prefix=prefix, top=top, groups=groups, num_layers=num_layers, mtp=mtp)
     mtp_declared = cfg.int(*MTP_COUNT_KEYS) or 0
     archs = source.config.get("architectures")
