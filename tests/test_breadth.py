@@ -293,3 +293,12 @@ def test_persimmon_verifies_at_tp2(tmp_path: Path) -> None:
     biases; SiLU instead of relu2 (the semantics issue's activation mapping)."""
     case = run_case("persimmon", tmp_path, overrides={"hidden_act": "silu"})
     assert case.outcome == "verified", case.row()
+
+
+def test_a_fused_qkv_order_is_declared_per_root_and_spelling() -> None:
+    """qkv_proj is Phi-3's [q; k; v] under self_attn. but CodeGen's mp_num-interleaved order under attn.: the
+    declaration names the root, so CodeGen's is undeclared (refused by the planner), never read as Phi-3's."""
+    from mapgen.families.attention import FUSED_QKV_LAYOUT
+
+    assert FUSED_QKV_LAYOUT["self_attn.qkv_proj.weight"] == "blocks"
+    assert "attn.qkv_proj.weight" not in FUSED_QKV_LAYOUT

@@ -21,7 +21,7 @@ ATTENTION = Family(
         Slot("k", ("k_proj.weight",)),
         Slot("v", ("v_proj.weight",)),
         Slot("qkv", ("qkv_proj.weight", "wqkv.weight", "query_key_value.weight", "c_attn.weight")),
-        Slot("o", ("o_proj.weight", "wo.weight", "dense.weight", "c_proj.weight")),
+        Slot("o", ("o_proj.weight", "wo.weight", "dense.weight", "c_proj.weight", "out_proj.weight")),
         Slot("q_bias", ("q_proj.bias",)),
         Slot("k_bias", ("k_proj.bias",)),
         Slot("v_bias", ("v_proj.bias",)),
@@ -46,13 +46,16 @@ ATTENTION = Family(
 )
 
 FUSED_QKV_LAYOUT: dict[str, str] = {
-    # spelling of the fused projection -> how it stores q/k/v (mapgen.ops.qkv): declared, never guessed
-    "qkv_proj.weight": "blocks",  # Phi-3/Phi-4: [q (all heads); k; v]
-    "wqkv.weight": "per_group",  # InternLM2: per KV group [q heads of the group; k; v] (modeling_internlm2.py)
+    # root + spelling of the fused projection -> how it stores q/k/v (mapgen.ops.qkv): declared, never guessed.
+    # The root is part of the key: CodeGen's attn.qkv_proj (an mp_num-interleaved order) is not Phi-3's.
+    "self_attn.qkv_proj.weight": "blocks",  # Phi-3/Phi-4: [q (all heads); k; v]
+    "attention.wqkv.weight": "per_group",  # InternLM2: per KV group [q heads of the group; k; v]
     # GPT-NeoX: per head [q_h; k_h; v_h] (modeling_gpt_neox.py: view(..., -1, 3 * head_size).chunk(3, -1)), i.e.
-    # per group with one head per group (the model is MHA: num_query_groups = num_attention_heads)
-    "query_key_value.weight": "per_group",
-    "c_attn.weight": "blocks",  # GPT-2: Conv1D output split(hidden, dim=2) -> [q; k; v] (modeling_gpt2.py)
+    # per group with one head per group (the model is MHA: num_query_groups = num_attention_heads); Falcon's
+    # new decoder per KV group [q..; k; v], its multi-query [q; k; v] = one group; Bloom and Persimmon per head
+    "attention.query_key_value.weight": "per_group",
+    "self_attention.query_key_value.weight": "per_group",
+    "attn.c_attn.weight": "blocks",  # GPT-2: Conv1D output split(hidden, dim=2) -> [q; k; v] (modeling_gpt2.py)
 }
 CONV1D = frozenset({"c_attn.weight", "c_proj.weight"})
 """GPT-2's ``Conv1D`` spellings: stored ``[in, out]`` when the model type declares it (``Facts.conv1d``; GPT-BigCode

@@ -152,7 +152,7 @@ def recognise_attention(pool: Pool, shape: ShapeOf, ctx: Context, *, sliding: bo
         gate = q_shape[0] == 2 * o_shape[1]
     flags: dict[str, bool | str | None] = {"output_gate": gate and q is not None, "sliding_window": sliding}
     if m.get("qkv") is not None:  # how the fused projection stores q/k/v is declared per spelling
-        flags["qkv_layout"] = FUSED_QKV_LAYOUT.get(m.keys["qkv"].removeprefix(m.root))
+        flags["qkv_layout"] = FUSED_QKV_LAYOUT.get(m.keys["qkv"])
     flags["conv1d"] = _conv1d(m, ATTENTION_CONV1D, ctx.model_types)
     return Component.make(ATTENTION_FAMILY.name, m.variant.name, m.keys, flags=flags)
 
