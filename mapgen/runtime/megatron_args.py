@@ -112,6 +112,10 @@ def megatron_args(spec: ModelSpec, *, tp: int = 1, pp: int = 1, ep: int = 1, etp
             a.append("--moe-router-pre-softmax")
         if spec.moe_router_topk_scaling_factor is not None:
             a += ["--moe-router-topk-scaling-factor", repr(float(spec.moe_router_topk_scaling_factor))]
+        if spec.moe_router_num_groups is not None:
+            a += ["--moe-router-num-groups", str(spec.moe_router_num_groups)]
+        if spec.moe_router_group_topk is not None:
+            a += ["--moe-router-group-topk", str(spec.moe_router_group_topk)]
     if spec.mtp_num_layers:
         a += ["--mtp-num-layers", str(spec.mtp_num_layers)]
     a += ["--tensor-model-parallel-size", str(tp), "--pipeline-model-parallel-size", str(pp),
@@ -175,6 +179,7 @@ def spec_from_args(argv: Sequence[str]) -> tuple[ModelSpec, dict[str, Any]]:
              "moe_ffn_hidden_size", "moe_router_score_function", "moe_router_load_balancing_type",
              "moe_aux_loss_coeff", "moe_shared_expert_intermediate_size", "moe_shared_expert_gate",
              "moe_router_enable_expert_bias", "moe_router_pre_softmax", "moe_router_topk_scaling_factor",
+             "moe_router_num_groups", "moe_router_group_topk",
              "mtp_num_layers", "tensor_model_parallel_size", "pipeline_model_parallel_size",
              "expert_model_parallel_size", "expert_tensor_parallel_size", "bf16", "fp16", "load", "ckpt_format",
              "no_load_optim", "no_load_rng", "finetune"}
@@ -237,6 +242,8 @@ def spec_from_args(argv: Sequence[str]) -> tuple[ModelSpec, dict[str, Any]]:
         moe_router_pre_softmax=bool(a.get("moe_router_pre_softmax")),
         moe_router_topk_scaling_factor=(float(a["moe_router_topk_scaling_factor"])
                                         if "moe_router_topk_scaling_factor" in a else None),
+        moe_router_num_groups=opt_int("moe_router_num_groups"),
+        moe_router_group_topk=opt_int("moe_router_group_topk"),
         linear_num_key_heads=opt_int("linear_num_key_heads"),
         linear_num_value_heads=opt_int("linear_num_value_heads"),
         linear_key_head_dim=opt_int("linear_key_head_dim"),
