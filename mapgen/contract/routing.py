@@ -17,7 +17,7 @@ megatron-core 0.16.1 (``moe_utils.topk_routing_with_score_function``) computes, 
 transformers' routers, by the scheme a model type's modelling code implements (``mapgen.families.model_types``):
 
 * ``softmax`` (Qwen2/3-MoE, OLMoE, FlexOlmo, Qwen3-Next): softmax, top-k, renormalised iff ``norm_topk_prob``;
-* ``softmax_renorm`` (Mixtral, MiniMax, Qwen3.5/3-VL MoE, Hunyuan MoE): softmax, top-k, always renormalised
+* ``softmax_renorm`` (Mixtral, MiniMax, Qwen3.5/3-VL MoE): softmax, top-k, always renormalised
   (``norm_topk_prob`` is not read);
 * ``sigmoid_grouped`` (DeepSeek-V3, Kimi-K2, GLM-4.5, dots1): sigmoid, ``e_score_correction_bias`` for the
   selection only, groups by the sum of their top-2 scores, ``norm_topk_prob`` renormalises with the same 1e-20,

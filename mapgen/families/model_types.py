@@ -53,7 +53,6 @@ MODEL_TYPES: dict[str, Facts] = {
     "flex_olmo": _SOFTMAX,
     "mixtral": _RENORM,
     "minimax": _RENORM,
-    "hunyuan_v1_moe": _RENORM,
     "deepseek_v2": Facts(router="softmax_greedy"),
     "deepseek_v3": _DEEPSEEK_V3,
     "glm4_moe": _DEEPSEEK_V3,
