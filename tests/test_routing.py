@@ -30,9 +30,9 @@ from mapgen.families.model_types import MODEL_TYPES, router_for
 
 EXPERTS = 8
 _ROUTING_FIELDS = (*ROUTING_KEYS, "num_experts_per_tok")
-_EXPERT_KEY = {"glm4_moe": "n_routed_experts", "dots1": "n_routed_experts", "deepseek_v3": "n_routed_experts",
-               "deepseek_v2": "n_routed_experts", "glm4v_moe_text": "n_routed_experts", "mixtral": "num_local_experts",
-               "minimax": "num_local_experts"}
+_EXPERT_KEY = {"mixtral": "num_local_experts", "minimax": "num_local_experts", "qwen2_moe": "num_experts",
+               "qwen3_moe": "num_experts", "olmoe": "num_experts", "flex_olmo": "num_experts",
+               "qwen3_next": "num_experts", "qwen3_5_moe_text": "num_experts", "qwen3_vl_moe_text": "num_experts"}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -85,7 +85,7 @@ def test_routing_table(scheme: RouterScheme, config: dict[str, Any], topk: int, 
 def _router(model_type: str, **config: Any) -> tuple[torch.nn.Module, dict[str, Any]]:
     from transformers import CONFIG_MAPPING
 
-    cfg = CONFIG_MAPPING[model_type](hidden_size=64, **{_EXPERT_KEY.get(model_type, "num_experts"): EXPERTS},
+    cfg = CONFIG_MAPPING[model_type](hidden_size=64, **{_EXPERT_KEY.get(model_type, "n_routed_experts"): EXPERTS},
                                      **config)
     module = importlib.import_module(type(cfg).__module__.replace(".configuration_", ".modeling_"))
     (cls,) = [c for n, c in inspect.getmembers(module, inspect.isclass)
@@ -127,11 +127,11 @@ def _variants(scheme: str) -> list[dict[str, Any]]:
     # ties, whatever torch.topk returns for them); refused, but agreement there is an accident of tie-breaking
     if scheme == "sigmoid_grouped":
         return [{"num_experts_per_tok": k, "norm_topk_prob": n, "n_group": g, "topk_group": t,
-                 "routed_scaling_factor": s}
-                for k, n, (g, t), s in itertools.product(topks, (True, False), groups, (1.0, 2.5))
-                if t <= k <= t * EXPERTS // g]
-    return [{"num_experts_per_tok": k, "topk_method": m, "n_group": g, "topk_group": t, "routed_scaling_factor": s}
-            for k, m, (g, t), s in itertools.product(topks, ("greedy", "group_limited_greedy"), groups, (1.0, 2.5))
+                 "routed_scaling_factor": 2.5 if (k + g) % 2 else 1.0}
+                for k, n, (g, t) in itertools.product(topks, (True, False), groups) if t <= k <= t * EXPERTS // g]
+    return [{"num_experts_per_tok": k, "topk_method": m, "n_group": g, "topk_group": t,
+             "routed_scaling_factor": 2.5 if (k + g) % 2 else 1.0}
+            for k, m, (g, t) in itertools.product(topks, ("greedy", "group_limited_greedy"), groups)
             if t <= k <= t * EXPERTS // g]
 
 

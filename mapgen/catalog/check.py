@@ -201,6 +201,10 @@ class _Checker:
                 self._nested(key, scope, value, nested)
                 return
             refusal = row.why
+        elif row.unread is not None and (unread := row.unread(value, scope)):
+            self.fields.append(FieldVerdict(full, "inert", value, source, reason=unread))
+            self._nested(key, scope, value, nested)
+            return
         elif row.limit is not None:
             refusal = row.limit(value, scope)
         if refusal:

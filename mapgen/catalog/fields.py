@@ -31,7 +31,7 @@ from mapgen.catalog.rows import (
     refused_all,
     structural,
 )
-from mapgen.contract.routing import RouterScheme, routing
+from mapgen.contract.routing import READS, RouterScheme, routing
 from mapgen.families.model_types import router_for
 
 # transformers' ACT2FN names (a drift test keeps them equal to the installed transformers).
@@ -137,6 +137,17 @@ def _routing_limit(key: str) -> Check:
         return "; ".join(reasons) if reasons else None
 
     return limit
+
+
+def _routing_unread(key: str) -> Check:
+    """Why a routing key is inert for this model type: its router code never reads it."""
+
+    def unread(v: Any, scope: Scope) -> str | None:
+        scheme = _router_scheme(scope)
+        return None if key in READS[scheme] else (
+            f"not read by {scope.model_type}'s router (mapgen.contract.routing scheme {scheme!r})")
+
+    return unread
 
 
 def _activation(v: Any, scope: Scope) -> str | None:
@@ -293,9 +304,11 @@ TOP: tuple[Row, ...] = (
             "config)", unless=equals("silu", "swish"), valid=_activation),
     mapped("norm_topk_prob", "moe_router_pre_softmax", "moe_router_score_function", why="top-k weights "
            "renormalised or not (mapgen.contract.routing)", valid=boolean, limit=_routing_limit("norm_topk_prob"),
+           unread=_routing_unread("norm_topk_prob"),
            default=True),
     mapped("routed_scaling_factor", "moe_router_topk_scaling_factor", why="routed-expert weights scaled",
-           valid=positive_number, limit=_routing_limit("routed_scaling_factor"), default=True),
+           valid=positive_number, limit=_routing_limit("routed_scaling_factor"),
+           unread=_routing_unread("routed_scaling_factor"), default=True),
     refused("route_scale", "routed-expert weights scaled (moe_router_topk_scaling_factor not set by the bridge)",
             unless=equals(1, 1.0), valid=positive_number),
     refused("scoring_func", "router scores: the bridge picks sigmoid only from an expert-bias tensor "
@@ -303,11 +316,14 @@ TOP: tuple[Row, ...] = (
             unless=lambda v, s: equals("softmax")(v, s) or _router_scheme(s) != "",
             valid=one_of("softmax", "sigmoid", "sqrtsoftplus")),
     mapped("topk_method", "moe_router_num_groups", "moe_router_group_topk", why="greedy or group-limited top-k",
-           limit=_routing_limit("topk_method"), default=True),
+           limit=_routing_limit("topk_method"),
+           unread=_routing_unread("topk_method"), default=True),
     mapped("n_group", "moe_router_num_groups", why="group-limited routing: expert groups",
-           valid=non_negative_int, limit=_routing_limit("n_group"), default=True),
+           valid=non_negative_int, limit=_routing_limit("n_group"),
+           unread=_routing_unread("n_group"), default=True),
     mapped("topk_group", "moe_router_group_topk", why="group-limited routing: groups selected per token",
-           valid=non_negative_int, limit=_routing_limit("topk_group"), default=True),
+           valid=non_negative_int, limit=_routing_limit("topk_group"),
+           unread=_routing_unread("topk_group"), default=True),
     refused("sliding_window", "sliding-window attention shorter than the context: megatron-core has "
             "window_size, the bridge does not set it", unless=_no_window, valid=non_negative_int),
     refused("no_rope_layers", "layers without RoPE (NoPE): the bridge applies RoPE in every layer",

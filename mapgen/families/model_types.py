@@ -59,6 +59,9 @@ MODEL_TYPES: dict[str, Facts] = {
     "glm4v_moe": _DEEPSEEK_V3,
     "glm4v_moe_text": _DEEPSEEK_V3,
     "dots1": _DEEPSEEK_V3,
+    "glm4_moe_lite": _DEEPSEEK_V3,
+    "deepseek_v32": _DEEPSEEK_V3,
+    "glm_moe_dsa": _DEEPSEEK_V3,
 }
 
 _NONE = Facts()
