@@ -84,6 +84,7 @@ def _recipe(layout: Layout) -> ModelSpec:
             # the former runtime default, now explicit; every stored config routes renormalised, unscaled,
             # ungrouped (the routing variants are tested in tests/test_routing.py)
             "moe_router_score_function": "sigmoid" if m0.key("expert_bias") else "softmax",
+            "moe_router_dtype": "fp32" if m0.key("expert_bias") else None,  # DeepSeek-style: the gate in fp32
             "moe_shared_expert_gate": bool((sh := m0.child("shared")) and sh.key("gate")),
         }
         if m0.child("shared") is not None:

@@ -42,6 +42,9 @@ def _get(values: dict[str, Any]) -> Any:
     return values.get
 
 
+_SIGMOID = Routing("sigmoid", dtype="fp32")  # DeepSeek-style, no groups, unscaled
+
+
 @pytest.mark.parametrize(("scheme", "config", "topk", "want", "gap"), [
     ("softmax", {"norm_topk_prob": False}, 2, Routing("softmax", pre_softmax=True), None),
     ("softmax", {"norm_topk_prob": True}, 2, Routing("softmax"), None),
@@ -50,23 +53,24 @@ def _get(values: dict[str, Any]) -> Any:
     ("softmax_renorm", {"norm_topk_prob": False}, 2, Routing("softmax"), None),  # not read
     ("softmax_renorm", {}, 1, Routing("softmax", pre_softmax=True), "num_experts_per_tok"),
     ("sigmoid_grouped", {"norm_topk_prob": True, "routed_scaling_factor": 2.5, "n_group": 2, "topk_group": 1}, 2,
-     Routing("sigmoid", scaling_factor=2.5, num_groups=2, group_topk=1), None),
+     Routing("sigmoid", scaling_factor=2.5, num_groups=2, group_topk=1, dtype="fp32"), None),
     ("sigmoid_grouped", {"norm_topk_prob": True, "routed_scaling_factor": 1.0, "n_group": 8, "topk_group": 4}, 8,
-     Routing("sigmoid", num_groups=8, group_topk=4), None),  # DeepSeek-V3 / Kimi-K2
-    ("sigmoid_grouped", {"norm_topk_prob": True, "n_group": 1, "topk_group": 1}, 2, Routing("sigmoid"), None),
-    ("sigmoid_grouped", {"norm_topk_prob": True, "n_group": 4, "topk_group": 4}, 2, Routing("sigmoid"), None),
-    ("sigmoid_grouped", {"norm_topk_prob": False}, 2, Routing("sigmoid"), "norm_topk_prob"),
-    ("sigmoid_grouped", {"norm_topk_prob": False}, 1, Routing("sigmoid"), None),
-    ("sigmoid_grouped", {"norm_topk_prob": True}, 1, Routing("sigmoid"), "norm_topk_prob"),
-    ("sigmoid_grouped", {"norm_topk_prob": True, "n_group": 2, "topk_group": 1}, 3, Routing("sigmoid"), "topk_group"),
-    ("sigmoid_grouped", {"norm_topk_prob": True, "n_group": 3, "topk_group": 1}, 2, Routing("sigmoid"), "n_group"),
+     Routing("sigmoid", num_groups=8, group_topk=4, dtype="fp32"), None),  # DeepSeek-V3 / Kimi-K2
+    ("sigmoid_grouped", {"norm_topk_prob": True, "n_group": 1, "topk_group": 1}, 2, _SIGMOID, None),
+    ("sigmoid_grouped", {"norm_topk_prob": True, "n_group": 4, "topk_group": 4}, 2, _SIGMOID, None),
+    ("sigmoid_grouped", {"norm_topk_prob": False}, 2, _SIGMOID, "norm_topk_prob"),
+    ("sigmoid_grouped", {"norm_topk_prob": False}, 1, _SIGMOID, None),
+    ("sigmoid_grouped", {"norm_topk_prob": True}, 1, _SIGMOID, "norm_topk_prob"),
+    ("sigmoid_grouped", {"norm_topk_prob": True, "n_group": 2, "topk_group": 1}, 3, _SIGMOID, "topk_group"),
+    ("sigmoid_grouped", {"norm_topk_prob": True, "n_group": 3, "topk_group": 1}, 2, _SIGMOID, "n_group"),
     ("softmax_greedy", {"topk_method": "greedy", "routed_scaling_factor": 16.0}, 6,
-     Routing("softmax", pre_softmax=True, scaling_factor=16.0), None),
+     Routing("softmax", pre_softmax=True, scaling_factor=16.0, dtype="fp32"), None),
     ("softmax_greedy", {"topk_method": "group_limited_greedy", "n_group": 4, "topk_group": 2}, 3,
-     Routing("softmax", pre_softmax=True, num_groups=4, group_topk=2), None),
+     Routing("softmax", pre_softmax=True, num_groups=4, group_topk=2, dtype="fp32"), None),
     ("softmax_greedy", {"topk_method": "group_limited_greedy", "n_group": 8, "topk_group": 3}, 6,
-     Routing("softmax", pre_softmax=True), "topk_group"),  # DeepSeek-V2: groups by their best score, not top-2
-    ("softmax_greedy", {"topk_method": "noaux_tc"}, 2, Routing("softmax", pre_softmax=True), "topk_method"),
+     Routing("softmax", pre_softmax=True, dtype="fp32"), "topk_group"),  # DeepSeek-V2: groups by best score
+    ("softmax_greedy", {"topk_method": "noaux_tc"}, 2, Routing("softmax", pre_softmax=True, dtype="fp32"),
+     "topk_method"),
     ("", {"norm_topk_prob": True, "routed_scaling_factor": 1.0}, 2, Routing("softmax"), None),
     ("", {"norm_topk_prob": False}, 2, Routing("softmax"), "norm_topk_prob"),
     ("", {"routed_scaling_factor": 2.5}, 2, Routing("softmax"), "routed_scaling_factor"),
@@ -212,7 +216,8 @@ def test_megatron_args_carry_group_limited_routing() -> None:
     spec = ModelSpec(num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2, kv_channels=16,
                      ffn_hidden_size=96, vocab_size=128, num_moe_experts=8, moe_router_topk=2,
                      moe_ffn_hidden_size=32, moe_router_enable_expert_bias=True, moe_router_score_function="sigmoid",
-                     moe_router_topk_scaling_factor=2.5, moe_router_num_groups=2, moe_router_group_topk=1)
+                     moe_router_topk_scaling_factor=2.5, moe_router_num_groups=2, moe_router_group_topk=1,
+                     moe_router_dtype="fp32")
     args = megatron_args(spec)
     assert args[args.index("--moe-router-num-groups") + 1] == "2"
     assert args[args.index("--moe-router-group-topk") + 1] == "1"
@@ -220,6 +225,7 @@ def test_megatron_args_carry_group_limited_routing() -> None:
     assert canonical(back).moe_router_num_groups == 2
     assert canonical(back).moe_router_group_topk == 1
     assert back.moe_router_topk_scaling_factor == 2.5
+    assert back.moe_router_dtype == "fp32"
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -302,6 +308,7 @@ def verified(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     try:
         cases = [Case(f"{name}-{lay}", str(src), **par)
                  for name, src in sources.items() for lay, par in LAYOUTS.items()]
+        cases.append(Case("glm4_moe-grouped-tp2ep2", str(sources["glm4_moe-grouped"]), tp=2, ep=2, etp=1))
         results = run_cases(cases)
     finally:
         if old is None:
@@ -320,6 +327,15 @@ def test_verify(verified: dict[str, Any], name: str, layout: str) -> None:
 
     r0 = assert_case(verified["results"], f"{name}-{layout}")
     assert r0["logits"]["max_abs"] <= 1e-4
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_verify_grouped_at_tp2_ep2(verified: dict[str, Any]) -> None:
+    """Issue 12: GLM-4.5-style routing also at TP=2 x EP=2 (ETP=1) on the same two ranks."""
+    from runtime_support import assert_case
+
+    assert_case(verified["results"], "glm4_moe-grouped-tp2ep2")
 
 
 @pytest.mark.slow

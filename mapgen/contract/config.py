@@ -99,6 +99,7 @@ Derivation = Literal[
     "head_dim", "rope_scaling", "rope_scaling_factor", "layer_kinds", "mlp_kinds", "mtp_depth", "mtp_layer_kind",
     "mtp_mlp_kind",
     "router_score_function", "router_pre_softmax", "router_scaling_factor", "router_num_groups", "router_group_topk",
+    "router_dtype",
 ]
 DERIVATIONS: dict[str, Callable[[HFConfig, Layout], Any]] = {
     "head_dim": lambda hf, _: head_dim(hf),  # head_dim, else hidden_size // num_attention_heads
@@ -131,6 +132,7 @@ ROUTER_DERIVATIONS: dict[str, Callable[[Routing], Any]] = {
     "router_scaling_factor": lambda r: r.scaling_factor,
     "router_num_groups": lambda r: r.num_groups,
     "router_group_topk": lambda r: r.group_topk,
+    "router_dtype": lambda r: r.dtype,
 }
 
 
@@ -193,6 +195,7 @@ CONFIG: tuple[ConfigRow, ...] = (
     ConfigRow("moe_router_topk_scaling_factor", derive="router_scaling_factor", when="moe"),
     ConfigRow("moe_router_num_groups", derive="router_num_groups", when="moe"),
     ConfigRow("moe_router_group_topk", derive="router_group_topk", when="moe"),
+    ConfigRow("moe_router_dtype", derive="router_dtype", when="moe"),
     ConfigRow("moe_shared_expert_gate", fact="shared_expert_gate"),
     ConfigRow("moe_shared_expert_intermediate_size", hf=("shared_expert_intermediate_size", "moe_intermediate_size"),
               when="shared_expert"),

@@ -12,7 +12,9 @@ megatron-core 0.16.1 (``moe_utils.topk_routing_with_score_function``) computes, 
   scores are renormalised, ``s / (sum + 1e-20)``, whenever top-k > 1, never at top-1;
 * groups (``moe_router_num_groups`` / ``moe_router_group_topk``): groups ranked by the sum of their top
   ``topk // group_topk`` selection scores, experts of the other groups masked;
-* the scaling factor multiplies the final weights.
+* the scaling factor multiplies the final weights;
+* ``moe_router_dtype="fp32"``: the gate's logits (and the weighting) in fp32 whatever the model's dtype, as the
+  DeepSeek-style routers of transformers compute them.
 
 transformers' routers, by the scheme a model type's modelling code implements (``mapgen.families.model_types``):
 
@@ -61,6 +63,7 @@ class Routing:
     scaling_factor: float | None = None
     num_groups: int | None = None
     group_topk: int | None = None
+    dtype: Literal["fp32"] | None = None  # the gate in fp32 (transformers casts input and weight to fp32)
 
 
 @dataclass(frozen=True)
@@ -137,7 +140,7 @@ def routing(scheme: RouterScheme, get: Get, *, topk: int, num_experts: int | Non
                 "at top-1"))
         num_groups, group_topk, gap = _groups(get, topk, num_experts, 2)
         gaps += [gap] if gap else []
-        return Routing("sigmoid", False, _scale(get), num_groups, group_topk), tuple(gaps)
+        return Routing("sigmoid", False, _scale(get), num_groups, group_topk, "fp32"), tuple(gaps)
     if scheme == "softmax_greedy":
         method = get("topk_method")
         num_groups = group_topk = None
@@ -147,7 +150,7 @@ def routing(scheme: RouterScheme, get: Get, *, topk: int, num_experts: int | Non
         elif method not in ("greedy", None):
             gaps.append(RoutingGap("topk_method", method, "only greedy and group_limited_greedy are read by this "
                                    "model type's router"))
-        return Routing("softmax", True, _scale(get), num_groups, group_topk), tuple(gaps)
+        return Routing("softmax", True, _scale(get), num_groups, group_topk, "fp32"), tuple(gaps)
     # unknown router code: the bridge's historic router, neutral values only
     neutral = {"norm_topk_prob": (True,), "routed_scaling_factor": (1, 1.0), "n_group": (0, 1),
                "topk_group": (0, 1), "topk_method": ("greedy", "noaux_tc")}

@@ -429,6 +429,7 @@ def transformer_config(
             moe_router_topk_scaling_factor=spec.moe_router_topk_scaling_factor,
             moe_router_num_groups=spec.moe_router_num_groups,
             moe_router_group_topk=spec.moe_router_group_topk,
+            moe_router_dtype=spec.moe_router_dtype,
             moe_router_load_balancing_type="none",
             moe_aux_loss_coeff=0.0,
             moe_grouped_gemm=False,
