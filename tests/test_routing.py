@@ -74,6 +74,7 @@ _SIGMOID = Routing("sigmoid", dtype="fp32")  # DeepSeek-style, no groups, unscal
     ("", {"norm_topk_prob": True, "routed_scaling_factor": 1.0}, 2, Routing("softmax"), None),
     ("", {"norm_topk_prob": False}, 2, Routing("softmax"), "norm_topk_prob"),
     ("", {"routed_scaling_factor": 2.5}, 2, Routing("softmax"), "routed_scaling_factor"),
+    ("", {}, 1, Routing("softmax", pre_softmax=True), "num_experts_per_tok"),
 ])
 def test_routing_table(scheme: RouterScheme, config: dict[str, Any], topk: int, want: Routing,
                        gap: str | None) -> None:

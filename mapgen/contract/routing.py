@@ -161,4 +161,8 @@ def routing(scheme: RouterScheme, get: Get, *, topk: int, num_experts: int | Non
                                    f"{key} (mapgen/families/model_types.py has no router scheme for it); the "
                                    "bridge builds a renormalised softmax router (sigmoid with a score-correction "
                                    "bias), which computes the same only for " + " / ".join(map(repr, ok))))
-    return Routing("sigmoid" if expert_bias else "softmax"), tuple(gaps)
+    if topk == 1:
+        gaps.append(RoutingGap("num_experts_per_tok", topk, "top-1 routing under a router scheme mapgen does not "
+                               "know: megatron-core neither renormalises a single weight to 1.0 nor builds a "
+                               "top-1 softmax router without moe_router_pre_softmax"))
+    return Routing("sigmoid" if expert_bias else "softmax", pre_softmax=topk == 1 and not expert_bias), tuple(gaps)
