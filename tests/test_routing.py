@@ -84,6 +84,51 @@ def test_routing_table(scheme: RouterScheme, config: dict[str, Any], topk: int, 
     assert all(g.reason for g in gaps)
 
 
+# The routing keys of released checkpoints (config.json as published, routing keys only): what they build.
+RELEASES = [
+    ("DeepSeek-V3", "deepseek_v3", {"n_routed_experts": 256, "num_experts_per_tok": 8, "n_group": 8, "topk_group": 4,
+                                    "norm_topk_prob": True, "routed_scaling_factor": 2.5, "scoring_func": "sigmoid",
+                                    "topk_method": "noaux_tc"},
+     Routing("sigmoid", scaling_factor=2.5, num_groups=8, group_topk=4, dtype="fp32"), None),
+    ("Kimi-K2 (DeepSeek-V3 class)", "deepseek_v3", {"n_routed_experts": 384, "num_experts_per_tok": 8, "n_group": 1,
+                                                    "topk_group": 1, "norm_topk_prob": True,
+                                                    "routed_scaling_factor": 2.827},
+     Routing("sigmoid", scaling_factor=2.827, dtype="fp32"), None),
+    ("GLM-4.5", "glm4_moe", {"n_routed_experts": 160, "num_experts_per_tok": 8, "n_group": 1, "topk_group": 1,
+                             "norm_topk_prob": True, "routed_scaling_factor": 2.5},
+     Routing("sigmoid", scaling_factor=2.5, dtype="fp32"), None),
+    ("dots.llm1", "dots1", {"n_routed_experts": 128, "num_experts_per_tok": 6, "n_group": 1, "topk_group": 1,
+                            "norm_topk_prob": True, "routed_scaling_factor": 2.5},
+     Routing("sigmoid", scaling_factor=2.5, dtype="fp32"), None),
+    ("DeepSeek-V2-Lite", "deepseek_v2", {"n_routed_experts": 64, "num_experts_per_tok": 6, "topk_method": "greedy",
+                                         "n_group": 1, "topk_group": 1, "routed_scaling_factor": 1.0},
+     Routing("softmax", pre_softmax=True, dtype="fp32"), None),
+    ("DeepSeek-V2", "deepseek_v2", {"n_routed_experts": 160, "num_experts_per_tok": 6, "n_group": 8, "topk_group": 3,
+                                    "topk_method": "group_limited_greedy", "routed_scaling_factor": 16.0},
+     None, "topk_group"),  # groups ranked by their best score; megatron-core would sum their top 6 // 3 = 2
+    ("Qwen2-57B-A14B", "qwen2_moe", {"num_experts": 64, "num_experts_per_tok": 8, "norm_topk_prob": False},
+     Routing("softmax", pre_softmax=True), None),
+    ("Qwen3-30B-A3B", "qwen3_moe", {"num_experts": 128, "num_experts_per_tok": 8, "norm_topk_prob": True},
+     Routing("softmax"), None),
+    ("Mixtral-8x7B", "mixtral", {"num_local_experts": 8, "num_experts_per_tok": 2}, Routing("softmax"), None),
+]
+
+
+@pytest.mark.parametrize(("name", "model_type", "config", "want", "gap"), RELEASES, ids=[r[0] for r in RELEASES])
+def test_released_routing(name: str, model_type: str, config: dict[str, Any], want: Routing | None,
+                          gap: str | None) -> None:
+    """What the catalog says and the bridge builds for the routing of the releases people convert."""
+    config = {"model_type": model_type, **config}
+    refused = sorted({d.key for d in check_config(config).errors if d.code == "semantics.unsupported"
+                      and d.key in _ROUTING_FIELDS})
+    assert refused == ([gap] if gap else []), refused
+    if want is not None:
+        defaults = layout_defaults(model_type, model_type, ROUTING_KEYS)
+        facts = Facts(moe=True, expert_bias=want.score_function == "sigmoid", router=router_for([model_type]),
+                      **{f"default_{k}": v for k, v in defaults.items()})
+        assert bridge_routing(HFConfig(config), facts) == want
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Router parity: transformers' router classes vs megatron-core's routing function
 # ---------------------------------------------------------------------------------------------------------
