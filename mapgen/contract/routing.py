@@ -21,9 +21,10 @@ transformers' routers, by the scheme a model type's modelling code implements (`
 * ``softmax`` (Qwen2/3-MoE, OLMoE, FlexOlmo, Qwen3-Next): softmax, top-k, renormalised iff ``norm_topk_prob``;
 * ``softmax_renorm`` (Mixtral, MiniMax, Qwen3.5/3-VL MoE): softmax, top-k, always renormalised
   (``norm_topk_prob`` is not read);
-* ``sigmoid_grouped`` (DeepSeek-V3, Kimi-K2, GLM-4.5, dots1): sigmoid, ``e_score_correction_bias`` for the
-  selection only, groups by the sum of their top-2 scores, ``norm_topk_prob`` renormalises with the same 1e-20,
-  weights times ``routed_scaling_factor`` (``scoring_func``/``topk_method`` are not read);
+* ``sigmoid_grouped`` (DeepSeek-V3/V3.2, Kimi-K2 on the V3 class, GLM-4.5/-Lite/-MoE-DSA/-4.5V, dots1):
+  sigmoid, ``e_score_correction_bias`` for the selection only, groups by the sum of their top-2 scores,
+  ``norm_topk_prob`` renormalises with the same 1e-20, weights times ``routed_scaling_factor``
+  (``scoring_func``/``topk_method`` are not read);
 * ``softmax_greedy`` (DeepSeek-V2): softmax, ``topk_method`` greedy or group_limited_greedy (groups by their
   best score), never renormalised, weights times ``routed_scaling_factor``.
 
