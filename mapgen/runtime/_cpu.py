@@ -93,23 +93,41 @@ def _restore() -> None:
             delattr(obj, attr)
 
 
-# Warnings megatron-core 0.16.1 prints on every CPU run, about optional accelerators and its own defaults;
-# shown with MAPGEN_VERBOSE=1 (`--verbose`).
+# Warnings megatron-core 0.16.1 and torch.distributed print on every CPU run, about optional accelerators,
+# their own defaults and deprecations inside their code; shown with `--verbose` (MAPGEN_VERBOSE=1).
 QUIET_WARNINGS = (
     r".*Transformer Engine and Apex are not installed.*",
     r".*Apex is not installed.*",
     r".*full scope is deprecated.*",
     r".*Please use DTensor instead and we are deprecating ShardedTensor.*",
     r".*torch.distributed is disabled, unavailable or uninitialized.*",
+    r".*CUDA_DEVICE_MAX_CONNECTIONS.*",  # megatron's async all-reduce advice, a CUDA setting
+    r"`torch\.distributed\.\w+` is deprecated\. Please use .*",  # megatron-core calls the old collectives
 )
 
 
+def verbose() -> bool:
+    return os.environ.get("MAPGEN_VERBOSE") == "1"
+
+
 def quiet_third_party() -> None:
-    """Silence :data:`QUIET_WARNINGS` for the process unless ``MAPGEN_VERBOSE=1``."""
-    if os.environ.get("MAPGEN_VERBOSE") == "1":
+    """Silence :data:`QUIET_WARNINGS` for the process unless ``--verbose`` (``MAPGEN_VERBOSE=1``)."""
+    if verbose():
         return
     for pattern in QUIET_WARNINGS:
         warnings.filterwarnings("ignore", message=pattern)
+
+
+def quiet_transformers() -> None:
+    """transformers' info/warning logs ("falling back to the reference implementation"), its load reports and
+    progress bars, unless ``--verbose``: mapgen uses transformers as a reference, and says what matters itself."""
+    if verbose():
+        return
+    import transformers
+
+    transformers.logging.set_verbosity_error()  # type: ignore[no-untyped-call]
+    transformers.logging.disable_progress_bar()  # type: ignore[no-untyped-call]
+    quiet_third_party()
 
 
 def _eager_compile(model: Any = None, **kwargs: Any) -> Any:

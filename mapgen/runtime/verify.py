@@ -43,9 +43,13 @@ def transformers_logits(root: Path, input_ids: torch.Tensor) -> tuple[torch.Tens
     Every weight the model expects must come from the checkpoint (keys it does not use, such as ``mtp.*`` or a
     vision tower, are fine): a model with randomly initialised parts would prove nothing.
     """
+    from mapgen.runtime._cpu import quiet_transformers
+
     try:
         import transformers
         from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+        quiet_transformers()
 
         config = json.loads((root / "config.json").read_text(encoding="utf-8"))
         model_type = config.get("model_type") if isinstance(config, dict) else None
