@@ -52,7 +52,7 @@ def transformers_logits(root: Path, input_ids: torch.Tensor) -> tuple[torch.Tens
         if model_type not in CONFIG_MAPPING:  # remote code is never run, and never asked about
             return None, f"no reference model: transformers {transformers.__version__} has no class for model_type " \
                          f"{model_type!r} (checkpoint code is never executed)"
-        loaded: Any = _auto_class(transformers, model_type).from_pretrained(
+        loaded: Any = _auto_class(transformers, str(model_type)).from_pretrained(
             str(root), dtype=torch.float32, attn_implementation="eager", output_loading_info=True,
             trust_remote_code=False)
         model, info = loaded
