@@ -214,6 +214,10 @@ def _activation_limit(v: Any, scope: Scope) -> str | None:
     if name not in HF_ACTIVATIONS:
         return (f"activation {name!r}: megatron-core builds the MLP with silu, gelu, the tanh GELU, relu, squared "
                 "relu or quick_gelu only (mapgen.contract.hf_config.ACTIVATIONS)")
+    named = {k: HF_ACTIVATIONS.get(computed_activation(str(scope.values[k]), scope.model_type))
+             for k in ("hidden_act", "hidden_activation", "activation_function") if scope.values.get(k) is not None}
+    if len(set(named.values())) > 1:
+        return f"the config names different activations ({named}); which one the model code reads is not known here"
     bridge, truth, problem = _derived(activation, scope)
     if problem:
         return problem
