@@ -25,6 +25,7 @@ import pytest
 import torch
 
 from mapgen.runtime.verify import fixed_batch
+from tests import tiny
 from tests.runtime_support import Case, assert_case, run_cases
 
 FULL = os.environ.get("MAPGEN_MATRIX") == "full"
@@ -77,16 +78,6 @@ HEAVY: dict[str, tuple[str, dict[str, Any], dict[str, Any], dict[str, Any]]] = {
 SELECTED = {**CASES, **(HEAVY if FULL else {})}
 
 
-def _perturb(model: torch.nn.Module) -> None:
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name and p.dim() == 1:
-                p.copy_(torch.rand(p.shape, generator=gen) + 0.5)
-            else:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
-
-
 def _write(cls_name: str, kwargs: dict[str, Any], out: Path) -> None:
     import transformers
 
@@ -101,7 +92,7 @@ def _write(cls_name: str, kwargs: dict[str, Any], out: Path) -> None:
     else:
         config = cls(**{**TINY, **kwargs})
         model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    _perturb(model)
+    tiny._randomise(model, seed=0)  # perturbed: no two tensors equal, norms in [0.5, 1.5]
     model.save_pretrained(str(out), max_shard_size="60KB")
     assert len(list(out.glob("*.safetensors"))) >= 2
 

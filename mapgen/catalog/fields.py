@@ -13,6 +13,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from mapgen.catalog.rows import (
+    Check,
     Row,
     Scope,
     boolean,
@@ -176,35 +177,28 @@ def _window_used(scope: Scope) -> bool:
     return bool(truth and truth[0] is not None)
 
 
-def _window_limit(v: Any, scope: Scope) -> str | None:
-    bridge, truth, problem = _derived(_windows, scope)
-    if problem:
-        return f"sliding windows the bridge cannot lay out: {problem}"
-    if bridge != truth:
-        return (f"transformers' defaults for keys absent from config.json give window {truth[0]} on layers "
-                f"{_layers(truth[1])}; the bridge reads window {bridge[0]} on layers {_layers(bridge[1])} "
-                "(write the keys into config.json)")
-    return None
+def _bridge_agrees(fn: Callable[[HFConfig], Any], what: str, differ: Callable[[Any, Any], str]) -> Check:
+    """A limit: the bridge's derivation ``fn`` must succeed on config.json and agree with transformers' view."""
+
+    def check(v: Any, scope: Scope) -> str | None:
+        bridge, truth, problem = _derived(fn, scope)
+        if problem:
+            return f"{what} the bridge cannot lay out: {problem}"
+        return differ(truth, bridge) if bridge != truth else None
+
+    return check
 
 
-def _nope_limit(v: Any, scope: Scope) -> str | None:
-    bridge, truth, problem = _derived(no_rope_layers, scope)
-    if problem:
-        return f"NoPE layers the bridge cannot lay out: {problem}"
-    if bridge != truth:
-        return (f"transformers' defaults give layers without RoPE {_layers(truth)}; the bridge reads "
-                f"{_layers(bridge)} (write no_rope_layers into config.json)")
-    return None
-
-
-def _scale_limit(v: Any, scope: Scope) -> str | None:
-    bridge, truth, problem = _derived(softmax_scale, scope)
-    if problem:
-        return f"attention scale: {problem}"
-    if bridge != truth:
-        return (f"absent from config.json: transformers scales attention scores by {truth}, the bridge by "
-                f"{'1/sqrt(head_dim)' if bridge is None else bridge}")
-    return None
+_window_limit = _bridge_agrees(_windows, "sliding windows", lambda truth, bridge: (
+    f"transformers' defaults for keys absent from config.json give window {truth[0]} on layers "
+    f"{_layers(truth[1])}; the bridge reads window {bridge[0]} on layers {_layers(bridge[1])} (write the keys into "
+    "config.json)"))
+_nope_limit = _bridge_agrees(no_rope_layers, "NoPE layers", lambda truth, bridge: (
+    f"transformers' defaults give layers without RoPE {_layers(truth)}; the bridge reads {_layers(bridge)} "
+    "(write no_rope_layers into config.json)"))
+_scale_limit = _bridge_agrees(softmax_scale, "an attention scale", lambda truth, bridge: (
+    f"absent from config.json: transformers scales attention scores by {truth}, the bridge by "
+    f"{'1/sqrt(head_dim)' if bridge is None else bridge}"))
 
 
 def _activation_limit(v: Any, scope: Scope) -> str | None:
