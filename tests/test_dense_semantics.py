@@ -215,3 +215,55 @@ def test_granite_multipliers_are_refused_by_name(tmp_path: Path, changes: dict[s
                           text=True, env=env, check=False, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr.count("semantics.gap-accepted") == len(refused)
+
+
+def test_cpu_window_mask_is_transformers_window() -> None:
+    """The CPU shim's mask for megatron-core's ``window_size=(w - 1, 0)`` keeps exactly transformers' window:
+    key j is visible from query i iff ``i - w < j <= i``."""
+    from mapgen.runtime._cpu import _sliding_window_mask
+
+    for w in (1, 2, 4, 11):
+        masked = _sliding_window_mask(SEQ, SEQ, (w - 1, 0))
+        want = torch.tensor([[not (i - w < j <= i) for j in range(SEQ)] for i in range(SEQ)])
+        assert torch.equal(masked, want), w
+
+
+@pytest.mark.parametrize(("config", "window", "layers"), [
+    ({"model_type": "mistral", "sliding_window": 4}, 4, (True, True, True, True)),
+    ({"model_type": "mistral", "sliding_window": None}, None, ()),
+    ({"model_type": "qwen2", "sliding_window": 4, "max_window_layers": 1}, None, ()),  # use_sliding_window: false
+    ({"model_type": "qwen2", "sliding_window": 4, "use_sliding_window": True, "max_window_layers": 2}, 4,
+     (False, False, True, True)),
+    ({"model_type": "qwen2_moe", "sliding_window": 4, "use_sliding_window": True, "max_window_layers": 3}, 4,
+     (True, False, True, False)),
+    ({"model_type": "smollm3", "sliding_window": 4, "use_sliding_window": True, "no_rope_layer_interval": 2}, 4,
+     (False, True, False, True)),
+    ({"model_type": "cwm", "sliding_window": 4, "layer_types": ["sliding_attention", "full_attention"] * 2}, 4,
+     (True, False, True, False)),
+])
+def test_window_layers_follow_each_config_class(config: dict[str, Any], window: int | None,
+                                                layers: tuple[bool, ...]) -> None:
+    from mapgen.contract.hf_config import HFConfig, window_layers, window_size
+
+    hf = HFConfig({"num_hidden_layers": 4, **config})
+    assert (window_size(hf), window_layers(hf)) == (window, layers)
+
+
+def test_unknown_window_gate_is_an_error_not_a_guess() -> None:
+    from mapgen.contract.hf_config import HFConfig, window_layers
+    from mapgen.errors import MapgenError
+
+    hf = HFConfig({"model_type": "mimo", "num_hidden_layers": 2, "sliding_window": 4, "use_sliding_window": True})
+    with pytest.raises(MapgenError) as exc:
+        window_layers(hf)
+    assert exc.value.diagnostics[0].code == "config.unsupported-window"
+
+
+def test_interleaved_mrope_builds_plain_rope() -> None:
+    """Qwen3-VL/Qwen3.5's interleaved M-RoPE equals RoPE on text; megatron-core 0.16.1 has no interleaved M-RoPE."""
+    from mapgen.contract.hf_config import HFConfig, mrope_section, position_embedding_type
+
+    rope = {"rope_type": "default", "mrope_section": [2, 3, 3]}
+    assert position_embedding_type(HFConfig({"rope_parameters": rope})) == "mrope"
+    assert mrope_section(HFConfig({"rope_scaling": {"type": "mrope", "mrope_section": [2, 3, 3]}})) == (2, 3, 3)
+    assert position_embedding_type(HFConfig({"rope_parameters": {**rope, "mrope_interleaved": True}})) == "rope"
