@@ -36,10 +36,12 @@ def _freq(values: Sequence[int]) -> str:
     return "[" + ",".join(str(int(v)) for v in values) + "]"
 
 
-# (gated MLP, activation) -> the Megatron-LM flags that build it (core_transformer_config_from_args)
+# (gated MLP, activation) -> the Megatron-LM flags that build it (core_transformer_config_from_args). Megatron-LM
+# turns bias+activation fusion on with --bias-gelu-fusion's default; megatron-core fuses only GELU and SwiGLU (a
+# fused quick-GeGLU or squared ReLU is a ValueError), so those two switch it off.
 _ACTIVATION_FLAGS: dict[tuple[bool, str], list[str]] = {
-    (True, "silu"): ["--swiglu"], (True, "quick_gelu"): ["--quick-geglu"], (False, "relu2"): ["--squared-relu"],
-    (False, "gelu"): [],
+    (True, "silu"): ["--swiglu"], (True, "quick_gelu"): ["--quick-geglu", "--no-bias-gelu-fusion"],
+    (False, "relu2"): ["--squared-relu", "--no-bias-gelu-fusion"], (False, "gelu"): [],
 }
 
 
@@ -154,7 +156,7 @@ def _position_args(spec: ModelSpec) -> list[str]:
 
 
 _FLAGS = {"--group-query-attention", "--use-rope-scaling", "--apply-layernorm-1p", "--swiglu", "--quick-geglu",
-          "--squared-relu",
+          "--squared-relu", "--no-bias-gelu-fusion",
           "--disable-bias-linear", "--add-qkv-bias", "--qk-layernorm", "--attention-output-gate",
           "--untie-embeddings-and-output-weights", "--moe-shared-expert-gate", "--moe-router-enable-expert-bias",
           "--moe-router-pre-softmax", "--bf16", "--fp16", "--no-load-optim", "--no-load-rng", "--finetune"}
@@ -215,8 +217,8 @@ def spec_from_args(argv: Sequence[str]) -> tuple[ModelSpec, dict[str, Any]]:
              "moe_router_enable_expert_bias", "moe_router_pre_softmax", "moe_router_topk_scaling_factor",
              "mtp_num_layers", "tensor_model_parallel_size", "pipeline_model_parallel_size",
              "expert_model_parallel_size", "expert_tensor_parallel_size", "bf16", "fp16", "load", "ckpt_format",
-             "no_load_optim", "no_load_rng", "finetune", "quick_geglu", "squared_relu", "mrope_section",
-             "window_size", "window_attn_skip_freq", "no_rope_freq"}
+             "no_load_optim", "no_load_rng", "finetune", "quick_geglu", "squared_relu", "no_bias_gelu_fusion",
+             "mrope_section", "window_size", "window_attn_skip_freq", "no_rope_freq"}
     unknown = sorted(set(a) - known)
     if unknown:
         raise ArgsError(f"arguments this parser does not map: {', '.join('--' + u.replace('_', '-') for u in unknown)}")
