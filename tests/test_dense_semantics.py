@@ -267,3 +267,26 @@ def test_interleaved_mrope_builds_plain_rope() -> None:
     assert position_embedding_type(HFConfig({"rope_parameters": rope})) == "mrope"
     assert mrope_section(HFConfig({"rope_scaling": {"type": "mrope", "mrope_section": [2, 3, 3]}})) == (2, 3, 3)
     assert position_embedding_type(HFConfig({"rope_parameters": {**rope, "mrope_interleaved": True}})) == "rope"
+
+
+@pytest.mark.parametrize(("activation", "gated", "flags"), [
+    ("silu", True, ["--swiglu"]), ("quick_gelu", True, ["--quick-geglu", "--no-bias-gelu-fusion"]),
+    ("relu2", False, ["--squared-relu", "--no-bias-gelu-fusion"]), ("gelu", False, []),
+])
+def test_megatron_lm_arguments_carry_the_dense_settings(activation: str, gated: bool, flags: list[str]) -> None:
+    from mapgen.contract.spec import ModelSpec
+    from mapgen.runtime.megatron_args import canonical, megatron_args, spec_from_args
+
+    spec = ModelSpec(num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2, kv_channels=16,
+                     ffn_hidden_size=96, vocab_size=128, activation=activation, gated_linear_unit=gated,  # type: ignore[arg-type]
+                     window_size=4, window_layers=(True, False), no_rope_layers=(False, True),
+                     position_embedding_type="mrope", mrope_section=(2, 3, 3))
+    argv = megatron_args(spec)
+    for flag in flags:
+        assert flag in argv
+    text = " ".join(argv)
+    assert "--window-size 3,0 --window-attn-skip-freq [1,0]" in text
+    assert "--no-rope-freq [0,1]" in text
+    assert "--position-embedding-type mrope" in text
+    assert "--mrope-section 2 3 3" in text
+    assert spec_from_args(argv)[0] == canonical(spec)
