@@ -290,3 +290,25 @@ def test_megatron_lm_arguments_carry_the_dense_settings(activation: str, gated: 
     assert "--position-embedding-type mrope" in text
     assert "--mrope-section 2 3 3" in text
     assert spec_from_args(argv)[0] == canonical(spec)
+
+
+def test_partial_patterns_with_mtp_layers_are_refused_by_name() -> None:
+    """megatron-core numbers MTP layers past num_layers and indexes the per-layer window / NoPE lists with that
+    number: a pattern on some layers only is config.unsupported-pattern, not an IndexError while building."""
+    from mapgen.contract.config import model_spec
+    from mapgen.contract.hf_config import HFConfig
+    from mapgen.errors import MapgenError
+    from mapgen.ir import layout_from_json
+    from mapgen.plan.planner import plan
+
+    path = Path(__file__).resolve().parent.parent / "generated" / "inputs" / "qwen3-dense-mtp.json"
+    layout = layout_from_json(path.read_text(encoding="utf-8"))
+    facts = plan(layout).facts
+    config = {k: v for k, v in layout.config.items() if k != "layer_types"}  # windows from max_window_layers
+    windows = {"use_sliding_window": True, "sliding_window": 4, "max_window_layers": config["num_hidden_layers"] - 1}
+    with pytest.raises(MapgenError) as exc:
+        model_spec(HFConfig({**config, **windows}), layout, facts)
+    assert exc.value.diagnostics[0].code == "config.unsupported-pattern"
+    every = model_spec(HFConfig({**config, **windows, "max_window_layers": 0}), layout, facts)
+    assert every.window_size == 4
+    assert all(every.window_layers)

@@ -34,6 +34,7 @@ from mapgen.contract.hf_config import (
     window_size,
 )
 from mapgen.contract.spec import LayerKind, MlpKind, ModelSpec
+from mapgen.errors import error
 from mapgen.ir import LayerGroup, Layout
 
 __all__ = ["CONFIG", "DERIVATIONS", "ConfigRow", "Facts", "model_spec"]
@@ -98,6 +99,19 @@ def _mtp_mlp_kind(layout: Layout) -> MlpKind:
     return _mlp_kind(inner) if inner is not None else "dense"
 
 
+def _per_layer_flags(layout: Layout, flags: tuple[bool, ...], what: str) -> tuple[bool, ...]:
+    """Per-layer window / NoPE flags; megatron-core numbers MTP layers past ``num_layers`` and indexes these lists
+    with that number, so a partial pattern has no entry for them: refused rather than an IndexError."""
+    if flags and not all(flags) and _mtp_depth(layout):
+        raise error(
+            "config.unsupported-pattern", f"{what} on some layers only, with MTP layers: megatron-core 0.16.1 looks "
+            "MTP layers up past the end of its per-layer list", key=what,
+            expected="the pattern on every layer or on none, or no MTP layers",
+            hint="converting would fail while building the Megatron model",
+        )
+    return flags
+
+
 Derivation = Literal[
     "head_dim", "rope_scaling", "rope_scaling_factor", "layer_kinds", "mlp_kinds", "mtp_depth", "mtp_layer_kind",
     "mtp_mlp_kind", "activation", "window_size", "window_layers", "no_rope_layers", "position_embedding_type",
@@ -114,8 +128,10 @@ DERIVATIONS: dict[str, Callable[[HFConfig, Layout], Any]] = {
     "mtp_mlp_kind": lambda _, layout: _mtp_mlp_kind(layout),
     "activation": lambda hf, _: activation(hf),  # hidden_act / hidden_activation / activation_function
     "window_size": lambda hf, _: window_size(hf),  # sliding_window where some layer applies it
-    "window_layers": lambda hf, _: window_layers(hf),  # layer_types, max_window_layers, use_sliding_window
-    "no_rope_layers": lambda hf, _: no_rope_layers(hf),  # SmolLM3 no_rope_layers / no_rope_layer_interval
+    # layer_types, max_window_layers, use_sliding_window
+    "window_layers": lambda hf, layout: _per_layer_flags(layout, window_layers(hf), "sliding windows"),
+    # SmolLM3 no_rope_layers / no_rope_layer_interval
+    "no_rope_layers": lambda hf, layout: _per_layer_flags(layout, no_rope_layers(hf), "layers without RoPE"),
     "position_embedding_type": lambda hf, _: position_embedding_type(hf),  # mrope with an mrope_section
     "mrope_section": lambda hf, _: mrope_section(hf),
     "softmax_scale": lambda hf, _: softmax_scale(hf),  # attention_multiplier, query_pre_attn_scalar
