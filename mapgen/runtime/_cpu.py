@@ -11,6 +11,9 @@ for unconditionally:
   stage's embedding copy to CUDA before all-reducing it from the first stage).
 - ``CudaRNGStatesTracker.fork`` returns ``contextlib.nullcontext()`` (``DotProductAttention`` and
   ``GatedDeltaNet.reset_parameters`` fork the CUDA RNG tracker; without CUDA there is no state to fork).
+- ``fused_softmax.get_sliding_window_causal_mask`` builds the window mask on the CPU (megatron-core's builds it
+  on ``"cuda"``; the local core attention calls it for every windowed layer, whatever mask it is given). Same
+  mask: query i keeps keys ``i - left .. i + right`` of ``window_size=(left, right)``.
 - ``moe_utils.te_general_gemm`` is set to ``None`` when Transformer Engine is absent (the router refers
   to the name, which 0.16.1 only defines when TE imports).
 - ``torch._dynamo.config.disable`` is set (only where dynamo was imported already), so that megatron-core's
@@ -58,7 +61,16 @@ def _tensor_cuda(self: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
     return self
 
 
+def _sliding_window_mask(sq: int, skv: int, window_size: tuple[int, int]) -> torch.Tensor:
+    """megatron-core's ``get_sliding_window_causal_mask`` on the current device (True = masked out)."""
+    keep = torch.ones(sq, skv, dtype=torch.bool, device=_current_device())
+    keep = torch.triu(keep, diagonal=skv - sq - window_size[0])
+    keep = torch.tril(keep, diagonal=skv - sq + window_size[1])
+    return ~keep
+
+
 def _patches() -> list[tuple[Any, str, Any]]:
+    from megatron.core.fusions import fused_softmax
     from megatron.core.tensor_parallel import random as mcore_random
     from megatron.core.transformer.moe import moe_utils
 
@@ -69,6 +81,7 @@ def _patches() -> list[tuple[Any, str, Any]]:
         (torch.cuda, "synchronize", _synchronize),
         (torch.Tensor, "cuda", _tensor_cuda),
         (mcore_random.CudaRNGStatesTracker, "fork", _fork),
+        (fused_softmax, "get_sliding_window_causal_mask", _sliding_window_mask),
     ]
     if "torch._dynamo" in sys.modules:  # imported (so maybe used by jit_fuser): run compiled functions eagerly
         patches.append((torch._dynamo.config, "disable", True))
