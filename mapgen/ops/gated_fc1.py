@@ -8,6 +8,9 @@ Options
 -------
 ``part`` "weight" | "bias"; ``fused`` bool (one ``gate_up`` key, gate first; default: fused exactly for
 packed expert tensors); ``interleave`` bool (gpt-oss: fused rows alternate gate, up; needs ``fused``).
+
+Adapters: gate's and up's B matrices stack as ``[gate; up]`` (split per TP rank into ``[gate_r; up_r]``,
+Megatron-Bridge's ``apply_swiglu_sharded_factory`` on ``linear_out``); A is shared by the two on export.
 """
 
 from __future__ import annotations

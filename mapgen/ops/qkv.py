@@ -15,6 +15,9 @@ attention family per spelling, never guessed from shapes:
   Baichuan ``W_pack``; transformers' ``Phi3Attention`` splits ``qkv[..., :q_pos]``, ``[q_pos:q_pos+kv]``, ...);
 * ``per_group``: one key, rows per KV group ``[q_g (heads/groups heads); k_g; v_g]`` — Megatron's own order
   (InternLM2 ``wqkv``).
+
+Adapters: B's rows are interleaved per query group exactly as W's (q_proj/k_proj/v_proj's B matrices
+become one ``linear_out``; the output gate's rows included); A is shared by the three on export.
 """
 
 from __future__ import annotations
