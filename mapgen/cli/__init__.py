@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from mapgen import __version__
 from mapgen.errors import MapgenError
 
-COMMANDS = ("scan", "emit", "check", "synth", "diff", "convert", "export", "verify")
+COMMANDS = ("scan", "emit", "check", "synth", "diff", "convert", "export", "verify", "adapter", "merge")
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
