@@ -50,7 +50,7 @@ def run_import(args: argparse.Namespace) -> int:
     use_bridges(args)
     par = parallel_from_args(args)
     source, binding, shapes = open_base(args.base)
-    peft = read_peft(args.adapter)
+    peft = read_peft(args.adapter, binding)
     meg = import_adapter(peft, binding.instances, binding.spec, shapes)
     tree = megatron_tree(meg, binding, source, par, minimal_world(par))
     write_tree_atomically(Path(args.out), tree, replace_existing=False)
@@ -68,6 +68,6 @@ def run_export(args: argparse.Namespace) -> int:
     source, binding, _ = open_base(args.base)
     meg = read_megatron(args.adapter, binding, source)
     peft = export_adapter(meg, binding.instances, binding.spec)
-    write_tree_atomically(Path(args.out), peft_tree(peft, str(args.base)), replace_existing=False)
+    write_tree_atomically(Path(args.out), peft_tree(peft, binding, str(args.base)), replace_existing=False)
     print(f"adapter export: {len(meg.modules)} Megatron adapters -> {len(peft.modules)} PEFT modules -> {args.out}")
     return 0

@@ -28,6 +28,7 @@ from safetensors.torch import save as st_save
 
 from mapgen.errors import Diagnostic, MapgenError, error
 from mapgen.lora import peft as peft_fmt
+from mapgen.lora.hf_names import ModelView, view_for
 from mapgen.lora.plan import (
     IN,
     OUT,
@@ -64,7 +65,13 @@ def is_megatron_adapter(path: Path) -> bool:
     return (Path(path) / META_NAME).is_file()
 
 
-def read_peft(path: Path | str) -> PeftAdapter:
+def hf_view(binding: Binding) -> tuple[ModelView, int | None]:
+    """How PEFT names this base's modules (:mod:`mapgen.lora.hf_names`) and its routed-expert count."""
+    experts = binding.spec.num_moe_experts
+    return view_for(binding.layout.model_type), int(experts) if experts else None
+
+
+def read_peft(path: Path | str, binding: Binding) -> PeftAdapter:
     root = Path(path)
     if not root.is_dir():
         raise error("adapter.not-found", f"{root} is not a directory", file=str(root),
@@ -86,7 +93,8 @@ def read_peft(path: Path | str) -> PeftAdapter:
         raise error("adapter.invalid-config", f"not valid JSON: {exc}", file=str(cfg)) from None
     if not isinstance(config, dict):
         raise error("adapter.invalid-config", "not a JSON object", file=str(cfg))
-    return peft_fmt.parse(config, _read_safetensors(weights), where=str(root))
+    view, experts = hf_view(binding)
+    return peft_fmt.parse(config, _read_safetensors(weights), where=str(root), view=view, num_experts=experts)
 
 
 def open_base(base: Path | str) -> tuple[HFSource, Binding, dict[str, tuple[int, ...]]]:
@@ -133,12 +141,13 @@ def read_any(path: Path | str, binding: Binding, source: HFSource) -> tuple[Peft
     if is_megatron_adapter(Path(path)):
         meg = read_megatron(path, binding, source)
         return export_adapter(meg, binding.instances, binding.spec), meg
-    return read_peft(path), None
+    return read_peft(path, binding), None
 
 
 # -- trees the CLI writes ------------------------------------------------------------------------------------
-def peft_tree(adapter: PeftAdapter, base: str | None = None) -> dict[str, str | bytes]:
-    config, tensors = peft_fmt.render(adapter)
+def peft_tree(adapter: PeftAdapter, binding: Binding, base: str | None = None) -> dict[str, str | bytes]:
+    view, experts = hf_view(binding)
+    config, tensors = peft_fmt.render(adapter, view=view, num_experts=experts)
     if base is not None and not config.get("base_model_name_or_path"):
         config["base_model_name_or_path"] = base
     return {peft_fmt.CONFIG_NAME: json.dumps(config, indent=2, sort_keys=True) + "\n",
@@ -206,7 +215,9 @@ def round_trip(peft: PeftAdapter, binding: Binding, source: HFSource, par: Paral
         a, b = peft.modules[m], back.modules[m]
         if not (torch.equal(a.a, b.a) and torch.equal(a.b, b.b) and a.a.dtype == b.a.dtype and a.alpha == b.alpha):
             problems.append(f"{m}: differs")
-    if peft_fmt.render(back)[0] != peft_fmt.render(peft)[0]:
+    view, experts = hf_view(binding)
+    if peft_fmt.render(back, view=view, num_experts=experts)[0] != peft_fmt.render(peft, view=view,
+                                                                                num_experts=experts)[0]:
         problems.append("adapter_config.json differs")
     forms: dict[str, int] = {}
     for lora in meg.modules.values():
@@ -322,7 +333,7 @@ def verify_adapter(source_path: str, adapter_path: str, par: Parallel, *, atol: 
             result["round_trip"] = round_trip(peft_ad, binding, source, par)
             tmp = Path(tempfile.mkdtemp(prefix="mapgen-adapter-verify-"))
             try:
-                _write_plain(tmp / "peft", peft_tree(peft_ad))
+                _write_plain(tmp / "peft", peft_tree(peft_ad, binding))
                 _write_plain(tmp / "merged", merged_hf_tree(source, peft_ad))
                 want, reason = peft_logits(source.root, tmp / "peft", ids)
                 merged_logits, reason2 = transformers_logits(tmp / "merged", ids)
