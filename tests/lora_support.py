@@ -23,6 +23,11 @@ def write_base(kind: str, out: Path, seed: int = 0) -> Path:
         model: Any = transformers.Qwen3ForCausalLM(qwen3_config())
     elif kind == "qwen3-moe":
         model = transformers.Qwen3MoeForCausalLM(qwen3_moe_config())
+    elif kind == "mixtral":
+        model = transformers.MixtralForCausalLM(transformers.MixtralConfig(
+            vocab_size=160, hidden_size=48, intermediate_size=24, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=12, num_local_experts=4, num_experts_per_tok=2,
+            max_position_embeddings=64, tie_word_embeddings=False, rms_norm_eps=1e-6, sliding_window=None))
     else:
         raise ValueError(kind)
     _randomise(model, seed)

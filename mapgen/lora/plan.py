@@ -195,14 +195,14 @@ def _instances_of(module: str, lora: MegatronLora, by_megatron: Mapping[str, Ins
                   experts: Mapping[str, list[Instance]]) -> list[Instance]:
     if lora.grouped:
         return experts.get(module, [])
-    inst = by_megatron.get(f"{module}.weight")
+    inst = by_megatron.get(module)
     return [inst] if inst is not None else []
 
 
 def export_adapter(meg: MegatronAdapter, instances: Sequence[Instance], spec: ModelSpec) -> PeftAdapter:
     """The PEFT adapter of a Megatron adapter: fused adapters become exact per-module HF adapters (B split by
     the op, A shared; block form sliced back), a grouped expert adapter one adapter per expert."""
-    by_megatron = {i.megatron: i for i in instances if adaptable(i)}
+    by_megatron = {module_of(i.megatron): i for i in instances if adaptable(i)}
     experts: dict[str, list[Instance]] = {}
     for inst in by_megatron.values():
         if inst.expert is not None:
@@ -285,7 +285,7 @@ def shard_pieces(meg: MegatronAdapter, instances: Sequence[Instance], spec: Mode
     """Every rank's pieces: dense adapters split over TP (file ``pp{p}/tp{t}``), expert adapters over ETP and
     placed by EP (``pp{p}/ep{e}_etp{t}``), both under the global (unsharded) names Megatron-Bridge's
     dist-checkpoint keys use."""
-    by_megatron = {i.megatron: i for i in instances if adaptable(i)}
+    by_megatron = {module_of(i.megatron): i for i in instances if adaptable(i)}
     experts: dict[str, list[Instance]] = {}
     for inst in by_megatron.values():
         if inst.expert is not None:
@@ -317,7 +317,7 @@ def gather_pieces(files: Mapping[str, Mapping[str, torch.Tensor]], meta: Mapping
                   instances: Sequence[Instance], spec: ModelSpec) -> MegatronAdapter:
     """The inverse of :func:`shard_pieces` from any parallel layout: ``files`` maps a piece file to its
     tensors, ``meta`` is the adapter's metadata (``modules``: each module's form, alpha, components)."""
-    by_megatron = {i.megatron: i for i in instances if adaptable(i)}
+    by_megatron = {module_of(i.megatron): i for i in instances if adaptable(i)}
     experts: dict[str, list[Instance]] = {}
     for inst in by_megatron.values():
         if inst.expert is not None:
