@@ -68,6 +68,8 @@ def _run_adapter(args: argparse.Namespace, par: Any) -> int:
     if r.get("reference"):
         print(f"logits: skipped: {r['reference']}")
         return 0 if ok else 1
+    if r.get("adapter_effect") is not None:
+        print(f"the adapter moves transformers' logits by max |Δ| = {r['adapter_effect']:.3g}")
     for what, key in (("merged HF checkpoint (transformers)", "merged_hf"),
                       ("megatron-core, adapter merged per rank", "megatron")):
         x = r[key]

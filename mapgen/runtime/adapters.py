@@ -342,6 +342,9 @@ def verify_adapter(source_path: str, adapter_path: str, par: Parallel, *, atol: 
             result["reference"] = reason or None
             if want is not None:
                 want = want[..., :vocab]
+                base_logits, _ = transformers_logits(source.root, ids)
+                if base_logits is not None:  # how much the adapter moves the logits: the proof is not vacuous
+                    result["adapter_effect"] = float((base_logits[..., :vocab] - want).abs().max())
                 if merged_logits is not None:
                     result["merged_hf"] = _diff(merged_logits[..., :vocab], want, atol)
                 else:
