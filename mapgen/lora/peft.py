@@ -132,7 +132,7 @@ def parse(config: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], *, whe
             except ValueError as exc:
                 problems.append(Diagnostic("error", "adapter.shape-mismatch", str(exc), key=name, file=where))
             continue
-        module = view.to_checkpoint(module)
+        ckpt = view.to_checkpoint(module)
         if set(ab) != {"A", "B"}:
             problems.append(Diagnostic("error", "adapter.incomplete", f"lora_{'A' if 'A' not in ab else 'B'} is "
                                        "missing", key=module, file=where))
@@ -145,7 +145,7 @@ def parse(config: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], *, whe
                                        key=module, file=where, expected="A [r, in], B [out, r]"))
             continue
         mod_alpha = _pattern_value(alphas, module)
-        modules[module] = LoraPair(a, b, float(mod_alpha if mod_alpha is not None else alpha))
+        modules[ckpt] = LoraPair(a, b, float(mod_alpha if mod_alpha is not None else alpha))
     if problems:
         raise MapgenError(problems)
     if not modules:
@@ -186,7 +186,7 @@ def _pack(pairs: list[list[LoraPair]]) -> tuple[torch.Tensor, torch.Tensor, floa
             b_list.append(torch.cat([p.b for p in row]))
         else:
             a_list.append(torch.cat([p.a for p in row]))
-            b_list.append(torch.block_diag(*[p.b for p in row]))
+            b_list.append(_block_diag([p.b for p in row]))
     ranks = {int(a.shape[0]) for a in a_list}
     if len(ranks) != 1:
         raise ValueError("the experts' adapters have different ranks")
@@ -280,3 +280,12 @@ def _describes(config: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], a
     if set(back.modules) != set(adapter.modules):
         return False
     return all(back.modules[m].alpha == p.alpha and back.modules[m].rank == p.rank for m, p in adapter.modules.items())
+
+
+def _block_diag(blocks: list[torch.Tensor]) -> torch.Tensor:
+    out = blocks[0].new_zeros((sum(b.shape[0] for b in blocks), sum(b.shape[1] for b in blocks)))
+    r = c = 0
+    for b in blocks:
+        out[r:r + b.shape[0], c:c + b.shape[1]] = b
+        r, c = r + b.shape[0], c + b.shape[1]
+    return out

@@ -181,7 +181,7 @@ def import_adapter(peft: PeftAdapter, instances: Sequence[Instance], spec: Model
             bs = [next(it) if p is not None else first.b.new_zeros((n, a.shape[0])) for p, (_, n) in
                   zip(present, rows_of, strict=True)]
             alpha = first.scale * a.shape[0]
-            if alpha / a.shape[0] != first.scale:  # noqa: RUF069 - exactness is the point
+            if alpha / a.shape[0] != first.scale:
                 raise error("adapter.inexact", f"{module_of(name)}: the block form's scale is not exact",
                             key=name)
             form = "block"
@@ -334,7 +334,7 @@ def gather_pieces(files: Mapping[str, Mapping[str, torch.Tensor]], meta: Mapping
                                        hint="is the adapter for another base model?"))
             continue
         op, ctx = _ctx(found[0], spec)
-        ins, outs = [], []
+        ins: list[tuple[str, torch.Tensor, torch.Tensor]] = []
         for name in sorted(files, key=_file_order):
             if f"{module}.{IN}" in files[name]:
                 ins.append((name, files[name][f"{module}.{IN}"], files[name][f"{module}.{OUT}"]))

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ from safetensors.torch import save as st_save
 from mapgen.errors import Diagnostic, MapgenError, error
 from mapgen.lora import peft as peft_fmt
 from mapgen.lora.hf_names import ModelView, view_for
+from mapgen.lora.peft import PeftAdapter
 from mapgen.lora.plan import (
     IN,
     OUT,
@@ -43,7 +45,6 @@ from mapgen.lora.plan import (
     module_of,
     shard_pieces,
 )
-from mapgen.lora.peft import PeftAdapter
 from mapgen.runtime.api import HFSource, Parallel, bind, check_parallel
 from mapgen.runtime.engine import Binding
 
@@ -245,23 +246,12 @@ def peft_logits(base: Path, adapter_dir: Path, input_ids: torch.Tensor) -> tuple
         return None, f"peft is not installed ({exc.name}); pip install peft to compare against it"
     model: Any = transformers.AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32,
                                                                   attn_implementation="eager")
-    with _quiet():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
         model = peft.PeftModel.from_pretrained(model, str(adapter_dir))
     model.eval()
     with torch.no_grad():
         return model(input_ids=input_ids, use_cache=False).logits.float(), ""
-
-
-class _quiet:
-    def __enter__(self) -> None:
-        import warnings
-
-        self._w = warnings.catch_warnings()
-        self._w.__enter__()
-        warnings.simplefilter("ignore")
-
-    def __exit__(self, *exc: object) -> None:
-        self._w.__exit__(*exc)
 
 
 def merge_into_model(model: torch.nn.Module, binding: Binding, meg: MegatronAdapter) -> int:
@@ -370,5 +360,16 @@ def _write_plain(root: Path, tree: Mapping[str, str | bytes]) -> None:
         path.write_bytes(data.encode() if isinstance(data, str) else data)
 
 
-__all__ = ["IN", "OUT", "merged_hf_tree", "megatron_tree", "open_base", "peft_tree", "read_any", "read_megatron",
-           "read_peft", "round_trip", "verify_adapter"]
+__all__ = [
+    "IN",
+    "OUT",
+    "megatron_tree",
+    "merged_hf_tree",
+    "open_base",
+    "peft_tree",
+    "read_any",
+    "read_megatron",
+    "read_peft",
+    "round_trip",
+    "verify_adapter",
+]
