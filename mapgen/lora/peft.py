@@ -112,8 +112,7 @@ def parse(config: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], *, whe
         pairs.setdefault(m.group(1), {})[m.group(2)] = tensor
     modules: dict[str, LoraPair] = {}
     packed_re = re.compile(rf"(.*\.{re.escape(view.container)})((?:\.base_layer)*)") if view.packed else None
-    order = [t.rsplit(".", 1)[-1] for t in (config.get("target_parameters") or [])
-             if t.rsplit(".", 1)[-1] in dict(view.packed)]
+    order = _nesting(config, view)
     for module, ab in sorted(pairs.items()):
         pm = packed_re.fullmatch(module) if packed_re is not None else None
         if pm is not None and set(ab) == {"A", "B"}:
@@ -151,6 +150,14 @@ def parse(config: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], *, whe
     if not modules:
         raise error("adapter.empty", "the adapter holds no LoRA weights", file=where)
     return PeftAdapter(dict(config), modules)
+
+
+def _nesting(config: Mapping[str, Any], view: ModelView) -> list[str]:
+    """The packed parameters peft wrapped on one experts module, innermost first. peft walks each module's own
+    parameters in registration order (``tuners_utils.BaseTuner._inject_parameters``), so the nesting follows
+    the experts module's parameter order (:attr:`ModelView.packed`), not the order of ``target_parameters``."""
+    targeted = {t.rsplit(".", 1)[-1] for t in (config.get("target_parameters") or [])}
+    return [p for p, _ in view.packed if p in targeted]
 
 
 def _unpack(view: ModelView, container: str, param: str, a: torch.Tensor, b: torch.Tensor, rank: int,
@@ -252,8 +259,7 @@ def _render_tensors(adapter: PeftAdapter, view: ModelView, num_experts: int | No
         tensors[f"{PREFIX}{name}.lora_A.weight"] = pair.a.clone()
         tensors[f"{PREFIX}{name}.lora_B.weight"] = pair.b.clone()
         ranks[name], alphas[name] = pair.rank, pair.alpha
-    order = [t.rsplit(".", 1)[-1] for t in (adapter.config.get("target_parameters") or [])
-             if t.rsplit(".", 1)[-1] in dict(view.packed)] or [p for p, _ in view.packed]
+    order = _nesting(adapter.config, view) or [p for p, _ in view.packed]
     for (container, param), experts in sorted(groups.items()):
         leaves = view.leaves(param)
         if num_experts is None or sorted(experts) != list(range(num_experts)) or any(
