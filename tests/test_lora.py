@@ -59,7 +59,8 @@ def _files(d: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
 
 
 @pytest.mark.parametrize(("family", "layout"), [("qwen3", ["--tp", "2"]), ("qwen3", ["--pp", "2"]),
-                                                ("qwen3-moe", ["--ep", "2"]),
+                                                ("qwen3", ["--tp", "2", "--canonical"]),
+                                                ("qwen3-moe", ["--ep", "2", "--canonical"]),
                                                 ("qwen3.6", ["--tp", "2", "--ep", "2", "--pp", "2"])])
 def test_round_trip_cli(models: dict[str, tuple[Path, Path]], tmp_path: Path, family: str,
                         layout: list[str]) -> None:
@@ -68,8 +69,13 @@ def test_round_trip_cli(models: dict[str, tuple[Path, Path]], tmp_path: Path, fa
     assert mapgen_main(["adapter", "import", str(adapter), str(meg), "--base", str(base), *layout]) == 0
     meta = json.loads((meg / "adapter_meta.json").read_text())
     assert meta["parallel"]["pp"] == (2 if "--pp" in layout else 1)
-    assert all(k.endswith(("adapter.linear_in.weight", "adapter.linear_out.weight"))
-               for f in meg.glob("pp*/*.safetensors") for k in _st_keys(f))
+    keys = {k for f in meg.glob("pp*/*.safetensors") for k in _st_keys(f)}
+    assert all(k.endswith(("linear_in.weight", "linear_out.weight")) for k in keys)
+    canonical = {k for k in keys if ".adapter.adapter_" in k}
+    assert bool(canonical) == ("--canonical" in layout)
+    if canonical:  # Megatron-Bridge's CanonicalLoRA names: separate q/k/v and gate/up adapters
+        assert any(".linear_qkv.adapter.adapter_k.linear_in.weight" in k for k in keys)
+        assert any(".linear_fc1.adapter.adapter_up.linear_out.weight" in k for k in keys)
     assert mapgen_main(["adapter", "export", str(meg), str(back), "--base", str(base)]) == 0
     (want, want_cfg), (got, got_cfg) = _files(adapter), _files(back)
     assert sorted(want) == sorted(got)

@@ -27,6 +27,10 @@ def register(sub: Any) -> None:
     imp.add_argument("adapter", help="PEFT adapter directory")
     imp.add_argument("out", help="output directory (must not exist or be empty)")
     imp.add_argument("--base", required=True, help="the HF base checkpoint the adapter was trained on")
+    imp.add_argument("--canonical", action="store_true",
+                     help="fused layers keep one adapter per HF module (Megatron-Bridge's canonical LoRA: "
+                     "adapter_q/k/v, adapter_gate/up); default: one adapter per fused layer (shared A, or the exact "
+                     "rank-expanded block form)")
     grp = imp.add_argument_group("parallel layout")
     grp.add_argument("--tp", type=int, default=1)
     grp.add_argument("--ep", type=int, default=1)
@@ -51,7 +55,7 @@ def run_import(args: argparse.Namespace) -> int:
     par = parallel_from_args(args)
     source, binding, shapes = open_base(args.base)
     peft = read_peft(args.adapter, binding)
-    meg = import_adapter(peft, binding.instances, binding.spec, shapes)
+    meg = import_adapter(peft, binding.instances, binding.spec, shapes, canonical=args.canonical)
     tree = megatron_tree(meg, binding, source, par, minimal_world(par))
     write_tree_atomically(Path(args.out), tree, replace_existing=False)
     forms = sorted({lora.form for lora in meg.modules.values()})

@@ -54,6 +54,8 @@ class MegatronLora:
     form: Form = "shared"
     components: tuple[tuple[str, int, float] | None, ...] = ()
     grouped: bool = False
+    canonical: tuple[str, ...] = ()  # stored per component under Megatron-Bridge's canonical names (block form)
+    rows: tuple[int, ...] = ()  # canonical: each component's output rows (absent components included)
 
     @property
     def dim(self) -> int:
@@ -61,7 +63,8 @@ class MegatronLora:
 
     def meta(self) -> dict[str, Any]:
         return {"dim": self.dim, "alpha": self.alpha, "form": self.form, "grouped": self.grouped,
-                "components": [list(c) if c else None for c in self.components]}
+                "components": [list(c) if c else None for c in self.components], "canonical": list(self.canonical),
+                "rows": list(self.rows)}
 
 
 @dataclass
@@ -129,8 +132,10 @@ def block_form(bs: Sequence[torch.Tensor], as_: Sequence[torch.Tensor]) -> tuple
 
 # -- HF (PEFT) -> Megatron ----------------------------------------------------------------------------------
 def import_adapter(peft: PeftAdapter, instances: Sequence[Instance], spec: ModelSpec,
-                   base_shapes: Mapping[str, tuple[int, ...]]) -> MegatronAdapter:
-    """The exact Megatron adapter of a PEFT adapter on this base (``base_shapes``: HF key -> shape)."""
+                   base_shapes: Mapping[str, tuple[int, ...]], *, canonical: bool = False) -> MegatronAdapter:
+    """The exact Megatron adapter of a PEFT adapter on this base (``base_shapes``: HF key -> shape).
+    ``canonical``: fused layers with a canonical LoRA form keep one adapter per HF component (Megatron-Bridge's
+    ``CanonicalLoRA``), held in memory in the block form."""
     tmap = targets(instances)
     problems: list[Diagnostic] = []
     by_inst: dict[str, dict[int, tuple[str, LoraPair]]] = {}
@@ -167,7 +172,9 @@ def import_adapter(peft: PeftAdapter, instances: Sequence[Instance], spec: Model
             raise error("adapter.mixed-scales", f"the HF modules fused into {module_of(name)} have different scales "
                         f"alpha/r ({sorted(scales)}): no single Megatron adapter holds them exactly",
                         key=", ".join(m for m, _ in pairs), hint="give the fused modules equal lora_alpha / r")
-        shared = all(torch.equal(p.a, first.a) and p.alpha == first.alpha and p.rank == first.rank for _, p in pairs)
+        names = op.canonical_names(ctx) if canonical else None
+        shared = names is None and all(
+            torch.equal(p.a, first.a) and p.alpha == first.alpha and p.rank == first.rank for _, p in pairs)
         comps = tuple((c[0], c[1].rank, c[1].alpha) if c is not None else None for c in present)
         rows_of = [(inst.hf[i], base_shapes[inst.hf[i]][0]) for i in range(len(inst.hf))]
         if shared:
@@ -186,7 +193,8 @@ def import_adapter(peft: PeftAdapter, instances: Sequence[Instance], spec: Model
                             key=name)
             form = "block"
         out.modules[module_of(name)] = MegatronLora(
-            op.adapter_cols(ctx, a), op.adapter_rows(ctx, bs), float(alpha), form, comps)  # type: ignore[arg-type]
+            op.adapter_cols(ctx, a), op.adapter_rows(ctx, bs), float(alpha), form, comps,  # type: ignore[arg-type]
+            canonical=tuple(names or ()), rows=tuple(n for _, n in rows_of) if names else ())
     return out
 
 
@@ -299,8 +307,13 @@ def shard_pieces(meg: MegatronAdapter, instances: Sequence[Instance], spec: Mode
         op, ctx = _ctx(inst, spec)
         stage = _stage(inst, spec, pp)
         size = etp if inst.expert is not None else tp
+        parts = canonical_parts(lora, op, ctx)
         for rank in range(size):
-            lin, lout = op.adapter_split(ctx, lora.linear_in, lora.linear_out, ops.Shard(rank, size))
+            shard = ops.Shard(rank, size)
+            pieces = ([(f"{module}.adapter.{n}.linear_in.weight", f"{module}.adapter.{n}.linear_out.weight",
+                        _rows(ctx, a, shard), _rows(ctx, b, shard)) for n, a, b in parts] if parts else
+                      [(f"{module}.{IN}", f"{module}.{OUT}",
+                        *op.adapter_split(ctx, lora.linear_in, lora.linear_out, shard))])
             if inst.expert is None:
                 files = [f"pp{stage}/tp{rank}"]
             elif lora.grouped:
@@ -309,8 +322,9 @@ def shard_pieces(meg: MegatronAdapter, instances: Sequence[Instance], spec: Mode
                 per = (spec.num_moe_experts or 1) // ep
                 files = [f"pp{stage}/ep{int(inst.expert) // per}_etp{rank}"]
             for f in files:
-                yield Piece(f, f"{module}.{IN}", lin)
-                yield Piece(f, f"{module}.{OUT}", lout)
+                for kin, kout, lin, lout in pieces:
+                    yield Piece(f, kin, lin)
+                    yield Piece(f, kout, lout)
 
 
 def gather_pieces(files: Mapping[str, Mapping[str, torch.Tensor]], meta: Mapping[str, Any],
@@ -326,7 +340,8 @@ def gather_pieces(files: Mapping[str, Mapping[str, torch.Tensor]], meta: Mapping
     problems: list[Diagnostic] = []
     for module, info in sorted(meta["modules"].items()):
         lora = MegatronLora(torch.empty(0), torch.empty(0), float(info["alpha"]), info["form"],
-                            tuple(tuple(c) if c else None for c in info["components"]), bool(info["grouped"]))
+                            tuple(tuple(c) if c else None for c in info["components"]), bool(info["grouped"]),
+                            tuple(info.get("canonical") or ()), tuple(info.get("rows") or ()))
         found = _instances_of(module, lora, by_megatron, experts)
         if not found:
             problems.append(Diagnostic("error", "adapter.unknown-module",
@@ -334,6 +349,10 @@ def gather_pieces(files: Mapping[str, Mapping[str, torch.Tensor]], meta: Mapping
                                        hint="is the adapter for another base model?"))
             continue
         op, ctx = _ctx(found[0], spec)
+        if lora.canonical:
+            lora.linear_in, lora.linear_out = _from_canonical(module, lora, op, ctx, files)
+            out.modules[module] = lora
+            continue
         ins: list[tuple[str, torch.Tensor, torch.Tensor]] = []
         for name in sorted(files, key=_file_order):
             if f"{module}.{IN}" in files[name]:
@@ -358,3 +377,48 @@ def _file_order(name: str) -> tuple[int, int, int]:
     if m.group(2) is not None:
         return int(m.group(1)), 0, int(m.group(2))
     return int(m.group(1)), int(m.group(3)), int(m.group(4))
+
+
+# -- canonical LoRA (per-component adapters on a fused layer) ---------------------------------------------------
+def canonical_parts(lora: MegatronLora, op: ops.Op[Any], ctx: Any) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+    """``(name, A_i, B_i)`` of each present component of a canonical adapter (sliced from the block form:
+    B_i's rows in HF order, as canonical LoRA's separate ``linear_out`` holds them)."""
+    if not lora.canonical:
+        return []
+    bs = op.adapter_rows_back(ctx, lora.linear_out)
+    a = op.adapter_cols_back(ctx, lora.linear_in)
+    out, start = [], 0
+    for name, b, comp in zip(lora.canonical, bs, lora.components, strict=True):
+        if comp is None:
+            continue
+        rank = comp[1]
+        out.append((name, a[start:start + rank].contiguous(), b[:, start:start + rank].contiguous()))
+        start += rank
+    return out
+
+
+def _rows(ctx: Any, x: torch.Tensor, shard: ops.Shard) -> torch.Tensor:
+    """Canonical pieces: ``linear_in`` (rank rows) and ``linear_out`` (HF rows of the whole heads / halves this
+    rank holds) are both plain row chunks (``ColumnParallelLinear``)."""
+    start, stop = shard.bounds(x.shape[0], "rows", ctx.rule)
+    return x[start:stop].contiguous()
+
+
+def _from_canonical(module: str, lora: MegatronLora, op: ops.Op[Any], ctx: Any,
+                    files: Mapping[str, Mapping[str, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    order = sorted(files, key=_file_order)
+    keys = {f"{module}.adapter.{c}.linear_in.weight" for c in lora.canonical}
+    first_ep = min((_file_order(n)[1] for n in order if keys & set(files[n])), default=0)
+    bs, as_ = [], []
+    for name, comp in zip(lora.canonical, lora.components, strict=True):
+        if comp is None:
+            continue
+        kin, kout = f"{module}.adapter.{name}.linear_in.weight", f"{module}.adapter.{name}.linear_out.weight"
+        held = [n for n in order if kin in files[n] and _file_order(n)[1] == first_ep]
+        as_.append(torch.cat([files[n][kin] for n in held]))
+        bs.append(torch.cat([files[n][kout] for n in held]))
+    blocks, a = block_form(bs, as_)
+    it = iter(blocks)
+    full_bs = [next(it) if c is not None else blocks[0].new_zeros((n, a.shape[0]))
+               for c, n in zip(lora.components, lora.rows, strict=True)]
+    return op.adapter_cols(ctx, a), op.adapter_rows(ctx, full_bs)

@@ -401,6 +401,12 @@ class Op(ABC, Generic[OptionsT]):
         """The inverse of :meth:`adapter_cols`."""
         return a
 
+    def canonical_names(self, ctx: Ctx[OptionsT]) -> tuple[str, ...] | None:
+        """Megatron-Bridge's canonical LoRA names of this rule's HF components (``peft/canonical_lora.py``:
+        separate ``adapter_q/k/v`` on ``linear_qkv``, ``adapter_gate/up`` on ``linear_fc1``), in key order; ``None``
+        where canonical LoRA has no per-component form."""
+        return None
+
     def adapter_split(self, ctx: Ctx[OptionsT], linear_in: torch.Tensor, linear_out: torch.Tensor,
                       shard: Shard) -> tuple[torch.Tensor, torch.Tensor]:
         """This rank's ``(linear_in, linear_out)`` in Megatron-Bridge's ``ParallelLinearAdapter`` layout.

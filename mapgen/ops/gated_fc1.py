@@ -78,6 +78,10 @@ class Gated(Op[G]):
             return [ctx.emit(0, torch.stack([gate, up], dim=1).reshape(full.shape))]
         return [ctx.emit(0, full)]
 
+    def canonical_names(self, ctx: Ctx[G]) -> tuple[str, ...] | None:
+        # LoRALinearSplitFC1UpGate: cat([gate_out, up_out]) per rank
+        return None if fused(ctx) else ("adapter_gate", "adapter_up")
+
     def components(self, ctx: Ctx[G], length: int, tp: int) -> list[int]:
         if length % 2:
             raise ctx.fail(f"a gated linear_fc1 needs an even number of rows, got {length}")

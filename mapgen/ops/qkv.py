@@ -119,6 +119,12 @@ class Qkv(Op[QkvOptions]):
             return [ctx.emit(0, torch.cat([q, k, v]))]
         return [ctx.emit(0, q), ctx.emit(1, k), ctx.emit(2, v)]
 
+    def canonical_names(self, ctx: Ctx[QkvOptions]) -> tuple[str, ...] | None:
+        # canonical LoRA interleaves plain q heads per group (LoRALinearSplitQKV._interleave_qkv): no output gate
+        if ctx.options.layout != "separate" or ctx.options.output_gate:
+            return None
+        return ("adapter_q", "adapter_k", "adapter_v")
+
     def components(self, ctx: Ctx[QkvOptions], length: int, tp: int) -> list[int]:
         _check_tp(ctx, tp)  # whole groups per rank: one component
         return [length]
