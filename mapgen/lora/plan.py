@@ -199,6 +199,21 @@ def import_adapter(peft: PeftAdapter, instances: Sequence[Instance], spec: Model
 
 
 # -- Megatron -> HF (PEFT) ----------------------------------------------------------------------------------
+def _index(instances: Sequence[Instance]) -> tuple[dict[str, Instance], dict[str, list[Instance]]]:
+    """Adaptable instances by Megatron module, and the expert instances of each grouped-experts module."""
+    by_megatron = {module_of(i.megatron): i for i in instances if adaptable(i)}
+    experts: dict[str, list[Instance]] = {}
+    for inst in by_megatron.values():
+        if inst.expert is not None:
+            experts.setdefault(grouped_name(module_of(inst.megatron)), []).append(inst)
+    return by_megatron, experts
+
+
+def _unknown(module: str) -> Diagnostic:
+    return Diagnostic("error", "adapter.unknown-module", "no adaptable Megatron parameter of the base has this name",
+                      key=module, hint="is the adapter for another base model?")
+
+
 def _instances_of(module: str, lora: MegatronLora, by_megatron: Mapping[str, Instance],
                   experts: Mapping[str, list[Instance]]) -> list[Instance]:
     if lora.grouped:
@@ -210,19 +225,13 @@ def _instances_of(module: str, lora: MegatronLora, by_megatron: Mapping[str, Ins
 def export_adapter(meg: MegatronAdapter, instances: Sequence[Instance], spec: ModelSpec) -> PeftAdapter:
     """The PEFT adapter of a Megatron adapter: fused adapters become exact per-module HF adapters (B split by
     the op, A shared; block form sliced back), a grouped expert adapter one adapter per expert."""
-    by_megatron = {module_of(i.megatron): i for i in instances if adaptable(i)}
-    experts: dict[str, list[Instance]] = {}
-    for inst in by_megatron.values():
-        if inst.expert is not None:
-            experts.setdefault(grouped_name(module_of(inst.megatron)), []).append(inst)
+    by_megatron, experts = _index(instances)
     problems: list[Diagnostic] = []
     modules: dict[str, LoraPair] = {}
     for module, lora in sorted(meg.modules.items()):
         found = _instances_of(module, lora, by_megatron, experts)
         if not found:
-            problems.append(Diagnostic("error", "adapter.unknown-module",
-                                       "no adaptable Megatron parameter of the base has this name", key=module,
-                                       hint="is the adapter for another base model?"))
+            problems.append(_unknown(module))
             continue
         for inst in found:
             op, ctx = _ctx(inst, spec)
@@ -293,16 +302,11 @@ def shard_pieces(meg: MegatronAdapter, instances: Sequence[Instance], spec: Mode
     """Every rank's pieces: dense adapters split over TP (file ``pp{p}/tp{t}``), expert adapters over ETP and
     placed by EP (``pp{p}/ep{e}_etp{t}``), both under the global (unsharded) names Megatron-Bridge's
     dist-checkpoint keys use."""
-    by_megatron = {module_of(i.megatron): i for i in instances if adaptable(i)}
-    experts: dict[str, list[Instance]] = {}
-    for inst in by_megatron.values():
-        if inst.expert is not None:
-            experts.setdefault(grouped_name(module_of(inst.megatron)), []).append(inst)
+    by_megatron, experts = _index(instances)
     for module, lora in sorted(meg.modules.items()):
         found = _instances_of(module, lora, by_megatron, experts)
         if not found:
-            raise error("adapter.unknown-module", "no adaptable Megatron parameter of the base has this name",
-                        key=module)
+            raise MapgenError(_unknown(module))
         inst = found[0]
         op, ctx = _ctx(inst, spec)
         stage = _stage(inst, spec, pp)
@@ -331,11 +335,7 @@ def gather_pieces(files: Mapping[str, Mapping[str, torch.Tensor]], meta: Mapping
                   instances: Sequence[Instance], spec: ModelSpec) -> MegatronAdapter:
     """The inverse of :func:`shard_pieces` from any parallel layout: ``files`` maps a piece file to its
     tensors, ``meta`` is the adapter's metadata (``modules``: each module's form, alpha, components)."""
-    by_megatron = {module_of(i.megatron): i for i in instances if adaptable(i)}
-    experts: dict[str, list[Instance]] = {}
-    for inst in by_megatron.values():
-        if inst.expert is not None:
-            experts.setdefault(grouped_name(module_of(inst.megatron)), []).append(inst)
+    by_megatron, experts = _index(instances)
     out = MegatronAdapter(meta={k: v for k, v in meta.items() if k != "modules"})
     problems: list[Diagnostic] = []
     for module, info in sorted(meta["modules"].items()):
@@ -344,9 +344,7 @@ def gather_pieces(files: Mapping[str, Mapping[str, torch.Tensor]], meta: Mapping
                             tuple(info.get("canonical") or ()), tuple(info.get("rows") or ()))
         found = _instances_of(module, lora, by_megatron, experts)
         if not found:
-            problems.append(Diagnostic("error", "adapter.unknown-module",
-                                       "no adaptable Megatron parameter of the base has this name", key=module,
-                                       hint="is the adapter for another base model?"))
+            problems.append(_unknown(module))
             continue
         op, ctx = _ctx(found[0], spec)
         if lora.canonical:
