@@ -251,6 +251,12 @@ def test_bad_inputs(models: dict[str, tuple[Path, Path]], tmp_path: Path, capsys
     assert "DoRA" in err
     ia3 = _copy_adapter(q3_ad, tmp_path / "ia3", config={"peft_type": "IA3"})
     assert "adapter.unsupported-type" in _bad(tmp_path, ia3, q3, capsys)
+    # a Megatron adapter exported against another base
+    meg = tmp_path / "meg"
+    assert mapgen_main(["adapter", "import", str(q3_ad), str(meg), "--base", str(q3), "--tp", "2"]) == 0
+    assert mapgen_main(["adapter", "export", str(meg), str(tmp_path / "e"), "--base", str(q3m)]) != 0
+    assert "adapter.wrong-base" in capsys.readouterr().err
+    assert not (tmp_path / "e").exists()
     # and nothing is written by export / merge either
     assert mapgen_main(["merge", str(tmp_path / "m"), "--adapter", str(dora), "--base", str(q3)]) != 0
     assert not (tmp_path / "m").exists()
