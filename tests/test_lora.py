@@ -261,3 +261,23 @@ def test_bad_inputs(models: dict[str, tuple[Path, Path]], tmp_path: Path, capsys
     assert mapgen_main(["merge", str(tmp_path / "m"), "--adapter", str(dora), "--base", str(q3)]) != 0
     assert not (tmp_path / "m").exists()
     assert "Traceback" not in capsys.readouterr().err
+
+
+def test_rank_pattern(models: dict[str, tuple[Path, Path]], tmp_path: Path,
+                      capsys: pytest.CaptureFixture[str]) -> None:
+    """Different ranks with one scale fuse exactly (block form, rank_pattern kept); different scales are refused."""
+    base, _ = models["qwen3"]
+    ad = write_adapter(base, tmp_path / "ranks", rank_pattern={"q_proj": 8, "down_proj": 2},
+                       alpha_pattern={"q_proj": 16, "down_proj": 4}, shared_layer=None)
+    meg, back = tmp_path / "meg", tmp_path / "back"
+    assert mapgen_main(["adapter", "import", str(ad), str(meg), "--base", str(base), "--tp", "2"]) == 0
+    modules = json.loads((meg / "adapter_meta.json").read_text())["modules"]
+    qkv = modules["decoder.layers.0.self_attention.linear_qkv"]
+    assert (qkv["form"], qkv["dim"], qkv["alpha"]) == ("block", 16, 32.0)  # 8 + 4 + 4 rows of A, scale 2
+    assert mapgen_main(["adapter", "export", str(meg), str(back), "--base", str(base)]) == 0
+    (want, want_cfg), (got, got_cfg) = _files(ad), _files(back)
+    assert all(torch.equal(want[k], got[k]) for k in want)
+    assert got_cfg == want_cfg
+    mixed = write_adapter(base, tmp_path / "mixed", rank_pattern={"q_proj": 8}, shared_layer=None)
+    err = _bad(tmp_path, mixed, base, capsys)
+    assert "adapter.mixed-scales" in err
