@@ -115,7 +115,11 @@ def test_merge_matches_peft(models: dict[str, tuple[Path, Path]], tmp_path: Path
     meg_out = tmp_path / "merged-meg"
     assert mapgen_main(["merge", str(meg_out), "--adapter", str(adapter), "--base", str(base), "--megatron",
                         "--tp", "2"]) == 0
-    assert (meg_out / "release").is_dir() or any(meg_out.iterdir())
+    hf_back = tmp_path / "merged-meg-hf"
+    assert mapgen_main(["export", str(meg_out), str(hf_back), "--source", str(out)]) == 0
+    from mapgen.runtime.api import compare_checkpoints
+
+    assert compare_checkpoints(out, hf_back).mismatches == []  # the dist checkpoint holds exactly the merge
 
 
 def _grouped_adapter(base: Path, out: Path) -> Path:
