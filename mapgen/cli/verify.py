@@ -71,7 +71,8 @@ def _run_adapter(args: argparse.Namespace, par: Any) -> int:
     if r.get("adapter_effect") is not None:
         print(f"the adapter moves transformers' logits by max |Δ| = {r['adapter_effect']:.3g}")
     for what, key in (("merged HF checkpoint (transformers)", "merged_hf"),
-                      ("megatron-core, adapter merged per rank", "megatron")):
+                      ("megatron-core, adapter merged per rank", "megatron"),
+                      ("megatron-core merged per rank, exported to HF (transformers)", "megatron_export")):
         x = r[key]
         if x.get("skipped"):
             print(f"logits {what} vs transformers+peft: skipped: {x['skipped']}")

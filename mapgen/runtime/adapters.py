@@ -299,7 +299,7 @@ def _merge(weight: torch.Tensor, lin: torch.Tensor, lout: torch.Tensor, lora: Me
 def verify_adapter(source_path: str, adapter_path: str, par: Parallel, *, atol: float = 1e-4) -> dict[str, Any]:
     """SPMD entry point: every rank loads the base at ``par``, merges its adapter pieces and runs the forward;
     rank 0 compares with transformers + peft and with the merged HF checkpoint in transformers."""
-    from mapgen.runtime.api import _barrier, load_hf, parallel_context, world_from_env
+    from mapgen.runtime.api import _barrier, export_hf, load_hf, parallel_context, world_from_env
     from mapgen.runtime.megatron import logits as megatron_logits
     from mapgen.runtime.verify import _to_fp32, fixed_batch, transformers_logits
 
@@ -315,18 +315,22 @@ def verify_adapter(source_path: str, adapter_path: str, par: Parallel, *, atol: 
         result["merged_params"] = merge_into_model(model, binding, meg)
         vocab = int(binding.spec.vocab_size)
         ids = fixed_batch(vocab)
+        # The model merged rank by rank, exported to HF (gathered over TP/EP/PP): what transformers computes
+        # with it is the proof at every layout, PP included, on top of megatron-core's own forward (PP=1).
+        tmp = Path(tempfile.mkdtemp(prefix="mapgen-adapter-verify-")) if coords.rank == 0 else Path()
+        export_hf(model, binding, tmp / "megatron-merged", target=source.to_meta(), source_root=source.root)
         got = None
         if par.pp == 1:
             _to_fp32(model)
             got = megatron_logits(model, ids)
         if coords.rank == 0:
-            result["round_trip"] = round_trip(peft_ad, binding, source, par)
-            tmp = Path(tempfile.mkdtemp(prefix="mapgen-adapter-verify-"))
             try:
+                result["round_trip"] = round_trip(peft_ad, binding, source, par)
                 _write_plain(tmp / "peft", peft_tree(peft_ad, binding))
                 _write_plain(tmp / "merged", merged_hf_tree(source, peft_ad))
                 want, reason = peft_logits(source.root, tmp / "peft", ids)
                 merged_logits, reason2 = transformers_logits(tmp / "merged", ids)
+                exported_logits, reason3 = transformers_logits(tmp / "megatron-merged", ids)
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
             result["reference"] = reason or None
@@ -339,6 +343,8 @@ def verify_adapter(source_path: str, adapter_path: str, par: Parallel, *, atol: 
                     result["merged_hf"] = _diff(merged_logits[..., :vocab], want, atol)
                 else:
                     result["merged_hf"] = {"skipped": reason2}
+                result["megatron_export"] = (_diff(exported_logits[..., :vocab], want, atol)
+                                             if exported_logits is not None else {"skipped": reason3})
                 if got is not None:
                     result["megatron"] = _diff(got[..., :vocab].float(), want, atol)
                 else:
