@@ -19,7 +19,7 @@ import json
 import shutil
 import tempfile
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -175,7 +175,24 @@ def megatron_tree(meg: MegatronAdapter, binding: Binding, source: HFSource, par:
     return tree
 
 
-def merged_hf_tree(source: HFSource, adapter: PeftAdapter) -> dict[str, str | bytes]:
+class LazyTree(Mapping[str, str | bytes]):
+    """A ``{relative path: content}`` tree whose contents are made when read: the atomic writer reads one file
+    at a time, so a merged checkpoint holds one shard in memory, not the model."""
+
+    def __init__(self, makers: Mapping[str, Callable[[], str | bytes]]) -> None:
+        self._makers = dict(makers)
+
+    def __getitem__(self, key: str) -> str | bytes:
+        return self._makers[key]()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._makers)
+
+    def __len__(self) -> int:
+        return len(self._makers)
+
+
+def merged_hf_tree(source: HFSource, adapter: PeftAdapter) -> LazyTree:
     """The base checkpoint with ``W + alpha/r * B @ A`` (fp32, cast once) in place of every adapted weight:
     the same key names, dtypes, shard files, index and side files."""
     keys = {f"{m}.weight": pair for m, pair in adapter.modules.items()}
@@ -183,19 +200,25 @@ def merged_hf_tree(source: HFSource, adapter: PeftAdapter) -> dict[str, str | by
     if missing:
         raise MapgenError([Diagnostic("error", "adapter.unknown-module", "the base has no such weight", key=k)
                            for k in missing])
-    tree: dict[str, str | bytes] = {}
-    for path in sorted(source.root.iterdir()):
-        if path.is_file() and path.suffix != ".safetensors":
-            tree[path.name] = path.read_bytes()
-    for shard in dict.fromkeys(source.weight_map.values()):
-        with safe_open(str(source.root / shard), framework="pt") as f:
-            meta = f.metadata()
-            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
-        for k, t in tensors.items():
-            if k in keys:
-                tensors[k] = merged(t, keys[k])
-        tree[shard] = st_save(tensors, metadata=meta)
-    return tree
+
+    def side(path: Path) -> Callable[[], bytes]:
+        return path.read_bytes
+
+    def shard(name: str) -> Callable[[], bytes]:
+        def make() -> bytes:
+            with safe_open(str(source.root / name), framework="pt") as f:
+                meta = f.metadata()
+                tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+            for k, t in tensors.items():
+                if k in keys:
+                    tensors[k] = merged(t, keys[k])
+            return st_save(tensors, metadata=meta)
+        return make
+
+    makers: dict[str, Callable[[], str | bytes]] = {
+        p.name: side(p) for p in sorted(source.root.iterdir()) if p.is_file() and p.suffix != ".safetensors"}
+    makers.update({name: shard(name) for name in dict.fromkeys(source.weight_map.values())})
+    return LazyTree(makers)
 
 
 # -- the proof ----------------------------------------------------------------------------------------------
