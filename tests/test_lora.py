@@ -9,7 +9,7 @@ Megatron adapters at TP=2 / EP=2 / PP=2, exported back bitwise, merged, and prov
   of megatron-core with the adapter merged from its TP/EP/PP pieces (its own forward at PP=1; exported to HF
   and run in transformers at every layout) agree within 1e-4 while the adapter moves the logits by far more;
   the round trip inside it is bitwise. The default run covers dense Qwen3 (TP=2, PP=2) and the Qwen3.5-MoE
-  hybrid (TP=2, EP=2); ``MAPGEN_MATRIX=full`` adds Qwen3-MoE and Mixtral at TP=2 EP=2, a
+  hybrid (TP=2, EP=2); ``MAPGEN_MATRIX=full`` adds Qwen3-MoE (TP=2 with ETP=2, too) and Mixtral at TP=2 EP=2, a
   grouped expert adapter at EP=2, the hybrid at PP=2 and dense Qwen3 at TP=1.
 * ``test_grouped_expert_adapter_exports_per_expert``: a Megatron adapter with one grouped (all-experts)
   adapter per layer exports to per-expert PEFT adapters that peft loads, with logits equal to the merge.
@@ -181,6 +181,7 @@ def _proof_cases(models: dict[str, tuple[Path, Path]], grouped: Path) -> list[tu
                   ("qwen3-tp1", *map(str, models["qwen3"]), 1, 1, 1),
                   ("qwen3.6-pp2", *map(str, models["qwen3.6"]), 1, 1, 2),
                   ("qwen3-moe-tp2-ep2", *map(str, models["qwen3-moe"]), 2, 2, 1),
+                  ("qwen3-moe-tp2-etp2", *map(str, models["qwen3-moe"]), 2, 1, 1),
                   ("mixtral-tp2-ep2", *map(str, models["mixtral"]), 2, 2, 1)]
     return cases
 
