@@ -242,9 +242,9 @@ def export_adapter(meg: MegatronAdapter, instances: Sequence[Instance], spec: Mo
                 problems.append(Diagnostic("error", "adapter.shape-mismatch", str(exc), key=module,
                                            hint="the adapter was trained on another base model"))
                 continue
-            comps = lora.components or tuple((module_of(k), lora.dim, lora.alpha) for k in inst.hf)
-            if lora.grouped or not lora.components:
-                comps = tuple((module_of(k), lora.dim, lora.alpha) for k in inst.hf)
+            # a grouped adapter (or one written without component records) adapts every component of each expert
+            comps = (lora.components if lora.components and not lora.grouped
+                     else tuple((module_of(k), lora.dim, lora.alpha) for k in inst.hf))
             start = 0
             for key, b, comp in zip(inst.hf, bs, comps, strict=True):
                 if comp is None:
