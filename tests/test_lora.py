@@ -10,7 +10,7 @@ Megatron adapters at TP=2 / EP=2 / PP=2, exported back bitwise, merged, and prov
   and run in transformers at every layout) agree within 1e-4 while the adapter moves the logits by far more;
   the round trip inside it is bitwise. The default run covers dense Qwen3 (TP=2, PP=2) and the Qwen3.5-MoE
   hybrid (TP=2, EP=2); ``MAPGEN_MATRIX=full`` adds Qwen3-MoE (TP=2 with ETP=2, too) and Mixtral at TP=2 EP=2, a
-  grouped expert adapter at EP=2, the hybrid at PP=2 and dense Qwen3 at TP=1.
+  grouped expert adapter at EP=2, the hybrid at PP=2, dense Qwen3 at TP=1 and a bf16 Qwen3 at TP=2.
 * ``test_grouped_expert_adapter_exports_per_expert``: a Megatron adapter with one grouped (all-experts)
   adapter per layer exports to per-expert PEFT adapters that peft loads, with logits equal to the merge.
 * ``test_bad_inputs``: specific errors, nothing written.
@@ -50,6 +50,10 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, Pa
     if FULL:
         mx = write_base("mixtral", root / "mixtral")
         out["mixtral"] = (mx, write_adapter(mx, root / "mixtral-ad"))
+        from tests.tiny import write as write_bf16
+
+        qb = write_bf16("qwen3", root / "qwen3-bf16")  # bf16, as real checkpoints are stored
+        out["qwen3-bf16"] = (qb, write_adapter(qb, root / "qwen3-bf16-ad"))
     return out
 
 
@@ -182,7 +186,8 @@ def _proof_cases(models: dict[str, tuple[Path, Path]], grouped: Path) -> list[tu
                   ("qwen3.6-pp2", *map(str, models["qwen3.6"]), 1, 1, 2),
                   ("qwen3-moe-tp2-ep2", *map(str, models["qwen3-moe"]), 2, 2, 1),
                   ("qwen3-moe-tp2-etp2", *map(str, models["qwen3-moe"]), 2, 1, 1),
-                  ("mixtral-tp2-ep2", *map(str, models["mixtral"]), 2, 2, 1)]
+                  ("mixtral-tp2-ep2", *map(str, models["mixtral"]), 2, 2, 1),
+                  ("qwen3-bf16-tp2", *map(str, models["qwen3-bf16"]), 2, 1, 1)]
     return cases
 
 

@@ -265,10 +265,10 @@ def export_adapter(meg: MegatronAdapter, instances: Sequence[Instance], spec: Mo
 
 
 # -- merging --------------------------------------------------------------------------------------------------
-def merged(weight: torch.Tensor, pair: LoraPair) -> torch.Tensor:
-    """``W + alpha/r * B @ A`` computed in fp32 and cast once to W's dtype."""
+def merged(weight: torch.Tensor, pair: LoraPair, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``W + alpha/r * B @ A`` computed in fp32 and cast once to W's dtype (or ``dtype``)."""
     delta = pair.b.float() @ pair.a.float()
-    return (weight.float() + pair.scale * delta).to(weight.dtype)
+    return (weight.float() + pair.scale * delta).to(dtype or weight.dtype)
 
 
 def merge_local(weight: torch.Tensor, lin: torch.Tensor, lout: torch.Tensor, alpha: float, dim: int) -> torch.Tensor:

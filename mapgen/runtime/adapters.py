@@ -192,9 +192,10 @@ class LazyTree(Mapping[str, str | bytes]):
         return len(self._makers)
 
 
-def merged_hf_tree(source: HFSource, adapter: PeftAdapter) -> LazyTree:
+def merged_hf_tree(source: HFSource, adapter: PeftAdapter, *, keep_fp32: bool = False) -> LazyTree:
     """The base checkpoint with ``W + alpha/r * B @ A`` (fp32, cast once) in place of every adapted weight:
-    the same key names, dtypes, shard files, index and side files."""
+    the same key names, dtypes, shard files, index and side files. ``keep_fp32`` (the proof): merged weights
+    stay fp32, so that a bf16 base is compared without the rounding of its merged weights."""
     keys = {f"{m}.weight": pair for m, pair in adapter.modules.items()}
     missing = sorted(k for k in keys if k not in source.weight_map)
     if missing:
@@ -211,7 +212,7 @@ def merged_hf_tree(source: HFSource, adapter: PeftAdapter) -> LazyTree:
                 tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
             for k, t in tensors.items():
                 if k in keys:
-                    tensors[k] = merged(t, keys[k])
+                    tensors[k] = merged(t, keys[k], torch.float32 if keep_fp32 else None)
             return st_save(tensors, metadata=meta)
         return make
 
@@ -341,7 +342,8 @@ def verify_adapter(source_path: str, adapter_path: str, par: Parallel, *, atol: 
         # The model merged rank by rank, exported to HF (gathered over TP/EP/PP): what transformers computes
         # with it is the proof at every layout, PP included, on top of megatron-core's own forward (PP=1).
         tmp = Path(tempfile.mkdtemp(prefix="mapgen-adapter-verify-")) if coords.rank == 0 else Path()
-        export_hf(model, binding, tmp / "megatron-merged", target=source.to_meta(), source_root=source.root)
+        export_hf(model, binding, tmp / "megatron-merged", target={**source.to_meta(), "force_dtype": "float32"},
+                  source_root=source.root)
         got = None
         if par.pp == 1:
             _to_fp32(model)
@@ -350,7 +352,7 @@ def verify_adapter(source_path: str, adapter_path: str, par: Parallel, *, atol: 
             try:
                 result["round_trip"] = round_trip(peft_ad, binding, source, par)
                 _write_plain(tmp / "peft", peft_tree(peft_ad, binding))
-                _write_plain(tmp / "merged", merged_hf_tree(source, peft_ad))
+                _write_plain(tmp / "merged", merged_hf_tree(source, peft_ad, keep_fp32=True))
                 want, reason = peft_logits(source.root, tmp / "peft", ids)
                 merged_logits, reason2 = transformers_logits(tmp / "merged", ids)
                 exported_logits, reason3 = transformers_logits(tmp / "megatron-merged", ids)
