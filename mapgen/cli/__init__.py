@@ -17,7 +17,7 @@ from mapgen import __version__
 from mapgen.errors import MapgenError
 
 VERBOSE = "--verbose"
-COMMANDS = ("scan", "emit", "check", "synth", "diff", "convert", "export", "verify")
+COMMANDS = ("scan", "emit", "check", "synth", "diff", "convert", "export", "verify", "adapter", "merge")
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
