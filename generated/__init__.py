@@ -10,6 +10,7 @@
 #   inputs/phi-4.json  7818a2af4ba81b894bbbd68c6cc246b1620495400a5e708139021bf896e5bf86
 #   inputs/qwen--qwen3.5-35b-a3b.json  60af6ee8bd9b6d1092c2d819bc32004957dc36e59f90afff137ebbb087151be7
 #   inputs/qwen--qwen3.6-35b-a3b.json  67b7f78805960a4337e575ef0ab73597f2c882086ec8704d544ff9ed17faf085
+#   inputs/qwen2.5-vl-7b-instruct.json  b1760c5ebb86a40d2179bff779d23a97e84a818acbaa24fb45fd50bdfcfccaf3
 #   inputs/qwen3-1.7b-mlx-bf16.json  d0b1e11edd9e2c8aeeb46aa295193718a85246cdaf08363830d506bfd4ed2949
 #   inputs/qwen3-dense-mtp.json  c80cc693d4b2aff1b43d2042c7c89a2e3dc93b6c7dcaed40d16290698920417b
 #   inputs/qwen3-next-mtp.json  b194eab01a3d79a3cd5b15a2d592af8986131fad88bd329c4d5c5ab6183ae020
@@ -53,6 +54,8 @@ BRIDGES: dict[str, tuple[str, str]] = {
     '541ccb0711a1': ('phi3', 'BRIDGE_541ccb0711a1'),
     # qwen2: sakura-14b-qwen2.5
     'd4543a9ddc5a': ('qwen2', 'BRIDGE_d4543a9ddc5a'),
+    # qwen2_5_vl: qwen2.5-vl-7b-instruct
+    '00d814463612': ('qwen2_5_vl', 'BRIDGE_00d814463612'),
     # qwen3: qwen3-1.7b-mlx-bf16
     '2a7dc069f35d': ('qwen3', 'BRIDGE_2a7dc069f35d'),
     # qwen3: qwen3-dense-mtp

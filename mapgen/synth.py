@@ -267,6 +267,7 @@ def _shrink_config(
             if w.has(name):
                 w.set(name, mtp_depth)
     _remap_token_ids(w, o.vocab)
+    _shrink_mrope(w, o.head_dim)
     # -- towers' projection into the text model, dtype label -----------------------------------------------
     for tower in ("vision_config", "audio_config"):
         sub = w.top.get(tower)
@@ -279,6 +280,19 @@ def _shrink_config(
                 if name in scope:
                     scope[name] = label
     return w.top
+
+
+def _shrink_mrope(w: _ConfigWriter, head_dim: int) -> None:
+    """M-RoPE sections (rotary pairs per temporal/height/width axis) must add up to half the new head dim: shrink
+    them in proportion, the last section taking the rounding."""
+    for name in ("rope_scaling", "rope_parameters"):
+        rope = w.get(name)
+        sections = rope.get("mrope_section") if isinstance(rope, dict) else None
+        if not isinstance(sections, list) or not sections or not all(_int(x) for x in sections):
+            continue
+        total, pairs = sum(sections), head_dim // 2
+        new = [max(1, x * pairs // total) for x in sections[:-1]]
+        rope["mrope_section"] = [*new, pairs - sum(new)]
 
 
 def _remap_token_ids(w: _ConfigWriter, vocab: int) -> None:

@@ -38,7 +38,6 @@ PENDING: dict[str, tuple[int, set[str], set[str] | None]] = {
     "gemma-2b-it": (0, {"semantics.unsupported"}, None),  # embedding scale, (1 + w) norms, GELU: the catalog
     "medgemma-27b-it-gemma3": (0, {"semantics.unsupported"}, {"plan.megatron-lacks"}),  # sandwich norms
     "oasst-rm-pythia-1.4b-gpt-neox": (-1, {"scope.no-lm-head"}, None),  # a reward model: out of scope
-    "qwen2.5-vl-7b-instruct": (0, {"semantics.unsupported"}, None),  # mrope (the semantics issue)
 }
 
 
@@ -216,11 +215,14 @@ def test_llama_with_rope_buffers_verifies_at_tp2(tmp_path: Path) -> None:
 def test_gpt2_rules(tmp_path: Path) -> None:
     from semantics_matrix import build
 
+    from mapgen.contract.config import model_spec
+    from mapgen.contract.hf_config import HFConfig
+
     build("gpt2", tmp_path / "gpt2", overrides={"activation_function": "silu"})
     layout = scan(str(tmp_path / "gpt2"))  # headers read: the Conv1D shapes are checked [in, out]
     assert not layout.unclassified
     bridge = plan(layout)
-    assert bridge.facts.learned_positions
+    assert model_spec(HFConfig(layout.config), layout, bridge.facts).position_embedding_type == "learned_absolute"
     assert bridge.facts.layernorm
     assert bridge.facts.non_gated_mlp
     assert bridge.facts.add_bias_linear

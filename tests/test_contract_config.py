@@ -14,7 +14,7 @@ import pytest
 
 from mapgen.contract import HFConfig, ModelSpec
 from mapgen.contract.config import CONFIG, ConfigRow, check_table, model_spec
-from mapgen.contract.hf_config import head_dim, rope_scaling, rope_scaling_factor
+from mapgen.contract.hf_config import head_dim, mrope_section, rope_scaling, rope_scaling_factor
 from mapgen.errors import MapgenError
 from mapgen.ir import LayerGroup, Layout, layout_from_json
 from mapgen.plan.planner import plan
@@ -60,7 +60,9 @@ def _recipe(layout: Layout) -> ModelSpec:
         "ffn_hidden_size": hf.get("intermediate_size", "moe_intermediate_size", "n_inner"),
         "vocab_size": hf.get("vocab_size"),
         "max_position_embeddings": hf.get("max_position_embeddings", "n_positions", default=4096),
-        "position_embedding_type": "learned_absolute" if lm.top.key("position_embedding") else "rope",
+        "position_embedding_type": "learned_absolute" if lm.top.key("position_embedding") else (
+            "mrope" if mrope_section(hf) else "rope"),
+        "mrope_section": mrope_section(hf),
         "layer_kinds": tuple(kinds),
         "mlp_kinds": tuple(mlps),
         "add_qkv_bias": bool(a0 and a0.key("q_bias")),
@@ -86,6 +88,10 @@ def _recipe(layout: Layout) -> ModelSpec:
             "moe_router_topk": hf.get("num_experts_per_tok", "moe_topk"),
             "moe_ffn_hidden_size": hf.get("moe_intermediate_size", "intermediate_size"),
             "moe_router_enable_expert_bias": bool(m0.key("expert_bias")),
+            # the former runtime default, now explicit; every stored config routes renormalised, unscaled,
+            # ungrouped (the routing variants are tested in tests/test_routing.py)
+            "moe_router_score_function": "sigmoid" if m0.key("expert_bias") else "softmax",
+            "moe_router_dtype": "fp32" if m0.key("expert_bias") else None,  # DeepSeek-style: the gate in fp32
             "moe_shared_expert_gate": bool((sh := m0.child("shared")) and sh.key("gate")),
         }
         if m0.child("shared") is not None:

@@ -38,6 +38,8 @@ FACTS: dict[str, tuple[Any, ...]] = {
     "mixtral-8x7b-instruct-v0.1": (32, "32 layers, all attention", 32, 8, "per_expert", False, 0, "none", "none",
                                    False, ()),
     "qwen3-1.7b-mlx-bf16": (28, "28 layers, all attention", 0, 0, "none", False, 0, "none", "none", True, ()),
+    "qwen2.5-vl-7b-instruct": (28, "28 layers, all attention", 0, 0, "none", False, 0, "none", "none", False,
+                               ("vision",)),
     "qwen3-vl-30b-a3b": (48, "48 layers, all attention", 48, 128, "packed", False, 0, "none", "none", False,
                          ("vision",)),
     "qwen3.5-25b-reap-a3b-coding": (40, "40 layers = 30 gated-delta-net + 10 attention (every 4th)", 40, 180,

@@ -9,6 +9,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
 
+from mapgen.contract.routing import RouterScheme
+
 Orientation = Literal["out_in", "in_out"]
 
 
@@ -22,21 +24,28 @@ class Facts:
     that stores them and declares neither is refused.
     ``layernorm``: the block and final norms are ``nn.LayerNorm`` (mean-centred, with a bias tensor) in the model
     code, not RMSNorm: megatron-core ``normalization="LayerNorm"``. A norm bias in the keys of a model type without
-    this fact is refused (a bias says LayerNorm, but not which LayerNorm)."""
+    this fact is refused (a bias says LayerNorm, but not which LayerNorm).
+    ``router``: the routing scheme transformers' modelling code implements for this model type's MoE router
+    (:mod:`mapgen.contract.routing`); ``""``: not known, only the values that compute the bridge's historic
+    router are accepted."""
 
     packed: tuple[Orientation, bool] | None = None
     zero_centered: bool = False
     output_gate: bool = False
     layernorm: bool = False
     conv1d: bool | None = None
+    router: RouterScheme = ""
 
 
-_QWEN35 = Facts(packed=("out_in", False), zero_centered=True, output_gate=True)
+_QWEN35 = Facts(packed=("out_in", False), zero_centered=True, output_gate=True, router="softmax_renorm")
+_SOFTMAX = Facts(router="softmax")  # renormalised iff norm_topk_prob
+_RENORM = Facts(router="softmax_renorm")  # always renormalised
+_DEEPSEEK_V3 = Facts(router="sigmoid_grouped")  # sigmoid, score-correction bias, top-2 groups, scaled
 
 MODEL_TYPES: dict[str, Facts] = {
     # [E, hidden, 2*inter] (transposed)
-    "qwen3_vl_moe": Facts(packed=("in_out", False)),
-    "qwen3_vl_moe_text": Facts(packed=("in_out", False)),
+    "qwen3_vl_moe": Facts(packed=("in_out", False), router="softmax_renorm"),
+    "qwen3_vl_moe_text": Facts(packed=("in_out", False), router="softmax_renorm"),
     # [E, hidden, 2*inter], gate/up columns alternate
     "gpt_oss": Facts(packed=("in_out", True)),
     # Qwen3.6 MTP experts: [E, 2*inter, hidden] as in transformers' Qwen3_5MoeExperts
@@ -44,7 +53,23 @@ MODEL_TYPES: dict[str, Facts] = {
     "qwen3_5_moe_text": _QWEN35,
     "qwen3_5": Facts(zero_centered=True, output_gate=True),
     "qwen3_5_text": Facts(zero_centered=True, output_gate=True),
-    "qwen3_next": Facts(zero_centered=True, output_gate=True),
+    "qwen3_next": Facts(zero_centered=True, output_gate=True, router="softmax"),
+    # MoE routers (mapgen.contract.routing), read from each model type's modelling code in transformers 5.24
+    "qwen2_moe": _SOFTMAX,
+    "qwen3_moe": _SOFTMAX,
+    "olmoe": _SOFTMAX,
+    "flex_olmo": _SOFTMAX,
+    "mixtral": _RENORM,
+    "minimax": _RENORM,
+    "deepseek_v2": Facts(router="softmax_greedy"),
+    "deepseek_v3": _DEEPSEEK_V3,
+    "glm4_moe": _DEEPSEEK_V3,
+    "glm4v_moe": _DEEPSEEK_V3,
+    "glm4v_moe_text": _DEEPSEEK_V3,
+    "dots1": _DEEPSEEK_V3,
+    "glm4_moe_lite": _DEEPSEEK_V3,
+    "deepseek_v32": _DEEPSEEK_V3,
+    "glm_moe_dsa": _DEEPSEEK_V3,
     # nn.LayerNorm(hidden, eps) with bias in every block and final norm (modeling_stablelm.py, modeling_gpt_neox.py)
     "stablelm": Facts(layernorm=True),
     "stablelm_epoch": Facts(layernorm=True),  # stable-code-3b's remote code: the layer transformers' stablelm ported
@@ -58,6 +83,11 @@ MODEL_TYPES: dict[str, Facts] = {
 }
 
 _NONE = Facts()
+
+
+def router_for(model_types: Iterable[str]) -> RouterScheme:
+    """The router scheme of the first of ``model_types`` (the text model's type first) that has one."""
+    return next((MODEL_TYPES[t].router for t in model_types if t in MODEL_TYPES and MODEL_TYPES[t].router), "")
 
 
 def facts_for(model_types: Iterable[str]) -> Facts:

@@ -14,13 +14,17 @@ from __future__ import annotations
 
 import keyword
 import re
+from typing import Any
 
+from mapgen.catalog.check import layout_defaults
 from mapgen.contract.config import Facts
 from mapgen.contract.fingerprint import fingerprint
+from mapgen.contract.routing import ROUTING_KEYS
 from mapgen.contract.rules import Rule
 from mapgen.errors import Diagnostic, MapgenError
 from mapgen.families import behaviour, embedding, facts_for, input_norm_target, norms
 from mapgen.families import mtp as mtp_family
+from mapgen.families.model_types import router_for
 from mapgen.families.moe import experts_of
 from mapgen.ir import LayerGroup, Layout
 from mapgen.plan.plan import BridgePlan
@@ -128,16 +132,20 @@ def _facts(layout: Layout, zero_centered: bool, layernorm: bool) -> tuple[Facts,
     """Each family states the facts its components decide; the first group (decoder order, then the MTP inner
     layers) that states a fact decides it. Also returns (fact, group) for every group that states the opposite:
     megatron-core has one switch per fact (``add_bias_linear`` gives the attention output projection *and* the
-    MLP a bias), so a layout whose components disagree is refused by name."""
+    MLP a bias), so a layout whose components disagree is refused by name. A MoE bridge also carries its model
+    type's router scheme and transformers' defaults for the routing keys (the values the config catalog judged)."""
     lm = layout.language_model
-    decided: dict[str, bool] = {"tied": lm.tied_embeddings, "zero_centered": zero_centered, "layernorm": layernorm,
-                                "learned_positions": bool(lm.top.key("position_embedding"))}
+    decided: dict[str, Any] = {"tied": lm.tied_embeddings, "zero_centered": zero_centered, "layernorm": layernorm}
     conflicts: list[tuple[str, str]] = []
     for group in (*lm.groups, *(lm.mtp.inner if lm.mtp else ())):
         for component in (group.mixer, group.mlp):
             for name, value in behaviour(component).facts(component).items():
                 if decided.setdefault(name, value) != value:
                     conflicts.append((name, f"{group.root}{component.family}"))
+    if decided.get("moe"):
+        decided["router"] = router_for((layout.text_model_type, layout.model_type))
+        defaults = layout_defaults(layout.model_type, layout.text_model_type, ROUTING_KEYS)
+        decided.update({f"default_{k}": v for k, v in defaults.items()})
     return Facts(**decided), conflicts
 
 

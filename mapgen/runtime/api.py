@@ -779,11 +779,16 @@ def convert(source_path: str, out: Path, par: Parallel, *, overwrite: bool = Fal
                 save_dist_checkpoint(model, staging / "release")
             if coords.rank == 0:
                 (staging / "latest_checkpointed_iteration.txt").write_text("release\n")
-                from mapgen.runtime.megatron_args import ARGS_FILE, megatron_args, to_text
+                from mapgen.runtime.megatron_args import ARGS_FILE, ArgsError, megatron_args, to_text
 
-                argv = megatron_args(binding.spec, tp=par.tp, pp=par.pp, ep=par.ep, etp=par.etp_size,
-                                     dtype=dtypes.base, load=str(Path(out).resolve()))
-                (staging / ARGS_FILE).write_text(to_text(argv))
+                try:
+                    argv: list[str] | None = megatron_args(
+                        binding.spec, tp=par.tp, pp=par.pp, ep=par.ep, etp=par.etp_size, dtype=dtypes.base,
+                        load=str(Path(out).resolve()))
+                    args_text = to_text(argv or [])
+                except ArgsError as exc:  # megatron-core builds it; Megatron-LM's command line cannot say so
+                    argv, args_text = None, f"# no Megatron-LM arguments build this model: {exc}\n"
+                (staging / ARGS_FILE).write_text(args_text)
                 meta = {"mapgen_version": __version__, "layout": json.loads(layout_to_json(source.layout)),
                         "source": source.to_meta(), "parallel": par.__dict__, "dtype": dtypes.to_json(),
                         "megatron_args": argv}

@@ -43,16 +43,20 @@ def transformers_logits(root: Path, input_ids: torch.Tensor) -> tuple[torch.Tens
     Every weight the model expects must come from the checkpoint (keys it does not use, such as ``mtp.*`` or a
     vision tower, are fine): a model with randomly initialised parts would prove nothing.
     """
+    from mapgen.runtime._cpu import quiet_transformers
+
     try:
         import transformers
         from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+        quiet_transformers()
 
         config = json.loads((root / "config.json").read_text(encoding="utf-8"))
         model_type = config.get("model_type") if isinstance(config, dict) else None
         if model_type not in CONFIG_MAPPING:  # remote code is never run, and never asked about
             return None, f"no reference model: transformers {transformers.__version__} has no class for model_type " \
                          f"{model_type!r} (checkpoint code is never executed)"
-        loaded: Any = transformers.AutoModelForCausalLM.from_pretrained(
+        loaded: Any = _auto_class(transformers, str(model_type)).from_pretrained(
             str(root), dtype=torch.float32, attn_implementation="eager", output_loading_info=True,
             trust_remote_code=False)
         model, info = loaded
@@ -65,6 +69,20 @@ def transformers_logits(root: Path, input_ids: torch.Tensor) -> tuple[torch.Tens
     with torch.no_grad():
         out = model(input_ids=input_ids, use_cache=False)
     return out.logits.float(), ""
+
+
+def _auto_class(transformers: Any, model_type: str) -> Any:
+    """``AutoModelForCausalLM``; for a vision-language wrapper transformers has no causal-LM class for (Qwen2-VL),
+    its image-text-to-text model: on a text-only batch that is its language model (text positions, no vision
+    input) with the checkpoint's own weights."""
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES,
+    )
+
+    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES:
+        return transformers.AutoModelForImageTextToText
+    return transformers.AutoModelForCausalLM
 
 
 def verify(source_path: str, par: Parallel, *, logits: bool = True, atol: float = 1e-4,
