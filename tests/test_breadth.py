@@ -148,10 +148,9 @@ def test_plain_mlp_biases_must_agree_with_the_attention_output_bias() -> None:
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_gpt_neox_verifies_at_tp2(tmp_path: Path) -> None:
-    """GPT-NeoX with a sequential residual (use_parallel_residual=False) and SiLU (GELU is the semantics issue's
-    activation mapping): per-head fused query_key_value + bias, dense bias, LayerNorm with bias, plain MLP with
-    biases, rotary_pct 0.25, embed_in/embed_out."""
-    case = run_case("gpt_neox", tmp_path, overrides={"use_parallel_residual": False, "hidden_act": "silu"})
+    """GPT-NeoX with a sequential residual (use_parallel_residual=False): per-head fused query_key_value + bias,
+    dense bias, LayerNorm with bias, plain GELU MLP with biases, rotary_pct 0.25, embed_in/embed_out."""
+    case = run_case("gpt_neox", tmp_path, overrides={"use_parallel_residual": False})
     assert case.outcome == "verified", case.row()
     assert case.max_diff is not None
     assert case.max_diff <= ATOL
@@ -240,8 +239,8 @@ def test_gpt2_rules(tmp_path: Path) -> None:
 @pytest.mark.distributed
 @pytest.mark.skipif(not FULL, reason="opt-in: MAPGEN_BREADTH=full (about two minutes)")
 def test_gpt2_verifies_at_tp2(tmp_path: Path) -> None:
-    """SiLU instead of GPT-2's gelu_new (the activation mapping is the semantics issue's)."""
-    case = run_case("gpt2", tmp_path, overrides={"activation_function": "silu"})
+    """GPT-2 as transformers writes it (gelu_new, Conv1D, wpe, tied head)."""
+    case = run_case("gpt2", tmp_path)
     assert case.outcome == "verified", case.row()
 
 
@@ -267,8 +266,8 @@ def test_conv1d_spellings_need_a_declared_storage(tmp_path: Path) -> None:
 @pytest.mark.skipif(not FULL, reason="opt-in: MAPGEN_BREADTH=full (about two minutes)")
 def test_starcoder2_verifies_at_tp2(tmp_path: Path) -> None:
     """StarCoder2: c_fc/c_proj as nn.Linear (Facts.conv1d=False), q/k/v/o and MLP biases, LayerNorm with bias,
-    norm_epsilon spelling; SiLU instead of gelu_pytorch_tanh (the semantics issue's activation mapping)."""
-    case = run_case("starcoder2", tmp_path, overrides={"hidden_act": "silu"})
+    norm_epsilon spelling, gelu_pytorch_tanh."""
+    case = run_case("starcoder2", tmp_path)
     assert case.outcome == "verified", case.row()
 
 
@@ -291,9 +290,9 @@ def test_phi_parallel_block_and_head_bias_are_refused_by_name(tmp_path: Path) ->
 @pytest.mark.distributed
 @pytest.mark.skipif(not FULL, reason="opt-in: MAPGEN_BREADTH=full (about a minute)")
 def test_persimmon_verifies_at_tp2(tmp_path: Path) -> None:
-    """Persimmon: per-head fused query_key_value, LayerNorm QK norms with bias, partial rotary 0.5, plain MLP with
-    biases; SiLU instead of relu2 (the semantics issue's activation mapping)."""
-    case = run_case("persimmon", tmp_path, overrides={"hidden_act": "silu"})
+    """Persimmon: per-head fused query_key_value, LayerNorm QK norms with bias, partial rotary 0.5, plain relu2 MLP
+    with biases."""
+    case = run_case("persimmon", tmp_path)
     assert case.outcome == "verified", case.row()
 
 
@@ -304,3 +303,16 @@ def test_a_fused_qkv_order_is_declared_per_root_and_spelling() -> None:
 
     assert FUSED_QKV_LAYOUT["self_attn.qkv_proj.weight"] == "blocks"
     assert "attn.qkv_proj.weight" not in FUSED_QKV_LAYOUT
+
+
+def test_persimmon_rules(tmp_path: Path) -> None:
+    """Persimmon's fused self_attn.query_key_value is declared per head, its QK norms are LayerNorms with bias."""
+    from semantics_matrix import build
+
+    build("persimmon", tmp_path / "persimmon")
+    layout = scan(str(tmp_path / "persimmon"))
+    assert not layout.unclassified
+    rules = {r.megatron.removeprefix("decoder.layers.{layer}."): r for r in plan(layout).rules}
+    assert rules["self_attention.linear_qkv.weight"].option("layout") == "per_group"
+    assert rules["self_attention.q_layernorm.bias"].hf == ("model.layers.{layer}.self_attn.q_layernorm.bias",)
+    assert rules["self_attention.k_layernorm.bias"].hf == ("model.layers.{layer}.self_attn.k_layernorm.bias",)

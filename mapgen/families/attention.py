@@ -55,6 +55,7 @@ FUSED_QKV_LAYOUT: dict[str, str] = {
     # new decoder per KV group [q..; k; v], its multi-query [q; k; v] = one group; Bloom and Persimmon per head
     "attention.query_key_value.weight": "per_group",
     "self_attention.query_key_value.weight": "per_group",
+    "self_attn.query_key_value.weight": "per_group",  # Persimmon: view(b, s, heads, 3, head_dim) per head
     "attn.c_attn.weight": "blocks",  # GPT-2: Conv1D output split(hidden, dim=2) -> [q; k; v] (modeling_gpt2.py)
 }
 CONV1D = frozenset({"c_attn.weight", "c_proj.weight"})
