@@ -14,6 +14,8 @@ from mapgen.cli import main as cli
 from mapgen.emit import pipeline, render
 from mapgen.errors import Diagnostic
 
+NUMERICS = "logits parity vs transformers 0.0 (fake): max |diff| = 0.0e+00"
+
 
 @dataclasses.dataclass(frozen=True)
 class FakeProof:
@@ -31,6 +33,7 @@ def proved(monkeypatch: pytest.MonkeyPatch) -> list[str]:
         return FakeProof()
 
     monkeypatch.setattr(pipeline, "default_prover", lambda: prove)
+    monkeypatch.setattr(pipeline, "default_numerics", lambda: lambda plan, layout, where: FakeProof(line=NUMERICS))
     return calls
 
 

@@ -153,6 +153,7 @@ def run(args: argparse.Namespace) -> int:
     for name in sorted(gen.proofs):
         marker = "  (new)" if name in new else "  (recorded proof)" if name in gen.cached else ""
         print(f"{name}: {gen.plans[name].module_name}: {gen.proofs[name].line}{marker}")
+        print(f"  {gen.numerics.get(name, '')}")
 
     drift = compare(gen.files, out)
     modules = module_files(gen.files)
