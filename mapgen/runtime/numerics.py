@@ -108,10 +108,10 @@ def _weight_map(root: Path) -> dict[str, str]:
         return dict.fromkeys(f.keys(), "model.safetensors")
 
 
-def _complete(root: Path, layout: Layout, config: dict[str, Any], text_only: bool) -> str:
+def _complete(root: Path, layout: Layout, config: dict[str, Any]) -> str:
     """Make transformers' saved checkpoint the twin of ``layout`` (in place, inside the temporary directory):
-    re-root its keys, add the keys it does not model, write the wrapper config. Returns the reason there is
-    no twin, or ``""``."""
+    re-root its keys, add the keys it does not model, write the input's shrunk config. Returns the reason
+    there is no twin, or ``""``."""
     synth = synthesize(layout, TWIN_OPTIONS)
     made = {k: t for shard in synth.shards.values() for k, t in shard.items()}
     weight_map = _weight_map(root)
@@ -125,15 +125,17 @@ def _complete(root: Path, layout: Layout, config: dict[str, Any], text_only: boo
         weight_map = {keys.rename[k]: shard for k, shard in weight_map.items()}
     if keys.extra:
         copies = copy_sources(layout)
-        saved = {k: load_file(str(root / s))[k] for k, s in weight_map.items() if k in copies.values()}
-        made.update({k: saved[src] for k, src in copies.items() if src in saved})
+        originals = {k: load_file(str(root / s))[k] for k, s in weight_map.items() if k in copies.values()}
+        made.update({k: originals[src] for k, src in copies.items() if src in originals})
         save_file({k: made[k].contiguous() for k in keys.extra}, str(root / EXTRA_SHARD), metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(keys.extra, EXTRA_SHARD))
     if keys.extra or (root / INDEX).is_file():
         index = {"metadata": {}, "weight_map": dict(sorted(weight_map.items()))}
         (root / INDEX).write_text(json.dumps(index, indent=2), encoding="utf-8")
-    if text_only:
-        (root / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
+    # The twin's config.json is the input's own, shrunk (the one transformers built the model from): the bridge
+    # reads fields as the real checkpoint spells them (absent ones take transformers' defaults), not as
+    # transformers re-serialises them, and a wrapper keeps its model_type and architectures.
+    (root / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
     return ""
 
 
@@ -200,7 +202,7 @@ def _make_twin(bridge: Bridge, layout: Layout, tmp: Path) -> tuple[torch.nn.Modu
         return None, tmp, reason
     root = tmp / "twin"
     hf_model.save_pretrained(str(root), max_shard_size="100KB")  # type: ignore[operator]
-    reason = _complete(root, expected, config, reference.get("model_type") != config.get("model_type"))
+    reason = _complete(root, expected, config)
     if reason:
         return None, root, f"no tiny twin: {reason}"
     twin_fp = fingerprint(HFSource.open(root).layout)
