@@ -47,7 +47,7 @@ from mapgen.twin import (
     twin_config,
 )
 
-__all__ = ["NumericsProof", "prove_numerics"]
+__all__ = ["NumericsProof", "perturb", "prove_numerics"]
 
 MAX_PARAMS = 5_000_000  # a twin larger than this keeps sizes the shrinking does not reach: no twin
 SEED = 20261130
@@ -89,15 +89,20 @@ def _build_reference(config: dict[str, Any]) -> tuple[torch.nn.Module | None, st
                 cfg, dtype=torch.float32, attn_implementation="eager")
     except Exception as exc:
         return None, f"transformers cannot build the twin: {type(exc).__name__}: {str(exc)[:160]}"
-    gen = torch.Generator().manual_seed(SEED)
+    perturb(model, SEED)
+    model.eval()
+    return model, ""
+
+
+def perturb(model: torch.nn.Module, seed: int) -> None:
+    """Seeded values, no two tensors equal: normal * 0.05, 1-D norm weights uniform in [0.5, 1.5]."""
+    gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name and p.dim() == 1:
                 p.copy_(torch.rand(p.shape, generator=gen) + 0.5)
             else:
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
-    model.eval()
-    return model, ""
 
 
 def _weight_map(root: Path) -> dict[str, str]:
