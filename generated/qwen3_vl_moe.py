@@ -3,9 +3,9 @@
 # inputs (sha256 of json.dumps(input, sort_keys=True)):
 #   inputs/qwen3-vl-30b-a3b.json  b7cbe1387282960fccd37cb5e85b5b236fb54648555ee1f558460132f48bb9fd
 # numerical proof (each input's tiny twin through this bridge and through transformers):
-#   inputs/qwen3-vl-30b-a3b.json: no reference model: names and shapes proven, numerics not
-#     (transformers has no causal-LM class for model_type 'qwen3_vl_moe' nor for its text_config's
-#     'qwen3_vl_moe_text'; checkpoint code is never executed)
+#   inputs/qwen3-vl-30b-a3b.json: no reference model: names and shapes proven, numerics not (no
+#     tiny twin: the checkpoint transformers 5.24.0 writes has another layout (layer group
+#     'attention': routed experts orientation in_out -> out_in))
 # regenerate: mapgen emit --from-inputs
 """Bridges for model_type 'qwen3_vl_moe': one Bridge per layout fingerprint.
 
@@ -56,8 +56,8 @@ BRIDGE_e921e7be0eb9 = Bridge(
         Group('global', '', '', FINAL_NORM_OUTPUT),
     ),
     numerics=(
-        'no reference model: names and shapes proven, numerics not (transformers has no causal-LM c'
-        "lass for model_type 'qwen3_vl_moe' nor for its text_config's 'qwen3_vl_moe_text'; checkpoi"
-        'nt code is never executed)'
+        'no reference model: names and shapes proven, numerics not (no tiny twin: the checkpoint tr'
+        "ansformers 5.24.0 writes has another layout (layer group 'attention': routed experts orien"
+        'tation in_out -> out_in))'
     ),
 )

@@ -40,11 +40,32 @@ def twin_config(layout: Layout) -> tuple[dict[str, Any], Layout]:
     return shrunk_config(layout, TWIN_OPTIONS)
 
 
-def reference_config(config: Mapping[str, Any], has_causal_lm: Callable[[str], bool]) -> tuple[dict[str, Any], str]:
+# A vision tower's sizes in a wrapper built whole (its language model has no causal-LM class of its own): the
+# tower takes no part in a text-only forward, so it is only made small. Unknown fields are kept.
+_TOWER_SIZES = {"depth": 2, "num_hidden_layers": 2, "hidden_size": 32, "embed_dim": 32, "intermediate_size": 48,
+                "num_heads": 2, "num_attention_heads": 2}
+_TOWER_INDEXES = ("deepstack_visual_indexes", "fullatt_block_indexes")
+
+
+def _small_tower(tower: Mapping[str, Any], hidden: int) -> dict[str, Any]:
+    out = dict(tower)
+    out.update({k: v for k, v in _TOWER_SIZES.items() if k in tower})
+    if "out_hidden_size" in tower:
+        out["out_hidden_size"] = hidden
+    for key in _TOWER_INDEXES:
+        if isinstance(tower.get(key), list) and tower[key]:
+            out[key] = [0]
+    return out
+
+
+def reference_config(config: Mapping[str, Any], has_causal_lm: Callable[[str], bool],
+                     has_image_text: Callable[[str], bool] = lambda _: False) -> tuple[dict[str, Any], str]:
     """The config transformers builds the reference from, and ``""`` -- or ``({}, reason)``.
 
     The model's own ``model_type`` when transformers has a causal LM for it; else, for a wrapper with a
-    ``text_config`` (vision-language), the language model's. Remote code is never considered."""
+    ``text_config`` (vision-language), the language model's; else a wrapper transformers builds whole
+    (image-text-to-text) with its vision tower made small (it runs text only). Remote code is never
+    considered."""
     model_type = config.get("model_type")
     if isinstance(model_type, str) and has_causal_lm(model_type):
         return dict(config), ""
@@ -53,6 +74,11 @@ def reference_config(config: Mapping[str, Any], has_causal_lm: Callable[[str], b
         text_type = text.get("model_type")
         if isinstance(text_type, str) and has_causal_lm(text_type):
             return dict(text), ""
+        if isinstance(model_type, str) and has_image_text(model_type):
+            hidden = int(text.get("hidden_size") or TWIN_OPTIONS.hidden)
+            towers = {k: _small_tower(v, hidden) for k, v in config.items() if k.endswith("_config")
+                      and k != "text_config" and isinstance(v, dict)}
+            return {**config, **towers}, ""
         return {}, (f"transformers has no causal-LM class for model_type {model_type!r} nor for its text_config's "
                     f"{text_type!r}; checkpoint code is never executed")
     return {}, f"transformers has no causal-LM class for model_type {model_type!r}; checkpoint code is never executed"

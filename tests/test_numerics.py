@@ -49,6 +49,16 @@ def test_reference_config_never_runs_remote_code() -> None:
     assert reference_config({"model_type": "qwen3"}, known) == ({"model_type": "qwen3"}, "")
     wrapper = {"model_type": "qwen3_vl", "text_config": {"model_type": "qwen3_5_moe_text"}}
     assert reference_config(wrapper, known) == ({"model_type": "qwen3_5_moe_text"}, "")
+    # a wrapper whose language model has no causal-LM class: built whole, its vision tower made small
+    vl = {"model_type": "qwen3_vl_moe", "text_config": {"model_type": "qwen3_vl_moe_text", "hidden_size": 64},
+          "vision_config": {"depth": 27, "hidden_size": 1152, "deepstack_visual_indexes": [8, 16, 24],
+                            "out_hidden_size": 2048, "patch_size": 16}}
+    config, reason = reference_config(vl, known, {"qwen3_vl_moe"}.__contains__)
+    assert not reason
+    assert config["text_config"] == vl["text_config"]
+    assert config["vision_config"] == {"depth": 2, "hidden_size": 32, "deepstack_visual_indexes": [0],
+                                       "out_hidden_size": 64, "patch_size": 16}
+    assert reference_config(vl, known)[1]  # without that class: no reference
     config, reason = reference_config({"model_type": "internlm2", "auto_map": {"AutoModel": "x.Y"}}, known)
     assert config == {}
     assert "'internlm2'" in reason

@@ -27,10 +27,14 @@ import torch
 import transformers
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+from transformers.models.auto.modeling_auto import (
+    MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+    MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES,
+)
 
 from mapgen.contract.bridge import Bridge
 from mapgen.contract.fingerprint import fingerprint
+from mapgen.diff import diff_layouts
 from mapgen.errors import Diagnostic, MapgenError
 from mapgen.ir import Layout
 from mapgen.runtime.api import HFSource, Parallel, load_hf, parallel_context
@@ -69,8 +73,13 @@ def _has_causal_lm(model_type: str) -> bool:
     return model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 
+def _has_image_text(model_type: str) -> bool:
+    return model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+
 def _build_reference(config: dict[str, Any]) -> tuple[torch.nn.Module | None, str]:
-    """transformers' causal LM for ``config`` (fp32, eager attention, perturbed weights), or the reason not."""
+    """transformers' causal LM for ``config`` (or the whole image-text-to-text wrapper where its language model
+    has none; fp32, eager attention, perturbed weights), or the reason not."""
     tf: Any = transformers  # partly untyped
     tf.logging.set_verbosity_error()
     tf.logging.disable_progress_bar()
@@ -79,13 +88,15 @@ def _build_reference(config: dict[str, Any]) -> tuple[torch.nn.Module | None, st
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             cfg = transformers.AutoConfig.for_model(str(config["model_type"]), **fields)
+            causal = _has_causal_lm(str(config["model_type"]))
+            auto = tf.AutoModelForCausalLM if causal else tf.AutoModelForImageTextToText
             with torch.device("meta"):
-                probe = tf.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+                probe = auto.from_config(cfg, dtype=torch.float32)
             count = sum(p.numel() for p in probe.parameters())
             del probe
             if count > MAX_PARAMS:
                 return None, f"the shrunk config still builds {count:,} parameters (> {MAX_PARAMS:,})"
-            model: torch.nn.Module = tf.AutoModelForCausalLM.from_config(
+            model: torch.nn.Module = auto.from_config(
                 cfg, dtype=torch.float32, attn_implementation="eager")
     except Exception as exc:
         return None, f"transformers cannot build the twin: {type(exc).__name__}: {str(exc)[:160]}"
@@ -201,7 +212,7 @@ def _make_twin(bridge: Bridge, layout: Layout, tmp: Path) -> tuple[torch.nn.Modu
         config, expected = twin_config(layout)
     except MapgenError as exc:
         return None, tmp, f"no tiny twin: {exc.diagnostics[0].message}"
-    reference, reason = reference_config(config, _has_causal_lm)
+    reference, reason = reference_config(config, _has_causal_lm, _has_image_text)
     hf_model, reason = _build_reference(reference) if not reason else (None, reason)
     if hf_model is None:
         return None, tmp, reason
@@ -210,10 +221,11 @@ def _make_twin(bridge: Bridge, layout: Layout, tmp: Path) -> tuple[torch.nn.Modu
     reason = _complete(root, expected, config)
     if reason:
         return None, root, f"no tiny twin: {reason}"
-    twin_fp = fingerprint(HFSource.open(root).layout)
-    if twin_fp != bridge.fingerprint:
-        return None, root, (f"no tiny twin: the checkpoint transformers writes has layout {twin_fp}, "
-                            f"not {bridge.fingerprint}")
+    twin = HFSource.open(root).layout
+    if fingerprint(twin) != bridge.fingerprint:
+        changes = "; ".join(c.render() for c in diff_layouts(layout, twin).structure[:3])
+        return None, root, (f"no tiny twin: the checkpoint transformers {transformers.__version__} writes has "
+                            f"another layout ({changes or fingerprint(twin)})")
     return hf_model, root, ""
 
 
