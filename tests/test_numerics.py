@@ -253,3 +253,21 @@ def test_convert_refuses_an_unproven_bridge_unless_allowed(tiny_qwen3: Path, tmp
     assert meta["numerics"] == {"allow_unproven_numerics": True, "bridge": reason, "proven": False}
     # the acceptance travels with the checkpoint: export of it needs no second flag
     assert cli(["export", str(ckpt), str(tmp_path / "back"), "--bridges", str(bridges)]) == 0
+
+
+@pytest.mark.slow
+def test_a_twin_megatron_cannot_run_is_recorded_unproven(tiny_qwen3: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from mapgen.infer import scan
+    from mapgen.plan.planner import plan
+    from mapgen.runtime import numerics
+
+    def crash(*_: Any) -> Any:
+        raise RuntimeError("no CPU kernel")
+
+    monkeypatch.setattr(numerics, "_run", crash)
+    layout = scan(str(tiny_qwen3))
+    p = plan(layout)
+    proof = numerics.prove_numerics(Bridge.from_rules(p.fingerprint, p.model_type, p.facts, p.rules), layout)
+    assert proof.ok
+    assert proof.line.startswith(NO_REFERENCE)
+    assert "megatron-core cannot run the twin here: RuntimeError: no CPU kernel" in proof.line

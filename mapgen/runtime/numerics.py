@@ -237,7 +237,15 @@ def prove_numerics(bridge: Bridge, layout: Layout, *, where: str = "") -> Numeri
         hf_model, root, reason = _make_twin(bridge, layout, Path(tmp))
         if hf_model is None:
             return NumericsProof(no_reference_line(reason))
-        diff, locate = _run(bridge, root, hf_model, TWIN_OPTIONS.vocab)
+        try:
+            diff, locate = _run(bridge, root, hf_model, TWIN_OPTIONS.vocab)
+        except MapgenError as exc:  # the twin does not load through the bridge: nothing is claimed
+            failed = exc.diagnostics[0]
+            return NumericsProof(no_reference_line(
+                f"the twin does not run through the bridge: {failed.code}: {failed.message[:160]}"))
+        except Exception as exc:  # megatron-core cannot run this model here (e.g. a kernel without a CPU path)
+            return NumericsProof(no_reference_line(
+                f"megatron-core cannot run the twin here: {type(exc).__name__}: {str(exc)[:160]}"))
     if diff <= ATOL:
         return NumericsProof(parity_line(version, diff), max_abs=diff)
     first = locate()
