@@ -35,9 +35,35 @@ TWIN_OPTIONS = SynthOptions(hidden=64, heads=4, kv_heads=2, head_dim=16, vocab=1
                             moe_intermediate=32, shared_intermediate=32, experts=4, top_k=2, dtype="fp32", shards=2)
 
 
+SEQUENCE = 11  # tokens of the fixed batch both models run (mapgen.runtime.verify.fixed_batch)
+WINDOW = 4  # a sliding window shorter than the sequence, so that windowed attention differs from full
+
+
+def _scopes(config: Mapping[str, Any]) -> list[Any]:
+    text = config.get("text_config")
+    return [config, text] if isinstance(text, dict) else [config]
+
+
+def _exercise(config: dict[str, Any], source: Mapping[str, Any]) -> None:
+    """Sizes whose semantics a tiny model would not reach otherwise: a sliding window is shrunk below the
+    twin's sequence length (a 4096-token window over 11 tokens is full attention), and group-limited routing
+    keeps two groups of the twin's experts (the shrinking's single group would make it a no-op)."""
+    for scope, original in zip(_scopes(config), _scopes(source), strict=True):
+        window = scope.get("sliding_window")
+        if isinstance(window, int) and not isinstance(window, bool) and window > WINDOW:
+            scope["sliding_window"] = WINDOW
+        groups = original.get("n_group")
+        if isinstance(groups, int) and groups > 1 and "n_group" in scope:
+            scope["n_group"] = 2
+            if "topk_group" in scope:
+                scope["topk_group"] = 1
+
+
 def twin_config(layout: Layout) -> tuple[dict[str, Any], Layout]:
     """The twin's config.json (every field of the input's config, sizes shrunk) and its expected layout."""
-    return shrunk_config(layout, TWIN_OPTIONS)
+    config, shrunk = shrunk_config(layout, TWIN_OPTIONS)
+    _exercise(config, layout.config)
+    return config, shrunk
 
 
 # A vision tower's sizes in a wrapper built whole (its language model has no causal-LM class of its own): the

@@ -31,7 +31,7 @@ REPO = Path(__file__).resolve().parent.parent
 # The pure half: shrinking, reference choice, key reconciliation, header
 # ---------------------------------------------------------------------------------------------------------
 def test_twin_config_shrinks_sizes_and_keeps_every_semantic_field() -> None:
-    semantic = {"hidden_act": "gelu_pytorch_tanh", "sliding_window": 4096, "rope_scaling": {"type": "yarn",
+    semantic = {"hidden_act": "gelu_pytorch_tanh", "use_sliding_window": True, "rope_scaling": {"type": "yarn",
                 "factor": 4.0}, "norm_topk_prob": False, "rms_norm_eps": 1e-5, "tie_word_embeddings": False}
     layout = qwen3_dense_layout(6)
     layout = dataclasses.replace(layout, config={**layout.config, **semantic})
@@ -42,6 +42,16 @@ def test_twin_config_shrinks_sizes_and_keeps_every_semantic_field() -> None:
     for key, value in semantic.items():
         assert config[key] == value, key
     assert set(layout.config) <= set(config)  # nothing dropped
+
+
+def test_twin_config_exercises_windows_and_group_routing() -> None:
+    layout = qwen3_dense_layout(2)
+    config = {**layout.config, "sliding_window": 4096, "n_group": 8, "topk_group": 4}
+    twin, _ = twin_config(dataclasses.replace(layout, config=config))
+    assert twin["sliding_window"] == 4  # shorter than the 11-token batch: the window is active
+    assert (twin["n_group"], twin["topk_group"]) == (2, 1)  # 4 experts in 2 groups, routing stays group-limited
+    plain, _ = twin_config(dataclasses.replace(layout, config={**layout.config, "sliding_window": None}))
+    assert plain["sliding_window"] is None
 
 
 def test_reference_config_never_runs_remote_code() -> None:
