@@ -175,13 +175,14 @@ def _capture(layers: Any, out: list[torch.Tensor]) -> list[Any]:
 
 
 def _first_divergence(hf_hidden: tuple[torch.Tensor, ...], mg_hidden: list[torch.Tensor], layers: int) -> str:
-    """Where the two models part: the first decoder layer whose output differs (transformers' hidden states
-    ``[embeddings, layer 0, ..., final norm(last layer)]``), else the last layer or what follows it."""
-    for i in range(min(layers - 1, len(mg_hidden), len(hf_hidden) - 1)):
-        want = hf_hidden[i + 1].float()
-        diff = float((mg_hidden[i] - want).abs().max())
+    """Where the two models part. ``mg_hidden`` is Megatron's embedding output, then each decoder layer's;
+    transformers' hidden states are ``[embeddings, layer 0, ..., final norm(last layer)]``: the first that
+    differs is named, else the last layer or what follows it."""
+    names = ["the embedding", *(f"decoder layer {i}" for i in range(layers - 1))]
+    for name, got, want in zip(names, mg_hidden, hf_hidden, strict=False):
+        diff = float((got - want.float()).abs().max())
         if diff > ATOL * max(1.0, float(want.abs().max())):
-            return f"decoder layer {i} (max |hidden-state diff| = {diff:.2g})"
+            return f"{name} (max |hidden-state diff| = {diff:.2g})"
     return f"decoder layer {layers - 1}, the final norm or the output layer (every earlier layer agrees)"
 
 
@@ -192,7 +193,7 @@ def _run(bridge: Bridge, root: Path, hf_model: torch.nn.Module, vocab: int) -> t
     with parallel_context(Parallel()):
         model, _binding, _ = load_hf(twin, Parallel(), bridge=bridge, dtype="float32")
         decoder: Any = model.decoder
-        handles = _capture(decoder.layers, hidden)
+        handles = _capture([model.embedding, *decoder.layers], hidden)
         try:
             got = megatron_logits(model, ids)[..., :vocab]
         finally:
