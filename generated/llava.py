@@ -2,6 +2,10 @@
 # template: templates/bridge_module.py.jinja
 # inputs (sha256 of json.dumps(input, sort_keys=True)):
 #   inputs/llava-v1.5-7b.json  510b1c4de8bff51760051cdbb33d3a8cdabe65db3de9e576981341f22ef069a5
+# numerical proof (each input's tiny twin through this bridge and through transformers):
+#   inputs/llava-v1.5-7b.json: no reference model: names and shapes proven, numerics not
+#     (transformers has no causal-LM class for model_type 'llava'; checkpoint code is never
+#     executed)
 # regenerate: mapgen emit --from-inputs
 """Bridges for model_type 'llava': one Bridge per layout fingerprint.
 
@@ -45,5 +49,9 @@ BRIDGE_1bd6f8491d30 = Bridge(
         Group('global', '', '', EMBEDDING),
         Group('decoder:attention', 'decoder.layers.{layer}.', 'model.layers.{layer}.', ATTENTION + MLP),
         Group('global', '', '', FINAL_NORM_OUTPUT),
+    ),
+    numerics=(
+        'no reference model: names and shapes proven, numerics not (transformers has no causal-LM c'
+        "lass for model_type 'llava'; checkpoint code is never executed)"
     ),
 )

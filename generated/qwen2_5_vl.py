@@ -2,6 +2,10 @@
 # template: templates/bridge_module.py.jinja
 # inputs (sha256 of json.dumps(input, sort_keys=True)):
 #   inputs/qwen2.5-vl-7b-instruct.json  b1760c5ebb86a40d2179bff779d23a97e84a818acbaa24fb45fd50bdfcfccaf3
+# numerical proof (each input's tiny twin through this bridge and through transformers):
+#   inputs/qwen2.5-vl-7b-instruct.json: no reference model: names and shapes proven, numerics not
+#     (transformers has no causal-LM class for model_type 'qwen2_5_vl'; checkpoint code is never
+#     executed)
 # regenerate: mapgen emit --from-inputs
 """Bridges for model_type 'qwen2_5_vl': one Bridge per layout fingerprint.
 
@@ -47,5 +51,9 @@ BRIDGE_00d814463612 = Bridge(
         Group('global', '', '', EMBEDDING),
         Group('decoder:attention', 'decoder.layers.{layer}.', 'model.layers.{layer}.', ATTENTION + MLP),
         Group('global', '', '', FINAL_NORM_OUTPUT),
+    ),
+    numerics=(
+        'no reference model: names and shapes proven, numerics not (transformers has no causal-LM c'
+        "lass for model_type 'qwen2_5_vl'; checkpoint code is never executed)"
     ),
 )

@@ -2,6 +2,10 @@
 # template: templates/bridge_module.py.jinja
 # inputs (sha256 of json.dumps(input, sort_keys=True)):
 #   inputs/stable-code-3b-stablelm.json  43b7d3590c94c9694fb79b2f1d4eb438fd2be9bb16e731e654e8e90d9ebea194
+# numerical proof (each input's tiny twin through this bridge and through transformers):
+#   inputs/stable-code-3b-stablelm.json: no reference model: names and shapes proven, numerics not
+#     (transformers has no causal-LM class for model_type 'stablelm_epoch'; checkpoint code is never
+#     executed)
 # regenerate: mapgen emit --from-inputs
 """Bridges for model_type 'stablelm_epoch': one Bridge per layout fingerprint.
 
@@ -47,5 +51,9 @@ BRIDGE_5fc3df409ed9 = Bridge(
         Group('global', '', '', EMBEDDING),
         Group('decoder:attention', 'decoder.layers.{layer}.', 'model.layers.{layer}.', ATTENTION + MLP),
         Group('global', '', '', FINAL_NORM_FINAL_NORM_BIAS_OUTPUT),
+    ),
+    numerics=(
+        'no reference model: names and shapes proven, numerics not (transformers has no causal-LM c'
+        "lass for model_type 'stablelm_epoch'; checkpoint code is never executed)"
     ),
 )

@@ -115,6 +115,7 @@ QUIET_WARNINGS = (
     r".*Please use DTensor instead and we are deprecating ShardedTensor.*",
     r".*torch.distributed is disabled, unavailable or uninitialized.*",
     r".*CUDA_DEVICE_MAX_CONNECTIONS.*",  # megatron's async all-reduce advice, a CUDA setting
+    r".*without fp32 routing\. Consider enabling moe_router_dtype.*",  # training advice on a conversion run
     r"`torch\.distributed\.\w+` is deprecated\. Please use .*",  # megatron-core calls the old collectives
 )
 
