@@ -210,8 +210,10 @@ def _shrink_config(
     n = len(source_of)
     w.set("hidden_size", o.hidden, add=True)
     w.set("num_attention_heads", o.heads, add=True)
-    if w.has("num_key_value_heads") or o.kv_heads != o.heads:
-        w.set("num_key_value_heads", o.kv_heads, add=True)
+    # A config without a KV-head count is multi-head attention and stays so: GPT-NeoX, GPT-2 and Persimmon's
+    # config classes have no num_key_value_heads, and their models would ignore one written here.
+    if w.has("num_key_value_heads"):
+        w.set("num_key_value_heads", o.kv_heads)
     if w.has("head_dim") or o.head_dim != o.hidden // o.heads:
         w.set("head_dim", o.head_dim, add=True)
     w.set("vocab_size", o.vocab, add=True)
