@@ -239,8 +239,8 @@ def test_gpt2_rules(tmp_path: Path) -> None:
 @pytest.mark.distributed
 @pytest.mark.skipif(not FULL, reason="opt-in: MAPGEN_BREADTH=full (about two minutes)")
 def test_gpt2_verifies_at_tp2(tmp_path: Path) -> None:
-    """GPT-2 as transformers writes it (gelu_new, Conv1D, wpe, tied head)."""
-    case = run_case("gpt2", tmp_path)
+    """GPT-2 as transformers writes it (gelu_new, Conv1D, wpe, tied head, n_inner null)."""
+    case = run_case("gpt2", tmp_path, overrides={"n_inner": None})  # as real GPT-2 configs: 4 * n_embd
     assert case.outcome == "verified", case.row()
 
 

@@ -566,8 +566,8 @@ TOP: tuple[Row, ...] = (
                                 ("n_head", "num_attention_heads", "attention heads"),
                                 ("n_positions", "max_position_embeddings", "positions (wpe rows with learned "
                                  "positions)"))),
-    mapped("n_inner", "ffn_hidden_size", why="MLP size (GPT-2 spelling; null means 4 * n_embd, which the bridge does "
-           "not derive: refused as a missing size)", valid=positive_int, limit=agrees_with_bridge("ffn_hidden_size")),
+    mapped("n_inner", "ffn_hidden_size", why="MLP size (GPT-2 spelling; null means 4 * n_embd, derived by the bridge)",
+           valid=positive_int, limit=agrees_with_bridge("ffn_hidden_size")),
     refused("eps", "an epsilon spelling the bridge does not read (rms_norm_eps, layer_norm_eps)",
             unless=same_as_bridge("norm_epsilon"), valid=positive_number),
     structural("use_bias", "add_qkv_bias", "add_bias_linear", why=_STRUCT, valid=boolean),

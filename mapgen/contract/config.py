@@ -124,13 +124,22 @@ def _per_layer_flags(layout: Layout, flags: tuple[bool, ...], what: str) -> tupl
 
 
 Derivation = Literal[
+    "gpt2_inner",
     "head_dim", "rope_scaling", "rope_scaling_factor", "layer_kinds", "mlp_kinds", "mtp_depth", "mtp_layer_kind",
     "mtp_mlp_kind", "activation", "window_size", "window_layers", "no_rope_layers", "position_embedding_type",
     "mrope_section", "softmax_scale",
     "router_score_function", "router_pre_softmax", "router_scaling_factor", "router_num_groups", "router_group_topk",
     "router_dtype",
 ]
+def _gpt2_inner(hf: HFConfig) -> int:
+    """GPT-2's ``n_inner: null`` means ``4 * n_embd`` (modeling_gpt2.py GPT2Block); other configs must state a size."""
+    if not hf.has("n_embd"):
+        hf.get("intermediate_size", "moe_intermediate_size", "n_inner")  # config.missing-key, naming them
+    return 4 * int(hf.get("n_embd"))
+
+
 DERIVATIONS: dict[str, Callable[[HFConfig, Layout], Any]] = {
+    "gpt2_inner": lambda hf, _: _gpt2_inner(hf),  # ffn_hidden_size's fallback
     "head_dim": lambda hf, _: head_dim(hf),  # head_dim, else hidden_size // num_attention_heads
     "rope_scaling": lambda hf, _: rope_scaling(hf),  # Llama-3 RoPE scaling; other scalings are refused
     "rope_scaling_factor": lambda hf, _: rope_scaling_factor(hf),
@@ -195,6 +204,7 @@ class ConfigRow:
     fact: str | None = None
     negate: bool = False
     choices: tuple[str, str] | None = None
+    fallback: Derivation | None = None  # an hf row's value when the config has none of its names
     when: str | None = None
     note: str = ""
 
@@ -208,7 +218,8 @@ CONFIG: tuple[ConfigRow, ...] = (
     ConfigRow("num_query_groups", hf=("num_key_value_heads", "num_attention_heads", "n_head"),
               note="MHA without kv heads"),
     ConfigRow("kv_channels", derive="head_dim"),
-    ConfigRow("ffn_hidden_size", hf=("intermediate_size", "moe_intermediate_size", "n_inner")),
+    ConfigRow("ffn_hidden_size", hf=("intermediate_size", "moe_intermediate_size", "n_inner"),
+              fallback="gpt2_inner"),
     ConfigRow("vocab_size", hf=("vocab_size",)),
     ConfigRow("max_position_embeddings", hf=("max_position_embeddings", "n_positions"), default=4096),
     # -- per-layer structure -----------------------------------------------------------------------------
@@ -275,8 +286,9 @@ def row_value(row: ConfigRow, hf: HFConfig, layout: Layout, facts: Facts) -> Any
         return not value if row.negate else value
     if row.derive in ROUTER_DERIVATIONS:
         return ROUTER_DERIVATIONS[row.derive](bridge_routing(hf, facts))
-    if row.derive is not None:
-        return DERIVATIONS[row.derive](hf, layout)
+    derive = row.derive if row.fallback is None or hf.has(*row.hf) else row.fallback
+    if derive is not None:
+        return DERIVATIONS[derive](hf, layout)
     if row.default is REQUIRED:
         return hf.get(*row.hf)
     return hf.get(*row.hf, default=row.default)
@@ -308,6 +320,8 @@ def check_table(table: tuple[ConfigRow, ...] = CONFIG) -> list[str]:
             problems.append(f"{where}: needs exactly one of hf, derive, fact")
         if row.derive is not None and row.derive not in DERIVATIONS and row.derive not in ROUTER_DERIVATIONS:
             problems.append(f"{where}: unknown derivation {row.derive!r}")
+        if row.fallback is not None and (row.fallback not in DERIVATIONS or not row.hf):
+            problems.append(f"{where}: a fallback is a known derivation of an hf row")
         problems += [f"{where}: Facts has no field {name!r}" for name in (row.fact, row.when)
                      if name is not None and name not in fact_fields]
         if (row.negate or row.choices is not None) and row.fact is None:
