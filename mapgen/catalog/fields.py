@@ -30,6 +30,7 @@ from mapgen.catalog.rows import (
     refused_all,
     structural,
 )
+from mapgen.contract.hf_config import mla_yarn_problem
 
 # transformers' ACT2FN names (a drift test keeps them equal to the installed transformers).
 ACTIVATIONS = frozenset({
@@ -63,6 +64,11 @@ BRIDGE_READS: dict[str, tuple[tuple[str, ...], Any]] = {
     "linear_key_head_dim": (("linear_key_head_dim",), None),
     "linear_value_head_dim": (("linear_value_head_dim",), None),
     "linear_conv_kernel_dim": (("linear_conv_kernel_dim",), None),
+    "q_lora_rank": (("q_lora_rank",), None),
+    "kv_lora_rank": (("kv_lora_rank",), None),
+    "qk_head_dim": (("qk_nope_head_dim",), None),
+    "qk_pos_emb_head_dim": (("qk_rope_head_dim",), None),
+    "v_head_dim": (("v_head_dim",), None),
 }
 # Fields whose bridge fallback differs from transformers' default change the model when the key is absent.
 SEMANTIC_FALLBACKS = ("rotary_base", "rotary_percent", "norm_epsilon")
@@ -189,6 +195,8 @@ def _rope_limit(v: Any, scope: Scope) -> str | None:
         return None if not off else (
             f"Llama-3 RoPE scaling with {off}: megatron-core's GPTModel rope_scaling fixes low/high frequency "
             "factors 1/4 over 8192 original positions")
+    if kind == "yarn" and scope.lookup("kv_lora_rank") is not None:  # multi-latent attention builds YaRN
+        return mla_yarn_problem(v, scope.lookup("max_position_embeddings"))
     if kind == "mrope":
         return ("RoPE type 'mrope': the bridge refuses it (megatron-core has position_embedding_type='mrope' with "
                 "mrope_section; not wired into ModelSpec yet)")
@@ -341,9 +349,16 @@ TOP: tuple[Row, ...] = (
             unless=falsy, valid=boolean),
     refused("is_encoder_decoder", "encoder-decoder model: out of scope", unless=falsy, valid=boolean, default=False),
     # -- families and block shapes the bridge does not build -----------------------------------------------
-    *refused_all("MLA (low-rank latent attention): megatron-core has multi_latent_attention, mapgen's planner "
-                 "refuses MLA layers", "kv_lora_rank", "q_lora_rank", "qk_head_dim", "qk_nope_head_dim",
-                 "qk_rope_head_dim", "v_head_dim", "rope_interleave"),
+    # -- multi-latent attention (MLA layers: the keys decide the family, these size it) ------------------------
+    mapped("q_lora_rank", "q_lora_rank", why=_DIMS + " (null: a full-rank q_proj)", valid=positive_int),
+    mapped("kv_lora_rank", "kv_lora_rank", why=_DIMS, valid=positive_int),
+    mapped("qk_nope_head_dim", "qk_head_dim", why=_DIMS, valid=positive_int),
+    mapped("qk_rope_head_dim", "qk_pos_emb_head_dim", why=_DIMS, valid=positive_int),
+    mapped("v_head_dim", "v_head_dim", why=_DIMS, valid=positive_int),
+    refused("qk_head_dim", "a q/k head size other than qk_nope_head_dim + qk_rope_head_dim (what MLA builds)",
+            unless=lambda v, s: v is None or v == _mla_qk_head_dim(s), valid=positive_int),
+    refused("rope_interleave", "MLA RoPE dims stored in halves: megatron-core's MLA de-interleaves pairs, as "
+            "DeepSeek's interleaved weights need", unless=equals(True), valid=boolean),
     *refused_all("DeepSeek sparse-attention indexer: not built by the bridge", "index_n_heads", "index_head_dim",
                  "index_topk", "indexer_types"),
     *refused_all("state-space (Mamba) layers: the bridge builds attention and gated delta-net layers only",
@@ -478,6 +493,11 @@ def _rotary_dims(scope: Scope) -> int | None:
         head_dim = hidden // heads if is_int(hidden) and is_int(heads) and heads else None
     percent = bridge_value(scope, "rotary_percent")
     return int(head_dim * percent) if is_int(head_dim) and isinstance(percent, int | float) else None
+
+
+def _mla_qk_head_dim(scope: Scope) -> int | None:
+    nope, rope = scope.lookup("qk_nope_head_dim"), scope.lookup("qk_rope_head_dim")
+    return nope + rope if is_int(nope) and is_int(rope) else None
 
 
 def _is_default_attention_scale(v: Any, scope: Scope) -> bool:

@@ -1,7 +1,22 @@
 """DeepSeek multi-latent attention: ``q_a_proj``/``q_a_layernorm``/``q_b_proj`` (or a full-rank ``q_proj``),
 ``kv_a_proj_with_mqa`` (latent + rope part), ``kv_a_layernorm``, ``kv_b_proj``, ``o_proj``.
 
-Classified by scan; the planner refuses it by name until the MLA conversion lands.
+Megatron (``MLASelfAttention``, the local layer spec with its QK norms): ``linear_q_down_proj`` /
+``q_layernorm`` / ``linear_q_up_proj`` (or ``linear_q_proj``), ``linear_kv_down_proj``, ``kv_layernorm``,
+``linear_kv_up_proj``, ``linear_proj``. Split across TP (``mapgen.runtime.megatron`` pins each):
+
+* ``linear_q_up_proj`` / ``linear_q_proj`` rows are head-major ``[h: qk_nope + qk_rope]`` and
+  ``linear_kv_up_proj`` rows ``[h: qk_nope + v]``, as in HF's ``q_b_proj``/``kv_b_proj``: column-parallel, so a TP
+  rank holds whole heads;
+* the down projections are ``ColumnParallelLinear`` in the local spec (rows split across TP, the output gathered
+  before the norms; TE's spec replicates them): rank r holds a contiguous row chunk of ``q_a_proj`` and of
+  ``kv_a_proj_with_mqa`` (``[latent; rope]``);
+* the latent norms are replicated (they act on the gathered latents); ``linear_proj`` is row-parallel.
+
+RoPE dims: DeepSeek stores them interleaved in pairs (transformers' ``rope_interleave``, V2's complex rotation);
+megatron-core's MLA de-interleaves the same way before rotating (``_apply_rotary_pos_emb_bshd`` with
+``multi_latent_attention``), so the rope rows are copied unpermuted. ``rope_interleave: false`` is refused by the
+config catalog.
 """
 
 from __future__ import annotations
@@ -37,7 +52,7 @@ INPUT_NORM = "input_layernorm.weight"
 
 
 def facts(c: Component) -> dict[str, bool]:
-    return {}
+    return {"mla": True}
 
 
 def kind(c: Component) -> str:
@@ -66,4 +81,27 @@ def shapes(c: Component, d: Dims) -> ShapePairs:
 
 
 def plan(c: Component, p: Planner, mroot: str, hroot: str, domain: str, name: str) -> None:
-    p.unsupported("mla attention", hroot + str(c.key("o")))
+    sa = f"{mroot}self_attention."
+
+    def key(slot: str) -> tuple[str, ...]:
+        return (hroot + str(c.key(slot)),)
+
+    if c.key("q_a_proj") is not None:
+        p.add("mla.q_down", f"{sa}linear_q_down_proj.weight", key("q_a_proj"), "copy", "column", domain=domain,
+              comment=f"[{name}] q_a_proj -> linear_q_down_proj (local spec: column-parallel, gathered).")
+        p.add("mla.q_norm", f"{sa}q_layernorm.weight", key("q_a_layernorm"), "copy", "replicated", domain=domain,
+              comment=f"[{name}] q latent norm.")
+        p.add("mla.q_up", f"{sa}linear_q_up_proj.weight", key("q_b_proj"), "copy", "column", domain=domain,
+              comment=f"[{name}] q_b_proj -> linear_q_up_proj: head-major [nope; rope] rows, whole heads per rank.")
+    else:
+        p.add("mla.q", f"{sa}linear_q_proj.weight", key("q"), "copy", "column", domain=domain,
+              comment=f"[{name}] full-rank q_proj -> linear_q_proj: head-major rows, whole heads per rank.")
+    p.add("mla.kv_down", f"{sa}linear_kv_down_proj.weight", key("kv_a_proj_with_mqa"), "copy", "column",
+          domain=domain, comment=f"[{name}] kv_a_proj_with_mqa [latent; rope] -> linear_kv_down_proj "
+          "(column-parallel, gathered).")
+    p.add("mla.kv_norm", f"{sa}kv_layernorm.weight", key("kv_a_layernorm"), "copy", "replicated", domain=domain,
+          comment=f"[{name}] kv latent norm.")
+    p.add("mla.kv_up", f"{sa}linear_kv_up_proj.weight", key("kv_b_proj"), "copy", "column", domain=domain,
+          comment=f"[{name}] kv_b_proj -> linear_kv_up_proj: head-major [nope; v] rows, whole heads per rank.")
+    p.add("mla.o", f"{sa}linear_proj.weight", key("o"), "copy", "row", domain=domain,
+          comment=f"[{name}] Output projection: row-parallel.")
