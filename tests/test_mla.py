@@ -92,7 +92,8 @@ def test_rope_dims_are_interleaved_as_megatron_expects(sources: dict[str, Path])
     config = json.loads((halves_dir / "config.json").read_text())
     (halves_dir / "config.json").write_text(json.dumps({**config, "rope_interleave": False}))
     halves, _ = transformers_logits(halves_dir, ids)
-    assert interleaved is not None and halves is not None
+    assert interleaved is not None
+    assert halves is not None
     assert float((interleaved - halves).abs().max()) > 1e-3
 
 
@@ -100,11 +101,32 @@ def test_megatron_lm_arguments_carry_mla(sources: dict[str, Path]) -> None:
     from mapgen.runtime.api import HFSource, bind
     from mapgen.runtime.megatron_args import canonical, megatron_args, spec_from_args
 
-    for kind in ("deepseek-v3", "deepseek-v3-q-full-rank"):
+    for kind in ("deepseek-v3", "deepseek-v3-q-full-rank", "deepseek-v3-mtp", "kimi-k2"):
         spec = bind(HFSource.open(str(sources[kind])).layout).spec
         argv = megatron_args(spec)
         assert "--multi-latent-attention" in argv
         assert spec_from_args(argv)[0] == canonical(spec), kind
+
+
+def test_dist_checkpoint_keys_of_mla_layers_are_te_spelled(sources: dict[str, Path]) -> None:
+    """The keys megatron-core's sharded state dict gives the MLA layers (with mapgen's keys map) are the TE
+    spellings ``local_to_te_names`` computes: latent norms fused into the up projections, input norm unfused."""
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    from mapgen.runtime import megatron as M
+    from mapgen.runtime.api import HFSource, bind
+
+    spec = bind(HFSource.open(str(sources["deepseek-v3"])).layout).spec
+    te = {v for k, v in M.local_to_te_names(M.enumerate_parameters(spec)).items() if ".self_attention." in k
+          or k.endswith("input_layernorm.weight")}
+    with M.parallel():
+        model = M.build_model(spec, device="meta")
+        with M.cpu_shims():
+            keys = {t.key for t in nested_values(model.sharded_state_dict()) if isinstance(t, ShardedTensor)}
+    assert "decoder.layers.0.self_attention.linear_q_up_proj.layer_norm_weight" in te
+    assert "decoder.layers.0.input_layernorm.weight" in te
+    assert te <= keys, sorted(te - keys)
 
 
 # -- conversions -----------------------------------------------------------------------------------------------

@@ -285,7 +285,7 @@ def spec_from_args(argv: Sequence[str]) -> tuple[ModelSpec, dict[str, Any]]:
         linear_value_head_dim=opt_int("linear_value_head_dim"),
         linear_conv_kernel_dim=opt_int("linear_conv_kernel_dim"),
         mtp_num_layers=mtp,
-        mtp_layer_kind=attention,
+        mtp_layer_kind=attention if mtp else "attention",
         mtp_mlp_kind=last_mlp if mtp else "dense",
         **_mla_fields(a),
     )
