@@ -30,7 +30,6 @@ from mapgen.catalog.rows import (
     refused_all,
     structural,
 )
-from mapgen.contract.hf_config import mla_yarn_problem
 
 # transformers' ACT2FN names (a drift test keeps them equal to the installed transformers).
 ACTIVATIONS = frozenset({
@@ -196,6 +195,9 @@ def _rope_limit(v: Any, scope: Scope) -> str | None:
             f"Llama-3 RoPE scaling with {off}: megatron-core's GPTModel rope_scaling fixes low/high frequency "
             "factors 1/4 over 8192 original positions")
     if kind == "yarn" and scope.lookup("kv_lora_rank") is not None:  # multi-latent attention builds YaRN
+        # the bridge's own judgement (imported here: only MLA configs pay for the contract package in scan)
+        from mapgen.contract.hf_config import mla_yarn_problem
+
         return mla_yarn_problem(v, scope.lookup("max_position_embeddings"))
     if kind == "mrope":
         return ("RoPE type 'mrope': the bridge refuses it (megatron-core has position_embedding_type='mrope' with "
