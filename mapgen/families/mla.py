@@ -80,28 +80,31 @@ def shapes(c: Component, d: Dims) -> ShapePairs:
     ]
 
 
+# (rule family, Megatron suffix under self_attention., HF slot, declared sharding, what it is): every MLA tensor is a
+# plain copy; only its split differs.
+_Q_LOW_RANK = (
+    ("mla.q_down", "linear_q_down_proj.weight", "q_a_proj", "column",
+     "q_a_proj -> linear_q_down_proj (local spec: column-parallel, gathered)"),
+    ("mla.q_norm", "q_layernorm.weight", "q_a_layernorm", "replicated", "q latent norm"),
+    ("mla.q_up", "linear_q_up_proj.weight", "q_b_proj", "column",
+     "q_b_proj -> linear_q_up_proj: head-major [nope; rope] rows, whole heads per rank"),
+)
+_Q_FULL_RANK = (
+    ("mla.q", "linear_q_proj.weight", "q", "column",
+     "full-rank q_proj -> linear_q_proj: head-major [nope; rope] rows, whole heads per rank"),
+)
+_KV_O = (
+    ("mla.kv_down", "linear_kv_down_proj.weight", "kv_a_proj_with_mqa", "column",
+     "kv_a_proj_with_mqa [latent; rope] -> linear_kv_down_proj (column-parallel, gathered)"),
+    ("mla.kv_norm", "kv_layernorm.weight", "kv_a_layernorm", "replicated", "kv latent norm"),
+    ("mla.kv_up", "linear_kv_up_proj.weight", "kv_b_proj", "column",
+     "kv_b_proj -> linear_kv_up_proj: head-major [nope; v] rows, whole heads per rank"),
+    ("mla.o", "linear_proj.weight", "o", "row", "Output projection: row-parallel"),
+)
+
+
 def plan(c: Component, p: Planner, mroot: str, hroot: str, domain: str, name: str) -> None:
-    sa = f"{mroot}self_attention."
-
-    def key(slot: str) -> tuple[str, ...]:
-        return (hroot + str(c.key(slot)),)
-
-    if c.key("q_a_proj") is not None:
-        p.add("mla.q_down", f"{sa}linear_q_down_proj.weight", key("q_a_proj"), "copy", "column", domain=domain,
-              comment=f"[{name}] q_a_proj -> linear_q_down_proj (local spec: column-parallel, gathered).")
-        p.add("mla.q_norm", f"{sa}q_layernorm.weight", key("q_a_layernorm"), "copy", "replicated", domain=domain,
-              comment=f"[{name}] q latent norm.")
-        p.add("mla.q_up", f"{sa}linear_q_up_proj.weight", key("q_b_proj"), "copy", "column", domain=domain,
-              comment=f"[{name}] q_b_proj -> linear_q_up_proj: head-major [nope; rope] rows, whole heads per rank.")
-    else:
-        p.add("mla.q", f"{sa}linear_q_proj.weight", key("q"), "copy", "column", domain=domain,
-              comment=f"[{name}] full-rank q_proj -> linear_q_proj: head-major rows, whole heads per rank.")
-    p.add("mla.kv_down", f"{sa}linear_kv_down_proj.weight", key("kv_a_proj_with_mqa"), "copy", "column",
-          domain=domain, comment=f"[{name}] kv_a_proj_with_mqa [latent; rope] -> linear_kv_down_proj "
-          "(column-parallel, gathered).")
-    p.add("mla.kv_norm", f"{sa}kv_layernorm.weight", key("kv_a_layernorm"), "copy", "replicated", domain=domain,
-          comment=f"[{name}] kv latent norm.")
-    p.add("mla.kv_up", f"{sa}linear_kv_up_proj.weight", key("kv_b_proj"), "copy", "column", domain=domain,
-          comment=f"[{name}] kv_b_proj -> linear_kv_up_proj: head-major [nope; v] rows, whole heads per rank.")
-    p.add("mla.o", f"{sa}linear_proj.weight", key("o"), "copy", "row", domain=domain,
-          comment=f"[{name}] Output projection: row-parallel.")
+    q = _Q_LOW_RANK if c.key("q_a_proj") is not None else _Q_FULL_RANK
+    for family, target, slot, sharding, what in (*q, *_KV_O):
+        p.add(family, f"{mroot}self_attention.{target}", (hroot + str(c.key(slot)),), "copy", sharding,
+              domain=domain, comment=f"[{name}] {what}.")
