@@ -72,6 +72,8 @@ def test_catalog_maps_mla_fields_and_refuses_what_mla_cannot_build(sources: dict
     assert _catalog(config) == {}
     assert "rope_interleave" in _catalog({**config, "rope_interleave": False})
     assert "qk_head_dim" in _catalog({**config, "qk_head_dim": 20})
+    # transformers repeats MLA's per-head keys/values when num_key_value_heads is smaller (youtu's tiny config)
+    assert "num_key_value_heads" in _catalog({**config, "num_key_value_heads": 2})
     bad = {**config["rope_parameters"], "mscale": None}
     assert any("mscale_all_dim but no mscale" in m for m in _catalog({**config, "rope_parameters": bad}).values())
 

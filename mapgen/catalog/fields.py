@@ -108,6 +108,16 @@ def _heads_divide(v: Any, scope: Scope) -> str | None:
     return None
 
 
+def _mla_kv_heads(v: Any, scope: Scope) -> str | None:
+    """MLA expands its latent to keys and values for every query head; transformers then repeats them
+    num_attention_heads / num_key_value_heads times (which only runs when the two are equal)."""
+    heads = scope.lookup("num_attention_heads")
+    if scope.lookup("kv_lora_rank") is None or v is None or v == heads:
+        return None
+    return (f"multi-latent attention with num_key_value_heads={v} != num_attention_heads={heads}: MLA has a key and "
+            "value per query head (transformers would repeat them)")
+
+
 def _topk(v: Any, scope: Scope) -> str | None:
     problem = positive_int(v, scope)
     if problem or v is None:
@@ -220,7 +230,7 @@ TOP: tuple[Row, ...] = (
     mapped("hidden_size", "hidden_size", why=_DIMS, valid=positive_int),
     mapped("num_attention_heads", "num_attention_heads", "num_query_groups", "kv_channels", why=_DIMS,
            valid=positive_int),
-    mapped("num_key_value_heads", "num_query_groups", why="GQA groups", valid=_heads_divide),
+    mapped("num_key_value_heads", "num_query_groups", why="GQA groups", valid=_heads_divide, limit=_mla_kv_heads),
     mapped("head_dim", "kv_channels", why=_DIMS, valid=positive_int),
     mapped("intermediate_size", "ffn_hidden_size", "moe_ffn_hidden_size", why=_DIMS, valid=positive_int),
     mapped("moe_intermediate_size", "moe_ffn_hidden_size", "ffn_hidden_size", "moe_shared_expert_intermediate_size",
