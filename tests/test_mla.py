@@ -74,6 +74,9 @@ def test_catalog_maps_mla_fields_and_refuses_what_mla_cannot_build(sources: dict
     assert "qk_head_dim" in _catalog({**config, "qk_head_dim": 20})
     # transformers repeats MLA's per-head keys/values when num_key_value_heads is smaller (youtu's tiny config)
     assert "num_key_value_heads" in _catalog({**config, "num_key_value_heads": 2})
+    # DeepSeek's latent norms keep transformers' RMSNorm default eps 1e-6 whatever rms_norm_eps says (glm4_moe_lite's
+    # tiny config with 1e-5 verified at 3.5e-5 instead of 6e-7 before this refusal); megatron has one epsilon
+    assert "rms_norm_eps" in _catalog({**config, "rms_norm_eps": 1e-5})
     bad = {**config["rope_parameters"], "mscale": None}
     assert any("mscale_all_dim but no mscale" in m for m in _catalog({**config, "rope_parameters": bad}).values())
 

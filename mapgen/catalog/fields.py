@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from mapgen.catalog.model_types import MLA_LATENT_NORM_EPS, MLA_LATENT_NORM_EPS_FROM_CONFIG
 from mapgen.catalog.rows import (
     Row,
     Scope,
@@ -116,6 +117,15 @@ def _mla_kv_heads(v: Any, scope: Scope) -> str | None:
         return None
     return (f"multi-latent attention with num_key_value_heads={v} != num_attention_heads={heads}: MLA has a key and "
             "value per query head (transformers would repeat them)")
+
+
+def _mla_latent_eps(v: Any, scope: Scope) -> str | None:
+    if scope.lookup("kv_lora_rank") is None or v is None or scope.model_type in MLA_LATENT_NORM_EPS_FROM_CONFIG:
+        return None
+    if isinstance(v, int | float) and abs(float(v) - MLA_LATENT_NORM_EPS) <= 1e-15:
+        return None
+    return (f"rms_norm_eps={v} while {scope.model_type}'s MLA latent norms (q_a_layernorm, kv_a_layernorm) use eps "
+            f"{MLA_LATENT_NORM_EPS} in transformers' code: megatron-core's MLA has one norm epsilon for both")
 
 
 def _topk(v: Any, scope: Scope) -> str | None:
@@ -250,7 +260,7 @@ TOP: tuple[Row, ...] = (
     mapped("linear_key_head_dim", "linear_key_head_dim", why=_DIMS, valid=positive_int),
     mapped("linear_value_head_dim", "linear_value_head_dim", why=_DIMS, valid=positive_int),
     mapped("linear_conv_kernel_dim", "linear_conv_kernel_dim", why=_DIMS, valid=positive_int),
-    mapped("rms_norm_eps", "norm_epsilon", why="norm epsilon", valid=positive_number),
+    mapped("rms_norm_eps", "norm_epsilon", why="norm epsilon", valid=positive_number, limit=_mla_latent_eps),
     mapped("layer_norm_eps", "norm_epsilon", why="norm epsilon", valid=positive_number),
     mapped("rope_theta", "rotary_base", why="RoPE base", valid=positive_number),
     mapped("partial_rotary_factor", "rotary_percent", why="fraction of head dims rotated", valid=fraction),
