@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -86,10 +87,15 @@ def write(root: Path, fp8: bool) -> Path:
     return root
 
 
-def _time(cmd: list[str], env: dict[str, str]) -> tuple[float, int]:
+def _time(cmd: list[str], env: dict[str, str]) -> tuple[float, float, int]:
+    """Wall-clock and CPU (user + system) seconds of one child process, and its exit code. On a shared machine
+    under load the CPU time is the steadier figure."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     rc = subprocess.run(cmd, check=False, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode
-    return time.perf_counter() - start, rc
+    wall = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime), rc
 
 
 def bench_scan(root: Path, runs: int) -> dict[str, Any]:
@@ -100,15 +106,20 @@ def bench_scan(root: Path, runs: int) -> dict[str, Any]:
     for _ in range(2):
         _time(scan_cmd, env)
         _time(json_cmd, env)
-    scan_t, json_t, rcs = [], [], set()
+    scan_t, json_t, scan_c, json_c, rcs = [], [], [], [], set()
     for _ in range(runs):
-        t, rc = _time(scan_cmd, env)
-        scan_t.append(t)
+        wall, cpu, rc = _time(scan_cmd, env)
+        scan_t.append(wall)
+        scan_c.append(cpu)
         rcs.add(rc)
-        json_t.append(_time(json_cmd, env)[0])
+        wall, cpu, _ = _time(json_cmd, env)
+        json_t.append(wall)
+        json_c.append(cpu)
     s, j = statistics.median(scan_t), statistics.median(json_t)
+    sc, jc = statistics.median(scan_c), statistics.median(json_c)
     return {"keys": len(json.loads(idx.read_text())["weight_map"]), "index_mb": idx.stat().st_size / 1e6,
-            "scan_ms": s * 1000, "json_ms": j * 1000, "ratio": s / j, "scan_exit": sorted(rcs)}
+            "scan_ms": s * 1000, "json_ms": j * 1000, "ratio": s / j, "scan_cpu_ms": sc * 1000,
+            "json_cpu_ms": jc * 1000, "cpu_ratio": sc / jc, "scan_exit": sorted(rcs)}
 
 
 def bench_proof(root: Path) -> dict[str, Any]:
@@ -123,9 +134,11 @@ def bench_proof(root: Path) -> dict[str, Any]:
     layout = scan(str(root))
     bridge = plan(layout)
     t2 = time.perf_counter()
+    c2 = time.process_time()
     proof = prove(bridge, layout)
     t3 = time.perf_counter()
-    return {"import_s": t1 - t0, "scan_plan_s": t2 - t1, "prove_s": t3 - t2, "summary": str(proof)[:200]}
+    return {"import_s": t1 - t0, "scan_plan_s": t2 - t1, "prove_s": t3 - t2, "prove_cpu_s": time.process_time() - c2,
+            "summary": str(proof)[:200]}
 
 
 def main() -> None:
@@ -140,10 +153,12 @@ def main() -> None:
               f"{s['index_mb']:.1f} MB")
         print(f"mapgen scan median {s['scan_ms']:.0f} ms (exit {s['scan_exit']}), json.load median "
               f"{s['json_ms']:.0f} ms: {s['ratio']:.2f}x (goal: within 3x), {args.runs} runs each, alternating")
+        print(f"CPU time (user+sys) median: scan {s['scan_cpu_ms']:.0f} ms, json.load {s['json_cpu_ms']:.0f} ms: "
+              f"{s['cpu_ratio']:.2f}x; load average {os.getloadavg()[0]:.1f}")
         if not args.fp8:
             p = bench_proof(root)
             print(f"proof on meta: import megatron-core {p['import_s']:.1f} s, scan+plan {p['scan_plan_s']:.2f} s, "
-                  f"prove {p['prove_s']:.1f} s: {p['summary']}")
+                  f"prove {p['prove_s']:.1f} s ({p['prove_cpu_s']:.1f} s CPU): {p['summary']}")
 
 
 if __name__ == "__main__":
