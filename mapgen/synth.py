@@ -190,6 +190,14 @@ class _ConfigWriter:
             self.text[name] = value
 
 
+def _mla_heads(w: _ConfigWriter, o: SynthOptions) -> None:
+    """MLA: a key and value per query head; DeepSeek's derived head sizes follow the shrunk q/k dims."""
+    if w.has("kv_lora_rank"):
+        w.set("num_key_value_heads", o.heads)
+        w.set("qk_head_dim", o.qk_nope_head_dim + o.qk_rope_head_dim)
+        w.set("head_dim", o.qk_rope_head_dim)
+
+
 def _int(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
@@ -230,6 +238,7 @@ def _shrink_config(
             w.set(name, value)
     if w.has("q_lora_rank"):
         w.set("q_lora_rank", o.q_lora_rank)
+    _mla_heads(w, o)
     if w.has("n_shared_experts") and not w.has("shared_expert_intermediate_size"):
         w.set("n_shared_experts", 1)
     for name in _EXPERT_COUNT_KEYS:
