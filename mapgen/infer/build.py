@@ -349,12 +349,12 @@ def infer(source: Source) -> Layout:
     common_layers = by_prefix_s.setdefault(common, {})
     for key in source.tensors:
         if key.startswith(common):
-            i, dot, rest = key[len(common):].partition(".")
-            if dot and i.isascii() and i.isdigit() and (i == "0" or i[0] != "0"):
-                layer = common_layers.get(i)
+            digits, dot, tail = key[len(common):].partition(".")
+            if dot and digits.isascii() and digits.isdigit() and (digits == "0" or digits[0] != "0"):
+                layer = common_layers.get(digits)
                 if layer is None:
-                    common_layers[i] = layer = []
-                layer.append(rest)
+                    common_layers[digits] = layer = []
+                layer.append(tail)
                 continue
         m = _LAYER.match(key)
         if m is None:
