@@ -29,6 +29,7 @@ import copy
 import dataclasses
 import hashlib
 import math
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
@@ -82,6 +83,8 @@ class SynthOptions:
     linear_key_head_dim: int = 8
     linear_value_head_dim: int = 6
     linear_conv_kernel: int = 4
+    # block-scaled FP8 sources: the tile of the synthesized scales (default: the source's weight_block_size)
+    fp8_block: tuple[int, int] | None = None
     # MLA (DeepSeek) low-rank sizes
     q_lora_rank: int = 24
     kv_lora_rank: int = 16
@@ -316,7 +319,7 @@ def _remap_token_ids(w: _ConfigWriter, vocab: int) -> None:
 # ---------------------------------------------------------------------------------------------------------
 def _check_supported(layout: Layout) -> None:
     problems: list[Diagnostic] = []
-    if layout.quantization != "none" or any(
+    if layout.quantization not in ("none", "fp8_block") or any(
         (e := experts_of(g.mlp)) is not None and e.flag("quant") != "none"
         for g in layout.language_model.groups + (layout.language_model.mtp.inner if layout.language_model.mtp else ())
     ):
@@ -550,5 +553,39 @@ def synthesize(
             weight_map[key] = name
             total += t.numel() * t.element_size()
         shards[name] = shard
+    if layout.quantization == "fp8_block":
+        total += _quantize_fp8(shards, weight_map, config, tensors, o)
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     return Synthesized(config=config, shards=shards, index=index, layout=shrunk)
+
+
+_NUMBERED = re.compile(r"\.\d+\.")
+_FP8_SCALE = ".weight_scale_inv"
+
+
+def _quantize_fp8(shards: dict[str, dict[str, torch.Tensor]], weight_map: dict[str, str], config: dict[str, Any],
+                  source: Mapping[str, TensorInfo], o: SynthOptions) -> int:
+    """Block-scaled FP8 like the source: every weight whose key pattern (layer and expert numbers aside) has
+    scales in the source is stored as e4m3 beside its ``weight_scale_inv``, in the same shard; the config's
+    ``weight_block_size`` is the tile used. Returns the bytes added."""
+    from mapgen.runtime.quant import quantize_blocks
+
+    quantized = {_NUMBERED.sub(".N.", k.removesuffix("_scale_inv")) for k in source if k.endswith(_FP8_SCALE)}
+    qc = dict(config.get("quantization_config") or {})
+    block = o.fp8_block or tuple(qc.get("weight_block_size") or (128, 128))
+    tile = (int(block[0]), int(block[1]))
+    qc["weight_block_size"] = list(tile)
+    config["quantization_config"] = qc
+    added = 0
+    for name, shard in shards.items():
+        for key in list(shard):
+            value = shard[key]
+            if value.dim() != 2 or _NUMBERED.sub(".N.", key) not in quantized:  # noqa: PLR2004 (a matrix)
+                continue
+            q, scales = quantize_blocks(value, tile)
+            added += q.numel() * q.element_size() + scales.numel() * scales.element_size()
+            added -= value.numel() * value.element_size()
+            shard[key] = q
+            shard[key + "_scale_inv"] = scales
+            weight_map[key + "_scale_inv"] = name
+    return added

@@ -191,6 +191,17 @@ def _int_list(v: Any, _: Scope) -> str | None:
         f"must be a list of layer indices, got {v!r}")
 
 
+def _quantization_limit(v: Any, scope: Scope) -> str | None:
+    """Block-scaled FP8 converts (scan validates its details and the scale tensors); nothing else does."""
+    if not v:
+        return None
+    method = v.get("quant_method") if isinstance(v, Mapping) else None
+    if method == "fp8" and v.get("weight_block_size"):
+        return None
+    return (f"quantized weights ({method or v!r}): mapgen reads floating-point and block-scaled FP8 checkpoints "
+            "only")
+
+
 def _rope_dict(v: Any, scope: Scope) -> str | None:
     if v is None:
         return None
@@ -363,8 +374,9 @@ TOP: tuple[Row, ...] = (
     refused("mtp_use_dedicated_embeddings", "MTP layers with their own embedding table: the bridge shares the "
             "main embedding", unless=falsy, valid=boolean),
     refused("swiglu_limit", "clamped SwiGLU (gpt-oss): no megatron-core setting", unless=falsy),
-    refused("quantization_config", "quantized weights: mapgen converts floating-point checkpoints only",
-            unless=falsy),
+    structural("quantization_config", why="block-scaled FP8 weights (quant_method fp8 with weight_block_size, "
+               "e4m3, dynamic activation scales: DeepSeek-V3/R1, Kimi-K2) are dequantized while read, as "
+               "transformers dequantizes them; scan checks every scale against its weight", limit=_quantization_limit),
     refused("quantization", "quantized weights (MLX): mapgen converts floating-point checkpoints only",
             unless=falsy),
     refused("use_bidirectional_attention", "bidirectional attention: the bridge builds a causal decoder",

@@ -78,13 +78,17 @@ def verify(source_path: str, par: Parallel, *, logits: bool = True, atol: float 
     from mapgen.runtime.megatron import logits as megatron_logits
 
     source = HFSource.open(source_path)
+    if source.quant is not None and dtype == "auto":
+        # block-scaled FP8: dequantized exactly (fp32), as transformers dequantizes it for an fp32 model
+        dtype = "float32"
     binding = bind(source.layout)
     check_parallel(binding.spec, par, world_from_env())
     with parallel_context(par) as coords:
         model, binding, stats = load_hf(source, par, dtype=dtype)
         tmp = Path(tempfile.mkdtemp(prefix="mapgen-verify-")) if coords.rank == 0 else Path()
         out = tmp / "hf"
-        export_hf(model, binding, out, target=source.to_meta(), source_root=source.root)
+        # a block-scaled FP8 source round-trips through --quantize (its tiles and scales), byte for byte
+        export_hf(model, binding, out, target=source.to_meta(quantized=True), source_root=source.root)
         result: dict[str, Any] = {"rank": coords.rank, "bytes_read": stats.bytes_read, "tensors": stats.tensors,
                                   "dtypes": stats.extra["dtypes"].to_json(),
                                   "param_dtypes": sorted({str(p.dtype) for p in model.state_dict().values()
