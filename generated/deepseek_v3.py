@@ -88,7 +88,9 @@ DECODER_MLA = (
 BRIDGE_5f0258545ac2 = Bridge(
     fingerprint='5f0258545ac2',
     model_type='deepseek_v3',
-    facts=Facts(moe=True, expert_bias=True, shared_expert=True, mla=True),
+    facts=Facts(moe=True, expert_bias=True, shared_expert=True, mla=True, router='sigmoid_grouped',
+                default_norm_topk_prob=True, default_routed_scaling_factor=2.5, default_n_group=8,
+                default_topk_group=4),
     groups=(
         Group('global', '', '', EMBEDDING),
         Group('decoder:mla_dense', 'decoder.layers.{layer}.', 'model.layers.{layer}.', MLA + MLP),
@@ -102,7 +104,9 @@ BRIDGE_5f0258545ac2 = Bridge(
 BRIDGE_ef227dd20b7c = Bridge(
     fingerprint='ef227dd20b7c',
     model_type='deepseek_v3',
-    facts=Facts(moe=True, expert_bias=True, shared_expert=True, mla=True),
+    facts=Facts(moe=True, expert_bias=True, shared_expert=True, mla=True, router='sigmoid_grouped',
+                default_norm_topk_prob=True, default_routed_scaling_factor=2.5, default_n_group=8,
+                default_topk_group=4),
     groups=(
         Group('global', '', '', EMBEDDING),
         Group('decoder:mla_dense', 'decoder.layers.{layer}.', 'model.layers.{layer}.', MLA + MLP),
@@ -114,7 +118,9 @@ BRIDGE_ef227dd20b7c = Bridge(
 BRIDGE_fdca40e868b7 = Bridge(
     fingerprint='fdca40e868b7',
     model_type='deepseek_v3',
-    facts=Facts(moe=True, expert_bias=True, shared_expert=True, mla=True),
+    facts=Facts(moe=True, expert_bias=True, shared_expert=True, mla=True, router='sigmoid_grouped',
+                default_norm_topk_prob=True, default_routed_scaling_factor=2.5, default_n_group=8,
+                default_topk_group=4),
     groups=(
         Group('global', '', '', EMBEDDING),
         Group('decoder:mla_dense', 'decoder.layers.{layer}.', 'model.layers.{layer}.', DECODER_MLA + MLP),

@@ -59,7 +59,8 @@ MTP = (
 BRIDGE_f74f07859595 = Bridge(
     fingerprint='f74f07859595',
     model_type='glm4_moe',
-    facts=Facts(moe=True, expert_bias=True, shared_expert=True),
+    facts=Facts(moe=True, expert_bias=True, shared_expert=True, router='sigmoid_grouped', default_norm_topk_prob=True,
+                default_routed_scaling_factor=1.0, default_n_group=1, default_topk_group=1),
     groups=(
         Group('global', '', '', EMBEDDING),
         Group('decoder:attention_dense', 'decoder.layers.{layer}.', 'model.layers.{layer}.', ATTENTION + MLP),

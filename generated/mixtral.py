@@ -42,7 +42,7 @@ FINAL_NORM_OUTPUT = (
 BRIDGE_0ccbbfc89416 = Bridge(
     fingerprint='0ccbbfc89416',
     model_type='mixtral',
-    facts=Facts(moe=True),
+    facts=Facts(moe=True, router='softmax_renorm'),
     groups=(
         Group('global', '', '', EMBEDDING),
         Group('decoder:attention', 'decoder.layers.{layer}.', 'model.layers.{layer}.', ATTENTION + MOE),

@@ -104,7 +104,7 @@ BRIDGE_2157b3c6d7d8 = Bridge(
     fingerprint='2157b3c6d7d8',
     model_type='qwen3_5_moe',
     facts=Facts(qk_layernorm=True, attention_output_gate=True, zero_centered=True, moe=True, shared_expert=True,
-                shared_expert_gate=True, gated_delta_net=True),
+                shared_expert_gate=True, gated_delta_net=True, router='softmax_renorm'),
     groups=(
         Group('global', '', '', EMBEDDING),
         Group('decoder:linear_attention', 'decoder.layers.{layer}.', 'model.language_model.layers.{layer}.', GDN + MOE),
@@ -119,7 +119,7 @@ BRIDGE_84608c14bd40 = Bridge(
     fingerprint='84608c14bd40',
     model_type='qwen3_5_moe',
     facts=Facts(qk_layernorm=True, attention_output_gate=True, zero_centered=True, moe=True, shared_expert=True,
-                shared_expert_gate=True, gated_delta_net=True),
+                shared_expert_gate=True, gated_delta_net=True, router='softmax_renorm'),
     groups=(
         Group('global', '', '', EMBEDDING),
         Group('decoder:linear_attention', 'decoder.layers.{layer}.', 'model.language_model.layers.{layer}.', GDN + MOE),

@@ -74,7 +74,7 @@ BRIDGE_73dab3d70b63 = Bridge(
     fingerprint='73dab3d70b63',
     model_type='qwen3_5_moe_text',
     facts=Facts(qk_layernorm=True, attention_output_gate=True, zero_centered=True, moe=True, shared_expert=True,
-                shared_expert_gate=True, gated_delta_net=True),
+                shared_expert_gate=True, gated_delta_net=True, router='softmax_renorm'),
     groups=(
         Group('global', '', '', EMBEDDING),
         Group('decoder:linear_attention', 'decoder.layers.{layer}.', 'model.language_model.layers.{layer}.', GDN + MOE),

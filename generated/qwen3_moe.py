@@ -43,7 +43,7 @@ FINAL_NORM_OUTPUT = (
 BRIDGE_a3b31817df13 = Bridge(
     fingerprint='a3b31817df13',
     model_type='qwen3_moe',
-    facts=Facts(qk_layernorm=True, moe=True),
+    facts=Facts(qk_layernorm=True, moe=True, router='softmax', default_norm_topk_prob=False),
     groups=(
         Group('global', '', '', EMBEDDING),
         Group('decoder:attention', 'decoder.layers.{layer}.', 'model.layers.{layer}.', ATTENTION + MOE),

@@ -79,7 +79,7 @@ BRIDGE_57ae86e0fd71 = Bridge(
     fingerprint='57ae86e0fd71',
     model_type='qwen3_next',
     facts=Facts(qk_layernorm=True, attention_output_gate=True, zero_centered=True, moe=True, shared_expert=True,
-                shared_expert_gate=True, gated_delta_net=True),
+                shared_expert_gate=True, gated_delta_net=True, router='softmax', default_norm_topk_prob=True),
     groups=(
         Group('global', '', '', EMBEDDING),
         Group('decoder:linear_attention', 'decoder.layers.{layer}.', 'model.layers.{layer}.', GDN + MOE),

@@ -45,7 +45,7 @@ FINAL_NORM_OUTPUT = (
 BRIDGE_e921e7be0eb9 = Bridge(
     fingerprint='e921e7be0eb9',
     model_type='qwen3_vl_moe',
-    facts=Facts(qk_layernorm=True, moe=True),
+    facts=Facts(qk_layernorm=True, moe=True, router='softmax_renorm'),
     groups=(
         Group('global', '', '', EMBEDDING),
         Group('decoder:attention', 'decoder.layers.{layer}.', 'model.language_model.layers.{layer}.', ATTENTION + MOE),

@@ -41,7 +41,7 @@ MEMORY_CAP = 6 * 1024**3  # address space per case process (torch reserves far m
 CASE_TIMEOUT = 600
 MAX_PARAMS = 5_000_000
 # converts / refused by a default / refused by model-type facts / fused qkv_proj converts
-SLICE = ("llama", "qwen2_moe", "gemma", "phi3")
+SLICE = ("llama", "dots1", "gemma", "phi3")
 
 _TINY = {
     "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 4,

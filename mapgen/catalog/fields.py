@@ -14,6 +14,7 @@ from typing import Any
 
 from mapgen.catalog.model_types import MLA_LATENT_NORM_EPS, MLA_LATENT_NORM_EPS_FROM_CONFIG
 from mapgen.catalog.rows import (
+    Check,
     Row,
     Scope,
     boolean,
@@ -31,6 +32,8 @@ from mapgen.catalog.rows import (
     refused_all,
     structural,
 )
+from mapgen.contract.routing import READS, RouterScheme, routing
+from mapgen.families.model_types import router_for
 
 # transformers' ACT2FN names (a drift test keeps them equal to the installed transformers).
 ACTIVATIONS = frozenset({
@@ -136,6 +139,40 @@ def _topk(v: Any, scope: Scope) -> str | None:
     if is_int(experts) and experts > 0 and v > experts:
         return f"must not exceed the number of experts ({experts}), got {v}"
     return None
+
+
+def _router_scheme(scope: Scope) -> RouterScheme:
+    """The router scheme of the scope's model type (a text config's, then its wrapper's)."""
+    types = [scope.model_type] + ([scope.parent.model_type] if scope.parent is not None else [])
+    return router_for(types)
+
+
+def _routing_limit(key: str) -> Check:
+    """A refusal for ``key`` when :func:`mapgen.contract.routing.routing` (what the bridge builds) cannot
+    reproduce this config's routing because of it."""
+
+    def limit(v: Any, scope: Scope) -> str | None:
+        topk = scope.lookup("num_experts_per_tok", "moe_topk")
+        if not is_int(topk) or topk <= 0:
+            return None
+        experts = scope.lookup("num_experts", "num_local_experts", "n_routed_experts")
+        _, gaps = routing(_router_scheme(scope), scope.lookup, topk=topk,
+                          num_experts=experts if is_int(experts) else None)
+        reasons = [g.reason for g in gaps if g.key == key]
+        return "; ".join(reasons) if reasons else None
+
+    return limit
+
+
+def _routing_unread(key: str) -> Check:
+    """Why a routing key is inert for this model type: its router code never reads it."""
+
+    def unread(v: Any, scope: Scope) -> str | None:
+        scheme = _router_scheme(scope)
+        return None if key in READS[scheme] else (
+            f"not read by {scope.model_type}'s router (mapgen.contract.routing scheme {scheme!r})")
+
+    return unread
 
 
 def _activation(v: Any, scope: Scope) -> str | None:
@@ -264,8 +301,10 @@ TOP: tuple[Row, ...] = (
     mapped("num_experts", "num_moe_experts", why=_DIMS, valid=positive_int),
     mapped("num_local_experts", "num_moe_experts", why=_DIMS, valid=positive_int),
     mapped("n_routed_experts", "num_moe_experts", why=_DIMS, valid=positive_int),
-    mapped("num_experts_per_tok", "moe_router_topk", why="routed experts per token", valid=_topk),
-    mapped("moe_topk", "moe_router_topk", why="routed experts per token", valid=_topk),
+    mapped("num_experts_per_tok", "moe_router_topk", why="routed experts per token", valid=_topk,
+           limit=_routing_limit("num_experts_per_tok")),
+    mapped("moe_topk", "moe_router_topk", why="routed experts per token", valid=_topk,
+           limit=_routing_limit("num_experts_per_tok")),
     mapped("linear_num_key_heads", "linear_num_key_heads", why=_DIMS, valid=positive_int),
     mapped("linear_num_value_heads", "linear_num_value_heads", why=_DIMS, valid=positive_int),
     mapped("linear_key_head_dim", "linear_key_head_dim", why=_DIMS, valid=positive_int),
@@ -304,23 +343,28 @@ TOP: tuple[Row, ...] = (
             unless=equals("silu", "swish"), valid=_activation),
     refused("hidden_activation", "the bridge builds a SiLU-gated MLP (ModelSpec.activation is not read from the "
             "config)", unless=equals("silu", "swish"), valid=_activation),
-    refused("norm_topk_prob", "top-k probabilities not renormalised: megatron-core has moe_router_pre_softmax "
-            "(softmax over all experts before top-k), the bridge does not set it", unless=equals(True),
-            valid=boolean),
-    refused("routed_scaling_factor", "routed-expert weights scaled: megatron-core has "
-            "moe_router_topk_scaling_factor, the bridge does not set it", unless=equals(1, 1.0),
-            valid=positive_number),
+    mapped("norm_topk_prob", "moe_router_pre_softmax", "moe_router_score_function", why="top-k weights "
+           "renormalised or not (mapgen.contract.routing)", valid=boolean, limit=_routing_limit("norm_topk_prob"),
+           unread=_routing_unread("norm_topk_prob"),
+           default=True),
+    mapped("routed_scaling_factor", "moe_router_topk_scaling_factor", why="routed-expert weights scaled",
+           valid=positive_number, limit=_routing_limit("routed_scaling_factor"),
+           unread=_routing_unread("routed_scaling_factor"), default=True),
     refused("route_scale", "routed-expert weights scaled (moe_router_topk_scaling_factor not set by the bridge)",
             unless=equals(1, 1.0), valid=positive_number),
     refused("scoring_func", "router scores: the bridge picks sigmoid only from an expert-bias tensor "
-            "(ModelSpec.moe_router_score_function is not read from the config)", unless=equals("softmax"),
+            "(ModelSpec.moe_router_score_function is not read from the config)",
+            unless=lambda v, s: equals("softmax")(v, s) or _router_scheme(s) != "",
             valid=one_of("softmax", "sigmoid", "sqrtsoftplus")),
-    refused("topk_method", "grouped top-k routing (megatron-core has moe_router_num_groups/group_topk, the bridge "
-            "does not set them)", unless=equals("greedy", "noaux_tc")),
-    refused("n_group", "grouped top-k routing (megatron-core has moe_router_num_groups, the bridge does not set "
-            "it)", unless=equals(0, 1), valid=non_negative_int),
-    refused("topk_group", "grouped top-k routing (megatron-core has moe_router_group_topk, the bridge does not set "
-            "it)", unless=equals(0, 1), valid=non_negative_int),
+    mapped("topk_method", "moe_router_num_groups", "moe_router_group_topk", why="greedy or group-limited top-k",
+           limit=_routing_limit("topk_method"),
+           unread=_routing_unread("topk_method"), default=True),
+    mapped("n_group", "moe_router_num_groups", why="group-limited routing: expert groups",
+           valid=non_negative_int, limit=_routing_limit("n_group"),
+           unread=_routing_unread("n_group"), default=True),
+    mapped("topk_group", "moe_router_group_topk", why="group-limited routing: groups selected per token",
+           valid=non_negative_int, limit=_routing_limit("topk_group"),
+           unread=_routing_unread("topk_group"), default=True),
     refused("sliding_window", "sliding-window attention shorter than the context: megatron-core has "
             "window_size, the bridge does not set it", unless=_no_window, valid=non_negative_int),
     refused("no_rope_layers", "layers without RoPE (NoPE): the bridge applies RoPE in every layer",
@@ -414,7 +458,8 @@ TOP: tuple[Row, ...] = (
     *refused_all("embeddings scaled by sqrt(d_model): no megatron-core setting", "scale_embedding"),
     *refused_all("attention scaled by the inverse layer index: no megatron-core setting",
                  "scale_attn_by_inverse_layer_idx"),
-    *refused_all("grouped expert routing: the bridge does not set moe_router_num_groups", "num_expert_group"),
+    *refused_all("grouped expert routing under a spelling no transformers router reads (n_group/topk_group are "
+                 "mapped)", "num_expert_group"),
     refused("scale_attn_weights", "attention without the 1/sqrt(head_dim) scale: the bridge always scales",
             unless=equals(True), valid=boolean),
     refused("moe_renormalize", "top-k probabilities not renormalised (see norm_topk_prob)", unless=equals(True),

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from mapgen.contract.hf_config import HFConfig, head_dim, mla_rope, rope_scaling, rope_scaling_factor
+from mapgen.contract.routing import RouterScheme, Routing, routing
 from mapgen.contract.spec import LayerKind, MlpKind, ModelSpec
 from mapgen.ir import LayerGroup, Layout
 
@@ -44,6 +45,14 @@ class Facts:
     shared_expert_gate: bool = False  # ... with a sigmoid gate
     gated_delta_net: bool = False  # some layer is a gated delta-net
     mla: bool = False  # some layer is multi-latent attention
+    # -- MoE routing (mapgen.contract.routing): the model type's router code, and transformers' config-class
+    # defaults for the routing keys config.json may leave out (the catalog judged the same values)
+    router: RouterScheme = ""
+    default_norm_topk_prob: bool | None = None
+    default_routed_scaling_factor: float | None = None
+    default_n_group: int | None = None
+    default_topk_group: int | None = None
+    default_topk_method: str | None = None
 
 
 # -- derivations ----------------------------------------------------------------------------------------------
@@ -102,6 +111,8 @@ Derivation = Literal[
     "head_dim", "rope_scaling", "rope_scaling_factor", "layer_kinds", "mlp_kinds", "mtp_depth", "mtp_layer_kind",
     "mtp_mlp_kind", "mla_rope_type", "yarn_scaling_factor", "yarn_original_max_position_embeddings",
     "yarn_beta_fast", "yarn_beta_slow", "yarn_mscale", "yarn_mscale_all_dim",
+    "router_score_function", "router_pre_softmax", "router_scaling_factor", "router_num_groups", "router_group_topk",
+    "router_dtype",
 ]
 DERIVATIONS: dict[str, Callable[[HFConfig, Layout], Any]] = {
     "head_dim": lambda hf, _: head_dim(hf),  # head_dim, else hidden_size // num_attention_heads
@@ -117,6 +128,29 @@ DERIVATIONS: dict[str, Callable[[HFConfig, Layout], Any]] = {
     **{name: _mla_rope_field(name) for name in (
         "mla_rope_type", "yarn_scaling_factor", "yarn_original_max_position_embeddings", "yarn_beta_fast",
         "yarn_beta_slow", "yarn_mscale", "yarn_mscale_all_dim")},
+}
+
+
+def bridge_routing(hf: HFConfig, facts: Facts) -> Routing:
+    """The megatron-core router of a MoE bridge: :func:`mapgen.contract.routing.routing` on the config, keys
+    absent from it taking transformers' defaults the bridge carries (``Facts.default_*``)."""
+
+    def get(key: str) -> Any:
+        return hf.get(key, default=getattr(facts, f"default_{key}", None))
+
+    topk = int(hf.get("num_experts_per_tok", "moe_topk"))
+    experts = hf.get("num_experts", "num_local_experts", "n_routed_experts", default=None)
+    return routing(facts.router, get, topk=topk, num_experts=experts, expert_bias=facts.expert_bias)[0]
+
+
+# Derivations from the routing (they need the bridge's facts: its router scheme and defaults).
+ROUTER_DERIVATIONS: dict[str, Callable[[Routing], Any]] = {
+    "router_score_function": lambda r: r.score_function,
+    "router_pre_softmax": lambda r: r.pre_softmax,
+    "router_scaling_factor": lambda r: r.scaling_factor,
+    "router_num_groups": lambda r: r.num_groups,
+    "router_group_topk": lambda r: r.group_topk,
+    "router_dtype": lambda r: r.dtype,
 }
 
 
@@ -174,6 +208,12 @@ CONFIG: tuple[ConfigRow, ...] = (
     ConfigRow("moe_router_topk", hf=("num_experts_per_tok", "moe_topk"), when="moe"),
     ConfigRow("moe_ffn_hidden_size", hf=("moe_intermediate_size", "intermediate_size"), when="moe"),
     ConfigRow("moe_router_enable_expert_bias", fact="expert_bias"),
+    ConfigRow("moe_router_score_function", derive="router_score_function", when="moe"),
+    ConfigRow("moe_router_pre_softmax", derive="router_pre_softmax", when="moe"),
+    ConfigRow("moe_router_topk_scaling_factor", derive="router_scaling_factor", when="moe"),
+    ConfigRow("moe_router_num_groups", derive="router_num_groups", when="moe"),
+    ConfigRow("moe_router_group_topk", derive="router_group_topk", when="moe"),
+    ConfigRow("moe_router_dtype", derive="router_dtype", when="moe"),
     ConfigRow("moe_shared_expert_gate", fact="shared_expert_gate"),
     ConfigRow("moe_shared_expert_intermediate_size", hf=("shared_expert_intermediate_size", "moe_intermediate_size"),
               when="shared_expert"),
@@ -209,6 +249,8 @@ def row_value(row: ConfigRow, hf: HFConfig, layout: Layout, facts: Facts) -> Any
     if row.fact is not None:
         value = getattr(facts, row.fact)
         return not value if row.negate else value
+    if row.derive in ROUTER_DERIVATIONS:
+        return ROUTER_DERIVATIONS[row.derive](bridge_routing(hf, facts))
     if row.derive is not None:
         return DERIVATIONS[row.derive](hf, layout)
     if row.default is REQUIRED:
@@ -240,7 +282,7 @@ def check_table(table: tuple[ConfigRow, ...] = CONFIG) -> list[str]:
         seen.add(row.field)
         if sum((bool(row.hf), row.derive is not None, row.fact is not None)) != 1:
             problems.append(f"{where}: needs exactly one of hf, derive, fact")
-        if row.derive is not None and row.derive not in DERIVATIONS:
+        if row.derive is not None and row.derive not in DERIVATIONS and row.derive not in ROUTER_DERIVATIONS:
             problems.append(f"{where}: unknown derivation {row.derive!r}")
         problems += [f"{where}: Facts has no field {name!r}" for name in (row.fact, row.when)
                      if name is not None and name not in fact_fields]

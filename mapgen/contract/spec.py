@@ -58,6 +58,9 @@ class ModelSpec:
     moe_router_score_function: Literal["softmax", "sigmoid"] | None = None
     moe_router_pre_softmax: bool = False  # softmax over all experts before top-k (HF norm_topk_prob=False)
     moe_router_topk_scaling_factor: float | None = None  # routed_scaling_factor
+    moe_router_num_groups: int | None = None  # group-limited routing: n_group (mapgen.contract.routing)
+    moe_router_group_topk: int | None = None  # ... topk_group
+    moe_router_dtype: Literal["fp32"] | None = None  # the gate computed in fp32 (DeepSeek-style routers)
     # -- gated delta net ---------------------------------------------------------------------------------
     linear_num_key_heads: int | None = None
     linear_num_value_heads: int | None = None

@@ -44,6 +44,34 @@ def canonical(spec: ModelSpec) -> ModelSpec:
                         moe_router_score_function=score if spec.num_moe_experts else None)
 
 
+def _moe_args(spec: ModelSpec) -> list[str]:
+    """The MoE flags (routing included: :mod:`mapgen.contract.routing`)."""
+    a = ["--num-experts", str(spec.num_moe_experts),
+         "--moe-layer-freq", _freq([m == "moe" for m in spec.mlps]),
+         "--moe-router-topk", str(spec.moe_router_topk),
+         "--moe-ffn-hidden-size", str(spec.moe_ffn_hidden_size or spec.ffn_hidden_size),
+         "--moe-router-score-function", spec.moe_router_score_function
+         or ("sigmoid" if spec.moe_router_enable_expert_bias else "softmax"),
+         "--moe-router-load-balancing-type", "none", "--moe-aux-loss-coeff", "0.0"]
+    if spec.moe_shared_expert_intermediate_size:
+        a += ["--moe-shared-expert-intermediate-size", str(spec.moe_shared_expert_intermediate_size)]
+    if spec.moe_shared_expert_gate:
+        a.append("--moe-shared-expert-gate")
+    if spec.moe_router_enable_expert_bias:
+        a.append("--moe-router-enable-expert-bias")
+    if spec.moe_router_pre_softmax:
+        a.append("--moe-router-pre-softmax")
+    if spec.moe_router_topk_scaling_factor is not None:
+        a += ["--moe-router-topk-scaling-factor", repr(float(spec.moe_router_topk_scaling_factor))]
+    if spec.moe_router_num_groups is not None:
+        a += ["--moe-router-num-groups", str(spec.moe_router_num_groups)]
+    if spec.moe_router_group_topk is not None:
+        a += ["--moe-router-group-topk", str(spec.moe_router_group_topk)]
+    if spec.moe_router_dtype is not None:
+        a += ["--moe-router-dtype", spec.moe_router_dtype]
+    return a
+
+
 def megatron_args(spec: ModelSpec, *, tp: int = 1, pp: int = 1, ep: int = 1, etp: int = 1,
                   dtype: str = "float32", load: str | None = None) -> list[str]:
     """The Megatron-LM arguments that build ``spec`` at this parallel layout and dtype. Per-tensor dtype
@@ -97,23 +125,7 @@ def megatron_args(spec: ModelSpec, *, tp: int = 1, pp: int = 1, ep: int = 1, etp
     if "mla" in spec.kinds:
         a += _mla_args(spec)
     if spec.num_moe_experts:
-        a += ["--num-experts", str(spec.num_moe_experts),
-              "--moe-layer-freq", _freq([m == "moe" for m in spec.mlps]),
-              "--moe-router-topk", str(spec.moe_router_topk),
-              "--moe-ffn-hidden-size", str(spec.moe_ffn_hidden_size or spec.ffn_hidden_size),
-              "--moe-router-score-function", spec.moe_router_score_function
-              or ("sigmoid" if spec.moe_router_enable_expert_bias else "softmax"),
-              "--moe-router-load-balancing-type", "none", "--moe-aux-loss-coeff", "0.0"]
-        if spec.moe_shared_expert_intermediate_size:
-            a += ["--moe-shared-expert-intermediate-size", str(spec.moe_shared_expert_intermediate_size)]
-        if spec.moe_shared_expert_gate:
-            a.append("--moe-shared-expert-gate")
-        if spec.moe_router_enable_expert_bias:
-            a.append("--moe-router-enable-expert-bias")
-        if spec.moe_router_pre_softmax:
-            a.append("--moe-router-pre-softmax")
-        if spec.moe_router_topk_scaling_factor is not None:
-            a += ["--moe-router-topk-scaling-factor", repr(float(spec.moe_router_topk_scaling_factor))]
+        a += _moe_args(spec)
     if spec.mtp_num_layers:
         a += ["--mtp-num-layers", str(spec.mtp_num_layers)]
     a += ["--tensor-model-parallel-size", str(tp), "--pipeline-model-parallel-size", str(pp),
@@ -213,6 +225,7 @@ def spec_from_args(argv: Sequence[str]) -> tuple[ModelSpec, dict[str, Any]]:
              "moe_ffn_hidden_size", "moe_router_score_function", "moe_router_load_balancing_type",
              "moe_aux_loss_coeff", "moe_shared_expert_intermediate_size", "moe_shared_expert_gate",
              "moe_router_enable_expert_bias", "moe_router_pre_softmax", "moe_router_topk_scaling_factor",
+             "moe_router_num_groups", "moe_router_group_topk", "moe_router_dtype",
              "mtp_num_layers", "tensor_model_parallel_size", "pipeline_model_parallel_size",
              "expert_model_parallel_size", "expert_tensor_parallel_size", "bf16", "fp16", "load", "ckpt_format",
              "no_load_optim", "no_load_rng", "finetune", "multi_latent_attention", "q_lora_rank", "kv_lora_rank",
@@ -279,6 +292,9 @@ def spec_from_args(argv: Sequence[str]) -> tuple[ModelSpec, dict[str, Any]]:
         moe_router_pre_softmax=bool(a.get("moe_router_pre_softmax")),
         moe_router_topk_scaling_factor=(float(a["moe_router_topk_scaling_factor"])
                                         if "moe_router_topk_scaling_factor" in a else None),
+        moe_router_num_groups=opt_int("moe_router_num_groups"),
+        moe_router_group_topk=opt_int("moe_router_group_topk"),
+        moe_router_dtype="fp32" if a.get("moe_router_dtype") == "fp32" else None,
         linear_num_key_heads=opt_int("linear_num_key_heads"),
         linear_num_value_heads=opt_int("linear_num_value_heads"),
         linear_key_head_dim=opt_int("linear_key_head_dim"),
