@@ -1,9 +1,11 @@
 """Multi-latent attention (DeepSeek-V2/V3, Kimi-K2) onto megatron-core's MLASelfAttention.
 
 Sources are written by transformers itself (``tests/tiny_mla.py``): DeepSeek-V3 with its published YaRN (factor 40,
-mscale = mscale_all_dim = 1), its full-rank-q variant (V2-Lite's ``q_proj``), Kimi-K2's config on the V3 class
-(YaRN beta_fast 1, rope_theta 50000) and V3 with its MTP layer. Each verifies HF -> Megatron -> HF bitwise and
-logits against transformers' fp32 eager forward at TP=2 and EP=2; one TP=2 x EP=2 case (4 processes) is slow.
+mscale = mscale_all_dim = 1), its full-rank-q variant, Kimi-K2's config on the V3 class (YaRN beta_fast 1,
+rope_theta 50000, routed_scaling_factor 2.827), V3 with its MTP layer, V3's grouped routing (4 groups, top 2,
+scaling 2.5), DeepSeek-V2 (group-limited greedy softmax, scaling 16, YaRN mscale 0.707) and V2-Lite (full-rank
+``q_proj``, greedy). Each verifies HF -> Megatron -> HF bitwise and logits against transformers' fp32 eager
+forward at TP=2 and/or EP=2; one TP=2 x EP=2 case (4 processes) is slow.
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ from tests.runtime_support import Case, assert_case, run_cases
 
 PARALLEL: dict[str, dict[str, Any]] = {"tp2": {"tp": 2}, "ep2": {"ep": 2, "etp": 1}}
 CASES = [("deepseek-v3", "tp2"), ("deepseek-v3", "ep2"), ("deepseek-v3-q-full-rank", "tp2"), ("kimi-k2", "tp2"),
-         ("deepseek-v3-mtp", "tp2"), ("deepseek-v3-mtp", "ep2")]
+         ("kimi-k2", "ep2"), ("deepseek-v3-mtp", "tp2"), ("deepseek-v3-mtp", "ep2"), ("deepseek-v3-groups", "ep2"),
+         ("deepseek-v2", "tp2"), ("deepseek-v2-lite", "tp2"), ("deepseek-v2-lite", "ep2")]
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +109,7 @@ def test_megatron_lm_arguments_carry_mla(sources: dict[str, Path]) -> None:
     from mapgen.runtime.api import HFSource, bind
     from mapgen.runtime.megatron_args import canonical, megatron_args, spec_from_args
 
-    for kind in ("deepseek-v3", "deepseek-v3-q-full-rank", "deepseek-v3-mtp", "kimi-k2"):
+    for kind in ("deepseek-v3", "deepseek-v3-q-full-rank", "deepseek-v3-mtp", "kimi-k2", "deepseek-v2-lite"):
         spec = bind(HFSource.open(str(sources[kind])).layout).spec
         argv = megatron_args(spec)
         assert "--multi-latent-attention" in argv

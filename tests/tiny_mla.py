@@ -5,9 +5,9 @@ dims, 12 value dims; dense ffn 96, expert ffn 32, 4 experts, vocab 128) so that 
 de-interleave cannot hide. Weights are perturbed (seeded) so that no two tensors are equal, the router's
 score-correction bias included; fp32, several shards.
 
-Routing uses only what today's bridges express (sigmoid + score-correction bias, one expert group,
-``routed_scaling_factor`` 1, renormalised top-k). The real routing settings (Kimi-K2's 2.827 scaling, groups,
-DeepSeek-V2's greedy softmax) come with the routing work.
+Routing as the releases configure it: DeepSeek-V3's sigmoid scores with the score-correction bias, expert groups
+and ``routed_scaling_factor`` (Kimi-K2's 2.827 with one group), DeepSeek-V2's softmax without renormalisation,
+group-limited greedy (V2) or greedy (V2-Lite).
 
 ``python -m tests.tiny_mla OUT_DIR`` writes them all.
 """
@@ -57,8 +57,33 @@ def v3_config(**over: Any) -> Any:
 
 def kimi_k2_config() -> Any:
     """Kimi-K2's shape of config on the DeepSeek-V3 class (transformers has no kimi_k2 model type): its YaRN
-    (beta_fast 1), rope_theta 50000, 1 dense layer first, one shared expert."""
-    return v3_config(rope_theta=50000.0, max_position_embeddings=131072, rope_scaling=KIMI_K2_YARN)
+    (beta_fast 1), rope_theta 50000, 1 dense layer first, one shared expert, one expert group and its
+    routed_scaling_factor 2.827."""
+    return v3_config(rope_theta=50000.0, max_position_embeddings=131072, rope_scaling=KIMI_K2_YARN,
+                     routed_scaling_factor=2.827)
+
+
+def v3_routing_config() -> Any:
+    """DeepSeek-V3's routing at small scale: 16 experts in 4 groups, the top 2 groups (by the sum of their top-2
+    biased sigmoid scores), top-4 experts among their 8, renormalised, scaled by 2.5 (top-k / groups = 2 as in
+    DeepSeek-V3's 8 / 4, which megatron-core's group score needs)."""
+    return v3_config(n_routed_experts=16, num_experts_per_tok=4, n_group=4, topk_group=2, routed_scaling_factor=2.5)
+
+
+def v2_config(**over: Any) -> Any:
+    """DeepSeek-V2: softmax routing without renormalisation, greedy (V2-Lite) or group-limited greedy (V2)."""
+    import transformers
+
+    kw = {**_COMMON, "q_lora_rank": 24, "n_routed_experts": 8, "num_experts_per_tok": 2, "n_shared_experts": 1,
+          "first_k_dense_replace": 1, "max_position_embeddings": 163840, "norm_topk_prob": False,
+          "topk_method": "group_limited_greedy", "n_group": 4, "topk_group": 2, "routed_scaling_factor": 16.0,
+          "rope_scaling": {**DEEPSEEK_V3_YARN, "mscale": 0.707, "mscale_all_dim": 0.707}, **over}
+    return transformers.DeepseekV2Config(**kw)
+
+
+def v2_lite_config() -> Any:
+    """DeepSeek-V2-Lite: a full-rank q_proj, greedy top-k over softmax scores, scaling 1."""
+    return v2_config(q_lora_rank=None, topk_method="greedy", n_group=1, topk_group=1, routed_scaling_factor=1.0)
 
 
 def _save(model: torch.nn.Module, out: Path, seed: int) -> Path:
@@ -76,6 +101,12 @@ def write(kind: str, out: Path, seed: int = 0) -> Path:
         return _save(transformers.DeepseekV3ForCausalLM(v3_config(q_lora_rank=None, rope_scaling=None)), out, seed)
     if kind == "kimi-k2":
         return _save(transformers.DeepseekV3ForCausalLM(kimi_k2_config()), out, seed)
+    if kind == "deepseek-v3-groups":
+        return _save(transformers.DeepseekV3ForCausalLM(v3_routing_config()), out, seed)
+    if kind == "deepseek-v2":
+        return _save(transformers.DeepseekV2ForCausalLM(v2_config()), out, seed)
+    if kind == "deepseek-v2-lite":
+        return _save(transformers.DeepseekV2ForCausalLM(v2_lite_config()), out, seed)
     if kind == "deepseek-v3-mtp":
         return write_v3_mtp(out, seed)
     raise ValueError(kind)
@@ -114,7 +145,8 @@ def write_v3_mtp(out: Path, seed: int = 0) -> Path:
     return out
 
 
-KINDS = ("deepseek-v3", "deepseek-v3-q-full-rank", "kimi-k2", "deepseek-v3-mtp")
+KINDS = ("deepseek-v3", "deepseek-v3-q-full-rank", "kimi-k2", "deepseek-v3-mtp", "deepseek-v3-groups", "deepseek-v2",
+         "deepseek-v2-lite")
 
 if __name__ == "__main__":
     root = Path(sys.argv[1])
