@@ -326,6 +326,8 @@ TOP: tuple[Row, ...] = (
     structural("mlp_only_layers", "mlp_kinds", why=_STRUCT, valid=_int_list),
     structural("decoder_sparse_step", "mlp_kinds", why=_STRUCT, valid=non_negative_int),
     structural("first_k_dense_replace", "mlp_kinds", why=_STRUCT, valid=non_negative_int),
+    structural("moe_layer_freq", "mlp_kinds", why=_STRUCT + " (DeepSeek's remote code: every n-th layer after "
+               "first_k_dense_replace is MoE)", valid=positive_int),
     structural("num_nextn_predict_layers", "mtp_num_layers", why=_STRUCT, valid=non_negative_int),
     structural("mtp_num_hidden_layers", "mtp_num_layers", why=_STRUCT, valid=non_negative_int),
     structural("attention_bias", "add_qkv_bias", "add_bias_linear", why=_STRUCT + "; partial biases are refused "
@@ -522,6 +524,7 @@ TOP: tuple[Row, ...] = (
     *inert("auxiliary losses and router noise: training only (moe_aux_loss_coeff is the training run's)",
            "router_aux_loss_coef", "aux_loss_alpha", "seq_aux", "router_z_loss_coef", "router_jitter_noise"),
     *inert("tensor-parallel pretraining detail: the same maths at any value", "pretraining_tp"),
+    *inert("expert-parallel size of DeepSeek's training code: how experts were placed, the same maths", "ep_size"),
     *inert("sliding-window bookkeeping: judged by sliding_window", "use_sliding_window", "max_window_layers"),
     *inert("GDN state precision in transformers' kernel; the computation is the same", "mamba_ssm_dtype"),
     *inert("original context length: read only by YaRN/LongRoPE scaling, judged by rope_scaling",
