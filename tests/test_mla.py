@@ -109,6 +109,13 @@ def test_megatron_lm_arguments_carry_mla(sources: dict[str, Path]) -> None:
     from mapgen.runtime.api import HFSource, bind
     from mapgen.runtime.megatron_args import canonical, megatron_args, spec_from_args
 
+    v3 = bind(HFSource.open(str(sources["deepseek-v3"])).layout).spec
+    dims = (v3.q_lora_rank, v3.kv_lora_rank, v3.qk_head_dim, v3.qk_pos_emb_head_dim, v3.v_head_dim)
+    assert dims == (24, 32, 16, 8, 12)
+    yarn = (v3.mla_rope_type, v3.yarn_scaling_factor, v3.yarn_mscale, v3.yarn_mscale_all_dim)
+    assert yarn == ("yarn", 40.0, 1.0, 1.0)
+    assert set(v3.kinds) == {"mla"}
+    assert bind(HFSource.open(str(sources["deepseek-v2-lite"])).layout).spec.q_lora_rank is None
     for kind in ("deepseek-v3", "deepseek-v3-q-full-rank", "deepseek-v3-mtp", "kimi-k2", "deepseek-v2-lite"):
         spec = bind(HFSource.open(str(sources[kind])).layout).spec
         argv = megatron_args(spec)
