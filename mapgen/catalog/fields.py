@@ -436,7 +436,8 @@ TOP: tuple[Row, ...] = (
     mapped("qk_rope_head_dim", "qk_pos_emb_head_dim", why=_DIMS, valid=positive_int),
     mapped("v_head_dim", "v_head_dim", why=_DIMS, valid=positive_int),
     refused("qk_head_dim", "a q/k head size other than qk_nope_head_dim + qk_rope_head_dim (what MLA builds)",
-            unless=lambda v, s: v is None or v == _mla_qk_head_dim(s), valid=positive_int),
+            unless=lambda v, s: v is None or v == _mla_qk_head_dim(s), valid=positive_int,
+            default=False),  # absent: transformers derives it from the two (its class default is 128 + 64)
     refused("rope_interleave", "MLA RoPE dims stored in halves: megatron-core's MLA de-interleaves pairs, as "
             "DeepSeek's interleaved weights need", unless=equals(True), valid=boolean),
     *refused_all("DeepSeek sparse-attention indexer: not built by the bridge", "index_n_heads", "index_head_dim",
