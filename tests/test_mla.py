@@ -4,8 +4,9 @@ Sources are written by transformers itself (``tests/tiny_mla.py``): DeepSeek-V3 
 mscale = mscale_all_dim = 1), its full-rank-q variant, Kimi-K2's config on the V3 class (YaRN beta_fast 1,
 rope_theta 50000, routed_scaling_factor 2.827), V3 with its MTP layer, V3's grouped routing (4 groups, top 2,
 scaling 2.5), DeepSeek-V2 (group-limited greedy softmax, scaling 16, YaRN mscale 0.707) and V2-Lite (full-rank
-``q_proj``, greedy). Each verifies HF -> Megatron -> HF bitwise and logits against transformers' fp32 eager
-forward at TP=2 and/or EP=2; one TP=2 x EP=2 case (4 processes) is slow.
+``q_proj``, greedy); plus DeepSeek-V3's FP8 release layout, synthesized (``mapgen synth``) from its full index.
+Each verifies HF -> Megatron -> HF bitwise and logits against transformers' fp32 eager forward at TP=2 and/or
+EP=2; one TP=2 x EP=2 case (4 processes) is slow.
 """
 
 from __future__ import annotations
@@ -17,18 +18,26 @@ from typing import Any
 import pytest
 
 from tests import tiny_mla
-from tests.runtime_support import Case, assert_case, run_cases
+from tests.runtime_support import Case, assert_case, run_cases, synth
 
 PARALLEL: dict[str, dict[str, Any]] = {"tp2": {"tp": 2}, "ep2": {"ep": 2, "etp": 1}}
 CASES = [("deepseek-v3", "tp2"), ("deepseek-v3", "ep2"), ("deepseek-v3-q-full-rank", "tp2"), ("kimi-k2", "tp2"),
          ("kimi-k2", "ep2"), ("deepseek-v3-mtp", "tp2"), ("deepseek-v3-mtp", "ep2"), ("deepseek-v3-groups", "ep2"),
-         ("deepseek-v2", "tp2"), ("deepseek-v2-lite", "tp2"), ("deepseek-v2-lite", "ep2")]
+         ("deepseek-v2", "tp2"), ("deepseek-v2-lite", "tp2"), ("deepseek-v2-lite", "ep2"),
+         ("deepseek-v3-fp8-release", "tp2")]
 
 
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    from benchmarks.bench_deepseek_v3 import write as write_release_index
+
     root = tmp_path_factory.mktemp("mla")
-    return {kind: tiny_mla.write(kind, root / kind) for kind in tiny_mla.KINDS}
+    out = {kind: tiny_mla.write(kind, root / kind) for kind in tiny_mla.KINDS}
+    # DeepSeek-V3's FP8 release, key for key (91,991 keys, weight_scale_inv beside every linear weight), shrunk by
+    # mapgen synth to 4 layers + MTP with 4x4 scale tiles: MLA through the block-scaled FP8 reader
+    meta = write_release_index(root / "deepseek-v3-release-index", fp8=True)
+    out["deepseek-v3-fp8-release"] = synth(meta, root / "deepseek-v3-fp8-release", "--fp8-block", "4x4")
+    return out
 
 
 # -- the RoPE of MLA: mapped exactly or refused by name ------------------------------------------------------------
