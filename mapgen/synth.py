@@ -589,3 +589,19 @@ def _quantize_fp8(shards: dict[str, dict[str, torch.Tensor]], weight_map: dict[s
             shard[key + "_scale_inv"] = scales
             weight_map[key + "_scale_inv"] = name
     return added
+
+
+def shrunk_config(layout: Layout, options: SynthOptions | None = None) -> tuple[dict[str, Any], Layout]:
+    """The shrunk config.json and layout :func:`synthesize` would write, without any tensor (pure, no torch):
+    the config keeps every field of the source and rewrites only sizes and per-layer structure."""
+    o = options or SynthOptions()
+    _check_supported(layout)
+    shrunk, source_of, mtp_depth = _shrunk_layout(layout, o)
+    config = _shrink_config(layout.config, o, source_of, layout.language_model.num_layers, mtp_depth)
+    return config, _finish_layout(shrunk, config, o)
+
+
+def copy_sources(layout: Layout) -> dict[str, str]:
+    """Keys a checkpoint of ``layout`` stores twice (DeepSeek/GLM MTP embedding and head copies) -> the key they
+    copy: a twin must hold the same values under both."""
+    return _copies(layout.language_model)

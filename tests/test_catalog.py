@@ -66,10 +66,14 @@ def test_transformers_written_tiny_configs_pass() -> None:
 # ---------------------------------------------------------------------------------------------------------
 # The mapped set is what the bridges read: mapgen.contract.config.CONFIG + the derivation helpers
 # ---------------------------------------------------------------------------------------------------------
-# Keys the derivations in mapgen/contract/hf_config.py (head_dim, rope_scaling, rope_scaling_factor) read.
-HELPER_TOP = {"head_dim", "hidden_size", "num_attention_heads", "rope_scaling", "rope_parameters"}
+# Keys the derivations in mapgen/contract/hf_config.py (head_dim, rope_scaling, rope_scaling_factor, activation,
+# sliding windows, NoPE layers, M-RoPE, the softmax scale) read.
+HELPER_TOP = {"head_dim", "hidden_size", "num_attention_heads", "rope_scaling", "rope_parameters", "hidden_act",
+              "hidden_activation", "activation_function", "sliding_window", "use_sliding_window", "max_window_layers",
+              "no_rope_layers", "no_rope_layer_interval", "attention_multiplier", "query_pre_attn_scalar"}
+HELPER_ROPE = {"rope_type", "type", "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings",
+               "mrope_section"}
 HELPER_TOP |= set(ROUTING_KEYS)  # the routing derivation (mapgen/contract/routing.py)
-HELPER_ROPE = {"rope_type", "type", "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}
 
 
 def test_mapped_rows_are_exactly_what_the_config_table_reads() -> None:
@@ -152,15 +156,20 @@ def test_invalid_values(change: dict[str, Any], key: str) -> None:
     (_moe("x", norm_topk_prob=False), "norm_topk_prob"),  # a router scheme mapgen does not know
     (_moe("deepseek_v3", n_group=2, topk_group=1, num_experts_per_tok=3), "topk_group"),  # groups by top-3 sums
     (_moe("x", scoring_func="sigmoid"), "scoring_func"),
-    (_tiny_qwen3(model_type="gemma", hidden_act="gelu_pytorch_tanh"), "hidden_act"),
+    (_tiny_qwen3(hidden_act="mish"), "hidden_act"),
+    # absent: gemma computes the tanh GELU, the bridge would build SiLU
+    ({k: v for k, v in _tiny_qwen3(model_type="gemma").items() if k != "hidden_act"}, "hidden_act"),
     (_tiny_qwen3(model_type="gemma"), "model_type.embedding-scale"),
     (_tiny_qwen3(model_type="granite", embedding_multiplier=12.0), "embedding_multiplier"),
     (_tiny_qwen3(model_type="granite", residual_multiplier=0.22), "residual_multiplier"),
     (_tiny_qwen3(model_type="granite", logits_scaling=8.0), "logits_scaling"),
-    (_tiny_qwen3(model_type="smollm3", no_rope_layers=[1, 1, 1, 0]), "no_rope_layers"),
-    (_tiny_qwen3(model_type="mistral", sliding_window=16), "sliding_window"),
+    # absent: SmolLM3's no_rope_layer_interval=4 makes layer 3 NoPE
+    (_tiny_qwen3(model_type="smollm3", num_hidden_layers=4), "no_rope_layer_interval"),
+    (_tiny_qwen3(model_type="mistral"), "sliding_window"),  # absent: MistralConfig's window is 4096
+    (_tiny_qwen3(model_type="granite"), "attention_multiplier"),  # absent: GraniteConfig's scale is 1.0
+    (_tiny_qwen3(model_type="mimo_x", sliding_window=16, use_sliding_window=True), "sliding_window"),
     (_tiny_qwen3(rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}), "rope_parameters"),
-    (_tiny_qwen3(rope_scaling={"type": "mrope", "mrope_section": [2, 2, 2]}), "rope_scaling"),
+    (_tiny_qwen3(rope_scaling={"type": "mrope"}), "rope_scaling"),  # no sections
 ])
 def test_refused_values_name_the_field(config: dict[str, Any], key: str) -> None:
     report = check_config(config)
@@ -178,6 +187,12 @@ def test_refused_values_name_the_field(config: dict[str, Any], key: str) -> None
     _tiny_qwen3(model_type="mistral", sliding_window=64),  # not shorter than the context
     _tiny_qwen3(sliding_window=16, use_sliding_window=False),
     _tiny_qwen3(model_type="smollm3", no_rope_layers=[1, 1]),
+    _tiny_qwen3(model_type="smollm3", num_hidden_layers=4, no_rope_layers=[1, 1, 1, 0]),
+    _tiny_qwen3(model_type="mistral", sliding_window=16),
+    _tiny_qwen3(sliding_window=16, use_sliding_window=True, max_window_layers=1),
+    _tiny_qwen3(rope_scaling={"type": "mrope", "mrope_section": [2, 2, 2]}),
+    _tiny_qwen3(hidden_act="gelu_pytorch_tanh"),
+    _tiny_qwen3(model_type="granite", attention_multiplier=0.5),
     _tiny_qwen3(rope_parameters={"rope_type": "default", "rope_theta": 1e4, "mrope_section": [2, 2, 2]}),
     _tiny_qwen3(rope_parameters={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                                  "original_max_position_embeddings": 8192, "rope_theta": 5e5}),
@@ -311,7 +326,7 @@ def test_scan_json_lists_verdicts(tmp_path: Path) -> None:
     ("emit", {"num_attention_heads": 0}, "config.invalid-value"),
     ("scan", {"rms_norm_eps": -1}, "config.invalid-value"),
     ("scan", {"frobnicate": 1}, "config.unknown-field"),
-    ("emit", {"hidden_act": "gelu"}, "semantics.unsupported"),
+    ("emit", {"hidden_act": "mish"}, "semantics.unsupported"),
     ("scan", {"model_type": None}, "scope.no-model-type"),
 ])
 def test_cli_refuses_before_writing(tmp_path: Path, command: str, changes: dict[str, Any], code: str) -> None:
@@ -325,7 +340,7 @@ def test_cli_refuses_before_writing(tmp_path: Path, command: str, changes: dict[
 
 
 def test_cli_escape_flags(tmp_path: Path) -> None:
-    d = _checkpoint(tmp_path, frobnicate=1, hidden_act="gelu")
+    d = _checkpoint(tmp_path, frobnicate=1, hidden_act="mish")
     proc = _mapgen("scan", str(d), "-q", "--assume-inert", "frobnicate", "--accept-semantic-gap", "hidden_act",
                    cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr

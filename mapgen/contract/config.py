@@ -20,9 +20,23 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from mapgen.contract.hf_config import HFConfig, head_dim, mla_rope, rope_scaling, rope_scaling_factor
+from mapgen.contract.hf_config import (
+    HFConfig,
+    activation,
+    head_dim,
+    mla_rope,
+    mrope_section,
+    no_rope_layers,
+    position_embedding_type,
+    rope_scaling,
+    rope_scaling_factor,
+    softmax_scale,
+    window_layers,
+    window_size,
+)
 from mapgen.contract.routing import RouterScheme, Routing, routing
 from mapgen.contract.spec import LayerKind, MlpKind, ModelSpec
+from mapgen.errors import error
 from mapgen.ir import LayerGroup, Layout
 
 __all__ = ["CONFIG", "DERIVATIONS", "ConfigRow", "Facts", "model_spec"]
@@ -107,10 +121,25 @@ def _mla_rope_field(name: str) -> Callable[[HFConfig, Layout], Any]:
     return lambda hf, _: mla_rope(hf)[name]
 
 
+def _per_layer_flags(layout: Layout, flags: tuple[bool, ...], what: str) -> tuple[bool, ...]:
+    """Per-layer window / NoPE flags; megatron-core numbers MTP layers past ``num_layers`` and indexes these lists
+    with that number, so a partial pattern has no entry for them: refused rather than an IndexError."""
+    if flags and not all(flags) and _mtp_depth(layout):
+        raise error(
+            "config.unsupported-pattern", f"{what} on some layers only, with MTP layers: megatron-core 0.16.1 looks "
+            "MTP layers up past the end of its per-layer list", key=what,
+            expected="the pattern on every layer or on none, or no MTP layers",
+            hint="converting would fail while building the Megatron model",
+        )
+    return flags
+
+
 Derivation = Literal[
     "head_dim", "rope_scaling", "rope_scaling_factor", "layer_kinds", "mlp_kinds", "mtp_depth", "mtp_layer_kind",
     "mtp_mlp_kind", "mla_rope_type", "yarn_scaling_factor", "yarn_original_max_position_embeddings",
     "yarn_beta_fast", "yarn_beta_slow", "yarn_mscale", "yarn_mscale_all_dim",
+    "activation", "window_size", "window_layers", "no_rope_layers", "position_embedding_type",
+    "mrope_section", "softmax_scale",
     "router_score_function", "router_pre_softmax", "router_scaling_factor", "router_num_groups", "router_group_topk",
     "router_dtype",
 ]
@@ -128,6 +157,15 @@ DERIVATIONS: dict[str, Callable[[HFConfig, Layout], Any]] = {
     **{name: _mla_rope_field(name) for name in (
         "mla_rope_type", "yarn_scaling_factor", "yarn_original_max_position_embeddings", "yarn_beta_fast",
         "yarn_beta_slow", "yarn_mscale", "yarn_mscale_all_dim")},
+    "activation": lambda hf, _: activation(hf),  # hidden_act / hidden_activation / activation_function
+    "window_size": lambda hf, _: window_size(hf),  # sliding_window where some layer applies it
+    # layer_types, max_window_layers, use_sliding_window
+    "window_layers": lambda hf, layout: _per_layer_flags(layout, window_layers(hf), "sliding windows"),
+    # SmolLM3 no_rope_layers / no_rope_layer_interval
+    "no_rope_layers": lambda hf, layout: _per_layer_flags(layout, no_rope_layers(hf), "layers without RoPE"),
+    "position_embedding_type": lambda hf, _: position_embedding_type(hf),  # mrope with an mrope_section
+    "mrope_section": lambda hf, _: mrope_section(hf),
+    "softmax_scale": lambda hf, _: softmax_scale(hf),  # attention_multiplier, query_pre_attn_scalar
 }
 
 
@@ -199,10 +237,17 @@ CONFIG: tuple[ConfigRow, ...] = (
     ConfigRow("rotary_percent", hf=("partial_rotary_factor", "rope_parameters.partial_rotary_factor"), default=1.0),
     ConfigRow("rope_scaling", derive="rope_scaling"),
     ConfigRow("rope_scaling_factor", derive="rope_scaling_factor"),
+    ConfigRow("window_size", derive="window_size"),
+    ConfigRow("window_layers", derive="window_layers"),
+    ConfigRow("no_rope_layers", derive="no_rope_layers"),
+    ConfigRow("position_embedding_type", derive="position_embedding_type"),
+    ConfigRow("mrope_section", derive="mrope_section"),
+    ConfigRow("softmax_scale", derive="softmax_scale"),
     # -- norms -------------------------------------------------------------------------------------------
     ConfigRow("norm_epsilon", hf=("rms_norm_eps", "layer_norm_eps"), default=1e-6),
     ConfigRow("layernorm_zero_centered_gamma", fact="zero_centered"),
     ConfigRow("untie_embeddings_and_output_weights", fact="tied", negate=True),
+    ConfigRow("activation", derive="activation"),
     # -- MoE ---------------------------------------------------------------------------------------------
     ConfigRow("num_moe_experts", hf=("num_experts", "num_local_experts", "n_routed_experts"), when="moe"),
     ConfigRow("moe_router_topk", hf=("num_experts_per_tok", "moe_topk"), when="moe"),
