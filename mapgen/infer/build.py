@@ -151,17 +151,18 @@ def _fp8_block(source: Source, qc: Mapping[str, Any], suspects: list[str], findi
     size = qc.get("weight_block_size")
     problems: list[tuple[str, str, str]] = []  # (key, message, expected)
     if not (isinstance(size, list) and len(size) == _BLOCK_DIMS and all(isinstance(v, int) and v > 0 for v in size)):
-        problems.append(("quantization_config.weight_block_size", f"FP8 weight_block_size is {size!r}",
+        problems.append(("quantization_config.weight_block_size", f"FP8 with weight_block_size {size!r}: not supported",
                          "two positive integers [block_m, block_n] (per-tensor FP8 is not supported)"))
     if qc.get("fmt", "e4m3") != "e4m3":
-        problems.append(("quantization_config.fmt", f"FP8 format {qc.get('fmt')!r}", "e4m3"))
+        problems.append(("quantization_config.fmt", f"FP8 format {qc.get('fmt')!r}: not supported", "e4m3"))
     if qc.get("activation_scheme", "dynamic") != "dynamic":
         problems.append(("quantization_config.activation_scheme",
-                         f"FP8 activation scheme {qc.get('activation_scheme')!r} (static input scales)",
+                         f"FP8 activation scheme {qc.get('activation_scheme')!r} (static input scales): not supported",
                          "dynamic (no input_scale tensors)"))
     scale_fmt = qc.get("scale_fmt")
     if scale_fmt not in (None, "float32", "fp32"):
-        problems.append(("quantization_config.scale_fmt", f"FP8 scale format {scale_fmt!r}", "fp32 scales"))
+        problems.append(("quantization_config.scale_fmt", f"FP8 scale format {scale_fmt!r}: not supported",
+                         "fp32 scales"))
     for key, message, expected in problems:
         findings.add(Diagnostic("error", "quant.fp8-unsupported", message, file=CONFIG, key=key, expected=expected,
                                 hint="convert an unquantized (bf16) export of the model"))
