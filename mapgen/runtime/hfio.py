@@ -93,10 +93,12 @@ class _Shard:
             k: (v["dtype"], tuple(v["shape"]), int(v["data_offsets"][0]), int(v["data_offsets"][1]))
             for k, v in header.items()}
 
-    def read(self, key: str, index: tuple[slice | int, ...]) -> torch.Tensor:
+    def _locate(self, key: str, index: tuple[slice | int, ...]) -> tuple[torch.dtype, int, int, tuple[int, ...],
+                                                                       tuple[slice | int, ...]]:
+        """``index`` of ``key`` as one contiguous byte range: (dtype, first element, element count, the shape of
+        that block, the indices still to apply to the block's trailing dimensions)."""
         dtype_name, shape, begin, end = self.tensors[key]
         dtype = DTYPES[dtype_name]
-        item = torch.empty((), dtype=dtype).element_size()
         strides = [1] * len(shape)
         for d in range(len(shape) - 2, -1, -1):
             strides[d] = strides[d + 1] * shape[d + 1]
@@ -123,16 +125,38 @@ class _Shard:
             rest = tuple(index[d + 1:])
         else:
             count, block = 1, ()
-        nbytes = count * item
-        data = os.pread(self.fd, nbytes, self.data_start + begin + offset * item) if nbytes else b""
-        if len(data) != nbytes or (offset + count) * item > end - begin:
+        item = dtype.itemsize
+        if (offset + count) * item > end - begin:
             raise error("checkpoint.truncated", f"{key} is cut short in its shard", file=str(self.path), key=key,
                         hint="download the shard again")
-        tensor = torch.frombuffer(bytearray(data), dtype=dtype) if nbytes else torch.empty(0, dtype=dtype)
-        tensor = tensor.reshape(block)
+        return dtype, begin + offset * item, count, block, rest
+
+    def _pread_into(self, key: str, at: int, out: torch.Tensor) -> None:
+        """Fill the contiguous ``out`` with its bytes from data offset ``at``: the kernel copies straight from
+        the page cache into the tensor (one pass, no intermediate buffer)."""
+        view = out.view(-1).view(torch.uint8).numpy() if out.numel() else None
+        done, total = 0, out.numel() * out.element_size()
+        while view is not None and done < total:
+            n = os.preadv(self.fd, [view[done:]], self.data_start + at + done)
+            if n <= 0:
+                raise error("checkpoint.truncated", f"{key} is cut short in its shard", file=str(self.path),
+                            key=key, hint="download the shard again")
+            done += n
+
+    def read(self, key: str, index: tuple[slice | int, ...]) -> torch.Tensor:
+        dtype, at, count, block, rest = self._locate(key, index)
+        tensor = torch.empty(block, dtype=dtype)
+        self._pread_into(key, at, tensor)
         if rest:
             tensor = tensor[(slice(None), *rest)].contiguous()
         return tensor
+
+    def read_into(self, key: str, index: tuple[slice | int, ...], out: torch.Tensor) -> None:
+        dtype, at, count, block, rest = self._locate(key, index)
+        if not rest and out.is_contiguous() and out.dtype == dtype and tuple(out.shape) == block:
+            self._pread_into(key, at, out)
+        else:
+            out.copy_(self.read(key, index))
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -191,6 +215,11 @@ class SafetensorsReader:
         tensor = self._handle(key).read(key, index)
         self.bytes_read += tensor.numel() * tensor.element_size()
         return tensor
+
+    def read_into(self, key: str, index: tuple[slice | int, ...], out: torch.Tensor) -> None:
+        """``out.copy_(read(key, index))`` without the intermediate tensor where the slice is one byte range."""
+        self._handle(key).read_into(key, index, out)
+        self.bytes_read += out.numel() * out.element_size()
 
     def header_metadata(self, shard: str) -> dict[str, str]:
         path = safe_child(self.root, shard, what="shard")

@@ -824,6 +824,16 @@ class StreamingSource(Protocol):
     def order(self, local: str) -> tuple[Any, ...]: ...
 
 
+def _exact_storage(piece: torch.Tensor) -> torch.Tensor:
+    """``piece`` (a contiguous view of a larger tensor) as a tensor whose storage is exactly its bytes,
+    sharing them: torch.distributed.checkpoint's writer clones any tensor with a larger storage (torch.save
+    writes whole storages), which for the halves of a fused entry would be one more pass over the bytes."""
+    if not piece.numel() or not piece.is_contiguous() or piece.untyped_storage().nbytes() == piece.nbytes:
+        return piece
+    flat = piece.reshape(-1).view(torch.uint8)
+    return torch.frombuffer(flat.numpy(), dtype=torch.uint8).view(piece.dtype).view(piece.shape)
+
+
 def save_dist_checkpoint_streaming(model: GPTModel, path: str | os.PathLike[str], source: StreamingSource) -> int:
     """Write the dist checkpoint of ``model`` -- built on the **meta** device -- without ever holding it:
     megatron-core's own ``dist_checkpointing.save`` plans the checkpoint from ``model.sharded_state_dict()``
@@ -831,7 +841,13 @@ def save_dist_checkpoint_streaming(model: GPTModel, path: str | os.PathLike[str]
     torch.distributed.checkpoint save planner produces each write item's data only when the writer asks for
     it: ``source.produce(local_name)`` gives the rank-local entry (cached while its pieces are written) and
     the piece is the same view of it that the factory took of the meta tensor. Only main replicas are
-    written, so a rank produces only what it writes. All ranks must call it. Returns the bytes written."""
+    written, so a rank produces only what it writes. The next entry in the write order is produced on a
+    second thread while this one is written (file reads and writes release the GIL), so at most two entries
+    (and the one being read) are in memory. torch.save's CRC32 records are skipped for these items (one
+    more pass over the bytes; ``torch.load`` does not check them). All ranks must call it. Returns the
+    bytes written."""
+    from concurrent.futures import Future, ThreadPoolExecutor
+
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.strategies.torch import (
         MCoreSavePlanner,
@@ -847,6 +863,9 @@ def save_dist_checkpoint_streaming(model: GPTModel, path: str | os.PathLike[str]
     by_storage = {t.untyped_storage()._cdata: local for local, t in entries.items()}
     written = [0]
     cache: dict[str, torch.Tensor] = {}
+    pending: dict[str, Future[torch.Tensor]] = {}
+    following: dict[str, str] = {}  # entry -> the next entry in the plan's write order
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mapgen-produce")
 
     def owner(meta: torch.Tensor) -> str:
         local = by_storage.get(meta.untyped_storage()._cdata)
@@ -854,17 +873,44 @@ def save_dist_checkpoint_streaming(model: GPTModel, path: str | os.PathLike[str]
             raise RuntimeError(f"a sharded tensor of shape {tuple(meta.shape)} is no view of a model entry")
         return local
 
+    def fetch(local: str) -> torch.Tensor:
+        full = source.produce(local).contiguous()
+        if full.storage_offset() or full.untyped_storage().nbytes() != full.nbytes:
+            full = full.clone()  # a slice of a larger tensor: own storage, so the views below hold
+        want = entries[local]
+        if tuple(full.shape) != tuple(want.shape) or full.dtype != want.dtype:
+            raise RuntimeError(f"{local}: produced {tuple(full.shape)} {full.dtype}, the model has "
+                               f"{tuple(want.shape)} {want.dtype}")
+        return full
+
+    def entry(local: str) -> torch.Tensor:
+        if local not in cache:
+            cache.clear()  # one entry at a time: its pieces are consecutive in the plan
+            job = pending.pop(local, None) or pool.submit(fetch, local)
+            for other in pending.values():  # a guess the writer did not follow
+                other.cancel()
+            pending.clear()
+            nxt = following.get(local)
+            if nxt is not None:
+                pending[nxt] = pool.submit(fetch, nxt)
+            cache[local] = job.result()
+        return cache[local]
+
     class Planner(MCoreSavePlanner):  # type: ignore[misc]
         def create_local_plan(self) -> SavePlan:
             plan: SavePlan = super().create_local_plan()
+            owners: dict[int, str] = {}
 
             def key(item: WriteItem) -> tuple[Any, ...]:
                 if item.type == WriteItemType.BYTE_IO:
                     return ((), item.index.fqn)
                 local = owner(self.lookup_object(item.index))
+                owners[id(item)] = local
                 return (source.order(local), local, item.index.fqn, tuple(item.index.offset or ()))
 
             plan.items.sort(key=key)  # the writer writes in plan order: HF shard by shard
+            order = list(dict.fromkeys(owners[id(i)] for i in plan.items if id(i) in owners))
+            following.update(zip(order, order[1:], strict=False))
             self.plan = plan
             return plan
 
@@ -872,20 +918,9 @@ def save_dist_checkpoint_streaming(model: GPTModel, path: str | os.PathLike[str]
             if write_item.type == WriteItemType.BYTE_IO:
                 return super().resolve_data(write_item)
             meta = self.lookup_object(write_item.index)
-            local = owner(meta)
-            if local not in cache:
-                cache.clear()  # one entry at a time: its pieces are consecutive in the plan
-                full = source.produce(local).contiguous()
-                if full.storage_offset() or full.untyped_storage().nbytes() != full.nbytes:
-                    full = full.clone()  # a slice of a larger tensor: own storage, so the views below hold
-                want = entries[local]
-                if tuple(full.shape) != tuple(want.shape) or full.dtype != want.dtype:
-                    raise RuntimeError(f"{local}: produced {tuple(full.shape)} {full.dtype}, the model has "
-                                       f"{tuple(want.shape)} {want.dtype}")
-                cache[local] = full
-            piece = cache[local].as_strided(meta.size(), meta.stride(), meta.storage_offset())
+            piece = entry(owner(meta)).as_strided(meta.size(), meta.stride(), meta.storage_offset())
             written[0] += piece.numel() * piece.element_size()
-            return piece
+            return _exact_storage(piece)
 
     class Writer(FileSystemWriter):
         def storage_meta(self) -> Any:  # a str checkpoint id, as megatron's writer stores (no pathlib pickled)
@@ -904,9 +939,18 @@ def save_dist_checkpoint_streaming(model: GPTModel, path: str | os.PathLike[str]
                                      can_run_decentralized_global_plan=False))
 
     os.makedirs(path, exist_ok=True)
-    with cpu_shims():
-        dist_checkpointing.save(model.sharded_state_dict(), str(path), sharded_strategy=Strategy("torch_dist", 1))
-    cache.clear()
+    crc = torch.serialization.get_crc32_options()
+    torch.serialization.set_crc32_options(False)
+    try:
+        with cpu_shims():
+            dist_checkpointing.save(model.sharded_state_dict(), str(path), sharded_strategy=Strategy("torch_dist", 1))
+    finally:
+        torch.serialization.set_crc32_options(crc)
+        for job in pending.values():
+            job.cancel()
+        pool.shutdown(wait=True)
+        pending.clear()
+        cache.clear()
     return written[0]
 
 
