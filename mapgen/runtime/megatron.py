@@ -855,9 +855,11 @@ def save_dist_checkpoint_streaming(model: GPTModel, path: str | os.PathLike[str]
         _replace_state_dict_keys_with_sharded_keys,
         mcore_to_pyt_state_dict,
     )
-    from torch.distributed.checkpoint.filesystem import FileSystemWriter
+    from torch.distributed.checkpoint.filesystem import FileSystemWriter, _write_item
     from torch.distributed.checkpoint.planner import SavePlan, WriteItem, WriteItemType
     from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
+    from torch.distributed.checkpoint.storage import WriteResult
+    from torch.futures import Future as TorchFuture
 
     entries = _checkpoint_entries(model)
     by_storage = {t.untyped_storage()._cdata: local for local, t in entries.items()}
@@ -928,6 +930,23 @@ def save_dist_checkpoint_streaming(model: GPTModel, path: str | os.PathLike[str]
             if meta is not None and meta.checkpoint_id is not None:
                 meta.checkpoint_id = str(meta.checkpoint_id)
             return meta
+
+        def _write_data(self, planner: Any, file_queue: Any) -> TorchFuture[list[WriteResult]]:
+            """torch's writer loop on one thread, minus its dict of every tensor written (kept for its
+            safetensors format, unused here), which held the whole checkpoint in memory by the end: memory
+            stays at the entries in flight. Byte items first, then tensors in plan order, as torch does."""
+            results: list[WriteResult] = []
+            while not file_queue.empty():
+                path, storage_key, items = file_queue.get_nowait()
+                with self.fs.create_stream(path, "wb") as stream:
+                    for item in sorted(items, key=lambda i: i.type != WriteItemType.BYTE_IO):
+                        results.append(_write_item(self.transforms, stream, planner.resolve_data(item), item,
+                                                   storage_key, self.serialization_format))
+                    if self.sync_files:
+                        os.fsync(stream.fileno())
+            done: TorchFuture[list[WriteResult]] = TorchFuture()
+            done.set_result(results)
+            return done
 
     class Strategy(TorchDistSaveShardedStrategy):  # type: ignore[misc]
         def save(self, sharded_state_dict: Any, checkpoint_dir: Any) -> None:
