@@ -1,10 +1,11 @@
 """Hugging Face safetensors I/O for the runtime: a slicing reader and an atomic sharded writer.
 
-Reading opens each shard file once (``safe_open``, memory-mapped) and reads only the requested slices
-(``get_slice``), counting the bytes it returns so benchmarks and tests can check that a TP rank reads only
-its share. Writing goes to a hidden temporary directory beside the target and is renamed into place only
-when every shard and the index are on disk: an interrupted export never leaves a directory that looks
-complete.
+Reading opens each shard file once and reads only the requested slices with ``os.preadv`` straight into
+the result tensor (or a caller's, ``read_into``), counting the bytes it returns so benchmarks and tests can
+check that a TP rank reads only its share. Shards are written by :func:`write_safetensors` (``save_file``'s
+bytes, without its in-memory copy of the shard). Writing goes to a hidden temporary directory beside the
+target and is renamed into place only when every shard and the index are on disk: an interrupted export
+never leaves a directory that looks complete.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from mapgen.errors import Diagnostic, MapgenError, error
 
@@ -39,6 +39,9 @@ DTYPES: dict[str, torch.dtype] = {
     "BOOL": torch.bool,
 }
 TORCH_TO_ST = {v: k for k, v in DTYPES.items()}
+# safetensors' dtype order (its Rust ``Dtype`` enum): a file lists the tensors by dtype, last first, then name
+_ST_ORDER = ("BOOL", "U8", "I8", "F8_E5M2", "F8_E4M3", "I16", "U16", "F16", "BF16", "I32", "U32", "F32", "F64",
+             "I64", "U64")
 CONFIG_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
@@ -93,10 +96,10 @@ class _Shard:
             k: (v["dtype"], tuple(v["shape"]), int(v["data_offsets"][0]), int(v["data_offsets"][1]))
             for k, v in header.items()}
 
-    def _locate(self, key: str, index: tuple[slice | int, ...]) -> tuple[torch.dtype, int, int, tuple[int, ...],
+    def _locate(self, key: str, index: tuple[slice | int, ...]) -> tuple[torch.dtype, int, tuple[int, ...],
                                                                        tuple[slice | int, ...]]:
-        """``index`` of ``key`` as one contiguous byte range: (dtype, first element, element count, the shape of
-        that block, the indices still to apply to the block's trailing dimensions)."""
+        """``index`` of ``key`` as one contiguous byte range: (dtype, its first byte in the data section, the
+        shape of that block, the indices still to apply to the block's trailing dimensions)."""
         dtype_name, shape, begin, end = self.tensors[key]
         dtype = DTYPES[dtype_name]
         strides = [1] * len(shape)
@@ -129,12 +132,12 @@ class _Shard:
         if (offset + count) * item > end - begin:
             raise error("checkpoint.truncated", f"{key} is cut short in its shard", file=str(self.path), key=key,
                         hint="download the shard again")
-        return dtype, begin + offset * item, count, block, rest
+        return dtype, begin + offset * item, block, rest
 
     def _pread_into(self, key: str, at: int, out: torch.Tensor) -> None:
         """Fill the contiguous ``out`` with its bytes from data offset ``at``: the kernel copies straight from
         the page cache into the tensor (one pass, no intermediate buffer)."""
-        view = out.view(-1).view(torch.uint8).numpy() if out.numel() else None
+        view = out.view(-1).view(torch.uint8).numpy().data if out.numel() else None
         done, total = 0, out.numel() * out.element_size()
         while view is not None and done < total:
             n = os.preadv(self.fd, [view[done:]], self.data_start + at + done)
@@ -144,7 +147,7 @@ class _Shard:
             done += n
 
     def read(self, key: str, index: tuple[slice | int, ...]) -> torch.Tensor:
-        dtype, at, count, block, rest = self._locate(key, index)
+        dtype, at, block, rest = self._locate(key, index)
         tensor = torch.empty(block, dtype=dtype)
         self._pread_into(key, at, tensor)
         if rest:
@@ -152,7 +155,7 @@ class _Shard:
         return tensor
 
     def read_into(self, key: str, index: tuple[slice | int, ...], out: torch.Tensor) -> None:
-        dtype, at, count, block, rest = self._locate(key, index)
+        dtype, at, block, rest = self._locate(key, index)
         if not rest and out.is_contiguous() and out.dtype == dtype and tuple(out.shape) == block:
             self._pread_into(key, at, out)
         else:
@@ -269,6 +272,35 @@ def commit_dir(staging: Path, target: Path) -> None:
         staging.rename(target)
 
 
+def write_safetensors(path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None,
+                      *, sync: bool = False) -> None:
+    """``safetensors.torch.save_file`` byte for byte (same header, same tensor order: by dtype, then
+    name), but each tensor's bytes go from its memory straight to the file: save_file first serialises the
+    whole shard into one bytes object, a second copy of it in memory. ``sync``: fsync before returning."""
+    items = sorted(((k, v.detach().contiguous()) for k, v in tensors.items()),
+                   key=lambda kv: (-_ST_ORDER.index(TORCH_TO_ST.get(kv[1].dtype, "BOOL")), kv[0]))
+    header: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
+    offset = 0
+    for key, value in items:
+        if value.dtype not in TORCH_TO_ST:
+            raise TypeError(f"{key}: safetensors has no dtype {value.dtype}")
+        size = value.numel() * value.element_size()
+        header[key] = {"dtype": TORCH_TO_ST[value.dtype], "shape": list(value.shape),
+                       "data_offsets": [offset, offset + size]}
+        offset += size
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)
+    with open(path, "wb") as f:
+        f.write(len(head).to_bytes(8, "little"))
+        f.write(head)
+        for _, value in items:
+            if value.numel():
+                f.write(value.reshape(-1).view(torch.uint8).numpy().data)
+        if sync:
+            f.flush()
+            os.fsync(f.fileno())
+
+
 class ShardedWriter:
     """Writes safetensors shards into a staging directory, then the index, then renames into place."""
 
@@ -285,7 +317,7 @@ class ShardedWriter:
         if not tensors:
             return
         clean = {k: v.detach().contiguous() for k, v in tensors.items()}
-        save_file(clean, str(self.staging / name), metadata=dict(metadata) if metadata else None)
+        write_safetensors(self.staging / name, clean, metadata)
         for key, value in clean.items():
             self.weight_map[key] = name
             self.total_size += value.numel() * value.element_size()
