@@ -11,6 +11,7 @@
 #   inputs/qwen--qwen3.6-35b-a3b.json  67b7f78805960a4337e575ef0ab73597f2c882086ec8704d544ff9ed17faf085
 #   inputs/qwen3-1.7b-mlx-bf16.json  d0b1e11edd9e2c8aeeb46aa295193718a85246cdaf08363830d506bfd4ed2949
 #   inputs/qwen3-dense-mtp.json  c80cc693d4b2aff1b43d2042c7c89a2e3dc93b6c7dcaed40d16290698920417b
+#   inputs/qwen3-next-mtp.json  b194eab01a3d79a3cd5b15a2d592af8986131fad88bd329c4d5c5ab6183ae020
 #   inputs/qwen3-vl-30b-a3b.json  b7cbe1387282960fccd37cb5e85b5b236fb54648555ee1f558460132f48bb9fd
 #   inputs/qwen3.5-25b-reap-a3b-coding.json  75dcfa7d811737b1f77c5ea13fc575f3da830444f7c0c26debae69f12f76c20a
 #   inputs/sakura-14b-qwen2.5.json  d30ef2a71ceca7a8263fe96a49249b6aeaee91f4eb5e0dacc8ba18e38827367a
@@ -62,6 +63,8 @@ BRIDGES: dict[str, tuple[str, str]] = {
     '73dab3d70b63': ('qwen3_5_moe_text', 'BRIDGE_73dab3d70b63'),
     # qwen3_moe: tiny-qwen3-moe
     'a3b31817df13': ('qwen3_moe', 'BRIDGE_a3b31817df13'),
+    # qwen3_next: qwen3-next-mtp
+    '57ae86e0fd71': ('qwen3_next', 'BRIDGE_57ae86e0fd71'),
     # qwen3_vl_moe: qwen3-vl-30b-a3b
     'e921e7be0eb9': ('qwen3_vl_moe', 'BRIDGE_e921e7be0eb9'),
 }

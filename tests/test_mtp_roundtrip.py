@@ -2,7 +2,8 @@
 
 Sources are synthesized (`mapgen synth`) from real or documented layouts, so every case has exactly the
 source's key layout: Qwen3.5-MoE (per-expert MTP experts) and Qwen3.6-MoE (packed MTP experts) at MTP
-depth 1, 2 and 4 with their vision tower carried through; a dense Qwen3 with Qwen-style MTP depth 2; MiMo
+depth 1, 2 and 4 with their vision tower carried through; a dense Qwen3 with Qwen-style MTP depth 2;
+Qwen3-Next (fused gated delta-net projections) with MTP depth 2; MiMo
 (`model.mtp_layers.<d>`); GLM/DeepSeek-style extra decoder layers; and the Qwen3.5 REAP layout whose
 config declares MTP that the checkpoint does not have (nothing is invented on export).
 """
@@ -21,6 +22,8 @@ SOURCES: dict[str, tuple[Path, tuple[str, ...]]] = {
     **{f"qwen3.5-moe-mtp{d}": (HUB / "Qwen--Qwen3.5-35B-A3B", ("--mtp-depth", str(d))) for d in (1, 2, 4)},
     **{f"qwen3.6-moe-mtp{d}": (HUB / "Qwen--Qwen3.6-35B-A3B", ("--mtp-depth", str(d))) for d in (1, 2, 4)},
     "qwen3-dense-mtp2": (LAYOUTS / "qwen3-dense-mtp", ()),
+    # Qwen3-Next: fused in_proj_qkvz/in_proj_ba gated delta-nets, gated attention, MTP in the Qwen naming
+    "qwen3-next-mtp2": (LAYOUTS / "qwen3-next-mtp", ("--mtp-depth", "2")),
     "mimo": (CORPUS / "mimo-7b", ()),
     "glm4-moe-extra-layer-mtp": (LAYOUTS / "glm4-moe-mtp", ()),
     "qwen3.5-reap-declared-absent": (CORPUS / "qwen3.5-25b-reap-a3b-coding", ()),

@@ -94,9 +94,10 @@ def experts_fc2(layout: Literal["per_expert", "packed"] = "per_expert", *,
     return _spec("expert_fc2", "expert_row", True, layout=layout, orientation=orientation)
 
 
-def gdn_in_proj() -> OpSpec:
-    """in_proj_qkv/z/b/a -> the gated delta-net's fused in_proj, per TP rank [q k v z b a]."""
-    return _spec("gdn_in_proj", "gdn_heads")
+def gdn_in_proj(variant: Literal["qkv_z_b_a", "qkvz_ba"] = "qkv_z_b_a") -> OpSpec:
+    """in_proj_qkv/z/b/a (Qwen3.5) or in_proj_qkvz/ba grouped per key head (Qwen3-Next) -> the gated
+    delta-net's fused in_proj, per TP rank [q k v z b a]."""
+    return _spec("gdn_in_proj", "gdn_heads", variant=None if variant == "qkv_z_b_a" else variant)
 
 
 def gdn_conv1d() -> OpSpec:

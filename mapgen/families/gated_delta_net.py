@@ -77,10 +77,9 @@ def shapes(c: Component, d: Dims) -> ShapePairs:
 
 
 def plan(c: Component, p: Planner, mroot: str, hroot: str, domain: str, name: str) -> None:
-    if c.key("in_proj_qkvz") is not None or c.key("in_proj_ba") is not None:
-        p.unsupported("Qwen3-Next fused in_proj_qkvz/in_proj_ba", hroot + str(c.key("in_proj_qkvz")))
-        return
-    parts = (c.key("in_proj_qkv"), c.key("in_proj_z"), c.key("in_proj_b"), c.key("in_proj_a"))
+    fused = c.variant == "fused"
+    parts = (c.key("in_proj_qkvz"), c.key("in_proj_ba")) if fused else (
+        c.key("in_proj_qkv"), c.key("in_proj_z"), c.key("in_proj_b"), c.key("in_proj_a"))
     if not all(parts):
         p.unsupported("an incomplete gated delta-net projection set", hroot + "linear_attn")
         return
@@ -89,8 +88,15 @@ def plan(c: Component, p: Planner, mroot: str, hroot: str, domain: str, name: st
     def key(slot: str) -> tuple[str, ...]:
         return (hroot + str(c.key(slot)),)
 
-    p.add("gdn.in_proj", f"{sa}in_proj.weight", tuple(hroot + str(x) for x in parts), "gdn_in_proj", "gdn_heads",
-          domain=domain, comment=f"[{name}] in_proj_qkv/z/b/a -> fused in_proj, per TP rank [q k v z b a].")
+    if fused:
+        p.add("gdn.in_proj", f"{sa}in_proj.weight", tuple(hroot + str(x) for x in parts), "gdn_in_proj",
+              "gdn_heads", domain=domain, options=opts(variant="qkvz_ba"),
+              comment=f"[{name}] in_proj_qkvz/in_proj_ba (grouped per key head) -> fused in_proj, per TP rank "
+                      "[q k v z b a].")
+    else:
+        p.add("gdn.in_proj", f"{sa}in_proj.weight", tuple(hroot + str(x) for x in parts), "gdn_in_proj",
+              "gdn_heads", domain=domain, comment=f"[{name}] in_proj_qkv/z/b/a -> fused in_proj, per TP rank "
+                                                  "[q k v z b a].")
     p.add("gdn.conv1d", f"{sa}conv1d.weight", key("conv1d"), "gdn_conv1d", "gdn_heads", domain=domain,
           comment=f"[{name}] Depthwise conv over [q k v] channels, split per TP rank.")
     if c.key("conv1d_bias"):
