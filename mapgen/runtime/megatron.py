@@ -1046,6 +1046,7 @@ def _direct_reader(path: str) -> Any:
     destination with ``os.preadv`` when the item is the whole destination (same dtype and shape, both
     contiguous, little-endian, one storage record): torch's reader ``torch.load``s every item into a fresh
     tensor and copies it over, two passes and a fresh allocation per item. Other items take torch's path."""
+    from torch.distributed._shard._utils import narrow_tensor_by_index
     from torch.distributed.checkpoint.filesystem import FileSystemReader
     from torch.distributed.checkpoint.planner import LoadItemType
     from torch.futures import Future as TorchFuture
@@ -1068,7 +1069,13 @@ def _direct_reader(path: str) -> Any:
                     and meta.storage_offset() == 0 and meta.untyped_storage().nbytes() == meta.nbytes
                     and meta.dtype == target.dtype and tuple(meta.shape) == tuple(target.shape)
                     and tuple(req.lengths) == tuple(meta.shape) and target.device.type == "cpu"):
-                return False
+                # torch's path for this item, here: the planner wants commit_tensor right after resolve_tensor
+                view.seek(0)
+                loaded = narrow_tensor_by_index(torch.load(view, map_location="cpu", weights_only=True),
+                                                req.storage_offsets, req.lengths)
+                target.copy_(loaded)
+                planner.commit_tensor(req, target)
+                return True
             buf = target.reshape(-1).view(torch.uint8).numpy().data if target.numel() else None
             at, done = info.offset + archive.get_record_offset(data[0]), 0  # type: ignore[attr-defined]
             while buf is not None and done < buf.nbytes:
