@@ -29,6 +29,7 @@ import copy
 import dataclasses
 import hashlib
 import math
+import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
@@ -82,6 +83,8 @@ class SynthOptions:
     linear_key_head_dim: int = 8
     linear_value_head_dim: int = 6
     linear_conv_kernel: int = 4
+    # block-scaled FP8 sources: the tile of the synthesized scales (default: the source's weight_block_size)
+    fp8_block: tuple[int, int] | None = None
     # MLA (DeepSeek) low-rank sizes
     q_lora_rank: int = 24
     kv_lora_rank: int = 16
@@ -307,7 +310,7 @@ def _remap_token_ids(w: _ConfigWriter, vocab: int) -> None:
 # ---------------------------------------------------------------------------------------------------------
 def _check_supported(layout: Layout) -> None:
     problems: list[Diagnostic] = []
-    if layout.quantization != "none" or any(
+    if layout.quantization not in ("none", "fp8_block") or any(
         (e := experts_of(g.mlp)) is not None and e.flag("quant") != "none"
         for g in layout.language_model.groups + (layout.language_model.mtp.inner if layout.language_model.mtp else ())
     ):
@@ -539,6 +542,11 @@ def synthesize(
         return {key: _values(copies.get(key, key), shapes[key][0], shapes[key][1], o.seed,
                              dtype_of(copies.get(key, key))) for key in keys if weight_map[key] == name}
 
+    if layout.quantization == "fp8_block":  # quantized across the shards in place: made eagerly (small)
+        shards = {name: make(name) for name in names}
+        total += _quantize_fp8(shards, weight_map, config, tensors, o)
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        return Synthesized(config=config, shards=shards, index=index, layout=shrunk)
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     return Synthesized(config=config, shards=_LazyShards(names, make), index=index, layout=shrunk)
 
@@ -560,3 +568,51 @@ class _LazyShards(Mapping[str, "dict[str, torch.Tensor]"]):
 
     def __len__(self) -> int:
         return len(self._names)
+
+
+_NUMBERED = re.compile(r"\.\d+\.")
+_FP8_SCALE = ".weight_scale_inv"
+
+
+def _quantize_fp8(shards: dict[str, dict[str, torch.Tensor]], weight_map: dict[str, str], config: dict[str, Any],
+                  source: Mapping[str, TensorInfo], o: SynthOptions) -> int:
+    """Block-scaled FP8 like the source: every weight whose key pattern (layer and expert numbers aside) has
+    scales in the source is stored as e4m3 beside its ``weight_scale_inv``, in the same shard; the config's
+    ``weight_block_size`` is the tile used. Returns the bytes added."""
+    from mapgen.runtime.quant import quantize_blocks
+
+    quantized = {_NUMBERED.sub(".N.", k.removesuffix("_scale_inv")) for k in source if k.endswith(_FP8_SCALE)}
+    qc = dict(config.get("quantization_config") or {})
+    block = o.fp8_block or tuple(qc.get("weight_block_size") or (128, 128))
+    tile = (int(block[0]), int(block[1]))
+    qc["weight_block_size"] = list(tile)
+    config["quantization_config"] = qc
+    added = 0
+    for name, shard in shards.items():
+        for key in list(shard):
+            value = shard[key]
+            if value.dim() != 2 or _NUMBERED.sub(".N.", key) not in quantized:  # noqa: PLR2004 (a matrix)
+                continue
+            q, scales = quantize_blocks(value, tile)
+            added += q.numel() * q.element_size() + scales.numel() * scales.element_size()
+            added -= value.numel() * value.element_size()
+            shard[key] = q
+            shard[key + "_scale_inv"] = scales
+            weight_map[key + "_scale_inv"] = name
+    return added
+
+
+def shrunk_config(layout: Layout, options: SynthOptions | None = None) -> tuple[dict[str, Any], Layout]:
+    """The shrunk config.json and layout :func:`synthesize` would write, without any tensor (pure, no torch):
+    the config keeps every field of the source and rewrites only sizes and per-layer structure."""
+    o = options or SynthOptions()
+    _check_supported(layout)
+    shrunk, source_of, mtp_depth = _shrunk_layout(layout, o)
+    config = _shrink_config(layout.config, o, source_of, layout.language_model.num_layers, mtp_depth)
+    return config, _finish_layout(shrunk, config, o)
+
+
+def copy_sources(layout: Layout) -> dict[str, str]:
+    """Keys a checkpoint of ``layout`` stores twice (DeepSeek/GLM MTP embedding and head copies) -> the key they
+    copy: a twin must hold the same values under both."""
+    return _copies(layout.language_model)

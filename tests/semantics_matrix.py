@@ -41,7 +41,7 @@ MEMORY_CAP = 6 * 1024**3  # address space per case process (torch reserves far m
 CASE_TIMEOUT = 600
 MAX_PARAMS = 5_000_000
 # converts / refused by a default / refused by model-type facts / fused qkv_proj converts
-SLICE = ("llama", "qwen2_moe", "gemma", "phi3")
+SLICE = ("llama", "dots1", "gemma", "phi3")
 
 _TINY = {
     "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 4,
@@ -49,7 +49,7 @@ _TINY = {
     "moe_intermediate_size": 32, "shared_expert_intermediate_size": 32, "num_experts": 4, "num_local_experts": 4,
     "n_routed_experts": 4, "num_experts_per_tok": 2, "moe_topk": 2, "first_k_dense_replace": 1,
     "linear_num_key_heads": 2, "linear_num_value_heads": 4, "linear_key_head_dim": 16, "linear_value_head_dim": 16,
-    "full_attention_interval": 2, "sliding_window": 32, "n_shared_experts": 1,
+    "full_attention_interval": 2, "sliding_window": 4, "n_shared_experts": 1,  # window 4 < the 11-token verify batch
     # other spellings of the same sizes
     "n_embd": 64, "n_layer": 2, "n_head": 4, "n_inner": 96, "n_positions": 64, "d_model": 64, "n_layers": 2,
     "n_heads": 4, "num_layers": 2, "ffn_dim": 96, "rotary_dim": 8, "kv_lora_rank": 16, "q_lora_rank": 32,
@@ -115,13 +115,9 @@ def build(model_type: str, out: Path, seed: int = 0) -> None:
         if count > MAX_PARAMS:
             raise ValueError(f"the tiny config still has {count:,} parameters (> {MAX_PARAMS:,})")
         model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name and p.dim() == 1:
-                p.copy_(torch.rand(p.shape, generator=gen) + 0.5)
-            else:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+    from mapgen.runtime.numerics import perturb
+
+    perturb(model, seed)
     model.save_pretrained(str(out), max_shard_size="100KB")
 
 

@@ -18,6 +18,7 @@ import pytest
 
 from mapgen.catalog import BRIDGE_READS, TOP, ConfigReport, catalog_size, check_config
 from mapgen.catalog.fields import NESTED_INDEX, ROPE_TYPES
+from mapgen.contract.routing import ROUTING_KEYS
 from mapgen.ir import Layout, layout_from_json
 
 REPO = Path(__file__).resolve().parent.parent
@@ -65,9 +66,14 @@ def test_transformers_written_tiny_configs_pass() -> None:
 # ---------------------------------------------------------------------------------------------------------
 # The mapped set is what the bridges read: mapgen.contract.config.CONFIG + the derivation helpers
 # ---------------------------------------------------------------------------------------------------------
-# Keys the derivations in mapgen/contract/hf_config.py (head_dim, rope_scaling, rope_scaling_factor) read.
-HELPER_TOP = {"head_dim", "hidden_size", "num_attention_heads", "rope_scaling", "rope_parameters"}
-HELPER_ROPE = {"rope_type", "type", "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}
+# Keys the derivations in mapgen/contract/hf_config.py (head_dim, rope_scaling, rope_scaling_factor, activation,
+# sliding windows, NoPE layers, M-RoPE, the softmax scale) read.
+HELPER_TOP = {"head_dim", "hidden_size", "num_attention_heads", "rope_scaling", "rope_parameters", "hidden_act",
+              "hidden_activation", "activation_function", "sliding_window", "use_sliding_window", "max_window_layers",
+              "no_rope_layers", "no_rope_layer_interval", "attention_multiplier", "query_pre_attn_scalar"}
+HELPER_ROPE = {"rope_type", "type", "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings",
+               "mrope_section"}
+HELPER_TOP |= set(ROUTING_KEYS)  # the routing derivation (mapgen/contract/routing.py)
 
 
 def test_mapped_rows_are_exactly_what_the_config_table_reads() -> None:
@@ -146,20 +152,24 @@ def test_invalid_values(change: dict[str, Any], key: str) -> None:
 
 
 @pytest.mark.parametrize(("config", "key"), [
-    (_moe("qwen3_moe", norm_topk_prob=False), "norm_topk_prob"),
-    (_moe("qwen2_moe"), "norm_topk_prob"),  # absent: transformers' Qwen2MoeConfig default is false
-    (_moe("glm4_moe", norm_topk_prob=True, routed_scaling_factor=2.5), "routed_scaling_factor"),
-    (_moe("deepseek_v3", n_group=8, topk_group=4), "n_group"),
+    (_moe("dots1"), "norm_topk_prob"),  # absent: Dots1Config's default false; megatron-core's sigmoid renormalises
+    (_moe("x", norm_topk_prob=False), "norm_topk_prob"),  # a router scheme mapgen does not know
+    (_moe("deepseek_v3", n_group=2, topk_group=1, num_experts_per_tok=3), "topk_group"),  # groups by top-3 sums
     (_moe("x", scoring_func="sigmoid"), "scoring_func"),
-    (_tiny_qwen3(model_type="gemma", hidden_act="gelu_pytorch_tanh"), "hidden_act"),
+    (_tiny_qwen3(hidden_act="mish"), "hidden_act"),
+    # absent: gemma computes the tanh GELU, the bridge would build SiLU
+    ({k: v for k, v in _tiny_qwen3(model_type="gemma").items() if k != "hidden_act"}, "hidden_act"),
     (_tiny_qwen3(model_type="gemma"), "model_type.embedding-scale"),
     (_tiny_qwen3(model_type="granite", embedding_multiplier=12.0), "embedding_multiplier"),
     (_tiny_qwen3(model_type="granite", residual_multiplier=0.22), "residual_multiplier"),
     (_tiny_qwen3(model_type="granite", logits_scaling=8.0), "logits_scaling"),
-    (_tiny_qwen3(model_type="smollm3", no_rope_layers=[1, 1, 1, 0]), "no_rope_layers"),
-    (_tiny_qwen3(model_type="mistral", sliding_window=16), "sliding_window"),
+    # absent: SmolLM3's no_rope_layer_interval=4 makes layer 3 NoPE
+    (_tiny_qwen3(model_type="smollm3", num_hidden_layers=4), "no_rope_layer_interval"),
+    (_tiny_qwen3(model_type="mistral"), "sliding_window"),  # absent: MistralConfig's window is 4096
+    (_tiny_qwen3(model_type="granite"), "attention_multiplier"),  # absent: GraniteConfig's scale is 1.0
+    (_tiny_qwen3(model_type="mimo_x", sliding_window=16, use_sliding_window=True), "sliding_window"),
     (_tiny_qwen3(rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}), "rope_parameters"),
-    (_tiny_qwen3(rope_scaling={"type": "mrope", "mrope_section": [2, 2, 2]}), "rope_scaling"),
+    (_tiny_qwen3(rope_scaling={"type": "mrope"}), "rope_scaling"),  # no sections
 ])
 def test_refused_values_name_the_field(config: dict[str, Any], key: str) -> None:
     report = check_config(config)
@@ -170,9 +180,19 @@ def test_refused_values_name_the_field(config: dict[str, Any], key: str) -> None
     _moe("glm4_moe", norm_topk_prob=True, routed_scaling_factor=1.0, n_group=1, topk_group=1,
          rope_parameters={"rope_theta": 1e4, "partial_rotary_factor": 0.5, "rope_type": "default"}),
     _moe("qwen3_moe", norm_topk_prob=True),
+    _moe("qwen3_moe", norm_topk_prob=False),  # moe_router_pre_softmax
+    _moe("qwen2_moe"),  # absent: transformers' Qwen2MoeConfig default is false -> moe_router_pre_softmax
+    _moe("glm4_moe", norm_topk_prob=True, routed_scaling_factor=2.5, n_group=2, topk_group=1,
+         partial_rotary_factor=1.0),
     _tiny_qwen3(model_type="mistral", sliding_window=64),  # not shorter than the context
     _tiny_qwen3(sliding_window=16, use_sliding_window=False),
     _tiny_qwen3(model_type="smollm3", no_rope_layers=[1, 1]),
+    _tiny_qwen3(model_type="smollm3", num_hidden_layers=4, no_rope_layers=[1, 1, 1, 0]),
+    _tiny_qwen3(model_type="mistral", sliding_window=16),
+    _tiny_qwen3(sliding_window=16, use_sliding_window=True, max_window_layers=1),
+    _tiny_qwen3(rope_scaling={"type": "mrope", "mrope_section": [2, 2, 2]}),
+    _tiny_qwen3(hidden_act="gelu_pytorch_tanh"),
+    _tiny_qwen3(model_type="granite", attention_multiplier=0.5),
     _tiny_qwen3(rope_parameters={"rope_type": "default", "rope_theta": 1e4, "mrope_section": [2, 2, 2]}),
     _tiny_qwen3(rope_parameters={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                                  "original_max_position_embeddings": 8192, "rope_theta": 5e5}),
@@ -211,7 +231,7 @@ def test_unknown_key_names_key_value_and_file() -> None:
 
 
 def test_escapes_are_recorded() -> None:
-    report = check_config(_moe("qwen3_moe", norm_topk_prob=False, frobnicate=3), assume_inert=["frobnicate"],
+    report = check_config(_moe("dots1", norm_topk_prob=False, frobnicate=3), assume_inert=["frobnicate"],
                           accept_gaps=["norm_topk_prob"])
     assert report.ok
     data = report.to_json()
@@ -224,10 +244,14 @@ def test_escapes_are_recorded() -> None:
 
 def test_text_config_is_classified_with_its_own_defaults() -> None:
     cfg = {"model_type": "qwen3_vl_moe", "architectures": ["Qwen3VLMoeForConditionalGeneration"],
-           "text_config": _moe("qwen3_vl_moe_text", norm_topk_prob=False), "vision_config": {"depth": 2}}
+           "text_config": _moe("qwen3_vl_moe_text", num_experts_per_tok=1), "vision_config": {"depth": 2}}
     report = check_config(cfg)
-    assert ("semantics.unsupported", "text_config.norm_topk_prob") in _codes(report)
-    assert check_config(cfg, accept_gaps=["norm_topk_prob"]).ok
+    # Qwen3-VL-MoE's router always renormalises: at top-1 megatron-core cannot (it requires pre-softmax)
+    assert ("semantics.unsupported", "text_config.num_experts_per_tok") in _codes(report)
+    assert check_config(cfg, accept_gaps=["num_experts_per_tok"]).ok
+    # ... and it never reads norm_topk_prob: false is not a gap for it
+    cfg["text_config"] = _moe("qwen3_vl_moe_text", norm_topk_prob=False)
+    assert check_config(cfg).ok, _codes(check_config(cfg))
 
 
 @pytest.mark.parametrize(("config", "code"), [
@@ -302,7 +326,7 @@ def test_scan_json_lists_verdicts(tmp_path: Path) -> None:
     ("emit", {"num_attention_heads": 0}, "config.invalid-value"),
     ("scan", {"rms_norm_eps": -1}, "config.invalid-value"),
     ("scan", {"frobnicate": 1}, "config.unknown-field"),
-    ("emit", {"hidden_act": "gelu"}, "semantics.unsupported"),
+    ("emit", {"hidden_act": "mish"}, "semantics.unsupported"),
     ("scan", {"model_type": None}, "scope.no-model-type"),
 ])
 def test_cli_refuses_before_writing(tmp_path: Path, command: str, changes: dict[str, Any], code: str) -> None:
@@ -316,7 +340,7 @@ def test_cli_refuses_before_writing(tmp_path: Path, command: str, changes: dict[
 
 
 def test_cli_escape_flags(tmp_path: Path) -> None:
-    d = _checkpoint(tmp_path, frobnicate=1, hidden_act="gelu")
+    d = _checkpoint(tmp_path, frobnicate=1, hidden_act="mish")
     proc = _mapgen("scan", str(d), "-q", "--assume-inert", "frobnicate", "--accept-semantic-gap", "hidden_act",
                    cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
@@ -330,7 +354,7 @@ def test_convert_records_the_accepted_gap(tmp_path: Path) -> None:
 
     src = write("qwen3-moe", tmp_path / "src")
     cfg = json.loads((src / "config.json").read_text())
-    cfg["norm_topk_prob"] = False
+    cfg["num_experts_per_tok"] = 1  # renormalised top-1 routing: megatron-core requires pre-softmax at top-1
     (src / "config.json").write_text(json.dumps(cfg))
     refused = _mapgen("convert", str(src), str(tmp_path / "out"), cwd=tmp_path)
     assert refused.returncode == 1

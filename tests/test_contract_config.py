@@ -81,6 +81,10 @@ def _recipe(layout: Layout) -> ModelSpec:
             "moe_router_topk": hf.get("num_experts_per_tok", "moe_topk"),
             "moe_ffn_hidden_size": hf.get("moe_intermediate_size", "intermediate_size"),
             "moe_router_enable_expert_bias": bool(m0.key("expert_bias")),
+            # the former runtime default, now explicit; every stored config routes renormalised, unscaled,
+            # ungrouped (the routing variants are tested in tests/test_routing.py)
+            "moe_router_score_function": "sigmoid" if m0.key("expert_bias") else "softmax",
+            "moe_router_dtype": "fp32" if m0.key("expert_bias") else None,  # DeepSeek-style: the gate in fp32
             "moe_shared_expert_gate": bool((sh := m0.child("shared")) and sh.key("gate")),
         }
         if m0.child("shared") is not None:

@@ -35,6 +35,22 @@ def defaults_for(model_type: str) -> dict[str, Any]:
     return found
 
 
+def layout_defaults(model_type: str, text_model_type: str, keys: Iterable[str]) -> dict[str, Any]:
+    """transformers' defaults for ``keys`` as :func:`check_config` judges a config that leaves them out: the
+    text model's (``text_config``) first, then the top level's. What a bridge for this layout carries
+    (``Facts.default_*``), so that it computes with the values the catalog judged."""
+    text = text_model_type if text_model_type and text_model_type != model_type else str(
+        transformers_defaults()["text_model_types"].get(model_type, ""))
+    out: dict[str, Any] = {}
+    for key in keys:
+        for scope_type in (text, model_type):
+            value = defaults_for(scope_type).get(key) if scope_type else None
+            if value is not None:
+                out[key] = value
+                break
+    return out
+
+
 @dataclass(frozen=True)
 class FieldVerdict:
     """The verdict on one key. ``key`` is dotted for nested keys (``text_config.norm_topk_prob``,
@@ -185,6 +201,10 @@ class _Checker:
                 self._nested(key, scope, value, nested)
                 return
             refusal = row.why
+        elif row.unread is not None and (unread := row.unread(value, scope)):
+            self.fields.append(FieldVerdict(full, "inert", value, source, reason=unread))
+            self._nested(key, scope, value, nested)
+            return
         elif row.limit is not None:
             refusal = row.limit(value, scope)
         if refusal:

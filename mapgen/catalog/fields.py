@@ -9,10 +9,11 @@ it decides when a spelling the bridge does not read still computes the same thin
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from mapgen.catalog.rows import (
+    Check,
     Row,
     Scope,
     boolean,
@@ -30,6 +31,21 @@ from mapgen.catalog.rows import (
     refused_all,
     structural,
 )
+from mapgen.contract.hf_config import ACTIVATIONS as HF_ACTIVATIONS
+from mapgen.contract.hf_config import (
+    HFConfig,
+    activation,
+    computed_activation,
+    no_rope_layers,
+    softmax_scale,
+    window_layers,
+    window_size,
+)
+from mapgen.contract.routing import READS, RouterScheme, routing
+from mapgen.errors import MapgenError
+from mapgen.families.model_types import router_for
+
+TEXT_CONFIG_PREFIX = "text_config."
 
 # transformers' ACT2FN names (a drift test keeps them equal to the installed transformers).
 ACTIVATIONS = frozenset({
@@ -113,6 +129,40 @@ def _topk(v: Any, scope: Scope) -> str | None:
     return None
 
 
+def _router_scheme(scope: Scope) -> RouterScheme:
+    """The router scheme of the scope's model type (a text config's, then its wrapper's)."""
+    types = [scope.model_type] + ([scope.parent.model_type] if scope.parent is not None else [])
+    return router_for(types)
+
+
+def _routing_limit(key: str) -> Check:
+    """A refusal for ``key`` when :func:`mapgen.contract.routing.routing` (what the bridge builds) cannot
+    reproduce this config's routing because of it."""
+
+    def limit(v: Any, scope: Scope) -> str | None:
+        topk = scope.lookup("num_experts_per_tok", "moe_topk")
+        if not is_int(topk) or topk <= 0:
+            return None
+        experts = scope.lookup("num_experts", "num_local_experts", "n_routed_experts")
+        _, gaps = routing(_router_scheme(scope), scope.lookup, topk=topk,
+                          num_experts=experts if is_int(experts) else None)
+        reasons = [g.reason for g in gaps if g.key == key]
+        return "; ".join(reasons) if reasons else None
+
+    return limit
+
+
+def _routing_unread(key: str) -> Check:
+    """Why a routing key is inert for this model type: its router code never reads it."""
+
+    def unread(v: Any, scope: Scope) -> str | None:
+        scheme = _router_scheme(scope)
+        return None if key in READS[scheme] else (
+            f"not read by {scope.model_type}'s router (mapgen.contract.routing scheme {scheme!r})")
+
+    return unread
+
+
 def _activation(v: Any, scope: Scope) -> str | None:
     if v is None:
         return None
@@ -120,21 +170,118 @@ def _activation(v: Any, scope: Scope) -> str | None:
         f"is not an activation transformers knows ({v!r}; known: silu, gelu, gelu_pytorch_tanh, relu, ...)")
 
 
+# -- what the bridge derives (config.json only) against what transformers computes (config.json over its class
+# defaults): the bridge's own derivations (mapgen.contract.hf_config) run on both views; a difference is a refusal
+def _base(scope: Scope) -> Scope:
+    """The config level (top or text_config) a nested scope (rope_parameters.) belongs to."""
+    while scope.parent is not None and scope.prefix != TEXT_CONFIG_PREFIX:
+        scope = scope.parent
+    return scope
+
+
+def _view(scope: Scope, *, with_defaults: bool) -> HFConfig:
+    base = _base(scope)
+
+    def level(s: Scope) -> dict[str, Any]:
+        return {**s.defaults, **s.values} if with_defaults else dict(s.values)
+
+    if base.parent is None:
+        return HFConfig(level(base))
+    return HFConfig({**level(base.parent), "text_config": level(base)})
+
+
+def _derived(fn: Callable[[HFConfig], Any], scope: Scope) -> tuple[Any, Any, str]:
+    """``(bridge's value, transformers' value, problem)`` of a derivation."""
+    try:
+        bridge = fn(_view(scope, with_defaults=False))
+    except (MapgenError, TypeError, ValueError) as exc:
+        message = exc.diagnostics[0].message if isinstance(exc, MapgenError) else str(exc)
+        return None, None, message
+    try:
+        truth = fn(_view(scope, with_defaults=True))
+    except (MapgenError, TypeError, ValueError):
+        truth = bridge
+    return bridge, truth, ""
+
+
+def _windows(hf: HFConfig) -> tuple[Any, ...]:
+    return window_size(hf), window_layers(hf)
+
+
 def _window_used(scope: Scope) -> bool:
-    window = scope.get("sliding_window")
-    if not is_int(window) or window <= 0:
-        return False
-    max_pos = scope.lookup("max_position_embeddings")
-    if is_int(max_pos) and window >= max_pos:
-        return False
-    if scope.has("use_sliding_window") and not scope.get("use_sliding_window"):
-        return False
-    kinds = scope.get("layer_types")
-    return not (isinstance(kinds, list) and "sliding_attention" not in kinds)
+    _, truth, _ = _derived(_windows, scope)
+    return bool(truth and truth[0] is not None)
 
 
-def _no_window(v: Any, scope: Scope) -> bool:
-    return not _window_used(scope)
+def _bridge_agrees(fn: Callable[[HFConfig], Any], what: str, differ: Callable[[Any, Any], str]) -> Check:
+    """A limit: the bridge's derivation ``fn`` must succeed on config.json and agree with transformers' view."""
+
+    def check(v: Any, scope: Scope) -> str | None:
+        bridge, truth, problem = _derived(fn, scope)
+        if problem:
+            return f"{what} the bridge cannot lay out: {problem}"
+        return differ(truth, bridge) if bridge != truth else None
+
+    return check
+
+
+_window_limit = _bridge_agrees(_windows, "sliding windows", lambda truth, bridge: (
+    f"transformers' defaults for keys absent from config.json give window {truth[0]} on layers "
+    f"{_layers(truth[1])}; the bridge reads window {bridge[0]} on layers {_layers(bridge[1])} (write the keys into "
+    "config.json)"))
+_nope_limit = _bridge_agrees(no_rope_layers, "NoPE layers", lambda truth, bridge: (
+    f"transformers' defaults give layers without RoPE {_layers(truth)}; the bridge reads {_layers(bridge)} "
+    "(write no_rope_layers into config.json)"))
+_scale_limit = _bridge_agrees(softmax_scale, "an attention scale", lambda truth, bridge: (
+    f"absent from config.json: transformers scales attention scores by {truth}, the bridge by "
+    f"{'1/sqrt(head_dim)' if bridge is None else bridge}"))
+
+
+def _activation_limit(v: Any, scope: Scope) -> str | None:
+    if v is None:
+        return None
+    name = computed_activation(str(v), scope.model_type)
+    if name not in HF_ACTIVATIONS:
+        return (f"activation {name!r}: megatron-core builds the MLP with silu, gelu, the tanh GELU, relu, squared "
+                "relu or quick_gelu only (mapgen.contract.hf_config.ACTIVATIONS)")
+    named = {k: HF_ACTIVATIONS.get(computed_activation(str(scope.values[k]), scope.model_type))
+             for k in ("hidden_act", "hidden_activation", "activation_function") if scope.values.get(k) is not None}
+    if len(set(named.values())) > 1:
+        return f"the config names different activations ({named}); which one the model code reads is not known here"
+    bridge, truth, problem = _derived(activation, scope)
+    if problem:
+        return problem
+    if bridge != truth:
+        return f"absent from config.json: transformers computes {truth}, the bridge would build {bridge}"
+    return None
+
+
+def _layers(flags: Any) -> str:
+    if not flags:
+        return "none"
+    return ",".join(str(i) for i, f in enumerate(flags) if f) or "none"
+
+
+def _flag_list(v: Any, scope: Scope) -> str | None:
+    if v is None:
+        return None
+    if not isinstance(v, list) or not all(x in (0, 1) and not isinstance(x, float) for x in v):
+        return f"must be a list of 0/1 flags, one per layer, got {v!r}"
+    n = scope.get("num_hidden_layers")
+    if is_int(n) and len(v) != n:
+        return f"has {len(v)} entries for num_hidden_layers={n}"
+    return None
+
+
+def _mrope_valid(v: Any, scope: Scope) -> str | None:
+    if v is None:
+        return None
+    if not isinstance(v, list) or len(v) != 3 or not all(is_int(x) and x > 0 for x in v):
+        return f"must list three positive section sizes (temporal, height, width), got {v!r}"
+    dims = _rotary_dims(_base(scope))
+    if dims is not None and 2 * sum(v) != dims:
+        return f"sections sum to {sum(v)} rotary pairs, the model rotates {dims} dims ({dims // 2} pairs)"
+    return None
 
 
 _KNOWN_LAYER_TYPES = frozenset({"full_attention", "linear_attention", "sliding_attention"})
@@ -166,6 +313,17 @@ def _int_list(v: Any, _: Scope) -> str | None:
         f"must be a list of layer indices, got {v!r}")
 
 
+def _quantization_limit(v: Any, scope: Scope) -> str | None:
+    """Block-scaled FP8 converts (scan validates its details and the scale tensors); nothing else does."""
+    if not v:
+        return None
+    method = v.get("quant_method") if isinstance(v, Mapping) else None
+    if method == "fp8" and v.get("weight_block_size"):
+        return None
+    return (f"quantized weights ({method or v!r}): mapgen reads floating-point and block-scaled FP8 checkpoints "
+            "only")
+
+
 def _rope_dict(v: Any, scope: Scope) -> str | None:
     if v is None:
         return None
@@ -189,9 +347,8 @@ def _rope_limit(v: Any, scope: Scope) -> str | None:
         return None if not off else (
             f"Llama-3 RoPE scaling with {off}: megatron-core's GPTModel rope_scaling fixes low/high frequency "
             "factors 1/4 over 8192 original positions")
-    if kind == "mrope":
-        return ("RoPE type 'mrope': the bridge refuses it (megatron-core has position_embedding_type='mrope' with "
-                "mrope_section; not wired into ModelSpec yet)")
+    if kind == "mrope":  # Qwen2.5-VL's legacy spelling: plain frequencies, M-RoPE by mrope_section
+        return None if v.get("mrope_section") is not None else "RoPE type 'mrope' without an mrope_section"
     return f"RoPE scaling {kind!r}: no megatron-core equivalent wired into ModelSpec (only Llama-3 scaling is)"
 
 
@@ -200,9 +357,9 @@ def _rope_limit(v: Any, scope: Scope) -> str | None:
 # ---------------------------------------------------------------------------------------------------------
 _DIMS = "sizes the Megatron model"
 _STRUCT = "read from the checkpoint's keys (scan cross-checks the config against them)"
-_TEXT_ONLY_MROPE = ("M-RoPE for vision positions: on text (t = h = w positions) it equals the RoPE the bridge "
-                    "builds over the same rotary dims; multimodal positions would need "
-                    "position_embedding_type='mrope' (not set)")
+_INTERLEAVED_MROPE = ("interleaved M-RoPE (Qwen3-VL, Qwen3.5): built as plain RoPE, which equals it on text "
+                      "(t = h = w positions); megatron-core 0.16.1 has no interleaved M-RoPE, so multimodal "
+                      "positions are not reproduced")
 
 TOP: tuple[Row, ...] = (
     # -- dimensions the bridge reads ------------------------------------------------------------------------
@@ -223,8 +380,10 @@ TOP: tuple[Row, ...] = (
     mapped("num_experts", "num_moe_experts", why=_DIMS, valid=positive_int),
     mapped("num_local_experts", "num_moe_experts", why=_DIMS, valid=positive_int),
     mapped("n_routed_experts", "num_moe_experts", why=_DIMS, valid=positive_int),
-    mapped("num_experts_per_tok", "moe_router_topk", why="routed experts per token", valid=_topk),
-    mapped("moe_topk", "moe_router_topk", why="routed experts per token", valid=_topk),
+    mapped("num_experts_per_tok", "moe_router_topk", why="routed experts per token", valid=_topk,
+           limit=_routing_limit("num_experts_per_tok")),
+    mapped("moe_topk", "moe_router_topk", why="routed experts per token", valid=_topk,
+           limit=_routing_limit("num_experts_per_tok")),
     mapped("linear_num_key_heads", "linear_num_key_heads", why=_DIMS, valid=positive_int),
     mapped("linear_num_value_heads", "linear_num_value_heads", why=_DIMS, valid=positive_int),
     mapped("linear_key_head_dim", "linear_key_head_dim", why=_DIMS, valid=positive_int),
@@ -259,48 +418,54 @@ TOP: tuple[Row, ...] = (
     structural("attn_output_gate", "attention_output_gate", why=_STRUCT, valid=boolean),
     structural("n_shared_experts", "moe_shared_expert_intermediate_size", why=_STRUCT, valid=non_negative_int),
     # -- refused where the value changes the maths ----------------------------------------------------------
-    refused("hidden_act", "the bridge builds a SiLU-gated MLP (ModelSpec.activation is not read from the config)",
-            unless=equals("silu", "swish"), valid=_activation),
-    refused("hidden_activation", "the bridge builds a SiLU-gated MLP (ModelSpec.activation is not read from the "
-            "config)", unless=equals("silu", "swish"), valid=_activation),
-    refused("norm_topk_prob", "top-k probabilities not renormalised: megatron-core has moe_router_pre_softmax "
-            "(softmax over all experts before top-k), the bridge does not set it", unless=equals(True),
-            valid=boolean),
-    refused("routed_scaling_factor", "routed-expert weights scaled: megatron-core has "
-            "moe_router_topk_scaling_factor, the bridge does not set it", unless=equals(1, 1.0),
-            valid=positive_number),
+    *(mapped(name, "activation", why="MLP activation (megatron-core activation_func)", valid=_activation,
+             limit=_activation_limit, default=True)
+      for name in ("hidden_act", "hidden_activation", "activation_function")),
+    mapped("norm_topk_prob", "moe_router_pre_softmax", "moe_router_score_function", why="top-k weights "
+           "renormalised or not (mapgen.contract.routing)", valid=boolean, limit=_routing_limit("norm_topk_prob"),
+           unread=_routing_unread("norm_topk_prob"),
+           default=True),
+    mapped("routed_scaling_factor", "moe_router_topk_scaling_factor", why="routed-expert weights scaled",
+           valid=positive_number, limit=_routing_limit("routed_scaling_factor"),
+           unread=_routing_unread("routed_scaling_factor"), default=True),
     refused("route_scale", "routed-expert weights scaled (moe_router_topk_scaling_factor not set by the bridge)",
             unless=equals(1, 1.0), valid=positive_number),
     refused("scoring_func", "router scores: the bridge picks sigmoid only from an expert-bias tensor "
-            "(ModelSpec.moe_router_score_function is not read from the config)", unless=equals("softmax"),
+            "(ModelSpec.moe_router_score_function is not read from the config)",
+            unless=lambda v, s: equals("softmax")(v, s) or _router_scheme(s) != "",
             valid=one_of("softmax", "sigmoid", "sqrtsoftplus")),
-    refused("topk_method", "grouped top-k routing (megatron-core has moe_router_num_groups/group_topk, the bridge "
-            "does not set them)", unless=equals("greedy", "noaux_tc")),
-    refused("n_group", "grouped top-k routing (megatron-core has moe_router_num_groups, the bridge does not set "
-            "it)", unless=equals(0, 1), valid=non_negative_int),
-    refused("topk_group", "grouped top-k routing (megatron-core has moe_router_group_topk, the bridge does not set "
-            "it)", unless=equals(0, 1), valid=non_negative_int),
-    refused("sliding_window", "sliding-window attention shorter than the context: megatron-core has "
-            "window_size, the bridge does not set it", unless=_no_window, valid=non_negative_int),
-    refused("no_rope_layers", "layers without RoPE (NoPE): the bridge applies RoPE in every layer",
-            unless=lambda v, s: v is None or (isinstance(v, list) and all(x == 1 for x in v))),
-    refused("no_rope_layer_interval", "layers without RoPE (NoPE): the bridge applies RoPE in every layer",
-            unless=lambda v, s: not isinstance(s.get("no_rope_layers"), list) or all(
-                x == 1 for x in s.get("no_rope_layers"))),
+    mapped("topk_method", "moe_router_num_groups", "moe_router_group_topk", why="greedy or group-limited top-k",
+           limit=_routing_limit("topk_method"),
+           unread=_routing_unread("topk_method"), default=True),
+    mapped("n_group", "moe_router_num_groups", why="group-limited routing: expert groups",
+           valid=non_negative_int, limit=_routing_limit("n_group"),
+           unread=_routing_unread("n_group"), default=True),
+    mapped("topk_group", "moe_router_group_topk", why="group-limited routing: groups selected per token",
+           valid=non_negative_int, limit=_routing_limit("topk_group"),
+           unread=_routing_unread("topk_group"), default=True),
+    mapped("sliding_window", "window_size", "window_layers", why="sliding-window attention (megatron-core "
+           "window_size=(sliding_window - 1, 0), window_attn_skip_freq per layer)", valid=non_negative_int,
+           limit=_window_limit, default=True),
+    mapped("use_sliding_window", "window_size", why="switches sliding_window on (Qwen2/Qwen3/SmolLM3 configs)",
+           valid=boolean),
+    mapped("max_window_layers", "window_layers", why="Qwen2 layers from this index on are windowed (when "
+           "config.json has no layer_types)", valid=non_negative_int, default=True),
+    mapped("no_rope_layers", "no_rope_layers", why="layers without RoPE (0 = NoPE; megatron-core no_rope_freq)",
+           valid=_flag_list, limit=_nope_limit),
+    mapped("no_rope_layer_interval", "no_rope_layers", why="every n-th layer without RoPE (when config.json has "
+           "no no_rope_layers)", valid=positive_int, limit=_nope_limit, default=True),
     refused("embedding_multiplier", "embeddings scaled by a constant: no ModelSpec/megatron-core setting",
             unless=equals(1, 1.0)),
-    refused("attention_multiplier", "attention scores scaled by a constant instead of 1/sqrt(head_dim): no "
-            "ModelSpec setting (megatron-core has softmax_scale, not wired)",
-            unless=lambda v, s: v is None or _is_default_attention_scale(v, s)),
+    mapped("attention_multiplier", "softmax_scale", why="attention scores scale (megatron-core softmax_scale)",
+           valid=positive_number, limit=_scale_limit, default=True),
     refused("residual_multiplier", "residual branches scaled by a constant: no megatron-core setting",
             unless=equals(1, 1.0)),
     refused("logits_scaling", "logits divided by a constant: no megatron-core setting", unless=equals(1, 1.0)),
     refused("logit_scale", "logits multiplied by a constant: no megatron-core setting", unless=equals(1, 1.0)),
     refused("attn_logit_softcapping", "attention logit soft-capping: no megatron-core setting", unless=falsy),
     refused("final_logit_softcapping", "final logit soft-capping: no megatron-core setting", unless=falsy),
-    refused("query_pre_attn_scalar", "attention scaled by query_pre_attn_scalar**-0.5 instead of head_dim**-0.5 "
-            "(megatron-core has softmax_scale, not wired)",
-            unless=lambda v, s: v is None or v == s.lookup("head_dim")),
+    mapped("query_pre_attn_scalar", "softmax_scale", why="attention scores scaled by query_pre_attn_scalar**-0.5 "
+           "(megatron-core softmax_scale)", valid=positive_number, limit=_scale_limit, default=True),
     refused("rope_local_base_freq", "a second RoPE base for local layers: the bridge has one rotary_base",
             unless=lambda v, s: v is None or not _window_used(s) or v == bridge_value(s, "rotary_base")),
     refused("alibi", "ALiBi positions: the bridge builds RoPE", unless=falsy, valid=boolean),
@@ -333,8 +498,9 @@ TOP: tuple[Row, ...] = (
     refused("mtp_use_dedicated_embeddings", "MTP layers with their own embedding table: the bridge shares the "
             "main embedding", unless=falsy, valid=boolean),
     refused("swiglu_limit", "clamped SwiGLU (gpt-oss): no megatron-core setting", unless=falsy),
-    refused("quantization_config", "quantized weights: mapgen converts floating-point checkpoints only",
-            unless=falsy),
+    structural("quantization_config", why="block-scaled FP8 weights (quant_method fp8 with weight_block_size, "
+               "e4m3, dynamic activation scales: DeepSeek-V3/R1, Kimi-K2) are dequantized while read, as "
+               "transformers dequantizes them; scan checks every scale against its weight", limit=_quantization_limit),
     refused("quantization", "quantized weights (MLX): mapgen converts floating-point checkpoints only",
             unless=falsy),
     refused("use_bidirectional_attention", "bidirectional attention: the bridge builds a causal decoder",
@@ -365,13 +531,12 @@ TOP: tuple[Row, ...] = (
     *refused_all("embeddings scaled by sqrt(d_model): no megatron-core setting", "scale_embedding"),
     *refused_all("attention scaled by the inverse layer index: no megatron-core setting",
                  "scale_attn_by_inverse_layer_idx"),
-    *refused_all("grouped expert routing: the bridge does not set moe_router_num_groups", "num_expert_group"),
+    *refused_all("grouped expert routing under a spelling no transformers router reads (n_group/topk_group are "
+                 "mapped)", "num_expert_group"),
     refused("scale_attn_weights", "attention without the 1/sqrt(head_dim) scale: the bridge always scales",
             unless=equals(True), valid=boolean),
     refused("moe_renormalize", "top-k probabilities not renormalised (see norm_topk_prob)", unless=equals(True),
             valid=boolean),
-    refused("activation_function", "the bridge builds a SiLU-gated MLP (ModelSpec.activation is not read from the "
-            "config)", unless=equals("silu", "swish"), valid=_activation),
     refused("rotary_dim", "a rotary-dimension spelling the bridge does not read (partial_rotary_factor)",
             unless=lambda v, s: v is None or v == _rotary_dims(s), valid=positive_int),
     *(refused(name, f"a size spelling the bridge does not read (it reads {BRIDGE_READS[field][0][0]})",
@@ -403,7 +568,8 @@ TOP: tuple[Row, ...] = (
            "summary_last_dropout"),
     *inert("context-length bookkeeping for tokenizers/generation", "model_max_length", "max_seq_len"),
     # -- inert: cannot change the converted model's outputs -------------------------------------------------
-    *inert("text-only equivalence: " + _TEXT_ONLY_MROPE, "use_mrope"),
+    *inert("a legacy flag transformers does not read: M-RoPE is decided by rope_parameters.mrope_section",
+           "use_mrope"),
     *inert("token ids: tokenizer and prompting, not weights", "eod_token_id", "eoa_token_index", "bos_token_id",
            "eos_token_id", "pad_token_id",
            "sep_token_id", "decoder_start_token_id", "forced_eos_token_id", "forced_bos_token_id",
@@ -428,7 +594,6 @@ TOP: tuple[Row, ...] = (
     *inert("auxiliary losses and router noise: training only (moe_aux_loss_coeff is the training run's)",
            "router_aux_loss_coef", "aux_loss_alpha", "seq_aux", "router_z_loss_coef", "router_jitter_noise"),
     *inert("tensor-parallel pretraining detail: the same maths at any value", "pretraining_tp"),
-    *inert("sliding-window bookkeeping: judged by sliding_window", "use_sliding_window", "max_window_layers"),
     *inert("GDN state precision in transformers' kernel; the computation is the same", "mamba_ssm_dtype"),
     *inert("original context length: read only by YaRN/LongRoPE scaling, judged by rope_scaling",
            "original_max_position_embeddings", "initial_context_length"),
@@ -453,7 +618,9 @@ ROPE_PARAMETERS: tuple[Row, ...] = (
     mapped("high_freq_factor", "rope_scaling", why="Llama-3 scaling (must be 4)", valid=positive_number),
     mapped("original_max_position_embeddings", "rope_scaling", why="Llama-3 scaling (must be 8192)",
            valid=positive_int),
-    *inert("text-only equivalence: " + _TEXT_ONLY_MROPE, "mrope_section", "mrope_interleaved"),
+    mapped("mrope_section", "position_embedding_type", "mrope_section", why="M-RoPE sections (megatron-core "
+           "position_embedding_type='mrope', mrope_section)", valid=_mrope_valid),
+    *inert(_INTERLEAVED_MROPE, "mrope_interleaved"),
     *inert(_ROPE_INERT, "beta_fast", "beta_slow", "mscale", "mscale_all_dim", "attention_factor", "truncate",
            "short_factor", "long_factor", "extrapolation_factor", "finetuned"),
 )
@@ -478,17 +645,6 @@ def _rotary_dims(scope: Scope) -> int | None:
         head_dim = hidden // heads if is_int(hidden) and is_int(heads) and heads else None
     percent = bridge_value(scope, "rotary_percent")
     return int(head_dim * percent) if is_int(head_dim) and isinstance(percent, int | float) else None
-
-
-def _is_default_attention_scale(v: Any, scope: Scope) -> bool:
-    head_dim = scope.lookup("head_dim")
-    if head_dim is None:
-        hidden, heads = scope.lookup("hidden_size"), scope.lookup("num_attention_heads")
-        head_dim = hidden // heads if is_int(hidden) and is_int(heads) and heads else None
-    try:
-        return head_dim is not None and abs(float(v) - float(head_dim) ** -0.5) < 1e-9
-    except (TypeError, ValueError):
-        return False
 
 
 def index(rows: tuple[Row, ...]) -> dict[str, Row]:

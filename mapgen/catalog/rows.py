@@ -84,11 +84,13 @@ class Row:
     limit: Check | None = None
     valid: Check | None = None
     transformers_default: bool = False  # absent from config.json: take transformers' class default (semantic key)
+    unread: Check | None = None  # mapped rows: why this model type's code never reads the key (then inert)
 
 
 def mapped(name: str, *feeds: str, via: Via = "config", why: str = "", limit: Check | None = None,
-           valid: Check | None = None, default: bool = False) -> Row:
-    return Row(name, "mapped", feeds=feeds, via=via, why=why, limit=limit, valid=valid, transformers_default=default)
+           valid: Check | None = None, default: bool = False, unread: Check | None = None) -> Row:
+    return Row(name, "mapped", feeds=feeds, via=via, why=why, limit=limit, valid=valid, transformers_default=default,
+               unread=unread)
 
 
 def structural(name: str, *feeds: str, why: str, limit: Check | None = None, valid: Check | None = None) -> Row:

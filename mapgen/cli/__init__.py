@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Sequence
 
 from mapgen import __version__
 from mapgen.errors import MapgenError
 
-COMMANDS = ("scan", "emit", "check", "synth", "diff", "convert", "export", "verify")
+VERBOSE = "--verbose"
+COMMANDS = ("scan", "emit", "check", "synth", "diff", "convert", "export", "verify", "adapter", "merge")
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
@@ -26,6 +28,9 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         description="Code-generating mapping compiler: Hugging Face checkpoints <-> Megatron-Core.",
     )
     parser.add_argument("--version", action="version", version=f"mapgen {__version__}")
+    parser.add_argument("--verbose", action="store_true",
+                        help="show third-party warnings and load reports (megatron-core, torch.distributed, "
+                        "transformers); accepted anywhere on the command line")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name in COMMANDS:
@@ -43,6 +48,9 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if VERBOSE in argv:  # global, anywhere: the workers a command spawns inherit it through the environment
+        argv = [a for a in argv if a != VERBOSE]
+        os.environ["MAPGEN_VERBOSE"] = "1"
     parser = build_parser(argv[0] if argv and argv[0] in COMMANDS else None)
     args = parser.parse_args(argv)
     try:

@@ -54,8 +54,18 @@ def register(subparsers: Any) -> None:
         default=d.dtype,
         help="keep (default): the source's per-key dtype where headers were read, else bf16",
     )
+    p.add_argument("--fp8-block", metavar="MxN", type=_tile, default=None,
+                   help="for a block-scaled FP8 source (DeepSeek-V3 style weight_scale_inv): the tile of the "
+                   "synthesized scales (default: the source's weight_block_size)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     p.set_defaults(func=run)
+
+
+def _tile(text: str) -> tuple[int, int]:
+    parts = text.lower().split("x")
+    if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):  # noqa: PLR2004 (rows x cols)
+        raise argparse.ArgumentTypeError(f"expected ROWSxCOLS, e.g. 128x128, got {text!r}")
+    return int(parts[0]), int(parts[1])
 
 
 def run(args: argparse.Namespace) -> int:
@@ -98,6 +108,7 @@ def run(args: argparse.Namespace) -> int:
         mtp_depth=args.mtp_depth,
         shards=args.shards,
         dtype=args.dtype,
+        fp8_block=args.fp8_block,
     )
     result = synthesize(layout, options, tensors=tensors)
 

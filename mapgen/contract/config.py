@@ -20,8 +20,22 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from mapgen.contract.hf_config import HFConfig, head_dim, rope_scaling, rope_scaling_factor
+from mapgen.contract.hf_config import (
+    HFConfig,
+    activation,
+    head_dim,
+    mrope_section,
+    no_rope_layers,
+    position_embedding_type,
+    rope_scaling,
+    rope_scaling_factor,
+    softmax_scale,
+    window_layers,
+    window_size,
+)
+from mapgen.contract.routing import RouterScheme, Routing, routing
 from mapgen.contract.spec import LayerKind, MlpKind, ModelSpec
+from mapgen.errors import error
 from mapgen.ir import LayerGroup, Layout
 
 __all__ = ["CONFIG", "DERIVATIONS", "ConfigRow", "Facts", "model_spec"]
@@ -43,6 +57,14 @@ class Facts:
     shared_expert: bool = False  # the MoE block has a shared expert
     shared_expert_gate: bool = False  # ... with a sigmoid gate
     gated_delta_net: bool = False  # some layer is a gated delta-net
+    # -- MoE routing (mapgen.contract.routing): the model type's router code, and transformers' config-class
+    # defaults for the routing keys config.json may leave out (the catalog judged the same values)
+    router: RouterScheme = ""
+    default_norm_topk_prob: bool | None = None
+    default_routed_scaling_factor: float | None = None
+    default_n_group: int | None = None
+    default_topk_group: int | None = None
+    default_topk_method: str | None = None
 
 
 # -- derivations ----------------------------------------------------------------------------------------------
@@ -86,9 +108,25 @@ def _mtp_mlp_kind(layout: Layout) -> MlpKind:
     return _mlp_kind(inner) if inner is not None else "dense"
 
 
+def _per_layer_flags(layout: Layout, flags: tuple[bool, ...], what: str) -> tuple[bool, ...]:
+    """Per-layer window / NoPE flags; megatron-core numbers MTP layers past ``num_layers`` and indexes these lists
+    with that number, so a partial pattern has no entry for them: refused rather than an IndexError."""
+    if flags and not all(flags) and _mtp_depth(layout):
+        raise error(
+            "config.unsupported-pattern", f"{what} on some layers only, with MTP layers: megatron-core 0.16.1 looks "
+            "MTP layers up past the end of its per-layer list", key=what,
+            expected="the pattern on every layer or on none, or no MTP layers",
+            hint="converting would fail while building the Megatron model",
+        )
+    return flags
+
+
 Derivation = Literal[
     "head_dim", "rope_scaling", "rope_scaling_factor", "layer_kinds", "mlp_kinds", "mtp_depth", "mtp_layer_kind",
-    "mtp_mlp_kind",
+    "mtp_mlp_kind", "activation", "window_size", "window_layers", "no_rope_layers", "position_embedding_type",
+    "mrope_section", "softmax_scale",
+    "router_score_function", "router_pre_softmax", "router_scaling_factor", "router_num_groups", "router_group_topk",
+    "router_dtype",
 ]
 DERIVATIONS: dict[str, Callable[[HFConfig, Layout], Any]] = {
     "head_dim": lambda hf, _: head_dim(hf),  # head_dim, else hidden_size // num_attention_heads
@@ -99,6 +137,38 @@ DERIVATIONS: dict[str, Callable[[HFConfig, Layout], Any]] = {
     "mtp_depth": lambda _, layout: _mtp_depth(layout),  # from the keys, not from the config
     "mtp_layer_kind": lambda _, layout: _mtp_layer_kind(layout),
     "mtp_mlp_kind": lambda _, layout: _mtp_mlp_kind(layout),
+    "activation": lambda hf, _: activation(hf),  # hidden_act / hidden_activation / activation_function
+    "window_size": lambda hf, _: window_size(hf),  # sliding_window where some layer applies it
+    # layer_types, max_window_layers, use_sliding_window
+    "window_layers": lambda hf, layout: _per_layer_flags(layout, window_layers(hf), "sliding windows"),
+    # SmolLM3 no_rope_layers / no_rope_layer_interval
+    "no_rope_layers": lambda hf, layout: _per_layer_flags(layout, no_rope_layers(hf), "layers without RoPE"),
+    "position_embedding_type": lambda hf, _: position_embedding_type(hf),  # mrope with an mrope_section
+    "mrope_section": lambda hf, _: mrope_section(hf),
+    "softmax_scale": lambda hf, _: softmax_scale(hf),  # attention_multiplier, query_pre_attn_scalar
+}
+
+
+def bridge_routing(hf: HFConfig, facts: Facts) -> Routing:
+    """The megatron-core router of a MoE bridge: :func:`mapgen.contract.routing.routing` on the config, keys
+    absent from it taking transformers' defaults the bridge carries (``Facts.default_*``)."""
+
+    def get(key: str) -> Any:
+        return hf.get(key, default=getattr(facts, f"default_{key}", None))
+
+    topk = int(hf.get("num_experts_per_tok", "moe_topk"))
+    experts = hf.get("num_experts", "num_local_experts", "n_routed_experts", default=None)
+    return routing(facts.router, get, topk=topk, num_experts=experts, expert_bias=facts.expert_bias)[0]
+
+
+# Derivations from the routing (they need the bridge's facts: its router scheme and defaults).
+ROUTER_DERIVATIONS: dict[str, Callable[[Routing], Any]] = {
+    "router_score_function": lambda r: r.score_function,
+    "router_pre_softmax": lambda r: r.pre_softmax,
+    "router_scaling_factor": lambda r: r.scaling_factor,
+    "router_num_groups": lambda r: r.num_groups,
+    "router_group_topk": lambda r: r.group_topk,
+    "router_dtype": lambda r: r.dtype,
 }
 
 
@@ -147,15 +217,28 @@ CONFIG: tuple[ConfigRow, ...] = (
     ConfigRow("rotary_percent", hf=("partial_rotary_factor", "rope_parameters.partial_rotary_factor"), default=1.0),
     ConfigRow("rope_scaling", derive="rope_scaling"),
     ConfigRow("rope_scaling_factor", derive="rope_scaling_factor"),
+    ConfigRow("window_size", derive="window_size"),
+    ConfigRow("window_layers", derive="window_layers"),
+    ConfigRow("no_rope_layers", derive="no_rope_layers"),
+    ConfigRow("position_embedding_type", derive="position_embedding_type"),
+    ConfigRow("mrope_section", derive="mrope_section"),
+    ConfigRow("softmax_scale", derive="softmax_scale"),
     # -- norms -------------------------------------------------------------------------------------------
     ConfigRow("norm_epsilon", hf=("rms_norm_eps", "layer_norm_eps"), default=1e-6),
     ConfigRow("layernorm_zero_centered_gamma", fact="zero_centered"),
     ConfigRow("untie_embeddings_and_output_weights", fact="tied", negate=True),
+    ConfigRow("activation", derive="activation"),
     # -- MoE ---------------------------------------------------------------------------------------------
     ConfigRow("num_moe_experts", hf=("num_experts", "num_local_experts", "n_routed_experts"), when="moe"),
     ConfigRow("moe_router_topk", hf=("num_experts_per_tok", "moe_topk"), when="moe"),
     ConfigRow("moe_ffn_hidden_size", hf=("moe_intermediate_size", "intermediate_size"), when="moe"),
     ConfigRow("moe_router_enable_expert_bias", fact="expert_bias"),
+    ConfigRow("moe_router_score_function", derive="router_score_function", when="moe"),
+    ConfigRow("moe_router_pre_softmax", derive="router_pre_softmax", when="moe"),
+    ConfigRow("moe_router_topk_scaling_factor", derive="router_scaling_factor", when="moe"),
+    ConfigRow("moe_router_num_groups", derive="router_num_groups", when="moe"),
+    ConfigRow("moe_router_group_topk", derive="router_group_topk", when="moe"),
+    ConfigRow("moe_router_dtype", derive="router_dtype", when="moe"),
     ConfigRow("moe_shared_expert_gate", fact="shared_expert_gate"),
     ConfigRow("moe_shared_expert_intermediate_size", hf=("shared_expert_intermediate_size", "moe_intermediate_size"),
               when="shared_expert"),
@@ -178,6 +261,8 @@ def row_value(row: ConfigRow, hf: HFConfig, layout: Layout, facts: Facts) -> Any
     if row.fact is not None:
         value = getattr(facts, row.fact)
         return not value if row.negate else value
+    if row.derive in ROUTER_DERIVATIONS:
+        return ROUTER_DERIVATIONS[row.derive](bridge_routing(hf, facts))
     if row.derive is not None:
         return DERIVATIONS[row.derive](hf, layout)
     if row.default is REQUIRED:
@@ -209,7 +294,7 @@ def check_table(table: tuple[ConfigRow, ...] = CONFIG) -> list[str]:
         seen.add(row.field)
         if sum((bool(row.hf), row.derive is not None, row.fact is not None)) != 1:
             problems.append(f"{where}: needs exactly one of hf, derive, fact")
-        if row.derive is not None and row.derive not in DERIVATIONS:
+        if row.derive is not None and row.derive not in DERIVATIONS and row.derive not in ROUTER_DERIVATIONS:
             problems.append(f"{where}: unknown derivation {row.derive!r}")
         problems += [f"{where}: Facts has no field {name!r}" for name in (row.fact, row.when)
                      if name is not None and name not in fact_fields]

@@ -29,9 +29,17 @@ def _strip(data: object) -> object:
     return data
 
 
+_READ_TIME_QUANTIZATION = frozenset({"fp8_block"})
+"""Quantizations undone while reading (a weight's tiles and its scales, under the same name): the bridge of the
+unquantized layout applies, so they do not change the fingerprint."""
+
+
 def fingerprint_data(layout: Layout) -> object:
     """The canonical data a layout fingerprint is computed from (public for tests and ``mapgen diff``)."""
-    return _strip(to_jsonable(layout))
+    data = _strip(to_jsonable(layout))
+    if isinstance(data, dict) and data.get("quantization") in _READ_TIME_QUANTIZATION:
+        data["quantization"] = "none"
+    return data
 
 
 def fingerprint(layout: Layout) -> str:

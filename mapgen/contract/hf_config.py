@@ -11,7 +11,22 @@ from typing import Any
 
 from mapgen.errors import error
 
-__all__ = ["HFConfig", "head_dim", "rope_scaling", "rope_scaling_factor"]
+__all__ = [
+    "ACTIVATIONS",
+    "HFConfig",
+    "activation",
+    "activation_name",
+    "computed_activation",
+    "head_dim",
+    "mrope_section",
+    "no_rope_layers",
+    "position_embedding_type",
+    "rope_scaling",
+    "rope_scaling_factor",
+    "softmax_scale",
+    "window_layers",
+    "window_size",
+]
 
 _MISSING = object()
 
@@ -77,8 +92,8 @@ def _rope(hf: HFConfig) -> dict[str, Any] | None:
         value = hf.get(name, default=None)
         if isinstance(value, Mapping):
             kind = value.get("rope_type") or value.get("type") or "default"
-            if kind == "default":
-                continue
+            if kind in ("default", "mrope"):
+                continue  # M-RoPE is position_embedding_type (below), not a frequency scaling
             if kind == "llama3" and all(
                 float(value.get(k, v)) == v for k, v in _LLAMA3_DEFAULTS.items()
             ):
@@ -100,3 +115,166 @@ def rope_scaling(hf: HFConfig) -> bool:
 def rope_scaling_factor(hf: HFConfig) -> float:
     rope = _rope(hf)
     return float(rope.get("factor", 8.0)) if rope else 8.0
+
+
+# -- activations ----------------------------------------------------------------------------------------------
+# transformers' ACT2FN name -> the ModelSpec activation that computes the same function (formulas checked against
+# transformers/activations.py: gelu_new, gelu_fast, gelu_accurate and gelu_python_tanh are the tanh approximation
+# written out, equal to F.gelu(approximate="tanh") up to float rounding; gelu_python is the erf GELU).
+ACTIVATIONS: dict[str, str] = {
+    "silu": "silu", "swish": "silu",
+    "gelu": "gelu", "gelu_python": "gelu",
+    "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh", "gelu_fast": "gelu_tanh", "gelu_accurate": "gelu_tanh",
+    "gelu_python_tanh": "gelu_tanh",
+    "relu": "relu", "relu2": "relu2", "quick_gelu": "quick_gelu",
+}
+ACTIVATION_KEYS = ("hidden_act", "hidden_activation", "activation_function")
+# Config classes that rewrite the name they are given (GemmaConfig turns the legacy "gelu" into the tanh
+# approximation; these model types compute SiLU whatever the key says).
+_ACTIVATION_REWRITES: dict[str, dict[str, str]] = {"gemma": {"gelu": "gelu_pytorch_tanh"}}
+_ACTIVATION_FIXED = {"blt": "silu", "minimax_m3_vl": "silu", "step3p7": "silu"}
+
+
+def computed_activation(name: str, model_type: str) -> str:
+    """The transformers activation a ``model_type`` computes when its config names ``name``."""
+    if model_type in _ACTIVATION_FIXED:
+        return _ACTIVATION_FIXED[model_type]
+    return _ACTIVATION_REWRITES.get(model_type, {}).get(name, name)
+
+
+def activation_name(hf: HFConfig) -> str:
+    """The transformers activation name the model computes (``silu`` when the config names none)."""
+    return computed_activation(str(hf.get(*ACTIVATION_KEYS, default="silu")), str(hf.get("model_type", default="")))
+
+
+def activation(hf: HFConfig) -> str:
+    """The ModelSpec activation; a name megatron-core cannot reproduce is ``config.unsupported-activation``."""
+    name = activation_name(hf)
+    if name not in ACTIVATIONS:
+        raise error(
+            "config.unsupported-activation", f"activation {name!r} has no exact megatron-core equivalent here",
+            file=hf.source, key="hidden_act", expected=", ".join(sorted(ACTIVATIONS)),
+            hint="converting anyway would change the model's outputs",
+        )
+    return ACTIVATIONS[name]
+
+
+# -- sliding windows ------------------------------------------------------------------------------------------
+# model types whose config applies sliding_window only with use_sliding_window (default false), and how their
+# config class lays the windowed layers out when config.json has no layer_types
+WINDOW_GATED: dict[str, str] = {
+    "qwen2": "from_max_window_layers", "qwen3": "from_max_window_layers", "qwen2_vl_text": "from_max_window_layers",
+    "qwen2_5_vl_text": "from_max_window_layers", "qwen2_5_omni_text": "from_max_window_layers",
+    "qwen2_vl": "from_max_window_layers", "qwen2_5_vl": "from_max_window_layers",
+    "qwen2_moe": "odd_below_max_window_layers", "qwen3_moe": "all", "smollm3": "nope_layers",
+}
+# Config classes that derive windowed layers from max_window_layers without a use_sliding_window switch
+# (transformers' Dots1Config: sliding_window and i >= max_window_layers).
+WINDOW_UNGATED: dict[str, str] = {"dots1": "from_max_window_layers"}
+
+
+def _layer_count(hf: HFConfig) -> int:
+    return int(hf.get("num_hidden_layers"))
+
+
+def window_size(hf: HFConfig) -> int | None:
+    """transformers' ``sliding_window`` when some layer applies it, else None."""
+    return None if not any(_window_layers(hf)) else int(hf.get("sliding_window"))
+
+
+def window_layers(hf: HFConfig) -> tuple[bool, ...]:
+    """Per layer, whether it attends through the window (empty when no layer does)."""
+    layers = _window_layers(hf)
+    return layers if any(layers) else ()
+
+
+def _window_applies(hf: HFConfig) -> bool:
+    window = hf.get("sliding_window", default=None)
+    if not isinstance(window, int) or isinstance(window, bool) or window <= 0:
+        return False
+    gated = str(hf.get("model_type", default="")) in WINDOW_GATED or hf.has("use_sliding_window")
+    return not gated or hf.get("use_sliding_window", default=False) is True
+
+
+def _window_layers(hf: HFConfig) -> tuple[bool, ...]:
+    n = _layer_count(hf)
+    if not _window_applies(hf):
+        return (False,) * n
+    kinds = hf.get("layer_types", default=None)
+    model_type = str(hf.get("model_type", default=""))
+    pattern = WINDOW_GATED.get(model_type) or WINDOW_UNGATED.get(model_type) or (
+        "unknown" if hf.has("use_sliding_window") else "all")
+    if isinstance(kinds, list) and len(kinds) == n:
+        layers = tuple(k == "sliding_attention" for k in kinds)
+    elif pattern == "from_max_window_layers":
+        layers = tuple(i >= int(hf.get("max_window_layers")) for i in range(n))
+    elif pattern == "odd_below_max_window_layers":  # transformers: (i + 1) % 2 and i < max_window_layers
+        layers = tuple(i % 2 == 0 and i < int(hf.get("max_window_layers")) for i in range(n))
+    elif pattern == "nope_layers":  # SmolLM3: the layers without RoPE are the windowed ones
+        layers = tuple(not rope for rope in _rope_layers(hf))
+    elif pattern == "all":
+        layers = (True,) * n
+    else:
+        raise error(
+            "config.unsupported-window", f"use_sliding_window is set for model_type {model_type!r}, whose config "
+            "class mapgen does not know: which layers are windowed is not in config.json", file=hf.source,
+            key="use_sliding_window", expected="layer_types listing sliding_attention per layer",
+            hint="add layer_types to config.json, or teach mapgen.contract.hf_config.WINDOW_GATED this model type",
+        )
+    return layers
+
+
+# -- layers without RoPE (SmolLM3) ----------------------------------------------------------------------------
+def _rope_layers(hf: HFConfig) -> tuple[bool, ...]:
+    """SmolLM3's per-layer flags, 1 = the layer applies RoPE (``no_rope_layers``, else every
+    ``no_rope_layer_interval``-th layer skips it, as its config class derives them)."""
+    n = _layer_count(hf)
+    flags = hf.get("no_rope_layers", default=None)
+    if isinstance(flags, list):
+        return tuple(bool(f) for f in flags)
+    interval = hf.get("no_rope_layer_interval", default=None)
+    if interval is None:
+        return (True,) * n
+    return tuple((i + 1) % int(interval) != 0 for i in range(n))
+
+
+def no_rope_layers(hf: HFConfig) -> tuple[bool, ...]:
+    """Per layer, True where the layer applies no RoPE; empty when every layer applies it."""
+    if str(hf.get("model_type", default="")) != "smollm3" and not hf.has("no_rope_layers"):
+        return ()
+    skip = tuple(not rope for rope in _rope_layers(hf))
+    return skip if any(skip) else ()
+
+
+# -- M-RoPE ---------------------------------------------------------------------------------------------------
+def _mrope(hf: HFConfig) -> list[int] | None:
+    """Contiguous M-RoPE sections (Qwen2-VL, Qwen2.5-VL). Interleaved M-RoPE (``mrope_interleaved``: Qwen3-VL,
+    Qwen3.5) is built as plain RoPE: for text (t = h = w positions) every section rotates by the same position,
+    so the two are equal; megatron-core 0.16.1 has no interleaved M-RoPE for multimodal positions."""
+    for name in ("rope_parameters", "rope_scaling"):
+        value = hf.get(name, default=None)
+        if isinstance(value, Mapping) and value.get("mrope_section") is not None:
+            if value.get("mrope_interleaved"):
+                return None
+            return [int(x) for x in value["mrope_section"]]
+    return None
+
+
+def position_embedding_type(hf: HFConfig) -> str:
+    return "rope" if _mrope(hf) is None else "mrope"
+
+
+def mrope_section(hf: HFConfig) -> tuple[int, ...]:
+    return tuple(_mrope(hf) or ())
+
+
+# -- attention scale ------------------------------------------------------------------------------------------
+def softmax_scale(hf: HFConfig) -> float | None:
+    """Granite's ``attention_multiplier``, Gemma 2/3's ``query_pre_attn_scalar ** -0.5``; None = 1/sqrt(head_dim)."""
+    multiplier = hf.get("attention_multiplier", default=None)
+    if multiplier is not None:
+        return float(multiplier)
+    scalar = hf.get("query_pre_attn_scalar", default=None)
+    if scalar is not None and float(scalar) != float(head_dim(hf)):
+        return float(float(scalar) ** -0.5)
+    return None

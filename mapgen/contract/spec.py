@@ -14,6 +14,12 @@ from typing import Any, Literal
 
 LayerKind = Literal["attention", "gated_delta_net"]
 MlpKind = Literal["dense", "moe"]
+# The MLP activations megatron-core computes exactly as transformers does (``activation_func`` is any callable;
+# mapgen.runtime.megatron gives each its function): silu (= swish), gelu (erf), gelu_tanh (the tanh
+# approximation: gelu_pytorch_tanh / gelu_new / gelu_fast / gelu_accurate / gelu_python_tanh), relu, relu2
+# (squared ReLU), quick_gelu (x * sigmoid(1.702 x)).
+Activation = Literal["silu", "gelu", "gelu_tanh", "relu", "relu2", "quick_gelu"]
+PositionEmbedding = Literal["rope", "mrope"]
 
 
 @dataclass(frozen=True)
@@ -39,12 +45,20 @@ class ModelSpec:
     rotary_percent: float = 1.0
     rope_scaling: bool = False  # Llama-3 style frequency scaling (megatron-core GPTModel rope_scaling)
     rope_scaling_factor: float = 8.0
+    # sliding-window attention: each query attends to the last ``window_size`` positions, itself included
+    # (transformers' ``sliding_window``; megatron-core ``window_size=(window_size - 1, 0)``)
+    window_size: int | None = None
+    window_layers: tuple[bool, ...] = ()  # per layer, True = windowed; () = every layer (when window_size)
+    no_rope_layers: tuple[bool, ...] = ()  # per layer, True = the layer applies no RoPE (NoPE); () = none
+    position_embedding_type: PositionEmbedding = "rope"
+    mrope_section: tuple[int, ...] = ()  # M-RoPE rotary-pair sections (temporal, height, width)
+    softmax_scale: float | None = None  # attention scores scale; None = 1/sqrt(kv_channels)
     # -- norms / activations -----------------------------------------------------------------------------
     normalization: Literal["RMSNorm", "LayerNorm"] = "RMSNorm"
     norm_epsilon: float = 1e-6
     layernorm_zero_centered_gamma: bool = False
     gated_linear_unit: bool = True
-    activation: Literal["silu", "gelu"] = "silu"
+    activation: Activation = "silu"
     untie_embeddings_and_output_weights: bool = True
     # -- MoE ---------------------------------------------------------------------------------------------
     num_moe_experts: int | None = None
@@ -58,6 +72,9 @@ class ModelSpec:
     moe_router_score_function: Literal["softmax", "sigmoid"] | None = None
     moe_router_pre_softmax: bool = False  # softmax over all experts before top-k (HF norm_topk_prob=False)
     moe_router_topk_scaling_factor: float | None = None  # routed_scaling_factor
+    moe_router_num_groups: int | None = None  # group-limited routing: n_group (mapgen.contract.routing)
+    moe_router_group_topk: int | None = None  # ... topk_group
+    moe_router_dtype: Literal["fp32"] | None = None  # the gate computed in fp32 (DeepSeek-style routers)
     # -- gated delta net ---------------------------------------------------------------------------------
     linear_num_key_heads: int | None = None
     linear_num_value_heads: int | None = None
@@ -74,6 +91,10 @@ class ModelSpec:
             raise ValueError(f"layer_kinds has {len(self.layer_kinds)} entries for {self.num_layers} layers")
         if self.mlp_kinds and len(self.mlp_kinds) != self.num_layers:
             raise ValueError(f"mlp_kinds has {len(self.mlp_kinds)} entries for {self.num_layers} layers")
+        for name in ("window_layers", "no_rope_layers"):
+            per_layer = getattr(self, name)
+            if per_layer and len(per_layer) != self.num_layers:
+                raise ValueError(f"{name} has {len(per_layer)} entries for {self.num_layers} layers")
 
     @property
     def kinds(self) -> tuple[LayerKind, ...]:

@@ -9,6 +9,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
 
+from mapgen.contract.routing import RouterScheme
+
 Orientation = Literal["out_in", "in_out"]
 
 
@@ -16,19 +18,26 @@ Orientation = Literal["out_in", "in_out"]
 class Facts:
     """``packed``: storage of packed experts when no shard header tells (orientation, gate/up interleaved).
     ``zero_centered``: HF RMSNorms compute ``(1 + w) * x`` (every norm except the gated delta-net output
-    norm). ``output_gate``: attention's ``q_proj`` carries the output gate when shapes cannot tell."""
+    norm). ``output_gate``: attention's ``q_proj`` carries the output gate when shapes cannot tell.
+    ``router``: the routing scheme transformers' modelling code implements for this model type's MoE router
+    (:mod:`mapgen.contract.routing`); ``""``: not known, only the values that compute the bridge's historic
+    router are accepted."""
 
     packed: tuple[Orientation, bool] | None = None
     zero_centered: bool = False
     output_gate: bool = False
+    router: RouterScheme = ""
 
 
-_QWEN35 = Facts(packed=("out_in", False), zero_centered=True, output_gate=True)
+_QWEN35 = Facts(packed=("out_in", False), zero_centered=True, output_gate=True, router="softmax_renorm")
+_SOFTMAX = Facts(router="softmax")  # renormalised iff norm_topk_prob
+_RENORM = Facts(router="softmax_renorm")  # always renormalised
+_DEEPSEEK_V3 = Facts(router="sigmoid_grouped")  # sigmoid, score-correction bias, top-2 groups, scaled
 
 MODEL_TYPES: dict[str, Facts] = {
     # [E, hidden, 2*inter] (transposed)
-    "qwen3_vl_moe": Facts(packed=("in_out", False)),
-    "qwen3_vl_moe_text": Facts(packed=("in_out", False)),
+    "qwen3_vl_moe": Facts(packed=("in_out", False), router="softmax_renorm"),
+    "qwen3_vl_moe_text": Facts(packed=("in_out", False), router="softmax_renorm"),
     # [E, hidden, 2*inter], gate/up columns alternate
     "gpt_oss": Facts(packed=("in_out", True)),
     # Qwen3.6 MTP experts: [E, 2*inter, hidden] as in transformers' Qwen3_5MoeExperts
@@ -36,10 +45,31 @@ MODEL_TYPES: dict[str, Facts] = {
     "qwen3_5_moe_text": _QWEN35,
     "qwen3_5": Facts(zero_centered=True, output_gate=True),
     "qwen3_5_text": Facts(zero_centered=True, output_gate=True),
-    "qwen3_next": Facts(zero_centered=True, output_gate=True),
+    "qwen3_next": Facts(zero_centered=True, output_gate=True, router="softmax"),
+    # MoE routers (mapgen.contract.routing), read from each model type's modelling code in transformers 5.24
+    "qwen2_moe": _SOFTMAX,
+    "qwen3_moe": _SOFTMAX,
+    "olmoe": _SOFTMAX,
+    "flex_olmo": _SOFTMAX,
+    "mixtral": _RENORM,
+    "minimax": _RENORM,
+    "deepseek_v2": Facts(router="softmax_greedy"),
+    "deepseek_v3": _DEEPSEEK_V3,
+    "glm4_moe": _DEEPSEEK_V3,
+    "glm4v_moe": _DEEPSEEK_V3,
+    "glm4v_moe_text": _DEEPSEEK_V3,
+    "dots1": _DEEPSEEK_V3,
+    "glm4_moe_lite": _DEEPSEEK_V3,
+    "deepseek_v32": _DEEPSEEK_V3,
+    "glm_moe_dsa": _DEEPSEEK_V3,
 }
 
 _NONE = Facts()
+
+
+def router_for(model_types: Iterable[str]) -> RouterScheme:
+    """The router scheme of the first of ``model_types`` (the text model's type first) that has one."""
+    return next((MODEL_TYPES[t].router for t in model_types if t in MODEL_TYPES and MODEL_TYPES[t].router), "")
 
 
 def facts_for(model_types: Iterable[str]) -> Facts:

@@ -12,6 +12,7 @@ an exception here: the Layout lists them and the CLI exits 2.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
@@ -138,11 +139,51 @@ class Findings(NamedTuple):
         (self.errors if d.severity == "error" else self.warnings).append(d)
 
 
+FP8_SCALE = ".weight_scale_inv"
+_BLOCK_DIMS = 2  # weight_block_size: [block_m, block_n]
+
+
+def _fp8_block(source: Source, qc: Mapping[str, Any], suspects: list[str], findings: Findings) -> bool:
+    """Block-scaled FP8 (``quant_method: fp8`` with ``weight_block_size``; DeepSeek-V3/R1, Kimi-K2): weights
+    are dequantized while read (:mod:`mapgen.runtime.quant`), so it converts when every scale has its weight,
+    the tiles are given and activations are scaled dynamically. True when it is that format."""
+    size = qc.get("weight_block_size")
+    problems: list[tuple[str, str, str]] = []  # (key, message, expected)
+    if not (isinstance(size, list) and len(size) == _BLOCK_DIMS and all(isinstance(v, int) and v > 0 for v in size)):
+        problems.append(("quantization_config.weight_block_size", f"FP8 with weight_block_size {size!r}: not supported",
+                         "two positive integers [block_m, block_n] (per-tensor FP8 is not supported)"))
+    if qc.get("fmt", "e4m3") != "e4m3":
+        problems.append(("quantization_config.fmt", f"FP8 format {qc.get('fmt')!r}: not supported", "e4m3"))
+    if qc.get("activation_scheme", "dynamic") != "dynamic":
+        problems.append(("quantization_config.activation_scheme",
+                         f"FP8 activation scheme {qc.get('activation_scheme')!r} (static input scales): not supported",
+                         "dynamic (no input_scale tensors)"))
+    scale_fmt = qc.get("scale_fmt")
+    if scale_fmt not in (None, "float32", "fp32"):
+        problems.append(("quantization_config.scale_fmt", f"FP8 scale format {scale_fmt!r}: not supported",
+                         "fp32 scales"))
+    for key, message, expected in problems:
+        findings.add(Diagnostic("error", "quant.fp8-unsupported", message, file=CONFIG, key=key, expected=expected,
+                                hint="convert an unquantized (bf16) export of the model"))
+    other = next((k for k in suspects if not k.endswith(FP8_SCALE)), None)
+    if other is not None:
+        findings.add(Diagnostic("error", "quant.fp8-unsupported", "an FP8 block-scaled checkpoint with other "
+                                "quantization tensors", file=INDEX_NAME, key=other,
+                                expected="only <module>.weight_scale_inv beside FP8 weights"))
+    orphans = [k for k in suspects if k.endswith(FP8_SCALE) and k.removesuffix("_scale_inv") not in source.tensors]
+    if orphans:
+        findings.add(Diagnostic("error", "quant.fp8-orphan-scale", f"{len(orphans)} scale(s) without their weight",
+                                file=INDEX_NAME, key=orphans[0], expected=orphans[0].removesuffix("_scale_inv")))
+    return not problems and other is None and not orphans
+
+
 def _quantization(source: Source, cfg: Config, findings: Findings) -> str:
-    """Refuse quantised formats without a dequantisation rule; return ``mxfp4`` / ``none``."""
+    """Refuse quantised formats without a dequantisation rule; return ``fp8_block`` / ``mxfp4`` / ``none``."""
     qc = cfg.top.get("quantization_config") or cfg.text.get("quantization_config")
     method = str(qc.get("quant_method", "")) if isinstance(qc, dict) else ""
     suspects = [k for k in source.tensors if k.endswith(_QUANT_SUFFIXES)]  # one pass over the keys
+    if method == "fp8" and isinstance(qc, dict):
+        return "fp8_block" if _fp8_block(source, qc, suspects, findings) else "none"
     probes: list[tuple[str, str, str]] = [
         (
             "quant.mlx-unsupported",
@@ -339,6 +380,10 @@ def infer(source: Source) -> Layout:
     quantization = _quantization(source, cfg, findings)
     if findings.errors:
         raise MapgenError(findings.errors)
+    checked = source  # shard headers are checked with the scales
+    if quantization == "fp8_block":  # the scales belong to their weights: read with them, never mapped alone
+        source = dataclasses.replace(
+            source, tensors={k: v for k, v in source.tensors.items() if not k.endswith(FP8_SCALE)})
 
     # -- towers, and decoder layers by prefix ------------------------------------------------------------
     tower_keys: dict[str, list[str]] = {}
@@ -509,7 +554,7 @@ def infer(source: Source) -> Layout:
         config=dict(source.config),
     )
     if source.headers_read:
-        _check_headers(layout, source)
+        _check_headers(layout, checked)
     return layout
 
 
@@ -525,12 +570,16 @@ def _check_headers(layout: Layout, source: Source) -> None:
     from mapgen.plan.shapes import shape_entries, shape_problems
 
     actual = {key: info.shape for key, info in source.tensors.items() if info.shape is not None}
+    scales = {key for key in source.tensors if key.endswith(FP8_SCALE)}
     errors = shape_problems(layout, layout.config, actual)
     by_dtype: dict[str, list[str]] = {}
     for entry in shape_entries(layout, layout.config):
         info = source.tensors.get(entry.key)
-        if info is not None and info.dtype is not None and info.dtype not in _FLOAT_DTYPES:
-            by_dtype.setdefault(info.dtype, []).append(entry.key)
+        if info is None or info.dtype is None or info.dtype in _FLOAT_DTYPES:
+            continue
+        if info.dtype == "F8_E4M3" and layout.quantization == "fp8_block" and entry.key + "_scale_inv" in scales:
+            continue
+        by_dtype.setdefault(info.dtype, []).append(entry.key)
     for dtype, keys in sorted(by_dtype.items()):
         fp8 = dtype.startswith("F8")
         errors.append(

@@ -15,7 +15,7 @@ from abc import ABC, abstractmethod
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Generic, Literal, Protocol, Self, TypeVar
+from typing import Any, Generic, Literal, Protocol, Self, TypeVar
 
 import torch
 
@@ -336,6 +336,8 @@ class Op(ABC, Generic[OptionsT]):
     name: str
     options_type: type[OptionsT]
     shardings: frozenset[Sharding]
+    #: Whether a LoRA adapter on this op's parameter is meaningful (a linear layer's weight).
+    adapters: bool = True
 
     # -- declaration ------------------------------------------------------------------------------------
 
@@ -382,6 +384,67 @@ class Op(ABC, Generic[OptionsT]):
             raise fail(rule, f"expected {count} HF key(s) for these options, got {list(keys)}")
         return ctx
 
+    # -- LoRA adapters: derived from load/save ----------------------------------------------------------
+    #
+    # A LoRA pair on a base weight ``W [out, in]`` is ``A [r, in]`` and ``B [out, r]`` with ``dW = s * B @ A``.
+    # Every op moves W's rows and columns by a fixed permutation/split that does not depend on the values, so
+    # ``op(W + s * B @ A) == op(W) + s * rows(B) @ cols(A)``: B's rows move exactly as W's rows (``load`` and
+    # ``save`` applied to B, whose trailing dimension is the rank instead of ``in``) and A's columns exactly as
+    # W's columns (the identity unless the op reorders inputs: ``mtp_eh_proj``). ``tests/ops/test_adapters.py``
+    # proves both identities for every op, and the TP split of the adapter below.
+
+    def adapter_rows(self, ctx: Ctx[OptionsT], hf: Sequence[torch.Tensor]) -> torch.Tensor:
+        """The full (TP=1 layout) Megatron ``linear_out`` from the HF ``lora_B`` matrices in ``ctx.keys``
+        order: ``load`` at TP=1 applied to B, which the op reads like W (rows move, the rank dim rides along)."""
+        return self.load(ctx, Shard(0, 1), DictReader(dict(zip(ctx.keys, hf, strict=True))))
+
+    def adapter_rows_back(self, ctx: Ctx[OptionsT], full: torch.Tensor) -> list[torch.Tensor]:
+        """The inverse of :meth:`adapter_rows`: one HF ``lora_B`` per key (``save`` applied to B)."""
+        return [f.tensor for f in self.save(ctx, full)]
+
+    def adapter_cols(self, ctx: Ctx[OptionsT], a: torch.Tensor) -> torch.Tensor:
+        """The Megatron ``linear_in`` from an HF ``lora_A``: A's columns move as W's columns (identity here)."""
+        return a
+
+    def adapter_cols_back(self, ctx: Ctx[OptionsT], a: torch.Tensor) -> torch.Tensor:
+        """The inverse of :meth:`adapter_cols`."""
+        return a
+
+    def canonical_names(self, ctx: Ctx[OptionsT]) -> tuple[str, ...] | None:
+        """Megatron-Bridge's canonical LoRA names of this rule's HF components (``peft/canonical_lora.py``:
+        separate ``adapter_q/k/v`` on ``linear_qkv``, ``adapter_gate/up`` on ``linear_fc1``), in key order; ``None``
+        where canonical LoRA has no per-component form."""
+        return None
+
+    def adapter_split(self, ctx: Ctx[OptionsT], linear_in: torch.Tensor, linear_out: torch.Tensor,
+                      shard: Shard) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's ``(linear_in, linear_out)`` in Megatron-Bridge's ``ParallelLinearAdapter`` layout.
+
+        Column-parallel bases (input not parallel): ``linear_in`` is a ``ColumnParallelLinear(in, dim,
+        gather_output=True)`` -- its rows (the rank dim) chunked across TP -- and ``linear_out`` a
+        ``ColumnParallelLinear(dim, out)`` whose local rows are the base's local rows (``split`` of the base
+        rule: whole query groups, ``[gate_r; up_r]``, GDN heads). Row-parallel bases: ``linear_in`` is a
+        ``RowParallelLinear(in, dim)`` -- columns split like W's columns -- and ``linear_out`` a
+        ``ColumnParallelLinear(dim, out, gather_output=True)``: plain row chunks. Replicated: both whole.
+        """
+        dim = shard_dim(ctx.rule)
+        if dim is None:
+            return linear_in, linear_out
+        if dim == 0:
+            return _chunk(ctx, linear_in, shard, 0, "the adapter rank"), self.split(ctx, linear_out, shard)
+        return self.split(ctx, linear_in, shard), _chunk(ctx, linear_out, shard, 0, "linear_out rows")
+
+    def adapter_gather(self, ctx: Ctx[OptionsT], ins: Sequence[torch.Tensor],
+                       outs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The full ``(linear_in, linear_out)`` from the per-rank pieces (rank order): :meth:`adapter_split`'s
+        inverse."""
+        dim = shard_dim(ctx.rule)
+        if dim is None:
+            return ins[0], outs[0]
+        if dim == 0:
+            return torch.cat(list(ins), dim=0), self.gather(ctx, outs)
+        return self.gather(ctx, ins), torch.cat(list(outs), dim=0)
+
     # -- TP split / gather ------------------------------------------------------------------------------
 
     def _full_parts(self, ctx: Ctx[OptionsT], length: int, tp: int) -> list[int]:
@@ -407,3 +470,8 @@ class Op(ABC, Generic[OptionsT]):
             return full
         parts = ctx.split(full, self._full_parts(ctx, full.shape[dim], shard.size), dim)
         return torch.cat([p.chunk(shard.size, dim=dim)[shard.rank] for p in parts], dim=dim).contiguous()
+
+
+def _chunk(ctx: Ctx[Any], x: torch.Tensor, shard: Shard, dim: int, what: str) -> torch.Tensor:
+    start, stop = shard.bounds(x.shape[dim], what, ctx.rule)
+    return x.narrow(dim, start, stop - start).contiguous()

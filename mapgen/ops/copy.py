@@ -21,6 +21,10 @@ while ``hf`` is within [0.5, 2] (Sterbenz), and Megatron -> HF rounds ``w + 1`` 
 the parameter or the HF dtype) | "fp32" (load and save in fp32, e.g. the router's expert bias),
 ``divisible_by`` (vocab, default 128), ``shared`` (engine-level, below), ``layout``/``orientation``
 (expert rules, :class:`~mapgen.ops._base.ExpertSource`: e.g. gpt-oss ``down_proj_bias [E, H]``).
+
+Adapters (the generic derivation in :class:`~mapgen.ops._base.Op`): B and A are copied; a column-parallel
+base splits B's rows and A's rank, a row-parallel base A's columns and B's rows (Megatron-Bridge's
+``ParallelLinearAdapter``); ``vocab`` (padded embeddings / output layer) and ``duplicate`` take none.
 """
 
 from __future__ import annotations
@@ -99,3 +103,4 @@ class Duplicate(Copy):
     where the loader checks it equals the primary tensor, and re-emitted on export."""
 
     name = "duplicate"
+    adapters = False

@@ -7,10 +7,13 @@ Options
 -------
 ``order`` "embedding_hidden" (DeepSeek-V3) | "hidden_embedding" (MiMo's ``input_proj`` takes
 ``cat(hidden, embedding)``: the two column halves are swapped); ``shared`` (engine-level, as for ``copy``).
+
+Adapters: B's rows stay (a column-parallel row chunk); A's columns swap halves exactly as W's do.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -45,3 +48,15 @@ class MtpEhProj(Op[EhProjOptions]):
 
     def save(self, ctx: Ctx[EhProjOptions], full: torch.Tensor) -> list[Fragment]:
         return [ctx.emit(0, _swap_halves(ctx, full))]
+
+    def adapter_rows(self, ctx: Ctx[EhProjOptions], hf: Sequence[torch.Tensor]) -> torch.Tensor:
+        return hf[0]
+
+    def adapter_rows_back(self, ctx: Ctx[EhProjOptions], full: torch.Tensor) -> list[torch.Tensor]:
+        return [full]
+
+    def adapter_cols(self, ctx: Ctx[EhProjOptions], a: torch.Tensor) -> torch.Tensor:
+        return _swap_halves(ctx, a)
+
+    def adapter_cols_back(self, ctx: Ctx[EhProjOptions], a: torch.Tensor) -> torch.Tensor:
+        return _swap_halves(ctx, a)

@@ -16,6 +16,8 @@ Options
 nn.Linear) | "in_out" (``[E, in, out]``), and for ``expert_fc1`` ``fused`` (default: packed),
 ``interleave`` bool (gpt-oss: fused rows alternate gate, up), ``part`` "weight" | "bias";
 ``expert_fc2`` takes ``part`` "weight" only.
+
+Adapters: per expert, as the dense ops (fc1's B as ``[gate; up]``, fc2 row-parallel over ETP).
 """
 
 from __future__ import annotations

@@ -8,6 +8,9 @@ Options
 -------
 ``part`` "weight" | "bias"; ``fused`` bool (one ``gate_up`` key, gate first; default: fused exactly for
 packed expert tensors); ``interleave`` bool (gpt-oss: fused rows alternate gate, up; needs ``fused``).
+
+Adapters: gate's and up's B matrices stack as ``[gate; up]`` (split per TP rank into ``[gate_r; up_r]``,
+Megatron-Bridge's ``apply_swiglu_sharded_factory`` on ``linear_out``); A is shared by the two on export.
 """
 
 from __future__ import annotations
@@ -81,6 +84,10 @@ class Gated(Op[G]):
         if ctx.options.interleave:
             return [ctx.emit(0, torch.stack([gate, up], dim=1).reshape(full.shape))]
         return [ctx.emit(0, full)]
+
+    def canonical_names(self, ctx: Ctx[G]) -> tuple[str, ...] | None:
+        # LoRALinearSplitFC1UpGate: cat([gate_out, up_out]) per rank
+        return None if fused(ctx) else ("adapter_gate", "adapter_up")
 
     def components(self, ctx: Ctx[G], length: int, tp: int) -> list[int]:
         if length % 2:

@@ -12,6 +12,10 @@ Options
 -------
 ``gdn_in_proj``: ``variant`` "qkv_z_b_a" (Qwen3.5: in_proj_qkv, in_proj_z, in_proj_b, in_proj_a) |
 "qkvz_ba" (Qwen3-Next: in_proj_qkvz, in_proj_ba grouped per key head). ``gdn_conv1d``: ``part``.
+
+Adapters: ``gdn_in_proj``'s B rows move by the same head order as W (the generic derivation; the four HF
+projections' B matrices become one ``linear_out``, split per TP rank by heads); ``gdn_conv1d`` is not a
+linear layer and takes no adapter.
 """
 
 from __future__ import annotations
@@ -149,6 +153,7 @@ class GdnConv1dOptions(Options):
 class GdnConv1d(Op[GdnConv1dOptions]):
     name = "gdn_conv1d"
     options_type = GdnConv1dOptions
+    adapters = False
     shardings = frozenset({"gdn_heads"})
 
     def load(self, ctx: Ctx[GdnConv1dOptions], shard: Shard, reader: Reader) -> torch.Tensor:

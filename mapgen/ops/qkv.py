@@ -15,6 +15,9 @@ attention family per spelling, never guessed from shapes:
   Baichuan ``W_pack``; transformers' ``Phi3Attention`` splits ``qkv[..., :q_pos]``, ``[q_pos:q_pos+kv]``, ...);
 * ``per_group``: one key, rows per KV group ``[q_g (heads/groups heads); k_g; v_g]`` — Megatron's own order
   (InternLM2 ``wqkv``).
+
+Adapters: B's rows are interleaved per query group exactly as W's (q_proj/k_proj/v_proj's B matrices
+become one ``linear_out``; the output gate's rows included); A is shared by the three on export.
 """
 
 from __future__ import annotations
@@ -115,6 +118,12 @@ class Qkv(Op[QkvOptions]):
         if ctx.options.layout == "blocks":
             return [ctx.emit(0, torch.cat([q, k, v]))]
         return [ctx.emit(0, q), ctx.emit(1, k), ctx.emit(2, v)]
+
+    def canonical_names(self, ctx: Ctx[QkvOptions]) -> tuple[str, ...] | None:
+        # canonical LoRA interleaves plain q heads per group (LoRALinearSplitQKV._interleave_qkv): no output gate
+        if ctx.options.layout != "separate" or ctx.options.output_gate:
+            return None
+        return ("adapter_q", "adapter_k", "adapter_v")
 
     def components(self, ctx: Ctx[QkvOptions], length: int, tp: int) -> list[int]:
         _check_tp(ctx, tp)  # whole groups per rank: one component

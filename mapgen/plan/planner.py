@@ -14,13 +14,17 @@ from __future__ import annotations
 
 import keyword
 import re
+from typing import Any
 
+from mapgen.catalog.check import layout_defaults
 from mapgen.contract.config import Facts
 from mapgen.contract.fingerprint import fingerprint
+from mapgen.contract.routing import ROUTING_KEYS
 from mapgen.contract.rules import Rule
 from mapgen.errors import Diagnostic, MapgenError
 from mapgen.families import behaviour, embedding, facts_for, input_norm_target, norms
 from mapgen.families import mtp as mtp_family
+from mapgen.families.model_types import router_for
 from mapgen.families.moe import experts_of
 from mapgen.ir import LayerGroup, Layout
 from mapgen.plan.plan import BridgePlan
@@ -106,13 +110,18 @@ class _Planner:
 # ---------------------------------------------------------------------------------------------------------
 def _facts(layout: Layout, zero_centered: bool) -> Facts:
     """Each family states the facts its components decide; the first group (decoder order, then the MTP inner
-    layers) that states a fact decides it."""
+    layers) that states a fact decides it. A MoE bridge also carries its model type's router scheme and
+    transformers' defaults for the routing keys (the values the config catalog judged)."""
     lm = layout.language_model
-    decided: dict[str, bool] = {"tied": lm.tied_embeddings, "zero_centered": zero_centered}
+    decided: dict[str, Any] = {"tied": lm.tied_embeddings, "zero_centered": zero_centered}
     for group in (*lm.groups, *(lm.mtp.inner if lm.mtp else ())):
         for component in (group.mixer, group.mlp):
             for name, value in behaviour(component).facts(component).items():
                 decided.setdefault(name, value)
+    if decided.get("moe"):
+        decided["router"] = router_for((layout.text_model_type, layout.model_type))
+        defaults = layout_defaults(layout.model_type, layout.text_model_type, ROUTING_KEYS)
+        decided.update({f"default_{k}": v for k, v in defaults.items()})
     return Facts(**decided)
 
 

@@ -11,6 +11,9 @@ for unconditionally:
   stage's embedding copy to CUDA before all-reducing it from the first stage).
 - ``CudaRNGStatesTracker.fork`` returns ``contextlib.nullcontext()`` (``DotProductAttention`` and
   ``GatedDeltaNet.reset_parameters`` fork the CUDA RNG tracker; without CUDA there is no state to fork).
+- ``fused_softmax.get_sliding_window_causal_mask`` builds the window mask on the CPU (megatron-core's builds it
+  on ``"cuda"``; the local core attention calls it for every windowed layer, whatever mask it is given). Same
+  mask: query i keeps keys ``i - left .. i + right`` of ``window_size=(left, right)``.
 - ``moe_utils.te_general_gemm`` is set to ``None`` when Transformer Engine is absent (the router refers
   to the name, which 0.16.1 only defines when TE imports).
 - ``torch._dynamo.config.disable`` is set (only where dynamo was imported already), so that megatron-core's
@@ -58,7 +61,16 @@ def _tensor_cuda(self: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
     return self
 
 
+def _sliding_window_mask(sq: int, skv: int, window_size: tuple[int, int]) -> torch.Tensor:
+    """megatron-core's ``get_sliding_window_causal_mask`` on the current device (True = masked out)."""
+    keep = torch.ones(sq, skv, dtype=torch.bool, device=_current_device())
+    keep = torch.triu(keep, diagonal=skv - sq - window_size[0])
+    keep = torch.tril(keep, diagonal=skv - sq + window_size[1])
+    return ~keep
+
+
 def _patches() -> list[tuple[Any, str, Any]]:
+    from megatron.core.fusions import fused_softmax
     from megatron.core.tensor_parallel import random as mcore_random
     from megatron.core.transformer.moe import moe_utils
 
@@ -69,6 +81,7 @@ def _patches() -> list[tuple[Any, str, Any]]:
         (torch.cuda, "synchronize", _synchronize),
         (torch.Tensor, "cuda", _tensor_cuda),
         (mcore_random.CudaRNGStatesTracker, "fork", _fork),
+        (fused_softmax, "get_sliding_window_causal_mask", _sliding_window_mask),
     ]
     if "torch._dynamo" in sys.modules:  # imported (so maybe used by jit_fuser): run compiled functions eagerly
         patches.append((torch._dynamo.config, "disable", True))
@@ -93,23 +106,42 @@ def _restore() -> None:
             delattr(obj, attr)
 
 
-# Warnings megatron-core 0.16.1 prints on every CPU run, about optional accelerators and its own defaults;
-# shown with MAPGEN_VERBOSE=1 (`--verbose`).
+# Warnings megatron-core 0.16.1 and torch.distributed print on every CPU run, about optional accelerators,
+# their own defaults and deprecations inside their code; shown with `--verbose` (MAPGEN_VERBOSE=1).
 QUIET_WARNINGS = (
     r".*Transformer Engine and Apex are not installed.*",
     r".*Apex is not installed.*",
     r".*full scope is deprecated.*",
     r".*Please use DTensor instead and we are deprecating ShardedTensor.*",
     r".*torch.distributed is disabled, unavailable or uninitialized.*",
+    r".*CUDA_DEVICE_MAX_CONNECTIONS.*",  # megatron's async all-reduce advice, a CUDA setting
+    r".*without fp32 routing\. Consider enabling moe_router_dtype.*",  # training advice on a conversion run
+    r"`torch\.distributed\.\w+` is deprecated\. Please use .*",  # megatron-core calls the old collectives
 )
 
 
+def verbose() -> bool:
+    return os.environ.get("MAPGEN_VERBOSE") == "1"
+
+
 def quiet_third_party() -> None:
-    """Silence :data:`QUIET_WARNINGS` for the process unless ``MAPGEN_VERBOSE=1``."""
-    if os.environ.get("MAPGEN_VERBOSE") == "1":
+    """Silence :data:`QUIET_WARNINGS` for the process unless ``--verbose`` (``MAPGEN_VERBOSE=1``)."""
+    if verbose():
         return
     for pattern in QUIET_WARNINGS:
         warnings.filterwarnings("ignore", message=pattern)
+
+
+def quiet_transformers() -> None:
+    """transformers' info/warning logs ("falling back to the reference implementation"), its load reports and
+    progress bars, unless ``--verbose``: mapgen uses transformers as a reference, and says what matters itself."""
+    if verbose():
+        return
+    import transformers
+
+    transformers.logging.set_verbosity_error()  # type: ignore[no-untyped-call]
+    transformers.logging.disable_progress_bar()  # type: ignore[no-untyped-call]
+    quiet_third_party()
 
 
 def _eager_compile(model: Any = None, **kwargs: Any) -> Any:

@@ -13,6 +13,7 @@ The bridge always comes from a generated registry, keyed by the checkpoint's lay
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -39,6 +40,7 @@ from mapgen.runtime.hfio import (
     CONFIG_DTYPES,
     DTYPES,
     INDEX_NAME,
+    TORCH_TO_ST,
     SafetensorsReader,
     ShardedWriter,
     commit_dir,
@@ -47,6 +49,7 @@ from mapgen.runtime.hfio import (
     staging_dir,
     write_safetensors,
 )
+from mapgen.runtime.quant import BlockFp8, DequantizingReader, reader_for, requantize
 
 MAPGEN_META = "mapgen.json"
 DEFAULT_SHARD_BYTES = 5 * 1024**3
@@ -78,6 +81,10 @@ class HFSource:
     dtypes: dict[str, str] = field(default_factory=dict)
     shard_metadata: dict[str, dict[str, str]] = field(default_factory=dict)
     single_file: bool = False
+    # block-scaled FP8 weights, dequantized while read (mapgen.runtime.quant); ``dtypes`` then holds the
+    # dequantized dtype of each such weight, ``stored_dtypes`` what is on disk
+    quant: BlockFp8 | None = None
+    stored_dtypes: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def open(cls, root: Path | str) -> HFSource:
@@ -111,12 +118,37 @@ class HFSource:
         reader = SafetensorsReader(root, weight_map)
         shard_meta = {shard: reader.header_metadata(shard) for shard in dict.fromkeys(weight_map.values())}
         reader.close()
+        quant, stored = None, dict(dtypes)
+        if layout.quantization == "fp8_block":
+            out = CONFIG_DTYPES.get(str(layout.config.get("torch_dtype") or layout.config.get("dtype")),
+                                    torch.bfloat16)
+            quant = BlockFp8.from_checkpoint(layout.config, weight_map, out_dtype=out)
+            dtypes = {k: v for k, v in dtypes.items() if k not in quant.scales.values()}
+            dtypes.update(dict.fromkeys(quant.scales, TORCH_TO_ST[out]))
         return cls(root, layout, weight_map, dict(src.index_metadata), dtypes, shard_meta,
-                   single_file=not (root / INDEX_NAME).is_file())
+                   single_file=not (root / INDEX_NAME).is_file(), quant=quant, stored_dtypes=stored)
 
-    def to_meta(self) -> dict[str, Any]:
-        return {"weight_map": self.weight_map, "index_metadata": self.index_metadata, "dtypes": self.dtypes,
-                "shard_metadata": self.shard_metadata, "single_file": self.single_file}
+    def reader(self, dtype: torch.dtype | None = None) -> SafetensorsReader | DequantizingReader:
+        """A reader of this checkpoint's tensors as the model uses them: FP8 weights dequantized into ``dtype``
+        (the Megatron parameters' dtype: ``fp32(q) * scale`` is rounded once, to what the model holds)."""
+        quant = self.quant
+        if quant is not None and dtype is not None:
+            quant = dataclasses.replace(quant, out_dtype=dtype)
+        return reader_for(SafetensorsReader(self.root, self.weight_map), quant)
+
+    def to_meta(self, *, quantized: bool = False) -> dict[str, Any]:
+        """The layout of an HF checkpoint written back from this one: the same names, shard files and dtypes,
+        with block-scaled FP8 weights in their dequantized dtype and without their scales -- or, ``quantized``,
+        re-quantized with the source's tiles beside their scales (``"quantize"``: the tile shape)."""
+        meta: dict[str, Any] = {"weight_map": self.weight_map, "index_metadata": self.index_metadata,
+                                "dtypes": self.dtypes, "shard_metadata": self.shard_metadata,
+                                "single_file": self.single_file}
+        if self.quant is not None and quantized:
+            meta["quantize"] = list(self.quant.block)
+        elif self.quant is not None:
+            scales = set(self.quant.scales.values())
+            meta["weight_map"] = {k: v for k, v in self.weight_map.items() if k not in scales}
+        return meta
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -131,6 +163,26 @@ def bridge_for(layout: Layout) -> Bridge:
     fp = fingerprint(layout)
     what = f"layout {fp} (model_type {layout.model_type!r}, {', '.join(layout.architectures) or 'no architectures'})"
     return discovery.bridge(fp, what=what)
+
+
+UNPROVEN_FLAG = "--allow-unproven-numerics"
+
+
+def require_numerics(bridge: Bridge, *, allow: bool, command: str) -> dict[str, Any]:
+    """Refuse a bridge whose emit did not prove logits parity with transformers, unless the user said
+    ``--allow-unproven-numerics``; returns what ``mapgen.json`` records about it."""
+    record = {"bridge": bridge.numerics, "proven": bridge.numerically_proven, "allow_unproven_numerics": allow}
+    if bridge.numerically_proven or allow:
+        return record
+    why = bridge.numerics or "it was emitted before mapgen recorded numerical proofs"
+    raise error(
+        "bridge.unproven-numerics",
+        f"the bridge for layout {bridge.fingerprint} (model_type {bridge.model_type!r}) has no numerical proof: {why}",
+        expected="a bridge whose `mapgen emit` proved logits parity with transformers on a tiny twin of the layout",
+        hint=f"its names and shapes are proven (a bijection), but nothing shows that the Megatron model computes "
+        f"what this checkpoint's model computes; pass {UNPROVEN_FLAG} to {command} anyway (recorded in "
+        f"{MAPGEN_META}), or re-emit the bridge where transformers has a class for the model",
+    )
 
 
 def bind(layout: Layout, bridge: Bridge | None = None) -> Binding:
@@ -249,11 +301,13 @@ def check_parallel(spec: ModelSpec, par: Parallel, world_size: int) -> None:
 
 
 def preflight(source_path: str | None, par: Parallel, world: int, *, out: Path | None = None,
-              overwrite: bool = False, ckpt: Path | None = None) -> None:
+              overwrite: bool = False, ckpt: Path | None = None,
+              numerics: tuple[bool, str] | None = None) -> None:
     """Every check a command can make before it starts workers or writes a byte, in the launching process:
     the source checkpoint (:meth:`HFSource.open`), the bridge for its layout, TP/EP/ETP/PP divisibility (all
     problems at once) and the output directory. ``ckpt`` (export) must hold ``mapgen.json`` unless a source
-    is given. Imports no megatron-core."""
+    is given. ``numerics`` = (allowed, command): the bridge must carry its numerical proof unless allowed
+    (:func:`require_numerics`). Imports no megatron-core."""
     if ckpt is not None and not Path(ckpt).is_dir():
         raise error("megatron.not-found", f"{ckpt} is not a directory", file=str(ckpt),
                     expected="a Megatron checkpoint directory written by `mapgen convert`")
@@ -268,6 +322,10 @@ def preflight(source_path: str | None, par: Parallel, world: int, *, out: Path |
 
         check_dist_checkpoint(Path(ckpt) / "release" if (Path(ckpt) / "release").is_dir() else Path(ckpt))
     bridge = bridge_for(layout)
+    if numerics is not None:
+        meta = read_megatron_meta(ckpt) if ckpt is not None and (Path(ckpt) / MAPGEN_META).is_file() else {}
+        accepted = bool((meta.get("numerics") or {}).get("allow_unproven_numerics"))
+        require_numerics(bridge, allow=numerics[0] or accepted, command=numerics[1])
     check_parallel(bridge.megatron_config(HFConfig(layout.config), layout), par, world)
     if out is not None:
         sources = ([source.root] if source is not None else []) + ([Path(ckpt)] if ckpt is not None else [])
@@ -484,7 +542,7 @@ def load_hf(source: HFSource, par: Parallel, *, bridge: Bridge | None = None,
     # No random initialisation: load_model writes every parameter exactly once (or raises), and the
     # initialisation costs several times the load itself on CPU.
     model = build(binding, par, initialize=False, dtypes=dtypes)
-    reader = SafetensorsReader(source.root, source.weight_map)
+    reader = source.reader(dtypes.params_dtype)
     try:
         with progress_bar("HF -> Megatron", len(binding.by_megatron)) as bar:
             stats = load_model(model, binding, reader, progress=bar)
@@ -525,6 +583,32 @@ def stream_hf(models: list[torch.nn.Module] | torch.nn.Module, binding: Binding,
                                                    target.get("force_dtype")))
 
 
+def _requantizer(target: Mapping[str, Any], root: Path | None) -> tuple[BlockFp8, SafetensorsReader] | None:
+    """For a target that asks for block-scaled FP8 (``to_meta(quantized=True)``): the format and a reader of the
+    source's scales."""
+    block = target.get("quantize")
+    if not block:
+        return None
+    if root is None:
+        raise error("export.quantize-needs-fp8-source", "--quantize reuses the source's FP8 tiles and scales",
+                    hint="pass --source with the FP8 checkpoint")
+    weight_map = target["weight_map"]
+    scales = {k.removesuffix("_scale_inv"): k for k in weight_map if k.endswith(".weight_scale_inv")}
+    return BlockFp8((int(block[0]), int(block[1])), scales), SafetensorsReader(root, weight_map)
+
+
+def written_config(layout: Layout, target: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``config.json`` of an exported checkpoint: the source's, less a ``quantization_config`` whose weights
+    are written dequantized (block-scaled FP8 without ``--quantize``)."""
+    config = dict(layout.config)
+    if layout.quantization == "fp8_block" and not target.get("quantize"):
+        config.pop("quantization_config", None)
+        text = config.get("text_config")
+        if isinstance(text, dict) and "quantization_config" in text:
+            config["text_config"] = {k: v for k, v in text.items() if k != "quantization_config"}
+    return config
+
+
 def export_hf(models: list[torch.nn.Module] | torch.nn.Module, binding: Binding, out: Path, *,
               target: Mapping[str, Any] | None = None, source_root: Path | None = None, overwrite: bool = False,
               shard_bytes: int = DEFAULT_SHARD_BYTES) -> Stats:
@@ -541,8 +625,12 @@ def export_hf(models: list[torch.nn.Module] | torch.nn.Module, binding: Binding,
                     f"({', '.join(t.name for t in layout.towers)}) that live only in the source checkpoint",
                     hint="pass --source with the original HF checkpoint")
     stream = stream_hf(models, binding, target=target)
+    fp8 = None
     if coords.rank == 0:
         stream = _counted(stream, "Megatron -> HF")
+        fp8 = _requantizer(target, source_root)
+        if fp8 is not None:
+            stream = requantize(stream, *fp8)
     if coords.rank != 0:
         for _ in stream:
             pass
@@ -556,7 +644,7 @@ def export_hf(models: list[torch.nn.Module] | torch.nn.Module, binding: Binding,
             _write_known_layout(stream, writer, weight_map, shard_meta, towers, source_root, stats)
         else:
             _write_budgeted(stream, writer, shard_bytes, stats)
-        config_text = json.dumps(layout.config, indent=2, sort_keys=True) + "\n"
+        config_text = json.dumps(written_config(layout, target), indent=2, sort_keys=True) + "\n"
         writer.write_text("config.json", config_text)
         if source_root is not None:
             _copy_side_files(Path(source_root), writer.staging)
@@ -564,6 +652,9 @@ def export_hf(models: list[torch.nn.Module] | torch.nn.Module, binding: Binding,
     except BaseException:
         writer.abort()
         raise
+    finally:
+        if fp8 is not None:
+            fp8[1].close()
     stats.seconds = time.perf_counter() - start
     return stats
 
@@ -655,14 +746,15 @@ def _copy_side_files(source_root: Path, staging: Path) -> None:
 # ---------------------------------------------------------------------------------------------------------
 # Megatron distributed checkpoints
 # ---------------------------------------------------------------------------------------------------------
-def _stream_to_dist(model: torch.nn.Module, binding: Binding, source: HFSource, path: Path) -> Stats:
+def _stream_to_dist(model: torch.nn.Module, binding: Binding, source: HFSource, path: Path,
+                    dtype: torch.dtype | None = None) -> Stats:
     """Write this rank's part of the dist checkpoint of ``model`` (built on meta) straight from the HF
     slices, entry by entry (:func:`mapgen.runtime.megatron.save_dist_checkpoint_streaming`)."""
     from mapgen.runtime.engine import EntryProducer
     from mapgen.runtime.megatron import save_dist_checkpoint_streaming
 
     start = time.perf_counter()
-    reader = SafetensorsReader(source.root, source.weight_map)
+    reader = source.reader(dtype)
     try:
         with progress_bar("HF -> Megatron", 0, unit="B") as bar:
             producer = EntryProducer(model, binding, reader, progress=bar)
@@ -682,19 +774,23 @@ def _stream_to_dist(model: torch.nn.Module, binding: Binding, source: HFSource, 
 
 
 def convert(source_path: str, out: Path, par: Parallel, *, overwrite: bool = False,
-            config_check: dict[str, Any] | None = None, dtype: str = "auto", streaming: bool = True) -> Stats:
+            config_check: dict[str, Any] | None = None, dtype: str = "auto", streaming: bool = True,
+            allow_unproven_numerics: bool = False) -> Stats:
     """HF checkpoint -> Megatron-Core distributed checkpoint (torch_dist), loadable by Megatron-LM:
     ``OUT/release/`` plus ``latest_checkpointed_iteration.txt``; ``OUT/mapgen.json`` records the layout and
     the dtypes (the source's by default, ``dtype`` to choose one), and ``config_check`` (the config catalog's
     verdicts, with any --assume-inert / --accept-semantic-gap). ``streaming`` (default): no Megatron model
     is materialised, each rank writes its shards entry by entry from the HF slices (memory: a few times the
-    largest tensor); otherwise the model is loaded in memory and saved by megatron-core."""
+    largest tensor); otherwise the model is loaded in memory and saved by megatron-core. A bridge without its
+    numerical proof is refused unless ``allow_unproven_numerics`` (recorded in ``mapgen.json``)."""
     from mapgen.runtime.megatron import save_dist_checkpoint
 
     source = HFSource.open(source_path)
     out = Path(out)
     world = world_from_env()
-    binding = bind(source.layout)
+    bridge = bridge_for(source.layout)
+    numerics = require_numerics(bridge, allow=allow_unproven_numerics, command="convert")
+    binding = bind(source.layout, bridge)
     check_parallel(binding.spec, par, world)
     prepare_target(out, overwrite=overwrite, sources=[source.root])
     with parallel_context(par) as coords:
@@ -704,24 +800,29 @@ def convert(source_path: str, out: Path, par: Parallel, *, overwrite: bool = Fal
             dtypes = plan_dtypes(binding, source.dtypes, dtype)
             model = build(binding, par, device="meta", dtypes=dtypes)
         else:
-            model, binding, stats = load_hf(source, par, dtype=dtype)
+            model, binding, stats = load_hf(source, par, bridge=bridge, dtype=dtype)
             dtypes = stats.extra["dtypes"]
         staging = _shared_staging(out, coords)
         try:
             if streaming:
-                stats = _stream_to_dist(model, binding, source, staging / "release")
+                stats = _stream_to_dist(model, binding, source, staging / "release", dtypes.params_dtype)
             else:
                 save_dist_checkpoint(model, staging / "release")
             if coords.rank == 0:
                 (staging / "latest_checkpointed_iteration.txt").write_text("release\n")
-                from mapgen.runtime.megatron_args import ARGS_FILE, megatron_args, to_text
+                from mapgen.runtime.megatron_args import ARGS_FILE, ArgsError, megatron_args, to_text
 
-                argv = megatron_args(binding.spec, tp=par.tp, pp=par.pp, ep=par.ep, etp=par.etp_size,
-                                     dtype=dtypes.base, load=str(Path(out).resolve()))
-                (staging / ARGS_FILE).write_text(to_text(argv))
+                try:
+                    argv: list[str] | None = megatron_args(
+                        binding.spec, tp=par.tp, pp=par.pp, ep=par.ep, etp=par.etp_size, dtype=dtypes.base,
+                        load=str(Path(out).resolve()))
+                    args_text = to_text(argv or [])
+                except ArgsError as exc:  # megatron-core builds it; Megatron-LM's command line cannot say so
+                    argv, args_text = None, f"# no Megatron-LM arguments build this model: {exc}\n"
+                (staging / ARGS_FILE).write_text(args_text)
                 meta = {"mapgen_version": __version__, "layout": json.loads(layout_to_json(source.layout)),
                         "source": source.to_meta(), "parallel": par.__dict__, "dtype": dtypes.to_json(),
-                        "megatron_args": argv}
+                        "megatron_args": argv, "numerics": numerics}
                 if config_check is not None:
                     meta["config_check"] = config_check
                 (staging / MAPGEN_META).write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
@@ -760,7 +861,7 @@ def dry_run_convert(source_path: str, par: Parallel, *, dtype: str = "auto") -> 
         dtypes = plan_dtypes(binding, source.dtypes, dtype)
         model = build(binding, par, device="meta", dtypes=dtypes)
         writes = planned_writes(model)
-        reader = SafetensorsReader(source.root, source.weight_map)
+        reader = source.reader(dtypes.params_dtype)
         try:
             producer = EntryProducer(model, binding, reader)
             reads = {local: producer.measure(local) for local in writes}
@@ -908,6 +1009,7 @@ def _export_streaming(binding: Binding, release: Path, out: Path, target: Mappin
     written: dict[str, str] = {}
     sizes: dict[str, int] = {}
     src = SafetensorsReader(root, weight_map) if root is not None and towers else None
+    fp8 = _requantizer(target, root)
     try:
         with progress_bar("Megatron -> HF", len(shards), unit="shard") as bar:
             for n, shard in enumerate(shards):
@@ -939,6 +1041,8 @@ def _export_streaming(binding: Binding, release: Path, out: Path, target: Mappin
                         raise error("export.incomplete-packed", f"only {len(slots)} expert slots filled", key=key)
                     tensors[key] = torch.stack([slots[e] for e in range(len(slots))])
                 tensors = {k: v.to(dtype_for(k, v)).contiguous() for k, v in tensors.items()}
+                if fp8 is not None:
+                    tensors = dict(requantize(tensors.items(), *fp8))
                 for key in keys:
                     if key not in tensors:
                         if src is None or key not in towers:
@@ -969,7 +1073,8 @@ def _export_streaming(binding: Binding, release: Path, out: Path, target: Mappin
                 meta["total_size"] = total
                 index = {"metadata": meta, "weight_map": dict(sorted(all_written.items()))}
                 (staging / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
-            (staging / "config.json").write_text(json.dumps(layout.config, indent=2, sort_keys=True) + "\n")
+            (staging / "config.json").write_text(json.dumps(written_config(layout, target), indent=2,
+                                                            sort_keys=True) + "\n")
             if root is not None:
                 _copy_side_files(Path(root), staging)
         _barrier()
@@ -982,27 +1087,38 @@ def _export_streaming(binding: Binding, release: Path, out: Path, target: Mappin
             shutil.rmtree(staging, ignore_errors=True)
         raise
     finally:
-        if src is not None:
-            src.close()
+        for reader in (src, fp8[1] if fp8 is not None else None):
+            if reader is not None:
+                reader.close()
     _barrier()
     stats.seconds = time.perf_counter() - start
     return stats
 
 
 def export_megatron(ckpt: Path, out: Path, par: Parallel, *, source_path: str | None = None,
-                    overwrite: bool = False, dtype: str = "auto", streaming: bool = True) -> Stats:
+                    overwrite: bool = False, dtype: str = "auto", streaming: bool = True,
+                    quantize: bool = False, allow_unproven_numerics: bool = False) -> Stats:
     """Megatron distributed checkpoint (any parallel layout; resharded by dist_checkpointing) -> HF.
     ``streaming`` (default, when the source's shard layout is known): no model, each rank writes its share of
     the output shards (:func:`_export_streaming`); otherwise the model is loaded and gathered to rank 0.
     The model is built in the dtypes ``mapgen.json`` records (fp32 without one: exact for any float
-    checkpoint); HF tensors are written in the source's dtypes, or all floating ones in ``dtype``."""
+    checkpoint); HF tensors are written in the source's dtypes, or all floating ones in ``dtype``.
+    ``quantize``: block-scaled FP8 weights are written as the source stores them (its tiles and scales). A
+    bridge without its numerical proof is refused unless ``allow_unproven_numerics`` or the checkpoint's
+    ``mapgen.json`` records that its conversion was allowed."""
     from mapgen.runtime._safeload import check_dist_checkpoint
     from mapgen.runtime.megatron import load_dist_checkpoint
 
     ckpt = Path(ckpt)
     source = HFSource.open(source_path) if source_path else None
+    if quantize and (source is None or source.quant is None):
+        raise error("export.quantize-needs-fp8-source",
+                    "--quantize writes weights in the source's block-scaled FP8 format" + (
+                        ", but the source is not block-scaled FP8" if source is not None else
+                        ": pass --source with that FP8 checkpoint (its tiles and scales are reused)"),
+                    file=str(source_path or ckpt), expected="a source with quantization_config.quant_method 'fp8'")
     if source is not None:
-        layout, target, root = source.layout, source.to_meta(), source.root
+        layout, target, root = source.layout, source.to_meta(quantized=quantize), source.root
     else:
         meta = read_megatron_meta(ckpt)
         layout = layout_from_json(json.dumps(meta["layout"]))
@@ -1015,8 +1131,11 @@ def export_megatron(ckpt: Path, out: Path, par: Parallel, *, source_path: str | 
         target = dict(target)
         target["dtypes"] = {}
         target["force_dtype"] = dtype
+    accepted = bool((recorded.get("numerics") or {}).get("allow_unproven_numerics"))
+    bridge = bridge_for(layout)
+    require_numerics(bridge, allow=allow_unproven_numerics or accepted, command="export")
     prepare_target(out, overwrite=overwrite, sources=[ckpt] + ([source.root] if source else []))
-    binding = bind(layout)
+    binding = bind(layout, bridge)
     check_parallel(binding.spec, par, world_from_env())
     release = ckpt / "release" if (ckpt / "release").is_dir() else ckpt
     if streaming and target.get("weight_map"):

@@ -111,6 +111,7 @@ if TYPE_CHECKING:
 __all__ = [
     "MTP_INNER_NAMES",
     "ParallelSizes",
+    "activation_func",
     "build_model",
     "check_divisibility",
     "cpu_shims",
@@ -395,11 +396,44 @@ def _moe_score_function(spec: ModelSpec) -> str:
     return spec.moe_router_score_function or ("sigmoid" if spec.moe_router_enable_expert_bias else "softmax")
 
 
+def activation_func(name: str) -> Any:
+    """The callable megatron-core applies for a ModelSpec activation (bias+activation fusion is off in
+    :func:`transformer_config`, so the MLP calls exactly this function, gated or not). Megatron-LM's own choices
+    where it has a flag: ``--openai-gelu`` (tanh GELU), ``--squared-relu``, ``--quick-geglu``."""
+    import torch.nn.functional as F
+    from megatron.core.activations import squared_relu
+    from megatron.core.fusions.fused_bias_geglu import quick_gelu
+    from megatron.core.transformer.utils import openai_gelu
+
+    funcs: dict[str, Any] = {"silu": F.silu, "gelu": F.gelu, "gelu_tanh": openai_gelu, "relu": F.relu,
+                             "relu2": squared_relu, "quick_gelu": quick_gelu}
+    return funcs[name]
+
+
+def _attention_kwargs(spec: ModelSpec) -> dict[str, Any]:
+    """Sliding windows, NoPE layers, M-RoPE sections and the softmax scale, as TransformerConfig fields.
+
+    Windows: transformers lets query i see keys i-w+1..i (``kv_idx > q_idx - sliding_window``); megatron-core's
+    ``window_size=(left, right)`` keeps keys i-left..i+right (flash-attention convention), so ``(w - 1, 0)``.
+    ``window_attn_skip_freq`` as a list: 1 = windowed layer. ``no_rope_freq`` as a list: 1 = skip RoPE."""
+    kw: dict[str, Any] = {}
+    if spec.window_size is not None:
+        kw["window_size"] = (spec.window_size - 1, 0)
+        if spec.window_layers and not all(spec.window_layers):
+            kw["window_attn_skip_freq"] = [int(w) for w in spec.window_layers]
+    if spec.no_rope_layers and any(spec.no_rope_layers):
+        kw["no_rope_freq"] = [int(n) for n in spec.no_rope_layers]
+    if spec.position_embedding_type == "mrope":
+        kw["mrope_section"] = list(spec.mrope_section)
+    if spec.softmax_scale is not None:
+        kw["softmax_scale"] = spec.softmax_scale
+    return kw
+
+
 def transformer_config(
     spec: ModelSpec, *, params_dtype: torch.dtype = torch.float32, device: Device = "cpu", initialize: bool = True
 ) -> TransformerConfig:
     """The ``TransformerConfig`` for ``spec`` under the current parallel state (sizes 1 when none)."""
-    import torch.nn.functional as F
     from megatron.core.transformer import TransformerConfig
 
     s = parallel_sizes()
@@ -428,6 +462,9 @@ def transformer_config(
             moe_router_score_function=_moe_score_function(spec),
             moe_router_pre_softmax=spec.moe_router_pre_softmax,
             moe_router_topk_scaling_factor=spec.moe_router_topk_scaling_factor,
+            moe_router_num_groups=spec.moe_router_num_groups,
+            moe_router_group_topk=spec.moe_router_group_topk,
+            moe_router_dtype=spec.moe_router_dtype,
             moe_router_load_balancing_type="none",
             moe_aux_loss_coeff=0.0,
             moe_grouped_gemm=False,
@@ -437,6 +474,7 @@ def transformer_config(
         )
         if spec.moe_router_bias:
             kw["add_bias_linear"] = True
+    kw.update(_attention_kwargs(spec))
     return TransformerConfig(
         num_layers=spec.num_layers,
         hidden_size=spec.hidden_size,
@@ -452,7 +490,7 @@ def transformer_config(
         layernorm_epsilon=spec.norm_epsilon,
         layernorm_zero_centered_gamma=spec.layernorm_zero_centered_gamma,
         gated_linear_unit=spec.gated_linear_unit,
-        activation_func=F.silu if spec.activation == "silu" else F.gelu,
+        activation_func=activation_func(spec.activation),
         mtp_num_layers=spec.mtp_num_layers or None,
         hidden_dropout=0.0,
         attention_dropout=0.0,
@@ -645,7 +683,7 @@ def build_model(
             post_process=post_process,
             parallel_output=True,
             share_embeddings_and_output_weights=not spec.untie_embeddings_and_output_weights,
-            position_embedding_type="rope",
+            position_embedding_type=spec.position_embedding_type,
             rotary_percent=spec.rotary_percent,
             rotary_base=int(spec.rotary_base),
             rope_scaling=spec.rope_scaling,
@@ -775,6 +813,8 @@ def logits(model: GPTModel, input_ids: torch.Tensor) -> torch.Tensor:
     dev = next(model.parameters()).device
     input_ids = input_ids.to(dev)
     position_ids = torch.arange(s, device=dev).unsqueeze(0).expand(b, s)
+    if model.position_embedding_type == "mrope":  # text only: temporal = height = width = the token index
+        position_ids = position_ids.unsqueeze(0).expand(3, b, s)
     mask = torch.triu(torch.ones(b, 1, s, s, dtype=torch.bool, device=dev), diagonal=1)
     saved = (getattr(model, "mtp_process", False), model.config.mtp_num_layers)
     was_training = model.training

@@ -22,7 +22,7 @@ import shlex
 from collections.abc import Sequence
 from typing import Any
 
-from mapgen.contract.spec import LayerKind, MlpKind, ModelSpec
+from mapgen.contract.spec import Activation, LayerKind, MlpKind, ModelSpec
 
 ARGS_FILE = "megatron_args.txt"
 DIVISIBLE_BY = 128  # mapgen pads the vocabulary like Megatron-LM's default --make-vocab-size-divisible-by
@@ -36,12 +36,51 @@ def _freq(values: Sequence[int]) -> str:
     return "[" + ",".join(str(int(v)) for v in values) + "]"
 
 
+# (gated MLP, activation) -> the Megatron-LM flags that build it (core_transformer_config_from_args). Megatron-LM
+# turns bias+activation fusion on with --bias-gelu-fusion's default; megatron-core fuses only GELU and SwiGLU (a
+# fused quick-GeGLU or squared ReLU is a ValueError), so those two switch it off.
+_ACTIVATION_FLAGS: dict[tuple[bool, str], list[str]] = {
+    (True, "silu"): ["--swiglu"], (True, "quick_gelu"): ["--quick-geglu", "--no-bias-gelu-fusion"],
+    (False, "relu2"): ["--squared-relu", "--no-bias-gelu-fusion"], (False, "gelu"): [],
+}
+
+
 def canonical(spec: ModelSpec) -> ModelSpec:
     """``spec`` with its defaults spelled out (per-layer kinds, the router's score function), so that two
     specs that build the same model compare equal."""
     score = spec.moe_router_score_function or ("sigmoid" if spec.moe_router_enable_expert_bias else "softmax")
+    windows = spec.window_layers if spec.window_size is not None and not all(spec.window_layers) else ()
     return spec.replace(layer_kinds=spec.kinds, mlp_kinds=spec.mlps,
-                        moe_router_score_function=score if spec.num_moe_experts else None)
+                        moe_router_score_function=score if spec.num_moe_experts else None, window_layers=windows,
+                        no_rope_layers=spec.no_rope_layers if any(spec.no_rope_layers) else ())
+
+
+def _moe_args(spec: ModelSpec) -> list[str]:
+    """The MoE flags (routing included: :mod:`mapgen.contract.routing`)."""
+    a = ["--num-experts", str(spec.num_moe_experts),
+         "--moe-layer-freq", _freq([m == "moe" for m in spec.mlps]),
+         "--moe-router-topk", str(spec.moe_router_topk),
+         "--moe-ffn-hidden-size", str(spec.moe_ffn_hidden_size or spec.ffn_hidden_size),
+         "--moe-router-score-function", spec.moe_router_score_function
+         or ("sigmoid" if spec.moe_router_enable_expert_bias else "softmax"),
+         "--moe-router-load-balancing-type", "none", "--moe-aux-loss-coeff", "0.0"]
+    if spec.moe_shared_expert_intermediate_size:
+        a += ["--moe-shared-expert-intermediate-size", str(spec.moe_shared_expert_intermediate_size)]
+    if spec.moe_shared_expert_gate:
+        a.append("--moe-shared-expert-gate")
+    if spec.moe_router_enable_expert_bias:
+        a.append("--moe-router-enable-expert-bias")
+    if spec.moe_router_pre_softmax:
+        a.append("--moe-router-pre-softmax")
+    if spec.moe_router_topk_scaling_factor is not None:
+        a += ["--moe-router-topk-scaling-factor", repr(float(spec.moe_router_topk_scaling_factor))]
+    if spec.moe_router_num_groups is not None:
+        a += ["--moe-router-num-groups", str(spec.moe_router_num_groups)]
+    if spec.moe_router_group_topk is not None:
+        a += ["--moe-router-group-topk", str(spec.moe_router_group_topk)]
+    if spec.moe_router_dtype is not None:
+        a += ["--moe-router-dtype", spec.moe_router_dtype]
+    return a
 
 
 def megatron_args(spec: ModelSpec, *, tp: int = 1, pp: int = 1, ep: int = 1, etp: int = 1,
@@ -51,8 +90,13 @@ def megatron_args(spec: ModelSpec, *, tp: int = 1, pp: int = 1, ep: int = 1, etp
     ``dist_checkpointing.load`` converts on load."""
     if spec.moe_router_bias:
         raise ArgsError("a router bias has no Megatron-LM flag of its own (it comes with --add-bias-linear)")
-    if spec.gated_linear_unit and spec.activation != "silu":
-        raise ArgsError("a gated MLP with GELU has no Megatron-LM flag here")
+    activation = _ACTIVATION_FLAGS.get((spec.gated_linear_unit, spec.activation))
+    if activation is None:
+        raise ArgsError(f"a{' gated' if spec.gated_linear_unit else ''} MLP with {spec.activation} has no Megatron-LM "
+                        "flag (it has --swiglu, --quick-geglu, --squared-relu and the plain GELU default)")
+    if spec.softmax_scale is not None:
+        raise ArgsError(f"an attention softmax scale of {spec.softmax_scale} has no Megatron-LM flag "
+                        "(TransformerConfig.softmax_scale is not an argument)")
     a: list[str] = [
         "--num-layers", str(spec.num_layers),
         "--hidden-size", str(spec.hidden_size),
@@ -62,7 +106,7 @@ def megatron_args(spec: ModelSpec, *, tp: int = 1, pp: int = 1, ep: int = 1, etp
         "--group-query-attention", "--num-query-groups", str(spec.num_query_groups),
         "--max-position-embeddings", str(spec.max_position_embeddings),
         "--seq-length", str(min(4096, spec.max_position_embeddings)),
-        "--position-embedding-type", "rope",
+        "--position-embedding-type", spec.position_embedding_type,
         "--rotary-base", str(int(spec.rotary_base)) if float(spec.rotary_base).is_integer() else repr(spec.rotary_base),
         "--rotary-percent", repr(float(spec.rotary_percent)),
         "--normalization", spec.normalization,
@@ -74,8 +118,8 @@ def megatron_args(spec: ModelSpec, *, tp: int = 1, pp: int = 1, ep: int = 1, etp
         a += ["--use-rope-scaling", "--rope-scaling-factor", repr(float(spec.rope_scaling_factor))]
     if spec.layernorm_zero_centered_gamma:
         a.append("--apply-layernorm-1p")
-    if spec.gated_linear_unit:
-        a.append("--swiglu")
+    a += activation
+    a += _position_args(spec)
     if not spec.add_bias_linear:
         a.append("--disable-bias-linear")
     if spec.add_qkv_bias:
@@ -95,23 +139,7 @@ def megatron_args(spec: ModelSpec, *, tp: int = 1, pp: int = 1, ep: int = 1, etp
               "--linear-num-key-heads", str(spec.linear_num_key_heads),
               "--linear-num-value-heads", str(spec.linear_num_value_heads)]
     if spec.num_moe_experts:
-        a += ["--num-experts", str(spec.num_moe_experts),
-              "--moe-layer-freq", _freq([m == "moe" for m in spec.mlps]),
-              "--moe-router-topk", str(spec.moe_router_topk),
-              "--moe-ffn-hidden-size", str(spec.moe_ffn_hidden_size or spec.ffn_hidden_size),
-              "--moe-router-score-function", spec.moe_router_score_function
-              or ("sigmoid" if spec.moe_router_enable_expert_bias else "softmax"),
-              "--moe-router-load-balancing-type", "none", "--moe-aux-loss-coeff", "0.0"]
-        if spec.moe_shared_expert_intermediate_size:
-            a += ["--moe-shared-expert-intermediate-size", str(spec.moe_shared_expert_intermediate_size)]
-        if spec.moe_shared_expert_gate:
-            a.append("--moe-shared-expert-gate")
-        if spec.moe_router_enable_expert_bias:
-            a.append("--moe-router-enable-expert-bias")
-        if spec.moe_router_pre_softmax:
-            a.append("--moe-router-pre-softmax")
-        if spec.moe_router_topk_scaling_factor is not None:
-            a += ["--moe-router-topk-scaling-factor", repr(float(spec.moe_router_topk_scaling_factor))]
+        a += _moe_args(spec)
     if spec.mtp_num_layers:
         a += ["--mtp-num-layers", str(spec.mtp_num_layers)]
     a += ["--tensor-model-parallel-size", str(tp), "--pipeline-model-parallel-size", str(pp),
@@ -125,10 +153,28 @@ def megatron_args(spec: ModelSpec, *, tp: int = 1, pp: int = 1, ep: int = 1, etp
     return a
 
 
-_FLAGS = {"--group-query-attention", "--use-rope-scaling", "--apply-layernorm-1p", "--swiglu",
+def _position_args(spec: ModelSpec) -> list[str]:
+    """M-RoPE sections, the sliding window (megatron-core ``(left, right)``) and its layers, NoPE layers."""
+    a: list[str] = []
+    if spec.position_embedding_type == "mrope":
+        a += ["--mrope-section", *(str(int(x)) for x in spec.mrope_section)]
+    if spec.window_size is not None:
+        a += ["--window-size", f"{spec.window_size - 1},0"]
+        if spec.window_layers and not all(spec.window_layers):
+            a += ["--window-attn-skip-freq", _freq(spec.window_layers)]
+    if spec.no_rope_layers and any(spec.no_rope_layers):
+        a += ["--no-rope-freq", _freq(spec.no_rope_layers)]
+    return a
+
+
+_FLAGS = {"--group-query-attention", "--use-rope-scaling", "--apply-layernorm-1p", "--swiglu", "--quick-geglu",
+          "--squared-relu", "--no-bias-gelu-fusion",
           "--disable-bias-linear", "--add-qkv-bias", "--qk-layernorm", "--attention-output-gate",
           "--untie-embeddings-and-output-weights", "--moe-shared-expert-gate", "--moe-router-enable-expert-bias",
           "--moe-router-pre-softmax", "--bf16", "--fp16", "--no-load-optim", "--no-load-rng", "--finetune"}
+
+
+_MULTI = {"--mrope-section"}  # nargs='+'
 
 
 def parse_args(argv: Sequence[str]) -> dict[str, Any]:
@@ -143,6 +189,12 @@ def parse_args(argv: Sequence[str]) -> dict[str, Any]:
         if arg in _FLAGS:
             out[name] = True
             i += 1
+        elif arg in _MULTI:
+            j = i + 1
+            while j < len(argv) and not argv[j].startswith("--"):
+                j += 1
+            out[name] = list(argv[i + 1:j])
+            i = j
         else:
             if i + 1 >= len(argv):
                 raise ArgsError(f"{arg} needs a value")
@@ -175,14 +227,16 @@ def spec_from_args(argv: Sequence[str]) -> tuple[ModelSpec, dict[str, Any]]:
              "moe_ffn_hidden_size", "moe_router_score_function", "moe_router_load_balancing_type",
              "moe_aux_loss_coeff", "moe_shared_expert_intermediate_size", "moe_shared_expert_gate",
              "moe_router_enable_expert_bias", "moe_router_pre_softmax", "moe_router_topk_scaling_factor",
+             "moe_router_num_groups", "moe_router_group_topk", "moe_router_dtype",
              "mtp_num_layers", "tensor_model_parallel_size", "pipeline_model_parallel_size",
              "expert_model_parallel_size", "expert_tensor_parallel_size", "bf16", "fp16", "load", "ckpt_format",
-             "no_load_optim", "no_load_rng", "finetune"}
+             "no_load_optim", "no_load_rng", "finetune", "quick_geglu", "squared_relu", "no_bias_gelu_fusion",
+             "mrope_section", "window_size", "window_attn_skip_freq", "no_rope_freq"}
     unknown = sorted(set(a) - known)
     if unknown:
         raise ArgsError(f"arguments this parser does not map: {', '.join('--' + u.replace('_', '-') for u in unknown)}")
-    if a.get("position_embedding_type", "rope") != "rope":
-        raise ArgsError("only --position-embedding-type rope is mapped")
+    if a.get("position_embedding_type", "rope") not in ("rope", "mrope"):
+        raise ArgsError("only --position-embedding-type rope and mrope are mapped")
     n = int(a["num_layers"])
     heads = int(a["num_attention_heads"])
     gdn: LayerKind = "gated_delta_net"
@@ -224,8 +278,15 @@ def spec_from_args(argv: Sequence[str]) -> tuple[ModelSpec, dict[str, Any]]:
         normalization=a.get("normalization", "LayerNorm"),
         norm_epsilon=float(a.get("norm_epsilon", 1e-5)),
         layernorm_zero_centered_gamma=bool(a.get("apply_layernorm_1p")),
-        gated_linear_unit=bool(a.get("swiglu")),
-        activation="silu" if a.get("swiglu") else "gelu",
+        gated_linear_unit=bool(a.get("swiglu") or a.get("quick_geglu")),
+        activation=_activation(a),
+        window_size=int(a["window_size"].split(",")[0]) + 1 if "window_size" in a else None,
+        window_layers=(tuple(bool(f) for f in _list(a["window_attn_skip_freq"], n, "--window-attn-skip-freq"))
+                       if "window_attn_skip_freq" in a else ()),
+        no_rope_layers=(tuple(bool(f) for f in _list(a["no_rope_freq"], n, "--no-rope-freq"))
+                        if "no_rope_freq" in a else ()),
+        position_embedding_type="mrope" if a.get("position_embedding_type") == "mrope" else "rope",
+        mrope_section=tuple(int(x) for x in a.get("mrope_section", ())),
         untie_embeddings_and_output_weights=bool(a.get("untie_embeddings_and_output_weights")),
         num_moe_experts=experts,
         moe_router_topk=int(a.get("moe_router_topk", 2 if experts else 1)),
@@ -237,6 +298,9 @@ def spec_from_args(argv: Sequence[str]) -> tuple[ModelSpec, dict[str, Any]]:
         moe_router_pre_softmax=bool(a.get("moe_router_pre_softmax")),
         moe_router_topk_scaling_factor=(float(a["moe_router_topk_scaling_factor"])
                                         if "moe_router_topk_scaling_factor" in a else None),
+        moe_router_num_groups=opt_int("moe_router_num_groups"),
+        moe_router_group_topk=opt_int("moe_router_group_topk"),
+        moe_router_dtype="fp32" if a.get("moe_router_dtype") == "fp32" else None,
         linear_num_key_heads=opt_int("linear_num_key_heads"),
         linear_num_value_heads=opt_int("linear_num_value_heads"),
         linear_key_head_dim=opt_int("linear_key_head_dim"),
@@ -252,6 +316,14 @@ def spec_from_args(argv: Sequence[str]) -> tuple[ModelSpec, dict[str, Any]]:
            "etp": opt_int("expert_tensor_parallel_size"), "dtype": dtype, "load": a.get("load"),
            "divisible_by": int(a.get("make_vocab_size_divisible_by", 128))}
     return spec, run
+
+
+def _activation(a: dict[str, Any]) -> Activation:
+    if a.get("swiglu"):
+        return "silu"
+    if a.get("quick_geglu"):
+        return "quick_gelu"
+    return "relu2" if a.get("squared_relu") else "gelu"
 
 
 def to_text(argv: Sequence[str]) -> str:

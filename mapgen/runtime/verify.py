@@ -22,6 +22,7 @@ from mapgen.runtime.api import (
     Parallel,
     _barrier,
     bind,
+    bridge_for,
     check_parallel,
     compare_checkpoints,
     export_hf,
@@ -43,16 +44,20 @@ def transformers_logits(root: Path, input_ids: torch.Tensor) -> tuple[torch.Tens
     Every weight the model expects must come from the checkpoint (keys it does not use, such as ``mtp.*`` or a
     vision tower, are fine): a model with randomly initialised parts would prove nothing.
     """
+    from mapgen.runtime._cpu import quiet_transformers
+
     try:
         import transformers
         from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+        quiet_transformers()
 
         config = json.loads((root / "config.json").read_text(encoding="utf-8"))
         model_type = config.get("model_type") if isinstance(config, dict) else None
         if model_type not in CONFIG_MAPPING:  # remote code is never run, and never asked about
             return None, f"no reference model: transformers {transformers.__version__} has no class for model_type " \
                          f"{model_type!r} (checkpoint code is never executed)"
-        loaded: Any = transformers.AutoModelForCausalLM.from_pretrained(
+        loaded: Any = _auto_class(transformers, str(model_type)).from_pretrained(
             str(root), dtype=torch.float32, attn_implementation="eager", output_loading_info=True,
             trust_remote_code=False)
         model, info = loaded
@@ -67,6 +72,20 @@ def transformers_logits(root: Path, input_ids: torch.Tensor) -> tuple[torch.Tens
     return out.logits.float(), ""
 
 
+def _auto_class(transformers: Any, model_type: str) -> Any:
+    """``AutoModelForCausalLM``; for a vision-language wrapper transformers has no causal-LM class for (Qwen2-VL),
+    its image-text-to-text model: on a text-only batch that is its language model (text positions, no vision
+    input) with the checkpoint's own weights."""
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES,
+    )
+
+    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES:
+        return transformers.AutoModelForImageTextToText
+    return transformers.AutoModelForCausalLM
+
+
 def verify(source_path: str, par: Parallel, *, logits: bool = True, atol: float = 1e-4,
            dtype: str = "auto") -> dict[str, Any]:
     """SPMD entry point. Every rank returns its own read statistics; rank 0 also the findings. The Megatron
@@ -75,14 +94,20 @@ def verify(source_path: str, par: Parallel, *, logits: bool = True, atol: float 
     from mapgen.runtime.megatron import logits as megatron_logits
 
     source = HFSource.open(source_path)
-    binding = bind(source.layout)
+    if source.quant is not None and dtype == "auto":
+        # block-scaled FP8: dequantized exactly (fp32), as transformers dequantizes it for an fp32 model
+        dtype = "float32"
+    bridge = bridge_for(source.layout)
+    binding = bind(source.layout, bridge)
     check_parallel(binding.spec, par, world_from_env())
     with parallel_context(par) as coords:
         model, binding, stats = load_hf(source, par, dtype=dtype)
         tmp = Path(tempfile.mkdtemp(prefix="mapgen-verify-")) if coords.rank == 0 else Path()
         out = tmp / "hf"
-        export_hf(model, binding, out, target=source.to_meta(), source_root=source.root)
+        # a block-scaled FP8 source round-trips through --quantize (its tiles and scales), byte for byte
+        export_hf(model, binding, out, target=source.to_meta(quantized=True), source_root=source.root)
         result: dict[str, Any] = {"rank": coords.rank, "bytes_read": stats.bytes_read, "tensors": stats.tensors,
+                                  "bridge_numerics": bridge.numerics,
                                   "dtypes": stats.extra["dtypes"].to_json(),
                                   "param_dtypes": sorted({str(p.dtype) for p in model.state_dict().values()
                                                           if isinstance(p, torch.Tensor)})}

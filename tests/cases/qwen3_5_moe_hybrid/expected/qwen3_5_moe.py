@@ -83,7 +83,7 @@ BRIDGE_2fc12e8f3e2a = Bridge(
     fingerprint='2fc12e8f3e2a',
     model_type='qwen3_5_moe',
     facts=Facts(qk_layernorm=True, attention_output_gate=True, zero_centered=True, moe=True, shared_expert=True,
-                shared_expert_gate=True, gated_delta_net=True),
+                shared_expert_gate=True, gated_delta_net=True, router='softmax_renorm'),
     groups=(
         Group('global', '', '', EMBEDDING),
         Group('decoder:linear', 'decoder.layers.{layer}.', 'model.language_model.layers.{layer}.', GDN + MOE),
