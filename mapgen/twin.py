@@ -54,9 +54,14 @@ def _exercise(config: dict[str, Any], source: Mapping[str, Any]) -> None:
             scope["sliding_window"] = WINDOW
         groups = original.get("n_group")
         if isinstance(groups, int) and groups > 1 and "n_group" in scope:
-            scope["n_group"] = 2
+            # keep what each chosen group contributes (top-k // topk_group: 2 in DeepSeek-V3's 8 // 4, 1 in a
+            # V2 config whose groups are ranked by their max), which is what megatron-core's group score reads
+            topk, chosen = original.get("num_experts_per_tok"), original.get("topk_group")
+            per = topk // chosen if isinstance(topk, int) and isinstance(chosen, int) and chosen > 0 else 2
+            twin_chosen = max(1, int(scope.get("num_experts_per_tok") or 2) // max(1, per))
+            scope["n_group"] = 2 * twin_chosen
             if "topk_group" in scope:
-                scope["topk_group"] = 1
+                scope["topk_group"] = twin_chosen
 
 
 def twin_config(layout: Layout) -> tuple[dict[str, Any], Layout]:

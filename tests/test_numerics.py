@@ -50,6 +50,10 @@ def test_twin_config_exercises_windows_and_group_routing() -> None:
     twin, _ = twin_config(dataclasses.replace(layout, config=config))
     assert twin["sliding_window"] == 4  # shorter than the 11-token batch: the window is active
     assert (twin["n_group"], twin["topk_group"]) == (2, 1)  # 4 experts in 2 groups, routing stays group-limited
+    # a DeepSeek-V2-style source whose chosen groups each give one expert (top-2 of 2 groups): kept so in the twin
+    v2 = {**config, "num_experts_per_tok": 2, "n_group": 4, "topk_group": 2}
+    twin_v2, _ = twin_config(dataclasses.replace(layout, config=v2))
+    assert (twin_v2["n_group"], twin_v2["topk_group"]) == (4, 2)
     plain, _ = twin_config(dataclasses.replace(layout, config={**layout.config, "sliding_window": None}))
     assert plain["sliding_window"] is None
 

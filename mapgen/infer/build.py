@@ -64,6 +64,7 @@ CONFIG = "config.json"
 _LAYER = re.compile(
     r"((?:[A-Za-z0-9_]+\.)*?)(" + "|".join(map(re.escape, LAYER_CONTAINERS)) + r")\.(0|[1-9][0-9]*)\.(.*)", re.DOTALL
 )
+_COMMON_LAYERS = "model.layers."  # what _LAYER finds first in "model.layers.<n>.<rest>" (p "model.", "layers")
 _TOWERS = {
     "visual": "vision",
     "vision_tower": "vision",
@@ -390,7 +391,17 @@ def infer(source: Source) -> Layout:
     tower_keys: dict[str, list[str]] = {}
     others: list[str] = []  # keys outside any decoder layer
     by_prefix_s: dict[str, dict[str, list[str]]] = {}  # "model.layers." -> layer (digits) -> suffixes
+    common = _COMMON_LAYERS  # fast path for the usual decoder prefix; the regex decides every other key
+    common_layers = by_prefix_s.setdefault(common, {})
     for key in source.tensors:
+        if key.startswith(common):
+            digits, dot, tail = key[len(common):].partition(".")
+            if dot and digits.isascii() and digits.isdigit() and (digits == "0" or digits[0] != "0"):
+                layer = common_layers.get(digits)
+                if layer is None:
+                    common_layers[digits] = layer = []
+                layer.append(tail)
+                continue
         m = _LAYER.match(key)
         if m is None:
             t = _TOWER.match(key)
@@ -408,7 +419,7 @@ def infer(source: Source) -> Layout:
         tower_keys.setdefault(tower_prefix.group(1), []).extend(
             f"{p}{i}.{r}" for i in tower_layers for r in tower_layers[i]
         )
-    by_prefix = {p: {int(i): v for i, v in layers.items()} for p, layers in by_prefix_s.items()}
+    by_prefix = {p: {int(i): v for i, v in layers.items()} for p, layers in by_prefix_s.items() if layers}
     towers = _towers(tower_keys)
     candidates = [p for p in by_prefix if not p.startswith("mtp.")]
     layers_at = max(  # the decoder's "<prefix><container>." (most keys; "model.layers." on ties)

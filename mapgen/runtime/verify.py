@@ -67,8 +67,11 @@ def transformers_logits(root: Path, input_ids: torch.Tensor) -> tuple[torch.Tens
     if missing:
         return None, f"transformers expects weights the checkpoint lacks: {missing[:3]}"
     model.eval()
-    with torch.no_grad():
-        out = model(input_ids=input_ids, use_cache=False)
+    try:
+        with torch.no_grad():
+            out = model(input_ids=input_ids, use_cache=False)
+    except Exception as exc:  # transformers' own forward fails on this config: no reference, not a mapgen error
+        return None, f"transformers cannot run this config: {type(exc).__name__}: {str(exc)[:200]}"
     return out.logits.float(), ""
 
 
