@@ -116,6 +116,7 @@ QUIET_WARNINGS = (
     r".*torch.distributed is disabled, unavailable or uninitialized.*",
     r".*CUDA_DEVICE_MAX_CONNECTIONS.*",  # megatron's async all-reduce advice, a CUDA setting
     r"`torch\.distributed\.\w+` is deprecated\. Please use .*",  # megatron-core calls the old collectives
+    r"`load_state_dict` is deprecated and will be removed.*",  # megatron-core's torch_dist load calls it
 )
 
 

@@ -132,6 +132,9 @@ def _local_adapters(model: torch.nn.Module,
 def save_bridge(meg: MegatronAdapter, source_path: str, path: str, par: Parallel) -> int:
     """Write ``meg`` as a torch_dist checkpoint in ``path`` (``release/`` + tracker + ``run_config.yaml`` +
     side file; rank 0 writes the small files). Returns the number of adapters this rank saved."""
+    from mapgen.runtime._cpu import import_megatron
+
+    import_megatron()
     from megatron.core import dist_checkpointing
 
     from mapgen.runtime.api import _barrier, _shared_staging, build, parallel_context
@@ -274,6 +277,9 @@ def _meta(ckpt: Path, found: Mapping[str, int], source: HFSource) -> dict[str, A
 
 def load_bridge(path: str, source_path: str) -> MegatronAdapter:
     """Read a Megatron-Bridge adapter checkpoint at TP=EP=PP=1 (SPMD with one rank)."""
+    from mapgen.runtime._cpu import import_megatron
+
+    import_megatron()
     from megatron.core import dist_checkpointing
 
     from mapgen.runtime.api import build, parallel_context
