@@ -72,7 +72,8 @@ def test_bridge_round_trip(tmp_path: Path) -> None:
     assert (meg / "latest_checkpointed_iteration.txt").read_text().strip() == "release"
     release = meg / "release"
     assert json.loads((release / "metadata.json").read_text())["sharded_backend"] == "torch_dist"
-    assert (release / "common.pt").is_file() and len(list(release.glob("__*.distcp"))) == 4  # 2 ranks
+    assert (release / "common.pt").is_file()
+    assert len(list(release.glob("__*.distcp"))) == 4  # 2 ranks, 2 files each
 
     import yaml
 
@@ -81,10 +82,12 @@ def test_bridge_round_trip(tmp_path: Path) -> None:
     assert sorted(run_cfg["target_modules"]) == ["linear_fc1", "linear_fc2", "linear_proj", "linear_qkv"]
 
     assert mapgen_main(["adapter", "export", str(meg), str(back), "--base", str(base)]) == 0
-    want, got = load_file(str(adapter / "adapter_model.safetensors")), load_file(str(back / "adapter_model.safetensors"))
+    want = load_file(str(adapter / "adapter_model.safetensors"))
+    got = load_file(str(back / "adapter_model.safetensors"))
     assert sorted(want) == sorted(got)
     for k in want:
-        assert want[k].dtype == got[k].dtype and torch.equal(want[k], got[k]), k
+        assert want[k].dtype == got[k].dtype, k
+        assert torch.equal(want[k], got[k]), k
     assert json.loads((back / "adapter_config.json").read_text()) == json.loads(
         (adapter / "adapter_config.json").read_text())
 
@@ -114,8 +117,10 @@ def test_bridge_round_trip(tmp_path: Path) -> None:
     (ag, bg), (au, bu) = ab(0, "mlp.gate_proj"), ab(0, "mlp.up_proj")
     assert torch.equal(ag, au)  # shared A: one adapter, linear_out = [B_gate; B_up]
     fc1_in, fc1_out = (loaded[f"{pre}mlp.linear_fc1.adapter.{n}.weight/0"] for n in ("linear_in", "linear_out"))
-    assert torch.equal(fc1_in[:4], ag) and not fc1_in[4:].any()  # padded to the stacked key's rank 8
-    assert torch.equal(fc1_out[:, :4], torch.cat([bg, bu])) and not fc1_out[:, 4:].any()
+    assert torch.equal(fc1_in[:4], ag)
+    assert not fc1_in[4:].any()  # padded to the stacked key's rank 8 with zeros
+    assert torch.equal(fc1_out[:, :4], torch.cat([bg, bu]))
+    assert not fc1_out[:, 4:].any()
     (ag, bg), (au, bu) = ab(1, "mlp.gate_proj"), ab(1, "mlp.up_proj")
     fc1_in, fc1_out = (loaded[f"{pre}mlp.linear_fc1.adapter.{n}.weight/1"] for n in ("linear_in", "linear_out"))
     assert torch.equal(fc1_in, torch.cat([ag, au]))  # block form: [A_gate; A_up], B block-diagonal

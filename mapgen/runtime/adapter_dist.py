@@ -26,7 +26,7 @@ import re
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -40,6 +40,7 @@ SIDE_NAME = "mapgen_adapter.json"
 RUN_CONFIG = "run_config.yaml"
 TRACKER = "latest_checkpointed_iteration.txt"
 FORMAT = "mapgen-megatron-bridge-lora"
+_LINEAR = 2  # [out, in]: the weights an adapter sits on
 _GROUP = re.compile(r"\.\d+\.")
 LORA_TARGET = "megatron.bridge.peft.lora.LoRA"
 
@@ -75,7 +76,7 @@ def _base_shards(model: torch.nn.Module) -> dict[str, Any]:
     from mapgen.runtime.megatron import _checkpoint_entries, cpu_shims
 
     with cpu_shims():
-        sd = model.sharded_state_dict()
+        sd = cast(Any, model).sharded_state_dict()
         apply_factories(sd)
     by_storage = {t.untyped_storage()._cdata: local for local, t in _checkpoint_entries(model).items()}
     out: dict[str, Any] = {}
@@ -87,8 +88,8 @@ def _base_shards(model: torch.nn.Module) -> dict[str, Any]:
     return out
 
 
-def _adapter_shards(module: str, base: Any, lin: torch.Tensor, lout: torch.Tensor, dim: int | None, rank: int,
-                    size: int) -> dict[str, Any]:
+def _adapter_shards(module: str, base: Any, lin: torch.Tensor, lout: torch.Tensor,
+                    tp: tuple[int, int, int] | None) -> dict[str, Any]:
     """The two ShardedTensors (or linear_fc1's factory) of one adapter on this rank, keyed by the module's
     Megatron name (stacked layers share one ShardedTensor key)."""
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
@@ -101,8 +102,10 @@ def _adapter_shards(module: str, base: Any, lin: torch.Tensor, lout: torch.Tenso
                     key=base.key)
     prefix = base.key[: -len("weight")]
     kin, kout = prefix + IN, prefix + OUT
-    tp_in = () if dim is None else ((pre + dim, rank, size),)  # linear_in: rows (column base) / columns (row)
-    tp_out = () if dim is None else ((pre, rank, size),)  # linear_out: rows (ColumnParallelLinear)
+    # tp = (the base's shard dim, rank, size); linear_in: rows (column base) / columns (row base), linear_out:
+    # rows (ColumnParallelLinear in both); None: one piece (TP=1, or a replicated base such as the router)
+    tp_in = () if tp is None else ((pre + tp[0], tp[1], tp[2]),)
+    tp_out = () if tp is None else ((pre, tp[1], tp[2]),)
     st_in = ShardedTensor.from_rank_offsets(kin, lin, *offsets, *tp_in, replica_id=base.replica_id,
                                             prepend_axis_num=pre)
     st_out: Any = ShardedTensor.from_rank_offsets(kout, lout, *offsets, *tp_out, replica_id=base.replica_id,
@@ -122,7 +125,7 @@ def _local_adapters(model: torch.nn.Module,
     params = _local_params(model)
     out = []
     for local, inst in sorted(_local_instances(params, model, binding).items()):
-        if adaptable(inst) and local in shards and params[local].dim() == 2:
+        if adaptable(inst) and local in shards and params[local].dim() == _LINEAR:
             out.append((module_of(inst.megatron), inst, shards[local], ops.shard_dim(inst.rule),
                         tuple(params[local].shape)))
     return out
@@ -143,8 +146,8 @@ def save_bridge(meg: MegatronAdapter, source_path: str, path: str, par: Parallel
 
     source = HFSource.open(source_path)
     binding = bind(source.layout)
-    for module, lora in meg.modules.items():
-        if lora.grouped or lora.canonical:
+    for module, each in meg.modules.items():
+        if each.grouped or each.canonical:
             raise error("adapter.unsupported-option", f"{module}: grouped and canonical adapters are not written "
                         "in Megatron-Bridge's torch_dist layout yet", key=module,
                         hint="use --format mapgen for this adapter")
@@ -167,7 +170,8 @@ def save_bridge(meg: MegatronAdapter, source_path: str, path: str, par: Parallel
             lout = torch.cat([lora.linear_out, lora.linear_out.new_zeros((lora.linear_out.shape[0], pad))], dim=1)
             lin, lout = op.adapter_split(ctx, lin, lout, shard)
             state.update(_adapter_shards(module, base, lin.contiguous(), lout.contiguous(),
-                                         dim if shard.size > 1 else None, shard.rank, shard.size))
+                                         (dim, shard.rank, shard.size) if shard.size > 1 and dim is not None
+                                         else None))
             done.add(module)
         staging = _shared_staging(out, coords)
         try:
@@ -275,6 +279,42 @@ def _meta(ckpt: Path, found: Mapping[str, int], source: HFSource) -> dict[str, A
                         for m, d in found.items()}}
 
 
+def _load_plan(model: torch.nn.Module, binding: Binding, saved: Mapping[str, Any],
+               ckpt: Path) -> tuple[dict[str, Any], dict[str, tuple[str, str, str]], dict[str, int]]:
+    """The sharded state dict that reads every saved adapter at TP=EP=PP=1 (its rank from the saved global
+    shape), where each module's pieces go (``gather_pieces`` files), and each module's stored rank."""
+    state: dict[str, Any] = {}
+    where: dict[str, tuple[str, str, str]] = {}
+    dims: dict[str, int] = {}
+    for module, inst, base, _dim, shape in _local_adapters(model, binding):
+        prefix = base.key[: -len("weight")]
+        kin, kout = prefix + IN, prefix + OUT
+        if kin not in saved and kout not in saved:
+            continue
+        if kin not in saved or kout not in saved:
+            raise error("adapter.missing-weights", f"only one of {IN} / {OUT} is saved", file=str(ckpt),
+                        key=kin if kin not in saved else kout)
+        pre = int(base.prepend_axis_num)
+        gin, gout = tuple(saved[kin].global_shape), tuple(saved[kout].global_shape)
+        out_f, in_f = shape
+        r = gin[pre]
+        if gin[pre + 1:] != (in_f,) or gout[pre:] != (out_f, r):
+            raise error("adapter.shape-mismatch", f"linear_in {gin} / linear_out {gout} do not fit the base "
+                        f"weight [{out_f}, {in_f}] with rank {r}", file=str(ckpt), key=prefix.rstrip("."),
+                        hint="the adapter was trained on another base model")
+        state.update(_adapter_shards(module, base, torch.empty(r, in_f), torch.empty(out_f, r), None))
+        where[module] = ("pp0/tp0" if inst.expert is None else "pp0/ep0_etp0", kin, kout)
+        dims[module] = r
+    known = {k for _, kin, kout in where.values() for k in (kin, kout)}
+    unknown = sorted(k for k in saved if k not in known)
+    if unknown:
+        raise error("adapter.unknown-module", f"{len(unknown)} saved tensors match no adaptable weight of the "
+                    f"base (first: {unknown[0]})", file=str(ckpt), key=unknown[0],
+                    hint="is the adapter for another base model? (grouped and canonical adapters are not read "
+                    "from this layout yet)")
+    return state, where, dims
+
+
 def load_bridge(path: str, source_path: str) -> MegatronAdapter:
     """Read a Megatron-Bridge adapter checkpoint at TP=EP=PP=1 (SPMD with one rank)."""
     from mapgen.runtime._cpu import import_megatron
@@ -297,40 +337,11 @@ def load_bridge(path: str, source_path: str) -> MegatronAdapter:
     with parallel_context(par), cpu_shims():
         saved = dist_checkpointing.load_tensors_metadata(str(ckpt))
         model = build(binding, par, device="meta")
-        state: dict[str, Any] = {}
-        where: dict[str, tuple[str, str, str, str]] = {}
-        dims: dict[str, int] = {}
-        for module, inst, base, _dim, shape in _local_adapters(model, binding):
-            prefix = base.key[: -len("weight")]
-            kin, kout = prefix + IN, prefix + OUT
-            if kin not in saved and kout not in saved:
-                continue
-            if kin not in saved or kout not in saved:
-                raise error("adapter.missing-weights", f"only one of {IN} / {OUT} is saved", file=str(ckpt),
-                            key=kin if kin not in saved else kout)
-            pre = int(base.prepend_axis_num)
-            gin, gout = tuple(saved[kin].global_shape), tuple(saved[kout].global_shape)
-            out_f, in_f = shape
-            r = gin[pre]
-            if gin[pre + 1:] != (in_f,) or gout[pre:] != (out_f, r):
-                raise error("adapter.shape-mismatch", f"linear_in {gin} / linear_out {gout} do not fit the base "
-                            f"weight [{out_f}, {in_f}] with rank {r}", file=str(ckpt), key=prefix.rstrip("."),
-                            hint="the adapter was trained on another base model")
-            state.update(_adapter_shards(module, base, torch.empty(r, in_f), torch.empty(out_f, r), None, 0, 1))
-            file = "pp0/tp0" if inst.expert is None else "pp0/ep0_etp0"
-            where[module] = (file, kin, kout, prefix)
-            dims[module] = r
-        known = {k for _, kin, kout, _ in where.values() for k in (kin, kout)}
-        unknown = sorted(k for k in saved if k not in known)
-        if unknown:
-            raise error("adapter.unknown-module", f"{len(unknown)} saved tensors match no adaptable weight of the "
-                        f"base (first: {unknown[0]})", file=str(ckpt), key=unknown[0],
-                        hint="is the adapter for another base model? (grouped and canonical adapters are not read "
-                        "from this layout yet)")
+        state, where, dims = _load_plan(model, binding, saved, ckpt)
         loaded = dist_checkpointing.load({"model": state}, str(ckpt))["model"]
     meta = _meta(ckpt, dims, source)
     files: dict[str, dict[str, torch.Tensor]] = {}
-    for module, (file, kin, kout, _) in where.items():
+    for module, (file, _, _) in where.items():
         files.setdefault(file, {})[f"{module}.{IN}"] = loaded[f"{module}.{IN}"]
         files[file][f"{module}.{OUT}"] = loaded[f"{module}.{OUT}"]
     out = gather_pieces(files, meta, binding.instances, binding.spec)
