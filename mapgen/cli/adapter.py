@@ -80,20 +80,17 @@ def run_import(args: argparse.Namespace) -> int:
 
 def run_export(args: argparse.Namespace) -> int:
     from mapgen.lora.plan import export_adapter
-    from mapgen.runtime.adapters import open_base, peft_tree, read_megatron
+    from mapgen.runtime.adapters import open_base, peft_tree, read_any, read_megatron
 
     use_bridges(args)
     source, binding, _ = open_base(args.base)
-    from mapgen.runtime.adapter_dist import is_bridge_checkpoint, load_bridge
+    from mapgen.runtime.adapter_dist import is_bridge_checkpoint
 
     if is_bridge_checkpoint(Path(args.adapter)):
-        from mapgen.cli._parallel import run_spmd
-        from mapgen.runtime.api import Parallel
-
-        meg = run_spmd(load_bridge, Parallel(), None, str(args.adapter), str(args.base))[0]
+        peft, meg = read_any(args.adapter, binding, source)  # Megatron-Bridge's torch_dist, read at TP=1
     else:
         meg = read_megatron(args.adapter, binding, source)
-    peft = export_adapter(meg, binding.instances, binding.spec)
+        peft = export_adapter(meg, binding.instances, binding.spec)
     write_tree_atomically(Path(args.out), peft_tree(peft, binding, str(args.base)), replace_existing=False)
-    print(f"adapter export: {len(meg.modules)} Megatron adapters -> {len(peft.modules)} PEFT modules -> {args.out}")
+    print(f"adapter export: {len(meg.modules) if meg is not None else 0} Megatron adapters -> {len(peft.modules)} PEFT modules -> {args.out}")
     return 0
