@@ -92,5 +92,6 @@ def run_export(args: argparse.Namespace) -> int:
         meg = read_megatron(args.adapter, binding, source)
         peft = export_adapter(meg, binding.instances, binding.spec)
     write_tree_atomically(Path(args.out), peft_tree(peft, binding, str(args.base)), replace_existing=False)
-    print(f"adapter export: {len(meg.modules) if meg is not None else 0} Megatron adapters -> {len(peft.modules)} PEFT modules -> {args.out}")
+    n = len(meg.modules) if meg is not None else 0
+    print(f"adapter export: {n} Megatron adapters -> {len(peft.modules)} PEFT modules -> {args.out}")
     return 0
