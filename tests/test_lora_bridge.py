@@ -126,3 +126,37 @@ def test_bridge_round_trip(tmp_path: Path) -> None:
     assert torch.equal(fc1_in, torch.cat([ag, au]))  # block form: [A_gate; A_up], B block-diagonal
     zero = torch.zeros(inter, 4)
     assert torch.equal(fc1_out, torch.cat([torch.cat([bg, zero], 1), torch.cat([zero, bu], 1)]))
+
+
+def test_bridge_checkpoint_without_side_file(tmp_path: Path) -> None:
+    """A checkpoint as Megatron-Bridge trains it (one dim and alpha everywhere, no mapgen side file): rank and
+    alpha come from run_config.yaml's peft section, the tensors export bitwise."""
+    import transformers
+    from safetensors.torch import load_file
+
+    base = write_base("qwen3", tmp_path / "base")
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
+    pm = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["o_proj", "down_proj"]))
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=gen))
+    pm.save_pretrained(str(tmp_path / "peft"))
+    meg, back = tmp_path / "meg", tmp_path / "back"
+    assert mapgen_main(["adapter", "import", str(tmp_path / "peft"), str(meg), "--base", str(base),
+                        "--format", "bridge"]) == 0
+    import yaml
+
+    run_cfg = yaml.safe_load((meg / "release" / "run_config.yaml").read_text())["peft"]
+    assert (run_cfg["dim"], run_cfg["alpha"]) == (4, 8.0)
+    (meg / "release" / "mapgen_adapter.json").unlink()
+    assert mapgen_main(["adapter", "export", str(meg), str(back), "--base", str(base)]) == 0
+    want = load_file(str(tmp_path / "peft" / "adapter_model.safetensors"))
+    got = load_file(str(back / "adapter_model.safetensors"))
+    assert sorted(want) == sorted(got)
+    for k in want:
+        assert torch.equal(want[k], got[k]), k
+    cfg = json.loads((back / "adapter_config.json").read_text())
+    assert (cfg["r"], cfg["lora_alpha"]) == (4, 8)
+    assert {m.rsplit(".", 1)[-1] for m in cfg["target_modules"]} == {"down_proj", "o_proj"}
