@@ -26,7 +26,7 @@ import re
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
 import torch
 
@@ -68,8 +68,25 @@ def is_bridge_checkpoint(path: Path) -> bool:
 
 
 # -- ShardedTensors derived from the base weights' ---------------------------------------------------------
-def _base_shards(model: torch.nn.Module) -> dict[str, Any]:
-    """Local weight name -> a ShardedTensor megatron-core plans for it (factories applied)."""
+class BaseShard(NamedTuple):
+    """The ShardedTensor megatron-core plans for a base weight and, where its factory splits the weight into
+    named parts (``GatedDeltaNet.in_proj``: ``weight.query`` / ``.key`` / ...), each part's name and local rows."""
+
+    st: Any
+    split: tuple[tuple[str, int], ...]
+
+    @property
+    def prefix(self) -> str:
+        """The module's key prefix (``...linear_qkv.``): the adapter's keys follow it."""
+        key = str(self.st.key)
+        at = key.rfind("weight")
+        if at < 0:
+            raise error("adapter.bad-key", f"the base ShardedTensor key {key!r} has no 'weight'", key=key)
+        return key[:at]
+
+
+def _base_shards(model: torch.nn.Module) -> dict[str, BaseShard]:
+    """Local weight name -> the ShardedTensors megatron-core plans for it (factories applied)."""
     from megatron.core.dist_checkpointing.dict_utils import nested_values
     from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories
 
@@ -79,44 +96,53 @@ def _base_shards(model: torch.nn.Module) -> dict[str, Any]:
         sd = cast(Any, model).sharded_state_dict()
         apply_factories(sd)
     by_storage = {t.untyped_storage()._cdata: local for local, t in _checkpoint_entries(model).items()}
-    out: dict[str, Any] = {}
+    parts: dict[str, list[Any]] = {}
     for v in nested_values(sd):
         if isinstance(v, ShardedTensor):
             local = by_storage.get(v.data.untyped_storage()._cdata)
-            if local is not None and local not in out:
-                out[local] = v
+            if local is not None:
+                parts.setdefault(local, []).append(v)
+    out = {}
+    for local, sts in parts.items():
+        first = sts[0]
+        split: tuple[tuple[str, int], ...] = ()
+        if len({st.key for st in sts}) > 1:  # named parts (a split factory), in the base's row order
+            pre = int(first.prepend_axis_num)
+            split = tuple((str(st.key).rsplit(".", 1)[1], int(st.local_shape[pre])) for st in sts)
+        out[local] = BaseShard(first, split)
     return out
 
 
-def _adapter_shards(module: str, base: Any, lin: torch.Tensor, lout: torch.Tensor,
+def _adapter_shards(module: str, base: BaseShard, lin: torch.Tensor, lout: torch.Tensor,
                     tp: tuple[int, int, int] | None) -> dict[str, Any]:
-    """The two ShardedTensors (or linear_fc1's factory) of one adapter on this rank, keyed by the module's
-    Megatron name (stacked layers share one ShardedTensor key)."""
+    """The two ShardedTensors (or factories) of one adapter on this rank, keyed by the module's Megatron name
+    (stacked layers share one ShardedTensor key)."""
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
+    from megatron.core.ssm.gated_delta_net import _split_tensor_factory
     from megatron.core.transformer.mlp import apply_swiglu_sharded_factory
 
-    pre = int(base.prepend_axis_num)
-    offsets = tuple((i, int(base.global_offset[i]), int(base.axis_fragmentations[i])) for i in range(pre))
-    if not base.key.endswith("weight"):
-        raise error("adapter.bad-key", f"the base ShardedTensor key {base.key!r} does not end in 'weight'",
-                    key=base.key)
-    prefix = base.key[: -len("weight")]
+    st = base.st
+    pre = int(st.prepend_axis_num)
+    offsets = tuple((i, int(st.global_offset[i]), int(st.axis_fragmentations[i])) for i in range(pre))
+    prefix = base.prefix
     kin, kout = prefix + IN, prefix + OUT
     # tp = (the base's shard dim, rank, size); linear_in: rows (column base) / columns (row base), linear_out:
     # rows (ColumnParallelLinear in both); None: one piece (TP=1, or a replicated base such as the router)
     tp_in = () if tp is None else ((pre + tp[0], tp[1], tp[2]),)
     tp_out = () if tp is None else ((pre, tp[1], tp[2]),)
-    st_in = ShardedTensor.from_rank_offsets(kin, lin, *offsets, *tp_in, replica_id=base.replica_id,
+    st_in = ShardedTensor.from_rank_offsets(kin, lin, *offsets, *tp_in, replica_id=st.replica_id,
                                             prepend_axis_num=pre)
-    st_out: Any = ShardedTensor.from_rank_offsets(kout, lout, *offsets, *tp_out, replica_id=base.replica_id,
+    st_out: Any = ShardedTensor.from_rank_offsets(kout, lout, *offsets, *tp_out, replica_id=st.replica_id,
                                                   prepend_axis_num=pre)
     if prefix.endswith("linear_fc1."):  # ParallelLinearAdapter.sharded_state_dict: "linear_fc1" in the base name
         st_out = apply_swiglu_sharded_factory(st_out, offsets)
+    elif base.split:  # linear_out's rows split into the same named parts as the base weight's rows
+        st_out = _split_tensor_factory(st_out, [n for _, n in base.split], [name for name, _ in base.split], pre)
     return {f"{module}.{IN}": st_in, f"{module}.{OUT}": st_out}
 
 
 def _local_adapters(model: torch.nn.Module,
-                    binding: Binding) -> list[tuple[str, Any, Any, int | None, tuple[int, ...]]]:
+                    binding: Binding) -> list[tuple[str, Any, BaseShard, int | None, tuple[int, ...]]]:
     """``(module, instance, base ShardedTensor, shard dim, local weight shape)`` of every adaptable linear
     weight on this rank."""
     from mapgen.runtime.engine import _local_instances, _local_params
@@ -280,32 +306,34 @@ def _meta(ckpt: Path, found: Mapping[str, int], source: HFSource) -> dict[str, A
 
 
 def _load_plan(model: torch.nn.Module, binding: Binding, saved: Mapping[str, Any],
-               ckpt: Path) -> tuple[dict[str, Any], dict[str, tuple[str, str, str]], dict[str, int]]:
+               ckpt: Path) -> tuple[dict[str, Any], dict[str, tuple[str, str, list[str]]], dict[str, int]]:
     """The sharded state dict that reads every saved adapter at TP=EP=PP=1 (its rank from the saved global
     shape), where each module's pieces go (``gather_pieces`` files), and each module's stored rank."""
     state: dict[str, Any] = {}
-    where: dict[str, tuple[str, str, str]] = {}
+    where: dict[str, tuple[str, str, list[str]]] = {}
     dims: dict[str, int] = {}
     for module, inst, base, _dim, shape in _local_adapters(model, binding):
-        prefix = base.key[: -len("weight")]
-        kin, kout = prefix + IN, prefix + OUT
-        if kin not in saved and kout not in saved:
+        prefix = base.prefix
+        kin = prefix + IN
+        kouts = [prefix + OUT + (f".{name}" if name else "") for name, _ in base.split or (("", 0),)]
+        if kin not in saved and not any(k in saved for k in kouts):
             continue
-        if kin not in saved or kout not in saved:
-            raise error("adapter.missing-weights", f"only one of {IN} / {OUT} is saved", file=str(ckpt),
-                        key=kin if kin not in saved else kout)
-        pre = int(base.prepend_axis_num)
-        gin, gout = tuple(saved[kin].global_shape), tuple(saved[kout].global_shape)
+        if kin not in saved or not all(k in saved for k in kouts):
+            raise error("adapter.missing-weights", f"only some of {IN} / {OUT} are saved", file=str(ckpt),
+                        key=kin)
+        pre = int(base.st.prepend_axis_num)
+        gin = tuple(saved[kin].global_shape)
         out_f, in_f = shape
         r = gin[pre]
-        if gin[pre + 1:] != (in_f,) or gout[pre:] != (out_f, r):
+        gout = tuple(saved[kouts[0]].global_shape) if not base.split else (out_f, r)
+        if gin[pre + 1:] != (in_f,) or gout[-2:] != (out_f, r):
             raise error("adapter.shape-mismatch", f"linear_in {gin} / linear_out {gout} do not fit the base "
                         f"weight [{out_f}, {in_f}] with rank {r}", file=str(ckpt), key=prefix.rstrip("."),
                         hint="the adapter was trained on another base model")
         state.update(_adapter_shards(module, base, torch.empty(r, in_f), torch.empty(out_f, r), None))
-        where[module] = ("pp0/tp0" if inst.expert is None else "pp0/ep0_etp0", kin, kout)
+        where[module] = ("pp0/tp0" if inst.expert is None else "pp0/ep0_etp0", kin, kouts)
         dims[module] = r
-    known = {k for _, kin, kout in where.values() for k in (kin, kout)}
+    known = {k for _, kin, kouts in where.values() for k in (kin, *kouts)}
     unknown = sorted(k for k in saved if k not in known)
     if unknown:
         raise error("adapter.unknown-module", f"{len(unknown)} saved tensors match no adaptable weight of the "
