@@ -15,6 +15,11 @@
 #   inputs/qwen3-vl-30b-a3b.json  b7cbe1387282960fccd37cb5e85b5b236fb54648555ee1f558460132f48bb9fd
 #   inputs/qwen3.5-25b-reap-a3b-coding.json  75dcfa7d811737b1f77c5ea13fc575f3da830444f7c0c26debae69f12f76c20a
 #   inputs/sakura-14b-qwen2.5.json  d30ef2a71ceca7a8263fe96a49249b6aeaee91f4eb5e0dacc8ba18e38827367a
+#   inputs/tiny-deepseek-v2.json  941c18623cc5cb4db71f6f46adb53c6ca080f5f2878ea3d4f34334261be1cae9
+#   inputs/tiny-deepseek-v2-lite.json  e9f67cf22ff12f47a81d45cfd404123983968ea1dace1b3cee0af9e5e708a17f
+#   inputs/tiny-deepseek-v3.json  dddb61a06f9716595ceec9758258e113aabeb006b34ff87581f603d88a8f7778
+#   inputs/tiny-deepseek-v3-mtp.json  a2362e1e643bcc4f1b840aafeaee5f5f580fe99df1ccdaa9f23f4d72e4dddb3c
+#   inputs/tiny-deepseek-v3-q-full-rank.json  a5d515edc78b47d6011f596c29c6b4270ebbae3b92e65549022731aba063b881
 #   inputs/tiny-qwen3.json  feaa7aa6c3c67989ba151131d20db8414ad47209db237b8f4dc6af9513722eeb
 #   inputs/tiny-qwen3-moe.json  d53bccba17b5e44f2def8e31e4ae0c86662d4c692c9015e88d8f67f70260a7f6
 # regenerate: mapgen emit --from-inputs
@@ -35,6 +40,16 @@ __all__ = ["BRIDGES", "get_bridge"]
 
 # layout fingerprint -> (bridge module in this package, its attribute)
 BRIDGES: dict[str, tuple[str, str]] = {
+    # deepseek_v2: tiny-deepseek-v2-lite
+    'c357ed30216b': ('deepseek_v2', 'BRIDGE_c357ed30216b'),
+    # deepseek_v2: tiny-deepseek-v2
+    'e9918fd4d9d9': ('deepseek_v2', 'BRIDGE_e9918fd4d9d9'),
+    # deepseek_v3: tiny-deepseek-v3-mtp
+    '5f0258545ac2': ('deepseek_v3', 'BRIDGE_5f0258545ac2'),
+    # deepseek_v3: tiny-deepseek-v3
+    'ef227dd20b7c': ('deepseek_v3', 'BRIDGE_ef227dd20b7c'),
+    # deepseek_v3: tiny-deepseek-v3-q-full-rank
+    'fdca40e868b7': ('deepseek_v3', 'BRIDGE_fdca40e868b7'),
     # glm4_moe: glm4-moe-mtp
     'f74f07859595': ('glm4_moe', 'BRIDGE_f74f07859595'),
     # internlm2: internlm2-chat-7b-intermind

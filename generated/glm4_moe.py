@@ -2,6 +2,9 @@
 # template: templates/bridge_module.py.jinja
 # inputs (sha256 of json.dumps(input, sort_keys=True)):
 #   inputs/glm4-moe-mtp.json  366833471cafa54730c0459b3d7cd364e6a7945a65b3ad9d9ffb6c7e3b63872e
+# numerical proof (each input's tiny twin through this bridge and through transformers):
+#   inputs/glm4-moe-mtp.json: logits parity vs transformers 5.24.0: max |diff| = 2.1e-07 (tiny
+#     twin, TP=1, fp32)
 # regenerate: mapgen emit --from-inputs
 """Bridges for model_type 'glm4_moe': one Bridge per layout fingerprint.
 
@@ -69,4 +72,5 @@ BRIDGE_f74f07859595 = Bridge(
         Group('mtp', '', 'model.layers.{hf_layer}.', MTP),
         Group('mtp:mtp_attention', 'mtp.layers.{layer}.{mtp_inner}.', 'model.layers.{hf_layer}.', ATTENTION + MOE),
     ),
+    numerics='logits parity vs transformers 5.24.0: max |diff| = 2.1e-07 (tiny twin, TP=1, fp32)',
 )

@@ -2,6 +2,10 @@
 # template: templates/bridge_module.py.jinja
 # inputs (sha256 of json.dumps(input, sort_keys=True)):
 #   inputs/internlm2-chat-7b-intermind.json  28e5039a8241fce6aabf4aadad360146a49c18e69f3dc8fa4ac5b37ae8545b12
+# numerical proof (each input's tiny twin through this bridge and through transformers):
+#   inputs/internlm2-chat-7b-intermind.json: no reference model: names and shapes proven, numerics
+#     not (transformers has no causal-LM class for model_type 'internlm2'; checkpoint code is never
+#     executed)
 # regenerate: mapgen emit --from-inputs
 """Bridges for model_type 'internlm2': one Bridge per layout fingerprint.
 
@@ -43,5 +47,9 @@ BRIDGE_a21aba0dfba7 = Bridge(
         Group('global', '', '', EMBEDDING),
         Group('decoder:attention', 'decoder.layers.{layer}.', 'model.layers.{layer}.', ATTENTION + MLP),
         Group('global', '', '', FINAL_NORM_OUTPUT),
+    ),
+    numerics=(
+        'no reference model: names and shapes proven, numerics not (transformers has no causal-LM c'
+        "lass for model_type 'internlm2'; checkpoint code is never executed)"
     ),
 )

@@ -2,6 +2,9 @@
 # template: templates/bridge_module.py.jinja
 # inputs (sha256 of json.dumps(input, sort_keys=True)):
 #   inputs/llama-3.2-3b-instruct.json  7e9dfcb5e98ba41bd1ac5e1caeffc59f2573af90d1d6e5aea388ff5ba9410286
+# numerical proof (each input's tiny twin through this bridge and through transformers):
+#   inputs/llama-3.2-3b-instruct.json: logits parity vs transformers 5.24.0: max |diff| = 0.0e+00
+#     (tiny twin, TP=1, fp32)
 # regenerate: mapgen emit --from-inputs
 """Bridges for model_type 'llama': one Bridge per layout fingerprint.
 
@@ -44,4 +47,5 @@ BRIDGE_f88cd89e815c = Bridge(
         Group('decoder:attention', 'decoder.layers.{layer}.', 'model.layers.{layer}.', ATTENTION + MLP),
         Group('global', '', '', FINAL_NORM),
     ),
+    numerics='logits parity vs transformers 5.24.0: max |diff| = 0.0e+00 (tiny twin, TP=1, fp32)',
 )

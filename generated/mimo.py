@@ -2,6 +2,9 @@
 # template: templates/bridge_module.py.jinja
 # inputs (sha256 of json.dumps(input, sort_keys=True)):
 #   inputs/mimo-7b.json  209bb4e0d03ec38438c4c3cac60ba686e59a48f9fb397d57a2c0b5b493c1edf2
+# numerical proof (each input's tiny twin through this bridge and through transformers):
+#   inputs/mimo-7b.json: no reference model: names and shapes proven, numerics not (transformers
+#     has no causal-LM class for model_type 'mimo'; checkpoint code is never executed)
 # regenerate: mapgen emit --from-inputs
 """Bridges for model_type 'mimo': one Bridge per layout fingerprint.
 
@@ -54,5 +57,9 @@ BRIDGE_2d8ba05a9757 = Bridge(
         Group('global', '', '', FINAL_NORM_OUTPUT),
         Group('mtp', 'mtp.layers.{layer}.', 'model.mtp_layers.{layer}.', MTP),
         Group('mtp:mtp_attention', 'mtp.layers.{layer}.{mtp_inner}.', 'model.mtp_layers.{layer}.', ATTENTION + MLP),
+    ),
+    numerics=(
+        'no reference model: names and shapes proven, numerics not (transformers has no causal-LM c'
+        "lass for model_type 'mimo'; checkpoint code is never executed)"
     ),
 )

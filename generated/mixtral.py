@@ -2,6 +2,9 @@
 # template: templates/bridge_module.py.jinja
 # inputs (sha256 of json.dumps(input, sort_keys=True)):
 #   inputs/mixtral-8x7b-instruct-v0.1.json  301249e7d3a6493f6e0ccf96b8fe906833670e021461fae44ef49245f27e8a86
+# numerical proof (each input's tiny twin through this bridge and through transformers):
+#   inputs/mixtral-8x7b-instruct-v0.1.json: logits parity vs transformers 5.24.0: max |diff| =
+#     4.8e-07 (tiny twin, TP=1, fp32)
 # regenerate: mapgen emit --from-inputs
 """Bridges for model_type 'mixtral': one Bridge per layout fingerprint.
 
@@ -48,4 +51,5 @@ BRIDGE_0ccbbfc89416 = Bridge(
         Group('decoder:attention', 'decoder.layers.{layer}.', 'model.layers.{layer}.', ATTENTION + MOE),
         Group('global', '', '', FINAL_NORM_OUTPUT),
     ),
+    numerics='logits parity vs transformers 5.24.0: max |diff| = 4.8e-07 (tiny twin, TP=1, fp32)',
 )

@@ -2,6 +2,9 @@
 # template: templates/bridge_module.py.jinja
 # inputs (sha256 of json.dumps(input, sort_keys=True)):
 #   inputs/phi-4.json  7818a2af4ba81b894bbbd68c6cc246b1620495400a5e708139021bf896e5bf86
+# numerical proof (each input's tiny twin through this bridge and through transformers):
+#   inputs/phi-4.json: logits parity vs transformers 5.24.0: max |diff| = 0.0e+00 (tiny twin,
+#     TP=1, fp32)
 # regenerate: mapgen emit --from-inputs
 """Bridges for model_type 'phi3': one Bridge per layout fingerprint.
 
@@ -44,4 +47,5 @@ BRIDGE_541ccb0711a1 = Bridge(
         Group('decoder:attention', 'decoder.layers.{layer}.', 'model.layers.{layer}.', ATTENTION + MLP),
         Group('global', '', '', FINAL_NORM_OUTPUT),
     ),
+    numerics='logits parity vs transformers 5.24.0: max |diff| = 0.0e+00 (tiny twin, TP=1, fp32)',
 )

@@ -2,6 +2,9 @@
 # template: templates/bridge_module.py.jinja
 # inputs (sha256 of json.dumps(input, sort_keys=True)):
 #   inputs/sakura-14b-qwen2.5.json  d30ef2a71ceca7a8263fe96a49249b6aeaee91f4eb5e0dacc8ba18e38827367a
+# numerical proof (each input's tiny twin through this bridge and through transformers):
+#   inputs/sakura-14b-qwen2.5.json: logits parity vs transformers 5.24.0: max |diff| = 0.0e+00
+#     (tiny twin, TP=1, fp32)
 # regenerate: mapgen emit --from-inputs
 """Bridges for model_type 'qwen2': one Bridge per layout fingerprint.
 
@@ -47,4 +50,5 @@ BRIDGE_d4543a9ddc5a = Bridge(
         Group('decoder:attention', 'decoder.layers.{layer}.', 'model.layers.{layer}.', ATTENTION + MLP),
         Group('global', '', '', FINAL_NORM_OUTPUT),
     ),
+    numerics='logits parity vs transformers 5.24.0: max |diff| = 0.0e+00 (tiny twin, TP=1, fp32)',
 )

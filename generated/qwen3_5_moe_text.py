@@ -2,6 +2,9 @@
 # template: templates/bridge_module.py.jinja
 # inputs (sha256 of json.dumps(input, sort_keys=True)):
 #   inputs/qwen3.5-25b-reap-a3b-coding.json  75dcfa7d811737b1f77c5ea13fc575f3da830444f7c0c26debae69f12f76c20a
+# numerical proof (each input's tiny twin through this bridge and through transformers):
+#   inputs/qwen3.5-25b-reap-a3b-coding.json: logits parity vs transformers 5.24.0: max |diff| =
+#     5.2e-06 (tiny twin, TP=1, fp32)
 # regenerate: mapgen emit --from-inputs
 """Bridges for model_type 'qwen3_5_moe_text': one Bridge per layout fingerprint.
 
@@ -81,4 +84,5 @@ BRIDGE_73dab3d70b63 = Bridge(
         Group('decoder:attention', 'decoder.layers.{layer}.', 'model.language_model.layers.{layer}.', ATTENTION + MOE),
         Group('global', '', '', FINAL_NORM_OUTPUT),
     ),
+    numerics='logits parity vs transformers 5.24.0: max |diff| = 5.2e-06 (tiny twin, TP=1, fp32)',
 )

@@ -2,6 +2,9 @@
 # template: templates/bridge_module.py.jinja
 # inputs (sha256 of json.dumps(input, sort_keys=True)):
 #   inputs/tiny-qwen3-moe.json  d53bccba17b5e44f2def8e31e4ae0c86662d4c692c9015e88d8f67f70260a7f6
+# numerical proof (each input's tiny twin through this bridge and through transformers):
+#   inputs/tiny-qwen3-moe.json: logits parity vs transformers 5.24.0: max |diff| = 3.6e-07 (tiny
+#     twin, TP=1, fp32)
 # regenerate: mapgen emit --from-inputs
 """Bridges for model_type 'qwen3_moe': one Bridge per layout fingerprint.
 
@@ -49,4 +52,5 @@ BRIDGE_a3b31817df13 = Bridge(
         Group('decoder:attention', 'decoder.layers.{layer}.', 'model.layers.{layer}.', ATTENTION + MOE),
         Group('global', '', '', FINAL_NORM_OUTPUT),
     ),
+    numerics='logits parity vs transformers 5.24.0: max |diff| = 3.6e-07 (tiny twin, TP=1, fp32)',
 )

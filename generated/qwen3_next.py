@@ -2,6 +2,9 @@
 # template: templates/bridge_module.py.jinja
 # inputs (sha256 of json.dumps(input, sort_keys=True)):
 #   inputs/qwen3-next-mtp.json  b194eab01a3d79a3cd5b15a2d592af8986131fad88bd329c4d5c5ab6183ae020
+# numerical proof (each input's tiny twin through this bridge and through transformers):
+#   inputs/qwen3-next-mtp.json: logits parity vs transformers 5.24.0: max |diff| = 7.2e-06 (tiny
+#     twin, TP=1, fp32)
 # regenerate: mapgen emit --from-inputs
 """Bridges for model_type 'qwen3_next': one Bridge per layout fingerprint.
 
@@ -88,4 +91,5 @@ BRIDGE_57ae86e0fd71 = Bridge(
         Group('mtp', 'mtp.layers.{layer}.', '', MTP),
         Group('mtp:mtp_attention', 'mtp.layers.{layer}.{mtp_inner}.', 'mtp.layers.{layer}.', ATTENTION + MOE),
     ),
+    numerics='logits parity vs transformers 5.24.0: max |diff| = 7.2e-06 (tiny twin, TP=1, fp32)',
 )

@@ -2,6 +2,10 @@
 # template: templates/bridge_module.py.jinja
 # inputs (sha256 of json.dumps(input, sort_keys=True)):
 #   inputs/qwen3-vl-30b-a3b.json  b7cbe1387282960fccd37cb5e85b5b236fb54648555ee1f558460132f48bb9fd
+# numerical proof (each input's tiny twin through this bridge and through transformers):
+#   inputs/qwen3-vl-30b-a3b.json: no reference model: names and shapes proven, numerics not (no
+#     tiny twin: the checkpoint transformers 5.24.0 writes has another layout (layer group
+#     'attention': routed experts orientation in_out -> out_in))
 # regenerate: mapgen emit --from-inputs
 """Bridges for model_type 'qwen3_vl_moe': one Bridge per layout fingerprint.
 
@@ -50,5 +54,10 @@ BRIDGE_e921e7be0eb9 = Bridge(
         Group('global', '', '', EMBEDDING),
         Group('decoder:attention', 'decoder.layers.{layer}.', 'model.language_model.layers.{layer}.', ATTENTION + MOE),
         Group('global', '', '', FINAL_NORM_OUTPUT),
+    ),
+    numerics=(
+        'no reference model: names and shapes proven, numerics not (no tiny twin: the checkpoint tr'
+        "ansformers 5.24.0 writes has another layout (layer group 'attention': routed experts orien"
+        'tation in_out -> out_in))'
     ),
 )

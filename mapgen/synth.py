@@ -193,6 +193,14 @@ class _ConfigWriter:
             self.text[name] = value
 
 
+def _mla_heads(w: _ConfigWriter, o: SynthOptions) -> None:
+    """MLA: a key and value per query head; DeepSeek's derived head sizes follow the shrunk q/k dims."""
+    if w.has("kv_lora_rank"):
+        w.set("num_key_value_heads", o.heads)
+        w.set("qk_head_dim", o.qk_nope_head_dim + o.qk_rope_head_dim)
+        w.set("head_dim", o.qk_rope_head_dim)
+
+
 def _int(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
@@ -233,6 +241,7 @@ def _shrink_config(
             w.set(name, value)
     if w.has("q_lora_rank"):
         w.set("q_lora_rank", o.q_lora_rank)
+    _mla_heads(w, o)
     if w.has("n_shared_experts") and not w.has("shared_expert_intermediate_size"):
         w.set("n_shared_experts", 1)
     for name in _EXPERT_COUNT_KEYS:
@@ -580,3 +589,19 @@ def _quantize_fp8(shards: dict[str, dict[str, torch.Tensor]], weight_map: dict[s
             shard[key + "_scale_inv"] = scales
             weight_map[key + "_scale_inv"] = name
     return added
+
+
+def shrunk_config(layout: Layout, options: SynthOptions | None = None) -> tuple[dict[str, Any], Layout]:
+    """The shrunk config.json and layout :func:`synthesize` would write, without any tensor (pure, no torch):
+    the config keeps every field of the source and rewrites only sizes and per-layer structure."""
+    o = options or SynthOptions()
+    _check_supported(layout)
+    shrunk, source_of, mtp_depth = _shrunk_layout(layout, o)
+    config = _shrink_config(layout.config, o, source_of, layout.language_model.num_layers, mtp_depth)
+    return config, _finish_layout(shrunk, config, o)
+
+
+def copy_sources(layout: Layout) -> dict[str, str]:
+    """Keys a checkpoint of ``layout`` stores twice (DeepSeek/GLM MTP embedding and head copies) -> the key they
+    copy: a twin must hold the same values under both."""
+    return _copies(layout.language_model)

@@ -115,13 +115,9 @@ def build(model_type: str, out: Path, seed: int = 0) -> None:
         if count > MAX_PARAMS:
             raise ValueError(f"the tiny config still has {count:,} parameters (> {MAX_PARAMS:,})")
         model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name and p.dim() == 1:
-                p.copy_(torch.rand(p.shape, generator=gen) + 0.5)
-            else:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+    from mapgen.runtime.numerics import perturb
+
+    perturb(model, seed)
     model.save_pretrained(str(out), max_shard_size="100KB")
 
 

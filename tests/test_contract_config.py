@@ -122,6 +122,8 @@ def test_table_equals_the_former_recipe(path: Path) -> None:
         pytest.skip("the planner does not support this layout")
     if path.parent.parent.name == "injection":
         pytest.skip("hostile config")
+    if any(g.mixer.family == "mla" for g in layout.language_model.groups):
+        pytest.skip("multi-latent attention postdates the former recipe (its rows: tests/test_mla.py)")
     got = model_spec(HFConfig(layout.config), layout, p.facts)
     assert got == _recipe(layout)
 

@@ -17,6 +17,8 @@ from mapgen.emit import pipeline
 from mapgen.emit.check import compare
 from mapgen.errors import Diagnostic, MapgenError
 
+NUMERICS = "logits parity vs transformers 0.0 (fake): max |diff| = 0.0e+00"
+
 
 @dataclasses.dataclass(frozen=True)
 class FakeProof:
@@ -35,6 +37,7 @@ def fake_prover(monkeypatch: pytest.MonkeyPatch) -> list[str]:
         return FakeProof()
 
     monkeypatch.setattr(pipeline, "default_prover", lambda: prove)
+    monkeypatch.setattr(pipeline, "default_numerics", lambda: lambda plan, layout, where: FakeProof(line=NUMERICS))
     return proved
 
 

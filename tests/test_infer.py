@@ -297,7 +297,8 @@ def test_config_disagreements(tmp_path: Path, override: dict[str, Any], code: st
     [
         ("model.layers.0.self_attn.q_proj.scales", {}, "quant.mlx-unsupported"),
         ("model.layers.0.self_attn.q_proj.weight_scale_inv", {}, "quant.fp8-unsupported"),
-        (None, {"quantization_config": {"quant_method": "fp8"}}, "quant.unsupported"),
+        (None, {"quantization_config": {"quant_method": "fp8"}}, "quant.fp8-unsupported"),  # per-tensor FP8
+        (None, {"quantization_config": {"quant_method": "gptq"}}, "quant.unsupported"),
         (None, {"quantization": {"group_size": 64, "bits": 4}}, "quant.mlx-unsupported"),
     ],
 )

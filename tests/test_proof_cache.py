@@ -14,6 +14,8 @@ from mapgen.cli import main as cli
 from mapgen.emit import pipeline, render
 from mapgen.errors import Diagnostic
 
+NUMERICS = "logits parity vs transformers 0.0 (fake): max |diff| = 0.0e+00"
+
 
 @dataclasses.dataclass(frozen=True)
 class FakeProof:
@@ -31,6 +33,7 @@ def proved(monkeypatch: pytest.MonkeyPatch) -> list[str]:
         return FakeProof()
 
     monkeypatch.setattr(pipeline, "default_prover", lambda: prove)
+    monkeypatch.setattr(pipeline, "default_numerics", lambda: lambda plan, layout, where: FakeProof(line=NUMERICS))
     return calls
 
 
@@ -53,6 +56,8 @@ def test_emit_writes_the_record(tree: Path) -> None:
     assert data["megatron_core"] == pipeline.megatron_core_version() != ""
     entry = data["proofs"]["qwen3-8b"]
     assert entry["proof"] == FakeProof().line
+    assert entry["numerics"] == NUMERICS
+    assert data["transformers"] == pipeline.installed_versions()[2] != ""
     assert entry["input_sha256"] == render.input_sha256((tree / "inputs" / "qwen3-8b.json").read_text())
 
 
@@ -102,13 +107,15 @@ def test_a_plan_change_reproves(tree: Path, proved: list[str], monkeypatch: pyte
     assert len(proved) == 1
 
 
-@pytest.mark.parametrize("edit", ["version", "input", "garbage"])
+@pytest.mark.parametrize("edit", ["version", "transformers", "input", "garbage"])
 def test_a_stale_or_broken_record_reproves_and_shows_as_drift(tree: Path, proved: list[str], edit: str,
                                                               capsys: pytest.CaptureFixture[str]) -> None:
     path = tree / pipeline.PROOFS_PATH
     data = json.loads(path.read_text())
     if edit == "version":
         data["megatron_core"] = "0.0.1"
+    elif edit == "transformers":  # the numerical proofs ran against another transformers
+        data["transformers"] = "0.0.1"
     elif edit == "input":
         data["proofs"]["qwen3-8b"]["input_sha256"] = "0" * 64
     path.write_text("not json" if edit == "garbage" else json.dumps(data, indent=2, sort_keys=True) + "\n")

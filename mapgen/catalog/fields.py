@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from mapgen.catalog.model_types import MLA_LATENT_NORM_EPS, MLA_LATENT_NORM_EPS_FROM_CONFIG
 from mapgen.catalog.rows import (
     Check,
     Row,
@@ -79,6 +80,11 @@ BRIDGE_READS: dict[str, tuple[tuple[str, ...], Any]] = {
     "linear_key_head_dim": (("linear_key_head_dim",), None),
     "linear_value_head_dim": (("linear_value_head_dim",), None),
     "linear_conv_kernel_dim": (("linear_conv_kernel_dim",), None),
+    "q_lora_rank": (("q_lora_rank",), None),
+    "kv_lora_rank": (("kv_lora_rank",), None),
+    "qk_head_dim": (("qk_nope_head_dim",), None),
+    "qk_pos_emb_head_dim": (("qk_rope_head_dim",), None),
+    "v_head_dim": (("v_head_dim",), None),
 }
 # Fields whose bridge fallback differs from transformers' default change the model when the key is absent.
 SEMANTIC_FALLBACKS = ("rotary_base", "rotary_percent", "norm_epsilon")
@@ -117,6 +123,25 @@ def _heads_divide(v: Any, scope: Scope) -> str | None:
     if is_int(heads) and heads > 0 and heads % v:
         return f"must divide num_attention_heads={heads}, got {v}"
     return None
+
+
+def _mla_kv_heads(v: Any, scope: Scope) -> str | None:
+    """MLA expands its latent to keys and values for every query head; transformers then repeats them
+    num_attention_heads / num_key_value_heads times (which only runs when the two are equal)."""
+    heads = scope.lookup("num_attention_heads")
+    if scope.lookup("kv_lora_rank") is None or v is None or v == heads:
+        return None
+    return (f"multi-latent attention with num_key_value_heads={v} != num_attention_heads={heads}: MLA has a key and "
+            "value per query head (transformers would repeat them)")
+
+
+def _mla_latent_eps(v: Any, scope: Scope) -> str | None:
+    if scope.lookup("kv_lora_rank") is None or v is None or scope.model_type in MLA_LATENT_NORM_EPS_FROM_CONFIG:
+        return None
+    if isinstance(v, int | float) and abs(float(v) - MLA_LATENT_NORM_EPS) <= 1e-15:
+        return None
+    return (f"rms_norm_eps={v} while {scope.model_type}'s MLA latent norms (q_a_layernorm, kv_a_layernorm) use eps "
+            f"{MLA_LATENT_NORM_EPS} in transformers' code: megatron-core's MLA has one norm epsilon for both")
 
 
 def _topk(v: Any, scope: Scope) -> str | None:
@@ -347,6 +372,11 @@ def _rope_limit(v: Any, scope: Scope) -> str | None:
         return None if not off else (
             f"Llama-3 RoPE scaling with {off}: megatron-core's GPTModel rope_scaling fixes low/high frequency "
             "factors 1/4 over 8192 original positions")
+    if kind == "yarn" and scope.lookup("kv_lora_rank") is not None:  # multi-latent attention builds YaRN
+        # the bridge's own judgement (imported here: only MLA configs pay for the contract package in scan)
+        from mapgen.contract.hf_config import mla_yarn_problem
+
+        return mla_yarn_problem(v, scope.lookup("max_position_embeddings"))
     if kind == "mrope":  # Qwen2.5-VL's legacy spelling: plain frequencies, M-RoPE by mrope_section
         return None if v.get("mrope_section") is not None else "RoPE type 'mrope' without an mrope_section"
     return f"RoPE scaling {kind!r}: no megatron-core equivalent wired into ModelSpec (only Llama-3 scaling is)"
@@ -367,7 +397,7 @@ TOP: tuple[Row, ...] = (
     mapped("hidden_size", "hidden_size", why=_DIMS, valid=positive_int),
     mapped("num_attention_heads", "num_attention_heads", "num_query_groups", "kv_channels", why=_DIMS,
            valid=positive_int),
-    mapped("num_key_value_heads", "num_query_groups", why="GQA groups", valid=_heads_divide),
+    mapped("num_key_value_heads", "num_query_groups", why="GQA groups", valid=_heads_divide, limit=_mla_kv_heads),
     mapped("head_dim", "kv_channels", why=_DIMS, valid=positive_int),
     mapped("intermediate_size", "ffn_hidden_size", "moe_ffn_hidden_size", why=_DIMS, valid=positive_int),
     mapped("moe_intermediate_size", "moe_ffn_hidden_size", "ffn_hidden_size", "moe_shared_expert_intermediate_size",
@@ -389,7 +419,7 @@ TOP: tuple[Row, ...] = (
     mapped("linear_key_head_dim", "linear_key_head_dim", why=_DIMS, valid=positive_int),
     mapped("linear_value_head_dim", "linear_value_head_dim", why=_DIMS, valid=positive_int),
     mapped("linear_conv_kernel_dim", "linear_conv_kernel_dim", why=_DIMS, valid=positive_int),
-    mapped("rms_norm_eps", "norm_epsilon", why="norm epsilon", valid=positive_number),
+    mapped("rms_norm_eps", "norm_epsilon", why="norm epsilon", valid=positive_number, limit=_mla_latent_eps),
     mapped("layer_norm_eps", "norm_epsilon", why="norm epsilon", valid=positive_number),
     mapped("rope_theta", "rotary_base", why="RoPE base", valid=positive_number),
     mapped("partial_rotary_factor", "rotary_percent", why="fraction of head dims rotated", valid=fraction),
@@ -405,6 +435,8 @@ TOP: tuple[Row, ...] = (
     structural("mlp_only_layers", "mlp_kinds", why=_STRUCT, valid=_int_list),
     structural("decoder_sparse_step", "mlp_kinds", why=_STRUCT, valid=non_negative_int),
     structural("first_k_dense_replace", "mlp_kinds", why=_STRUCT, valid=non_negative_int),
+    structural("moe_layer_freq", "mlp_kinds", why=_STRUCT + " (DeepSeek's remote code: every n-th layer after "
+               "first_k_dense_replace is MoE)", valid=positive_int),
     structural("num_nextn_predict_layers", "mtp_num_layers", why=_STRUCT, valid=non_negative_int),
     structural("mtp_num_hidden_layers", "mtp_num_layers", why=_STRUCT, valid=non_negative_int),
     structural("attention_bias", "add_qkv_bias", "add_bias_linear", why=_STRUCT + "; partial biases are refused "
@@ -507,9 +539,17 @@ TOP: tuple[Row, ...] = (
             unless=falsy, valid=boolean),
     refused("is_encoder_decoder", "encoder-decoder model: out of scope", unless=falsy, valid=boolean, default=False),
     # -- families and block shapes the bridge does not build -----------------------------------------------
-    *refused_all("MLA (low-rank latent attention): megatron-core has multi_latent_attention, mapgen's planner "
-                 "refuses MLA layers", "kv_lora_rank", "q_lora_rank", "qk_head_dim", "qk_nope_head_dim",
-                 "qk_rope_head_dim", "v_head_dim", "rope_interleave"),
+    # -- multi-latent attention (MLA layers: the keys decide the family, these size it) ------------------------
+    mapped("q_lora_rank", "q_lora_rank", why=_DIMS + " (null: a full-rank q_proj)", valid=positive_int),
+    mapped("kv_lora_rank", "kv_lora_rank", why=_DIMS, valid=positive_int),
+    mapped("qk_nope_head_dim", "qk_head_dim", why=_DIMS, valid=positive_int),
+    mapped("qk_rope_head_dim", "qk_pos_emb_head_dim", why=_DIMS, valid=positive_int),
+    mapped("v_head_dim", "v_head_dim", why=_DIMS, valid=positive_int),
+    refused("qk_head_dim", "a q/k head size other than qk_nope_head_dim + qk_rope_head_dim (what MLA builds)",
+            unless=lambda v, s: v is None or v == _mla_qk_head_dim(s), valid=positive_int,
+            default=False),  # absent: transformers derives it from the two (its class default is 128 + 64)
+    refused("rope_interleave", "MLA RoPE dims stored in halves: megatron-core's MLA de-interleaves pairs, as "
+            "DeepSeek's interleaved weights need", unless=equals(True), valid=boolean),
     *refused_all("DeepSeek sparse-attention indexer: not built by the bridge", "index_n_heads", "index_head_dim",
                  "index_topk", "indexer_types"),
     *refused_all("state-space (Mamba) layers: the bridge builds attention and gated delta-net layers only",
@@ -594,6 +634,7 @@ TOP: tuple[Row, ...] = (
     *inert("auxiliary losses and router noise: training only (moe_aux_loss_coeff is the training run's)",
            "router_aux_loss_coef", "aux_loss_alpha", "seq_aux", "router_z_loss_coef", "router_jitter_noise"),
     *inert("tensor-parallel pretraining detail: the same maths at any value", "pretraining_tp"),
+    *inert("expert-parallel size of DeepSeek's training code: how experts were placed, the same maths", "ep_size"),
     *inert("GDN state precision in transformers' kernel; the computation is the same", "mamba_ssm_dtype"),
     *inert("original context length: read only by YaRN/LongRoPE scaling, judged by rope_scaling",
            "original_max_position_embeddings", "initial_context_length"),
@@ -645,6 +686,11 @@ def _rotary_dims(scope: Scope) -> int | None:
         head_dim = hidden // heads if is_int(hidden) and is_int(heads) and heads else None
     percent = bridge_value(scope, "rotary_percent")
     return int(head_dim * percent) if is_int(head_dim) and isinstance(percent, int | float) else None
+
+
+def _mla_qk_head_dim(scope: Scope) -> int | None:
+    nope, rope = scope.lookup("qk_nope_head_dim"), scope.lookup("qk_rope_head_dim")
+    return nope + rope if is_int(nope) and is_int(rope) else None
 
 
 def index(rows: tuple[Row, ...]) -> dict[str, Row]:

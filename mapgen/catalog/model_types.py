@@ -73,6 +73,12 @@ FACTS: dict[str, tuple[tuple[str, str], ...]] = {
     "llama4_text": (_NOPE, _SIGMOID_ROUTER),
 }
 
+# Multi-latent attention: transformers builds the latent norms (q_a_layernorm, kv_a_layernorm) with its RMSNorm's
+# default eps 1e-6 in DeepSeek's code and its derivatives, but with config.rms_norm_eps in these model types;
+# megatron-core's MLA uses the one layernorm_epsilon for every norm.
+MLA_LATENT_NORM_EPS = 1e-6
+MLA_LATENT_NORM_EPS_FROM_CONFIG = frozenset({"dots3_note", "glm5_next", "hy_v4_vl"})
+
 ENCODER_DECODER = frozenset({
     "bart", "bigbird_pegasus", "blenderbot", "blenderbot-small", "marian", "mbart", "mvp", "pegasus", "plbart",
     "prophetnet", "t5", "mt5", "umt5", "longt5", "switch_transformers", "whisper", "encoder-decoder",

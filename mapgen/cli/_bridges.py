@@ -18,3 +18,12 @@ def use_bridges(args: argparse.Namespace) -> None:
     from mapgen.runtime.discovery import use_directories
 
     use_directories(list(args.bridges))
+
+
+def add_numerics_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--allow-unproven-numerics", action="store_true",
+        help="run a bridge whose `mapgen emit` could not prove logits parity with transformers (no reference "
+        "model, e.g. remote-code architectures): names and shapes are proven, numerics are not; recorded in "
+        "the output's mapgen.json",
+    )

@@ -2,8 +2,9 @@
 
 Regenerates in memory from ``<dir>/inputs/*.json`` through the same code path as ``mapgen emit`` (plan,
 prove, render) and compares byte for byte. Offline: no checkpoint or weights are read. Rendering is always
-redone; the bijection proof of an input is skipped when ``<dir>/proofs.json`` records it for the same input,
-plan and mapgen/megatron-core versions (``--reprove`` re-runs every proof; CI does).
+redone; the bijection and numerical proofs of an input are skipped when ``<dir>/proofs.json`` records them for
+the same input, plan and mapgen/megatron-core/transformers versions (no torch is imported then);
+``--reprove`` re-runs every proof, the tiny twins' logits parity included (CI does).
 
 Exit codes: 0 identical; 1 drift (changed files with a unified diff, missing and orphaned files, and the
 command that fixes it) or the inputs no longer plan/prove.

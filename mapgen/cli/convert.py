@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from mapgen.cli._bridges import add_bridges_arg, use_bridges
+from mapgen.cli._bridges import add_bridges_arg, add_numerics_arg, use_bridges
 from mapgen.cli._config import add_config_args, gate_checkpoint
 from mapgen.cli._parallel import (
     add_dtype_arg,
@@ -35,16 +35,17 @@ def register(sub: Any) -> None:
     add_dtype_arg(p, "dtype of the Megatron checkpoint")
     add_parallel_args(p)
     add_bridges_arg(p)
+    add_numerics_arg(p)
     add_config_args(p)
     p.set_defaults(func=run)
 
 
 def _work(source: str, out: Path, par: Any, overwrite: bool, config_check: dict[str, Any] | None,
-          dtype: str = "auto", streaming: bool = True) -> dict[str, Any]:
+          dtype: str = "auto", streaming: bool = True, allow_unproven: bool = False) -> dict[str, Any]:
     from mapgen.runtime.api import convert
 
     stats = convert(source, out, par, overwrite=overwrite, config_check=config_check, dtype=dtype,
-                    streaming=streaming)
+                    streaming=streaming, allow_unproven_numerics=allow_unproven)
     return {"tensors": stats.tensors, "bytes": stats.bytes, "bytes_read": stats.bytes_read, "seconds": stats.seconds}
 
 
@@ -62,7 +63,8 @@ def run(args: argparse.Namespace) -> int:
     if world is not None:  # every check that needs no worker, before workers start or a byte is written
         from mapgen.runtime.api import preflight
 
-        preflight(args.source, par, world, out=args.out, overwrite=args.overwrite)
+        preflight(args.source, par, world, out=args.out, overwrite=args.overwrite,
+                  numerics=(args.allow_unproven_numerics, "convert"))
     if args.dry_run:
         results = run_spmd(_dry, par, args.nproc, args.source, par, args.dtype)
         if is_rank0():
@@ -72,7 +74,8 @@ def run(args: argparse.Namespace) -> int:
                    Path(args.source), args.out)
         return 0
     results = run_spmd(_work, par, args.nproc, args.source, args.out, par, args.overwrite,
-                       report.to_json() if report is not None else None, args.dtype, not args.in_memory)
+                       report.to_json() if report is not None else None, args.dtype, not args.in_memory,
+                       args.allow_unproven_numerics)
     if is_rank0():
         total = sum(r["tensors"] for r in results)
         nbytes = sum(r["bytes"] for r in results)

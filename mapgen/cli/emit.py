@@ -2,7 +2,9 @@
 
 Each SOURCE is a checkpoint (directory, ``.safetensors`` file, hub id ``Org/Name[@rev]``), scanned on the
 spot, or a layout JSON file written by ``mapgen scan --json``. Together with the inputs already stored under
-``<out>/inputs/``, every input is planned and proven; only if every proof holds is the whole tree rendered
+``<out>/inputs/``, every input is planned and proven (the bijection on the meta device, then logits parity of
+its tiny transformers-written twin through the new bridge, :mod:`mapgen.runtime.numerics`, whose temporary
+directory is its own); only if every proof holds is the whole tree rendered
 and swapped in atomically (bridge modules, ``__init__.py``, ``SUPPORTED.md``, ``inputs/``). Modules that
 no input needs any more disappear. ``--from-inputs`` regenerates from the stored inputs alone; to drop a
 checkpoint, delete its ``inputs/<name>.json`` and run that.
@@ -51,7 +53,8 @@ def register(subparsers: Any) -> None:
 
 def add_reprove(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reprove", action="store_true",
-                   help=f"re-run every bijection proof instead of trusting {PROOFS_PATH} for unchanged inputs")
+                   help=f"re-run every proof (bijection and numerics) instead of trusting {PROOFS_PATH} for "
+                   "unchanged inputs")
 
 
 def fix_command(directory: str) -> str:
@@ -153,6 +156,7 @@ def run(args: argparse.Namespace) -> int:
     for name in sorted(gen.proofs):
         marker = "  (new)" if name in new else "  (recorded proof)" if name in gen.cached else ""
         print(f"{name}: {gen.plans[name].module_name}: {gen.proofs[name].line}{marker}")
+        print(f"  {gen.numerics.get(name, '')}")
 
     drift = compare(gen.files, out)
     modules = module_files(gen.files)

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from mapgen.cli._bridges import add_bridges_arg, use_bridges
+from mapgen.cli._bridges import add_bridges_arg, add_numerics_arg, use_bridges
 from mapgen.cli._parallel import (
     add_dtype_arg,
     add_parallel_args,
@@ -40,15 +40,17 @@ def register(sub: Any) -> None:
     add_dtype_arg(p, "dtype of the HF tensors written (auto: the source's, as recorded in mapgen.json)")
     add_parallel_args(p)
     add_bridges_arg(p)
+    add_numerics_arg(p)
     p.set_defaults(func=run)
 
 
 def _work(ckpt: Path, out: Path, par: Any, source: str | None, overwrite: bool,
-          dtype: str = "auto", streaming: bool = True, quantize: bool = False) -> dict[str, Any]:
+          dtype: str = "auto", streaming: bool = True, quantize: bool = False,
+          allow_unproven: bool = False) -> dict[str, Any]:
     from mapgen.runtime.api import export_megatron
 
     stats = export_megatron(ckpt, out, par, source_path=source, overwrite=overwrite, dtype=dtype,
-                            streaming=streaming, quantize=quantize)
+                            streaming=streaming, quantize=quantize, allow_unproven_numerics=allow_unproven)
     return {"tensors": stats.tensors, "bytes": stats.bytes, "seconds": stats.seconds}
 
 
@@ -65,7 +67,8 @@ def run(args: argparse.Namespace) -> int:
     if world is not None:  # every check that needs no worker, before workers start or a byte is written
         from mapgen.runtime.api import preflight
 
-        preflight(args.source, par, world, out=args.out, overwrite=args.overwrite, ckpt=args.ckpt)
+        preflight(args.source, par, world, out=args.out, overwrite=args.overwrite, ckpt=args.ckpt,
+                  numerics=(args.allow_unproven_numerics, "export"))
     if args.dry_run:
         results = run_spmd(_dry, par, args.nproc, args.ckpt, par, args.source)
         if is_rank0():
@@ -76,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
                    results, release, args.out)
         return 0
     results = run_spmd(_work, par, args.nproc, args.ckpt, args.out, par, args.source, args.overwrite, args.dtype,
-                       not args.in_memory, args.quantize)
+                       not args.in_memory, args.quantize, args.allow_unproven_numerics)
     if is_rank0():
         tensors, nbytes = sum(r["tensors"] for r in results), sum(r["bytes"] for r in results)
         how = par.describe() if args.in_memory else f"streaming, {len(results)} rank(s)"

@@ -103,6 +103,7 @@ def run(args: argparse.Namespace) -> int:
           + ("bitwise identical (keys, dtypes, tensors, shards)" if ok else f"{len(r['mismatches'])} MISMATCHES"))
     for line in r["mismatches"][:50]:
         print(f"  {line}")
+    print(f"bridge's numerical proof (mapgen emit): {r['bridge_numerics'] or 'none recorded'}")
     reads = ", ".join(f"rank {x['rank']}: {x['bytes_read'] / 2**20:.2f} MiB" for x in results)
     print(f"bytes read per rank: {reads}")
     logit = r.get("logits")

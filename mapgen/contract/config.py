@@ -24,6 +24,7 @@ from mapgen.contract.hf_config import (
     HFConfig,
     activation,
     head_dim,
+    mla_rope,
     mrope_section,
     no_rope_layers,
     position_embedding_type,
@@ -57,6 +58,7 @@ class Facts:
     shared_expert: bool = False  # the MoE block has a shared expert
     shared_expert_gate: bool = False  # ... with a sigmoid gate
     gated_delta_net: bool = False  # some layer is a gated delta-net
+    mla: bool = False  # some layer is multi-latent attention
     # -- MoE routing (mapgen.contract.routing): the model type's router code, and transformers' config-class
     # defaults for the routing keys config.json may leave out (the catalog judged the same values)
     router: RouterScheme = ""
@@ -69,7 +71,14 @@ class Facts:
 
 # -- derivations ----------------------------------------------------------------------------------------------
 def _mixer_kind(group: LayerGroup) -> LayerKind:
+    if group.mixer.family == "mla":
+        return "mla"
     return "gated_delta_net" if group.mixer.family == "gated_delta_net" else "attention"
+
+
+def _has_mla(layout: Layout) -> bool:
+    lm = layout.language_model
+    return any(g.mixer.family == "mla" for g in (*lm.groups, *(lm.mtp.inner if lm.mtp else ())))
 
 
 def _mlp_kind(group: LayerGroup) -> MlpKind:
@@ -108,6 +117,10 @@ def _mtp_mlp_kind(layout: Layout) -> MlpKind:
     return _mlp_kind(inner) if inner is not None else "dense"
 
 
+def _mla_rope_field(name: str) -> Callable[[HFConfig, Layout], Any]:
+    return lambda hf, _: mla_rope(hf)[name]
+
+
 def _per_layer_flags(layout: Layout, flags: tuple[bool, ...], what: str) -> tuple[bool, ...]:
     """Per-layer window / NoPE flags; megatron-core numbers MTP layers past ``num_layers`` and indexes these lists
     with that number, so a partial pattern has no entry for them: refused rather than an IndexError."""
@@ -123,20 +136,27 @@ def _per_layer_flags(layout: Layout, flags: tuple[bool, ...], what: str) -> tupl
 
 Derivation = Literal[
     "head_dim", "rope_scaling", "rope_scaling_factor", "layer_kinds", "mlp_kinds", "mtp_depth", "mtp_layer_kind",
-    "mtp_mlp_kind", "activation", "window_size", "window_layers", "no_rope_layers", "position_embedding_type",
+    "mtp_mlp_kind", "mla_rope_type", "yarn_scaling_factor", "yarn_original_max_position_embeddings",
+    "yarn_beta_fast", "yarn_beta_slow", "yarn_mscale", "yarn_mscale_all_dim",
+    "activation", "window_size", "window_layers", "no_rope_layers", "position_embedding_type",
     "mrope_section", "softmax_scale",
     "router_score_function", "router_pre_softmax", "router_scaling_factor", "router_num_groups", "router_group_topk",
     "router_dtype",
 ]
 DERIVATIONS: dict[str, Callable[[HFConfig, Layout], Any]] = {
     "head_dim": lambda hf, _: head_dim(hf),  # head_dim, else hidden_size // num_attention_heads
-    "rope_scaling": lambda hf, _: rope_scaling(hf),  # Llama-3 RoPE scaling; other scalings are refused
-    "rope_scaling_factor": lambda hf, _: rope_scaling_factor(hf),
+    # Llama-3 RoPE scaling; other scalings are refused (MLA layers judge theirs in mla_rope)
+    "rope_scaling": lambda hf, layout: False if _has_mla(layout) else rope_scaling(hf),
+    "rope_scaling_factor": lambda hf, layout: 8.0 if _has_mla(layout) else rope_scaling_factor(hf),
     "layer_kinds": lambda _, layout: _per_layer(layout, _mixer_kind),  # per layer, from the scanned groups
     "mlp_kinds": lambda _, layout: _per_layer(layout, _mlp_kind),
     "mtp_depth": lambda _, layout: _mtp_depth(layout),  # from the keys, not from the config
     "mtp_layer_kind": lambda _, layout: _mtp_layer_kind(layout),
     "mtp_mlp_kind": lambda _, layout: _mtp_mlp_kind(layout),
+    # MLA RoPE: plain, or YaRN with DeepSeek's mscale (mapgen.contract.hf_config.mla_rope refuses the rest)
+    **{name: _mla_rope_field(name) for name in (
+        "mla_rope_type", "yarn_scaling_factor", "yarn_original_max_position_embeddings", "yarn_beta_fast",
+        "yarn_beta_slow", "yarn_mscale", "yarn_mscale_all_dim")},
     "activation": lambda hf, _: activation(hf),  # hidden_act / hidden_activation / activation_function
     "window_size": lambda hf, _: window_size(hf),  # sliding_window where some layer applies it
     # layer_types, max_window_layers, use_sliding_window
@@ -248,6 +268,19 @@ CONFIG: tuple[ConfigRow, ...] = (
     ConfigRow("linear_key_head_dim", hf=("linear_key_head_dim",), when="gated_delta_net"),
     ConfigRow("linear_value_head_dim", hf=("linear_value_head_dim",), when="gated_delta_net"),
     ConfigRow("linear_conv_kernel_dim", hf=("linear_conv_kernel_dim",), when="gated_delta_net"),
+    # -- multi-latent attention ---------------------------------------------------------------------------
+    ConfigRow("q_lora_rank", hf=("q_lora_rank",), default=None, when="mla", note="null: full-rank q_proj"),
+    ConfigRow("kv_lora_rank", hf=("kv_lora_rank",), when="mla"),
+    ConfigRow("qk_head_dim", hf=("qk_nope_head_dim",), when="mla"),
+    ConfigRow("qk_pos_emb_head_dim", hf=("qk_rope_head_dim",), when="mla"),
+    ConfigRow("v_head_dim", hf=("v_head_dim",), when="mla"),
+    ConfigRow("mla_rope_type", derive="mla_rope_type", when="mla"),
+    ConfigRow("yarn_scaling_factor", derive="yarn_scaling_factor", when="mla"),
+    ConfigRow("yarn_original_max_position_embeddings", derive="yarn_original_max_position_embeddings", when="mla"),
+    ConfigRow("yarn_beta_fast", derive="yarn_beta_fast", when="mla"),
+    ConfigRow("yarn_beta_slow", derive="yarn_beta_slow", when="mla"),
+    ConfigRow("yarn_mscale", derive="yarn_mscale", when="mla"),
+    ConfigRow("yarn_mscale_all_dim", derive="yarn_mscale_all_dim", when="mla"),
     # -- MTP (depth and inner layer from the scanned keys) -----------------------------------------------
     ConfigRow("mtp_num_layers", derive="mtp_depth"),
     ConfigRow("mtp_layer_kind", derive="mtp_layer_kind"),

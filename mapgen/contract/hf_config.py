@@ -6,6 +6,7 @@ Shared by the planner (shapes, the proof's config), the runtime and the generate
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -18,6 +19,8 @@ __all__ = [
     "activation_name",
     "computed_activation",
     "head_dim",
+    "mla_rope",
+    "mla_yarn_problem",
     "mrope_section",
     "no_rope_layers",
     "position_embedding_type",
@@ -117,6 +120,79 @@ def rope_scaling_factor(hf: HFConfig) -> float:
     return float(rope.get("factor", 8.0)) if rope else 8.0
 
 
+# -- multi-latent attention's RoPE (megatron-core MLATransformerConfig: rope_type "rope" or "yarn") -------------
+_MLA_ROPE_DEFAULTS: dict[str, Any] = {
+    "mla_rope_type": "rope", "yarn_scaling_factor": 1.0, "yarn_original_max_position_embeddings": 4096,
+    "yarn_beta_fast": 32.0, "yarn_beta_slow": 1.0, "yarn_mscale": 1.0, "yarn_mscale_all_dim": 0.0,
+}
+
+
+_SAME = 1e-12  # relative slack when a stated value must equal the one implied
+
+
+def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+def _yarn_values(value: Mapping[str, Any], max_positions: Any) -> tuple[dict[str, Any] | None, str | None]:
+    """transformers' YaRN (``_compute_yarn_parameters`` and DeepSeek's softmax ``mscale_all_dim`` factor) as
+    megatron-core's MLA YaRN settings, or the reason it has no equivalent."""
+    original = value.get("original_max_position_embeddings")
+    if not isinstance(original, int | float) or original <= 0:
+        return None, "YaRN needs original_max_position_embeddings"
+    factor = value.get("factor")
+    if factor is None:  # transformers: the context extension ratio
+        if not isinstance(max_positions, int | float):
+            return None, "YaRN without a factor needs max_position_embeddings"
+        factor = max_positions / original
+    if not value.get("truncate", True):
+        return None, "YaRN with truncate=false (megatron-core's MLA rounds the correction range)"
+    if float(value.get("partial_rotary_factor", 1.0) or 1.0) != 1.0:
+        return None, "YaRN over part of the rotary dims"
+    mscale, all_dim = value.get("mscale"), value.get("mscale_all_dim")
+    if all_dim and not mscale:
+        # transformers: cos/sin scaled by get_mscale(factor), softmax by get_mscale(factor, all_dim)^2; megatron-core
+        # ties the two (cos/sin by get_mscale(factor, mscale) / get_mscale(factor, all_dim)).
+        return None, "YaRN with mscale_all_dim but no mscale"
+    m, a = (float(mscale), float(all_dim)) if mscale and all_dim else (1.0, 0.0)
+    given = value.get("attention_factor")
+    implied = _yarn_mscale(float(factor), m) / _yarn_mscale(float(factor), a)
+    if given is not None and abs(float(given) - implied) > _SAME:
+        return None, f"YaRN with an explicit attention_factor={given} other than the one mscale implies"
+    return {
+        "mla_rope_type": "yarn", "yarn_scaling_factor": float(factor),
+        "yarn_original_max_position_embeddings": int(original),
+        "yarn_beta_fast": float(value.get("beta_fast") or 32), "yarn_beta_slow": float(value.get("beta_slow") or 1),
+        "yarn_mscale": m, "yarn_mscale_all_dim": a,
+    }, None
+
+
+def mla_yarn_problem(value: Mapping[str, Any], max_positions: Any) -> str | None:
+    """Why a YaRN RoPE dict has no exact megatron-core MLA equivalent (None when it has one)."""
+    return _yarn_values(value, max_positions)[1]
+
+
+def mla_rope(hf: HFConfig) -> dict[str, Any]:
+    """The RoPE settings of an MLA model as ModelSpec fields (``mla_rope_type``, ``yarn_*``): plain RoPE, or YaRN
+    with DeepSeek's mscale mapped exactly; any other scaling is refused by name."""
+    for name in ("rope_scaling", "rope_parameters"):
+        value = hf.get(name, default=None)
+        if not isinstance(value, Mapping):
+            continue
+        kind = value.get("rope_type") or value.get("type") or "default"
+        if kind == "default":
+            continue
+        values, problem = _yarn_values(value, hf.get("max_position_embeddings", default=None)) if kind == "yarn" \
+            else (None, f"RoPE scaling {kind!r} in multi-latent attention (megatron-core has rope and yarn)")
+        if values is None:
+            raise error(
+                "config.unsupported-rope", f"{problem}: {dict(value)}", file=hf.source, key=name,
+                expected="plain RoPE, or YaRN as DeepSeek-V3 writes it (factor, original_max_position_embeddings, "
+                "beta_fast/slow, mscale with mscale_all_dim)",
+                hint="converting anyway would change the model's outputs; add support for this scaling first",
+            )
+        return values
+    return dict(_MLA_ROPE_DEFAULTS)
 # -- activations ----------------------------------------------------------------------------------------------
 # transformers' ACT2FN name -> the ModelSpec activation that computes the same function (formulas checked against
 # transformers/activations.py: gelu_new, gelu_fast, gelu_accurate and gelu_python_tanh are the tanh approximation

@@ -12,7 +12,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Literal
 
-LayerKind = Literal["attention", "gated_delta_net"]
+LayerKind = Literal["attention", "gated_delta_net", "mla"]
 MlpKind = Literal["dense", "moe"]
 # The MLP activations megatron-core computes exactly as transformers does (``activation_func`` is any callable;
 # mapgen.runtime.megatron gives each its function): silu (= swish), gelu (erf), gelu_tanh (the tanh
@@ -81,6 +81,19 @@ class ModelSpec:
     linear_key_head_dim: int | None = None
     linear_value_head_dim: int | None = None
     linear_conv_kernel_dim: int | None = None
+    # -- multi-latent attention (MLA layers; megatron-core MLATransformerConfig) ----------------------------
+    q_lora_rank: int | None = None  # None: a full-rank q projection (DeepSeek-V2-Lite)
+    kv_lora_rank: int | None = None
+    qk_head_dim: int | None = None  # per-head q/k dims without RoPE (HF qk_nope_head_dim)
+    qk_pos_emb_head_dim: int | None = None  # per-head q/k RoPE dims (HF qk_rope_head_dim)
+    v_head_dim: int | None = None
+    mla_rope_type: Literal["rope", "yarn"] = "rope"
+    yarn_scaling_factor: float = 1.0  # rotary_scaling_factor
+    yarn_original_max_position_embeddings: int = 4096
+    yarn_beta_fast: float = 32.0
+    yarn_beta_slow: float = 1.0
+    yarn_mscale: float = 1.0
+    yarn_mscale_all_dim: float = 0.0
     # -- MTP ---------------------------------------------------------------------------------------------
     mtp_num_layers: int | None = None
     mtp_layer_kind: LayerKind = "attention"

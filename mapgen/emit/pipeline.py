@@ -13,6 +13,13 @@ recipe, so any planner change re-proves), the mapgen version and the installed m
 record is part of the rendered tree (written by emit, drift-checked by check) and is rewritten from the
 proofs of the current run, so it never holds a stale or failed proof. ``reprove=True``
 (``--reprove``) ignores it; CI runs ``mapgen check --reprove``.
+
+**The numerical proof** (:mod:`mapgen.runtime.numerics`). After the bijection holds, each input's tiny twin
+(built and saved by transformers in a temporary directory) runs through the new bridge in megatron-core and
+through transformers at TP=1 in fp32: a bridge is rendered only if max |logits diff| <= 1e-4, or if there is
+no reference model (the line says why: no transformers class, remote code, a storage transformers does not
+write). Its line is recorded beside the bijection proof (``proofs.json``, the module header and the bridge's
+``numerics``), and re-run under the same conditions, the installed transformers version included.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from mapgen import __version__
+from mapgen.contract.bridge import Bridge
 from mapgen.emit.names import input_name
 from mapgen.emit.render import input_path, input_sha256, render
 from mapgen.errors import Diagnostic, MapgenError, error
@@ -47,30 +55,35 @@ class ProofLike(Protocol):
 
 Planner = Callable[[Layout], BridgePlan]
 Prover = Callable[[BridgePlan, Layout], ProofLike]
+NumericsProver = Callable[[BridgePlan, Layout, str], ProofLike]  # (plan, layout, input path) -> proof
 
 
 PROOFS_PATH = "proofs.json"
-PROOFS_SCHEMA = 1
+PROOFS_SCHEMA = 2
 
 
 @dataclass(frozen=True)
 class Generation:
     """Everything one run produced, keyed by input name (files by relative path). ``cached`` names the
-    inputs whose proof came from the proof record instead of being re-run."""
+    inputs whose proofs came from the proof record instead of being re-run; ``numerics`` holds each input's
+    numerical-proof line."""
 
     files: dict[str, str]
     plans: dict[str, BridgePlan]
     proofs: dict[str, ProofLike]
     cached: frozenset[str] = frozenset()
+    numerics: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 @dataclass(frozen=True)
 class ProofRecord:
-    """One entry of ``proofs.json``: the proof line of a plan that held, and what it was proven for."""
+    """One entry of ``proofs.json``: the proof lines of a plan that held (bijection, numerics), and what they
+    were proven for."""
 
     input_sha256: str
     plan_sha256: str
     line: str
+    numerics: str
 
 
 @dataclass(frozen=True)
@@ -78,36 +91,50 @@ class CachedProof:
     """A proof taken from the record (it held when the record was written; nothing was re-run)."""
 
     line: str
+    numerics: str = ""
     ok: bool = True
     problems: tuple[Diagnostic, ...] = ()
 
 
+Versions = tuple[str, str, str]  # mapgen, megatron-core, transformers
+
+
 @dataclass(frozen=True)
 class ProofCache:
-    """The proof record of a generated tree. It is used only when the mapgen and megatron-core versions it
-    names are the installed ones."""
+    """The proof record of a generated tree. It is used only when the mapgen, megatron-core and transformers
+    versions it names are the installed ones."""
 
     mapgen: str = ""
     megatron_core: str = ""
+    transformers: str = ""
     records: Mapping[str, ProofRecord] = dataclasses.field(default_factory=dict)
 
-    def lookup(self, name: str, input_sha: str, plan_sha: str, versions: tuple[str, str]) -> CachedProof | None:
+    def lookup(self, name: str, input_sha: str, plan_sha: str, versions: Versions) -> CachedProof | None:
         record = self.records.get(name)
-        if record is None or (self.mapgen, self.megatron_core) != versions:
+        if record is None or (self.mapgen, self.megatron_core, self.transformers) != versions:
             return None
         if (record.input_sha256, record.plan_sha256) != (input_sha, plan_sha):
             return None
-        return CachedProof(record.line)
+        return CachedProof(record.line, record.numerics)
+
+
+def _installed(package: str) -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return ""
 
 
 def megatron_core_version() -> str:
     """The installed megatron-core's version, read from its metadata (importing it takes seconds)."""
-    from importlib import metadata
+    return _installed("megatron-core")
 
-    try:
-        return metadata.version("megatron-core")
-    except metadata.PackageNotFoundError:
-        return ""
+
+def installed_versions() -> Versions:
+    """What a recorded proof depends on besides its input and plan (metadata only: no import)."""
+    return (__version__, megatron_core_version(), _installed("transformers"))
 
 
 def plan_sha256(plan: BridgePlan) -> str:
@@ -128,25 +155,28 @@ def parse_proof_cache(text: str) -> ProofCache:
         if data.get("schema") != PROOFS_SCHEMA:
             return ProofCache()
         records = {
-            str(name): ProofRecord(str(r["input_sha256"]), str(r["plan_sha256"]), str(r["proof"]))
+            str(name): ProofRecord(str(r["input_sha256"]), str(r["plan_sha256"]), str(r["proof"]), str(r["numerics"]))
             for name, r in data["proofs"].items()
         }
-        return ProofCache(str(data["mapgen"]), str(data["megatron_core"]), records)
+        return ProofCache(str(data["mapgen"]), str(data["megatron_core"]), str(data["transformers"]), records)
     except (ValueError, TypeError, KeyError, AttributeError):
         return ProofCache()
 
 
-def render_proof_cache(records: Mapping[str, ProofRecord], megatron_core: str) -> str:
+def render_proof_cache(records: Mapping[str, ProofRecord], versions: Versions) -> str:
     data = {
-        "about": "Bijection proofs of the plans in this tree, by input: the proof is skipped while the input, "
-        "its plan and both versions are unchanged. Written by mapgen emit; `mapgen check --reprove` re-runs them.",
-        "mapgen": __version__,
-        "megatron_core": megatron_core,
+        "about": "Bijection and numerical proofs of the plans in this tree, by input: they are skipped while the "
+        "input, its plan and the three versions are unchanged. Written by mapgen emit; `mapgen check --reprove` "
+        "re-runs them.",
+        "mapgen": versions[0],
+        "megatron_core": versions[1],
         "proofs": {
-            name: {"input_sha256": r.input_sha256, "plan_sha256": r.plan_sha256, "proof": r.line}
+            name: {"input_sha256": r.input_sha256, "numerics": r.numerics, "plan_sha256": r.plan_sha256,
+                   "proof": r.line}
             for name, r in sorted(records.items())
         },
         "schema": PROOFS_SCHEMA,
+        "transformers": versions[2],
     }
     return json.dumps(data, indent=2, sort_keys=True) + "\n"
 
@@ -168,6 +198,24 @@ def default_prover() -> Prover:
             hint="mapgen refuses to emit unproven bridges; install megatron-core/torch (pip install -e .)",
         ) from exc
     return prove
+
+
+def default_numerics() -> NumericsProver:
+    # >>> THE NUMERICAL PROOF CALL SITE: the tiny twin through the new bridge and through transformers. <<<
+    try:
+        from mapgen.runtime.numerics import prove_numerics
+    except ImportError as exc:
+        raise error(
+            "emit.proof-unavailable",
+            f"the numerical proof cannot be imported ({exc})",
+            hint="mapgen refuses to emit unproven bridges; install torch/megatron-core/transformers (pip install -e .)",
+        ) from exc
+
+    def run(plan: BridgePlan, layout: Layout, where: str) -> ProofLike:
+        bridge = Bridge.from_rules(plan.fingerprint, plan.model_type, plan.facts, plan.rules)
+        return prove_numerics(bridge, layout, where=where)
+
+    return run
 
 
 def parse_input(name: str, text: str) -> Layout:
@@ -199,6 +247,7 @@ def generate(
     *,
     planner: Planner | None = None,
     prover: Prover | None = None,
+    numerics: NumericsProver | None = None,
     cache: ProofCache | None = None,
 ) -> Generation:
     """Plan, prove and render ``inputs`` (input name -> layout). Raises :class:`MapgenError` with every
@@ -220,14 +269,16 @@ def generate(
         raise MapgenError(problems, extra="nothing was written: no bridge could be planned for these inputs")
 
     proofs: dict[str, ProofLike] = {}
-    versions = (__version__, megatron_core_version())
+    lines: dict[str, str] = {}
+    versions = installed_versions()
     digests = {name: (layout_sha256(inputs[name]), plan_sha256(plans[name])) for name in names}
     cached: set[str] = set()
     prove: Prover | None = None
+    prove_numerics: NumericsProver | None = None
     for name in names:
         hit = cache.lookup(name, *digests[name], versions) if cache is not None else None
         if hit is not None:
-            proofs[name] = hit
+            proofs[name], lines[name] = hit, hit.numerics
             cached.add(name)
             continue
         prove = prove or prover or default_prover()
@@ -240,10 +291,17 @@ def generate(
                            file=input_path(name), hint="fix the problems listed with it (grouped by pattern)")
             )
             problems += [_with_file(d, input_path(name)) for d in proof.problems]
+            continue
+        prove_numerics = prove_numerics or numerics or default_numerics()
+        checked = prove_numerics(plans[name], inputs[name], input_path(name))
+        lines[name] = checked.line
+        problems += [_with_file(d, input_path(name)) for d in checked.problems]
     if problems:
-        lines = [f"  {name}: {plans[name].module_name}: {proofs[name].line}" for name in names]
-        raise MapgenError(problems, extra="\n".join(["proofs:", *lines, "nothing was written."]))
-    files = render(plans, inputs)
-    records = {name: ProofRecord(*digests[name], proofs[name].line) for name in names}
-    files[PROOFS_PATH] = render_proof_cache(records, versions[1])
-    return Generation(files=dict(sorted(files.items())), plans=plans, proofs=proofs, cached=frozenset(cached))
+        summary = [f"  {name}: {plans[name].module_name}: {proofs[name].line}"
+                   + (f"; {lines[name]}" if name in lines else "") for name in names]
+        raise MapgenError(problems, extra="\n".join(["proofs:", *summary, "nothing was written."]))
+    files = render(plans, inputs, numerics=lines)
+    records = {name: ProofRecord(*digests[name], proofs[name].line, lines[name]) for name in names}
+    files[PROOFS_PATH] = render_proof_cache(records, versions)
+    return Generation(files=dict(sorted(files.items())), plans=plans, proofs=proofs, cached=frozenset(cached),
+                      numerics=lines)

@@ -1,7 +1,22 @@
 """DeepSeek multi-latent attention: ``q_a_proj``/``q_a_layernorm``/``q_b_proj`` (or a full-rank ``q_proj``),
 ``kv_a_proj_with_mqa`` (latent + rope part), ``kv_a_layernorm``, ``kv_b_proj``, ``o_proj``.
 
-Classified by scan; the planner refuses it by name until the MLA conversion lands.
+Megatron (``MLASelfAttention``, the local layer spec with its QK norms): ``linear_q_down_proj`` /
+``q_layernorm`` / ``linear_q_up_proj`` (or ``linear_q_proj``), ``linear_kv_down_proj``, ``kv_layernorm``,
+``linear_kv_up_proj``, ``linear_proj``. Split across TP (``mapgen.runtime.megatron`` pins each):
+
+* ``linear_q_up_proj`` / ``linear_q_proj`` rows are head-major ``[h: qk_nope + qk_rope]`` and
+  ``linear_kv_up_proj`` rows ``[h: qk_nope + v]``, as in HF's ``q_b_proj``/``kv_b_proj``: column-parallel, so a TP
+  rank holds whole heads;
+* the down projections are ``ColumnParallelLinear`` in the local spec (rows split across TP, the output gathered
+  before the norms; TE's spec replicates them): rank r holds a contiguous row chunk of ``q_a_proj`` and of
+  ``kv_a_proj_with_mqa`` (``[latent; rope]``);
+* the latent norms are replicated (they act on the gathered latents); ``linear_proj`` is row-parallel.
+
+RoPE dims: DeepSeek stores them interleaved in pairs (transformers' ``rope_interleave``, V2's complex rotation);
+megatron-core's MLA de-interleaves the same way before rotating (``_apply_rotary_pos_emb_bshd`` with
+``multi_latent_attention``), so the rope rows are copied unpermuted. ``rope_interleave: false`` is refused by the
+config catalog.
 """
 
 from __future__ import annotations
@@ -37,7 +52,7 @@ INPUT_NORM = "input_layernorm.weight"
 
 
 def facts(c: Component) -> dict[str, bool]:
-    return {}
+    return {"mla": True}
 
 
 def kind(c: Component) -> str:
@@ -65,5 +80,31 @@ def shapes(c: Component, d: Dims) -> ShapePairs:
     ]
 
 
+# (rule family, Megatron suffix under self_attention., HF slot, declared sharding, what it is): every MLA tensor is a
+# plain copy; only its split differs.
+_Q_LOW_RANK = (
+    ("mla.q_down", "linear_q_down_proj.weight", "q_a_proj", "column",
+     "q_a_proj -> linear_q_down_proj (local spec: column-parallel, gathered)"),
+    ("mla.q_norm", "q_layernorm.weight", "q_a_layernorm", "replicated", "q latent norm"),
+    ("mla.q_up", "linear_q_up_proj.weight", "q_b_proj", "column",
+     "q_b_proj -> linear_q_up_proj: head-major [nope; rope] rows, whole heads per rank"),
+)
+_Q_FULL_RANK = (
+    ("mla.q", "linear_q_proj.weight", "q", "column",
+     "full-rank q_proj -> linear_q_proj: head-major [nope; rope] rows, whole heads per rank"),
+)
+_KV_O = (
+    ("mla.kv_down", "linear_kv_down_proj.weight", "kv_a_proj_with_mqa", "column",
+     "kv_a_proj_with_mqa [latent; rope] -> linear_kv_down_proj (column-parallel, gathered)"),
+    ("mla.kv_norm", "kv_layernorm.weight", "kv_a_layernorm", "replicated", "kv latent norm"),
+    ("mla.kv_up", "linear_kv_up_proj.weight", "kv_b_proj", "column",
+     "kv_b_proj -> linear_kv_up_proj: head-major [nope; v] rows, whole heads per rank"),
+    ("mla.o", "linear_proj.weight", "o", "row", "Output projection: row-parallel"),
+)
+
+
 def plan(c: Component, p: Planner, mroot: str, hroot: str, domain: str, name: str) -> None:
-    p.unsupported("mla attention", hroot + str(c.key("o")))
+    q = _Q_LOW_RANK if c.key("q_a_proj") is not None else _Q_FULL_RANK
+    for family, target, slot, sharding, what in (*q, *_KV_O):
+        p.add(family, f"{mroot}self_attention.{target}", (hroot + str(c.key(slot)),), "copy", sharding,
+              domain=domain, comment=f"[{name}] {what}.")

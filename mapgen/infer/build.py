@@ -63,6 +63,7 @@ CONFIG = "config.json"
 _LAYER = re.compile(
     r"((?:[A-Za-z0-9_]+\.)*?)(" + "|".join(map(re.escape, LAYER_CONTAINERS)) + r")\.(0|[1-9][0-9]*)\.(.*)", re.DOTALL
 )
+_COMMON_LAYERS = "model.layers."  # what _LAYER finds first in "model.layers.<n>.<rest>" (p "model.", "layers")
 _TOWERS = {
     "visual": "vision",
     "vision_tower": "vision",
@@ -150,17 +151,18 @@ def _fp8_block(source: Source, qc: Mapping[str, Any], suspects: list[str], findi
     size = qc.get("weight_block_size")
     problems: list[tuple[str, str, str]] = []  # (key, message, expected)
     if not (isinstance(size, list) and len(size) == _BLOCK_DIMS and all(isinstance(v, int) and v > 0 for v in size)):
-        problems.append(("quantization_config.weight_block_size", f"FP8 weight_block_size is {size!r}",
+        problems.append(("quantization_config.weight_block_size", f"FP8 with weight_block_size {size!r}: not supported",
                          "two positive integers [block_m, block_n] (per-tensor FP8 is not supported)"))
     if qc.get("fmt", "e4m3") != "e4m3":
-        problems.append(("quantization_config.fmt", f"FP8 format {qc.get('fmt')!r}", "e4m3"))
+        problems.append(("quantization_config.fmt", f"FP8 format {qc.get('fmt')!r}: not supported", "e4m3"))
     if qc.get("activation_scheme", "dynamic") != "dynamic":
         problems.append(("quantization_config.activation_scheme",
-                         f"FP8 activation scheme {qc.get('activation_scheme')!r} (static input scales)",
+                         f"FP8 activation scheme {qc.get('activation_scheme')!r} (static input scales): not supported",
                          "dynamic (no input_scale tensors)"))
     scale_fmt = qc.get("scale_fmt")
     if scale_fmt not in (None, "float32", "fp32"):
-        problems.append(("quantization_config.scale_fmt", f"FP8 scale format {scale_fmt!r}", "fp32 scales"))
+        problems.append(("quantization_config.scale_fmt", f"FP8 scale format {scale_fmt!r}: not supported",
+                         "fp32 scales"))
     for key, message, expected in problems:
         findings.add(Diagnostic("error", "quant.fp8-unsupported", message, file=CONFIG, key=key, expected=expected,
                                 hint="convert an unquantized (bf16) export of the model"))
@@ -388,7 +390,17 @@ def infer(source: Source) -> Layout:
     tower_keys: dict[str, list[str]] = {}
     others: list[str] = []  # keys outside any decoder layer
     by_prefix_s: dict[str, dict[str, list[str]]] = {}  # "model.layers." -> layer (digits) -> suffixes
+    common = _COMMON_LAYERS  # fast path for the usual decoder prefix; the regex decides every other key
+    common_layers = by_prefix_s.setdefault(common, {})
     for key in source.tensors:
+        if key.startswith(common):
+            digits, dot, tail = key[len(common):].partition(".")
+            if dot and digits.isascii() and digits.isdigit() and (digits == "0" or digits[0] != "0"):
+                layer = common_layers.get(digits)
+                if layer is None:
+                    common_layers[digits] = layer = []
+                layer.append(tail)
+                continue
         m = _LAYER.match(key)
         if m is None:
             t = _TOWER.match(key)
@@ -406,7 +418,7 @@ def infer(source: Source) -> Layout:
         tower_keys.setdefault(tower_prefix.group(1), []).extend(
             f"{p}{i}.{r}" for i in tower_layers for r in tower_layers[i]
         )
-    by_prefix = {p: {int(i): v for i, v in layers.items()} for p, layers in by_prefix_s.items()}
+    by_prefix = {p: {int(i): v for i, v in layers.items()} for p, layers in by_prefix_s.items() if layers}
     towers = _towers(tower_keys)
     candidates = [p for p in by_prefix if not p.startswith("mtp.")]
     layers_at = max(  # the decoder's "<prefix><container>." (most keys; "model.layers." on ties)

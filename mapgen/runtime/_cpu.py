@@ -21,6 +21,8 @@ for unconditionally:
   function and needs a C++ toolchain. :func:`import_megatron` avoids the question altogether: it imports
   megatron-core with ``torch.compile`` standing in as the identity, so ``jit_fuser`` never compiles and
   torch's dynamo/inductor stack (half of megatron-core's import time) is never imported.
+- ``multi_latent_attention.HAVE_TE`` is cleared when its TE names are stand-ins, not classes (0.16.1 then calls
+  ``isinstance(linear_proj, <stand-in>)`` while building ``MLASelfAttention``).
 - the flash-linear-attention fallback of :mod:`mapgen.runtime._gdn` (GatedDeltaNet refuses to build
   without ``fla``; the fallback uses megatron-core's own torch implementation of the chunked rule).
 """
@@ -87,6 +89,10 @@ def _patches() -> list[tuple[Any, str, Any]]:
         patches.append((torch._dynamo.config, "disable", True))
     if getattr(moe_utils, "te_general_gemm", None) is None:
         patches.append((moe_utils, "te_general_gemm", None))
+    from megatron.core.transformer import multi_latent_attention as mla
+
+    if mla.HAVE_TE and not isinstance(mla.TELinear, type):  # a stand-in without TE; MLA calls isinstance on it
+        patches.append((mla, "HAVE_TE", False))
     patches.extend(_gdn.fla_fallback_patches())
     return patches
 
@@ -115,6 +121,7 @@ QUIET_WARNINGS = (
     r".*Please use DTensor instead and we are deprecating ShardedTensor.*",
     r".*torch.distributed is disabled, unavailable or uninitialized.*",
     r".*CUDA_DEVICE_MAX_CONNECTIONS.*",  # megatron's async all-reduce advice, a CUDA setting
+    r".*without fp32 routing\. Consider enabling moe_router_dtype.*",  # training advice on a conversion run
     r"`torch\.distributed\.\w+` is deprecated\. Please use .*",  # megatron-core calls the old collectives
     r"`load_state_dict` is deprecated and will be removed.*",  # megatron-core's torch_dist load calls it
 )

@@ -9,6 +9,9 @@ local spec (what mapgen builds on CPU)                     Transformer Engine sp
 ``<L>.pre_mlp_layernorm.weight`` (dense MLP layers)         ``<L>.mlp.linear_fc1.layer_norm_weight``
 ``<L>.pre_mlp_layernorm.weight`` (MoE layers)               ``<L>.pre_mlp_layernorm.weight`` (unchanged)
 ``<L>.mlp.experts.local_experts.<E>.linear_fc1.weight``     ``<L>.mlp.experts.linear_fc1.weight<E>`` (TEGroupedMLP)
+``<L>.self_attention.q_layernorm.weight`` (MLA layers)      ``<L>.self_attention.linear_q_up_proj.layer_norm_weight``
+``<L>.self_attention.kv_layernorm.weight`` (MLA layers)     ``<L>.self_attention.linear_kv_up_proj.layer_norm_weight``
+``<L>.input_layernorm.weight`` (MLA layers)                 ``<L>.input_layernorm.weight`` (unchanged)
 =========================================================  =====================================================
 
 ``<L>`` is ``decoder.layers.<N>`` or an MTP inner layer (``mtp.layers.<D>.transformer_layer`` in megatron-core
@@ -31,13 +34,21 @@ _L_EXPERT = re.compile(
     r"^(?P<p>.*\.mlp\.experts\.)local_experts\.(?P<e>\d+)\.(?P<fc>linear_fc[12])\.(?P<w>weight|bias)$"
 )
 
+_L_MLA_LN = re.compile(r"^(?P<p>(?:.*\.)?)self_attention\.(?P<n>q|kv)_layernorm\.(?P<w>weight|bias)$")
+_T_MLA_LN = re.compile(r"^(?P<p>(?:.*\.)?)self_attention\.linear_(?P<n>q|kv)_up_proj\.layer_norm_(?P<w>weight|bias)$")
+_MLA_MARK = "self_attention.linear_kv_down_proj.weight"
 _T_INPUT_LN = re.compile(r"^(?P<p>(?:.*\.)?)self_attention\.linear_qkv\.layer_norm_(?P<w>weight|bias)$")
 _T_PRE_MLP_LN = re.compile(r"^(?P<p>(?:.*\.)?)mlp\.linear_fc1\.layer_norm_(?P<w>weight|bias)$")
 _T_EXPERT = re.compile(r"^(?P<p>.*\.mlp\.experts\.)(?P<fc>linear_fc[12])\.(?P<w>weight|bias)(?P<e>\d+)$")
 
 
-def local_to_te_name(name: str, *, dense_mlp: bool = True) -> str:
-    """One local-spec name in TE spelling; ``dense_mlp`` says whether the name's layer has a dense MLP."""
+def local_to_te_name(name: str, *, dense_mlp: bool = True, mla: bool = False) -> str:
+    """One local-spec name in TE spelling; ``dense_mlp`` says whether the name's layer has a dense MLP, ``mla``
+    whether its attention is multi-latent (TE fuses the latent norms, not the input norm)."""
+    if mla and (m := _L_MLA_LN.match(name)):
+        return f"{m['p']}self_attention.linear_{m['n']}_up_proj.layer_norm_{m['w']}"
+    if mla and _L_INPUT_LN.match(name):
+        return name
     if m := _L_INPUT_LN.match(name):
         return f"{m['p']}self_attention.linear_qkv.layer_norm_{m['w']}"
     if dense_mlp and (m := _L_PRE_MLP_LN.match(name)):
@@ -49,6 +60,8 @@ def local_to_te_name(name: str, *, dense_mlp: bool = True) -> str:
 
 def te_to_local_name(name: str) -> str:
     """One TE-spec name in local spelling (no context needed)."""
+    if m := _T_MLA_LN.match(name):
+        return f"{m['p']}self_attention.{m['n']}_layernorm.{m['w']}"
     if m := _T_INPUT_LN.match(name):
         return f"{m['p']}input_layernorm.{m['w']}"
     if m := _T_PRE_MLP_LN.match(name):
@@ -62,11 +75,13 @@ def local_to_te_names(names: Iterable[str]) -> dict[str, str]:
     """Local -> TE for a whole name set; a layer is MoE when ``<L>.mlp.router.weight`` is in the set."""
     names = list(names)
     moe_prefixes = {n[: -len("mlp.router.weight")] for n in names if n.endswith("mlp.router.weight")}
+    mla_prefixes = {n[: -len(_MLA_MARK)] for n in names if n.endswith(_MLA_MARK)}
     out = {}
     for n in names:
         m = _L_PRE_MLP_LN.match(n)
         dense = not (m and m["p"] in moe_prefixes)
-        out[n] = local_to_te_name(n, dense_mlp=dense)
+        layer = _L_INPUT_LN.match(n) or _L_MLA_LN.match(n)
+        out[n] = local_to_te_name(n, dense_mlp=dense, mla=bool(layer and layer["p"] in mla_prefixes))
     return out
 
 

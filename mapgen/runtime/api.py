@@ -164,6 +164,26 @@ def bridge_for(layout: Layout) -> Bridge:
     return discovery.bridge(fp, what=what)
 
 
+UNPROVEN_FLAG = "--allow-unproven-numerics"
+
+
+def require_numerics(bridge: Bridge, *, allow: bool, command: str) -> dict[str, Any]:
+    """Refuse a bridge whose emit did not prove logits parity with transformers, unless the user said
+    ``--allow-unproven-numerics``; returns what ``mapgen.json`` records about it."""
+    record = {"bridge": bridge.numerics, "proven": bridge.numerically_proven, "allow_unproven_numerics": allow}
+    if bridge.numerically_proven or allow:
+        return record
+    why = bridge.numerics or "it was emitted before mapgen recorded numerical proofs"
+    raise error(
+        "bridge.unproven-numerics",
+        f"the bridge for layout {bridge.fingerprint} (model_type {bridge.model_type!r}) has no numerical proof: {why}",
+        expected="a bridge whose `mapgen emit` proved logits parity with transformers on a tiny twin of the layout",
+        hint=f"its names and shapes are proven (a bijection), but nothing shows that the Megatron model computes "
+        f"what this checkpoint's model computes; pass {UNPROVEN_FLAG} to {command} anyway (recorded in "
+        f"{MAPGEN_META}), or re-emit the bridge where transformers has a class for the model",
+    )
+
+
 def bind(layout: Layout, bridge: Bridge | None = None) -> Binding:
     from mapgen.runtime.megatron import mtp_inner_name
 
@@ -280,11 +300,13 @@ def check_parallel(spec: ModelSpec, par: Parallel, world_size: int) -> None:
 
 
 def preflight(source_path: str | None, par: Parallel, world: int, *, out: Path | None = None,
-              overwrite: bool = False, ckpt: Path | None = None) -> None:
+              overwrite: bool = False, ckpt: Path | None = None,
+              numerics: tuple[bool, str] | None = None) -> None:
     """Every check a command can make before it starts workers or writes a byte, in the launching process:
     the source checkpoint (:meth:`HFSource.open`), the bridge for its layout, TP/EP/ETP/PP divisibility (all
     problems at once) and the output directory. ``ckpt`` (export) must hold ``mapgen.json`` unless a source
-    is given. Imports no megatron-core."""
+    is given. ``numerics`` = (allowed, command): the bridge must carry its numerical proof unless allowed
+    (:func:`require_numerics`). Imports no megatron-core."""
     if ckpt is not None and not Path(ckpt).is_dir():
         raise error("megatron.not-found", f"{ckpt} is not a directory", file=str(ckpt),
                     expected="a Megatron checkpoint directory written by `mapgen convert`")
@@ -299,6 +321,10 @@ def preflight(source_path: str | None, par: Parallel, world: int, *, out: Path |
 
         check_dist_checkpoint(Path(ckpt) / "release" if (Path(ckpt) / "release").is_dir() else Path(ckpt))
     bridge = bridge_for(layout)
+    if numerics is not None:
+        meta = read_megatron_meta(ckpt) if ckpt is not None and (Path(ckpt) / MAPGEN_META).is_file() else {}
+        accepted = bool((meta.get("numerics") or {}).get("allow_unproven_numerics"))
+        require_numerics(bridge, allow=numerics[0] or accepted, command=numerics[1])
     check_parallel(bridge.megatron_config(HFConfig(layout.config), layout), par, world)
     if out is not None:
         sources = ([source.root] if source is not None else []) + ([Path(ckpt)] if ckpt is not None else [])
@@ -747,19 +773,23 @@ def _stream_to_dist(model: torch.nn.Module, binding: Binding, source: HFSource, 
 
 
 def convert(source_path: str, out: Path, par: Parallel, *, overwrite: bool = False,
-            config_check: dict[str, Any] | None = None, dtype: str = "auto", streaming: bool = True) -> Stats:
+            config_check: dict[str, Any] | None = None, dtype: str = "auto", streaming: bool = True,
+            allow_unproven_numerics: bool = False) -> Stats:
     """HF checkpoint -> Megatron-Core distributed checkpoint (torch_dist), loadable by Megatron-LM:
     ``OUT/release/`` plus ``latest_checkpointed_iteration.txt``; ``OUT/mapgen.json`` records the layout and
     the dtypes (the source's by default, ``dtype`` to choose one), and ``config_check`` (the config catalog's
     verdicts, with any --assume-inert / --accept-semantic-gap). ``streaming`` (default): no Megatron model
     is materialised, each rank writes its shards entry by entry from the HF slices (memory: a few times the
-    largest tensor); otherwise the model is loaded in memory and saved by megatron-core."""
+    largest tensor); otherwise the model is loaded in memory and saved by megatron-core. A bridge without its
+    numerical proof is refused unless ``allow_unproven_numerics`` (recorded in ``mapgen.json``)."""
     from mapgen.runtime.megatron import save_dist_checkpoint
 
     source = HFSource.open(source_path)
     out = Path(out)
     world = world_from_env()
-    binding = bind(source.layout)
+    bridge = bridge_for(source.layout)
+    numerics = require_numerics(bridge, allow=allow_unproven_numerics, command="convert")
+    binding = bind(source.layout, bridge)
     check_parallel(binding.spec, par, world)
     prepare_target(out, overwrite=overwrite, sources=[source.root])
     with parallel_context(par) as coords:
@@ -769,7 +799,7 @@ def convert(source_path: str, out: Path, par: Parallel, *, overwrite: bool = Fal
             dtypes = plan_dtypes(binding, source.dtypes, dtype)
             model = build(binding, par, device="meta", dtypes=dtypes)
         else:
-            model, binding, stats = load_hf(source, par, dtype=dtype)
+            model, binding, stats = load_hf(source, par, bridge=bridge, dtype=dtype)
             dtypes = stats.extra["dtypes"]
         staging = _shared_staging(out, coords)
         try:
@@ -791,7 +821,7 @@ def convert(source_path: str, out: Path, par: Parallel, *, overwrite: bool = Fal
                 (staging / ARGS_FILE).write_text(args_text)
                 meta = {"mapgen_version": __version__, "layout": json.loads(layout_to_json(source.layout)),
                         "source": source.to_meta(), "parallel": par.__dict__, "dtype": dtypes.to_json(),
-                        "megatron_args": argv}
+                        "megatron_args": argv, "numerics": numerics}
                 if config_check is not None:
                     meta["config_check"] = config_check
                 (staging / MAPGEN_META).write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
@@ -1064,13 +1094,15 @@ def _export_streaming(binding: Binding, release: Path, out: Path, target: Mappin
 
 def export_megatron(ckpt: Path, out: Path, par: Parallel, *, source_path: str | None = None,
                     overwrite: bool = False, dtype: str = "auto", streaming: bool = True,
-                    quantize: bool = False) -> Stats:
+                    quantize: bool = False, allow_unproven_numerics: bool = False) -> Stats:
     """Megatron distributed checkpoint (any parallel layout; resharded by dist_checkpointing) -> HF.
     ``streaming`` (default, when the source's shard layout is known): no model, each rank writes its share of
     the output shards (:func:`_export_streaming`); otherwise the model is loaded and gathered to rank 0.
     The model is built in the dtypes ``mapgen.json`` records (fp32 without one: exact for any float
     checkpoint); HF tensors are written in the source's dtypes, or all floating ones in ``dtype``.
-    ``quantize``: block-scaled FP8 weights are written as the source stores them (its tiles and scales)."""
+    ``quantize``: block-scaled FP8 weights are written as the source stores them (its tiles and scales). A
+    bridge without its numerical proof is refused unless ``allow_unproven_numerics`` or the checkpoint's
+    ``mapgen.json`` records that its conversion was allowed."""
     from mapgen.runtime._safeload import check_dist_checkpoint
     from mapgen.runtime.megatron import load_dist_checkpoint
 
@@ -1096,8 +1128,11 @@ def export_megatron(ckpt: Path, out: Path, par: Parallel, *, source_path: str | 
         target = dict(target)
         target["dtypes"] = {}
         target["force_dtype"] = dtype
+    accepted = bool((recorded.get("numerics") or {}).get("allow_unproven_numerics"))
+    bridge = bridge_for(layout)
+    require_numerics(bridge, allow=allow_unproven_numerics or accepted, command="export")
     prepare_target(out, overwrite=overwrite, sources=[ckpt] + ([source.root] if source else []))
-    binding = bind(layout)
+    binding = bind(layout, bridge)
     check_parallel(binding.spec, par, world_from_env())
     release = ckpt / "release" if (ckpt / "release").is_dir() else ckpt
     if streaming and target.get("weight_map"):

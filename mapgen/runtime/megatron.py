@@ -179,6 +179,11 @@ def check_divisibility(
     if "attention" in kinds:
         need("num_attention_heads", spec.num_attention_heads, tp, "tp")
         need("num_query_groups", spec.num_query_groups, tp, "tp")
+    if "mla" in kinds:
+        need("num_attention_heads", spec.num_attention_heads, tp, "tp")
+        need("q_lora_rank", spec.q_lora_rank, tp, "tp")  # local spec: column-parallel down projections
+        need("kv_lora_rank + qk_pos_emb_head_dim", (spec.kv_lora_rank or 0) + (spec.qk_pos_emb_head_dim or 0), tp,
+             "tp")
     if "gated_delta_net" in kinds:
         need("linear_num_key_heads", spec.linear_num_key_heads, tp, "tp")
         need("linear_num_value_heads", spec.linear_num_value_heads, tp, "tp")
@@ -450,6 +455,8 @@ def transformer_config(
             linear_num_key_heads=spec.linear_num_key_heads,
             linear_num_value_heads=spec.linear_num_value_heads,
         )
+    if "mla" in kinds or (bool(spec.mtp_num_layers) and spec.mtp_layer_kind == "mla"):
+        kw.update(_mla_config(spec))
     if moe:
         kw.update(
             num_moe_experts=spec.num_moe_experts,
@@ -474,7 +481,12 @@ def transformer_config(
         if spec.moe_router_bias:
             kw["add_bias_linear"] = True
     kw.update(_attention_kwargs(spec))
-    return TransformerConfig(
+    config_class: type[TransformerConfig] = TransformerConfig
+    if kw.get("multi_latent_attention"):
+        from megatron.core.transformer import MLATransformerConfig
+
+        config_class = MLATransformerConfig
+    return config_class(
         num_layers=spec.num_layers,
         hidden_size=spec.hidden_size,
         num_attention_heads=spec.num_attention_heads,
@@ -511,6 +523,55 @@ def transformer_config(
         use_cpu_initialization=device != "cuda",
         perform_initialization=initialize and device != "meta",
         **kw,
+    )
+
+
+def _mla_config(spec: ModelSpec) -> dict[str, Any]:
+    """``MLATransformerConfig`` fields of an MLA model (the RoPE of MLA layers is their own: plain or YaRN)."""
+    return {
+        "multi_latent_attention": True,
+        "q_lora_rank": spec.q_lora_rank,
+        "kv_lora_rank": spec.kv_lora_rank,
+        "qk_head_dim": spec.qk_head_dim,
+        "qk_pos_emb_head_dim": spec.qk_pos_emb_head_dim,
+        "v_head_dim": spec.v_head_dim,
+        "rope_type": spec.mla_rope_type,
+        "rotary_base": spec.rotary_base,
+        "rotary_percent": spec.rotary_percent,
+        "rotary_scaling_factor": spec.yarn_scaling_factor,
+        "original_max_position_embeddings": spec.yarn_original_max_position_embeddings,
+        "beta_fast": spec.yarn_beta_fast,
+        "beta_slow": spec.yarn_beta_slow,
+        "mscale": spec.yarn_mscale,
+        "mscale_all_dim": spec.yarn_mscale_all_dim,
+    }
+
+
+def _mla_attention(spec: ModelSpec, norm: type) -> Any:
+    """``MLASelfAttention`` with megatron-core's local linears (column-parallel down/up projections, row-parallel
+    output), the latent norms, and a CPU core attention that takes MLA's separate q/k and v head dims
+    (:mod:`mapgen.runtime._mla`; no parameters)."""
+    from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+    from megatron.core.transformer.enums import AttnMaskType
+    from megatron.core.transformer.multi_latent_attention import MLASelfAttention, MLASelfAttentionSubmodules
+    from megatron.core.transformer.spec_utils import ModuleSpec
+
+    from mapgen.runtime._mla import MLACoreAttention
+
+    return ModuleSpec(
+        module=MLASelfAttention,
+        params={"attn_mask_type": AttnMaskType.causal},
+        submodules=MLASelfAttentionSubmodules(
+            linear_q_proj=ColumnParallelLinear,
+            linear_q_down_proj=ColumnParallelLinear,
+            linear_q_up_proj=ColumnParallelLinear,
+            linear_kv_down_proj=ColumnParallelLinear,
+            linear_kv_up_proj=ColumnParallelLinear,
+            core_attention=MLACoreAttention,
+            linear_proj=RowParallelLinear,
+            q_layernorm=norm,
+            kv_layernorm=norm,
+        ),
     )
 
 
@@ -572,6 +633,11 @@ def _layer_spec(spec: ModelSpec, config: TransformerConfig, kind: LayerKind, mlp
     if kind == "attention":
         keys_map["input_layernorm."] = "self_attention.linear_qkv.layer_norm_"
         attention, input_ln = sub.self_attention, sub.input_layernorm
+    elif kind == "mla":
+        # TE fuses the latent norms into the up projections (its input norm stays a separate module)
+        keys_map["self_attention.q_layernorm."] = "self_attention.linear_q_up_proj.layer_norm_"
+        keys_map["self_attention.kv_layernorm."] = "self_attention.linear_kv_up_proj.layer_norm_"
+        attention, input_ln = _mla_attention(spec, sub.input_layernorm), sub.input_layernorm
     else:
         attention = ModuleSpec(
             module=GatedDeltaNet,

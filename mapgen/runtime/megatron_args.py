@@ -11,7 +11,7 @@ list-valued ``--linear-attention-freq``/``--moe-layer-freq`` as Python list expr
 model from the parsed arguments alone and load the checkpoint into it with ``dist_checkpointing.load``.
 
 What Megatron-LM has no flag for, and how it decides it instead (so the parser does the same):
-the MTP inner layer is an attention layer whose MLP is the last decoder layer's kind; the layer
+the MTP inner layer is an attention layer (MLA in an MLA model) whose MLP is the last decoder layer's kind; the layer
 implementation (TE or local) is the trainer's choice, and the checkpoint keys are TE-spelled either way.
 """
 
@@ -138,6 +138,8 @@ def megatron_args(spec: ModelSpec, *, tp: int = 1, pp: int = 1, ep: int = 1, etp
               "--linear-value-head-dim", str(spec.linear_value_head_dim),
               "--linear-num-key-heads", str(spec.linear_num_key_heads),
               "--linear-num-value-heads", str(spec.linear_num_value_heads)]
+    if "mla" in spec.kinds:
+        a += _mla_args(spec)
     if spec.num_moe_experts:
         a += _moe_args(spec)
     if spec.mtp_num_layers:
@@ -151,6 +153,41 @@ def megatron_args(spec: ModelSpec, *, tp: int = 1, pp: int = 1, ep: int = 1, etp
     if load is not None:
         a += ["--load", load, "--ckpt-format", "torch_dist", "--no-load-optim", "--no-load-rng", "--finetune"]
     return a
+
+
+def _mla_args(spec: ModelSpec) -> list[str]:
+    """Multi-latent attention (Megatron-LM's MLA flags; the YaRN ones only for ``--rope-type yarn``)."""
+    if set(spec.kinds) != {"mla"}:
+        raise ArgsError("MLA beside other attention kinds has no Megatron-LM flag")
+    a = ["--multi-latent-attention"]
+    if spec.q_lora_rank is not None:
+        a += ["--q-lora-rank", str(spec.q_lora_rank)]
+    a += ["--kv-lora-rank", str(spec.kv_lora_rank), "--qk-head-dim", str(spec.qk_head_dim),
+          "--qk-pos-emb-head-dim", str(spec.qk_pos_emb_head_dim), "--v-head-dim", str(spec.v_head_dim),
+          "--rope-type", spec.mla_rope_type]
+    if spec.mla_rope_type == "yarn":
+        a += ["--rotary-scaling-factor", repr(float(spec.yarn_scaling_factor)),
+              "--original-max-position-embeddings", str(spec.yarn_original_max_position_embeddings),
+              "--beta-fast", repr(float(spec.yarn_beta_fast)), "--beta-slow", repr(float(spec.yarn_beta_slow)),
+              "--mscale", repr(float(spec.yarn_mscale)), "--mscale-all-dim", repr(float(spec.yarn_mscale_all_dim))]
+    return a
+
+
+def _mla_fields(a: dict[str, Any]) -> dict[str, Any]:
+    if not a.get("multi_latent_attention"):
+        return {}
+    yarn = a.get("rope_type", "yarn") == "yarn"  # Megatron-LM: MLA takes YaRN by default
+    return {
+        "q_lora_rank": int(a["q_lora_rank"]) if "q_lora_rank" in a else None,
+        "kv_lora_rank": int(a["kv_lora_rank"]), "qk_head_dim": int(a["qk_head_dim"]),
+        "qk_pos_emb_head_dim": int(a["qk_pos_emb_head_dim"]), "v_head_dim": int(a["v_head_dim"]),
+        "mla_rope_type": "yarn" if yarn else "rope",
+        **({"yarn_scaling_factor": float(a.get("rotary_scaling_factor", 1.0)),
+            "yarn_original_max_position_embeddings": int(a.get("original_max_position_embeddings", 4096)),
+            "yarn_beta_fast": float(a.get("beta_fast", 32)), "yarn_beta_slow": float(a.get("beta_slow", 1)),
+            "yarn_mscale": float(a.get("mscale", 1.0)), "yarn_mscale_all_dim": float(a.get("mscale_all_dim", 0.0))}
+           if yarn else {}),
+    }
 
 
 def _position_args(spec: ModelSpec) -> list[str]:
@@ -171,7 +208,8 @@ _FLAGS = {"--group-query-attention", "--use-rope-scaling", "--apply-layernorm-1p
           "--squared-relu", "--no-bias-gelu-fusion",
           "--disable-bias-linear", "--add-qkv-bias", "--qk-layernorm", "--attention-output-gate",
           "--untie-embeddings-and-output-weights", "--moe-shared-expert-gate", "--moe-router-enable-expert-bias",
-          "--moe-router-pre-softmax", "--bf16", "--fp16", "--no-load-optim", "--no-load-rng", "--finetune"}
+          "--moe-router-pre-softmax", "--bf16", "--fp16", "--no-load-optim", "--no-load-rng", "--finetune",
+          "--multi-latent-attention"}
 
 
 _MULTI = {"--mrope-section"}  # nargs='+'
@@ -231,7 +269,10 @@ def spec_from_args(argv: Sequence[str]) -> tuple[ModelSpec, dict[str, Any]]:
              "mtp_num_layers", "tensor_model_parallel_size", "pipeline_model_parallel_size",
              "expert_model_parallel_size", "expert_tensor_parallel_size", "bf16", "fp16", "load", "ckpt_format",
              "no_load_optim", "no_load_rng", "finetune", "quick_geglu", "squared_relu", "no_bias_gelu_fusion",
-             "mrope_section", "window_size", "window_attn_skip_freq", "no_rope_freq"}
+             "mrope_section", "window_size", "window_attn_skip_freq", "no_rope_freq", "multi_latent_attention",
+             "q_lora_rank", "kv_lora_rank", "qk_head_dim", "qk_pos_emb_head_dim", "v_head_dim", "rope_type",
+             "rotary_scaling_factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "mscale",
+             "mscale_all_dim"}
     unknown = sorted(set(a) - known)
     if unknown:
         raise ArgsError(f"arguments this parser does not map: {', '.join('--' + u.replace('_', '-') for u in unknown)}")
@@ -241,6 +282,8 @@ def spec_from_args(argv: Sequence[str]) -> tuple[ModelSpec, dict[str, Any]]:
     heads = int(a["num_attention_heads"])
     gdn: LayerKind = "gated_delta_net"
     attention: LayerKind = "attention"
+    if a.get("multi_latent_attention"):
+        attention = "mla"
     kinds: tuple[LayerKind, ...] = (attention,) * n
     if a.get("experimental_attention_variant") == "gated_delta_net":
         kinds = tuple(gdn if f else attention for f in _list(a["linear_attention_freq"], n, "--linear-attention-freq"))
@@ -307,8 +350,9 @@ def spec_from_args(argv: Sequence[str]) -> tuple[ModelSpec, dict[str, Any]]:
         linear_value_head_dim=opt_int("linear_value_head_dim"),
         linear_conv_kernel_dim=opt_int("linear_conv_kernel_dim"),
         mtp_num_layers=mtp,
-        mtp_layer_kind="attention",
+        mtp_layer_kind=attention if mtp else "attention",
         mtp_mlp_kind=last_mlp if mtp else "dense",
+        **_mla_fields(a),
     )
     dtype = "bfloat16" if a.get("bf16") else "float16" if a.get("fp16") else "float32"
     run = {"tp": int(a.get("tensor_model_parallel_size", 1)), "pp": int(a.get("pipeline_model_parallel_size", 1)),

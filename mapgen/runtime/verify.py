@@ -22,6 +22,7 @@ from mapgen.runtime.api import (
     Parallel,
     _barrier,
     bind,
+    bridge_for,
     check_parallel,
     compare_checkpoints,
     export_hf,
@@ -66,8 +67,11 @@ def transformers_logits(root: Path, input_ids: torch.Tensor) -> tuple[torch.Tens
     if missing:
         return None, f"transformers expects weights the checkpoint lacks: {missing[:3]}"
     model.eval()
-    with torch.no_grad():
-        out = model(input_ids=input_ids, use_cache=False)
+    try:
+        with torch.no_grad():
+            out = model(input_ids=input_ids, use_cache=False)
+    except Exception as exc:  # transformers' own forward fails on this config: no reference, not a mapgen error
+        return None, f"transformers cannot run this config: {type(exc).__name__}: {str(exc)[:200]}"
     return out.logits.float(), ""
 
 
@@ -96,7 +100,8 @@ def verify(source_path: str, par: Parallel, *, logits: bool = True, atol: float 
     if source.quant is not None and dtype == "auto":
         # block-scaled FP8: dequantized exactly (fp32), as transformers dequantizes it for an fp32 model
         dtype = "float32"
-    binding = bind(source.layout)
+    bridge = bridge_for(source.layout)
+    binding = bind(source.layout, bridge)
     check_parallel(binding.spec, par, world_from_env())
     with parallel_context(par) as coords:
         model, binding, stats = load_hf(source, par, dtype=dtype)
@@ -105,6 +110,7 @@ def verify(source_path: str, par: Parallel, *, logits: bool = True, atol: float 
         # a block-scaled FP8 source round-trips through --quantize (its tiles and scales), byte for byte
         export_hf(model, binding, out, target=source.to_meta(quantized=True), source_root=source.root)
         result: dict[str, Any] = {"rank": coords.rank, "bytes_read": stats.bytes_read, "tensors": stats.tensors,
+                                  "bridge_numerics": bridge.numerics,
                                   "dtypes": stats.extra["dtypes"].to_json(),
                                   "param_dtypes": sorted({str(p.dtype) for p in model.state_dict().values()
                                                           if isinstance(p, torch.Tensor)})}
