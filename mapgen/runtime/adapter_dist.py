@@ -87,13 +87,15 @@ class BaseShard(NamedTuple):
 
 def _base_shards(model: torch.nn.Module) -> dict[str, BaseShard]:
     """Local weight name -> the ShardedTensors megatron-core plans for it (factories applied)."""
+    from megatron.core import parallel_state as ps
     from megatron.core.dist_checkpointing.dict_utils import nested_values
     from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories
 
     from mapgen.runtime.megatron import _checkpoint_entries, cpu_shims
 
-    with cpu_shims():
-        sd = cast(Any, model).sharded_state_dict()
+    with cpu_shims():  # the MTP stage ties its embedding copy over the DP x CP group (megatron-core asks for it)
+        group = ps.get_data_parallel_group(with_context_parallel=True)
+        sd = cast(Any, model).sharded_state_dict(metadata={"dp_cp_group": group})
         apply_factories(sd)
     by_storage = {t.untyped_storage()._cdata: local for local, t in _checkpoint_entries(model).items()}
     parts: dict[str, list[Any]] = {}
