@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -160,3 +161,33 @@ def test_bridge_checkpoint_without_side_file(tmp_path: Path) -> None:
     cfg = json.loads((back / "adapter_config.json").read_text())
     assert (cfg["r"], cfg["lora_alpha"]) == (4, 8)
     assert {m.rsplit(".", 1)[-1] for m in cfg["target_modules"]} == {"down_proj", "o_proj"}
+
+
+@pytest.mark.skipif(os.environ.get("MAPGEN_MATRIX") != "full", reason="MAPGEN_MATRIX=full: MoE and hybrid layouts")
+@pytest.mark.parametrize(("family", "layout"), [("qwen3-moe", ["--tp", "2", "--ep", "2"]),
+                                                ("qwen3.6", ["--tp", "2", "--ep", "2", "--pp", "2"])])
+def test_bridge_matrix(tmp_path: Path, family: str, layout: list[str]) -> None:
+    """Experts (an expert axis per layer), routers, the GDN in_proj (split like its base), MTP at the last stage:
+    imported at the layout, exported at TP=EP=PP=1, bitwise."""
+    from safetensors.torch import load_file
+
+    from tests.runtime_support import HUB, synth
+    from tests.test_lora import MOE_PARAMS
+
+    if family == "qwen3-moe":
+        base = write_base("qwen3-moe", tmp_path / "base")
+        adapter = write_adapter(base, tmp_path / "peft")
+    else:
+        base = synth(HUB / "Qwen--Qwen3.6-35B-A3B", tmp_path / "base", "--mtp-depth", "1", "--dtype", "fp32")
+        adapter = write_adapter(base, tmp_path / "peft", target_parameters=MOE_PARAMS)
+    meg, back = tmp_path / "meg", tmp_path / "back"
+    assert mapgen_main(["adapter", "import", str(adapter), str(meg), "--base", str(base), *layout,
+                        "--format", "bridge"]) == 0
+    assert mapgen_main(["adapter", "export", str(meg), str(back), "--base", str(base)]) == 0
+    want = load_file(str(adapter / "adapter_model.safetensors"))
+    got = load_file(str(back / "adapter_model.safetensors"))
+    assert sorted(want) == sorted(got)
+    for k in want:
+        assert torch.equal(want[k], got[k]), k
+    assert json.loads((back / "adapter_config.json").read_text()) == json.loads(
+        (adapter / "adapter_config.json").read_text())
