@@ -159,6 +159,19 @@ def _local_adapters(model: torch.nn.Module,
     return out
 
 
+def _check_placed(meg: MegatronAdapter, done: set[str], world: int) -> None:
+    """Every adapter lands in some rank's sharded state dict: none is dropped silently."""
+    held: list[Any] = [None] * world
+    if world > 1:
+        torch.distributed.all_gather_object(held, sorted(done))
+    else:
+        held = [sorted(done)]
+    lost = sorted(set(meg.modules) - {m for h in held for m in h})
+    if lost:
+        raise error("adapter.unknown-module", f"{len(lost)} adapters have no base ShardedTensor in megatron-core's "
+                    "plan of this model", key=lost[0], hint="use --format mapgen for this adapter")
+
+
 # -- writing (SPMD: every rank of the layout calls it) -----------------------------------------------------------
 def save_bridge(meg: MegatronAdapter, source_path: str, path: str, par: Parallel) -> int:
     """Write ``meg`` as a torch_dist checkpoint in ``path`` (``release/`` + tracker + ``run_config.yaml`` +
@@ -201,6 +214,7 @@ def save_bridge(meg: MegatronAdapter, source_path: str, path: str, par: Parallel
                                          (dim, shard.rank, shard.size) if shard.size > 1 and dim is not None
                                          else None))
             done.add(module)
+        _check_placed(meg, done, coords.world)
         staging = _shared_staging(out, coords)
         try:
             (staging / "release").mkdir(parents=True, exist_ok=True)
