@@ -2,7 +2,7 @@
 of ``benchmarks/RESULTS.md`` and ``benchmarks/results_stream.json``.
 
     .venv/bin/python -m benchmarks.stream                      # 0.25, 1 and 2.5 GiB (about 15 minutes here)
-    .venv/bin/python -m benchmarks.stream --sizes 16 --no-memory --runs 1   # the 16 GiB case (needs ~40 GiB disk)
+    .venv/bin/python -m benchmarks.stream --sizes 16 --big   # the 16 GiB case (~36 GiB disk; deletes its source)
 
 Per size (synthetic bf16 Qwen3-MoE from ``mapgen synth``, shapes in ``benchmarks.run.SIZES`` plus the ones
 below), alternating the kinds within each repetition, medians:
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import re
@@ -36,6 +37,7 @@ from benchmarks.run import REPO, SIZES, GiB, med, run, worker
 
 RESULTS = REPO / "benchmarks" / "RESULTS.md"
 RAW = REPO / "benchmarks" / "results_stream.json"
+RAW_BIG = REPO / "benchmarks" / "results_stream_big.json"
 BEGIN = "<!-- benchmarks/stream.py: begin (generated; edit stream.py, not this section) -->"
 END = "<!-- benchmarks/stream.py: end -->"
 
@@ -160,14 +162,117 @@ def render(meta: dict[str, Any], sizes: dict[str, dict[str, Any]], par: dict[str
     return "\n".join(L) + "\n"
 
 
-def write(section: str) -> None:
+def write(section: str, begin: str = BEGIN, end: str = END) -> None:
     text = RESULTS.read_text()
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        text = head + section.rstrip("\n") + rest.split(END, 1)[1]
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        text = head + section.rstrip("\n") + rest.split(end, 1)[1]
     else:
         text = text.rstrip("\n") + "\n\n" + section
     RESULTS.write_text(text)
+
+
+def digests(root: Path) -> dict[str, str]:
+    """dtype, shape and blake2b of every tensor of an HF checkpoint, read one tensor at a time."""
+    import hashlib
+
+    import torch
+
+    from mapgen.runtime.hfio import SafetensorsReader, read_weight_map
+
+    weight_map, _ = read_weight_map(root)
+    reader = SafetensorsReader(root, weight_map)
+    out = {}
+    try:
+        for key in sorted(weight_map, key=lambda k: (weight_map[k], k)):
+            t = reader.read(key)
+            data = t.reshape(-1).view(torch.uint8).numpy().data if t.numel() else b""
+            out[key] = f"{t.dtype}{tuple(t.shape)}:{hashlib.blake2b(data).hexdigest()}"
+    finally:
+        reader.close()
+    return out
+
+
+def largest_tensor(root: Path) -> int:
+    from mapgen.runtime.hfio import SafetensorsReader, read_weight_map
+
+    weight_map, _ = read_weight_map(root)
+    reader = SafetensorsReader(root, weight_map)
+    try:
+        return max(math.prod(reader.shape(k)) * reader.dtype(k).itemsize for k in weight_map)
+    finally:
+        reader.close()
+
+
+def bench_big(size: str, src: Path, root: Path, log: Any) -> dict[str, Any]:
+    """One run of the big case, ordered so that at most two checkpoints are on disk at once: floor, ``cp -r``
+    (deleted), streaming convert at TP=1 (deleted) and at EP=2 (kept), then the source's tensor digests, the
+    source deleted, the EP=2 checkpoint exported on two processes and its digests compared."""
+    index = json.loads((src / "model.safetensors.index.json").read_text())
+    r: dict[str, Any] = {"bytes": int(index["metadata"]["total_size"]), "tensors": len(index["weight_map"]),
+                         "largest": largest_tensor(src)}
+    r["floor"] = worker("floor-file", str(src))[2]["seconds"]
+    cp_dir = root / f"cp-{size}"
+    r["cp"] = run(["cp", "-r", str(src), str(cp_dir)])[0]
+    shutil.rmtree(cp_dir, ignore_errors=True)
+    log(f"{size} GiB: floor {r['floor']:.1f} s, cp {r['cp']:.1f} s")
+    out = root / f"mc-{size}"
+    r["tp1"] = convert(src, out)
+    r["disk_tp1"] = dir_bytes(out / "release")
+    shutil.rmtree(out, ignore_errors=True)
+    log(f"TP=1: {r['tp1'][0]:.1f} s, work {r['tp1'][2]:.1f} s, {r['tp1'][1] / GiB:.2f} GiB")
+    r["ep2"] = convert(src, out, "--ep", "2", "--etp", "1")
+    r["disk_ep2"] = dir_bytes(out / "release")
+    log(f"EP=2: {r['ep2'][0]:.1f} s, work {r['ep2'][2]:.1f} s, {r['ep2'][1] / GiB:.2f} GiB")
+    want = digests(src)
+    shutil.rmtree(src)  # room for the export: the source is known by its digests now
+    back = root / f"hf-{size}"
+    wall, rss, text = run([sys.executable, "-m", "mapgen", "export", str(out), str(back), "--overwrite",
+                           "--nproc", "2"])
+    work = re.search(r", ([\d.]+) s\s*$", text.strip())
+    r["export"] = (wall, rss, float(work.group(1)) if work else float("nan"))
+    got = digests(back)
+    r["export_bitwise"] = got == want
+    r["export_mismatches"] = sorted(k for k in set(want) | set(got) if want.get(k) != got.get(k))[:5]
+    shutil.rmtree(back, ignore_errors=True)
+    shutil.rmtree(out, ignore_errors=True)
+    log(f"export (2 processes): {wall:.1f} s, {rss / GiB:.2f} GiB, bitwise {r['export_bitwise']}")
+    return r
+
+
+BIG_BEGIN = "<!-- benchmarks/stream.py --big: begin (generated) -->"
+BIG_END = "<!-- benchmarks/stream.py --big: end -->"
+
+
+def render_big(meta: dict[str, Any], sizes: dict[str, dict[str, Any]]) -> str:
+    L = [BIG_BEGIN, "", f"### The big case (`benchmarks/stream.py --big`, measured {meta['date']})", "",
+         f"{meta['duration_min']:.1f} min on {meta['cpus']} CPUs, load average {meta['load']:.1f} at the end; one run "
+         "of each, whole processes; the checkpoint does not fit the page cache next to the other sessions' memory, "
+         "so reads are partly cold. Budget per process: 2 GiB + 4x the largest tensor.", "",
+         "| | " + " | ".join(f"{n} GiB" for n in sizes) + " |", "|---|" + "---|" * len(sizes)]
+
+    def row(label: str, fn: Any) -> None:
+        L.append(f"| {label} | " + " | ".join(fn(s) for s in sizes.values()) + " |")
+
+    def budget(s: dict[str, Any]) -> float:
+        return 2 + 4 * s["largest"] / GiB
+
+    def conv(key: str) -> Any:
+        return lambda s: (f"{_rate(s['bytes'], s[key][0])}, work {_rate(s['bytes'], s[key][2])}, "
+                          f"peak RSS {s[key][1] / GiB:.2f} GiB (budget {budget(s):.2f})")
+
+    row("checkpoint", lambda s: f"{s['bytes'] / GiB:.2f} GiB, {s['tensors']} tensors, largest "
+                                f"{s['largest'] / 2**20:.0f} MiB")
+    row("floor: plain read() / `cp -r`", lambda s: f"{_rate(s['bytes'], s['floor'])} / {_rate(s['bytes'], s['cp'])}")
+    row("`mapgen convert` TP=1 (streaming), whole CLI", conv("tp1"))
+    row("`mapgen convert --ep 2 --etp 1`, two processes", conv("ep2"))
+    row("dist checkpoint on disk / HF bytes (TP=1, EP=2)",
+        lambda s: f"{s['disk_tp1'] / s['bytes']:.3f}, {s['disk_ep2'] / s['bytes']:.3f}")
+    row("`mapgen export --nproc 2` of the EP=2 checkpoint", conv("export"))
+    row("export bitwise vs source (every tensor's dtype, shape, blake2b)",
+        lambda s: "yes" if s["export_bitwise"] else f"NO: {s['export_mismatches']}")
+    L += ["", BIG_END]
+    return "\n".join(L) + "\n"
 
 
 def main() -> None:
@@ -180,12 +285,26 @@ def main() -> None:
     ap.add_argument("--no-parallel", action="store_true", help="skip the TP=2 / EP=2 rows")
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/mapgen-bench-stream"))
     ap.add_argument("--no-write", action="store_true")
+    ap.add_argument("--big", action="store_true",
+                    help="the big case for --sizes (TP=1 and EP=2 convert, export on two processes, digests; "
+                         "deletes the synthesized source to make room): its own section of RESULTS.md")
     args = ap.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
     start = time.time()
 
     def log(msg: str) -> None:
         print(f"[{time.time() - start:7.1f} s] {msg}", flush=True)
+
+    if args.big:
+        big = {size: bench_big(size, synth(size, args.workdir), args.workdir, log) for size in args.sizes.split(",")}
+        meta = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "duration_min": (time.time() - start) / 60,
+                "cpus": os.cpu_count(), "python": platform.python_version(), "load": os.getloadavg()[0]}
+        section = render_big(meta, big)
+        print(section)
+        if not args.no_write:
+            RAW_BIG.write_text(json.dumps({"meta": meta, "sizes": big}, indent=1) + "\n")
+            write(section, BIG_BEGIN, BIG_END)
+        return
 
     sizes: dict[str, dict[str, Any]] = {}
     for size in args.sizes.split(","):

@@ -30,7 +30,7 @@ import dataclasses
 import hashlib
 import math
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -98,7 +98,7 @@ class Synthesized:
     """A synthesized checkpoint: what the CLI writes, plus the layout it was built from."""
 
     config: dict[str, Any]
-    shards: dict[str, dict[str, torch.Tensor]]  # shard file name -> {key: tensor}, in file order
+    shards: Mapping[str, dict[str, torch.Tensor]]  # shard file name -> {key: tensor}, in file order (made on access)
     index: dict[str, Any]
     layout: Layout = field(compare=False)
 
@@ -537,26 +537,46 @@ def synthesize(
     count = max(1, min(o.shards, len(keys)))
     names = shard_names(count)
     bounds = [round(i * len(keys) / count) for i in range(count + 1)]
-    shards: dict[str, dict[str, torch.Tensor]] = {}
     weight_map: dict[str, str] = {}
     total = 0
-    make: Callable[[str, Shape, str, int, torch.dtype], torch.Tensor] = _values
     copies = _copies(shrunk.language_model)
     for s, name in enumerate(names):
-        shard: dict[str, torch.Tensor] = {}
         for key in keys[bounds[s] : bounds[s + 1]]:
-            shape, kind = shapes[key]
-            # A tensor HF stores twice (DeepSeek/GLM MTP embedding and head copies) gets the same values.
-            origin = copies.get(key, key)
-            t = make(origin, shape, kind, o.seed, dtype_of(origin))
-            shard[key] = t
             weight_map[key] = name
-            total += t.numel() * t.element_size()
-        shards[name] = shard
-    if layout.quantization == "fp8_block":
+            origin = copies.get(key, key)
+            total += math.prod(shapes[key][0]) * dtype_of(origin).itemsize
+
+    def make(name: str) -> dict[str, torch.Tensor]:
+        # A tensor HF stores twice (DeepSeek/GLM MTP embedding and head copies) gets the same values.
+        return {key: _values(copies.get(key, key), shapes[key][0], shapes[key][1], o.seed,
+                             dtype_of(copies.get(key, key))) for key in keys if weight_map[key] == name}
+
+    if layout.quantization == "fp8_block":  # quantized across the shards in place: made eagerly (small)
+        shards = {name: make(name) for name in names}
         total += _quantize_fp8(shards, weight_map, config, tensors, o)
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        return Synthesized(config=config, shards=shards, index=index, layout=shrunk)
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    return Synthesized(config=config, shards=shards, index=index, layout=shrunk)
+    return Synthesized(config=config, shards=_LazyShards(names, make), index=index, layout=shrunk)
+
+
+class _LazyShards(Mapping[str, "dict[str, torch.Tensor]"]):
+    """Shard name -> its tensors, made (deterministically, from the seed and each key) when asked for: a
+    16 GiB checkpoint is written one shard at a time instead of held whole in memory."""
+
+    def __init__(self, names: Sequence[str], make: Callable[[str], dict[str, torch.Tensor]]) -> None:
+        self._names, self._make = list(names), make
+
+    def __getitem__(self, name: str) -> dict[str, torch.Tensor]:
+        if name not in self._names:
+            raise KeyError(name)
+        return self._make(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
 
 
 _NUMBERED = re.compile(r"\.\d+\.")

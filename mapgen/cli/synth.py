@@ -134,7 +134,7 @@ def run(args: argparse.Namespace) -> int:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    n_keys = sum(len(s) for s in result.shards.values())
+    n_keys = len(result.index["weight_map"])
     print(
         f"wrote {out}: {n_keys} tensors in {len(result.shards)} shard(s), "
         f"{result.index['metadata']['total_size']} bytes; {result.layout.summary.layer_pattern}"

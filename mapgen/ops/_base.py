@@ -249,6 +249,15 @@ class HFTensor:
             return self.reader.read(self.key, (*self.lead, slice(None), slice(start, stop))).T
         return self.reader.read(self.key, (*self.lead, slice(start, stop)))
 
+    def rows_into(self, start: int, stop: int, out: torch.Tensor) -> None:
+        """``out.copy_(rows(start, stop))``; a reader with ``read_into(key, index, out)`` (the safetensors
+        reader) fills ``out`` in place, so the rows cross memory once."""
+        read_into = getattr(self.reader, "read_into", None)
+        if read_into is None or self._flip() or not out.is_contiguous():
+            out.copy_(self.rows(start, stop))
+        else:
+            read_into(self.key, (*self.lead, slice(start, stop)), out)
+
     def cols(self, start: int, stop: int) -> torch.Tensor:
         if self._flip():
             return self.reader.read(self.key, (*self.lead, slice(start, stop))).T

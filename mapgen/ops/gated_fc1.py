@@ -61,14 +61,21 @@ class Gated(Op[G]):
             if ctx.options.interleave:  # gpt-oss: gate_up[..., ::2], gate_up[..., 1::2] (modeling_gpt_oss.py)
                 block = src.rows(2 * start, 2 * stop)
                 gate, up = block[0::2], block[1::2]
-            else:
-                gate, up = src.rows(start, stop), src.rows(inter + start, inter + stop)
+                return torch.cat([gate, up])
+            halves = ((src, start, stop), (src, inter + start, inter + stop))
         else:
             gate_src, up_src = ctx.source(reader, 0), ctx.source(reader, 1)
             ctx.expect(up_src, gate_src.shape)
             start, stop = shard.bounds(gate_src.shape[0], "the intermediate size", ctx.rule)
-            gate, up = gate_src.rows(start, stop), up_src.rows(start, stop)
-        return torch.cat([gate, up])
+            halves = ((gate_src, start, stop), (up_src, start, stop))
+        if not hasattr(reader, "read_into") or reader.dtype(halves[0][0].key) != reader.dtype(halves[1][0].key):
+            return torch.cat([half.rows(a, b) for half, a, b in halves])
+        # [gate_r; up_r]: each half is read straight into its rows of the result (no concatenation pass)
+        rows = stop - start
+        out = torch.empty((2 * rows, *halves[0][0].shape[1:]), dtype=reader.dtype(halves[0][0].key))
+        for i, (half, a, b) in enumerate(halves):
+            half.rows_into(a, b, out[i * rows:(i + 1) * rows])
+        return out
 
     def save(self, ctx: Ctx[G], full: torch.Tensor) -> list[Fragment]:
         gate, up = full.chunk(2)

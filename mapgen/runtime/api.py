@@ -47,6 +47,7 @@ from mapgen.runtime.hfio import (
     prepare_target,
     read_weight_map,
     staging_dir,
+    write_safetensors,
 )
 from mapgen.runtime.quant import BlockFp8, DequantizingReader, reader_for, requantize
 
@@ -848,7 +849,8 @@ def dry_run_convert(source_path: str, par: Parallel, *, dtype: str = "auto") -> 
     the meta device and the source's headers only -- nothing is read or written. Bytes this rank reads
     (the primitives run on meta tensors of the source's shapes) and writes (the main replicas megatron-core's
     sharded state dict assigns it), the largest entry, and a peak-memory estimate (this process now, with
-    torch and megatron-core imported, plus the largest entry's read slices and two copies of it)."""
+    torch and megatron-core imported, plus the largest entry's read slices, itself, and two more entries
+    as large as the largest: the writer works on one while the next is made)."""
     from mapgen.runtime.engine import EntryProducer
     from mapgen.runtime.megatron import planned_writes
 
@@ -866,8 +868,11 @@ def dry_run_convert(source_path: str, par: Parallel, *, dtype: str = "auto") -> 
         finally:
             reader.close()
         entry_bytes = {local: t.numel() * t.element_size() for local, t in producer.entries.items()}
-        worst = max(writes, key=lambda k: reads[k] + 2 * entry_bytes[k], default=None)
-        peak = _rss_bytes() + (reads[worst] + 2 * entry_bytes[worst] if worst else 0)
+        # in flight: the entry being written, the next one being made (its reads and itself), and the
+        # writer's exact-storage view or a clone of a strided piece of the first
+        worst = max(writes, key=lambda k: reads[k] + entry_bytes[k], default=None)
+        largest = max((entry_bytes[k] for k in writes), default=0)
+        peak = _rss_bytes() + (reads[worst] + entry_bytes[worst] + 2 * largest if worst else 0)
         _barrier()
     return {"rank": coords.rank, "read": sum(reads.values()), "write": sum(writes.values()), "entries": len(writes),
             "largest": max(entry_bytes.values(), default=0), "peak": peak, "dtypes": dtypes.to_json()}
@@ -1044,9 +1049,7 @@ def _export_streaming(binding: Binding, release: Path, out: Path, target: Mappin
                             raise error("export.incomplete", "no rule produces this key of the target layout",
                                         key=key)
                         tensors[key] = src.read(key)
-                from safetensors.torch import save_file
-
-                save_file(tensors, str(staging / shard), metadata=shard_meta.get(shard))
+                write_safetensors(staging / shard, tensors, shard_meta.get(shard))
                 for key, value in tensors.items():
                     written[key] = shard
                     sizes[key] = value.numel() * value.element_size()

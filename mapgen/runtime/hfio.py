@@ -1,10 +1,11 @@
 """Hugging Face safetensors I/O for the runtime: a slicing reader and an atomic sharded writer.
 
-Reading opens each shard file once (``safe_open``, memory-mapped) and reads only the requested slices
-(``get_slice``), counting the bytes it returns so benchmarks and tests can check that a TP rank reads only
-its share. Writing goes to a hidden temporary directory beside the target and is renamed into place only
-when every shard and the index are on disk: an interrupted export never leaves a directory that looks
-complete.
+Reading opens each shard file once and reads only the requested slices with ``os.preadv`` straight into
+the result tensor (or a caller's, ``read_into``), counting the bytes it returns so benchmarks and tests can
+check that a TP rank reads only its share. Shards are written by :func:`write_safetensors` (``save_file``'s
+bytes, without its in-memory copy of the shard). Writing goes to a hidden temporary directory beside the
+target and is renamed into place only when every shard and the index are on disk: an interrupted export
+never leaves a directory that looks complete.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from mapgen.errors import Diagnostic, MapgenError, error
 
@@ -40,6 +40,9 @@ DTYPES: dict[str, torch.dtype] = {
     "BOOL": torch.bool,
 }
 TORCH_TO_ST = {v: k for k, v in DTYPES.items()}
+# safetensors' dtype order (its Rust ``Dtype`` enum): a file lists the tensors by dtype, last first, then name
+_ST_ORDER = ("BOOL", "U8", "I8", "F8_E5M2", "F8_E4M3", "I16", "U16", "F16", "BF16", "I32", "U32", "F32", "F64",
+             "I64", "U64")
 CONFIG_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
@@ -94,10 +97,12 @@ class _Shard:
             k: (v["dtype"], tuple(v["shape"]), int(v["data_offsets"][0]), int(v["data_offsets"][1]))
             for k, v in header.items()}
 
-    def read(self, key: str, index: tuple[slice | int, ...]) -> torch.Tensor:
+    def _locate(self, key: str, index: tuple[slice | int, ...]) -> tuple[torch.dtype, int, tuple[int, ...],
+                                                                       tuple[slice | int, ...]]:
+        """``index`` of ``key`` as one contiguous byte range: (dtype, its first byte in the data section, the
+        shape of that block, the indices still to apply to the block's trailing dimensions)."""
         dtype_name, shape, begin, end = self.tensors[key]
         dtype = DTYPES[dtype_name]
-        item = torch.empty((), dtype=dtype).element_size()
         strides = [1] * len(shape)
         for d in range(len(shape) - 2, -1, -1):
             strides[d] = strides[d + 1] * shape[d + 1]
@@ -124,16 +129,38 @@ class _Shard:
             rest = tuple(index[d + 1:])
         else:
             count, block = 1, ()
-        nbytes = count * item
-        data = os.pread(self.fd, nbytes, self.data_start + begin + offset * item) if nbytes else b""
-        if len(data) != nbytes or (offset + count) * item > end - begin:
+        item = dtype.itemsize
+        if (offset + count) * item > end - begin:
             raise error("checkpoint.truncated", f"{key} is cut short in its shard", file=str(self.path), key=key,
                         hint="download the shard again")
-        tensor = torch.frombuffer(bytearray(data), dtype=dtype) if nbytes else torch.empty(0, dtype=dtype)
-        tensor = tensor.reshape(block)
+        return dtype, begin + offset * item, block, rest
+
+    def _pread_into(self, key: str, at: int, out: torch.Tensor) -> None:
+        """Fill the contiguous ``out`` with its bytes from data offset ``at``: the kernel copies straight from
+        the page cache into the tensor (one pass, no intermediate buffer)."""
+        view = out.view(-1).view(torch.uint8).numpy().data if out.numel() else None
+        done, total = 0, out.numel() * out.element_size()
+        while view is not None and done < total:
+            n = os.preadv(self.fd, [view[done:]], self.data_start + at + done)
+            if n <= 0:
+                raise error("checkpoint.truncated", f"{key} is cut short in its shard", file=str(self.path),
+                            key=key, hint="download the shard again")
+            done += n
+
+    def read(self, key: str, index: tuple[slice | int, ...]) -> torch.Tensor:
+        dtype, at, block, rest = self._locate(key, index)
+        tensor = torch.empty(block, dtype=dtype)
+        self._pread_into(key, at, tensor)
         if rest:
             tensor = tensor[(slice(None), *rest)].contiguous()
         return tensor
+
+    def read_into(self, key: str, index: tuple[slice | int, ...], out: torch.Tensor) -> None:
+        dtype, at, block, rest = self._locate(key, index)
+        if not rest and out.is_contiguous() and out.dtype == dtype and tuple(out.shape) == block:
+            self._pread_into(key, at, out)
+        else:
+            out.copy_(self.read(key, index))
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -193,6 +220,11 @@ class SafetensorsReader:
         self.bytes_read += tensor.numel() * tensor.element_size()
         return tensor
 
+    def read_into(self, key: str, index: tuple[slice | int, ...], out: torch.Tensor) -> None:
+        """``out.copy_(read(key, index))`` without the intermediate tensor where the slice is one byte range."""
+        self._handle(key).read_into(key, index, out)
+        self.bytes_read += out.numel() * out.element_size()
+
     def header_metadata(self, shard: str) -> dict[str, str]:
         path = safe_child(self.root, shard, what="shard")
         with safe_open(str(path), framework="pt") as f:
@@ -241,6 +273,35 @@ def commit_dir(staging: Path, target: Path) -> None:
         staging.rename(target)
 
 
+def write_safetensors(path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None,
+                      *, sync: bool = False) -> None:
+    """``safetensors.torch.save_file`` byte for byte (same header, same tensor order: by dtype, then
+    name), but each tensor's bytes go from its memory straight to the file: save_file first serialises the
+    whole shard into one bytes object, a second copy of it in memory. ``sync``: fsync before returning."""
+    items = sorted(((k, v.detach().contiguous()) for k, v in tensors.items()),
+                   key=lambda kv: (-_ST_ORDER.index(TORCH_TO_ST.get(kv[1].dtype, "BOOL")), kv[0]))
+    header: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
+    offset = 0
+    for key, value in items:
+        if value.dtype not in TORCH_TO_ST:
+            raise TypeError(f"{key}: safetensors has no dtype {value.dtype}")
+        size = value.numel() * value.element_size()
+        header[key] = {"dtype": TORCH_TO_ST[value.dtype], "shape": list(value.shape),
+                       "data_offsets": [offset, offset + size]}
+        offset += size
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)
+    with open(path, "wb") as f:
+        f.write(len(head).to_bytes(8, "little"))
+        f.write(head)
+        for _, value in items:
+            if value.numel():
+                f.write(value.reshape(-1).view(torch.uint8).numpy().data)
+        if sync:
+            f.flush()
+            os.fsync(f.fileno())
+
+
 class ShardedWriter:
     """Writes safetensors shards into a staging directory, then the index, then renames into place."""
 
@@ -257,7 +318,7 @@ class ShardedWriter:
         if not tensors:
             return
         clean = {k: v.detach().contiguous() for k, v in tensors.items()}
-        save_file(clean, str(self.staging / name), metadata=dict(metadata) if metadata else None)
+        write_safetensors(self.staging / name, clean, metadata)
         for key, value in clean.items():
             self.weight_map[key] = name
             self.total_size += value.numel() * value.element_size()

@@ -83,6 +83,7 @@ import contextlib
 import copy
 import datetime
 import functools
+import itertools
 import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, fields, is_dataclass
@@ -930,68 +931,22 @@ class StreamingSource(Protocol):
     def order(self, local: str) -> tuple[Any, ...]: ...
 
 
-def save_dist_checkpoint_streaming(model: GPTModel, path: str | os.PathLike[str], source: StreamingSource) -> int:
-    """Write the dist checkpoint of ``model`` -- built on the **meta** device -- without ever holding it:
-    megatron-core's own ``dist_checkpointing.save`` plans the checkpoint from ``model.sharded_state_dict()``
-    (keys, global shapes and offsets, replica ids, the factories that split fused tensors), and a
-    torch.distributed.checkpoint save planner produces each write item's data only when the writer asks for
-    it: ``source.produce(local_name)`` gives the rank-local entry (cached while its pieces are written) and
-    the piece is the same view of it that the factory took of the meta tensor. Only main replicas are
-    written, so a rank produces only what it writes. All ranks must call it. Returns the bytes written."""
-    from megatron.core import dist_checkpointing
-    from megatron.core.dist_checkpointing.strategies.torch import (
-        MCoreSavePlanner,
-        TorchDistSaveShardedStrategy,
-        _replace_state_dict_keys_with_sharded_keys,
-        mcore_to_pyt_state_dict,
-    )
-    from torch.distributed.checkpoint.filesystem import FileSystemWriter
-    from torch.distributed.checkpoint.planner import SavePlan, WriteItem, WriteItemType
-    from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
+def _exact_storage(piece: torch.Tensor) -> torch.Tensor:
+    """``piece`` (a contiguous view of a larger tensor) as a tensor whose storage is exactly its bytes,
+    sharing them: torch.distributed.checkpoint's writer clones any tensor with a larger storage (torch.save
+    writes whole storages), which for the halves of a fused entry would be one more pass over the bytes."""
+    if not piece.numel() or not piece.is_contiguous() or piece.untyped_storage().nbytes() == piece.nbytes:
+        return piece
+    flat = piece.reshape(-1).view(torch.uint8)
+    return torch.frombuffer(flat.numpy(), dtype=torch.uint8).view(piece.dtype).view(piece.shape)
 
-    entries = _checkpoint_entries(model)
-    by_storage = {t.untyped_storage()._cdata: local for local, t in entries.items()}
-    written = [0]
-    cache: dict[str, torch.Tensor] = {}
 
-    def owner(meta: torch.Tensor) -> str:
-        local = by_storage.get(meta.untyped_storage()._cdata)
-        if local is None:
-            raise RuntimeError(f"a sharded tensor of shape {tuple(meta.shape)} is no view of a model entry")
-        return local
-
-    class Planner(MCoreSavePlanner):  # type: ignore[misc]
-        def create_local_plan(self) -> SavePlan:
-            plan: SavePlan = super().create_local_plan()
-
-            def key(item: WriteItem) -> tuple[Any, ...]:
-                if item.type == WriteItemType.BYTE_IO:
-                    return ((), item.index.fqn)
-                local = owner(self.lookup_object(item.index))
-                return (source.order(local), local, item.index.fqn, tuple(item.index.offset or ()))
-
-            plan.items.sort(key=key)  # the writer writes in plan order: HF shard by shard
-            self.plan = plan
-            return plan
-
-        def resolve_data(self, write_item: WriteItem) -> Any:
-            if write_item.type == WriteItemType.BYTE_IO:
-                return super().resolve_data(write_item)
-            meta = self.lookup_object(write_item.index)
-            local = owner(meta)
-            if local not in cache:
-                cache.clear()  # one entry at a time: its pieces are consecutive in the plan
-                full = source.produce(local).contiguous()
-                if full.storage_offset() or full.untyped_storage().nbytes() != full.nbytes:
-                    full = full.clone()  # a slice of a larger tensor: own storage, so the views below hold
-                want = entries[local]
-                if tuple(full.shape) != tuple(want.shape) or full.dtype != want.dtype:
-                    raise RuntimeError(f"{local}: produced {tuple(full.shape)} {full.dtype}, the model has "
-                                       f"{tuple(want.shape)} {want.dtype}")
-                cache[local] = full
-            piece = cache[local].as_strided(meta.size(), meta.stride(), meta.storage_offset())
-            written[0] += piece.numel() * piece.element_size()
-            return piece
+def _streaming_writer(path: str) -> Any:
+    """The streaming convert's torch.distributed.checkpoint writer: one file per rank, one thread."""
+    from torch.distributed.checkpoint.filesystem import FileSystemWriter, _write_item
+    from torch.distributed.checkpoint.planner import WriteItemType
+    from torch.distributed.checkpoint.storage import WriteResult
+    from torch.futures import Future as TorchFuture
 
     class Writer(FileSystemWriter):
         def storage_meta(self) -> Any:  # a str checkpoint id, as megatron's writer stores (no pathlib pickled)
@@ -1000,19 +955,135 @@ def save_dist_checkpoint_streaming(model: GPTModel, path: str | os.PathLike[str]
                 meta.checkpoint_id = str(meta.checkpoint_id)
             return meta
 
+        def _write_data(self, planner: Any, file_queue: Any) -> TorchFuture[list[WriteResult]]:
+            """torch's writer loop on one thread, minus its dict of every tensor written (kept for its
+            safetensors format, unused here), which held the whole checkpoint in memory by the end: memory
+            stays at the entries in flight. Byte items first, then tensors in plan order, as torch does."""
+            results: list[WriteResult] = []
+            while not file_queue.empty():
+                file, storage_key, items = file_queue.get_nowait()
+                with self.fs.create_stream(file, "wb") as stream:
+                    for item in sorted(items, key=lambda i: i.type != WriteItemType.BYTE_IO):
+                        results.append(_write_item(self.transforms, stream, planner.resolve_data(item), item,
+                                                   storage_key, self.serialization_format))
+                    if self.sync_files:
+                        os.fsync(stream.fileno())
+            done: TorchFuture[list[WriteResult]] = TorchFuture()
+            done.set_result(results)
+            return done
+
+    return Writer(path, single_file_per_rank=True, thread_count=1)
+
+
+def save_dist_checkpoint_streaming(model: GPTModel, path: str | os.PathLike[str], source: StreamingSource) -> int:
+    """Write the dist checkpoint of ``model`` -- built on the **meta** device -- without ever holding it:
+    megatron-core's own ``dist_checkpointing.save`` plans the checkpoint from ``model.sharded_state_dict()``
+    (keys, global shapes and offsets, replica ids, the factories that split fused tensors), and a
+    torch.distributed.checkpoint save planner produces each write item's data only when the writer asks for
+    it: ``source.produce(local_name)`` gives the rank-local entry (cached while its pieces are written) and
+    the piece is the same view of it that the factory took of the meta tensor. Only main replicas are
+    written, so a rank produces only what it writes. The next entry in the write order is produced on a
+    second thread while this one is written (file reads and writes release the GIL), so at most two entries
+    (and the one being read) are in memory. torch.save's CRC32 records are skipped for these items (one
+    more pass over the bytes; ``torch.load`` does not check them). All ranks must call it. Returns the
+    bytes written."""
+    from concurrent.futures import Future, ThreadPoolExecutor
+
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.strategies.torch import (
+        MCoreSavePlanner,
+        TorchDistSaveShardedStrategy,
+        _replace_state_dict_keys_with_sharded_keys,
+        mcore_to_pyt_state_dict,
+    )
+    from torch.distributed.checkpoint.planner import SavePlan, WriteItem, WriteItemType
+    from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
+
+    entries = _checkpoint_entries(model)
+    by_storage = {t.untyped_storage()._cdata: local for local, t in entries.items()}
+    written = [0]
+    cache: dict[str, torch.Tensor] = {}
+    pending: dict[str, Future[torch.Tensor]] = {}
+    following: dict[str, str] = {}  # entry -> the next entry in the plan's write order
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mapgen-produce")
+
+    def owner(meta: torch.Tensor) -> str:
+        local = by_storage.get(meta.untyped_storage()._cdata)
+        if local is None:
+            raise RuntimeError(f"a sharded tensor of shape {tuple(meta.shape)} is no view of a model entry")
+        return local
+
+    def fetch(local: str) -> torch.Tensor:
+        full = source.produce(local).contiguous()
+        if full.storage_offset() or full.untyped_storage().nbytes() != full.nbytes:
+            full = full.clone()  # a slice of a larger tensor: own storage, so the views below hold
+        want = entries[local]
+        if tuple(full.shape) != tuple(want.shape) or full.dtype != want.dtype:
+            raise RuntimeError(f"{local}: produced {tuple(full.shape)} {full.dtype}, the model has "
+                               f"{tuple(want.shape)} {want.dtype}")
+        return full
+
+    def entry(local: str) -> torch.Tensor:
+        if local not in cache:
+            cache.clear()  # one entry at a time: its pieces are consecutive in the plan
+            job = pending.pop(local, None) or pool.submit(fetch, local)
+            for other in pending.values():  # a guess the writer did not follow
+                other.cancel()
+            pending.clear()
+            nxt = following.get(local)
+            if nxt is not None:
+                pending[nxt] = pool.submit(fetch, nxt)
+            cache[local] = job.result()
+        return cache[local]
+
+    class Planner(MCoreSavePlanner):  # type: ignore[misc]
+        def create_local_plan(self) -> SavePlan:
+            plan: SavePlan = super().create_local_plan()
+            owners: dict[int, str] = {}
+
+            def key(item: WriteItem) -> tuple[Any, ...]:
+                if item.type == WriteItemType.BYTE_IO:
+                    return ((), item.index.fqn)
+                local = owner(self.lookup_object(item.index))
+                owners[id(item)] = local
+                return (source.order(local), local, item.index.fqn, tuple(item.index.offset or ()))
+
+            plan.items.sort(key=key)  # the writer writes in plan order: HF shard by shard
+            order = list(dict.fromkeys(owners[id(i)] for i in plan.items if id(i) in owners))
+            following.update(itertools.pairwise(order))
+            self.plan = plan
+            return plan
+
+        def resolve_data(self, write_item: WriteItem) -> Any:
+            if write_item.type == WriteItemType.BYTE_IO:
+                return super().resolve_data(write_item)
+            meta = self.lookup_object(write_item.index)
+            piece = entry(owner(meta)).as_strided(meta.size(), meta.stride(), meta.storage_offset())
+            written[0] += piece.numel() * piece.element_size()
+            return _exact_storage(piece)
+
     class Strategy(TorchDistSaveShardedStrategy):  # type: ignore[misc]
         def save(self, sharded_state_dict: Any, checkpoint_dir: Any) -> None:
             flat, _, _ = _replace_state_dict_keys_with_sharded_keys(sharded_state_dict, self.keep_only_main_replica)
             pyt_state_dict = mcore_to_pyt_state_dict(flat, False)
-            writer = Writer(str(checkpoint_dir), single_file_per_rank=True, thread_count=1)
+            writer = _streaming_writer(str(checkpoint_dir))
             dcp_save(pyt_state_dict, storage_writer=writer,
                      planner=Planner(dedup_replicated_tensors=False, flatten_state_dict=False,
                                      can_run_decentralized_global_plan=False))
 
     os.makedirs(path, exist_ok=True)
-    with cpu_shims():
-        dist_checkpointing.save(model.sharded_state_dict(), str(path), sharded_strategy=Strategy("torch_dist", 1))
-    cache.clear()
+    crc = torch.serialization.get_crc32_options()
+    torch.serialization.set_crc32_options(False)
+    try:
+        with cpu_shims():
+            dist_checkpointing.save(model.sharded_state_dict(), str(path), sharded_strategy=Strategy("torch_dist", 1))
+    finally:
+        torch.serialization.set_crc32_options(crc)
+        for job in pending.values():
+            job.cancel()
+        pool.shutdown(wait=True)
+        pending.clear()
+        cache.clear()
     return written[0]
 
 
@@ -1076,6 +1147,91 @@ def _key_groups(model: GPTModel) -> dict[str, set[str]]:
     return groups
 
 
+def _direct_reader(path: str) -> Any:
+    """A torch.distributed.checkpoint ``FileSystemReader`` that reads a tensor item's bytes straight into its
+    destination with ``os.preadv`` when the item is the whole destination (same dtype and shape, both
+    contiguous, little-endian, one storage record): torch's reader ``torch.load``s every item into a fresh
+    tensor and copies it over, two passes and a fresh allocation per item. Other items take torch's path."""
+    from torch.distributed._shard._utils import narrow_tensor_by_index
+    from torch.distributed.checkpoint.filesystem import FileSystemReader
+    from torch.distributed.checkpoint.planner import LoadItemType
+    from torch.futures import Future as TorchFuture
+
+    class DirectReader(FileSystemReader):
+        def _direct(self, stream: Any, fd: int, req: Any, planner: Any) -> bool:
+            info = self.storage_data[req.storage_index]
+            if info.transform_descriptors or req.type == LoadItemType.BYTE_IO:
+                return False
+            view = self._slice_file(stream, info)
+            archive = torch._C.PyTorchFileReader(view)
+            records = archive.get_all_records()
+            data = [r for r in records if r.startswith("data/")]
+            if len(data) != 1 or ("byteorder" in records and bytes(archive.get_record("byteorder")) != b"little"):
+                return False
+            view.seek(0)
+            meta = torch.load(view, map_location="meta", weights_only=True)
+            target = planner.resolve_tensor(req).detach()
+            if not (isinstance(meta, torch.Tensor) and meta.is_contiguous() and target.is_contiguous()
+                    and meta.storage_offset() == 0 and meta.untyped_storage().nbytes() == meta.nbytes
+                    and meta.dtype == target.dtype and tuple(meta.shape) == tuple(target.shape)
+                    and tuple(req.lengths) == tuple(meta.shape) and target.device.type == "cpu"):
+                # torch's path for this item, here: the planner wants commit_tensor right after resolve_tensor
+                view.seek(0)
+                loaded = narrow_tensor_by_index(torch.load(view, map_location="cpu", weights_only=True),
+                                                req.storage_offsets, req.lengths)
+                target.copy_(loaded)
+                planner.commit_tensor(req, target)
+                return True
+            buf = target.reshape(-1).view(torch.uint8).numpy().data if target.numel() else None
+            at, done = info.offset + archive.get_record_offset(data[0]), 0  # type: ignore[attr-defined]
+            while buf is not None and done < buf.nbytes:
+                n = os.preadv(fd, [buf[done:]], at + done)
+                if n <= 0:
+                    raise OSError(f"{info.relative_path}: item {req.storage_index.fqn} is cut short")
+                done += n
+            planner.commit_tensor(req, target)
+            return True
+
+        def read_data(self, plan: Any, planner: Any) -> TorchFuture[None]:
+            per_file: dict[str, list[Any]] = {}
+            for req in plan.items:
+                per_file.setdefault(self.storage_data[req.storage_index].relative_path, []).append(req)
+            rest = []
+            for relative, reqs in per_file.items():
+                with open(self.fs.concat_path(self.path, relative), "rb") as stream:
+                    rest += [r for r in reqs if not self._direct(stream, stream.fileno(), r, planner)]
+            if rest:
+                return super().read_data(type(plan)(rest), planner)
+            done: TorchFuture[None] = TorchFuture()
+            done.set_result(None)
+            return done
+
+    return DirectReader(path)
+
+
+def _merge_in_place(data: torch.Tensor, merge: Any) -> Any:
+    """A factory's merge that returns ``data`` itself when the loaded pieces are ``data``'s own memory laid
+    out as their dim-0 concatenation (megatron's gated ``linear_fc1`` factory loads ``chunk(data, 2)`` in
+    place and merges with ``torch.cat``: a copy of what ``data`` already holds). Anything else merges as
+    megatron does."""
+
+    def merged(pieces: Any) -> Any:
+        if isinstance(pieces, list) and pieces and data.is_contiguous() and all(
+                isinstance(p, torch.Tensor) and p.is_contiguous() and p.dtype == data.dtype
+                and p.shape[1:] == data.shape[1:] for p in pieces):
+            at = data.data_ptr()
+            for p in pieces:
+                if p.data_ptr() != at:
+                    break
+                at += p.nbytes
+            else:
+                if at == data.data_ptr() + data.nbytes and sum(p.shape[0] for p in pieces) == data.shape[0]:
+                    return data
+        return merge(pieces)
+
+    return merged
+
+
 def load_dist_entries(model: GPTModel, path: str | os.PathLike[str], names: Iterable[str]) -> dict[str, torch.Tensor]:
     """Read only the entries ``names`` (local state-dict names) of ``model`` -- built on the **meta** device --
     from a dist checkpoint, on this rank alone (no collectives: each rank may read a different subset).
@@ -1093,7 +1249,6 @@ def load_dist_entries(model: GPTModel, path: str | os.PathLike[str], names: Iter
         _unwrap_pyt_sharded_tensor,
         mcore_to_pyt_state_dict,
     )
-    from torch.distributed.checkpoint.filesystem import FileSystemReader
     from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
 
     entries = _checkpoint_entries(model)
@@ -1118,7 +1273,7 @@ def load_dist_entries(model: GPTModel, path: str | os.PathLike[str], names: Iter
             flat, flat_mapping, rename_mapping = _replace_state_dict_keys_with_sharded_keys(sharded_state_dict)
             pyt = mcore_to_pyt_state_dict(flat, True)
             checks = [t for t in nested_values(sharded_state_dict) if isinstance(t, ShardedTensor)]
-            dcp_load(pyt, storage_reader=FileSystemReader(str(checkpoint_dir)),
+            dcp_load(pyt, storage_reader=_direct_reader(str(checkpoint_dir)),
                      planner=MCoreLoadPlanner(shapes_validation_sharded_tensors=checks), no_dist=True)
             out = {k: _unwrap_pyt_sharded_tensor(v) for k, v in pyt.items()}
             out = _replace_sharded_keys_with_state_dict_keys(out, flat_mapping, rename_mapping)
@@ -1131,6 +1286,9 @@ def load_dist_entries(model: GPTModel, path: str | os.PathLike[str], names: Iter
             missing = wanted - set(sharded)
             if missing or not all(isinstance(v, (ShardedTensor, ShardedTensorFactory)) for v in sharded.values()):
                 raise RuntimeError(f"entries without a plain sharded tensor: {sorted(missing)[:3]}")
+            for value in sharded.values():
+                if isinstance(value, ShardedTensorFactory):
+                    value.merge_fn = _merge_in_place(value.data, value.merge_fn)
             state = dist_checkpointing.load(sharded, str(path), sharded_strategy=Local(),
                                             validate_access_integrity=False)
         return {name: state[name] for name in asked}
