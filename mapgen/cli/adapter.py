@@ -31,6 +31,10 @@ def register(sub: Any) -> None:
                      help="fused layers keep one adapter per HF module (Megatron-Bridge's canonical LoRA: "
                      "adapter_q/k/v, adapter_gate/up); default: one adapter per fused layer (shared A, or the exact "
                      "rank-expanded block form)")
+    imp.add_argument("--format", choices=("mapgen", "bridge"), default="mapgen",
+                     help="bridge: Megatron-Bridge's own PEFT checkpoint (torch_dist, adapter tensors only, "
+                     "release/ + run_config.yaml), which Megatron-Bridge loads; mapgen (default): mapgen's container "
+                     "(adapter_meta.json + per-rank safetensors)")
     grp = imp.add_argument_group("parallel layout")
     grp.add_argument("--tp", type=int, default=1)
     grp.add_argument("--ep", type=int, default=1)
@@ -56,6 +60,16 @@ def run_import(args: argparse.Namespace) -> int:
     source, binding, shapes = open_base(args.base)
     peft = read_peft(args.adapter, binding)
     meg = import_adapter(peft, binding.instances, binding.spec, shapes, canonical=args.canonical)
+    if args.format == "bridge":
+        from mapgen.cli._parallel import run_spmd
+        from mapgen.runtime.adapter_dist import save_bridge
+        from mapgen.runtime.api import check_parallel
+
+        check_parallel(binding.spec, par, minimal_world(par) if args.nproc is None else args.nproc)
+        run_spmd(save_bridge, par, args.nproc, meg, str(args.base), str(args.out), par)
+        print(f"adapter import [{par.describe()}]: {len(peft.modules)} PEFT modules -> {len(meg.modules)} Megatron "
+              f"adapters -> {args.out} (Megatron-Bridge torch_dist)")
+        return 0
     tree = megatron_tree(meg, binding, source, par, minimal_world(par))
     write_tree_atomically(Path(args.out), tree, replace_existing=False)
     forms = sorted({lora.form for lora in meg.modules.values()})
@@ -66,12 +80,18 @@ def run_import(args: argparse.Namespace) -> int:
 
 def run_export(args: argparse.Namespace) -> int:
     from mapgen.lora.plan import export_adapter
-    from mapgen.runtime.adapters import open_base, peft_tree, read_megatron
+    from mapgen.runtime.adapters import open_base, peft_tree, read_any, read_megatron
 
     use_bridges(args)
     source, binding, _ = open_base(args.base)
-    meg = read_megatron(args.adapter, binding, source)
-    peft = export_adapter(meg, binding.instances, binding.spec)
+    from mapgen.runtime.adapter_dist import is_bridge_checkpoint
+
+    if is_bridge_checkpoint(Path(args.adapter)):
+        peft, meg = read_any(args.adapter, binding, source)  # Megatron-Bridge's torch_dist, read at TP=1
+    else:
+        meg = read_megatron(args.adapter, binding, source)
+        peft = export_adapter(meg, binding.instances, binding.spec)
     write_tree_atomically(Path(args.out), peft_tree(peft, binding, str(args.base)), replace_existing=False)
-    print(f"adapter export: {len(meg.modules)} Megatron adapters -> {len(peft.modules)} PEFT modules -> {args.out}")
+    n = len(meg.modules) if meg is not None else 0
+    print(f"adapter export: {n} Megatron adapters -> {len(peft.modules)} PEFT modules -> {args.out}")
     return 0

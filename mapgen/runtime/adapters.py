@@ -16,6 +16,7 @@ namespace, ``<module>.adapter.linear_in.weight`` / ``<module>.adapter.linear_out
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 import warnings
@@ -138,7 +139,14 @@ def read_megatron(path: Path | str, binding: Binding, source: HFSource) -> Megat
 
 
 def read_any(path: Path | str, binding: Binding, source: HFSource) -> tuple[PeftAdapter, MegatronAdapter | None]:
-    """A PEFT directory, or a Megatron adapter directory exported to PEFT (with the Megatron adapter)."""
+    """A PEFT directory, or a Megatron adapter (mapgen's container or Megatron-Bridge's torch_dist checkpoint,
+    :mod:`mapgen.runtime.adapter_dist`) exported to PEFT (with the Megatron adapter)."""
+    from mapgen.runtime.adapter_dist import is_bridge_checkpoint, load_bridge
+
+    if is_bridge_checkpoint(Path(path)):
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")  # a 1-rank gloo group when none is running yet
+        meg = load_bridge(str(path), str(source.root))
+        return export_adapter(meg, binding.instances, binding.spec), meg
     if is_megatron_adapter(Path(path)):
         meg = read_megatron(path, binding, source)
         return export_adapter(meg, binding.instances, binding.spec), meg
