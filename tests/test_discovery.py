@@ -144,3 +144,18 @@ def test_check_finds_the_directories_on_the_search_path(isolated: Path, capsys: 
 
     assert cli(["check"]) == 1
     assert "no generated tree to check" in capsys.readouterr().err
+
+
+def test_an_in_process_command_leaves_the_search_path_as_it_found_it(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--bridges`` and ``--verbose`` reach the spawned workers through the environment; ``main`` restores it,
+    so a later command in the same process (a test, a script) never searches a directory it was not given."""
+    import os
+
+    from mapgen.cli import main
+
+    monkeypatch.delenv("MAPGEN_BRIDGES", raising=False)
+    monkeypatch.delenv("MAPGEN_VERBOSE", raising=False)
+    assert main(["verify", str(tmp_path / "missing"), "--bridges", str(tmp_path), "--verbose"]) != 0
+    assert "MAPGEN_BRIDGES" not in os.environ
+    assert "MAPGEN_VERBOSE" not in os.environ

@@ -46,8 +46,24 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+# Set by a command for the workers it spawns (--verbose, --bridges); restored when main returns, so an in-process
+# caller (a test, a script) is not left with a search path or verbosity it did not ask for.
+COMMAND_ENV = ("MAPGEN_VERBOSE", "MAPGEN_BRIDGES")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    saved = {name: os.environ.get(name) for name in COMMAND_ENV}
+    try:
+        return _main(list(sys.argv[1:] if argv is None else argv))
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def _main(argv: list[str]) -> int:
     if VERBOSE in argv:  # global, anywhere: the workers a command spawns inherit it through the environment
         argv = [a for a in argv if a != VERBOSE]
         os.environ["MAPGEN_VERBOSE"] = "1"
