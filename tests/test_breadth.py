@@ -10,7 +10,7 @@
   ``embed_in``/``embed_out``) written by transformers converts and verifies at TP=2 (slow, distributed);
 * GPT-2 (``Conv1D`` weights stored ``[in, out]``, ``c_attn`` as [q; k; v] blocks, learned absolute positions
   ``wpe``) and a Llama with stored ``rotary_emb.inv_freq`` buffers verify at TP=2 too: opt-in
-  (``MAPGEN_BREADTH=full``), to keep CI's budget; their rules and refusals are checked here without a run.
+  (``MAPGEN_MATRIX=full``), to keep CI's budget; their rules and refusals are checked here without a run.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from mapgen.infer import scan
 from mapgen.ir import Component, Layout
 from mapgen.plan.planner import plan
 
-FULL = os.environ.get("MAPGEN_BREADTH") == "full"
+FULL = os.environ.get("MAPGEN_MATRIX") == "full"
 
 # case -> (unclassified keys, catalog/scope error codes, planner error codes; None: the plan succeeds)
 PENDING: dict[str, tuple[int, set[str], set[str] | None]] = {
@@ -203,7 +203,7 @@ def test_rope_buffers_are_carried_and_checked(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 @pytest.mark.distributed
-@pytest.mark.skipif(not FULL, reason="opt-in: MAPGEN_BREADTH=full (about a minute)")
+@pytest.mark.skipif(not FULL, reason="opt-in: MAPGEN_MATRIX=full (about a minute)")
 def test_llama_with_rope_buffers_verifies_at_tp2(tmp_path: Path) -> None:
     """The buffers come back bitwise on export (copied from the source, in their shard) and logits match."""
     case = run_case("llama", tmp_path, post_build=_add_inv_freq)
@@ -237,7 +237,7 @@ def test_gpt2_rules(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 @pytest.mark.distributed
-@pytest.mark.skipif(not FULL, reason="opt-in: MAPGEN_BREADTH=full (about two minutes)")
+@pytest.mark.skipif(not FULL, reason="opt-in: MAPGEN_MATRIX=full (about two minutes)")
 def test_gpt2_verifies_at_tp2(tmp_path: Path) -> None:
     """GPT-2 as transformers writes it (gelu_new, Conv1D, wpe, tied head, n_inner null)."""
     case = run_case("gpt2", tmp_path, overrides={"n_inner": None})  # as real GPT-2 configs: 4 * n_embd
@@ -263,7 +263,7 @@ def test_conv1d_spellings_need_a_declared_storage(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 @pytest.mark.distributed
-@pytest.mark.skipif(not FULL, reason="opt-in: MAPGEN_BREADTH=full (about two minutes)")
+@pytest.mark.skipif(not FULL, reason="opt-in: MAPGEN_MATRIX=full (about two minutes)")
 def test_starcoder2_verifies_at_tp2(tmp_path: Path) -> None:
     """StarCoder2: c_fc/c_proj as nn.Linear (Facts.conv1d=False), q/k/v/o and MLP biases, LayerNorm with bias,
     norm_epsilon spelling, gelu_pytorch_tanh."""
@@ -288,7 +288,7 @@ def test_phi_parallel_block_and_head_bias_are_refused_by_name(tmp_path: Path) ->
 
 @pytest.mark.slow
 @pytest.mark.distributed
-@pytest.mark.skipif(not FULL, reason="opt-in: MAPGEN_BREADTH=full (about a minute)")
+@pytest.mark.skipif(not FULL, reason="opt-in: MAPGEN_MATRIX=full (about a minute)")
 def test_persimmon_verifies_at_tp2(tmp_path: Path) -> None:
     """Persimmon: per-head fused query_key_value, LayerNorm QK norms with bias, partial rotary 0.5, plain relu2 MLP
     with biases."""
