@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, NamedTuple, cast
@@ -181,8 +180,8 @@ def save_bridge(meg: MegatronAdapter, source_path: str, path: str, par: Parallel
     import_megatron()
     from megatron.core import dist_checkpointing
 
-    from mapgen.runtime.api import _barrier, _shared_staging, build, parallel_context
-    from mapgen.runtime.hfio import commit_dir, prepare_target
+    from mapgen.runtime.api import build, parallel_context, staged_output
+    from mapgen.runtime.hfio import prepare_target
     from mapgen.runtime.megatron import cpu_shims
 
     source = HFSource.open(source_path)
@@ -215,22 +214,13 @@ def save_bridge(meg: MegatronAdapter, source_path: str, path: str, par: Parallel
                                          else None))
             done.add(module)
         _check_placed(meg, done, coords.world)
-        staging = _shared_staging(out, coords)
-        try:
+        with staged_output(out, coords) as staging:
             (staging / "release").mkdir(parents=True, exist_ok=True)
             with cpu_shims():
                 dist_checkpointing.save({"model": state, "checkpoint_version": 3.0, "iteration": 0},
                                         str(staging / "release"))
             if coords.rank == 0:
                 _write_side_files(staging, meg, source, par)
-            _barrier()
-            if coords.rank == 0:
-                commit_dir(staging, out)
-        except BaseException:
-            if coords.rank == 0:
-                shutil.rmtree(staging, ignore_errors=True)
-            raise
-        _barrier()
     return len(done)
 
 

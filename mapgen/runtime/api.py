@@ -20,6 +20,7 @@ import shutil
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -802,8 +803,7 @@ def convert(source_path: str, out: Path, par: Parallel, *, overwrite: bool = Fal
         else:
             model, binding, stats = load_hf(source, par, bridge=bridge, dtype=dtype)
             dtypes = stats.extra["dtypes"]
-        staging = _shared_staging(out, coords)
-        try:
+        with staged_output(out, coords) as staging:
             if streaming:
                 stats = _stream_to_dist(model, binding, source, staging / "release", dtypes.params_dtype)
             else:
@@ -826,14 +826,6 @@ def convert(source_path: str, out: Path, par: Parallel, *, overwrite: bool = Fal
                 if config_check is not None:
                     meta["config_check"] = config_check
                 (staging / MAPGEN_META).write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
-            _barrier()
-            if coords.rank == 0:
-                commit_dir(staging, out)
-        except BaseException:
-            if coords.rank == 0:
-                shutil.rmtree(staging, ignore_errors=True)
-            raise
-        _barrier()
     stats.extra["bytes_read_rank0"] = stats.bytes_read
     return stats
 
@@ -948,6 +940,23 @@ def _shared_staging(out: Path, coords: Coords) -> Path:
         path.mkdir(parents=True)
     _barrier()
     return path
+
+
+@contextmanager
+def staged_output(out: Path, coords: Coords) -> Iterator[Path]:
+    """A staging directory every rank writes into, renamed to ``out`` by rank 0 once all ranks are done, and
+    removed (by rank 0) if any rank's body raises: nothing half-written ever stands at ``out``."""
+    staging = _shared_staging(out, coords)
+    try:
+        yield staging
+        _barrier()
+        if coords.rank == 0:
+            commit_dir(staging, out)
+    except BaseException:
+        if coords.rank == 0:
+            shutil.rmtree(staging, ignore_errors=True)
+        raise
+    _barrier()
 
 
 def _barrier() -> None:
