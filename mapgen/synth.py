@@ -626,7 +626,6 @@ class _LazyShards(Mapping[str, "dict[str, torch.Tensor]"]):
 
 
 _NUMBERED = re.compile(r"\.\d+\.")
-_FP8_SCALE = ".weight_scale_inv"
 
 
 def _quantize_fp8(shards: dict[str, dict[str, torch.Tensor]], weight_map: dict[str, str], config: dict[str, Any],
@@ -634,9 +633,10 @@ def _quantize_fp8(shards: dict[str, dict[str, torch.Tensor]], weight_map: dict[s
     """Block-scaled FP8 like the source: every weight whose key pattern (layer and expert numbers aside) has
     scales in the source is stored as e4m3 beside its ``weight_scale_inv``, in the same shard; the config's
     ``weight_block_size`` is the tile used. Returns the bytes added."""
+    from mapgen.infer.build import FP8_SCALE, fp8_scales
     from mapgen.runtime.quant import quantize_blocks
 
-    quantized = {_NUMBERED.sub(".N.", k.removesuffix("_scale_inv")) for k in source if k.endswith(_FP8_SCALE)}
+    quantized = {_NUMBERED.sub(".N.", weight) for weight in fp8_scales(source)}
     qc = dict(config.get("quantization_config") or {})
     block = o.fp8_block or tuple(qc.get("weight_block_size") or (128, 128))
     tile = (int(block[0]), int(block[1]))
@@ -652,8 +652,9 @@ def _quantize_fp8(shards: dict[str, dict[str, torch.Tensor]], weight_map: dict[s
             added += q.numel() * q.element_size() + scales.numel() * scales.element_size()
             added -= value.numel() * value.element_size()
             shard[key] = q
-            shard[key + "_scale_inv"] = scales
-            weight_map[key + "_scale_inv"] = name
+            scale_key = key.removesuffix(".weight") + FP8_SCALE
+            shard[scale_key] = scales
+            weight_map[scale_key] = name
     return added
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, NamedTuple
 
 from mapgen.errors import Diagnostic, MapgenError
@@ -142,6 +142,11 @@ class Findings(NamedTuple):
 
 
 FP8_SCALE = ".weight_scale_inv"
+
+
+def fp8_scales(keys: Iterable[str]) -> dict[str, str]:
+    """Block-scaled FP8: each ``X.weight`` that has an ``X.weight_scale_inv``, to that scale key."""
+    return {k.removesuffix("_scale_inv"): k for k in keys if k.endswith(FP8_SCALE)}
 _BLOCK_DIMS = 2  # weight_block_size: [block_m, block_n]
 
 
@@ -172,7 +177,7 @@ def _fp8_block(source: Source, qc: Mapping[str, Any], suspects: list[str], findi
         findings.add(Diagnostic("error", "quant.fp8-unsupported", "an FP8 block-scaled checkpoint with other "
                                 "quantization tensors", file=INDEX_NAME, key=other,
                                 expected="only <module>.weight_scale_inv beside FP8 weights"))
-    orphans = [k for k in suspects if k.endswith(FP8_SCALE) and k.removesuffix("_scale_inv") not in source.tensors]
+    orphans = [scale for weight, scale in fp8_scales(suspects).items() if weight not in source.tensors]
     if orphans:
         findings.add(Diagnostic("error", "quant.fp8-orphan-scale", f"{len(orphans)} scale(s) without their weight",
                                 file=INDEX_NAME, key=orphans[0], expected=orphans[0].removesuffix("_scale_inv")))
@@ -606,14 +611,14 @@ def _check_headers(layout: Layout, source: Source) -> None:
     from mapgen.plan.shapes import shape_entries, shape_problems
 
     actual = {key: info.shape for key, info in source.tensors.items() if info.shape is not None}
-    scales = {key for key in source.tensors if key.endswith(FP8_SCALE)}
+    scaled = fp8_scales(source.tensors)
     errors = shape_problems(layout, layout.config, actual)
     by_dtype: dict[str, list[str]] = {}
     for entry in shape_entries(layout, layout.config):
         info = source.tensors.get(entry.key)
         if info is None or info.dtype is None or info.dtype in _FLOAT_DTYPES:
             continue
-        if info.dtype == "F8_E4M3" and layout.quantization == "fp8_block" and entry.key + "_scale_inv" in scales:
+        if info.dtype == "F8_E4M3" and layout.quantization == "fp8_block" and entry.key in scaled:
             continue
         by_dtype.setdefault(info.dtype, []).append(entry.key)
     for dtype, keys in sorted(by_dtype.items()):

@@ -34,6 +34,7 @@ from mapgen.contract.expand import Instance, tower_keys
 from mapgen.contract.hf_config import HFConfig
 from mapgen.contract.spec import ModelSpec
 from mapgen.errors import Diagnostic, MapgenError, error
+from mapgen.infer.build import fp8_scales
 from mapgen.ir import Layout, layout_from_json, layout_to_json
 from mapgen.runtime._net import free_port as _free_port
 from mapgen.runtime.engine import Binding, Coords, Stats, iter_hf_tensors, load_model, shard_order
@@ -594,8 +595,7 @@ def _requantizer(target: Mapping[str, Any], root: Path | None) -> tuple[BlockFp8
         raise error("export.quantize-needs-fp8-source", "--quantize reuses the source's FP8 tiles and scales",
                     hint="pass --source with the FP8 checkpoint")
     weight_map = target["weight_map"]
-    scales = {k.removesuffix("_scale_inv"): k for k in weight_map if k.endswith(".weight_scale_inv")}
-    return BlockFp8((int(block[0]), int(block[1])), scales), SafetensorsReader(root, weight_map)
+    return BlockFp8((int(block[0]), int(block[1])), fp8_scales(weight_map)), SafetensorsReader(root, weight_map)
 
 
 def written_config(layout: Layout, target: Mapping[str, Any]) -> dict[str, Any]:

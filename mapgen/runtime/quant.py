@@ -25,13 +25,13 @@ from typing import Any
 import torch
 
 from mapgen.errors import error
+from mapgen.infer.build import fp8_scales
 from mapgen.ops._base import Index
 from mapgen.runtime.hfio import SafetensorsReader
 
-__all__ = ["SCALE_SUFFIX", "BlockFp8", "DequantizingReader", "dequantize", "expand_scales", "quantize_blocks",
+__all__ = ["BlockFp8", "DequantizingReader", "dequantize", "expand_scales", "quantize_blocks",
            "reader_for", "requantize"]
 
-SCALE_SUFFIX = "_scale_inv"
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448
 # Below 464 (halfway to 480, the next step e4m3fn lacks) a value rounds to 448 or less with at most half a step
@@ -64,8 +64,7 @@ class BlockFp8:
             raise error("quant.fp8-block-size", f"quantization_config.weight_block_size is {size!r}",
                         file="config.json", key="quantization_config.weight_block_size",
                         expected="two positive integers [block_m, block_n]")
-        scales = {k.removesuffix(SCALE_SUFFIX): k for k in keys if k.endswith(".weight" + SCALE_SUFFIX)}
-        return cls((int(size[0]), int(size[1])), scales, out_dtype)
+        return cls((int(size[0]), int(size[1])), fp8_scales(keys), out_dtype)
 
     def scale_key(self, key: str) -> str | None:
         return self.scales.get(key)
