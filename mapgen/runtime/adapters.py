@@ -276,6 +276,9 @@ def peft_logits(base: Path, adapter_dir: Path, input_ids: torch.Tensor) -> tuple
         import transformers
     except ImportError as exc:
         return None, f"peft is not installed ({exc.name}); pip install peft to compare against it"
+    from mapgen.runtime._cpu import quiet_transformers
+
+    quiet_transformers()
     model: Any = transformers.AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32,
                                                                   attn_implementation="eager")
     with warnings.catch_warnings():

@@ -37,6 +37,7 @@ from mapgen.contract.fingerprint import fingerprint
 from mapgen.diff import diff_layouts
 from mapgen.errors import Diagnostic, MapgenError
 from mapgen.ir import Layout
+from mapgen.runtime._cpu import quiet_transformers
 from mapgen.runtime.api import HFSource, Parallel, load_hf, parallel_context
 from mapgen.runtime.megatron import logits as megatron_logits
 from mapgen.runtime.verify import fixed_batch
@@ -81,8 +82,7 @@ def _build_reference(config: dict[str, Any]) -> tuple[torch.nn.Module | None, st
     """transformers' causal LM for ``config`` (or the whole image-text-to-text wrapper where its language model
     has none; fp32, eager attention, perturbed weights), or the reason not."""
     tf: Any = transformers  # partly untyped
-    tf.logging.set_verbosity_error()
-    tf.logging.disable_progress_bar()
+    quiet_transformers()
     fields = {k: v for k, v in config.items() if k != "model_type"}
     try:
         with warnings.catch_warnings():
