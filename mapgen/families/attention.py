@@ -15,7 +15,7 @@ ATTENTION = Family(
     role="mixer",
     description="softmax attention (q/k/v or fused qkv, biases, QK-norm, output gate, sinks)",
     file=__name__,
-    roots=("self_attn.", "attention.", "self_attention.", "attn."),
+    roots=("self_attn.", "attention.", "self_attention.", "attn.", "attn.attention."),  # EXAONE-3: attn.attention.
     slots=(
         Slot("q", ("q_proj.weight",)),
         Slot("k", ("k_proj.weight",)),

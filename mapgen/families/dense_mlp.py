@@ -21,17 +21,19 @@ DENSE_MLP = Family(
     file=__name__,
     roots=("mlp.", "block_sparse_moe.", "feed_forward."),
     slots=(
-        Slot("gate", ("gate_proj.weight", "w1.weight")),
-        Slot("up", ("up_proj.weight", "w3.weight")),
-        Slot("down", ("down_proj.weight", "w2.weight")),
+        Slot("gate", ("gate_proj.weight", "w1.weight", "c_fc_0.weight")),  # EXAONE-3: c_fc_0/c_fc_1/c_proj
+        Slot("up", ("up_proj.weight", "w3.weight", "c_fc_1.weight")),
+        Slot("down", ("down_proj.weight", "w2.weight", "c_proj.weight")),
         Slot("gate_up", ("gate_up_proj.weight",)),
         Slot("gate_bias", ("gate_proj.bias", "w1.bias")),
         Slot("up_bias", ("up_proj.bias", "w3.bias")),
         Slot("down_bias", ("down_proj.bias", "w2.bias")),
-        Slot("fc1", ("dense_h_to_4h.weight", "fc1.weight", "fc_in.weight", "c_fc.weight")),
-        Slot("fc2", ("dense_4h_to_h.weight", "fc2.weight", "fc_out.weight", "c_proj.weight")),
-        Slot("fc1_bias", ("dense_h_to_4h.bias", "fc1.bias", "fc_in.bias", "c_fc.bias")),
-        Slot("fc2_bias", ("dense_4h_to_h.bias", "fc2.bias", "fc_out.bias", "c_proj.bias")),
+        # up_proj/down_proj without a gate_proj (Arcee, Jais2, Nemotron: down(act(up(x)))): read as a plain MLP
+        # only for model types that declare it (Facts.plain_up_down), never because a gate is missing
+        Slot("fc1", ("dense_h_to_4h.weight", "fc1.weight", "fc_in.weight", "c_fc.weight", "up_proj.weight")),
+        Slot("fc2", ("dense_4h_to_h.weight", "fc2.weight", "fc_out.weight", "c_proj.weight", "down_proj.weight")),
+        Slot("fc1_bias", ("dense_h_to_4h.bias", "fc1.bias", "fc_in.bias", "c_fc.bias", "up_proj.bias")),
+        Slot("fc2_bias", ("dense_4h_to_h.bias", "fc2.bias", "fc_out.bias", "c_proj.bias", "down_proj.bias")),
     ),
     variants=(
         Variant("separate", ("gate", "up", "down"), ("gate_bias", "up_bias", "down_bias")),
@@ -41,6 +43,8 @@ DENSE_MLP = Family(
     flags=("conv1d",),
 )
 CONV1D = frozenset({"c_fc.weight", "c_proj.weight"})
+UP_DOWN = frozenset({"up_proj.weight", "down_proj.weight"})
+"""The gated MLP's up/down spellings: as a plain MLP (no gate_proj) only where the model type declares it."""
 """GPT-2 ``Conv1D`` spellings (stored ``[in, out]``): the rules say ``orientation='in_out'``."""
 
 
@@ -87,6 +91,10 @@ def plan_mlp(c: Component, p: Planner, mprefix: str, hroot: str, domain: str, na
     if c.variant == "plain":
         _plan_plain(c, p, mprefix, hroot, domain, name, family)
         return
+    if c.flag("conv1d"):  # c_proj as down: stored [out, in] only where the model type says nn.Linear
+        p.unsupported(UNDECLARED_CONV1D if c.flag("conv1d") == "undeclared" else "a gated MLP stored as Conv1D",
+                      hroot + str(c.key("down")))
+        return
     bias = c.key("gate_bias") or c.key("up_bias") or c.key("down_bias")
     if bias:
         p.unsupported("MLP biases", hroot + bias)
@@ -113,6 +121,11 @@ def _plan_plain(c: Component, p: Planner, mprefix: str, hroot: str, domain: str,
         return
     if c.flag("conv1d") == "undeclared":
         p.unsupported(UNDECLARED_CONV1D, hroot + str(fc1))
+        return
+    if str(fc1).rpartition(".")[0].rpartition(".")[2] + ".weight" in UP_DOWN and not p.plain_up_down:
+        p.unsupported("an up_proj/down_proj MLP without gate_proj of a model type not declared non-gated "
+                      "(mapgen/families/model_types.py Facts.plain_up_down): a missing gate is not a plain MLP",
+                      hroot + str(fc1))
         return
     stored = opts(orientation="in_out") if c.flag("conv1d") is True else ()
     p.add(f"{family}.fc1", f"{mprefix}linear_fc1.weight", (hroot + str(fc1),), "copy", "column", domain=domain,

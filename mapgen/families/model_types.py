@@ -25,6 +25,9 @@ class Facts:
     ``layernorm``: the block and final norms are ``nn.LayerNorm`` (mean-centred, with a bias tensor) in the model
     code, not RMSNorm: megatron-core ``normalization="LayerNorm"``. A norm bias in the keys of a model type without
     this fact is refused (a bias says LayerNorm, but not which LayerNorm).
+    ``plain_up_down``: the MLP is ``down_proj(act(up_proj(x)))`` with no gate (Arcee, Jais2, Nemotron): ``up_proj`` and
+    ``down_proj`` without ``gate_proj`` are then a plain MLP (megatron-core ``gated_linear_unit=False``); in any other
+    model type a missing gate is refused, never read as a plain MLP.
     ``router``: the routing scheme transformers' modelling code implements for this model type's MoE router
     (:mod:`mapgen.contract.routing`); ``""``: not known, only the values that compute the bridge's historic
     router are accepted."""
@@ -35,6 +38,7 @@ class Facts:
     layernorm: bool = False
     conv1d: bool | None = None
     router: RouterScheme = ""
+    plain_up_down: bool = False
 
 
 _QWEN35 = Facts(packed=("out_in", False), zero_centered=True, output_gate=True, router="softmax_renorm")
@@ -80,6 +84,15 @@ MODEL_TYPES: dict[str, Facts] = {
     "gpt_bigcode": Facts(layernorm=True, conv1d=False),
     "starcoder2": Facts(layernorm=True, conv1d=False),
     "falcon": Facts(layernorm=True),  # its parallel blocks are refused by the planner (families/norms.py)
+    # up_proj -> act -> down_proj, no gate (modeling_arcee.py ArceeMLP, modeling_jais2.py, modeling_nemotron.py)
+    "arcee": Facts(plain_up_down=True),
+    "jais2": Facts(layernorm=True, plain_up_down=True),  # nn.LayerNorm(hidden, eps) blocks and final norm
+    # NemotronLayerNorm1P: F.layer_norm(x, weight + 1, bias), i.e. a zero-centred LayerNorm
+    # (megatron-core layernorm_zero_centered_gamma with normalization='LayerNorm')
+    "nemotron": Facts(layernorm=True, zero_centered=True, plain_up_down=True),
+    # EXAONE-3 stores Llama's layout as transformer.h.N.{ln_1, attn.attention.*_proj, mlp.c_fc_0/c_fc_1/c_proj}:
+    # nn.Linear [out, in], not GPT-2's Conv1D (transformers' conversion_mapping.py renames them onto Llama's)
+    "exaone": Facts(conv1d=False),
 }
 
 _NONE = Facts()

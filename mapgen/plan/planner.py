@@ -54,6 +54,7 @@ class _Planner:
         model_facts = facts_for((layout.text_model_type, layout.model_type))
         self.zero_centered = model_facts.zero_centered
         self.layernorm = model_facts.layernorm
+        self.plain_up_down = model_facts.plain_up_down
         self.rules: list[Rule] = []
         self.problems: list[Diagnostic] = []
 
