@@ -599,8 +599,12 @@ TOP: tuple[Row, ...] = (
                           ("n_layers", "num_layers"),
                           ("n_heads", "num_attention_heads"),
                           ("ffn_dim", "ffn_hidden_size"),
-                          ("num_experts_per_token", "moe_router_topk"), ("moe_num_experts", "num_moe_experts"),
-                          ("shared_intermediate_size", "moe_shared_expert_intermediate_size"))),
+                          ("num_experts_per_token", "moe_router_topk"), ("moe_num_experts", "num_moe_experts"))),
+    # GraniteMoeShared: 0 builds no shared_mlp (modeling_granitemoeshared.py); a stored shared_mlp is unclassified
+    refused("shared_intermediate_size", "a size spelling the bridge does not read (it reads "
+            "shared_expert_intermediate_size)",
+            unless=lambda v, s: v == 0 or same_as_bridge("moe_shared_expert_intermediate_size")(v, s),
+            valid=non_negative_int),
     *(mapped(name, field, why=f"{what} (GPT-2 spelling)", valid=positive_int, limit=agrees_with_bridge(field))
       for name, field, what in (("n_embd", "hidden_size", "hidden size"), ("n_layer", "num_layers", "layers"),
                                 ("n_head", "num_attention_heads", "attention heads"),

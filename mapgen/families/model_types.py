@@ -44,7 +44,8 @@ class Facts:
 _QWEN35 = Facts(packed=("out_in", False), zero_centered=True, output_gate=True, router="softmax_renorm")
 _SOFTMAX = Facts(router="softmax")  # renormalised iff norm_topk_prob
 _RENORM = Facts(router="softmax_renorm")  # always renormalised
-_DEEPSEEK_V3 = Facts(router="sigmoid_grouped")  # sigmoid, score-correction bias, top-2 groups, scaled
+_DEEPSEEK_V3 = Facts(router="sigmoid_grouped")
+_GRANITE_MOE = Facts(packed=("out_in", False), router="softmax_renorm")  # sigmoid, score-correction bias, top-2 groups, scaled
 
 MODEL_TYPES: dict[str, Facts] = {
     # [E, hidden, 2*inter] (transposed)
@@ -65,6 +66,10 @@ MODEL_TYPES: dict[str, Facts] = {
     "flex_olmo": _SOFTMAX,
     "mixtral": _RENORM,
     "minimax": _RENORM,
+    # GraniteMoE: softmax over the top-k logits (= renormalised); packed [E, 2I, H] experts, gate then up
+    # (modeling_granitemoe.py GraniteMoeTopKRouter, GraniteMoeExperts: chunk(2) of input_linear's output)
+    "granitemoe": _GRANITE_MOE,
+    "granitemoeshared": _GRANITE_MOE,  # its layer-level shared_mlp is not classified (shared_intermediate_size 0)
     "deepseek_v2": Facts(router="softmax_greedy"),
     "deepseek_v3": _DEEPSEEK_V3,
     "glm4_moe": _DEEPSEEK_V3,

@@ -19,7 +19,7 @@ MOE = Family(
     file=__name__,
     roots=("mlp.", "block_sparse_moe.", "feed_forward."),
     slots=(
-        Slot("router", ("gate.weight", "router.weight")),
+        Slot("router", ("gate.weight", "router.weight", "router.layer.weight")),  # GraniteMoE: router.layer
         Slot("router_bias", ("gate.bias", "router.bias")),
         Slot("expert_bias", ("gate.e_score_correction_bias",)),
     ),
@@ -32,11 +32,13 @@ EXPERTS = Family(
     role="part",
     description="routed experts, per expert (experts.<e>.*) or packed 3-D tensors [E, ...]",
     file=__name__,
-    roots=("experts.",),
+    # "": GraniteMoE's packed experts sit right under the MoE root (block_sparse_moe.input_linear.weight)
+    roots=("experts.", ""),
     # Packed storage; the per-expert variant reuses the dense MLP's spellings under ``experts.{expert}.``.
     slots=(
-        Slot("gate_up", ("gate_up_proj",)),
-        Slot("down", ("down_proj",)),
+        # GraniteMoE ParallelExperts: input_linear [E, 2I, H] = [gate; up] per expert, output_linear [E, H, I]
+        Slot("gate_up", ("gate_up_proj", "input_linear.weight")),
+        Slot("down", ("down_proj", "output_linear.weight")),
         Slot("gate_up_bias", ("gate_up_proj_bias",)),
         Slot("down_bias", ("down_proj_bias",)),
         Slot("gate_up_blocks", ("gate_up_proj_blocks",)),
