@@ -664,6 +664,21 @@ TOP: tuple[Row, ...] = (
     *inert("original context length: read only by YaRN/LongRoPE scaling, judged by rope_scaling",
            "original_max_position_embeddings", "initial_context_length"),
     *inert("reward-model pooling/classifier settings (the model itself is out of scope)", "pooling"),
+    # -- issue 11 triage: keys of families scan classifies and the planner refuses by name -----------------------
+    *inert("training-only noise / auxiliary loss (PhiMoE input_jitter_noise multiplies inputs only in training; "
+           "JetMoE aux_loss_coef)", "input_jitter_noise", "aux_loss_coef"),
+    *inert("initialisation of DiffLlama's lambda vectors: only for training from scratch", "lambda_std_dev"),
+    structural("use_post_norm", why=_STRUCT + ": HyperCLOVA X post_norm1/post_norm2 (refused by the planner: "
+               "megatron-core has no norm on a sub-block's output)", valid=boolean),
+    refused("kv_channels", "JetMoE's head size of its mixture-of-attention heads (megatron-core cannot build MoA; "
+            "the planner refuses the layout)", valid=positive_int),
+    refused("block_size", "MiniMax lightning-attention block size (linear-attention layers megatron-core cannot "
+            "build)", unless=lambda v, s: "linear_attention" not in (s.lookup("layer_types") or ()),
+            valid=positive_int),
+    *(refused(name, "MiniMax residual scaling (residual * alpha + sublayer * beta): megatron-core's "
+              "TransformerLayer adds the residual unscaled", unless=equals(1), valid=positive_number)
+      for name in ("full_attn_alpha_factor", "full_attn_beta_factor", "linear_attn_alpha_factor",
+                   "linear_attn_beta_factor", "mlp_alpha_factor", "mlp_beta_factor")),
     *inert("vision/audio tower settings: towers are carried through unchanged", "vision_config", "audio_config",
            "mm_hidden_size", "mm_projector_type", "mm_resampler_type", "mm_use_im_patch_token",
            "mm_use_im_start_end", "mm_vision_select_feature", "mm_vision_select_layer", "mm_vision_tower",

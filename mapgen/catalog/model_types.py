@@ -66,6 +66,9 @@ FACTS: dict[str, tuple[tuple[str, str], ...]] = {
     "phi": (_LAYERNORM, _PARALLEL),
     "bloom": (_LAYERNORM,),
     "opt": (_LAYERNORM,),
+    # PhiMoE: sparsemixer top-2 (per choice a masked softmax, router_jitter_noise as its threshold at inference)
+    "phimoe": (("sparsemixer router", "sparsemixer top-2 routing (masked softmax per choice, jitter threshold): "
+                "megatron-core has no such router"),),
     "llama4": (_NOPE, _SIGMOID_ROUTER),
     "llama4_text": (_NOPE, _SIGMOID_ROUTER),
 }

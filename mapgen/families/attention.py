@@ -32,14 +32,34 @@ ATTENTION = Family(
         Slot("q_norm_bias", ("q_layernorm.bias",)),  # Persimmon: per-head LayerNorm QK norms (with bias)
         Slot("k_norm_bias", ("k_layernorm.bias",)),
         Slot("sinks", ("sinks",)),
+        # -- recognised so that scan classifies every key, refused by the planner (UNBUILDABLE) ----------------
+        Slot("sub_norm", ("attn_sub_norm.weight",), init="norm"),  # BitNet: a norm before o_proj
+        Slot("lambda_q1", ("lambda_q1",)),  # DiffLlama differential attention
+        Slot("lambda_k1", ("lambda_k1",)),
+        Slot("lambda_q2", ("lambda_q2",)),
+        Slot("lambda_k2", ("lambda_k2",)),
+        Slot("output_gate_proj", ("output_gate.weight",)),  # MiniMax lightning (linear) attention
+        Slot("out_norm", ("norm.weight",), init="norm"),
+        Slot("slope_rate", ("slope_rate",)),  # ... and its decay buffers, stored beside the weights
+        Slot("query_decay", ("query_decay",)),
+        Slot("key_decay", ("key_decay",)),
+        Slot("diagonal_decay", ("diagonal_decay",)),
+        Slot("kv", ("kv_proj.weight",)),  # JetMoE mixture of attention heads (MoA)
+        Slot("moa_in", ("experts.input_linear.weight",)),
+        Slot("moa_out", ("experts.output_linear.weight",)),
+        Slot("moa_router", ("experts.router.layer.weight",)),
+        Slot("moa_bias", ("experts.bias",)),
     ),
     variants=(
         Variant("separate", ("o", "q", "k", "v"),
                 ("q_bias", "k_bias", "v_bias", "qkv_bias", "o_bias", "q_norm", "k_norm", "q_norm_bias", "k_norm_bias",
-                 "sinks")),
+                 "sinks", "sub_norm", "lambda_q1", "lambda_k1", "lambda_q2", "lambda_k2")),
+        Variant("lightning", ("o", "qkv", "output_gate_proj", "out_norm"),
+                ("slope_rate", "query_decay", "key_decay", "diagonal_decay")),
         Variant("fused", ("o", "qkv"),
                 ("q_bias", "k_bias", "v_bias", "qkv_bias", "o_bias", "q_norm", "k_norm", "q_norm_bias", "k_norm_bias",
-                 "sinks")),
+                 "sinks", "sub_norm")),
+        Variant("mixture_of_heads", ("kv", "moa_in", "moa_out", "moa_router"), ("moa_bias",)),
     ),
     excludes=("kv_a_proj_with_mqa.weight",),
     flags=("output_gate", "sliding_window", "qkv_layout", "conv1d"),
@@ -66,6 +86,27 @@ UNDECLARED_CONV1D = ("a GPT-2-style spelling (c_attn/c_proj/c_fc) of a model typ
                      "[in, out] nor nn.Linear [out, in] storage (mapgen/families/model_types.py Facts.conv1d)")
 
 
+UNBUILDABLE: dict[str, tuple[str, str]] = {
+    # a variant or slot -> (what megatron-core 0.16.1's SelfAttention (linear_qkv -> core attention -> linear_proj,
+    # optional q/k layernorms) cannot build, the slot whose key the refusal names): plan.megatron-lacks
+    "lightning": ("lightning (linear) attention layers (MiniMax: qkv_proj, output_gate, norm): megatron-core has "
+                  "no lightning-attention module", "output_gate_proj"),
+    "mixture_of_heads": ("mixture-of-attention-heads (JetMoE MoA: routed per-expert q and output projections "
+                         "beside one kv_proj): megatron-core's SelfAttention has a single q/k/v and output projection",
+                         "moa_router"),
+    "sub_norm": ("a norm between attention and its output projection (BitNet attn_sub_norm): megatron-core's "
+                 "SelfAttention has no norm before linear_proj", "sub_norm"),
+    "lambda_q1": ("differential attention (DiffLlama lambda_q1/k1/q2/k2: two softmax maps subtracted, then a group "
+                  "norm): megatron-core's core attention computes one softmax map", "lambda_q1"),
+}
+
+
+def kind(c: Component) -> str:
+    if c.variant == "lightning":
+        return "linear_attention"  # what config.json's layer_types calls these layers
+    return "sliding_attention" if c.flag("sliding_window") else "attention"
+
+
 DERIVED_BUFFERS = frozenset(root + "rotary_emb.inv_freq" for root in ATTENTION.roots)
 """Buffers some checkpoints store beside attention (LLaVA-1.5, older Llama exports): RoPE's inverse frequencies,
 a function of the config (transformers recomputes them and ignores the stored copy: a non-persistent buffer).
@@ -88,10 +129,6 @@ def facts(c: Component) -> dict[str, bool]:
     }
 
 
-def kind(c: Component) -> str:
-    return "sliding_attention" if c.flag("sliding_window") else "attention"
-
-
 def describe(c: Component) -> str:
     traits = ["fused qkv" if c.key("qkv") else "q/k/v"]
     if c.key("q_bias") or c.key("qkv_bias"):
@@ -111,6 +148,8 @@ def shapes(c: Component, d: Dims) -> ShapePairs:
     q_rows = d.heads * d.head_dim * (2 if c.flag("output_gate") else 1)
     kv_rows = d.kv_heads * d.head_dim
     qkv_rows = d.heads * d.head_dim + 2 * kv_rows
+    if c.variant == "lightning":  # MiniMax lightning attention: q, k, v over all heads
+        qkv_rows = 3 * d.heads * d.head_dim
     return conv1d_shapes([
         (c.key("q"), (q_rows, d.hidden)),
         (c.key("k"), (kv_rows, d.hidden)),
@@ -127,10 +166,18 @@ def shapes(c: Component, d: Dims) -> ShapePairs:
         (c.key("q_norm_bias"), (d.head_dim,)),
         (c.key("k_norm_bias"), (d.head_dim,)),
         (c.key("sinks"), (d.heads,)),
+        (c.key("sub_norm"), (d.hidden,)),
+        (c.key("output_gate_proj"), (d.heads * d.head_dim, d.hidden)),
+        (c.key("out_norm"), (d.heads * d.head_dim,)),
     ], c.flag("conv1d") is True)
 
 
 def plan(c: Component, p: Planner, mroot: str, hroot: str, domain: str, name: str) -> None:
+    lacks = [(what, str(c.key(slot))) for x, (what, slot) in UNBUILDABLE.items() if x in (c.variant, *dict(c.slots))]
+    for what, key in lacks:
+        p.unbuildable(what, hroot + key)
+    if lacks:
+        return
     q, k, v, o = c.key("q"), c.key("k"), c.key("v"), c.key("o")
     if c.flag("conv1d") == "undeclared":
         p.unsupported(UNDECLARED_CONV1D, hroot + str(c.key("qkv") or o))

@@ -25,6 +25,7 @@ DENSE_MLP = Family(
         Slot("up", ("up_proj.weight", "w3.weight", "c_fc_1.weight")),
         Slot("down", ("down_proj.weight", "w2.weight", "c_proj.weight")),
         Slot("gate_up", ("gate_up_proj.weight",)),
+        Slot("sub_norm", ("ffn_sub_norm.weight",), init="norm"),  # BitNet: a norm before down_proj (refused)
         Slot("gate_bias", ("gate_proj.bias", "w1.bias")),
         Slot("up_bias", ("up_proj.bias", "w3.bias")),
         Slot("down_bias", ("down_proj.bias", "w2.bias")),
@@ -36,7 +37,7 @@ DENSE_MLP = Family(
         Slot("fc2_bias", ("dense_4h_to_h.bias", "fc2.bias", "fc_out.bias", "c_proj.bias", "down_proj.bias")),
     ),
     variants=(
-        Variant("separate", ("gate", "up", "down"), ("gate_bias", "up_bias", "down_bias")),
+        Variant("separate", ("gate", "up", "down"), ("gate_bias", "up_bias", "down_bias", "sub_norm")),
         Variant("fused", ("gate_up", "down"), ("down_bias",)),
         Variant("plain", ("fc1", "fc2"), ("fc1_bias", "fc2_bias")),
     ),
@@ -94,6 +95,10 @@ def plan_mlp(c: Component, p: Planner, mprefix: str, hroot: str, domain: str, na
     if c.flag("conv1d"):  # c_proj as down: stored [out, in] only where the model type says nn.Linear
         p.unsupported(UNDECLARED_CONV1D if c.flag("conv1d") == "undeclared" else "a gated MLP stored as Conv1D",
                       hroot + str(c.key("down")))
+        return
+    if c.key("sub_norm"):
+        p.unbuildable("a norm between the MLP's activation and its down projection (BitNet ffn_sub_norm): "
+                      "megatron-core's MLP has no norm before linear_fc2", hroot + str(c.key("sub_norm")))
         return
     bias = c.key("gate_bias") or c.key("up_bias") or c.key("down_bias")
     if bias:

@@ -22,8 +22,9 @@ MOE = Family(
         Slot("router", ("gate.weight", "router.weight", "router.layer.weight")),  # GraniteMoE: router.layer
         Slot("router_bias", ("gate.bias", "router.bias")),
         Slot("expert_bias", ("gate.e_score_correction_bias",)),
+        Slot("output_bias", ("bias",)),  # JetMoE: a bias added to the MoE block's output (refused)
     ),
-    variants=(Variant("routed", ("router",), ("router_bias", "expert_bias")),),
+    variants=(Variant("routed", ("router",), ("router_bias", "expert_bias", "output_bias")),),
     children=("experts", "shared"),
 )
 
@@ -147,6 +148,9 @@ def plan(c: Component, p: Planner, mroot: str, hroot: str, domain: str, name: st
           comment=f"[{name}] Router (replicated).")
     if c.key("router_bias"):
         p.unsupported("a router bias", hroot + str(c.key("router_bias")))
+    if c.key("output_bias"):
+        p.unbuildable("a bias added to the whole MoE block's output (JetMoE mlp.bias): megatron-core's MoELayer has "
+                      "no block-level bias", hroot + str(c.key("output_bias")))
     if c.key("expert_bias"):
         p.add("moe.expert_bias", f"{mlp}router.expert_bias", (hroot + str(c.key("expert_bias")),), "copy",
               "replicated", domain=domain, options=opts(dtype="fp32"),

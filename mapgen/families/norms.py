@@ -34,6 +34,10 @@ NORMS = Family(
         Slot("pre_feedforward_norm", ("pre_feedforward_layernorm.weight",), init="norm"),
         Slot("post_feedforward_norm", ("post_feedforward_layernorm.weight",), init="norm"),
         # Falcon new_decoder_architecture: one norm per parallel branch
+        # GLM-4 post_self_attn_layernorm/post_mlp_layernorm, HyperCLOVA X post_norm1/post_norm2 (input_layernorm and
+        # post_attention_layernorm stay the pre-norms), A.X-K1 post_mlp_layernorm on the MoE output
+        Slot("attention_output_norm", ("post_self_attn_layernorm.weight", "post_norm1.weight"), init="norm"),
+        Slot("mlp_output_norm", ("post_mlp_layernorm.weight", "post_norm2.weight"), init="norm"),
         Slot("attention_branch_norm", ("ln_attn.weight",), init="norm"),
         Slot("mlp_branch_norm", ("ln_mlp.weight",), init="norm"),
         Slot("attention_branch_norm_bias", ("ln_attn.bias",)),
@@ -41,8 +45,12 @@ NORMS = Family(
     ),
     variants=(
         Variant("sandwich", ("input_norm", "post_attention_norm", "pre_feedforward_norm", "post_feedforward_norm")),
+        Variant("sandwich_outputs", ("input_norm", "post_attention_norm", "attention_output_norm", "mlp_output_norm")),
+        Variant("pre_norm_mlp_output", ("input_norm", "post_attention_norm", "mlp_output_norm")),
         Variant("pre_norm", ("input_norm", "post_attention_norm"), ("input_norm_bias", "post_attention_norm_bias")),
         Variant("post_norm", ("post_attention_norm", "post_feedforward_norm")),
+        # VaultGemma: a pre-norm block whose pre-MLP norm is spelled pre_feedforward_layernorm
+        Variant("pre_norm_ff", ("input_norm", "pre_feedforward_norm")),
         Variant("parallel_two_norms", ("attention_branch_norm", "mlp_branch_norm"),
                 ("attention_branch_norm_bias", "mlp_branch_norm_bias")),
         Variant("parallel_one_norm", ("input_norm",), ("input_norm_bias",)),
@@ -55,6 +63,10 @@ _PARALLEL = ("megatron-core 0.16.1's TransformerLayer runs attention, then the M
 UNSUPPORTED: dict[str, str] = {
     # block variant -> what megatron-core lacks (the planner refuses the layout by name)
     "sandwich": f"sandwich norms (Gemma-2/3: norms after attention and after the MLP): {_NO_SLOT}",
+    "sandwich_outputs": f"norms on the attention and MLP outputs (GLM-4 post_self_attn_layernorm/post_mlp_layernorm, "
+                        f"HyperCLOVA X post_norm1/post_norm2): {_NO_SLOT}",
+    "pre_norm_mlp_output": f"a norm on the MLP/MoE output before the residual add (A.X-K1 post_mlp_layernorm): "
+                           f"{_NO_SLOT}",
     "post_norm": f"a post-norm block (OLMo-2: norms after attention and after the MLP only): {_NO_SLOT}",
     "parallel_two_norms": f"a parallel attention + MLP block with a norm per branch (Falcon ln_attn/ln_mlp): "
                           f"{_PARALLEL}",
@@ -71,6 +83,10 @@ PLACEMENT: dict[str, tuple[tuple[str, str, str | None, str], ...]] = {
     "pre_norm": (
         ("input_norm", "mixer", None, "Pre-attention norm."),
         ("post_attention_norm", "mlp", "pre_mlp_layernorm.weight", "Pre-MLP norm."),
+    ),
+    "pre_norm_ff": (
+        ("input_norm", "mixer", None, "Pre-attention norm."),
+        ("pre_feedforward_norm", "mlp", "pre_mlp_layernorm.weight", "Pre-MLP norm (pre_feedforward_layernorm)."),
     ),
 }
 FUSED_COMMENT = "Pre-mixer norm, fused into the gated delta-net in_proj."
@@ -113,7 +129,7 @@ def plan_before(c: Component, where: str, mixer_input_norm: str, p: Planner, mro
         family = "norm.input" if slot == "input_norm" else f"norm.{slot.removesuffix('_norm')}"
         p.add(family, mroot + megatron, (hroot + key,), "copy", "replicated", domain=domain,
               comment=f"[{name}] {FUSED_COMMENT if fused else comment}")
-        bias = c.key(BIAS_OF[slot])
+        bias = c.key(BIAS_OF[slot]) if slot in BIAS_OF else None
         if bias is not None:
             p.add(family + "_bias", mroot + megatron.removesuffix("weight") + "bias", (hroot + bias,), "copy",
                   "replicated", domain=domain, comment=f"[{name}] Its LayerNorm bias.")

@@ -84,6 +84,7 @@ _QUANT_SUFFIXES = (
 )  # fmt: skip
 _EXPERT_COUNT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts")
 _ATTENTION_TYPES = {"full_attention", "sliding_attention", "attention", "chunked_attention"}
+_LINEAR_KINDS = {"gated_delta_net", "linear_attention"}  # mixer kinds config.json calls linear_attention
 
 
 def split_layer(key: str) -> tuple[str, int, str] | None:
@@ -705,7 +706,7 @@ def _check_layers(
         r = results[i]
         if r.mixer is None:
             continue
-        is_linear = r.mixer.family == "gated_delta_net"
+        is_linear = behaviour(r.mixer).kind(r.mixer) in _LINEAR_KINDS
         declared: str | None = None
         if layer_types is not None and i < len(layer_types):
             declared = str(layer_types[i])

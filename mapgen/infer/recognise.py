@@ -145,9 +145,9 @@ def recognise_attention(pool: Pool, shape: ShapeOf, ctx: Context, *, sliding: bo
     m = match_family(ATTENTION_FAMILY, pool)
     if m is None:
         return None
-    q, o = m.get("q"), m.keys["o"]
+    q, o = m.get("q"), m.get("o")
     gate = ctx.output_gate
-    q_shape, o_shape = (shape(q) if q else None), shape(o)
+    q_shape, o_shape = (shape(q) if q else None), (shape(o) if o else None)
     if q_shape and o_shape and len(q_shape) == 2 and len(o_shape) == 2:
         gate = q_shape[0] == 2 * o_shape[1]
     flags: dict[str, bool | str | None] = {"output_gate": gate and q is not None, "sliding_window": sliding}
@@ -364,10 +364,12 @@ def recognise_mlp(
                 router_bias = next((p + s for s in MOE.slot("router_bias").spellings
                                     if p + s == router.removesuffix("weight") + "bias"), None)
                 expert_bias = _resolve(pool, p, MOE, "expert_bias")
+                output_bias = _resolve(pool, p, MOE, "output_bias")
                 slots = {
                     "router": router,
                     "router_bias": pool.take(router_bias) if router_bias else None,
                     "expert_bias": pool.take(expert_bias) if expert_bias else None,
+                    "output_bias": pool.take(output_bias) if output_bias else None,
                 }
                 return Component.make(MOE.name, "routed", slots, children={"experts": experts, "shared": shared})
         dense = recognise_dense(pool, p, ctx.model_types)

@@ -16,6 +16,7 @@ KIND_LABELS = {
     "sliding_attention": "sliding-window attention",
     "gated_delta_net": "gated-delta-net",
     "mla": "MLA",
+    "linear_attention": "lightning attention",
 }
 
 
