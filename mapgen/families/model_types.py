@@ -44,8 +44,8 @@ class Facts:
 _QWEN35 = Facts(packed=("out_in", False), zero_centered=True, output_gate=True, router="softmax_renorm")
 _SOFTMAX = Facts(router="softmax")  # renormalised iff norm_topk_prob
 _RENORM = Facts(router="softmax_renorm")  # always renormalised
-_DEEPSEEK_V3 = Facts(router="sigmoid_grouped")
-_GRANITE_MOE = Facts(packed=("out_in", False), router="softmax_renorm")  # sigmoid, score-correction bias, top-2 groups, scaled
+_DEEPSEEK_V3 = Facts(router="sigmoid_grouped")  # sigmoid, score-correction bias, top-2 groups, scaled
+_GRANITE_MOE = Facts(packed=("out_in", False), router="softmax_renorm")
 
 MODEL_TYPES: dict[str, Facts] = {
     # [E, hidden, 2*inter] (transposed)
