@@ -578,8 +578,7 @@ TOP: tuple[Row, ...] = (
     *refused_all("token-type embeddings (BERT-style): not built by the bridge", "type_vocab_size"),
     *refused_all("a per-layer RoPE base: the bridge has one rotary_base", "layer_rope_theta"),
     *refused_all("a second attention shape for sliding-window layers: not built by the bridge",
-                 "swa_num_key_value_heads", "swa_num_attention_heads", "swa_head_dim", "sliding_window_size",
-                 "sliding_window_pattern"),
+                 "swa_num_key_value_heads", "swa_num_attention_heads", "swa_head_dim", "sliding_window_size"),
     *refused_all("clamped/soft-capped activations or projections: no megatron-core setting", "swiglu_alpha",
                  "clip_qkv", "mlp_gate_softcap", "mlp_up_softcap"),
     *refused_all("embeddings scaled by sqrt(d_model): no megatron-core setting", "scale_embedding"),
@@ -670,6 +669,10 @@ TOP: tuple[Row, ...] = (
     *inert("initialisation of DiffLlama's lambda vectors: only for training from scratch", "lambda_std_dev"),
     structural("use_post_norm", why=_STRUCT + ": HyperCLOVA X post_norm1/post_norm2 (refused by the planner: "
                "megatron-core has no norm on a sub-block's output)", valid=boolean),
+    # EXAONE-4 / Gemma-3: the pattern only derives layer_types when the config has none (configuration_*.py)
+    *(refused(name, "a sliding-window layer pattern without layer_types: the bridge reads the windowed layers from "
+              "layer_types", unless=lambda v, s: isinstance(s.lookup("layer_types"), list))
+      for name in ("sliding_window_pattern", "_sliding_window_pattern")),
     refused("kv_channels", "JetMoE's head size of its mixture-of-attention heads (megatron-core cannot build MoA; "
             "the planner refuses the layout)", valid=positive_int),
     refused("block_size", "MiniMax lightning-attention block size (linear-attention layers megatron-core cannot "
@@ -702,6 +705,9 @@ ROPE_PARAMETERS: tuple[Row, ...] = (
     mapped("mrope_section", "position_embedding_type", "mrope_section", why="M-RoPE sections (megatron-core "
            "position_embedding_type='mrope', mrope_section)", valid=_mrope_valid),
     *inert(_INTERLEAVED_MROPE, "mrope_interleaved"),
+    # Gemma-3, Mellum: {"full_attention": {...}, "sliding_attention": {...}}, a RoPE per attention type
+    *refused_all("RoPE parameters per layer type (a base for full and one for sliding-window layers): the bridge "
+                 "builds one RoPE for every layer", "full_attention", "sliding_attention"),
     *inert(_ROPE_INERT, "beta_fast", "beta_slow", "mscale", "mscale_all_dim", "attention_factor", "truncate",
            "short_factor", "long_factor", "extrapolation_factor", "finetuned"),
 )

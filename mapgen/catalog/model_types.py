@@ -46,7 +46,8 @@ FACTS: dict[str, tuple[tuple[str, str], ...]] = {
     "vaultgemma": (_GEMMA_SCALE, _ZERO_NORM),
     "recurrent_gemma": (_GEMMA_SCALE, _ZERO_NORM),
     "paligemma": (_GEMMA_SCALE, _ZERO_NORM),
-    "olmo": (("non-parametric LayerNorm", "LayerNorm without weights: the bridge builds RMSNorm"),),
+    "olmo": (("non-parametric LayerNorm", "LayerNorm without weights: megatron-core's norms hold a weight and a "
+              "bias, and mapgen writes no constant ones/zeros for them (the planner refuses the layout too)"),),
     "olmo2": (_POST_NORM, ("QK-norm over all heads", "q/k norms over the whole projection, not per head")),
     "olmo3": (_POST_NORM, ("QK-norm over all heads", "q/k norms over the whole projection, not per head")),
     "cohere": (_LAYERNORM, _PARALLEL, _INTERLEAVED),

@@ -60,6 +60,10 @@ def plan_embedding(c: Component, p: Planner) -> None:
 
 
 def plan_head(c: Component, p: Planner, layernorm: bool) -> None:
+    if c.key("final_norm") is None:  # a model type with non-parametric norms (OLMo): the block refusal names why
+        p.unbuildable("a non-parametric final LayerNorm (OLMo: no weight or bias tensor): megatron-core's final "
+                      "norm always holds a weight and a bias", "(no final norm tensor)")
+        return
     p.add("final_norm", "decoder.final_layernorm.weight", (str(c.key("final_norm")),), "copy", "replicated",
           domain="global", comment="Final norm before the output layer.")
     bias = c.key("final_norm_bias")

@@ -28,6 +28,8 @@ class Facts:
     ``plain_up_down``: the MLP is ``down_proj(act(up_proj(x)))`` with no gate (Arcee, Jais2, Nemotron): ``up_proj`` and
     ``down_proj`` without ``gate_proj`` are then a plain MLP (megatron-core ``gated_linear_unit=False``); in any other
     model type a missing gate is refused, never read as a plain MLP.
+    ``non_parametric_norms``: every norm is a LayerNorm without weight or bias (OLMo-1): a layer or a final norm
+    with no norm tensors is then classified as such (and refused by the planner), never reported as missing keys.
     ``router``: the routing scheme transformers' modelling code implements for this model type's MoE router
     (:mod:`mapgen.contract.routing`); ``""``: not known, only the values that compute the bridge's historic
     router are accepted."""
@@ -39,6 +41,7 @@ class Facts:
     conv1d: bool | None = None
     router: RouterScheme = ""
     plain_up_down: bool = False
+    non_parametric_norms: bool = False
 
 
 _QWEN35 = Facts(packed=("out_in", False), zero_centered=True, output_gate=True, router="softmax_renorm")
@@ -98,6 +101,11 @@ MODEL_TYPES: dict[str, Facts] = {
     # EXAONE-3 stores Llama's layout as transformer.h.N.{ln_1, attn.attention.*_proj, mlp.c_fc_0/c_fc_1/c_proj}:
     # nn.Linear [out, in], not GPT-2's Conv1D (transformers' conversion_mapping.py renames them onto Llama's)
     "exaone": Facts(conv1d=False),
+    # nn.LayerNorm(hidden, eps=rms_norm_eps, elementwise_affine=True) blocks and final norm (modeling_phimoe.py); its
+    # sparsemixer router is refused by the config catalog (mapgen/catalog/model_types.py)
+    "phimoe": Facts(layernorm=True),
+    # OlmoLayerNorm: F.layer_norm(x, normalized_shape, None, None, eps=1e-5), no parameters (modeling_olmo.py)
+    "olmo": Facts(layernorm=True, non_parametric_norms=True),
 }
 
 _NONE = Facts()

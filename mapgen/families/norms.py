@@ -73,6 +73,12 @@ UNSUPPORTED: dict[str, str] = {
     "parallel_one_norm": f"a parallel attention + MLP block from one norm (GPT-J, Phi-1/2, Falcon parallel_attn, "
                          f"Cohere): {_PARALLEL}",
 }
+NON_PARAMETRIC = "non_parametric"
+"""The block of a model type whose norms hold no tensors (``Facts.non_parametric_norms``): no slots, so it is not a
+declared variant (an empty variant would match every layer); scan makes it only for those model types."""
+UNSUPPORTED[NON_PARAMETRIC] = (
+    "non-parametric LayerNorms (OLMo: F.layer_norm without weight or bias tensors): megatron-core's norms always hold "
+    "a weight (and LayerNorm a bias), and mapgen has no rule that writes constant ones and zeros for them")
 BIAS_OF = {"input_norm": "input_norm_bias", "post_attention_norm": "post_attention_norm_bias"}
 """A norm weight's bias slot: Megatron's name is the weight's with ``.bias``."""
 

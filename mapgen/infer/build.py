@@ -32,7 +32,7 @@ from mapgen.families.mtp import (
     MTP_LAYERS_BASE,
     SCHEMES,
 )
-from mapgen.families.norms import NORMS
+from mapgen.families.norms import NON_PARAMETRIC, NORMS
 from mapgen.infer.patterns import compress_keys
 from mapgen.infer.recognise import (
     EXPERT_SLOT,
@@ -290,11 +290,12 @@ def classify_layer(
 
     mixer = recognise_mixer(pool, shape0, ctx, sliding=sliding)
     mlp = recognise_mlp(pool, shape0, ctx, ids, problems)
-    block = match_family(NORMS, pool)
+    found = match_family(NORMS, pool)
+    block = Component.make(NORMS.name, found.variant.name, found.keys) if found else None
+    if block is None and facts_for(ctx.model_types).non_parametric_norms:
+        block = Component.make(NORMS.name, NON_PARAMETRIC, {})  # OLMo: norms without tensors (refused by the planner)
     leftover = sorted(s for t in pool.avail for s in folded[t])
-    result = LayerResult(
-        Component.make(NORMS.name, block.variant.name, block.keys) if block else None, mixer, mlp, tuple(leftover)
-    )
+    result = LayerResult(block, mixer, mlp, tuple(leftover))
     if not result.complete:  # a partial layer is not a layer: every key in it stays unclassified
         return LayerResult(None, None, None, tuple(sorted(suffixes)))
     return result
@@ -465,8 +466,9 @@ def infer(source: Source) -> Layout:
         (k for s in EMBEDDING.slot("lm_head_bias").spellings for r in ("", parent, prefix)
          if lm_head and r + s == lm_head.removesuffix("weight") + "bias" and (k := claim(r + s))), None
     )
+    no_norm_tensors = facts_for(ctx.model_types).non_parametric_norms
     for name, slot, found in (("embedding", "embedding", embedding), ("final norm", "final_norm", final_norm)):
-        if found is None:
+        if found is None and not (slot == "final_norm" and no_norm_tensors):
             findings.add(
                 Diagnostic(
                     "error",

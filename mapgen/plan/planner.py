@@ -118,7 +118,7 @@ class _Planner:
         input_norm = input_norm_target(group.mixer)
         block_ok = group.block.variant not in norms.UNSUPPORTED  # every refusal is listed, not just the first
         if not block_ok:
-            self.unbuildable(norms.UNSUPPORTED[group.block.variant], hroot + group.block.own_keys()[0])
+            self.unbuildable(norms.UNSUPPORTED[group.block.variant], hroot + (group.block.own_keys() or [""])[0])
         block_ok = block_ok and norms.check_biases(group.block, self.layernorm, self, hroot)
         for where, component in (("mixer", group.mixer), ("mlp", group.mlp)):
             if block_ok:
