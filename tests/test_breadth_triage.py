@@ -139,6 +139,8 @@ REFUSED: dict[str, tuple[set[str], set[str] | None]] = {
     "gemma3_text": ({"model_type.embedding-scale", "model_type.post-norm-block", "model_type.zero-centred-norms",
                      "rope_parameters.full_attention", "rope_parameters.sliding_attention"},
                     {"model.layers.{layer}.input_layernorm.weight"}),
+    "apertus": ({"hidden_act"}, {"model.layers.{layer}.mlp.act_fn.alpha_p"}),  # xIELU with learned parameters
+    "nanochat": ({"final_logit_softcapping"}, {"(no final norm tensor)", "model.layers.{layer}."}),
     "cohere": ({"logit_scale", "model_type.interleaved-rope", "model_type.layernorm", "model_type.parallel-block"},
                {"model.layers.{layer}.input_layernorm.weight"}),
     "vaultgemma": ({"attn_logit_softcapping", "final_logit_softcapping", "model_type.embedding-scale",
@@ -162,6 +164,20 @@ def test_refused_by_name(tmp_path: Path, model_type: str) -> None:
         plan(layout)
     assert {d.key for d in err.value.diagnostics if d.code == "plan.megatron-lacks"} == lacks
     assert all("megatron-core" in d.message for d in err.value.diagnostics)
+
+
+def test_gpt_neox_japanese_last_layer_bias_is_refused(tmp_path: Path) -> None:
+    """GPT-NeoX-Japanese adds attention.dense_bias in its last layer only: megatron-core's add_bias_linear is one
+    switch for every layer, so the layout is refused by name (and intermediate_multiple_size by the catalog)."""
+    ckpt = _built(tmp_path, "gpt_neox_japanese")
+    report = check_config(json.loads((ckpt / "config.json").read_text()), file="config.json")
+    assert {d.key for d in report.errors} == {"intermediate_multiple_size"}
+    layout = scan(str(ckpt))
+    assert not layout.unclassified
+    with pytest.raises(MapgenError) as err:
+        plan(layout)
+    (diag,) = err.value.diagnostics
+    assert "add_bias_linear" in diag.message
 
 
 def test_axk1_post_mlp_norm_is_classified_and_refused(tmp_path: Path) -> None:

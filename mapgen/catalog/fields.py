@@ -673,6 +673,8 @@ TOP: tuple[Row, ...] = (
     *(refused(name, "a sliding-window layer pattern without layer_types: the bridge reads the windowed layers from "
               "layer_types", unless=lambda v, s: isinstance(s.lookup("layer_types"), list))
       for name in ("sliding_window_pattern", "_sliding_window_pattern")),
+    refused("intermediate_multiple_size", "an MLP size given as a multiple of hidden_size (GPT-NeoX-Japanese): the "
+            "bridge reads intermediate_size", valid=positive_number),
     refused("kv_channels", "JetMoE's head size of its mixture-of-attention heads (megatron-core cannot build MoA; "
             "the planner refuses the layout)", valid=positive_int),
     refused("block_size", "MiniMax lightning-attention block size (linear-attention layers megatron-core cannot "

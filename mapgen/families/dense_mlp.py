@@ -26,6 +26,11 @@ DENSE_MLP = Family(
         Slot("down", ("down_proj.weight", "w2.weight", "c_proj.weight")),
         Slot("gate_up", ("gate_up_proj.weight",)),
         Slot("sub_norm", ("ffn_sub_norm.weight",), init="norm"),  # BitNet: a norm before down_proj (refused)
+        # Apertus xIELU: the activation's own learned parameters (refused: megatron-core has no such activation)
+        Slot("act_alpha_p", ("act_fn.alpha_p",)),
+        Slot("act_alpha_n", ("act_fn.alpha_n",)),
+        Slot("act_beta", ("act_fn.beta",)),
+        Slot("act_eps", ("act_fn.eps",)),
         Slot("gate_bias", ("gate_proj.bias", "w1.bias")),
         Slot("up_bias", ("up_proj.bias", "w3.bias")),
         Slot("down_bias", ("down_proj.bias", "w2.bias")),
@@ -39,7 +44,7 @@ DENSE_MLP = Family(
     variants=(
         Variant("separate", ("gate", "up", "down"), ("gate_bias", "up_bias", "down_bias", "sub_norm")),
         Variant("fused", ("gate_up", "down"), ("down_bias",)),
-        Variant("plain", ("fc1", "fc2"), ("fc1_bias", "fc2_bias")),
+        Variant("plain", ("fc1", "fc2"), ("fc1_bias", "fc2_bias", "act_alpha_p", "act_alpha_n", "act_beta", "act_eps")),
     ),
     flags=("conv1d",),
 )
@@ -118,6 +123,10 @@ def plan_mlp(c: Component, p: Planner, mprefix: str, hroot: str, domain: str, na
 
 def _plan_plain(c: Component, p: Planner, mprefix: str, hroot: str, domain: str, name: str, family: str) -> None:
     fc1, fc2, fc1_bias, fc2_bias = c.key("fc1"), c.key("fc2"), c.key("fc1_bias"), c.key("fc2_bias")
+    if c.key("act_alpha_p"):
+        p.unbuildable("an activation with learned parameters (Apertus xIELU act_fn.alpha_p/alpha_n/beta/eps): "
+                      "megatron-core's MLP applies a parameter-free activation_func", hroot + str(c.key("act_alpha_p")))
+        return
     if bool(fc1_bias) != bool(fc2_bias):
         p.unsupported("a bias on one projection of a plain MLP only", hroot + str(fc1_bias or fc2_bias))
         return

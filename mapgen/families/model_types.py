@@ -106,6 +106,11 @@ MODEL_TYPES: dict[str, Facts] = {
     "phimoe": Facts(layernorm=True),
     # OlmoLayerNorm: F.layer_norm(x, normalized_shape, None, None, eps=1e-5), no parameters (modeling_olmo.py)
     "olmo": Facts(layernorm=True, non_parametric_norms=True),
+    # NanoChatRMSNorm: F.rms_norm without a weight (block, final and QK norms; modeling_nanochat.py); plain relu2 MLP
+    "nanochat": Facts(non_parametric_norms=True),
+    "apertus": Facts(plain_up_down=True),  # ApertusMLP: down_proj(xielu(up_proj(x)))
+    "apertus1p5_text": Facts(plain_up_down=True),
+    "gpt_neox_japanese": Facts(layernorm=True),  # nn.LayerNorm blocks and final norm (modeling_gpt_neox_japanese.py)
 }
 
 _NONE = Facts()
