@@ -109,9 +109,18 @@ def build(model_type: str, out: Path, seed: int = 0, overrides: dict[str, Any] |
                 kwargs[key] = i
             elif isinstance(defaults.get(key), list):
                 kwargs[key] = [i]
+        if isinstance(defaults.get("attention_types"), list):  # GPT-Neo: [[["global", "local"], 12]] = 24 layers
+            kwargs["attention_types"] = [[["global", "local"], _TINY["num_layers"] // 2]]
         config = cls(**(kwargs | (overrides or {})))
-        with torch.device("meta"):
-            probe = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        try:
+            with torch.device("meta"):
+                probe = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        except TypeError:  # Ministral, Hunyuan: the model code reads config.head_dim, which hub configs state
+            if getattr(config, "head_dim", 0) is not None or not kwargs.get("num_attention_heads"):
+                raise
+            config.head_dim = kwargs["hidden_size"] // kwargs["num_attention_heads"]
+            with torch.device("meta"):
+                probe = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         count = sum(p.numel() for p in probe.parameters())
         del probe
         if count > MAX_PARAMS:

@@ -4,7 +4,9 @@
   logits <= 1e-4): Arcee (plain up/down MLP, relu2), EXAONE-3 (``transformer.h.N.attn.attention.*``,
   ``c_fc_0/c_fc_1/c_proj`` as ``nn.Linear``), Jais2 (LayerNorm + plain MLP with biases), Nemotron (LayerNorm1P =
   zero-centred LayerNorm, partial RoPE, relu2), GraniteMoE / GraniteMoeShared (packed ``input_linear`` /
-  ``output_linear`` experts, softmax over the top-k logits). Nemotron runs in CI; the others are opt-in
+  ``output_linear`` experts, softmax over the top-k logits), Sarvam-MoE (GLM-4-MoE maths, ``[q; k; v]``
+  ``query_key_value`` declared per model type), HyperCLOVA X without post norms, Ministral (the matrix builder now
+  states ``head_dim``, as hub configs do). Nemotron runs in CI; the others are opt-in
   (``MAPGEN_MATRIX=full``, about 20 s each); their rules are checked here without a run;
 * refused by name with every key classified: the config catalog (``semantics.unsupported``) or the planner
   (``plan.megatron-lacks``: what megatron-core cannot build), and ``mapgen emit`` writes nothing.
@@ -46,7 +48,8 @@ def _rules(ckpt: Path) -> dict[str, tuple[tuple[str, ...], str, dict[str, object
 @pytest.mark.parametrize("model_type", [
     "nemotron",
     *(pytest.param(m, marks=pytest.mark.skipif(not FULL, reason="opt-in: MAPGEN_MATRIX=full (about 20 s each)"))
-      for m in ("arcee", "exaone", "jais2", "granitemoe", "granitemoeshared", "hyperclovax")),
+      for m in ("arcee", "exaone", "jais2", "granitemoe", "granitemoeshared", "hyperclovax", "sarvam_moe",
+                "ministral")),
 ])
 def test_verifies_at_tp2(tmp_path: Path, model_type: str) -> None:
     # HyperCLOVA X without its post_norm1/post_norm2 (use_post_norm false; with them: refused below)
@@ -112,6 +115,16 @@ def test_granitemoe_rules(tmp_path: Path) -> None:
     assert rules["mlp.router.weight"][0] == ("model.layers.{layer}.block_sparse_moe.router.layer.weight",)
 
 
+def test_sarvam_moe_rules(tmp_path: Path) -> None:
+    """Sarvam-MoE: attention.query_key_value is [q; k; v] blocks by its model type (GPT-NeoX's same root and spelling
+    is per head), query/key_layernorm before RoPE, gate.expert_bias as the score-correction bias."""
+    rules = _rules(_built(tmp_path, "sarvam_moe"))
+    hf, op, options = rules["self_attention.linear_qkv.weight"]
+    assert (hf, op, options["layout"]) == (("model.layers.{layer}.attention.query_key_value.weight",), "qkv", "blocks")
+    assert rules["self_attention.q_layernorm.weight"][0] == ("model.layers.{layer}.attention.query_layernorm.weight",)
+    assert rules["mlp.router.expert_bias"][0] == ("model.layers.{layer}.mlp.gate.expert_bias",)
+
+
 def test_granitemoeshared_shared_mlp_is_not_converted(tmp_path: Path) -> None:
     """GraniteMoeShared with a shared_mlp (shared_intermediate_size > 0): its layer-level shared_mlp keys stay
     unclassified (no rule yet), so nothing converts it without the shared expert."""
@@ -141,6 +154,8 @@ REFUSED: dict[str, tuple[set[str], set[str] | None]] = {
                     {"model.layers.{layer}.input_layernorm.weight"}),
     "apertus": ({"hidden_act"}, {"model.layers.{layer}.mlp.act_fn.alpha_p"}),  # xIELU with learned parameters
     "nanochat": ({"final_logit_softcapping"}, {"(no final norm tensor)", "model.layers.{layer}."}),
+    "hunyuan_v1_dense": (set(), {"model.layers.{layer}.self_attn.query_layernorm.weight"}),  # QK norm after RoPE
+    "hunyuan_v1_moe": (set(), {"model.layers.{layer}.self_attn.query_layernorm.weight"}),
     "cohere": ({"logit_scale", "model_type.interleaved-rope", "model_type.layernorm", "model_type.parallel-block"},
                {"model.layers.{layer}.input_layernorm.weight"}),
     "vaultgemma": ({"attn_logit_softcapping", "final_logit_softcapping", "model_type.embedding-scale",

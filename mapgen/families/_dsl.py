@@ -194,6 +194,7 @@ class Planner(Protocol):
     zero_centered: bool
     layernorm: bool
     plain_up_down: bool
+    qk_norm_after_rope: bool
 
     def add(self, family: str, megatron: str, hf: tuple[str, ...], op: str, sharding: str, *, domain: str,
             experts: bool = False, options: Options = (), comment: str = "") -> None: ...

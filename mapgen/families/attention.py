@@ -28,8 +28,9 @@ ATTENTION = Family(
         Slot("qkv_bias", ("qkv_proj.bias", "query_key_value.bias", "c_attn.bias")),
         # GPT-NeoX-Japanese: attention.dense_bias, added after dense (its last layer only)
         Slot("o_bias", ("o_proj.bias", "dense.bias", "c_proj.bias", "dense_bias")),
-        Slot("q_norm", ("q_norm.weight", "q_layernorm.weight"), init="norm"),
-        Slot("k_norm", ("k_norm.weight", "k_layernorm.weight"), init="norm"),
+        # query_layernorm/key_layernorm: Sarvam-MoE (before RoPE), HunYuan (after RoPE: Facts.qk_norm_after_rope)
+        Slot("q_norm", ("q_norm.weight", "q_layernorm.weight", "query_layernorm.weight"), init="norm"),
+        Slot("k_norm", ("k_norm.weight", "k_layernorm.weight", "key_layernorm.weight"), init="norm"),
         Slot("q_norm_bias", ("q_layernorm.bias",)),  # Persimmon: per-head LayerNorm QK norms (with bias)
         Slot("k_norm_bias", ("k_layernorm.bias",)),
         Slot("sinks", ("sinks",)),
@@ -242,6 +243,11 @@ def _plan_common(c: Component, p: Planner, mroot: str, hroot: str, domain: str, 
     if c.key("o_bias"):
         p.add("attention.o_bias", f"{mroot}self_attention.linear_proj.bias", (hroot + str(c.key("o_bias")),),
               "copy", "replicated", domain=domain, comment=f"[{name}] Output projection bias.")
+    if c.key("q_norm") and p.qk_norm_after_rope:
+        p.unbuildable("QK norms applied after RoPE (HunYuan: query_layernorm/key_layernorm on the rotated q/k): "
+                      "megatron-core applies q_layernorm/k_layernorm before the rotary embedding",
+                      hroot + str(c.key("q_norm")))
+        return
     for side in ("q", "k"):
         weight, bias = c.key(f"{side}_norm"), c.key(f"{side}_norm_bias")
         if weight is None:

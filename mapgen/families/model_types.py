@@ -30,6 +30,11 @@ class Facts:
     model type a missing gate is refused, never read as a plain MLP.
     ``non_parametric_norms``: every norm is a LayerNorm without weight or bias (OLMo-1): a layer or a final norm
     with no norm tensors is then classified as such (and refused by the planner), never reported as missing keys.
+    ``qk_norm_after_rope``: the QK norms are applied to the rotated q/k (HunYuan: ``query_layernorm(apply_rotary(q))``):
+    refused by the planner (megatron-core applies q_layernorm/k_layernorm before RoPE).
+    ``qkv_layout``: how this model type's fused q/k/v projection stores q, k and v (``mapgen.ops.qkv`` layouts) where
+    its root + spelling means another order elsewhere (Sarvam-MoE's ``attention.query_key_value`` is ``[q; k; v]``,
+    GPT-NeoX's per head): it wins over ``attention.FUSED_QKV_LAYOUT``.
     ``router``: the routing scheme transformers' modelling code implements for this model type's MoE router
     (:mod:`mapgen.contract.routing`); ``""``: not known, only the values that compute the bridge's historic
     router are accepted."""
@@ -42,6 +47,8 @@ class Facts:
     router: RouterScheme = ""
     plain_up_down: bool = False
     non_parametric_norms: bool = False
+    qk_norm_after_rope: bool = False
+    qkv_layout: str | None = None
 
 
 _QWEN35 = Facts(packed=("out_in", False), zero_centered=True, output_gate=True, router="softmax_renorm")
@@ -110,6 +117,12 @@ MODEL_TYPES: dict[str, Facts] = {
     "nanochat": Facts(non_parametric_norms=True),
     "apertus": Facts(plain_up_down=True),  # ApertusMLP: down_proj(xielu(up_proj(x)))
     "apertus1p5_text": Facts(plain_up_down=True),
+    # HunYuan: query_layernorm/key_layernorm after apply_rotary_pos_emb (modeling_hunyuan_v1_dense.py)
+    "hunyuan_v1_dense": Facts(qk_norm_after_rope=True),
+    "hunyuan_v1_moe": Facts(qk_norm_after_rope=True),
+    # Sarvam-MoE: GLM-4-MoE's maths (configuration_sarvam_moe.py subclasses Glm4MoeConfig) under Bailing-style names;
+    # transformers' conversion_mapping.py splits attention.query_key_value into [q | k | v] by size (GQA blocks)
+    "sarvam_moe": Facts(router="sigmoid_grouped", qkv_layout="blocks"),
     "gpt_neox_japanese": Facts(layernorm=True),  # nn.LayerNorm blocks and final norm (modeling_gpt_neox_japanese.py)
 }
 

@@ -19,9 +19,10 @@ MOE = Family(
     file=__name__,
     roots=("mlp.", "block_sparse_moe.", "feed_forward."),
     slots=(
-        Slot("router", ("gate.weight", "router.weight", "router.layer.weight")),  # GraniteMoE: router.layer
+        # GraniteMoE: router.layer; HunYuan-MoE: gate.wg
+        Slot("router", ("gate.weight", "router.weight", "router.layer.weight", "gate.wg.weight")),
         Slot("router_bias", ("gate.bias", "router.bias")),
-        Slot("expert_bias", ("gate.e_score_correction_bias",)),
+        Slot("expert_bias", ("gate.e_score_correction_bias", "gate.expert_bias")),  # Sarvam-MoE: gate.expert_bias
         Slot("output_bias", ("bias",)),  # JetMoE: a bias added to the MoE block's output (refused)
     ),
     variants=(Variant("routed", ("router",), ("router_bias", "expert_bias", "output_bias")),),
@@ -61,7 +62,7 @@ SHARED_EXPERT = Family(
     role="part",
     description="always-on shared expert(s) of a MoE block and the optional sigmoid gate in front of them",
     file=__name__,
-    roots=("shared_expert.", "shared_experts."),
+    roots=("shared_expert.", "shared_experts.", "shared_mlp."),  # HunYuan-MoE: mlp.shared_mlp.
     slots=(Slot("gate", ("shared_expert_gate.weight",)),),
     children=("mlp",),
 )

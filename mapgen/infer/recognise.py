@@ -19,7 +19,7 @@ from mapgen.families.dense_mlp import CONV1D as MLP_CONV1D
 from mapgen.families.dense_mlp import DENSE_MLP as DENSE_MLP_FAMILY
 from mapgen.families.gated_delta_net import GATED_DELTA_NET as GDN_FAMILY
 from mapgen.families.mla import MLA as MLA_FAMILY
-from mapgen.families.model_types import MODEL_TYPES, Orientation
+from mapgen.families.model_types import MODEL_TYPES, Orientation, facts_for
 from mapgen.families.moe import EXPERTS, MOE, SHARED_EXPERT
 from mapgen.ir import Component
 
@@ -152,7 +152,7 @@ def recognise_attention(pool: Pool, shape: ShapeOf, ctx: Context, *, sliding: bo
         gate = q_shape[0] == 2 * o_shape[1]
     flags: dict[str, bool | str | None] = {"output_gate": gate and q is not None, "sliding_window": sliding}
     if m.get("qkv") is not None:  # how the fused projection stores q/k/v is declared per spelling
-        flags["qkv_layout"] = FUSED_QKV_LAYOUT.get(m.keys["qkv"])
+        flags["qkv_layout"] = facts_for(ctx.model_types).qkv_layout or FUSED_QKV_LAYOUT.get(m.keys["qkv"])
     flags["conv1d"] = _conv1d(m, ATTENTION_CONV1D, ctx.model_types)
     return Component.make(ATTENTION_FAMILY.name, m.variant.name, m.keys, flags=flags)
 
