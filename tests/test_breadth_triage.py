@@ -156,6 +156,8 @@ REFUSED: dict[str, tuple[set[str], set[str] | None]] = {
     "nanochat": ({"final_logit_softcapping"}, {"(no final norm tensor)", "model.layers.{layer}."}),
     "hunyuan_v1_dense": (set(), {"model.layers.{layer}.self_attn.query_layernorm.weight"}),  # QK norm after RoPE
     "hunyuan_v1_moe": (set(), {"model.layers.{layer}.self_attn.query_layernorm.weight"}),
+    "gpt_neo": ({"attention_layers", "attention_types", "num_heads", "num_layers", "window_size",
+                 "model_type.unscaled-attention"}, None),
     "cohere": ({"logit_scale", "model_type.interleaved-rope", "model_type.layernorm", "model_type.parallel-block"},
                {"model.layers.{layer}.input_layernorm.weight"}),
     "vaultgemma": ({"attn_logit_softcapping", "final_logit_softcapping", "model_type.embedding-scale",

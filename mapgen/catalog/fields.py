@@ -673,6 +673,9 @@ TOP: tuple[Row, ...] = (
     *(refused(name, "a sliding-window layer pattern without layer_types: the bridge reads the windowed layers from "
               "layer_types", unless=lambda v, s: isinstance(s.lookup("layer_types"), list))
       for name in ("sliding_window_pattern", "_sliding_window_pattern")),
+    *inert("dropout (GPT-Neo spellings): inactive at inference", "embed_dropout", "resid_dropout"),
+    *refused_all("GPT-Neo's local-attention layer pattern and window (alternating global/local layers): the bridge "
+                 "reads windowed layers from layer_types", "attention_types", "attention_layers", "window_size"),
     refused("intermediate_multiple_size", "an MLP size given as a multiple of hidden_size (GPT-NeoX-Japanese): the "
             "bridge reads intermediate_size", valid=positive_number),
     refused("kv_channels", "JetMoE's head size of its mixture-of-attention heads (megatron-core cannot build MoA; "

@@ -26,8 +26,8 @@ ATTENTION = Family(
         Slot("k_bias", ("k_proj.bias",)),
         Slot("v_bias", ("v_proj.bias",)),
         Slot("qkv_bias", ("qkv_proj.bias", "query_key_value.bias", "c_attn.bias")),
-        # GPT-NeoX-Japanese: attention.dense_bias, added after dense (its last layer only)
-        Slot("o_bias", ("o_proj.bias", "dense.bias", "c_proj.bias", "dense_bias")),
+        # GPT-NeoX-Japanese: attention.dense_bias, added after dense (its last layer only); GPT-Neo/OPT out_proj.bias
+        Slot("o_bias", ("o_proj.bias", "dense.bias", "c_proj.bias", "out_proj.bias", "dense_bias")),
         # query_layernorm/key_layernorm: Sarvam-MoE (before RoPE), HunYuan (after RoPE: Facts.qk_norm_after_rope)
         Slot("q_norm", ("q_norm.weight", "q_layernorm.weight", "query_layernorm.weight"), init="norm"),
         Slot("k_norm", ("k_norm.weight", "k_layernorm.weight", "key_layernorm.weight"), init="norm"),

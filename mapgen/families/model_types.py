@@ -124,6 +124,8 @@ MODEL_TYPES: dict[str, Facts] = {
     # transformers' conversion_mapping.py splits attention.query_key_value into [q | k | v] by size (GQA blocks)
     "sarvam_moe": Facts(router="sigmoid_grouped", qkv_layout="blocks"),
     "gpt_neox_japanese": Facts(layernorm=True),  # nn.LayerNorm blocks and final norm (modeling_gpt_neox_japanese.py)
+    # GPT-Neo: transformer.h.N.attn.attention.{q,k,v,out}_proj, mlp.c_fc/c_proj as nn.Linear, nn.LayerNorm
+    "gpt_neo": Facts(layernorm=True, conv1d=False),
 }
 
 _NONE = Facts()

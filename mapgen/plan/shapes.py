@@ -58,7 +58,7 @@ def _int(hf: HFConfig, *names: str) -> int | None:
 def config_dims(config: Mapping[str, Any]) -> Dims:
     hf = HFConfig(config)
     hidden = int(hf.get("hidden_size", "n_embd"))
-    heads = _int(hf, "num_attention_heads", "n_head") or 0
+    heads = _int(hf, "num_attention_heads", "n_head", "num_heads") or 0  # GPT-Neo: num_heads (its catalog row refuses)
     # Falcon/GPT-BigCode: multi_query means one KV head, except in Falcon's new decoder (num_kv_heads): as
     # modeling_falcon.py FalconAttention and modeling_gpt_bigcode.py read them
     multi_query = hf.get("multi_query", default=False) and not hf.get("new_decoder_architecture", default=False)
