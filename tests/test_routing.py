@@ -132,12 +132,26 @@ def test_released_routing(name: str, model_type: str, config: dict[str, Any], wa
 # ---------------------------------------------------------------------------------------------------------
 # Router parity: transformers' router classes vs megatron-core's routing function
 # ---------------------------------------------------------------------------------------------------------
+def _modeling_module(model_type: str, config_module: str) -> str:
+    """The module of the model type's modelling code: beside its config, or (a config-only model type such as
+    Sarvam-MoE, built by GLM-4-MoE's classes) where its causal-LM class lives."""
+    import importlib.util
+
+    import transformers
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    beside = config_module.replace(".configuration_", ".modeling_")
+    if importlib.util.find_spec(beside) is not None:
+        return beside
+    return str(getattr(transformers, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type]).__module__)
+
+
 def _router(model_type: str, **config: Any) -> tuple[torch.nn.Module, dict[str, Any]]:
     from transformers import CONFIG_MAPPING
 
     cfg = CONFIG_MAPPING[model_type](hidden_size=64, **{_EXPERT_KEY.get(model_type, "n_routed_experts"): EXPERTS},
                                      **config)
-    module = importlib.import_module(type(cfg).__module__.replace(".configuration_", ".modeling_"))
+    module = importlib.import_module(_modeling_module(model_type, type(cfg).__module__))
     (cls,) = [c for n, c in inspect.getmembers(module, inspect.isclass)
               if "Router" in n and c.__module__ == module.__name__]
     router = cls(cfg)
