@@ -158,6 +158,8 @@ REFUSED: dict[str, tuple[set[str], set[str] | None]] = {
     "hunyuan_v1_moe": (set(), {"model.layers.{layer}.self_attn.query_layernorm.weight"}),
     "gpt_neo": ({"attention_layers", "attention_types", "num_heads", "num_layers", "window_size",
                  "model_type.unscaled-attention"}, None),
+    "openai-gpt": ({"afn", "model_type.post-layernorm-block"},
+                   {"(no final norm tensor)", "transformer.h.{layer}.ln_1.weight"}),  # GPT-1: post-LN, no final norm
     "cohere": ({"logit_scale", "model_type.interleaved-rope", "model_type.layernorm", "model_type.parallel-block"},
                {"model.layers.{layer}.input_layernorm.weight"}),
     "vaultgemma": ({"attn_logit_softcapping", "final_logit_softcapping", "model_type.embedding-scale",

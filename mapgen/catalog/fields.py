@@ -676,6 +676,7 @@ TOP: tuple[Row, ...] = (
     *inert("dropout (GPT-Neo spellings): inactive at inference", "embed_dropout", "resid_dropout"),
     *refused_all("GPT-Neo's local-attention layer pattern and window (alternating global/local layers): the bridge "
                  "reads windowed layers from layer_types", "attention_types", "attention_layers", "window_size"),
+    refused("afn", "GPT-1's activation spelling: the bridge reads hidden_act / activation_function"),
     refused("intermediate_multiple_size", "an MLP size given as a multiple of hidden_size (GPT-NeoX-Japanese): the "
             "bridge reads intermediate_size", valid=positive_number),
     refused("kv_channels", "JetMoE's head size of its mixture-of-attention heads (megatron-core cannot build MoA; "

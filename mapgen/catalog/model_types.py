@@ -70,6 +70,8 @@ FACTS: dict[str, tuple[tuple[str, str], ...]] = {
     # PhiMoE: sparsemixer top-2 (per choice a masked softmax, router_jitter_noise as its threshold at inference)
     "phimoe": (("sparsemixer router", "sparsemixer top-2 routing (masked softmax per choice, jitter threshold): "
                 "megatron-core has no such router"),),
+    "openai-gpt": (("post-LayerNorm block", "ln_1/ln_2 applied after each residual add and no final norm (GPT-1): "
+                    "the bridge builds pre-norm blocks"),),
     # GPT-Neo: attn_weights = q @ k^T with no 1/sqrt(head_dim) (modeling_gpt_neo.py GPTNeoSelfAttention._attn)
     "gpt_neo": (("unscaled attention", "attention scores not divided by sqrt(head_dim): the bridge builds scaled "
                  "attention (megatron-core softmax_scale is not set from a model-type fact)"),),

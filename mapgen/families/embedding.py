@@ -16,13 +16,13 @@ EMBEDDING = Family(
     file=__name__,
     slots=(
         Slot("embedding", ("embed_tokens.weight", "tok_embeddings.weight", "word_embeddings.weight", "wte.weight",
-                           "embed_in.weight")),
+                           "embed_in.weight", "tokens_embed.weight")),  # GPT-1: tokens_embed, positions_embed
         Slot("final_norm", ("norm.weight", "ln_f.weight", "final_layernorm.weight", "final_layer_norm.weight"),
              init="norm"),
         Slot("lm_head", ("lm_head.weight", "output.weight", "embed_out.weight")),
         Slot("final_norm_bias", ("norm.bias", "ln_f.bias", "final_layernorm.bias", "final_layer_norm.bias")),
         # GPT-2 learned absolute positions: megatron-core position_embedding_type='learned_absolute'
-        Slot("position_embedding", ("wpe.weight",)),
+        Slot("position_embedding", ("wpe.weight", "positions_embed.weight")),
         # Phi-1/2, GPT-J, CodeGen: a bias on the output layer (refused: GPTModel's output_layer has none)
         Slot("lm_head_bias", ("lm_head.bias", "embed_out.bias")),
         # Bloom: a LayerNorm right after the token embedding (refused: LanguageModelEmbedding has none)
@@ -61,8 +61,8 @@ def plan_embedding(c: Component, p: Planner) -> None:
 
 def plan_head(c: Component, p: Planner, layernorm: bool) -> None:
     if c.key("final_norm") is None:  # a model type with non-parametric norms (OLMo): the block refusal names why
-        p.unbuildable("a non-parametric final LayerNorm (OLMo: no weight or bias tensor): megatron-core's final "
-                      "norm always holds a weight and a bias", "(no final norm tensor)")
+        p.unbuildable("no final norm tensor (OLMo-1's final LayerNorm is non-parametric, GPT-1 has none): "
+                      "megatron-core's GPTModel applies a final norm that holds a weight", "(no final norm tensor)")
         return
     p.add("final_norm", "decoder.final_layernorm.weight", (str(c.key("final_norm")),), "copy", "replicated",
           domain="global", comment="Final norm before the output layer.")

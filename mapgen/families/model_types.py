@@ -30,6 +30,8 @@ class Facts:
     model type a missing gate is refused, never read as a plain MLP.
     ``non_parametric_norms``: every norm is a LayerNorm without weight or bias (OLMo-1): a layer or a final norm
     with no norm tensors is then classified as such (and refused by the planner), never reported as missing keys.
+    ``post_layernorm``: the two block norms come *after* each residual add (GPT-1: ``ln_1(x + attn(x))``) and there
+    is no final norm: keys that look like a pre-norm block are classified as this block (refused by the planner).
     ``qk_norm_after_rope``: the QK norms are applied to the rotated q/k (HunYuan: ``query_layernorm(apply_rotary(q))``):
     refused by the planner (megatron-core applies q_layernorm/k_layernorm before RoPE).
     ``qkv_layout``: how this model type's fused q/k/v projection stores q, k and v (``mapgen.ops.qkv`` layouts) where
@@ -48,6 +50,7 @@ class Facts:
     plain_up_down: bool = False
     non_parametric_norms: bool = False
     qk_norm_after_rope: bool = False
+    post_layernorm: bool = False
     qkv_layout: str | None = None
 
 
@@ -124,6 +127,7 @@ MODEL_TYPES: dict[str, Facts] = {
     # transformers' conversion_mapping.py splits attention.query_key_value into [q | k | v] by size (GQA blocks)
     "sarvam_moe": Facts(router="sigmoid_grouped", qkv_layout="blocks"),
     "gpt_neox_japanese": Facts(layernorm=True),  # nn.LayerNorm blocks and final norm (modeling_gpt_neox_japanese.py)
+    "openai-gpt": Facts(layernorm=True, conv1d=True, post_layernorm=True),  # modeling_openai.py Block: post-LN
     # GPT-Neo: transformer.h.N.attn.attention.{q,k,v,out}_proj, mlp.c_fc/c_proj as nn.Linear, nn.LayerNorm
     "gpt_neo": Facts(layernorm=True, conv1d=False),
 }

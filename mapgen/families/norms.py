@@ -80,6 +80,10 @@ declared variant (an empty variant would match every layer); scan makes it only 
 UNSUPPORTED[NON_PARAMETRIC] = (
     "non-parametric LayerNorms (OLMo: F.layer_norm without weight or bias tensors): megatron-core's norms always hold "
     "a weight (and LayerNorm a bias), and mapgen has no rule that writes constant ones and zeros for them")
+POST_LN = "post_ln"
+"""The block of a model type whose ``ln_1``/``ln_2`` follow the residual adds (``Facts.post_layernorm``): the keys
+equal a pre-norm block's, so scan makes it from the model type, never from the keys."""
+UNSUPPORTED[POST_LN] = f"post-LayerNorm blocks (GPT-1: ln_1(x + attn(x)), ln_2(x + mlp(x)), no final norm): {_NO_SLOT}"
 BIAS_OF = {"input_norm": "input_norm_bias", "post_attention_norm": "post_attention_norm_bias"}
 """A norm weight's bias slot: Megatron's name is the weight's with ``.bias``."""
 

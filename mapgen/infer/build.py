@@ -32,7 +32,7 @@ from mapgen.families.mtp import (
     MTP_LAYERS_BASE,
     SCHEMES,
 )
-from mapgen.families.norms import NON_PARAMETRIC, NORMS
+from mapgen.families.norms import NON_PARAMETRIC, NORMS, POST_LN
 from mapgen.infer.patterns import compress_keys
 from mapgen.infer.recognise import (
     EXPERT_SLOT,
@@ -292,8 +292,11 @@ def classify_layer(
     mlp = recognise_mlp(pool, shape0, ctx, ids, problems)
     found = match_family(NORMS, pool)
     block = Component.make(NORMS.name, found.variant.name, found.keys) if found else None
-    if block is None and facts_for(ctx.model_types).non_parametric_norms:
+    declared = facts_for(ctx.model_types)
+    if block is None and declared.non_parametric_norms:
         block = Component.make(NORMS.name, NON_PARAMETRIC, {})  # OLMo: norms without tensors (refused by the planner)
+    elif block is not None and block.variant == "pre_norm" and declared.post_layernorm:
+        block = Component.make(NORMS.name, POST_LN, dict(block.slots))  # GPT-1: the same keys, after the residual
     leftover = sorted(s for t in pool.avail for s in folded[t])
     result = LayerResult(block, mixer, mlp, tuple(leftover))
     if not result.complete:  # a partial layer is not a layer: every key in it stays unclassified
@@ -466,7 +469,7 @@ def infer(source: Source) -> Layout:
         (k for s in EMBEDDING.slot("lm_head_bias").spellings for r in ("", parent, prefix)
          if lm_head and r + s == lm_head.removesuffix("weight") + "bias" and (k := claim(r + s))), None
     )
-    no_norm_tensors = facts_for(ctx.model_types).non_parametric_norms
+    no_norm_tensors = facts_for(ctx.model_types).non_parametric_norms or facts_for(ctx.model_types).post_layernorm
     for name, slot, found in (("embedding", "embedding", embedding), ("final norm", "final_norm", final_norm)):
         if found is None and not (slot == "final_norm" and no_norm_tensors):
             findings.add(
