@@ -357,8 +357,10 @@ def _quantization_limit(v: Any, scope: Scope) -> str | None:
     method = v.get("quant_method") if isinstance(v, Mapping) else None
     if method == "fp8" and v.get("weight_block_size"):
         return None
-    return (f"quantized weights ({method or v!r}): mapgen reads floating-point and block-scaled FP8 checkpoints "
-            "only")
+    if method == "mxfp4":  # scan checks the fields and every blocks/scales pair
+        return None
+    return (f"quantized weights ({method or v!r}): mapgen reads floating-point, block-scaled FP8 and MXFP4 "
+            "checkpoints only")
 
 
 def _rope_dict(v: Any, scope: Scope) -> str | None:
@@ -546,7 +548,8 @@ TOP: tuple[Row, ...] = (
     refused("swiglu_limit", "clamped SwiGLU (gpt-oss): no megatron-core setting", unless=falsy),
     structural("quantization_config", why="block-scaled FP8 weights (quant_method fp8 with weight_block_size, "
                "e4m3, dynamic activation scales: DeepSeek-V3/R1, Kimi-K2) are dequantized while read, as "
-               "transformers dequantizes them; scan checks every scale against its weight", limit=_quantization_limit),
+               "transformers dequantizes them; scan checks every scale against its weight; MXFP4 experts (quant_method "
+               "mxfp4: X_blocks + X_scales, gpt-oss) likewise", limit=_quantization_limit),
     refused("quantization", "quantized weights (MLX): mapgen converts floating-point checkpoints only",
             unless=falsy),
     refused("use_bidirectional_attention", "bidirectional attention: the bridge builds a causal decoder",

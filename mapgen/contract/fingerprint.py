@@ -29,9 +29,10 @@ def _strip(data: object) -> object:
     return data
 
 
-_READ_TIME_QUANTIZATION = frozenset({"fp8_block"})
-"""Quantizations undone while reading (a weight's tiles and its scales, under the same name): the bridge of the
-unquantized layout applies, so they do not change the fingerprint."""
+_READ_TIME_QUANTIZATION = frozenset({"fp8_block", "mxfp4"})
+"""Quantizations undone while reading (a weight's tiles and its scales, under the same name; MXFP4 blocks and
+scales, as the tensor they dequantize to): the bridge of the unquantized layout applies, so they do not change
+the fingerprint."""
 
 
 def fingerprint_data(layout: Layout) -> object:
