@@ -81,6 +81,11 @@ class BlockFp8:
     def scale_key(self, key: str) -> str | None:
         return self.scales.get(key)
 
+    def model_keys(self, keys: Iterable[str]) -> list[str]:
+        """``keys`` of a checkpoint as the model names them: without the scales."""
+        scales = set(self.scales.values())
+        return [k for k in keys if k not in scales]
+
 
 def expand_scales(scales: torch.Tensor, block: tuple[int, int], rows: tuple[int, int],
                   cols: tuple[int, int]) -> torch.Tensor:
@@ -262,7 +267,7 @@ def quantize_mxfp4(values: torch.Tensor, source_scales: torch.Tensor | None = No
     A group keeps its ``source_scales`` entry when its largest magnitude rounds to at most 6 under it (below 7x
     the scale: an unchanged model round-trips byte for byte), else gets ``2 ** (floor(log2(amax)) - 2)`` (127,
     i.e. 1, for an all-zero group)."""
-    v = values.float().reshape(*values.shape[:-1], -1, MXFP4_GROUP)
+    v = values.float().contiguous().reshape(*values.shape[:-1], -1, MXFP4_GROUP)
     amax = v.abs().amax(-1)
     exp = torch.floor(torch.log2(amax)).clamp(-E8M0_BIAS, E8M0_BIAS) - _FP4_EMAX + E8M0_BIAS
     fresh = torch.where(amax > 0, exp.clamp(0, 2 * E8M0_BIAS), torch.full_like(amax, E8M0_BIAS)).to(torch.int32)
