@@ -432,6 +432,18 @@ def _attention_kwargs(spec: ModelSpec) -> dict[str, Any]:
         kw["mrope_section"] = list(spec.mrope_section)
     if spec.softmax_scale is not None:
         kw["softmax_scale"] = spec.softmax_scale
+    if spec.softmax_type != "vanilla":  # gpt-oss sinks: DotProductAttention.softmax_offset, one logit per head
+        kw["softmax_type"] = spec.softmax_type
+    if spec.position_embedding_type == "yarn":  # read by GPTModel and SelfAttention from the config (_yarn.py)
+        kw.update(
+            yarn_rotary_scaling_factor=spec.yarn_scaling_factor,
+            yarn_original_max_position_embeddings=spec.yarn_original_max_position_embeddings,
+            yarn_beta_fast=spec.yarn_beta_fast,
+            yarn_beta_slow=spec.yarn_beta_slow,
+            yarn_mscale=spec.yarn_mscale,
+            yarn_mscale_all_dim=spec.yarn_mscale_all_dim,
+            yarn_correction_range_round_to_int=spec.yarn_truncate,
+        )
     return kw
 
 
@@ -487,6 +499,10 @@ def transformer_config(
         from megatron.core.transformer import MLATransformerConfig
 
         config_class = MLATransformerConfig
+    elif "yarn_rotary_scaling_factor" in kw:
+        from mapgen.runtime._yarn import YarnTransformerConfig
+
+        config_class = YarnTransformerConfig
     return config_class(
         num_layers=spec.num_layers,
         hidden_size=spec.hidden_size,
@@ -503,6 +519,8 @@ def transformer_config(
         layernorm_zero_centered_gamma=spec.layernorm_zero_centered_gamma,
         gated_linear_unit=spec.gated_linear_unit,
         activation_func=activation_func(spec.activation),
+        glu_linear_offset=spec.glu_linear_offset,
+        activation_func_clamp_value=spec.activation_func_clamp_value,
         mtp_num_layers=spec.mtp_num_layers or None,
         hidden_dropout=0.0,
         attention_dropout=0.0,
