@@ -199,6 +199,9 @@ def check_divisibility(
         need("num_moe_experts", spec.num_moe_experts, ep, "ep")
         need("moe_ffn_hidden_size", spec.moe_ffn_hidden_size or spec.ffn_hidden_size, etp, "etp")
         need("moe_shared_expert_intermediate_size", spec.moe_shared_expert_intermediate_size, tp, "tp")
+        if spec.add_bias_linear and etp > 1:  # transformer_config.py: "Bias in Moe is only supported when ETP==1"
+            errors.append(f"etp={etp}: megatron-core builds biased experts (add_bias_linear) only at expert-TP 1 "
+                          "(pass --etp 1; with --tp > 1 and --ep 1 the experts are then whole on every rank)")
     elif ep > 1:
         errors.append(f"ep={ep}: expert parallelism needs MoE layers; this model has none (use --ep 1)")
     need("num_layers", spec.num_layers, pp, "pp")
