@@ -34,6 +34,8 @@ from mapgen.catalog.rows import (
 )
 from mapgen.contract.hf_config import ACTIVATIONS as HF_ACTIVATIONS
 from mapgen.contract.hf_config import (
+    CLAMPED_SWIGLU,
+    QUICK_GELU_ALPHA,
     HFConfig,
     activation,
     computed_activation,
@@ -391,9 +393,33 @@ def _rope_limit(v: Any, scope: Scope) -> str | None:
         from mapgen.contract.hf_config import mla_yarn_problem
 
         return mla_yarn_problem(v, scope.lookup("max_position_embeddings"))
+    if kind == "yarn":  # standard attention: GPTModel position_embedding_type="yarn" (the bridge's judgement)
+        from mapgen.contract.hf_config import yarn_problem
+
+        return yarn_problem(v, scope.lookup("max_position_embeddings"),
+                            scope.lookup("partial_rotary_factor", "rope_parameters.partial_rotary_factor"))
     if kind == "mrope":  # Qwen2.5-VL's legacy spelling: plain frequencies, M-RoPE by mrope_section
         return None if v.get("mrope_section") is not None else "RoPE type 'mrope' without an mrope_section"
-    return f"RoPE scaling {kind!r}: no megatron-core equivalent wired into ModelSpec (only Llama-3 scaling is)"
+    return (f"RoPE scaling {kind!r}: no megatron-core equivalent wired into ModelSpec (Llama-3 scaling and YaRN "
+            "are)")
+
+
+def _clamped_swiglu_limit(key: str) -> Check:
+    """gpt-oss's clamped SwiGLU keys: mapped for the model types whose formula is known (hf_config.CLAMPED_SWIGLU),
+    refused for any other model type that sets them."""
+
+    def limit(v: Any, scope: Scope) -> str | None:
+        if v is None or v is False or v == 0:
+            return None
+        if _base(scope).model_type not in CLAMPED_SWIGLU:
+            return (f"{key} of model type {_base(scope).model_type!r}: only gpt-oss's clamped SwiGLU (gate clamped "
+                    "above, up clamped both sides, (up + 1) * gate * sigmoid(alpha * gate)) is known to mapgen")
+        if key == "swiglu_alpha" and v != QUICK_GELU_ALPHA:
+            return (f"swiglu_alpha={v!r}: megatron-core's gated activation with a sigmoid gain is quick_gelu, "
+                    f"x * sigmoid({QUICK_GELU_ALPHA} x)")
+        return None
+
+    return limit
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -545,7 +571,12 @@ TOP: tuple[Row, ...] = (
             unless=same_as_bridge("moe_router_topk"), valid=positive_int),
     refused("mtp_use_dedicated_embeddings", "MTP layers with their own embedding table: the bridge shares the "
             "main embedding", unless=falsy, valid=boolean),
-    refused("swiglu_limit", "clamped SwiGLU (gpt-oss): no megatron-core setting", unless=falsy),
+    mapped("swiglu_limit", "activation_func_clamp_value", why="gpt-oss's clamped SwiGLU: gate clamped above, up "
+           "clamped to [-limit, limit] (megatron-core activation_func_clamp_value, glu_linear_offset 1)",
+           valid=positive_number, limit=_clamped_swiglu_limit("swiglu_limit"), default=True),
+    mapped("swiglu_alpha", "activation", why="gpt-oss's clamped SwiGLU: the sigmoid gain of gate * sigmoid(alpha * "
+           "gate) (megatron-core quick_gelu at 1.702)", valid=positive_number,
+           limit=_clamped_swiglu_limit("swiglu_alpha"), default=True),
     structural("quantization_config", why="block-scaled FP8 weights (quant_method fp8 with weight_block_size, "
                "e4m3, dynamic activation scales: DeepSeek-V3/R1, Kimi-K2) are dequantized while read, as "
                "transformers dequantizes them; scan checks every scale against its weight; MXFP4 experts (quant_method "
@@ -583,7 +614,7 @@ TOP: tuple[Row, ...] = (
     *refused_all("a second attention shape for sliding-window layers: not built by the bridge",
                  "swa_num_key_value_heads", "swa_num_attention_heads", "swa_head_dim", "sliding_window_size",
                  "sliding_window_pattern"),
-    *refused_all("clamped/soft-capped activations or projections: no megatron-core setting", "swiglu_alpha",
+    *refused_all("clamped/soft-capped activations or projections: no megatron-core setting",
                  "clip_qkv", "mlp_gate_softcap", "mlp_up_softcap"),
     *refused_all("embeddings scaled by sqrt(d_model): no megatron-core setting", "scale_embedding"),
     *refused_all("attention scaled by the inverse layer index: no megatron-core setting",
