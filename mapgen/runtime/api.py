@@ -31,6 +31,7 @@ import torch.distributed as dist
 from mapgen import __version__
 from mapgen.contract.bridge import Bridge
 from mapgen.contract.expand import Instance, tower_keys
+from mapgen.contract.fingerprint import dequantized
 from mapgen.contract.hf_config import HFConfig
 from mapgen.contract.spec import ModelSpec
 from mapgen.errors import Diagnostic, MapgenError, error
@@ -619,13 +620,7 @@ def _requantizer(target: Mapping[str, Any], root: Path | None) -> tuple[Format, 
 def written_config(layout: Layout, target: Mapping[str, Any]) -> dict[str, Any]:
     """The ``config.json`` of an exported checkpoint: the source's, less a ``quantization_config`` whose weights
     are written dequantized (block-scaled FP8 or MXFP4 without ``--quantize``)."""
-    config = dict(layout.config)
-    if layout.quantization in ("fp8_block", "mxfp4") and not target.get("quantize"):
-        config.pop("quantization_config", None)
-        text = config.get("text_config")
-        if isinstance(text, dict) and "quantization_config" in text:
-            config["text_config"] = {k: v for k, v in text.items() if k != "quantization_config"}
-    return config
+    return dict(layout.config) if target.get("quantize") else dequantized(layout).config
 
 
 def export_hf(models: list[torch.nn.Module] | torch.nn.Module, binding: Binding, out: Path, *,
