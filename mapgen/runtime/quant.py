@@ -206,6 +206,7 @@ class DequantizingReader(_Wrapping):
 # e2m1 by nibble: sign bit 3, then exponent and mantissa (transformers' FP4_VALUES, the OCP MX table)
 FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
 E8M0_BIAS = 127
+E8M0_NAN = 255
 _FP4_MAX = 6.0
 _FP4_EMAX = 2  # the largest e2m1 exponent: 6 = 1.5 * 2**2
 _FP4_SIGN = 8
@@ -314,8 +315,9 @@ class Mxfp4Reader(_Wrapping):
         g0, g1 = i0 // MXFP4_GROUP, -(-i1 // MXFP4_GROUP)
         lead = items[0] if isinstance(items[0], int) else slice(e0, e1)
         at = (lead, slice(o0, o1), slice(g0, g1))
-        values = dequantize_mxfp4(self.inner.read(pair[0], at), self.inner.read(pair[1], at), self.fmt.out_dtype)
-        if not bool(torch.isfinite(values).all()):
+        scales = self.inner.read(pair[1], at)
+        values = dequantize_mxfp4(self.inner.read(pair[0], at), scales, self.fmt.out_dtype)
+        if bool((scales == E8M0_NAN).any()) or not bool(torch.isfinite(values).all()):
             raise error("quant.mxfp4-overflow", f"{key}: an E8M0 scale puts MXFP4 values past the range of "
                         f"{self.fmt.out_dtype} (inf/NaN)", key=pair[1], expected="scale bytes below 253 (255 is NaN)",
                         hint="the checkpoint is corrupt or not an MXFP4 release")
