@@ -677,7 +677,7 @@ def _quantize_mxfp4(shards: dict[str, dict[str, torch.Tensor]], weight_map: dict
     lm = layout.language_model
     packed = [e for g in lm.groups + (lm.mtp.inner if lm.mtp else ())
               if (e := experts_of(g.mlp)) is not None and e.flag("layout") == "packed"]
-    suffixes = {e.key(slot) for e in packed for slot in ("gate_up", "down")}
+    suffixes = {key for e in packed for slot in ("gate_up", "down") if (key := e.key(slot))}
     experts = tuple({suffix.rsplit(".", 1)[0] + "." for suffix in suffixes})
     added = 0
     kept: set[str] = set()

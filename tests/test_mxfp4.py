@@ -110,7 +110,7 @@ def test_dequantization_is_transformers_bit_for_bit(dtype: torch.dtype) -> None:
                          Mxfp4.from_keys(["x_blocks", "x_scales"], out_dtype=dtype))
     got = reader.read("x")
     assert reader.shape("x") == tuple(want.shape) == (8, 64, 40)
-    assert got.dtype == want.dtype == dtype and reader.dtype("x") == dtype
+    assert got.dtype == want.dtype == reader.dtype("x") == dtype
     bits = torch.int16 if dtype == torch.bfloat16 else torch.int32
     assert torch.equal(got.view(bits), want.view(bits))  # -0.0 included
     assert bool(torch.signbit(got[6, :, 2]).all())  # expert 6, row 2: 0x88, all negative zeros
