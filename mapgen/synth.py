@@ -678,6 +678,9 @@ def _quantize_mxfp4(shards: dict[str, dict[str, torch.Tensor]], weight_map: dict
     packed = [e for g in lm.groups + (lm.mtp.inner if lm.mtp else ())
               if (e := experts_of(g.mlp)) is not None and e.flag("layout") == "packed"]
     suffixes = {key for e in packed for slot in ("gate_up", "down") if (key := e.key(slot))}
+    if not suffixes:
+        raise _fail("synth.bad-option", "MXFP4 stores packed routed experts, and this layout has none",
+                    expected="a source with packed experts (mlp.experts.gate_up_proj / down_proj)")
     experts = tuple({suffix.rsplit(".", 1)[0] + "." for suffix in suffixes})
     added = 0
     kept: set[str] = set()

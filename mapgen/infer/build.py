@@ -189,6 +189,10 @@ def _mxfp4(source: Source, qc: Mapping[str, Any], suspects: list[str], findings:
         refuse("quant.mxfp4-unsupported", "an MXFP4 checkpoint with other quantization tensors", file=INDEX_NAME,
                key=other, expected="only <tensor>_blocks beside <tensor>_scales")
     pairs = mxfp4_pairs(suspects)
+    if not pairs:
+        refuse("quant.mxfp4-unsupported", "quantization_config declares MXFP4, but no tensor is stored as "
+               "<tensor>_blocks + <tensor>_scales", file=CONFIG, key="quantization_config.quant_method",
+               expected="the release's MXFP4 tensors, or no quantization_config for an unquantized export")
     scales = {k for k in source.tensors if k.endswith(MXFP4_SCALES)}
     paired = {s for _, s in pairs.values()}
     for blocks, scale in pairs.values():
