@@ -24,6 +24,7 @@
 #   inputs/tiny-deepseek-v3.json  dddb61a06f9716595ceec9758258e113aabeb006b34ff87581f603d88a8f7778
 #   inputs/tiny-deepseek-v3-mtp.json  a2362e1e643bcc4f1b840aafeaee5f5f580fe99df1ccdaa9f23f4d72e4dddb3c
 #   inputs/tiny-deepseek-v3-q-full-rank.json  a5d515edc78b47d6011f596c29c6b4270ebbae3b92e65549022731aba063b881
+#   inputs/tiny-gpt-oss.json  c0dc76187f2c4acd85283672aeac14a74ab41223dfa07eccc9b8eb317c4845fd
 #   inputs/tiny-qwen3.json  feaa7aa6c3c67989ba151131d20db8414ad47209db237b8f4dc6af9513722eeb
 #   inputs/tiny-qwen3-moe.json  d53bccba17b5e44f2def8e31e4ae0c86662d4c692c9015e88d8f67f70260a7f6
 # regenerate: mapgen emit --from-inputs
@@ -56,7 +57,7 @@ BRIDGES: dict[str, tuple[str, str]] = {
     'fdca40e868b7': ('deepseek_v3', 'BRIDGE_fdca40e868b7'),
     # glm4_moe: glm4-moe-mtp
     'f74f07859595': ('glm4_moe', 'BRIDGE_f74f07859595'),
-    # gpt_oss: gpt-oss-20b
+    # gpt_oss: gpt-oss-20b, tiny-gpt-oss
     '6b428f40fb67': ('gpt_oss', 'BRIDGE_6b428f40fb67'),
     # internlm2: internlm2-chat-7b-intermind
     'a21aba0dfba7': ('internlm2', 'BRIDGE_a21aba0dfba7'),

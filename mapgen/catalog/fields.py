@@ -388,20 +388,23 @@ def _rope_limit(v: Any, scope: Scope) -> str | None:
         return None if not off else (
             f"Llama-3 RoPE scaling with {off}: megatron-core's GPTModel rope_scaling fixes low/high frequency "
             "factors 1/4 over 8192 original positions")
-    if kind == "yarn" and scope.lookup("kv_lora_rank") is not None:  # multi-latent attention builds YaRN
-        # the bridge's own judgement (imported here: only MLA configs pay for the contract package in scan)
-        from mapgen.contract.hf_config import mla_yarn_problem
-
-        return mla_yarn_problem(v, scope.lookup("max_position_embeddings"))
-    if kind == "yarn":  # standard attention: GPTModel position_embedding_type="yarn" (the bridge's judgement)
-        from mapgen.contract.hf_config import yarn_problem
-
-        return yarn_problem(v, scope.lookup("max_position_embeddings"),
-                            scope.lookup("partial_rotary_factor", "rope_parameters.partial_rotary_factor"))
+    if kind == "yarn":
+        return _yarn_limit(v, scope)
     if kind == "mrope":  # Qwen2.5-VL's legacy spelling: plain frequencies, M-RoPE by mrope_section
         return None if v.get("mrope_section") is not None else "RoPE type 'mrope' without an mrope_section"
     return (f"RoPE scaling {kind!r}: no megatron-core equivalent wired into ModelSpec (Llama-3 scaling and YaRN "
             "are)")
+
+
+def _yarn_limit(v: Mapping[str, Any], scope: Scope) -> str | None:
+    """YaRN as the bridge judges it (imported here: only YaRN configs pay for the contract package in scan):
+    multi-latent attention builds its own, standard attention GPTModel's position_embedding_type="yarn"."""
+    from mapgen.contract.hf_config import mla_yarn_problem, yarn_problem
+
+    if scope.lookup("kv_lora_rank") is not None:
+        return mla_yarn_problem(v, scope.lookup("max_position_embeddings"))
+    return yarn_problem(v, scope.lookup("max_position_embeddings"),
+                        scope.lookup("partial_rotary_factor", "rope_parameters.partial_rotary_factor"))
 
 
 def _clamped_swiglu_limit(key: str) -> Check:

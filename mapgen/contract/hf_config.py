@@ -14,8 +14,8 @@ from mapgen.errors import error
 
 __all__ = [
     "ACTIVATIONS",
-    "HFConfig",
     "CLAMPED_SWIGLU",
+    "HFConfig",
     "activation",
     "activation_clamp",
     "activation_name",

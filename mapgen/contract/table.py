@@ -62,9 +62,11 @@ def op(name: Op, sharding: Sharding, *, experts: bool = False, options: tuple[Op
     return OpSpec(name, sharding, experts, options)
 
 
-def copy(sharding: Sharding = "replicated", *, transform: Literal["none", "zero_centered"] | None = None,
-         dtype: Literal["fp32"] | None = None, shared: bool | None = None,
-         orientation: Literal["in_out"] | None = None, layout: Literal["packed"] | None = None) -> OpSpec:
+def copy(  # noqa: PLR0913 -- one keyword per CopyOptions field
+    sharding: Sharding = "replicated", *, transform: Literal["none", "zero_centered"] | None = None,
+    dtype: Literal["fp32"] | None = None, shared: bool | None = None, orientation: Literal["in_out"] | None = None,
+    layout: Literal["packed"] | None = None,
+) -> OpSpec:
     """One tensor as is (``transform``: zero-centred norm weights; ``dtype``: kept in fp32; ``shared``: one HF
     tensor serves every MTP depth; ``orientation='in_out'``: a GPT-2 Conv1D weight stored [in, out];
     ``layout='packed'``: each routed expert's slot of a packed [E, ...] tensor, e.g. gpt-oss's down_proj_bias)."""

@@ -16,7 +16,7 @@ from megatron.core.transformer import TransformerConfig
 
 
 @dataclass
-class YarnTransformerConfig(TransformerConfig):
+class YarnTransformerConfig(TransformerConfig):  # type: ignore[misc]
     """``TransformerConfig`` with the YaRN fields GPTModel reads (values: mapgen.contract.hf_config.yarn_fields)."""
 
     yarn_rotary_scaling_factor: float = 1.0
