@@ -159,9 +159,10 @@ def _catalog(config: dict[str, Any]) -> dict[str, str]:
 
 def test_catalog_maps_the_release_config_and_refuses_what_megatron_cannot_build() -> None:
     """gpt-oss-20b's own config.json (legacy rope_scaling, experts_per_token, initial_context_length): everything
-    is mapped or inert except its MXFP4 quantization (imported by the MXFP4 reader, not here)."""
+    is mapped or inert, its MXFP4 quantization included (the scan pairs the blocks and scales, the reader
+    dequantizes them: tests/test_mxfp4.py)."""
     release = json.loads((CORPUS / "gpt-oss-20b" / "config.json").read_text())
-    assert set(_catalog(release)) == {"quantization_config"}
+    assert _catalog(release) == {}
     bf16 = {k: v for k, v in release.items() if k != "quantization_config"}
     assert _catalog(bf16) == {}
     assert "swiglu_alpha" in _catalog({**bf16, "swiglu_alpha": 1.0})  # quick_gelu's gain is 1.702
