@@ -159,6 +159,21 @@ def test_a_changed_group_gets_a_fresh_scale() -> None:
                                                                     -6.0]
 
 
+def test_rounding_is_nearest_ties_to_even_against_a_naive_encoder() -> None:
+    from mapgen.runtime.quant import FP4_VALUES, dequantize_mxfp4, quantize_mxfp4
+
+    gen = torch.Generator().manual_seed(5)
+    quarters = torch.arange(-30, 31, dtype=torch.float32) / 4  # every tie, value and saturating quarter
+    noise = (torch.randn(4 * 32 - 61 - 3, generator=gen) * 3).clamp(-6.9, 6.9)
+    values = torch.cat([quarters, noise, torch.tensor([-0.0, 6.9, 1e-9])])
+    q, s = quantize_mxfp4(values, torch.full((4,), 127, dtype=torch.uint8))
+    assert s.tolist() == [127] * 4  # every group fits under 2**0 (below 7)
+    got = dequantize_mxfp4(q, s, torch.float32)
+    for v, g in zip(values.tolist(), got.tolist(), strict=True):  # nearest, then the even code (0, 1, 2, 4, ...)
+        want = min(range(16), key=lambda c: (abs(FP4_VALUES[c] - v), c % 2, (c >= 8) != (v < 0 or str(v) == "-0.0")))
+        assert str(g) == str(FP4_VALUES[want]), (v, g)
+
+
 @pytest.mark.parametrize(("byte", "scale"), [(0x00, 255), (0x77, 253), (0x44, 254)])
 def test_scales_past_the_dtype_are_refused(byte: int, scale: int) -> None:
     from mapgen.errors import MapgenError

@@ -209,11 +209,21 @@ E8M0_BIAS = 127
 E8M0_NAN = 255
 _FP4_MAX = 6.0
 _FP4_EMAX = 2  # the largest e2m1 exponent: 6 = 1.5 * 2**2
-_FP4_SIGN = 8
 _NIBBLE = 4
-# halfway between neighbouring magnitudes; a tie goes to the even code (0, 1, 2, 4 of 0, .5, 1, 1.5, 2, 3, 4, 6)
-_FP4_MIDPOINTS = (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0)
-_FP4_TIES_UP = (0.75, 1.75, 3.5)
+_FP4_MAGNITUDES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+_QUARTERS = 4 * 8  # magnitudes in quarters: every midpoint between two e2m1 magnitudes is a whole quarter
+
+
+def _nearest(m: float) -> int:
+    """The e2m1 magnitude code nearest ``m``, a tie to the even code (0, 1, 2, 4 of 0, .5, 1, 2, ...)."""
+    return min(range(len(_FP4_MAGNITUDES)), key=lambda c: (abs(_FP4_MAGNITUDES[c] - m), c % 2))
+
+
+# code of a magnitude ``q`` quarters (``q`` whole) and of one just under ``q`` quarters (``q - 1 < 4m < q``)
+_CODE_AT = torch.tensor([_nearest(q / 4) for q in range(_QUARTERS + 1)], dtype=torch.uint8)
+_CODE_UNDER = torch.tensor([_nearest(q / 4 - 1 / 8) for q in range(_QUARTERS + 1)], dtype=torch.uint8)
+# a byte's two values, low nibble first
+_PAIRS = tuple((FP4_VALUES[b & 0x0F], FP4_VALUES[b >> 4]) for b in range(256))
 _PACKED = 3  # [experts, in, out] as the model holds X
 
 
@@ -244,11 +254,9 @@ class Mxfp4:
 def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
     """``[..., groups, 16]`` blocks and ``[..., groups]`` scales -> ``[..., groups * 32]`` values in ``out_dtype``,
     by transformers' expression: the e2m1 table in ``out_dtype``, low nibble first, ``ldexp`` by ``s - 127``."""
-    lut = torch.tensor(FP4_VALUES, dtype=out_dtype)
+    pairs = torch.tensor(_PAIRS, dtype=out_dtype)  # transformers' table, both nibbles of a byte in one look-up
     b = blocks.to(torch.uint8)
-    out = torch.empty(*b.shape[:-1], 2 * b.shape[-1], dtype=out_dtype)
-    out[..., 0::2] = lut[(b & 0x0F).to(torch.int)]
-    out[..., 1::2] = lut[(b >> _NIBBLE).to(torch.int)]
+    out = pairs.index_select(0, b.flatten().to(torch.int32)).view(*b.shape[:-1], 2 * b.shape[-1])
     torch.ldexp(out, (scales.to(torch.int32) - E8M0_BIAS).unsqueeze(-1), out=out)
     return out.flatten(-2)
 
@@ -256,10 +264,11 @@ def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor, out_dtype: torc
 def _fp4_codes(x: torch.Tensor) -> torch.Tensor:
     """The nibble of each fp32 value (already divided by its scale): nearest magnitude, ties to even, saturating
     at 6; the sign bit from the sign (a negative zero keeps it)."""
-    mag = x.abs()
-    code = torch.bucketize(mag, torch.tensor(_FP4_MIDPOINTS))  # a tie lands on the lower magnitude
-    code += torch.isin(mag, torch.tensor(_FP4_TIES_UP)).to(code.dtype)
-    return (code | (torch.signbit(x).to(code.dtype) << 3)).to(torch.uint8)
+    quarters = x.abs().mul_(4).clamp_(max=_QUARTERS)  # exact: a power of two
+    ceil = quarters.ceil()
+    at = ceil.to(torch.int32).flatten()
+    code = torch.where((quarters == ceil).flatten(), _CODE_AT.index_select(0, at), _CODE_UNDER.index_select(0, at))
+    return code.view(x.shape) | (torch.signbit(x).to(torch.uint8) << 3)
 
 
 def quantize_mxfp4(values: torch.Tensor, source_scales: torch.Tensor | None = None) -> tuple[torch.Tensor,
@@ -346,6 +355,9 @@ def requantize(items: Iterable[tuple[str, torch.Tensor]], fmt: Format,
                 continue
             if value.dim() != _PACKED:
                 raise ValueError(f"{key}: MXFP4 needs a 3-d [experts, in, out] tensor, got {tuple(value.shape)}")
+            if not bool(torch.isfinite(value).all()):
+                raise error("quant.mxfp4-non-finite", f"{key} holds inf or NaN: MXFP4 cannot store it", key=key,
+                            hint="export without --quantize, or fix the model")
             blocks, scales = quantize_mxfp4(value.transpose(-1, -2), source.read(pair[1]))
             yield pair[0], blocks
             yield pair[1], scales
