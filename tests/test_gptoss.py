@@ -20,13 +20,13 @@ import pytest
 import torch
 
 from tests import tiny_gptoss
-from tests.runtime_support import CORPUS, Case, assert_case, run_cases
+from tests.runtime_support import CORPUS, Case, assert_case, run_cases, synth
 
 PARALLEL: dict[str, dict[str, Any]] = {"tp1": {}, "tp2": {"tp": 2, "etp": 1}, "ep2": {"ep": 2, "etp": 1},
                                        "tp2ep2": {"tp": 2, "ep": 2, "etp": 1}}
 CASES = [("gpt-oss", "tp2"), ("gpt-oss", "ep2"), ("gpt-oss", "tp2ep2"), ("gpt-oss-limit", "ep2"),
-         ("gpt-oss-all-windows", "tp2"), ("gpt-oss-no-window", "tp1"), ("gpt-oss-yarn-truncate", "tp1"),
-         ("gpt-oss-rope", "tp1"), ("qwen3-yarn", "tp2")]
+         ("gpt-oss-all-windows", "tp2"), ("gpt-oss-no-window", "ep2"), ("gpt-oss-yarn-truncate", "tp2"),
+         ("gpt-oss-rope", "ep2"), ("qwen3-yarn", "tp2"), ("gpt-oss-20b-bf16", "ep2")]
 # how far each variant moves transformers' logits from the base model's (the verify batch); the parity tolerance
 # is 1e-4, the measured parity about 5e-7
 MOVES = {"gpt-oss-limit": 1e-2, "gpt-oss-all-windows": 1e-2, "gpt-oss-no-window": 1e-2, "gpt-oss-rope": 1e-2,
@@ -54,14 +54,29 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
             save_file({k: torch.full_like(v, -1e4) if k.endswith(".sinks") else v for k, v in tensors.items()},
                       str(shard), metadata={"format": "pt"})
     sources["gpt-oss-sinks-off"] = off
+    sources["gpt-oss-20b-bf16"] = synth(_release_bf16(root / "gpt-oss-20b-bf16-meta"), root / "gpt-oss-20b-bf16")
     # YaRN on standard attention is not gpt-oss's alone: a Qwen3 with YaRN (rounded correction range), and without
     sources["qwen3-yarn"] = _qwen3(root / "qwen3-yarn", QWEN3_YARN)
     sources["qwen3-rope"] = _qwen3(root / "qwen3-rope", None)
-    # the window variants have their own layer groups, hence their own bridges (the base is in generated/)
+    # the window variants have their own layer groups, hence their own bridges (the base and Qwen3 are in generated/)
     bridges = root / "bridges" / "generated"
-    variants = [sources["gpt-oss-all-windows"], sources["gpt-oss-no-window"], sources["qwen3-yarn"]]
+    variants = [sources["gpt-oss-all-windows"], sources["gpt-oss-no-window"]]
     assert mapgen_main(["emit", *map(str, variants), "--out", str(bridges)]) == 0
     return {"sources": sources, "bridges": bridges}
+
+
+def _release_bf16(out: Path) -> Path:
+    """gpt-oss-20b's own config and key layout (metadata only) with each MXFP4 ``*_blocks``/``*_scales`` pair as
+    the one dequantized tensor it stands for (the bf16 layout the MXFP4 keys dequantize to), for ``mapgen synth``."""
+    out.mkdir()
+    config = json.loads((CORPUS / "gpt-oss-20b" / "config.json").read_text())
+    del config["quantization_config"]
+    index = json.loads((CORPUS / "gpt-oss-20b" / "model.safetensors.index.json").read_text())
+    index["weight_map"] = {k.removesuffix("_blocks"): v for k, v in index["weight_map"].items()
+                           if not k.endswith("_scales")}
+    (out / "config.json").write_text(json.dumps({**config, "torch_dtype": "bfloat16"}))
+    (out / "model.safetensors.index.json").write_text(json.dumps(index))
+    return out
 
 
 def _qwen3(out: Path, rope: dict[str, Any] | None) -> Path:
