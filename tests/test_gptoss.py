@@ -20,20 +20,21 @@ import pytest
 import torch
 
 from tests import tiny_gptoss
-from tests.runtime_support import CORPUS, Case, assert_case, run_cases
+from tests.runtime_support import CORPUS, Case, assert_case, run_cases, synth
 
 PARALLEL: dict[str, dict[str, Any]] = {"tp1": {}, "tp2": {"tp": 2, "etp": 1}, "ep2": {"ep": 2, "etp": 1},
                                        "tp2ep2": {"tp": 2, "ep": 2, "etp": 1}}
 CASES = [("gpt-oss", "tp2"), ("gpt-oss", "ep2"), ("gpt-oss", "tp2ep2"), ("gpt-oss-limit", "ep2"),
-         ("gpt-oss-all-windows", "tp2"), ("gpt-oss-no-window", "tp1"), ("gpt-oss-yarn-truncate", "tp1"),
-         ("gpt-oss-rope", "tp1")]
+         ("gpt-oss-all-windows", "tp2"), ("gpt-oss-no-window", "ep2"), ("gpt-oss-yarn-truncate", "tp2"),
+         ("gpt-oss-rope", "ep2"), ("qwen3-yarn", "tp2"), ("gpt-oss-20b-bf16", "ep2")]
 # how far each variant moves transformers' logits from the base model's (the verify batch); the parity tolerance
 # is 1e-4, the measured parity about 5e-7
 MOVES = {"gpt-oss-limit": 1e-2, "gpt-oss-all-windows": 1e-2, "gpt-oss-no-window": 1e-2, "gpt-oss-rope": 1e-2,
-         "gpt-oss-sinks-off": 1e-2,
+         "gpt-oss-sinks-off": 1e-2, "qwen3-yarn": 1e-2,
          # rounding YaRN's correction range moves one blended frequency a little: 3e-4 here, still 3x the tolerance
          # (test_yarn_equals_transformers compares the frequencies themselves)
          "gpt-oss-yarn-truncate": 2e-4}
+QWEN3_YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16, "rope_theta": 10000.0}
 
 
 @pytest.fixture(scope="module")
@@ -53,11 +54,43 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
             save_file({k: torch.full_like(v, -1e4) if k.endswith(".sinks") else v for k, v in tensors.items()},
                       str(shard), metadata={"format": "pt"})
     sources["gpt-oss-sinks-off"] = off
-    # the window variants have their own layer groups, hence their own bridges (the base is in generated/)
+    sources["gpt-oss-20b-bf16"] = synth(_release_bf16(root / "gpt-oss-20b-bf16-meta"), root / "gpt-oss-20b-bf16")
+    # YaRN on standard attention is not gpt-oss's alone: a Qwen3 with YaRN (rounded correction range), and without
+    sources["qwen3-yarn"] = _qwen3(root / "qwen3-yarn", QWEN3_YARN)
+    sources["qwen3-rope"] = _qwen3(root / "qwen3-rope", None)
+    # the window variants have their own layer groups, hence their own bridges (the base and Qwen3 are in generated/)
     bridges = root / "bridges" / "generated"
     variants = [sources["gpt-oss-all-windows"], sources["gpt-oss-no-window"]]
     assert mapgen_main(["emit", *map(str, variants), "--out", str(bridges)]) == 0
     return {"sources": sources, "bridges": bridges}
+
+
+def _release_bf16(out: Path) -> Path:
+    """gpt-oss-20b's own config and key layout (metadata only) with each MXFP4 ``*_blocks``/``*_scales`` pair as
+    the one dequantized tensor it stands for (the bf16 layout the MXFP4 keys dequantize to), for ``mapgen synth``."""
+    out.mkdir()
+    config = json.loads((CORPUS / "gpt-oss-20b" / "config.json").read_text())
+    del config["quantization_config"]
+    index = json.loads((CORPUS / "gpt-oss-20b" / "model.safetensors.index.json").read_text())
+    index["weight_map"] = {k.removesuffix("_blocks"): v for k, v in index["weight_map"].items()
+                           if not k.endswith("_scales")}
+    (out / "config.json").write_text(json.dumps({**config, "torch_dtype": "bfloat16"}))
+    (out / "model.safetensors.index.json").write_text(json.dumps(index))
+    return out
+
+
+def _qwen3(out: Path, rope: dict[str, Any] | None) -> Path:
+    import transformers
+
+    from tests.tiny import _randomise, qwen3_config
+
+    config: Any = qwen3_config()
+    if rope is not None:
+        config.rope_parameters = rope
+    model = transformers.Qwen3ForCausalLM(config)
+    _randomise(model, 0)
+    model.save_pretrained(str(out), max_shard_size="60KB")
+    return out
 
 
 def _spec(built: dict[str, Any], kind: str) -> Any:
@@ -87,6 +120,8 @@ def test_the_bridge_builds_gpt_oss(built: dict[str, Any]) -> None:
     assert _spec(built, "gpt-oss-limit").activation_func_clamp_value == 0.05
     assert _spec(built, "gpt-oss-all-windows").window_layers == (True, True)
     assert _spec(built, "gpt-oss-no-window").window_size is None
+    qwen3 = _spec(built, "qwen3-yarn")
+    assert (qwen3.position_embedding_type, qwen3.yarn_scaling_factor, qwen3.yarn_truncate) == ("yarn", 4.0, True)
 
 
 @pytest.mark.parametrize("kind", sorted(MOVES))
@@ -94,7 +129,7 @@ def test_each_variant_changes_transformers_logits(built: dict[str, Any], kind: s
     from mapgen.runtime.verify import fixed_batch, transformers_logits
 
     ids = fixed_batch(128)
-    base, _ = transformers_logits(built["sources"]["gpt-oss"], ids)
+    base, _ = transformers_logits(built["sources"]["qwen3-rope" if kind == "qwen3-yarn" else "gpt-oss"], ids)
     other, _ = transformers_logits(built["sources"][kind], ids)
     assert base is not None
     assert other is not None

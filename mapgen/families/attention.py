@@ -2,7 +2,8 @@
 output gate (``q_proj`` holds ``[q_h; gate_h]`` per head, so it is twice as tall) and attention sinks.
 
 Megatron: ``self_attention.linear_qkv`` (q/k/v interleaved per query group), ``linear_proj`` (row-parallel),
-``q_layernorm``/``k_layernorm``.
+``q_layernorm``/``k_layernorm``, and for sinks (gpt-oss) ``core_attention.softmax_offset`` (megatron-core
+``softmax_type="learnable"``: one logit per head joins the softmax and is dropped, split across TP with the heads).
 """
 
 from __future__ import annotations

@@ -4,6 +4,14 @@ stored per expert (``experts.<e>.gate_proj`` ...) or packed (``experts.gate_up_p
 
 Megatron: ``mlp.router``, ``mlp.experts.local_experts.<e>.linear_fc1/linear_fc2`` (EP picks the experts, ETP
 splits each), ``mlp.shared_experts.*``.
+
+gpt-oss (``GptOssMLP``): the router's bias is added to its logits (``mlp.router.bias``); packed
+``gate_up_proj [E, H, 2I]`` is stored [in, out] with gate/up *interleaved* along its last axis (gate the even
+columns, up the odd ones: ``gate_up[..., ::2], gate_up[..., 1::2]``) and ``down_proj [E, I, H]`` [in, out], both
+declared by the model type (``Facts.packed``), never guessed from shapes; ``gate_up_proj_bias [E, 2I]`` (interleaved
+the same way) and ``down_proj_bias [E, H]`` become each local expert's ``linear_fc1.bias``/``linear_fc2.bias``.
+megatron-core biases the router, the experts and the attention output together (``add_bias_linear``) and builds
+biased experts at expert-TP 1 only.
 """
 
 from __future__ import annotations
