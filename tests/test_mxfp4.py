@@ -73,7 +73,8 @@ def ckpts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def results(ckpts: dict[str, Path]) -> dict[str, list[dict[str, object]]]:
-    return run_cases([Case("mxfp4-tp2-ep2", str(ckpts["mx"]), tp=2, ep=2, etp=1)])
+    return run_cases([Case("mxfp4-tp2-ep2", str(ckpts["mx"]), tp=2, ep=2, etp=1),
+                      Case("bf16-tp2-ep2", str(ckpts["bf16"]), tp=2, ep=2, etp=1, logits=False)])
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -348,6 +349,13 @@ def test_verify_tp2_ep2_round_trips_blocks_and_scales(results: dict[str, list[di
     reads = [int(r["bytes_read"]) for r in results["mxfp4-tp2-ep2"]]  # type: ignore[call-overload]
     assert sum(reads) <= total, (reads, total)
     assert all(0 < b < 0.65 * total for b in reads), (reads, total)
+    # exactly: the same model stored dequantized (bf16) reads the same slices of everything else, so per rank the
+    # difference is its own 2 experts x 2 layers, bf16 gate_up [64, 128] + down [64, 64] against their blocks
+    # (128 + 64 rows x 2 groups x 16 bytes) and scales (one byte a group)
+    assert_case(results, "bf16-tp2-ep2", logits="skipped")
+    plain = [int(r["bytes_read"]) for r in results["bf16-tp2-ep2"]]  # type: ignore[call-overload]
+    per_expert = (64 * 128 + 64 * 64) * 2 - (128 + 64) * 2 * (16 + 1)
+    assert [p - m for p, m in zip(plain, reads, strict=True)] == [2 * 2 * per_expert] * 2, (plain, reads)
 
 
 @pytest.mark.distributed
