@@ -12,9 +12,10 @@ dequantizes while loading). The checkpoint is ``mapgen synth`` of the real gpt-o
 * scan: ``quantization: mxfp4``, the fingerprint and language model of the dequantized checkpoint; malformed MXFP4
   refused by name; synth writes the release layout (``--mxfp4`` for an unquantized source);
 * distributed: ``verify`` at TP=2 x EP=2 (ETP=1) round-trips every blocks/scales tensor byte for byte with logits
-  parity, and each rank reads about its share; ``convert`` then ``export`` (bf16 by default: transformers'
-  dequantization bit for bit, no quantization_config) and ``export --quantize`` (streaming and in memory: every
-  source tensor byte for byte).
+  parity, and each rank reads exactly its experts' blocks and scales (against the same model stored in bf16);
+  ``convert`` then ``export`` (bf16 by default: transformers' dequantization bit for bit, no quantization_config)
+  and ``export --quantize`` (streaming; verify's round trip is the in-memory export): every source tensor byte
+  for byte. Opt-in (``MAPGEN_MATRIX=full``): expert-TP slices of blocks at TP=2 x EP=2 x ETP=2.
 """
 
 from __future__ import annotations
