@@ -19,8 +19,8 @@ MXFP4 experts (gpt-oss releases, ``quant_method: mxfp4``) are stored as ``X_bloc
 groups]``: ``2 ** (s - 127)``), and the model's ``X`` is ``[E, groups * 32, rows]`` (:class:`Mxfp4`). Import
 computes what transformers' ``convert_moe_packed_tensors`` computes (its lookup table in the output dtype,
 ``ldexp`` by the scale, the last two dimensions transposed), reading only the experts, rows and groups of a slice
-(:class:`Mxfp4Reader`). A value past the output dtype's range (scale bytes 253 and up, 255 being E8M0's NaN) is
-refused rather than turned into inf. ``--quantize`` (:func:`quantize_mxfp4`) keeps the source's scale of a group
+(:class:`Mxfp4Reader`). A scale byte of 255 (E8M0's NaN) or a value past the output dtype's range (bf16/fp32: from
+scale byte 253 up) is refused rather than turned into inf or NaN. ``--quantize`` (:func:`quantize_mxfp4`) keeps the source's scale of a group
 whenever the group's values fit under it: the values alone do not determine it (a group of halves under
 ``2**k`` equals the same group of ones under ``2**(k-1)``), so this is what makes an unchanged model come back byte
 for byte; a group that no longer fits gets the OCP MX scale ``2 ** (floor(log2(amax)) - 2)`` and
@@ -210,7 +210,7 @@ E8M0_NAN = 255
 _FP4_MAX = 6.0
 _FP4_EMAX = 2  # the largest e2m1 exponent: 6 = 1.5 * 2**2
 _NIBBLE = 4
-_FP4_MAGNITUDES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+_FP4_MAGNITUDES = FP4_VALUES[:8]
 _QUARTERS = 4 * 8  # magnitudes in quarters: every midpoint between two e2m1 magnitudes is a whole quarter
 
 
