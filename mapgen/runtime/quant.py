@@ -19,12 +19,12 @@ MXFP4 experts (gpt-oss releases, ``quant_method: mxfp4``) are stored as ``X_bloc
 groups]``: ``2 ** (s - 127)``), and the model's ``X`` is ``[E, groups * 32, rows]`` (:class:`Mxfp4`). Import
 computes what transformers' ``convert_moe_packed_tensors`` computes (its lookup table in the output dtype,
 ``ldexp`` by the scale, the last two dimensions transposed), reading only the experts, rows and groups of a slice
-(:class:`Mxfp4Reader`). A scale byte of 255 (E8M0's NaN) or a value past the output dtype's range (bf16/fp32: from
-scale byte 253 up) is refused rather than turned into inf or NaN. ``--quantize`` (:func:`quantize_mxfp4`) keeps the source's scale of a group
-whenever the group's values fit under it: the values alone do not determine it (a group of halves under
-``2**k`` equals the same group of ones under ``2**(k-1)``), so this is what makes an unchanged model come back byte
-for byte; a group that no longer fits gets the OCP MX scale ``2 ** (floor(log2(amax)) - 2)`` and
-round-to-nearest-even nibbles, saturating at 6.
+(:class:`Mxfp4Reader`). A scale byte of 255 (E8M0's NaN) or a value past the output dtype's range (bf16/fp32:
+from scale byte 253 up) is refused rather than turned into inf or NaN. ``--quantize`` (:func:`quantize_mxfp4`)
+keeps the source's scale of a group whenever the group's values fit under it: the values alone do not determine
+it (a group of halves under ``2**k`` equals the same group of ones under ``2**(k-1)``), so this is what makes an
+unchanged model come back byte for byte; a group that no longer fits gets the OCP MX scale
+``2 ** (floor(log2(amax)) - 2)`` and round-to-nearest-even nibbles, saturating at 6.
 """
 
 from __future__ import annotations
