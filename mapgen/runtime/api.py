@@ -620,7 +620,7 @@ def _requantizer(target: Mapping[str, Any], root: Path | None) -> tuple[Format, 
 def written_config(layout: Layout, target: Mapping[str, Any]) -> dict[str, Any]:
     """The ``config.json`` of an exported checkpoint: the source's, less a ``quantization_config`` whose weights
     are written dequantized (block-scaled FP8 or MXFP4 without ``--quantize``)."""
-    return dict(layout.config) if target.get("quantize") else dequantized(layout).config
+    return dict(layout.config if target.get("quantize") else dequantized(layout).config)
 
 
 def export_hf(models: list[torch.nn.Module] | torch.nn.Module, binding: Binding, out: Path, *,
