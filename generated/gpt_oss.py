@@ -2,16 +2,19 @@
 # template: templates/bridge_module.py.jinja
 # inputs (sha256 of json.dumps(input, sort_keys=True)):
 #   inputs/gpt-oss-20b.json  a340a40bb5ee6dc807f197d09e8c800ff9a5abb45b64df99d05040e87c85e2c5
+#   inputs/gpt-oss-20b-bf16.json  77dc1d06721c00fe41f8fbc3ac78a5f0e5338486149bdb245b0daf3fc6b93612
 #   inputs/tiny-gpt-oss.json  c0dc76187f2c4acd85283672aeac14a74ab41223dfa07eccc9b8eb317c4845fd
 # numerical proof (each input's tiny twin through this bridge and through transformers):
 #   inputs/gpt-oss-20b.json: logits parity vs transformers 5.24.0: max |diff| = 6.6e-07 (tiny
+#     twin, TP=1, fp32)
+#   inputs/gpt-oss-20b-bf16.json: logits parity vs transformers 5.24.0: max |diff| = 6.6e-07 (tiny
 #     twin, TP=1, fp32)
 #   inputs/tiny-gpt-oss.json: logits parity vs transformers 5.24.0: max |diff| = 6.6e-07 (tiny
 #     twin, TP=1, fp32)
 # regenerate: mapgen emit --from-inputs
 """Bridges for model_type 'gpt_oss': one Bridge per layout fingerprint.
 
-BRIDGE_6b428f40fb67 (inputs/gpt-oss-20b.json, inputs/tiny-gpt-oss.json):
+BRIDGE_6b428f40fb67 (inputs/gpt-oss-20b.json, inputs/gpt-oss-20b-bf16.json, inputs/tiny-gpt-oss.json):
     Bridge for model_type 'gpt_oss', layout fingerprint 6b428f40fb67.
     Language model under 'model.'; tied embeddings: False.
     Decoder layer groups: sliding_attention: attention + MoE (packed experts); attention: attention

@@ -231,8 +231,8 @@ def yarn_fields(hf: HFConfig) -> dict[str, Any]:
     name, value = found
     fraction = hf.get("partial_rotary_factor", "rope_parameters.partial_rotary_factor", default=1.0)
     problem = yarn_problem(value, hf.get("max_position_embeddings", default=None), fraction)
-    values, _ = _yarn_values(value, hf.get("max_position_embeddings", default=None), mla=False)
-    if problem is not None or values is None:
+    values = None if problem else _yarn_values(value, hf.get("max_position_embeddings", default=None), mla=False)[0]
+    if values is None:
         raise error(
             "config.unsupported-rope", f"{problem}: {dict(value)}", file=hf.source, key=name,
             expected="YaRN with factor, original_max_position_embeddings, beta_fast/slow, truncate and optionally "
@@ -240,6 +240,8 @@ def yarn_fields(hf: HFConfig) -> dict[str, Any]:
             hint="converting anyway would change the model's outputs; add support for this scaling first",
         )
     return {k: v for k, v in values.items() if k != "mla_rope_type"}
+
+
 # -- activations ----------------------------------------------------------------------------------------------
 # transformers' ACT2FN name -> the ModelSpec activation that computes the same function (formulas checked against
 # transformers/activations.py: gelu_new, gelu_fast, gelu_accurate and gelu_python_tanh are the tanh approximation
