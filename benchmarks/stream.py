@@ -3,6 +3,7 @@ of ``benchmarks/RESULTS.md`` and ``benchmarks/results_stream.json``.
 
     .venv/bin/python -m benchmarks.stream                      # 0.25, 1 and 2.5 GiB (about 15 minutes here)
     .venv/bin/python -m benchmarks.stream --sizes 16 --big   # the 16 GiB case (~36 GiB disk; deletes its source)
+    .venv/bin/python -m benchmarks.stream --scaling --runs 1  # 1, 2, 4, 8 ranks on a ~4 GiB checkpoint (16 cores)
 
 Per size (synthetic bf16 Qwen3-MoE from ``mapgen synth``, shapes in ``benchmarks.run.SIZES`` plus the ones
 below), alternating the kinds within each repetition, medians:
@@ -14,6 +15,12 @@ below), alternating the kinds within each repetition, medians:
 * ``mapgen export`` (streaming, one rank) of the streamed checkpoint, checked bitwise against the
   source once;
 * at 1 GiB: streaming convert at TP=2 and at EP=2 (two processes on two cores).
+
+``--scaling`` (for a machine with >= 8 free cores; ``--scaling-gib``, ``--ranks``): one synthesized bf16
+Qwen3-MoE (8 experts, 8 KV heads) of ``--scaling-gib`` GiB, the plain-read and ``cp -r`` floors, the streaming
+convert at 1 rank and at N ranks with TP=N for the dense part and EP=N (ETP=1) for the experts (each rank
+writes about 1/N of the checkpoint; EP alone would leave every dense tensor to rank 0), and the export of the
+TP=1 checkpoint on N processes (checked bitwise against the source once). Peak disk: about 3x the checkpoint.
 
 The in-memory rows and the export are skipped above ``--memory-limit`` GiB of checkpoint (default 1.5): the
 machine is shared and they hold the whole model.
@@ -240,6 +247,123 @@ def bench_big(size: str, src: Path, root: Path, log: Any) -> dict[str, Any]:
     return r
 
 
+SCALING_BEGIN = "<!-- benchmarks/stream.py --scaling: begin (generated) -->"
+SCALING_END = "<!-- benchmarks/stream.py --scaling: end -->"
+RAW_SCALING = REPO / "benchmarks" / "results_stream_scaling.json"
+# The scaling checkpoint: a bf16 Qwen3-MoE with 8 experts and 8 KV heads, so that TP and EP both go to 8;
+# the number of layers sets its size (about 176 MiB per layer at hidden 2048, 5.2 MiB at hidden 256).
+SCALING_SHAPES = {
+    "big": {"hidden": 2048, "heads": 16, "kv-heads": 8, "head-dim": 128, "experts": 8, "moe-intermediate": 1536,
+            "intermediate": 1536, "vocab": 32000},
+    "small": {"hidden": 256, "heads": 16, "kv-heads": 8, "head-dim": 16, "experts": 8, "moe-intermediate": 256,
+              "intermediate": 256, "vocab": 4096},
+}
+
+
+def scaling_shape(gib: float) -> dict[str, int]:
+    """The synth arguments of a scaling checkpoint of about ``gib`` GiB: layers fill what the embeddings
+    leave, shards of about 0.5 GiB."""
+    shape = dict(SCALING_SHAPES["big" if gib >= 1 else "small"])
+    h, d = shape["hidden"], shape["head-dim"]
+    attn = 2 * h * shape["heads"] * d + 2 * h * shape["kv-heads"] * d
+    layer = 2 * (attn + 3 * shape["experts"] * h * shape["moe-intermediate"] + shape["experts"] * h)
+    embed = 2 * 2 * shape["vocab"] * h
+    shape["layers"] = max(2, round((gib * GiB - embed) / layer))
+    shape["shards"] = max(2, math.ceil(gib * 2))
+    return shape
+
+
+def synth_scaling(gib: float, root: Path) -> Path:
+    tiny = root / "tiny"
+    if not (tiny / "qwen3-moe").is_dir():
+        run([sys.executable, "-m", "tests.tiny", str(tiny)])
+    out = root / f"qwen3-moe-scaling-{gib:g}g"
+    if not out.is_dir():
+        args = [a for k, v in scaling_shape(gib).items() for a in (f"--{k}", str(v))]
+        run([sys.executable, "-m", "mapgen", "synth", str(tiny / "qwen3-moe"), str(out), *args])
+    return out
+
+
+def export(ckpt: Path, out: Path, *flags: str) -> tuple[float, int, float]:
+    wall, rss, text = run([sys.executable, "-m", "mapgen", "export", str(ckpt), str(out), "--overwrite", *flags])
+    work = re.search(r", ([\d.]+) s\s*$", text.strip())
+    return wall, rss, float(work.group(1)) if work else float("nan")
+
+
+def scaling_layout(n: int) -> list[str]:
+    """The layout at ``n`` ranks: TP=n for the dense part (attention, embeddings, output layer) and EP=n
+    for the experts (ETP=1), so that every rank writes about 1/n of the checkpoint (at EP=n alone, rank 0
+    would write every dense tensor)."""
+    return [] if n == 1 else ["--tp", str(n), "--ep", str(n), "--etp", "1"]
+
+
+def bench_scaling(src: Path, root: Path, ranks: list[int], runs: int, log: Any) -> dict[str, Any]:
+    """Plain-read floor, then per rank count: streaming convert at :func:`scaling_layout`, and the export of
+    the TP=1 checkpoint on that many processes; whole CLI (wall, peak RSS of the largest process) and the
+    work the CLI reports; medians of ``runs``."""
+    index = json.loads((src / "model.safetensors.index.json").read_text())
+    r: dict[str, Any] = {"bytes": int(index["metadata"]["total_size"]), "tensors": len(index["weight_map"]),
+                         "runs": runs, "ranks": ranks, "convert": {}, "export": {}}
+    worker("floor-file", str(src))  # warm the page cache, untimed
+    r["floor"] = med([worker("floor-file", str(src))[2]["seconds"] for _ in range(runs)])
+    cp_dir = root / "cp-scaling"
+    cps = []
+    for _ in range(runs):
+        shutil.rmtree(cp_dir, ignore_errors=True)
+        cps.append(run(["cp", "-r", str(src), str(cp_dir)])[0])
+    shutil.rmtree(cp_dir, ignore_errors=True)
+    r["cp"] = med(cps)
+    log(f"floor {r['floor']:.2f} s, cp -r {r['cp']:.2f} s")
+    ckpt, back = root / "mc-scaling", root / "hf-scaling"
+    for n in ranks:
+        out = root / f"mc-scaling-{n}"
+        xs = [convert(src, out, *scaling_layout(n)) for _ in range(runs)]
+        r["convert"][n] = [med([x[i] for x in xs]) for i in (0, 2)] + [max(x[1] for x in xs)]
+        if n == 1:
+            shutil.rmtree(ckpt, ignore_errors=True)
+            out.rename(ckpt)
+        shutil.rmtree(out, ignore_errors=True)
+        log(f"convert at {n} rank(s): {r['convert'][n][0]:.2f} s, work {r['convert'][n][1]:.2f} s")
+    for n in ranks:
+        xs = [export(ckpt, back, "--nproc", str(n)) for _ in range(runs)]
+        r["export"][n] = [med([x[i] for x in xs]) for i in (0, 2)] + [max(x[1] for x in xs)]
+        if n == ranks[0]:
+            from mapgen.runtime.api import compare_checkpoints
+
+            rt = compare_checkpoints(src, back)
+            r["export_bitwise"], r["export_mismatches"] = rt.ok, rt.mismatches[:5]
+        shutil.rmtree(back, ignore_errors=True)
+        log(f"export on {n} process(es): {r['export'][n][0]:.2f} s, work {r['export'][n][1]:.2f} s")
+    shutil.rmtree(ckpt, ignore_errors=True)
+    return r
+
+
+def render_scaling(meta: dict[str, Any], r: dict[str, Any]) -> str:
+    nbytes, base = r["bytes"], r["ranks"][0]
+    L = [SCALING_BEGIN, "", f"### Scaling over ranks (`benchmarks/stream.py --scaling`, measured {meta['date']})", "",
+         f"{meta['duration_min']:.1f} min on {meta['cpus']} CPUs, Python {meta['python']}, torch {meta['torch']}, "
+         f"load average {meta['load_start']:.1f} at the start and {meta['load']:.1f} at the end; checkpoint "
+         f"{nbytes / GiB:.2f} GiB bf16 ({r['tensors']} tensors, Qwen3-MoE layout, 8 experts, 8 KV heads); "
+         f"whole processes, medians of {r['runs']}, page cache warm. Convert at N ranks: TP=N for the dense part and "
+         "EP=N (ETP=1) for the experts; export: the TP=1 checkpoint on N processes. Speed-up and efficiency are "
+         f"of the work the CLI reports, against {base} rank(s).", "",
+         f"Floors: plain read() {_rate(nbytes, r['floor'])}, `cp -r` {_rate(nbytes, r['cp'])}.", "",
+         "| ranks | convert, whole CLI | convert work | speed-up (efficiency) | peak RSS | "
+         "export, whole CLI | export work | speed-up (efficiency) | peak RSS |",
+         "|---|---|---|---|---|---|---|---|---|"]
+
+    def cell(kind: str, n: int) -> str:
+        wall, work, rss = r[kind][n]
+        up = r[kind][base][1] / work * base
+        return f"{_rate(nbytes, wall)} | {_rate(nbytes, work)} | {up:.2f}x ({up / n:.2f}) | {rss / GiB:.2f} GiB"
+
+    for n in r["ranks"]:
+        L.append(f"| {n} | {cell('convert', n)} | {cell('export', n)} |")
+    L += ["", f"Export bitwise vs the source: {'yes' if r.get('export_bitwise') else r.get('export_mismatches')}.",
+          "", SCALING_END]
+    return "\n".join(L) + "\n"
+
+
 BIG_BEGIN = "<!-- benchmarks/stream.py --big: begin (generated) -->"
 BIG_END = "<!-- benchmarks/stream.py --big: end -->"
 
@@ -288,12 +412,34 @@ def main() -> None:
     ap.add_argument("--big", action="store_true",
                     help="the big case for --sizes (TP=1 and EP=2 convert, export on two processes, digests; "
                          "deletes the synthesized source to make room): its own section of RESULTS.md")
+    ap.add_argument("--scaling", action="store_true",
+                    help="scaling over ranks (convert at TP=N/EP=N, export on N processes, floors): its own section")
+    ap.add_argument("--scaling-gib", type=float, default=4.0, help="size of the scaling checkpoint (GiB)")
+    ap.add_argument("--ranks", default="1,2,4,8", help="rank counts for --scaling (the first is the baseline)")
     args = ap.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
     start = time.time()
+    load_start = os.getloadavg()[0]
 
     def log(msg: str) -> None:
         print(f"[{time.time() - start:7.1f} s] {msg}", flush=True)
+
+    if args.scaling:
+        import torch
+
+        src = synth_scaling(args.scaling_gib, args.workdir)
+        log(f"synthesized {src}")
+        ranks = [int(n) for n in args.ranks.split(",")]
+        result = bench_scaling(src, args.workdir, ranks, args.runs, log)
+        meta = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "duration_min": (time.time() - start) / 60,
+                "cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
+                "load_start": load_start, "load": os.getloadavg()[0]}
+        section = render_scaling(meta, result)
+        print(section)
+        if not args.no_write:
+            RAW_SCALING.write_text(json.dumps({"meta": meta, "scaling": result}, indent=1) + "\n")
+            write(section, SCALING_BEGIN, SCALING_END)
+        return
 
     if args.big:
         big = {size: bench_big(size, synth(size, args.workdir), args.workdir, log) for size in args.sizes.split(",")}
