@@ -176,6 +176,36 @@ def test_recorded_dtype(tmp_path: Path) -> None:
         assert stored == {want}, (name, stored)
 
 
+def test_no_fsync_is_recorded_and_skips_only_the_data_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """By default every data file is fsynced (as megatron-core's writer does); --no-fsync skips that, says so
+    in mapgen.json, and leaves the same checkpoint (the metadata megatron-core writes is still fsynced)."""
+    import os
+
+    from torch.distributed.checkpoint.filesystem import FileSystemReader
+
+    from mapgen.cli import main
+
+    src = tiny.write("qwen3", tmp_path / "hf")
+    synced: list[str] = []
+    real = os.fsync
+
+    def fsync(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    for name, flags in (("a", []), ("b", ["--no-fsync"])):
+        synced.clear()
+        assert main(["convert", str(src), str(tmp_path / name), *flags]) == 0
+        data = [p for p in synced if p.endswith(".distcp")]
+        assert (len(data) == 1) == (name == "a"), synced
+        assert json.loads((tmp_path / name / "mapgen.json").read_text())["fsync"] == (name == "a")
+    a, b = (FileSystemReader(str(tmp_path / n / "release")).read_metadata() for n in ("a", "b"))
+    assert a.state_dict_metadata.keys() == b.state_dict_metadata.keys()
+    files = [sorted(p.read_bytes() for p in (tmp_path / n / "release").glob("*.distcp")) for n in ("a", "b")]
+    assert files[0] == files[1]
+
+
 def test_dry_run_predicts_what_convert_reads_and_writes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """--dry-run writes nothing; its per-rank read bytes are what the conversion then reads."""
     import re

@@ -1067,7 +1067,7 @@ def _write_copied(stream: Any, piece: _CopiedPiece, item: Any, storage_key: str,
     return WriteResult(index=item.index, size_in_bytes=length, storage_data=_StorageInfo(storage_key, offset, length))
 
 
-def _streaming_writer(path: str, copied: Any = None) -> Any:
+def _streaming_writer(path: str, copied: Any = None, fsync: bool = True) -> Any:
     """The streaming convert's torch.distributed.checkpoint writer: one file per rank, one thread.
     ``copied(planner, item)``: a :class:`_CopiedPiece` for a tensor item whose bytes lie in the source files
     (written by :func:`_write_copied`), else ``None`` (the planner's ``resolve_data``)."""
@@ -1112,10 +1112,11 @@ def _streaming_writer(path: str, copied: Any = None) -> Any:
             done.set_result(results)
             return done
 
-    return Writer(path, single_file_per_rank=True, thread_count=1)
+    return Writer(path, single_file_per_rank=True, thread_count=1, sync_files=fsync)
 
 
-def save_dist_checkpoint_streaming(model: GPTModel, path: str | os.PathLike[str], source: StreamingSource) -> int:
+def save_dist_checkpoint_streaming(model: GPTModel, path: str | os.PathLike[str], source: StreamingSource, *,
+                                   fsync: bool = True) -> int:
     """Write the dist checkpoint of ``model`` -- built on the **meta** device -- without ever holding it:
     megatron-core's own ``dist_checkpointing.save`` plans the checkpoint from ``model.sharded_state_dict()``
     (keys, global shapes and offsets, replica ids, the factories that split fused tensors), and a
@@ -1128,8 +1129,9 @@ def save_dist_checkpoint_streaming(model: GPTModel, path: str | os.PathLike[str]
     more pass over the bytes; ``torch.load`` does not check them). Entries the source can locate as byte
     ranges of its files (``source.spans``: whole tensors, row blocks, gate and up halves, one packed expert,
     in the entry's dtype) are not produced at all: their data records are copied file to file in the kernel
-    (``copy_file_range``) into the place torch.save lays out for them. All ranks must call it. Returns the
-    bytes written."""
+    (``copy_file_range``) into the place torch.save lays out for them. Each rank's file is fsynced before
+    megatron-core writes the metadata, as megatron-core's own writer does; ``fsync=False`` leaves that to
+    the kernel's writeback (the caller records it). All ranks must call it. Returns the bytes written."""
     from concurrent.futures import Future, ThreadPoolExecutor
 
     from megatron.core import dist_checkpointing
@@ -1225,7 +1227,7 @@ def save_dist_checkpoint_streaming(model: GPTModel, path: str | os.PathLike[str]
             flat, _, _ = _replace_state_dict_keys_with_sharded_keys(sharded_state_dict, self.keep_only_main_replica)
             pyt_state_dict = mcore_to_pyt_state_dict(flat, False)
             dcp_save(pyt_state_dict,
-                     storage_writer=_streaming_writer(str(checkpoint_dir), lambda planner, item: planner.copied(item)),
+                     storage_writer=_streaming_writer(str(checkpoint_dir), lambda plan, item: plan.copied(item), fsync),
                      planner=Planner(dedup_replicated_tensors=False, flatten_state_dict=False,
                                      can_run_decentralized_global_plan=False))
 
