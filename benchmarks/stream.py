@@ -10,8 +10,9 @@ below), alternating the kinds within each repetition, medians:
 
 * floors: plain ``read()`` of the shard files (``benchmarks._workers floor-file``) and ``cp -r`` of the
   checkpoint directory, both whole processes, warm page cache;
-* ``mapgen convert`` (streaming, the default) and ``mapgen convert --in-memory`` at TP=1: wall time, the
-  conversion work the CLI reports, peak RSS (``ru_maxrss`` of the process tree: its largest process);
+* ``mapgen convert`` (streaming, the default), ``mapgen convert --no-fsync`` (the same without fsyncing the
+  data files) and ``mapgen convert --in-memory`` at TP=1: wall time, the conversion work the CLI reports,
+  peak RSS (``ru_maxrss`` of the process tree: its largest process);
 * ``mapgen export`` (streaming, one rank) of the streamed checkpoint, checked bitwise against the
   source once;
 * at 1 GiB: streaming convert at TP=2 and at EP=2 (two processes on two cores).
@@ -81,7 +82,7 @@ def bench(size: str, src: Path, root: Path, runs: int, memory: bool, log: Any) -
     r: dict[str, Any] = {"bytes": int(index["metadata"]["total_size"]), "tensors": len(index["weight_map"]),
                          "runs": runs, "memory": memory}
     worker("floor-file", str(src))  # warm the page cache, untimed
-    rows: dict[str, list[Any]] = {k: [] for k in ("floor", "cp", "stream", "memory", "export")}
+    rows: dict[str, list[Any]] = {k: [] for k in ("floor", "cp", "stream", "nosync", "memory", "export")}
     out_s, out_m, cp_dir = root / f"mc-{size}-stream", root / f"mc-{size}-memory", root / f"cp-{size}"
     for i in range(runs):
         rows["floor"].append(worker("floor-file", str(src))[2]["seconds"])
@@ -89,6 +90,7 @@ def bench(size: str, src: Path, root: Path, runs: int, memory: bool, log: Any) -
         rows["cp"].append(run(["cp", "-r", str(src), str(cp_dir)])[0])
         shutil.rmtree(cp_dir, ignore_errors=True)
         rows["stream"].append(convert(src, out_s))
+        rows["nosync"].append(convert(src, out_s, "--no-fsync"))
         if memory:
             rows["memory"].append(convert(src, out_m, "--in-memory"))
             back = root / f"hf-{size}"
@@ -145,6 +147,13 @@ def render(meta: dict[str, Any], sizes: dict[str, dict[str, Any]], par: dict[str
         lambda s: _rate(s["bytes"], med([x[2] for x in s["rows"]["stream"]])))
     row("**streaming work / plain-read floor**",
         lambda s: f"**{med(s['rows']['floor']) / med([x[2] for x in s['rows']['stream']]):.2f}x**")
+    row("  `--no-fsync`: whole CLI / its work",
+        lambda s: (f"{_rate(s['bytes'], med([x[0] for x in s['rows']['nosync']]))} / "
+                   f"{_rate(s['bytes'], med([x[2] for x in s['rows']['nosync']]))}")
+        if s["rows"].get("nosync") else "not run")
+    row("**`--no-fsync` work / plain-read floor**",
+        lambda s: (f"**{med(s['rows']['floor']) / med([x[2] for x in s['rows']['nosync']]):.2f}x**"
+                   if s["rows"].get("nosync") else "not run"))
     row("whole CLI / `cp -r`", lambda s: f"{med([x[0] for x in s['rows']['stream']]) / med(s['rows']['cp']):.2f}x")
     row("whole CLI / its conversion work",
         lambda s: f"{med([x[0] for x in s['rows']['stream']]) / med([x[2] for x in s['rows']['stream']]):.2f}x")
