@@ -1071,7 +1071,7 @@ def _streaming_writer(path: str, copied: Any = None, fsync: bool = True) -> Any:
     """The streaming convert's torch.distributed.checkpoint writer: one file per rank, one thread.
     ``copied(planner, item)``: a :class:`_CopiedPiece` for a tensor item whose bytes lie in the source files
     (written by :func:`_write_copied`), else ``None`` (the planner's ``resolve_data``)."""
-    from torch.distributed.checkpoint.filesystem import FileSystemWriter, SerializationFormat, _write_item
+    from torch.distributed.checkpoint.filesystem import FileSystemWriter, _write_item
     from torch.distributed.checkpoint.planner import WriteItemType
     from torch.distributed.checkpoint.storage import WriteResult
     from torch.futures import Future as TorchFuture
@@ -1089,7 +1089,7 @@ def _streaming_writer(path: str, copied: Any = None, fsync: bool = True) -> Any:
             stays at the entries in flight. Byte items first, then tensors in plan order, as torch does."""
             results: list[WriteResult] = []
             plain = (copied is not None and not self.transforms.extensions
-                     and self.serialization_format == SerializationFormat.TORCH_SAVE)
+                     and getattr(self.serialization_format, "name", "") == "TORCH_SAVE")
             fds: dict[str, int] = {}
             try:
                 while not file_queue.empty():
