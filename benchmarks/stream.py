@@ -56,13 +56,15 @@ STREAM_SIZES: dict[str, dict[str, int]] = {
 }
 
 
-def synth(size: str, root: Path) -> Path:
+def synth(size: str, root: Path, shape: dict[str, int] | None = None, name: str = "") -> Path:
+    """The synthesized bf16 Qwen3-MoE ``qwen3-moe-{name}{size}g`` in ``root`` (made once) of ``shape``
+    (default: ``STREAM_SIZES[size]``)."""
     tiny = root / "tiny"
     if not (tiny / "qwen3-moe").is_dir():
         run([sys.executable, "-m", "tests.tiny", str(tiny)])
-    out = root / f"qwen3-moe-{size}g"
+    out = root / f"qwen3-moe-{name}{size}g"
     if not out.is_dir():
-        args = [a for k, v in STREAM_SIZES[size].items() for a in (f"--{k}", str(v))]
+        args = [a for k, v in (shape or STREAM_SIZES[size]).items() for a in (f"--{k}", str(v))]
         run([sys.executable, "-m", "mapgen", "synth", str(tiny / "qwen3-moe"), str(out), *args])
     return out
 
@@ -282,17 +284,6 @@ def scaling_shape(gib: float) -> dict[str, int]:
     return shape
 
 
-def synth_scaling(gib: float, root: Path) -> Path:
-    tiny = root / "tiny"
-    if not (tiny / "qwen3-moe").is_dir():
-        run([sys.executable, "-m", "tests.tiny", str(tiny)])
-    out = root / f"qwen3-moe-scaling-{gib:g}g"
-    if not out.is_dir():
-        args = [a for k, v in scaling_shape(gib).items() for a in (f"--{k}", str(v))]
-        run([sys.executable, "-m", "mapgen", "synth", str(tiny / "qwen3-moe"), str(out), *args])
-    return out
-
-
 def export(ckpt: Path, out: Path, *flags: str) -> tuple[float, int, float]:
     wall, rss, text = run([sys.executable, "-m", "mapgen", "export", str(ckpt), str(out), "--overwrite", *flags])
     work = re.search(r", ([\d.]+) s\s*$", text.strip())
@@ -436,7 +427,7 @@ def main() -> None:
     if args.scaling:
         import torch
 
-        src = synth_scaling(args.scaling_gib, args.workdir)
+        src = synth(f"{args.scaling_gib:g}", args.workdir, scaling_shape(args.scaling_gib), "scaling-")
         log(f"synthesized {src}")
         ranks = [int(n) for n in args.ranks.split(",")]
         result = bench_scaling(src, args.workdir, ranks, args.runs, log)
