@@ -30,13 +30,16 @@ machine is shared and they hold the whole model.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
 import platform
 import re
 import shutil
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -297,6 +300,24 @@ def scaling_layout(n: int) -> list[str]:
     return [] if n == 1 else ["--tp", str(n), "--ep", str(n), "--etp", "1"]
 
 
+def parallel_floor(src: Path, n: int) -> float:
+    """Plain read() of the checkpoint by ``n`` processes at once, each its share of the shard files: from
+    the first start to the last end (process start-up excluded)."""
+    cmd = [sys.executable, "-m", "benchmarks._workers", "floor-file", str(src), "--parts", str(n)]
+    with contextlib.ExitStack() as stack:
+        outs = [stack.enter_context(tempfile.TemporaryFile("w+")) for _ in range(n)]
+        procs = [subprocess.Popen([*cmd, "--part", str(i)], cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
+                 for i, out in enumerate(outs)]
+        if any(p.wait() for p in procs):
+            raise RuntimeError(f"{' '.join(cmd)} failed")
+        res = []
+        for out in outs:
+            out.seek(0)
+            line = next(ln for ln in reversed(out.read().splitlines()) if ln.startswith("RESULT "))
+            res.append(json.loads(line[len("RESULT "):]))
+    return float(max(r["ended"] for r in res) - min(r["began"] for r in res))
+
+
 def bench_scaling(src: Path, root: Path, ranks: list[int], runs: int, log: Any) -> dict[str, Any]:
     """Plain-read floor, then per rank count: streaming convert at :func:`scaling_layout`, and the export of
     the TP=1 checkpoint on that many processes; whole CLI (wall, peak RSS of the largest process) and the
@@ -306,6 +327,7 @@ def bench_scaling(src: Path, root: Path, ranks: list[int], runs: int, log: Any) 
                          "runs": runs, "ranks": ranks, "convert": {}, "export": {}}
     worker("floor-file", str(src))  # warm the page cache, untimed
     r["floor"] = med([worker("floor-file", str(src))[2]["seconds"] for _ in range(runs)])
+    r["floor_n"] = {n: med([parallel_floor(src, n) for _ in range(runs)]) for n in ranks if n > 1}
     cp_dir = root / "cp-scaling"
     cps = []
     for _ in range(runs):
@@ -347,7 +369,9 @@ def render_scaling(meta: dict[str, Any], r: dict[str, Any]) -> str:
          f"whole processes, medians of {r['runs']}, page cache warm. Convert at N ranks: TP=N for the dense part and "
          "EP=N (ETP=1) for the experts; export: the TP=1 checkpoint on N processes. Speed-up and efficiency are "
          f"of the work the CLI reports, against {base} rank(s).", "",
-         f"Floors: plain read() {_rate(nbytes, r['floor'])}, `cp -r` {_rate(nbytes, r['cp'])}.", "",
+         f"Floors: plain read() {_rate(nbytes, r['floor'])}, `cp -r` {_rate(nbytes, r['cp'])}; plain read() by N "
+         "processes at once, each its share of the shard files: "
+         + (", ".join(f"N={n} {_rate(nbytes, t)}" for n, t in r.get("floor_n", {}).items()) or "not run") + ".", "",
          "| ranks | convert, whole CLI | convert work | speed-up (efficiency) | peak RSS | "
          "export, whole CLI | export work | speed-up (efficiency) | peak RSS |",
          "|---|---|---|---|---|---|---|---|---|"]
