@@ -423,6 +423,18 @@ def render_big(meta: dict[str, Any], sizes: dict[str, dict[str, Any]]) -> str:
     return "\n".join(L) + "\n"
 
 
+def _meta(start: float) -> dict[str, Any]:
+    return {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "duration_min": (time.time() - start) / 60,
+            "cpus": os.cpu_count(), "python": platform.python_version(), "load": os.getloadavg()[0]}
+
+
+def _publish(section: str, raw: dict[str, Any], path: Path, begin: str, end: str, no_write: bool) -> None:
+    print(section)
+    if not no_write:
+        path.write_text(json.dumps(raw, indent=1) + "\n")
+        write(section, begin, end)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="0.25,1,2.5", help="comma-separated subset of " + ",".join(STREAM_SIZES))
@@ -455,25 +467,15 @@ def main() -> None:
         log(f"synthesized {src}")
         ranks = [int(n) for n in args.ranks.split(",")]
         result = bench_scaling(src, args.workdir, ranks, args.runs, log)
-        meta = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "duration_min": (time.time() - start) / 60,
-                "cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
-                "load_start": load_start, "load": os.getloadavg()[0]}
-        section = render_scaling(meta, result)
-        print(section)
-        if not args.no_write:
-            RAW_SCALING.write_text(json.dumps({"meta": meta, "scaling": result}, indent=1) + "\n")
-            write(section, SCALING_BEGIN, SCALING_END)
+        meta = {**_meta(start), "torch": torch.__version__, "load_start": load_start}
+        _publish(render_scaling(meta, result), {"meta": meta, "scaling": result}, RAW_SCALING, SCALING_BEGIN,
+                 SCALING_END, args.no_write)
         return
 
     if args.big:
         big = {size: bench_big(size, synth(size, args.workdir), args.workdir, log) for size in args.sizes.split(",")}
-        meta = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "duration_min": (time.time() - start) / 60,
-                "cpus": os.cpu_count(), "python": platform.python_version(), "load": os.getloadavg()[0]}
-        section = render_big(meta, big)
-        print(section)
-        if not args.no_write:
-            RAW_BIG.write_text(json.dumps({"meta": meta, "sizes": big}, indent=1) + "\n")
-            write(section, BIG_BEGIN, BIG_END)
+        meta = _meta(start)
+        _publish(render_big(meta, big), {"meta": meta, "sizes": big}, RAW_BIG, BIG_BEGIN, BIG_END, args.no_write)
         return
 
     sizes: dict[str, dict[str, Any]] = {}
@@ -484,13 +486,8 @@ def main() -> None:
     par = None
     if not args.no_parallel and "1" in sizes:
         par = bench_parallel(synth("1", args.workdir), args.workdir, max(1, args.runs - 1), log)
-    meta = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "duration_min": (time.time() - start) / 60,
-            "cpus": os.cpu_count(), "python": platform.python_version(), "load": os.getloadavg()[0]}
-    section = render(meta, sizes, par)
-    print(section)
-    if not args.no_write:
-        RAW.write_text(json.dumps({"meta": meta, "sizes": sizes, "parallel": par}, indent=1) + "\n")
-        write(section)
+    meta = _meta(start)
+    _publish(render(meta, sizes, par), {"meta": meta, "sizes": sizes, "parallel": par}, RAW, BEGIN, END, args.no_write)
 
 
 if __name__ == "__main__":
