@@ -3,7 +3,7 @@ of ``benchmarks/RESULTS.md`` and ``benchmarks/results_stream.json``.
 
     .venv/bin/python -m benchmarks.stream                      # 0.25, 1 and 2.5 GiB (about 15 minutes here)
     .venv/bin/python -m benchmarks.stream --sizes 16 --big   # the 16 GiB case (~36 GiB disk; deletes its source)
-    .venv/bin/python -m benchmarks.stream --scaling --runs 1  # 1, 2, 4, 8 ranks on a ~4 GiB checkpoint (16 cores)
+    .venv/bin/python -m benchmarks.stream --scaling          # 1, 2, 4, 8 ranks on a ~4 GiB checkpoint (16 cores)
 
 Per size (synthetic bf16 Qwen3-MoE from ``mapgen synth``, shapes in ``benchmarks.run.SIZES`` plus the ones
 below), alternating the kinds within each repetition, medians:
@@ -438,7 +438,7 @@ def _publish(section: str, raw: dict[str, Any], path: Path, begin: str, end: str
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="0.25,1,2.5", help="comma-separated subset of " + ",".join(STREAM_SIZES))
-    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--runs", type=int, default=None, help="repetitions (default 3; 1 with --scaling)")
     ap.add_argument("--memory-limit", type=float, default=1.5,
                     help="run the in-memory convert and the export only up to this many GiB")
     ap.add_argument("--no-memory", action="store_true", help="streaming rows only")
@@ -453,6 +453,7 @@ def main() -> None:
     ap.add_argument("--scaling-gib", type=float, default=4.0, help="size of the scaling checkpoint (GiB)")
     ap.add_argument("--ranks", default="1,2,4,8", help="rank counts for --scaling (the first is the baseline)")
     args = ap.parse_args()
+    args.runs = args.runs or (1 if args.scaling else 3)
     args.workdir.mkdir(parents=True, exist_ok=True)
     start = time.time()
     load_start = os.getloadavg()[0]
