@@ -206,6 +206,31 @@ def test_no_fsync_is_recorded_and_skips_only_the_data_files(tmp_path: Path, monk
     assert files[0] == files[1]
 
 
+def test_file_to_file_copies_write_the_bytes_the_produced_path_writes(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same checkpoint, byte for byte, whether its plain entries are copied file to file or produced in
+    memory and written by torch.save (the copy path switched off)."""
+    from mapgen.cli import main
+    from mapgen.runtime.engine import EntryProducer
+
+    src = tiny.write("qwen3-moe", tmp_path / "hf")
+    copied: list[int] = []
+    real = EntryProducer.copied
+
+    def count(self: EntryProducer, local: str, nbytes: int) -> None:
+        copied.append(nbytes)
+        real(self, local, nbytes)
+
+    monkeypatch.setattr(EntryProducer, "copied", count)
+    assert main(["convert", str(src), str(tmp_path / "a")]) == 0
+    assert len(copied) > 20
+    monkeypatch.setattr(EntryProducer, "spans", lambda self, local: None)
+    assert main(["convert", str(src), str(tmp_path / "b")]) == 0
+    files = [{p.name: p.read_bytes() for p in (tmp_path / n / "release").glob("*.distcp")} for n in ("a", "b")]
+    assert files[0].keys() == files[1].keys()
+    assert files[0] == files[1]
+
+
 def test_dry_run_predicts_what_convert_reads_and_writes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """--dry-run writes nothing; its per-rank read bytes are what the conversion then reads."""
     import re
