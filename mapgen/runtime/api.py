@@ -761,7 +761,7 @@ def _copy_side_files(source_root: Path, staging: Path) -> None:
 # Megatron distributed checkpoints
 # ---------------------------------------------------------------------------------------------------------
 def _stream_to_dist(model: torch.nn.Module, binding: Binding, source: HFSource, path: Path,
-                    dtype: torch.dtype | None = None) -> Stats:
+                    dtype: torch.dtype | None = None, *, fsync: bool = True) -> Stats:
     """Write this rank's part of the dist checkpoint of ``model`` (built on meta) straight from the HF
     slices, entry by entry (:func:`mapgen.runtime.megatron.save_dist_checkpoint_streaming`)."""
     from mapgen.runtime.engine import EntryProducer
@@ -777,7 +777,7 @@ def _stream_to_dist(model: torch.nn.Module, binding: Binding, source: HFSource, 
 
                 producer.total_bytes = sum(planned_writes(model).values())
             producer.check_duplicates()
-            written = save_dist_checkpoint_streaming(model, path, producer)
+            written = save_dist_checkpoint_streaming(model, path, producer, fsync=fsync)
     finally:
         reader.close()
     stats = producer.stats
@@ -789,14 +789,17 @@ def _stream_to_dist(model: torch.nn.Module, binding: Binding, source: HFSource, 
 
 def convert(source_path: str, out: Path, par: Parallel, *, overwrite: bool = False,
             config_check: dict[str, Any] | None = None, dtype: str = "auto", streaming: bool = True,
-            allow_unproven_numerics: bool = False) -> Stats:
+            allow_unproven_numerics: bool = False, fsync: bool = True) -> Stats:
     """HF checkpoint -> Megatron-Core distributed checkpoint (torch_dist), loadable by Megatron-LM:
     ``OUT/release/`` plus ``latest_checkpointed_iteration.txt``; ``OUT/mapgen.json`` records the layout and
     the dtypes (the source's by default, ``dtype`` to choose one), and ``config_check`` (the config catalog's
     verdicts, with any --assume-inert / --accept-semantic-gap). ``streaming`` (default): no Megatron model
     is materialised, each rank writes its shards entry by entry from the HF slices (memory: a few times the
     largest tensor); otherwise the model is loaded in memory and saved by megatron-core. A bridge without its
-    numerical proof is refused unless ``allow_unproven_numerics`` (recorded in ``mapgen.json``)."""
+    numerical proof is refused unless ``allow_unproven_numerics`` (recorded in ``mapgen.json``). ``fsync``
+    (default): every rank's data file is on disk before the checkpoint's metadata is written, as megatron-core's
+    own writer does; ``fsync=False`` (streaming only) leaves the data to the kernel's writeback -- complete,
+    but not durable against a crash of the machine until written back -- and ``mapgen.json`` says so."""
     from mapgen.runtime.megatron import save_dist_checkpoint
 
     source = HFSource.open(source_path)
@@ -818,7 +821,7 @@ def convert(source_path: str, out: Path, par: Parallel, *, overwrite: bool = Fal
             dtypes = stats.extra["dtypes"]
         with staged_output(out, coords) as staging:
             if streaming:
-                stats = _stream_to_dist(model, binding, source, staging / "release", dtypes.params_dtype)
+                stats = _stream_to_dist(model, binding, source, staging / "release", dtypes.params_dtype, fsync=fsync)
             else:
                 save_dist_checkpoint(model, staging / "release")
             if coords.rank == 0:
@@ -835,7 +838,7 @@ def convert(source_path: str, out: Path, par: Parallel, *, overwrite: bool = Fal
                 (staging / ARGS_FILE).write_text(args_text)
                 meta = {"mapgen_version": __version__, "layout": json.loads(layout_to_json(source.layout)),
                         "source": source.to_meta(), "parallel": par.__dict__, "dtype": dtypes.to_json(),
-                        "megatron_args": argv, "numerics": numerics}
+                        "megatron_args": argv, "numerics": numerics, "fsync": fsync or not streaming}
                 if config_check is not None:
                     meta["config_check"] = config_check
                 (staging / MAPGEN_META).write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
