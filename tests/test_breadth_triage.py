@@ -199,6 +199,19 @@ def test_gpt_neox_japanese_last_layer_bias_is_refused(tmp_path: Path) -> None:
     assert "add_bias_linear" in diag.message
 
 
+@pytest.mark.parametrize("model_type", ["bamba", "jamba"])
+def test_mamba_layers_are_classified_and_refused(tmp_path: Path, model_type: str) -> None:
+    """Hybrid Mamba stacks (Mamba-2 style Bamba, Mamba-1 Jamba with x_proj/dt_proj and dt/B/C norms): every key of
+    the tiny twin has a family, the planner refuses the Mamba layers by name."""
+    layout = scan(str(_built(tmp_path, model_type)))
+    assert not layout.unclassified
+    assert {g.mixer.family for g in layout.language_model.groups} == {"mamba"}
+    with pytest.raises(MapgenError) as err:
+        plan(layout)
+    assert {d.key for d in err.value.diagnostics} == {"model.layers.{layer}.mamba.in_proj.weight"}
+    assert all("MambaModel" in d.message for d in err.value.diagnostics)
+
+
 def test_axk1_post_mlp_norm_is_classified_and_refused(tmp_path: Path) -> None:
     """A.X-K1 stores post_mlp_layernorm beside its MoE layers: the block is classified and refused by name."""
     layout = scan(str(_built(tmp_path, "axk1")))

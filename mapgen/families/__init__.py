@@ -14,12 +14,13 @@ import difflib
 from collections.abc import Iterator
 from typing import Protocol
 
-from mapgen.families import attention, dense_mlp, gated_delta_net, mla, moe
+from mapgen.families import attention, dense_mlp, gated_delta_net, mamba, mla, moe
 from mapgen.families._dsl import DeclarationError, Dims, Family, Match, Planner, ShapePairs, Slot, Variant
 from mapgen.families.attention import ATTENTION
 from mapgen.families.dense_mlp import DENSE_MLP
 from mapgen.families.embedding import EMBEDDING
 from mapgen.families.gated_delta_net import GATED_DELTA_NET
+from mapgen.families.mamba import MAMBA
 from mapgen.families.mla import MLA
 from mapgen.families.model_types import MODEL_TYPES, Facts, facts_for
 from mapgen.families.moe import EXPERTS, MOE, SHARED_EXPERT
@@ -53,6 +54,7 @@ FAMILIES: tuple[Family, ...] = (
     EMBEDDING,
     NORMS,
     GATED_DELTA_NET,
+    MAMBA,
     MLA,
     ATTENTION,
     MOE,
@@ -110,12 +112,14 @@ class LayerFamily(Protocol):
 
 _BEHAVIOUR: dict[str, LayerFamily] = {
     "gated_delta_net": gated_delta_net,
+    "mamba": mamba,
     "mla": mla,
     "attention": attention,
     "moe": moe,
     "dense_mlp": dense_mlp,
 }
-_INPUT_NORM = {"gated_delta_net": gated_delta_net.INPUT_NORM, "mla": mla.INPUT_NORM, "attention": attention.INPUT_NORM}
+_INPUT_NORM = {"gated_delta_net": gated_delta_net.INPUT_NORM, "mla": mla.INPUT_NORM, "attention": attention.INPUT_NORM,
+               "mamba": mamba.INPUT_NORM}
 
 
 def behaviour(c: Component) -> LayerFamily:

@@ -27,7 +27,7 @@ NORMS = Family(
         Slot("input_norm", ("input_layernorm.weight", "attention_norm.weight", "ln_1.weight",
                             "attention_layernorm.weight"), init="norm"),  # Apertus: attention/feedforward_layernorm
         Slot("post_attention_norm", ("post_attention_layernorm.weight", "ffn_norm.weight", "ln_2.weight",
-                                     "feedforward_layernorm.weight"), init="norm"),
+                                     "feedforward_layernorm.weight", "pre_ff_layernorm.weight"), init="norm"),
         # LayerNorm biases (StableLM, GPT-NeoX): the model type declares LayerNorm (families/model_types.py)
         Slot("input_norm_bias", ("input_layernorm.bias", "ln_1.bias")),
         Slot("post_attention_norm_bias", ("post_attention_layernorm.bias", "ln_2.bias")),

@@ -85,6 +85,8 @@ _QUANT_SUFFIXES = (
 _EXPERT_COUNT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts")
 _ATTENTION_TYPES = {"full_attention", "sliding_attention", "attention", "chunked_attention"}
 _LINEAR_KINDS = {"gated_delta_net", "linear_attention"}  # mixer kinds config.json calls linear_attention
+# other mixer kinds, as layer_types may name them (GraniteMoE-Hybrid's config writes linear_attention for Mamba)
+_DECLARED_AS = {"mamba": ("mamba", "linear_attention")}
 
 
 def split_layer(key: str) -> tuple[str, int, str] | None:
@@ -806,7 +808,11 @@ def _check_layers(
         declared: str | None = None
         if layer_types is not None and i < len(layer_types):
             declared = str(layer_types[i])
-            ok = declared == "linear_attention" if is_linear else declared in _ATTENTION_TYPES
+            kind = behaviour(r.mixer).kind(r.mixer)
+            if kind in _DECLARED_AS:
+                ok = declared in _DECLARED_AS[kind]
+            else:
+                ok = declared == "linear_attention" if is_linear else declared in _ATTENTION_TYPES
         elif layer_types is None and interval and has_gdn:
             declared = "full_attention" if (i + 1) % interval == 0 else "linear_attention"
             ok = declared == ("linear_attention" if is_linear else "full_attention")

@@ -18,6 +18,7 @@ from mapgen.families.attention import FUSED_QKV_LAYOUT
 from mapgen.families.dense_mlp import CONV1D as MLP_CONV1D
 from mapgen.families.dense_mlp import DENSE_MLP as DENSE_MLP_FAMILY
 from mapgen.families.gated_delta_net import GATED_DELTA_NET as GDN_FAMILY
+from mapgen.families.mamba import MAMBA as MAMBA_FAMILY
 from mapgen.families.mla import MLA as MLA_FAMILY
 from mapgen.families.model_types import MODEL_TYPES, Orientation, facts_for
 from mapgen.families.moe import EXPERTS, MOE, SHARED_EXPERT
@@ -185,7 +186,8 @@ def recognise_mla(pool: Pool) -> Component | None:
 
 def recognise_mixer(pool: Pool, shape: ShapeOf, ctx: Context, *, sliding: bool) -> Component | None:
     return (
-        recognise_gated_delta_net(pool) or recognise_mla(pool) or recognise_attention(pool, shape, ctx, sliding=sliding)
+        recognise_gated_delta_net(pool) or _plain(MAMBA_FAMILY, pool) or recognise_mla(pool)
+        or recognise_attention(pool, shape, ctx, sliding=sliding)
     )
 
 

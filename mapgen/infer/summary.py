@@ -17,6 +17,7 @@ KIND_LABELS = {
     "gated_delta_net": "gated-delta-net",
     "mla": "MLA",
     "linear_attention": "lightning attention",
+    "mamba": "Mamba",
 }
 
 
