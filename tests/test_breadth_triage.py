@@ -125,13 +125,21 @@ def test_sarvam_moe_rules(tmp_path: Path) -> None:
     assert rules["mlp.router.expert_bias"][0] == ("model.layers.{layer}.mlp.gate.expert_bias",)
 
 
-def test_granitemoeshared_shared_mlp_is_not_converted(tmp_path: Path) -> None:
-    """GraniteMoeShared with a shared_mlp (shared_intermediate_size > 0): its layer-level shared_mlp keys stay
-    unclassified (no rule yet), so nothing converts it without the shared expert."""
-    ckpt = _built(tmp_path, "granitemoeshared", shared_intermediate_size=32)
-    layout = scan(str(ckpt))
-    assert {u.pattern for u in layout.unclassified} == {
-        "model.layers.{0..1}.shared_mlp.input_linear.weight", "model.layers.{0..1}.shared_mlp.output_linear.weight"}
+def test_granitemoeshared_shared_mlp_rules(tmp_path: Path) -> None:
+    """GraniteMoeShared's shared_mlp sits beside block_sparse_moe, at the layer's root: input_linear is a fused
+    [gate; up] (chunk(2)), output_linear the down projection; its size is shared_intermediate_size."""
+    rules = _rules(_built(tmp_path, "granitemoeshared", shared_intermediate_size=32))
+    hf, op, options = rules["mlp.shared_experts.linear_fc1.weight"]
+    assert (hf, op, options) == (("model.layers.{layer}.shared_mlp.input_linear.weight",), "gated_fc1", {"fused": True})
+    assert rules["mlp.shared_experts.linear_fc2.weight"][0] == ("model.layers.{layer}.shared_mlp.output_linear.weight",)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.skipif(not FULL, reason="opt-in: MAPGEN_MATRIX=full (about 20 s)")
+def test_granitemoeshared_with_shared_mlp_verifies(tmp_path: Path) -> None:
+    case = run_case("granitemoeshared", tmp_path, overrides={"shared_intermediate_size": 32})
+    assert case.outcome == "verified", case.row()
 
 
 # -- refused by name ----------------------------------------------------------------------------------------------
@@ -199,7 +207,7 @@ def test_gpt_neox_japanese_last_layer_bias_is_refused(tmp_path: Path) -> None:
     assert "add_bias_linear" in diag.message
 
 
-@pytest.mark.parametrize("model_type", ["bamba", "jamba"])
+@pytest.mark.parametrize("model_type", ["bamba", "jamba", "granitemoehybrid"])
 def test_mamba_layers_are_classified_and_refused(tmp_path: Path, model_type: str) -> None:
     """Hybrid Mamba stacks (Mamba-2 style Bamba, Mamba-1 Jamba with x_proj/dt_proj and dt/B/C norms): every key of
     the tiny twin has a family, the planner refuses the Mamba layers by name."""

@@ -77,7 +77,8 @@ BRIDGE_READS: dict[str, tuple[tuple[str, ...], Any]] = {
     "num_moe_experts": (("num_experts", "num_local_experts", "n_routed_experts"), None),
     "moe_router_topk": (("num_experts_per_tok", "moe_topk"), None),
     "moe_ffn_hidden_size": (("moe_intermediate_size", "intermediate_size"), None),
-    "moe_shared_expert_intermediate_size": (("shared_expert_intermediate_size", "moe_intermediate_size"), None),
+    "moe_shared_expert_intermediate_size": (("shared_expert_intermediate_size", "shared_intermediate_size",
+                                             "moe_intermediate_size"), None),
     "linear_num_key_heads": (("linear_num_key_heads",), None),
     "linear_num_value_heads": (("linear_num_value_heads",), None),
     "linear_key_head_dim": (("linear_key_head_dim",), None),
@@ -636,11 +637,8 @@ TOP: tuple[Row, ...] = (
                           ("n_heads", "num_attention_heads"),
                           ("ffn_dim", "ffn_hidden_size"),
                           ("num_experts_per_token", "moe_router_topk"), ("moe_num_experts", "num_moe_experts"))),
-    # GraniteMoeShared: 0 builds no shared_mlp (modeling_granitemoeshared.py); a stored shared_mlp is unclassified
-    refused("shared_intermediate_size", "a size spelling the bridge does not read (it reads "
-            "shared_expert_intermediate_size)",
-            unless=lambda v, s: v == 0 or same_as_bridge("moe_shared_expert_intermediate_size")(v, s),
-            valid=non_negative_int),
+    # GraniteMoeShared / GraniteMoE-Hybrid: the layer-level shared_mlp's size; 0 builds none (its keys then absent)
+    mapped("shared_intermediate_size", "moe_shared_expert_intermediate_size", why=_DIMS, valid=non_negative_int),
     *(mapped(name, field, why=f"{what} (GPT-2 spelling)", valid=positive_int, limit=agrees_with_bridge(field))
       for name, field, what in (("n_embd", "hidden_size", "hidden size"), ("n_layer", "num_layers", "layers"),
                                 ("n_head", "num_attention_heads", "attention heads"),

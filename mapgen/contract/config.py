@@ -300,7 +300,8 @@ CONFIG: tuple[ConfigRow, ...] = (
     ConfigRow("moe_router_group_topk", derive="router_group_topk", when="moe"),
     ConfigRow("moe_router_dtype", derive="router_dtype", when="moe"),
     ConfigRow("moe_shared_expert_gate", fact="shared_expert_gate"),
-    ConfigRow("moe_shared_expert_intermediate_size", hf=("shared_expert_intermediate_size", "moe_intermediate_size"),
+    ConfigRow("moe_shared_expert_intermediate_size", hf=("shared_expert_intermediate_size", "shared_intermediate_size",
+                                                         "moe_intermediate_size"),
               when="shared_expert"),
     # -- gated delta net ---------------------------------------------------------------------------------
     ConfigRow("linear_num_key_heads", hf=("linear_num_key_heads",), when="gated_delta_net"),

@@ -23,8 +23,8 @@ DENSE_MLP = Family(
     slots=(
         Slot("gate", ("gate_proj.weight", "w1.weight", "c_fc_0.weight")),  # EXAONE-3: c_fc_0/c_fc_1/c_proj
         Slot("up", ("up_proj.weight", "w3.weight", "c_fc_1.weight")),
-        Slot("down", ("down_proj.weight", "w2.weight", "c_proj.weight")),
-        Slot("gate_up", ("gate_up_proj.weight",)),
+        Slot("down", ("down_proj.weight", "w2.weight", "c_proj.weight", "output_linear.weight")),
+        Slot("gate_up", ("gate_up_proj.weight", "input_linear.weight")),  # Granite shared_mlp: chunk(2) = gate, up
         Slot("sub_norm", ("ffn_sub_norm.weight",), init="norm"),  # BitNet: a norm before down_proj (refused)
         # Apertus xIELU: the activation's own learned parameters (refused: megatron-core has no such activation)
         Slot("act_alpha_p", ("act_fn.alpha_p",)),

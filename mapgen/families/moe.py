@@ -83,6 +83,11 @@ def _biased(c: Component) -> bool:
     return bool(c.key("router_bias")) or expert_biases
 
 
+LAYER_SHARED_ROOTS = ("shared_mlp.",)
+"""Shared experts stored beside the MoE block, at the decoder layer's root (GraniteMoeShared / GraniteMoE-Hybrid
+``shared_mlp.input_linear``/``output_linear``: a fused [gate; up] and a down projection, added to the experts' sum)."""
+
+
 def facts(c: Component) -> dict[str, bool]:
     shared = c.child("shared")
     return {

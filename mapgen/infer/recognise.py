@@ -21,7 +21,7 @@ from mapgen.families.gated_delta_net import GATED_DELTA_NET as GDN_FAMILY
 from mapgen.families.mamba import MAMBA as MAMBA_FAMILY
 from mapgen.families.mla import MLA as MLA_FAMILY
 from mapgen.families.model_types import MODEL_TYPES, Orientation, facts_for
-from mapgen.families.moe import EXPERTS, MOE, SHARED_EXPERT
+from mapgen.families.moe import EXPERTS, LAYER_SHARED_ROOTS, MOE, SHARED_EXPERT
 from mapgen.ir import Component
 
 ShapeOf = Callable[[str], tuple[int, ...] | None]
@@ -355,7 +355,8 @@ def recognise_mlp(
             experts = recognise_experts(pool, p, shape, ctx, ids, problems)
             if experts is not None:
                 pool.need(router)
-                shared_mlp = next((m for r in SHARED_EXPERT.roots if (m := recognise_dense(pool, p + r))), None)
+                shared_mlp = next((m for r in (*(p + r for r in SHARED_EXPERT.roots), *LAYER_SHARED_ROOTS)
+                                   if (m := recognise_dense(pool, r))), None)
                 gate_key = _resolve(pool, p, SHARED_EXPERT, "gate")
                 shared_gate = pool.need(gate_key) if gate_key else None
                 shared = (Component.make(SHARED_EXPERT.name, "shared", {"gate": shared_gate},

@@ -67,7 +67,7 @@ def config_dims(config: Mapping[str, Any]) -> Dims:
     head_dim = _int(hf, "head_dim") or (hidden // heads if heads else 0)
     intermediate = _int(hf, "intermediate_size", "n_inner")
     moe_intermediate = _int(hf, "moe_intermediate_size") or intermediate
-    shared = _int(hf, "shared_expert_intermediate_size")
+    shared = _int(hf, "shared_expert_intermediate_size", "shared_intermediate_size")  # GraniteMoeShared
     if shared is None:
         n_shared = _int(hf, "n_shared_experts")
         shared = n_shared * moe_intermediate if n_shared and moe_intermediate else intermediate
