@@ -168,6 +168,8 @@ REFUSED: dict[str, tuple[set[str], set[str] | None]] = {
                  "model_type.unscaled-attention"}, None),
     "openai-gpt": ({"afn", "model_type.post-layernorm-block"},
                    {"(no final norm tensor)", "transformer.h.{layer}.ln_1.weight"}),  # GPT-1: post-LN, no final norm
+    "kolibri1": ({"norm_topk_prob"}, {"model.layers.{layer}.post_attn_norm.weight"}),  # GLM-4-style output norms
+    "flint": ({"model_type.nope-full-attention-layers"}, None),  # sinks (softmax_offset) classified; NoPE refused
     "cohere": ({"logit_scale", "model_type.interleaved-rope", "model_type.layernorm", "model_type.parallel-block"},
                {"model.layers.{layer}.input_layernorm.weight"}),
     "vaultgemma": ({"attn_logit_softcapping", "final_logit_softcapping", "model_type.embedding-scale",

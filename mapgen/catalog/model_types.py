@@ -72,6 +72,9 @@ FACTS: dict[str, tuple[tuple[str, str], ...]] = {
                 "megatron-core has no such router"),),
     "openai-gpt": (("post-LayerNorm block", "ln_1/ln_2 applied after each residual add and no final norm (GPT-1): "
                     "the bridge builds pre-norm blocks"),),
+    # Flint: apply_rotary_pos_emb only where sliding_window is set (modeling_flint.py FlintAttention)
+    "flint": (("NoPE full-attention layers", "RoPE only on sliding-window layers, none on full-attention layers: the "
+               "bridge applies RoPE in every layer"),),
     # GPT-Neo: attn_weights = q @ k^T with no 1/sqrt(head_dim) (modeling_gpt_neo.py GPTNeoSelfAttention._attn)
     "gpt_neo": (("unscaled attention", "attention scores not divided by sqrt(head_dim): the bridge builds scaled "
                  "attention (megatron-core softmax_scale is not set from a model-type fact)"),),

@@ -34,7 +34,7 @@ ATTENTION = Family(
         Slot("k_norm", ("k_norm.weight", "k_layernorm.weight", "key_layernorm.weight"), init="norm"),
         Slot("q_norm_bias", ("q_layernorm.bias",)),  # Persimmon: per-head LayerNorm QK norms (with bias)
         Slot("k_norm_bias", ("k_layernorm.bias",)),
-        Slot("sinks", ("sinks",)),
+        Slot("sinks", ("sinks", "softmax_offset", "attention_sink_bias")),  # Flint, MiMo-V2-Flash spellings
         # -- recognised so that scan classifies every key, refused by the planner (UNBUILDABLE) ----------------
         Slot("sub_norm", ("attn_sub_norm.weight",), init="norm"),  # BitNet: a norm before o_proj
         Slot("lambda_q1", ("lambda_q1",)),  # DiffLlama differential attention

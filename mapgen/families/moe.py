@@ -83,6 +83,9 @@ def _biased(c: Component) -> bool:
     return bool(c.key("router_bias")) or expert_biases
 
 
+LAYER_EXPERT_BIAS = ("moe.router.expert_bias",)
+"""Score-correction biases stored at the decoder layer's root (Kolibri-1; transformers renames it to
+``mlp.gate.e_score_correction_bias``)."""
 LAYER_SHARED_ROOTS = ("shared_mlp.",)
 """Shared experts stored beside the MoE block, at the decoder layer's root (GraniteMoeShared / GraniteMoE-Hybrid
 ``shared_mlp.input_linear``/``output_linear``: a fused [gate; up] and a down projection, added to the experts' sum)."""

@@ -37,8 +37,11 @@ NORMS = Family(
         # Falcon new_decoder_architecture: one norm per parallel branch
         # GLM-4 post_self_attn_layernorm/post_mlp_layernorm, HyperCLOVA X post_norm1/post_norm2 (input_layernorm and
         # post_attention_layernorm stay the pre-norms), A.X-K1 post_mlp_layernorm on the MoE output
-        Slot("attention_output_norm", ("post_self_attn_layernorm.weight", "post_norm1.weight"), init="norm"),
-        Slot("mlp_output_norm", ("post_mlp_layernorm.weight", "post_norm2.weight"), init="norm"),
+        # (Kolibri-1 stores them as post_attn_norm/post_ffn_norm: conversion_mapping.py renames them onto GLM-4's)
+        Slot("attention_output_norm", ("post_self_attn_layernorm.weight", "post_norm1.weight", "post_attn_norm.weight"),
+             init="norm"),
+        Slot("mlp_output_norm", ("post_mlp_layernorm.weight", "post_norm2.weight", "post_ffn_norm.weight"),
+             init="norm"),
         Slot("attention_branch_norm", ("ln_attn.weight",), init="norm"),
         Slot("mlp_branch_norm", ("ln_mlp.weight",), init="norm"),
         Slot("attention_branch_norm_bias", ("ln_attn.bias",)),

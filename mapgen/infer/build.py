@@ -648,7 +648,9 @@ def infer(source: Source) -> Layout:
             )
         )
     moe_groups = [g for g in groups if g.mlp.family == "moe"]
-    if ctx.num_experts and groups and not moe_groups:
+    dense_only = cfg.get("mlp_only_layers")  # Qwen2/3-MoE-style: these layers build a dense MLP whatever num_experts
+    all_dense = isinstance(dense_only, list) and set(range(num_layers)) <= set(dense_only)
+    if ctx.num_experts and groups and not moe_groups and not all_dense:
         findings.add(
             Diagnostic(
                 "error",

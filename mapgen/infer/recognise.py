@@ -21,7 +21,7 @@ from mapgen.families.gated_delta_net import GATED_DELTA_NET as GDN_FAMILY
 from mapgen.families.mamba import MAMBA as MAMBA_FAMILY
 from mapgen.families.mla import MLA as MLA_FAMILY
 from mapgen.families.model_types import MODEL_TYPES, Orientation, facts_for
-from mapgen.families.moe import EXPERTS, LAYER_SHARED_ROOTS, MOE, SHARED_EXPERT
+from mapgen.families.moe import EXPERTS, LAYER_EXPERT_BIAS, LAYER_SHARED_ROOTS, MOE, SHARED_EXPERT
 from mapgen.ir import Component
 
 ShapeOf = Callable[[str], tuple[int, ...] | None]
@@ -366,7 +366,8 @@ def recognise_mlp(
                     pool.used.discard(shared_gate)
                 router_bias = next((p + s for s in MOE.slot("router_bias").spellings
                                     if p + s == router.removesuffix("weight") + "bias"), None)
-                expert_bias = _resolve(pool, p, MOE, "expert_bias")
+                expert_bias = _resolve(pool, p, MOE, "expert_bias") or next(
+                    (k for k in LAYER_EXPERT_BIAS if k in pool.avail), None)
                 output_bias = _resolve(pool, p, MOE, "output_bias")
                 slots = {
                     "router": router,
