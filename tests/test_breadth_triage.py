@@ -170,6 +170,7 @@ REFUSED: dict[str, tuple[set[str], set[str] | None]] = {
                    {"(no final norm tensor)", "transformer.h.{layer}.ln_1.weight"}),  # GPT-1: post-LN, no final norm
     "kolibri1": ({"norm_topk_prob"}, {"model.layers.{layer}.post_attn_norm.weight"}),  # GLM-4-style output norms
     "flint": ({"model_type.nope-full-attention-layers"}, None),  # sinks (softmax_offset) classified; NoPE refused
+    "hy_v3": ({"enable_moe_fp32_combine", "router_scaling_factor"}, None),  # router.gate, expert_bias, shared_mlp
     "cohere": ({"logit_scale", "model_type.interleaved-rope", "model_type.layernorm", "model_type.parallel-block"},
                {"model.layers.{layer}.input_layernorm.weight"}),
     "vaultgemma": ({"attn_logit_softcapping", "final_logit_softcapping", "model_type.embedding-scale",
@@ -183,7 +184,8 @@ def test_refused_by_name(tmp_path: Path, model_type: str) -> None:
     ckpt = _built(tmp_path, model_type)
     report = check_config(json.loads((ckpt / "config.json").read_text()), file="config.json")
     assert {d.key for d in report.errors} == catalog_keys
-    assert all(d.code == "semantics.unsupported" for d in report.errors)
+    # each names its key: a semantic gap, or a key the catalog does not know (HY-V3's MoE switches)
+    assert all(d.code in ("semantics.unsupported", "config.unknown-field") for d in report.errors)
     layout = scan(str(ckpt))
     assert not layout.unclassified  # every key has a family, even the ones megatron-core cannot build
     if lacks is None:
@@ -220,6 +222,19 @@ def test_mamba_layers_are_classified_and_refused(tmp_path: Path, model_type: str
         plan(layout)
     assert {d.key for d in err.value.diagnostics} == {"model.layers.{layer}.mamba.in_proj.weight"}
     assert all("MambaModel" in d.message for d in err.value.diagnostics)
+
+
+def test_afmoe_is_classified_and_refused(tmp_path: Path) -> None:
+    """AFMoE: a sandwich block (post_attention_layernorm on the attention output, pre_mlp/post_mlp_layernorm around
+    the MLP) and a separate sigmoid output gate on attention: every key classified, both refused by name."""
+    layout = scan(str(_built(tmp_path, "afmoe")))
+    assert not layout.unclassified
+    with pytest.raises(MapgenError) as err:
+        plan(layout)
+    codes = {(d.code, d.key) for d in err.value.diagnostics}
+    assert ("plan.unsupported", "model.layers.{layer}.self_attn.gate_proj.weight") in codes
+    assert any(code == "plan.megatron-lacks" and "pre_mlp_layernorm" in d.message
+               for d in err.value.diagnostics for code in (d.code,))
 
 
 def test_axk1_post_mlp_norm_is_classified_and_refused(tmp_path: Path) -> None:

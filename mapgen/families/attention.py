@@ -37,6 +37,7 @@ ATTENTION = Family(
         Slot("sinks", ("sinks", "softmax_offset", "attention_sink_bias")),  # Flint, MiMo-V2-Flash spellings
         # -- recognised so that scan classifies every key, refused by the planner (UNBUILDABLE) ----------------
         Slot("sub_norm", ("attn_sub_norm.weight",), init="norm"),  # BitNet: a norm before o_proj
+        Slot("gate_sep", ("gate_proj.weight",)),  # AFMoE: o_proj(attn * sigmoid(gate_proj(x))), a separate gate
         Slot("lambda_q1", ("lambda_q1",)),  # DiffLlama differential attention
         Slot("lambda_k1", ("lambda_k1",)),
         Slot("lambda_q2", ("lambda_q2",)),
@@ -56,7 +57,7 @@ ATTENTION = Family(
     variants=(
         Variant("separate", ("o", "q", "k", "v"),
                 ("q_bias", "k_bias", "v_bias", "qkv_bias", "o_bias", "q_norm", "k_norm", "q_norm_bias", "k_norm_bias",
-                 "sinks", "sub_norm", "lambda_q1", "lambda_k1", "lambda_q2", "lambda_k2")),
+                 "sinks", "sub_norm", "lambda_q1", "lambda_k1", "lambda_q2", "lambda_k2", "gate_sep")),
         Variant("lightning", ("o", "qkv", "output_gate_proj", "out_norm"),
                 ("slope_rate", "query_decay", "key_decay", "diagonal_decay")),
         Variant("fused", ("o", "qkv"),
@@ -181,6 +182,11 @@ def plan(c: Component, p: Planner, mroot: str, hroot: str, domain: str, name: st
     for what, key in lacks:
         p.unbuildable(what, hroot + key)
     if lacks:
+        return
+    if c.key("gate_sep"):
+        p.unsupported("a separate attention output-gate projection (AFMoE self_attn.gate_proj; megatron-core's "
+                      "attention_output_gate reads the gate from linear_qkv, and mapgen has no rule that moves it "
+                      "there)", hroot + str(c.key("gate_sep")))
         return
     q, k, v, o = c.key("q"), c.key("k"), c.key("v"), c.key("o")
     if c.flag("conv1d") == "undeclared":

@@ -27,10 +27,11 @@ MOE = Family(
     file=__name__,
     roots=("mlp.", "block_sparse_moe.", "feed_forward."),
     slots=(
-        # GraniteMoE: router.layer; HunYuan-MoE: gate.wg
-        Slot("router", ("gate.weight", "router.weight", "router.layer.weight", "gate.wg.weight")),
+        # GraniteMoE: router.layer; HunYuan-MoE: gate.wg; HY-V3, AFMoE: router.gate
+        Slot("router", ("gate.weight", "router.weight", "router.layer.weight", "gate.wg.weight", "router.gate.weight")),
         Slot("router_bias", ("gate.bias", "router.bias")),
-        Slot("expert_bias", ("gate.e_score_correction_bias", "gate.expert_bias")),  # Sarvam-MoE: gate.expert_bias
+        # Sarvam-MoE: gate.expert_bias; HY-V3, AFMoE: expert_bias beside router.gate
+        Slot("expert_bias", ("gate.e_score_correction_bias", "gate.expert_bias", "expert_bias")),
         Slot("output_bias", ("bias",)),  # JetMoE: a bias added to the MoE block's output (refused)
     ),
     variants=(Variant("routed", ("router",), ("router_bias", "expert_bias", "output_bias")),),

@@ -42,6 +42,7 @@ NORMS = Family(
              init="norm"),
         Slot("mlp_output_norm", ("post_mlp_layernorm.weight", "post_norm2.weight", "post_ffn_norm.weight"),
              init="norm"),
+        Slot("pre_mlp_norm", ("pre_mlp_layernorm.weight",), init="norm"),  # AFMoE: the MLP's input norm
         Slot("attention_branch_norm", ("ln_attn.weight",), init="norm"),
         Slot("mlp_branch_norm", ("ln_mlp.weight",), init="norm"),
         Slot("attention_branch_norm_bias", ("ln_attn.bias",)),
@@ -50,6 +51,8 @@ NORMS = Family(
     variants=(
         Variant("sandwich", ("input_norm", "post_attention_norm", "pre_feedforward_norm", "post_feedforward_norm")),
         Variant("sandwich_outputs", ("input_norm", "post_attention_norm", "attention_output_norm", "mlp_output_norm")),
+        # AFMoE: post_attention_layernorm on the attention output, pre_mlp/post_mlp_layernorm around the MLP
+        Variant("sandwich_pre_mlp", ("input_norm", "post_attention_norm", "pre_mlp_norm", "mlp_output_norm")),
         Variant("pre_norm_mlp_output", ("input_norm", "post_attention_norm", "mlp_output_norm")),
         Variant("pre_norm", ("input_norm", "post_attention_norm"), ("input_norm_bias", "post_attention_norm_bias")),
         Variant("post_norm", ("post_attention_norm", "post_feedforward_norm")),
@@ -69,6 +72,8 @@ UNSUPPORTED: dict[str, str] = {
     "sandwich": f"sandwich norms (Gemma-2/3: norms after attention and after the MLP): {_NO_SLOT}",
     "sandwich_outputs": f"norms on the attention and MLP outputs (GLM-4 post_self_attn_layernorm/post_mlp_layernorm, "
                         f"HyperCLOVA X post_norm1/post_norm2): {_NO_SLOT}",
+    "sandwich_pre_mlp": f"sandwich norms (AFMoE: post_attention_layernorm on the attention output, pre_mlp_layernorm "
+                        f"and post_mlp_layernorm around the MLP): {_NO_SLOT}",
     "pre_norm_mlp_output": f"a norm on the MLP/MoE output before the residual add (A.X-K1 post_mlp_layernorm): "
                            f"{_NO_SLOT}",
     "post_norm": f"a post-norm block (OLMo-2: norms after attention and after the MLP only): {_NO_SLOT}",
