@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from collections.abc import Callable, Iterable, Mapping
+from itertools import filterfalse
 from typing import Any, NamedTuple
 
 from mapgen.errors import Diagnostic, MapgenError
@@ -146,14 +147,18 @@ FP8_SCALE = ".weight_scale_inv"
 
 def fp8_scales(keys: Iterable[str]) -> dict[str, str]:
     """Block-scaled FP8: each ``X.weight`` that has an ``X.weight_scale_inv``, to that scale key."""
-    return {k.removesuffix("_scale_inv"): k for k in keys if k.endswith(FP8_SCALE)}
+    cut = -len("_scale_inv")  # what removesuffix("_scale_inv") removes from a key that ends with FP8_SCALE
+    return {k[:cut]: k for k in keys if k.endswith(FP8_SCALE)}
 _BLOCK_DIMS = 2  # weight_block_size: [block_m, block_n]
 
 
-def _fp8_block(source: Source, qc: Mapping[str, Any], suspects: list[str], findings: Findings) -> bool:
+def _fp8_block(
+    source: Source, qc: Mapping[str, Any], suspects: list[str], findings: Findings
+) -> dict[str, str] | None:
     """Block-scaled FP8 (``quant_method: fp8`` with ``weight_block_size``; DeepSeek-V3/R1, Kimi-K2): weights
     are dequantized while read (:mod:`mapgen.runtime.quant`), so it converts when every scale has its weight,
-    the tiles are given and activations are scaled dynamically. True when it is that format."""
+    the tiles are given and activations are scaled dynamically. When it is that format, its scales
+    (:func:`fp8_scales`); otherwise None."""
     size = qc.get("weight_block_size")
     problems: list[tuple[str, str, str]] = []  # (key, message, expected)
     if not (isinstance(size, list) and len(size) == _BLOCK_DIMS and all(isinstance(v, int) and v > 0 for v in size)):
@@ -172,16 +177,21 @@ def _fp8_block(source: Source, qc: Mapping[str, Any], suspects: list[str], findi
     for key, message, expected in problems:
         findings.add(Diagnostic("error", "quant.fp8-unsupported", message, file=CONFIG, key=key, expected=expected,
                                 hint="convert an unquantized (bf16) export of the model"))
-    other = next((k for k in suspects if not k.endswith(FP8_SCALE)), None)
+    scales = fp8_scales(suspects)  # every key ending in FP8_SCALE is a suspect
+    # as many scales as suspects: each suspect is a scale (no pass to look for another kind)
+    other = None if len(scales) == len(suspects) else next((k for k in suspects if not k.endswith(FP8_SCALE)), None)
     if other is not None:
         findings.add(Diagnostic("error", "quant.fp8-unsupported", "an FP8 block-scaled checkpoint with other "
                                 "quantization tensors", file=INDEX_NAME, key=other,
                                 expected="only <module>.weight_scale_inv beside FP8 weights"))
-    orphans = [scale for weight, scale in fp8_scales(suspects).items() if weight not in source.tensors]
+    orphans = (  # a pass in order only when some weight is missing
+        [] if scales.keys() <= source.tensors.keys()
+        else [scale for weight, scale in scales.items() if weight not in source.tensors]
+    )
     if orphans:
         findings.add(Diagnostic("error", "quant.fp8-orphan-scale", f"{len(orphans)} scale(s) without their weight",
                                 file=INDEX_NAME, key=orphans[0], expected=orphans[0].removesuffix("_scale_inv")))
-    return not problems and other is None and not orphans
+    return scales if not problems and other is None and not orphans else None
 
 
 def _joined(keys: Iterable[str]) -> str:
@@ -192,17 +202,17 @@ def _joined(keys: Iterable[str]) -> str:
     return "\n".join(keys) + "\n"
 
 
-def _quantization(source: Source, cfg: Config, findings: Findings, joined: str) -> str:
-    """Refuse quantised formats without a dequantisation rule; return ``fp8_block`` / ``mxfp4`` / ``none``.
-    ``joined``: :func:`_joined` of the keys."""
+def _quantization(source: Source, cfg: Config, findings: Findings, joined: str) -> tuple[str, dict[str, str]]:
+    """Refuse quantised formats without a dequantisation rule; return ``fp8_block`` / ``mxfp4`` / ``none``, and
+    for ``fp8_block`` its scales (:func:`fp8_scales`). ``joined``: :func:`_joined` of the keys."""
     qc = cfg.top.get("quantization_config") or cfg.text.get("quantization_config")
     method = str(qc.get("quant_method", "")) if isinstance(qc, dict) else ""
-    suspects = (  # one pass over the keys, when one of them may end so
-        [k for k in source.tensors if k.endswith(_QUANT_SUFFIXES)]
-        if any(f"{s}\n" in joined for s in _QUANT_SUFFIXES) else []
-    )
+    # one pass over the keys, for the suffixes some key may end with (none: no pass)
+    present = tuple(s for s in _QUANT_SUFFIXES if f"{s}\n" in joined)
+    suspects = [k for k in source.tensors if k.endswith(present)] if present else []
     if method == "fp8" and isinstance(qc, dict):
-        return "fp8_block" if _fp8_block(source, qc, suspects, findings) else "none"
+        scales = _fp8_block(source, qc, suspects, findings)
+        return ("fp8_block", scales) if scales is not None else ("none", {})
     probes: list[tuple[str, str, str]] = [
         (
             "quant.mlx-unsupported",
@@ -255,7 +265,7 @@ def _quantization(source: Source, cfg: Config, findings: Findings, joined: str) 
                 expected="an unquantized checkpoint, or mxfp4 experts",
             )
         )
-    return "mxfp4" if method == "mxfp4" or any(k.endswith("_blocks") for k in suspects) else "none"
+    return "mxfp4" if method == "mxfp4" or any(k.endswith("_blocks") for k in suspects) else "none", {}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -397,13 +407,15 @@ def infer(source: Source) -> Layout:
         ))
     findings = Findings([], list(source.diagnostics))
     joined = _joined(source.tensors)
-    quantization = _quantization(source, cfg, findings, joined)
+    quantization, scales = _quantization(source, cfg, findings, joined)
     if findings.errors:
         raise MapgenError(findings.errors)
     checked = source  # shard headers are checked with the scales
     if quantization == "fp8_block":  # the scales belong to their weights: read with them, never mapped alone
-        source = dataclasses.replace(
-            source, tensors={k: v for k, v in source.tensors.items() if not k.endswith(FP8_SCALE)})
+        drop = set(scales.values())  # every key ending in FP8_SCALE
+        kept = list(filterfalse(drop.__contains__, source.tensors))  # in order, at C speed
+        tensors = dict(zip(kept, map(source.tensors.__getitem__, kept), strict=True))
+        source = dataclasses.replace(source, tensors=tensors)
 
     # -- towers, and decoder layers by prefix ------------------------------------------------------------
     tower_keys: dict[str, list[str]] = {}
@@ -414,10 +426,12 @@ def infer(source: Source) -> Layout:
     # Faster still: an index lists a layer's keys together, so a key under the previous key's "model.layers.<n>."
     # joins that layer with one prefix test (what the test below would decide for it, in fewer steps).
     run_prefix: str | None = None
+    run_len = 0
     run: list[str] = []
+    run_append = run.append
     for key in source.tensors:
         if run_prefix is not None and key.startswith(run_prefix):
-            run.append(key[len(run_prefix):])
+            run_append(key[run_len:])
             continue
         if key.startswith(common):
             digits, dot, tail = key[len(common):].partition(".")
@@ -426,7 +440,8 @@ def infer(source: Source) -> Layout:
                 if layer is None:
                     common_layers[digits] = layer = []
                 layer.append(tail)
-                run_prefix, run = f"{common}{digits}.", layer
+                run_prefix = f"{common}{digits}."
+                run_len, run_append = len(run_prefix), layer.append
                 continue
         m = _LAYER.match(key)
         if m is None:
