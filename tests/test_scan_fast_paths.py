@@ -4,8 +4,8 @@
 * ``read_json`` parses without the duplicate-key hook when the text's colons prove that no key repeats; a repeat
   anywhere (nested, beside colons inside strings) is still the same ``json.duplicate-key`` error.
 * Decoder keys are grouped by the previous key's layer prefix: the layout does not depend on the index's order.
-* The quantization, MTP and derived-buffer passes over every key are skipped when the joined keys say that none
-  can match; FP8 scales are checked and dropped without a per-key pass when every suspect is a scale.
+* A layer's derived-buffer passes run only when it holds one; FP8 scales are checked against their weights
+  with set operations, and for other quantization tensors only when some suspect is no scale.
 """
 
 from __future__ import annotations

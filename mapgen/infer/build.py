@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import re
 from collections.abc import Callable, Iterable, Mapping
-from itertools import filterfalse
 from typing import Any, NamedTuple
 
 from mapgen.errors import Diagnostic, MapgenError
@@ -147,18 +146,14 @@ FP8_SCALE = ".weight_scale_inv"
 
 def fp8_scales(keys: Iterable[str]) -> dict[str, str]:
     """Block-scaled FP8: each ``X.weight`` that has an ``X.weight_scale_inv``, to that scale key."""
-    cut = -len("_scale_inv")  # what removesuffix("_scale_inv") removes from a key that ends with FP8_SCALE
-    return {k[:cut]: k for k in keys if k.endswith(FP8_SCALE)}
+    return {k.removesuffix("_scale_inv"): k for k in keys if k.endswith(FP8_SCALE)}
 _BLOCK_DIMS = 2  # weight_block_size: [block_m, block_n]
 
 
-def _fp8_block(
-    source: Source, qc: Mapping[str, Any], suspects: list[str], findings: Findings
-) -> dict[str, str] | None:
+def _fp8_block(source: Source, qc: Mapping[str, Any], suspects: list[str], findings: Findings) -> bool:
     """Block-scaled FP8 (``quant_method: fp8`` with ``weight_block_size``; DeepSeek-V3/R1, Kimi-K2): weights
     are dequantized while read (:mod:`mapgen.runtime.quant`), so it converts when every scale has its weight,
-    the tiles are given and activations are scaled dynamically. When it is that format, its scales
-    (:func:`fp8_scales`); otherwise None."""
+    the tiles are given and activations are scaled dynamically. True when it is that format."""
     size = qc.get("weight_block_size")
     problems: list[tuple[str, str, str]] = []  # (key, message, expected)
     if not (isinstance(size, list) and len(size) == _BLOCK_DIMS and all(isinstance(v, int) and v > 0 for v in size)):
@@ -191,28 +186,16 @@ def _fp8_block(
     if orphans:
         findings.add(Diagnostic("error", "quant.fp8-orphan-scale", f"{len(orphans)} scale(s) without their weight",
                                 file=INDEX_NAME, key=orphans[0], expected=orphans[0].removesuffix("_scale_inv")))
-    return scales if not problems and other is None and not orphans else None
+    return not problems and other is None and not orphans
 
 
-def _joined(keys: Iterable[str]) -> str:
-    """Every key followed by a newline: a substring test on it answers "does any key contain / end with ..." in
-    one pass at C speed. A needle without a newline is in it exactly when some key contains it; ``suffix + "\n"``
-    is in it when some key ends with ``suffix`` (and, for a key holding a newline, possibly when none does: it
-    only ever sends a caller to its exact per-key test)."""
-    return "\n".join(keys) + "\n"
-
-
-def _quantization(source: Source, cfg: Config, findings: Findings, joined: str) -> tuple[str, dict[str, str]]:
-    """Refuse quantised formats without a dequantisation rule; return ``fp8_block`` / ``mxfp4`` / ``none``, and
-    for ``fp8_block`` its scales (:func:`fp8_scales`). ``joined``: :func:`_joined` of the keys."""
+def _quantization(source: Source, cfg: Config, findings: Findings) -> str:
+    """Refuse quantised formats without a dequantisation rule; return ``fp8_block`` / ``mxfp4`` / ``none``."""
     qc = cfg.top.get("quantization_config") or cfg.text.get("quantization_config")
     method = str(qc.get("quant_method", "")) if isinstance(qc, dict) else ""
-    # one pass over the keys, for the suffixes some key may end with (none: no pass)
-    present = tuple(s for s in _QUANT_SUFFIXES if f"{s}\n" in joined)
-    suspects = [k for k in source.tensors if k.endswith(present)] if present else []
+    suspects = [k for k in source.tensors if k.endswith(_QUANT_SUFFIXES)]  # one pass over the keys
     if method == "fp8" and isinstance(qc, dict):
-        scales = _fp8_block(source, qc, suspects, findings)
-        return ("fp8_block", scales) if scales is not None else ("none", {})
+        return "fp8_block" if _fp8_block(source, qc, suspects, findings) else "none"
     probes: list[tuple[str, str, str]] = [
         (
             "quant.mlx-unsupported",
@@ -265,7 +248,7 @@ def _quantization(source: Source, cfg: Config, findings: Findings, joined: str) 
                 expected="an unquantized checkpoint, or mxfp4 experts",
             )
         )
-    return "mxfp4" if method == "mxfp4" or any(k.endswith("_blocks") for k in suspects) else "none", {}
+    return "mxfp4" if method == "mxfp4" or any(k.endswith("_blocks") for k in suspects) else "none"
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -406,16 +389,13 @@ def infer(source: Source) -> Layout:
             hint="the index or the download is incomplete: fetch the checkpoint again",
         ))
     findings = Findings([], list(source.diagnostics))
-    joined = _joined(source.tensors)
-    quantization, scales = _quantization(source, cfg, findings, joined)
+    quantization = _quantization(source, cfg, findings)
     if findings.errors:
         raise MapgenError(findings.errors)
     checked = source  # shard headers are checked with the scales
     if quantization == "fp8_block":  # the scales belong to their weights: read with them, never mapped alone
-        drop = set(scales.values())  # every key ending in FP8_SCALE
-        kept = list(filterfalse(drop.__contains__, source.tensors))  # in order, at C speed
-        tensors = dict(zip(kept, map(source.tensors.__getitem__, kept), strict=True))
-        source = dataclasses.replace(source, tensors=tensors)
+        source = dataclasses.replace(
+            source, tensors={k: v for k, v in source.tensors.items() if not k.endswith(FP8_SCALE)})
 
     # -- towers, and decoder layers by prefix ------------------------------------------------------------
     tower_keys: dict[str, list[str]] = {}
@@ -525,12 +505,11 @@ def infer(source: Source) -> Layout:
     fold_cache: dict[frozenset[str], Folded] = {}
     layer_root = layers_at + "{layer}."
     buffers: list[str] = []  # derived buffers (rotary_emb.inv_freq): carried through, never converted
-    has_buffers = any(b in joined for b in DERIVED_BUFFERS)  # False: no layer holds one (no pass over its keys)
     for i in main_ids:
         problems: list[Problem] = []
         sliding = bool(layer_types and i < len(layer_types) and layer_types[i] == "sliding_attention")
         suffixes = layer_suffixes[i]
-        if has_buffers and not DERIVED_BUFFERS.isdisjoint(suffixes):  # rare: only then a pass over the layer's keys
+        if not DERIVED_BUFFERS.isdisjoint(suffixes):  # rare: only then two passes over the layer's keys
             buffers.extend(f"{layers_at}{i}.{x}" for x in suffixes if x in DERIVED_BUFFERS)
             suffixes = [x for x in suffixes if x not in DERIVED_BUFFERS]
         results[i] = classify_layer(
@@ -551,8 +530,7 @@ def infer(source: Source) -> Layout:
     _check_layers(results, main_ids, n_cfg, layer_types, cfg, layer_root, findings)
 
     # -- MTP ----------------------------------------------------------------------------------------------
-    mtp, mtp_leftover = _mtp(source, cfg, ctx, prefix, layers_at, layer_suffixes, extra, n_main, claim, findings,
-                             has_mtp="mtp" in joined)
+    mtp, mtp_leftover = _mtp(source, cfg, ctx, prefix, layers_at, layer_suffixes, extra, n_main, claim, findings)
     leftover.extend(mtp_leftover)
 
     # -- unclassified -------------------------------------------------------------------------------------
@@ -816,14 +794,10 @@ def _mtp(
     n_main: int | None,
     claim: Callable[[str | None], str | None],
     findings: Findings,
-    *,
-    has_mtp: bool = True,
 ) -> tuple[MTP | None, list[str]]:
-    """Find MTP in one of three schemes; returns the node and the MTP keys left unclassified. ``has_mtp``: False
-    when no key contains "mtp" (known from the joined keys: no pass over them)."""
+    """Find MTP in one of three schemes; returns the node and the MTP keys left unclassified."""
     declared = cfg.int(*MTP_COUNT_KEYS) or 0
-    # every MTP scheme's keys but extra_layers contain "mtp"
-    keys = [k for k in source.tensors if "mtp" in k] if has_mtp else []
+    keys = [k for k in source.tensors if "mtp" in k]  # every MTP scheme's keys but extra_layers contain "mtp"
     per_depth: dict[int, list[str]] = {}
     scheme = ""
     root = ""

@@ -100,8 +100,8 @@ def read_json(path: Path, *, display: str, what: str, hint: str = "") -> Any:
         doc = json.loads(text)
         # Each key of the text is followed by exactly one ':' outside any string, so the text's colons bound the
         # number of keys from above; when the parsed objects hold that many, no key repeated (json.loads would
-        # have kept only the last). Otherwise (a repeat, or colons inside strings) parse again and find out:
-        # the hook costs about as much as the parse, so it runs only then.
+        # have kept only the last). Otherwise (a repeat, or colons inside strings) parse again and find out: the
+        # hook (a tuple per key, a second dict per object) costs more than counting, so it runs only then.
         if text.count(":") != _key_count(doc):
             doc = json.loads(text, object_pairs_hook=unique)
     except json.JSONDecodeError as exc:
@@ -161,7 +161,7 @@ def parse_config(obj: Any, *, display: str) -> dict[str, Any]:
 def parse_index(obj: Any, *, display: str) -> tuple[dict[str, str], dict[str, Any]]:
     """Validate an index document; return (weight_map, metadata)."""
     wm = obj.get("weight_map") if isinstance(obj, dict) else None
-    if not isinstance(wm, dict) or not _all_str(wm):
+    if not isinstance(wm, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in wm.items()):
         raise MapgenError(
             Diagnostic(
                 "error",
@@ -173,13 +173,6 @@ def parse_index(obj: Any, *, display: str) -> tuple[dict[str, str], dict[str, An
         )
     meta = obj.get("metadata") if isinstance(obj, dict) else None
     return wm, meta if isinstance(meta, dict) else {}
-
-
-def _all_str(mapping: dict[Any, Any]) -> bool:
-    """Every key and value is a ``str`` (by type at C speed; ``isinstance`` decides only if a type is not ``str``)."""
-    if {str}.issuperset(map(type, mapping)) and {str}.issuperset(map(type, mapping.values())):
-        return True
-    return all(isinstance(k, str) and isinstance(v, str) for k, v in mapping.items())
 
 
 _WINDOWS_DRIVE = re.compile(r"^[A-Za-z]:")
@@ -210,7 +203,7 @@ def _tensor_infos(
     """Key -> TensorInfo; shards without a header share one record (scanning 20k keys stays cheap)."""
     bare = {shard: TensorInfo(shard) for shard in shards if shard not in header_by_shard}
     if not header_by_shard:
-        return dict(zip(weight_map, map(bare.__getitem__, weight_map.values()), strict=True))
+        return {key: bare[shard] for key, shard in weight_map.items()}
     tensors: dict[str, TensorInfo] = {}
     for key, shard in weight_map.items():
         header = header_by_shard.get(shard)
