@@ -31,6 +31,7 @@ import torch.distributed as dist
 from mapgen import __version__
 from mapgen.contract.bridge import Bridge
 from mapgen.contract.expand import Instance, tower_keys
+from mapgen.contract.fingerprint import dequantized
 from mapgen.contract.hf_config import HFConfig
 from mapgen.contract.spec import ModelSpec
 from mapgen.errors import Diagnostic, MapgenError, error
@@ -51,7 +52,7 @@ from mapgen.runtime.hfio import (
     staging_dir,
     write_safetensors,
 )
-from mapgen.runtime.quant import BlockFp8, DequantizingReader, reader_for, requantize
+from mapgen.runtime.quant import BlockFp8, DequantizingReader, Format, Mxfp4, Mxfp4Reader, reader_for, requantize
 
 MAPGEN_META = "mapgen.json"
 DEFAULT_SHARD_BYTES = 5 * 1024**3
@@ -83,9 +84,9 @@ class HFSource:
     dtypes: dict[str, str] = field(default_factory=dict)
     shard_metadata: dict[str, dict[str, str]] = field(default_factory=dict)
     single_file: bool = False
-    # block-scaled FP8 weights, dequantized while read (mapgen.runtime.quant); ``dtypes`` then holds the
-    # dequantized dtype of each such weight, ``stored_dtypes`` what is on disk
-    quant: BlockFp8 | None = None
+    # block-scaled FP8 weights or MXFP4 experts, dequantized while read (mapgen.runtime.quant); ``dtypes`` then
+    # holds the dequantized dtype of each such tensor (by the model's name), ``stored_dtypes`` what is on disk
+    quant: Format | None = None
     stored_dtypes: dict[str, str] = field(default_factory=dict)
 
     @classmethod
@@ -120,17 +121,21 @@ class HFSource:
         reader = SafetensorsReader(root, weight_map)
         shard_meta = {shard: reader.header_metadata(shard) for shard in dict.fromkeys(weight_map.values())}
         reader.close()
-        quant, stored = None, dict(dtypes)
+        quant: Format | None = None
+        stored = dict(dtypes)
+        out = CONFIG_DTYPES.get(str(layout.config.get("torch_dtype") or layout.config.get("dtype")), torch.bfloat16)
         if layout.quantization == "fp8_block":
-            out = CONFIG_DTYPES.get(str(layout.config.get("torch_dtype") or layout.config.get("dtype")),
-                                    torch.bfloat16)
             quant = BlockFp8.from_checkpoint(layout.config, weight_map, out_dtype=out)
             dtypes = {k: v for k, v in dtypes.items() if k not in quant.scales.values()}
             dtypes.update(dict.fromkeys(quant.scales, TORCH_TO_ST[out]))
+        elif layout.quantization == "mxfp4":
+            quant = Mxfp4.from_keys(weight_map, out_dtype=out)
+            dtypes = {k: v for k, v in dtypes.items() if k not in quant.stored}
+            dtypes.update(dict.fromkeys(quant.pairs, TORCH_TO_ST[out]))
         return cls(root, layout, weight_map, dict(src.index_metadata), dtypes, shard_meta,
                    single_file=not (root / INDEX_NAME).is_file(), quant=quant, stored_dtypes=stored)
 
-    def reader(self, dtype: torch.dtype | None = None) -> SafetensorsReader | DequantizingReader:
+    def reader(self, dtype: torch.dtype | None = None) -> SafetensorsReader | DequantizingReader | Mxfp4Reader:
         """A reader of this checkpoint's tensors as the model uses them: FP8 weights dequantized into ``dtype``
         (the Megatron parameters' dtype: ``fp32(q) * scale`` is rounded once, to what the model holds)."""
         quant = self.quant
@@ -146,11 +151,21 @@ class HFSource:
                                 "dtypes": self.dtypes, "shard_metadata": self.shard_metadata,
                                 "single_file": self.single_file}
         if self.quant is not None and quantized:
-            meta["quantize"] = list(self.quant.block)
+            meta["quantize"] = "mxfp4" if isinstance(self.quant, Mxfp4) else list(self.quant.block)
         elif self.quant is not None:
-            scales = set(self.quant.scales.values())
-            meta["weight_map"] = {k: v for k, v in self.weight_map.items() if k not in scales}
+            meta["weight_map"] = self.model_weight_map
         return meta
+
+    @property
+    def model_weight_map(self) -> dict[str, str]:
+        """The weight map as the model names the tensors: without FP8 scales, each MXFP4 pair as its ``X`` (in
+        the blocks' shard)."""
+        if self.quant is None:
+            return self.weight_map
+        keys = self.quant.model_keys(self.weight_map)
+        shard = {x: self.weight_map[b] for x, (b, _) in self.quant.pairs.items()} if isinstance(
+            self.quant, Mxfp4) else {}
+        return {k: shard.get(k) or self.weight_map[k] for k in keys}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -335,12 +350,14 @@ def preflight(source_path: str | None, par: Parallel, world: int, *, out: Path |
 
 
 def build(binding: Binding, par: Parallel, *, device: Literal["cpu", "meta", "cuda"] = "cpu",
-          initialize: bool = True, dtypes: DtypePlan | None = None) -> torch.nn.Module:
-    """This rank's Megatron model, in ``dtypes`` (default: fp32 everywhere)."""
+          initialize: bool = True, dtypes: DtypePlan | None = None, vocab_tp: int | None = None) -> torch.nn.Module:
+    """This rank's Megatron model, in ``dtypes`` (default: fp32 everywhere). ``vocab_tp``: the TP size whose
+    vocabulary padding to build (a checkpoint's, when it was written at another TP; default ``par.tp``)."""
     from mapgen.runtime.megatron import build_model, set_param_dtypes
 
     dtypes = dtypes or DtypePlan("float32", "float32", ())
-    model: torch.nn.Module = build_model(model_spec_for_parallel(binding.spec, par), device=device,
+    padding = par if vocab_tp is None else Parallel(tp=vocab_tp)
+    model: torch.nn.Module = build_model(model_spec_for_parallel(binding.spec, padding), device=device,
                                          initialize=initialize, params_dtype=dtypes.params_dtype)
     set_param_dtypes(model, dtypes.override_map(), dtypes.params_dtype)
     return model
@@ -585,29 +602,25 @@ def stream_hf(models: list[torch.nn.Module] | torch.nn.Module, binding: Binding,
                                                    target.get("force_dtype")))
 
 
-def _requantizer(target: Mapping[str, Any], root: Path | None) -> tuple[BlockFp8, SafetensorsReader] | None:
-    """For a target that asks for block-scaled FP8 (``to_meta(quantized=True)``): the format and a reader of the
-    source's scales."""
+def _requantizer(target: Mapping[str, Any], root: Path | None) -> tuple[Format, SafetensorsReader] | None:
+    """For a target that asks for the source's quantization (``to_meta(quantized=True)``: block-scaled FP8 or
+    MXFP4): the format and a reader of the source's scales."""
     block = target.get("quantize")
     if not block:
         return None
     if root is None:
-        raise error("export.quantize-needs-fp8-source", "--quantize reuses the source's FP8 tiles and scales",
-                    hint="pass --source with the FP8 checkpoint")
+        raise error("export.quantize-needs-fp8-source", "--quantize reuses the source's scales (FP8 tiles, MXFP4 "
+                    "groups)", hint="pass --source with the quantized checkpoint")
     weight_map = target["weight_map"]
-    return BlockFp8((int(block[0]), int(block[1])), fp8_scales(weight_map)), SafetensorsReader(root, weight_map)
+    fmt: Format = Mxfp4.from_keys(weight_map) if block == "mxfp4" else BlockFp8(
+        (int(block[0]), int(block[1])), fp8_scales(weight_map))
+    return fmt, SafetensorsReader(root, weight_map)
 
 
 def written_config(layout: Layout, target: Mapping[str, Any]) -> dict[str, Any]:
     """The ``config.json`` of an exported checkpoint: the source's, less a ``quantization_config`` whose weights
-    are written dequantized (block-scaled FP8 without ``--quantize``)."""
-    config = dict(layout.config)
-    if layout.quantization == "fp8_block" and not target.get("quantize"):
-        config.pop("quantization_config", None)
-        text = config.get("text_config")
-        if isinstance(text, dict) and "quantization_config" in text:
-            config["text_config"] = {k: v for k, v in text.items() if k != "quantization_config"}
-    return config
+    are written dequantized (block-scaled FP8 or MXFP4 without ``--quantize``)."""
+    return dict(layout.config if target.get("quantize") else dequantized(layout).config)
 
 
 def export_hf(models: list[torch.nn.Module] | torch.nn.Module, binding: Binding, out: Path, *,
@@ -881,7 +894,7 @@ def dry_run_export(ckpt: Path, par: Parallel, *, source_path: str | None = None)
     meta = read_megatron_meta(ckpt) if (ckpt / MAPGEN_META).is_file() else {}
     if source_path:
         source = HFSource.open(source_path)
-        layout, weight_map = source.layout, source.weight_map
+        layout, weight_map = source.layout, source.model_weight_map
     else:
         meta = read_megatron_meta(ckpt)
         layout = layout_from_json(json.dumps(meta["layout"]))
@@ -980,7 +993,7 @@ def read_megatron_meta(ckpt: Path) -> dict[str, Any]:
 
 
 def _export_streaming(binding: Binding, release: Path, out: Path, target: Mapping[str, Any], root: Path | None,
-                      dtypes: DtypePlan, overwrite: bool) -> Stats:
+                      dtypes: DtypePlan, overwrite: bool, vocab_tp: int | None = None) -> Stats:
     """SPMD Megatron dist checkpoint -> HF without a model: the output shard files of ``target``'s weight map
     are dealt round-robin to the ranks; each rank reads, for one output shard at a time, just the Megatron
     entries that shard needs (:func:`mapgen.runtime.megatron.load_dist_entries`, resharded from any saved
@@ -992,7 +1005,7 @@ def _export_streaming(binding: Binding, release: Path, out: Path, target: Mappin
     start = time.perf_counter()
     coords = Coords.current()
     layout = binding.layout
-    model = build(binding, Parallel(), device="meta", dtypes=dtypes)
+    model = build(binding, Parallel(), device="meta", dtypes=dtypes, vocab_tp=vocab_tp)
     local_of: dict[str, str] = {}
     for local, glob in local_to_global(model).items():
         local_of.setdefault(glob, local)
@@ -1025,8 +1038,9 @@ def _export_streaming(binding: Binding, release: Path, out: Path, target: Mappin
                 if n % coords.world != coords.rank:
                     continue
                 keys = [k for k, s in weight_map.items() if s == shard]
-                keyset = set(keys)
-                insts = list({id(i): i for k in keys for i in producers.get(k, [])}.values())
+                wanted = fp8[0].model_keys(keys) if fp8 is not None else keys  # MXFP4 X for X_blocks/_scales
+                keyset = set(wanted)
+                insts = list({id(i): i for k in wanted for i in producers.get(k, [])}.values())
                 loaded = load_dist_entries(model, release, {local_of[i.megatron] for i in insts})
                 tensors: dict[str, torch.Tensor] = {}
                 packed: dict[str, dict[int, torch.Tensor]] = {}
@@ -1112,7 +1126,8 @@ def export_megatron(ckpt: Path, out: Path, par: Parallel, *, source_path: str | 
     the output shards (:func:`_export_streaming`); otherwise the model is loaded and gathered to rank 0.
     The model is built in the dtypes ``mapgen.json`` records (fp32 without one: exact for any float
     checkpoint); HF tensors are written in the source's dtypes, or all floating ones in ``dtype``.
-    ``quantize``: block-scaled FP8 weights are written as the source stores them (its tiles and scales). A
+    ``quantize``: block-scaled FP8 weights and MXFP4 experts are written as the source stores them (its tiles
+    and scales, its blocks and scales). A
     bridge without its numerical proof is refused unless ``allow_unproven_numerics`` or the checkpoint's
     ``mapgen.json`` records that its conversion was allowed."""
     from mapgen.runtime._safeload import check_dist_checkpoint
@@ -1122,10 +1137,11 @@ def export_megatron(ckpt: Path, out: Path, par: Parallel, *, source_path: str | 
     source = HFSource.open(source_path) if source_path else None
     if quantize and (source is None or source.quant is None):
         raise error("export.quantize-needs-fp8-source",
-                    "--quantize writes weights in the source's block-scaled FP8 format" + (
-                        ", but the source is not block-scaled FP8" if source is not None else
-                        ": pass --source with that FP8 checkpoint (its tiles and scales are reused)"),
-                    file=str(source_path or ckpt), expected="a source with quantization_config.quant_method 'fp8'")
+                    "--quantize writes weights in the source's quantized format (block-scaled FP8, MXFP4)" + (
+                        ", but the source is not quantized" if source is not None else
+                        ": pass --source with that checkpoint (its scales are reused)"),
+                    file=str(source_path or ckpt),
+                    expected="a source with quantization_config.quant_method 'fp8' or 'mxfp4'")
     if source is not None:
         layout, target, root = source.layout, source.to_meta(quantized=quantize), source.root
     else:
@@ -1147,15 +1163,19 @@ def export_megatron(ckpt: Path, out: Path, par: Parallel, *, source_path: str | 
     binding = bind(layout, bridge)
     check_parallel(binding.spec, par, world_from_env())
     release = ckpt / "release" if (ckpt / "release").is_dir() else ckpt
+    # the vocabulary padding the checkpoint was written with (Megatron-LM's: a multiple of 128 * TP), so that a
+    # vocabulary of 128 * odd rows written at TP=2 loads at TP=1
+    saved = recorded.get("parallel")
+    vocab_tp = int(saved["tp"]) if isinstance(saved, dict) and isinstance(saved.get("tp"), int) else None
     if streaming and target.get("weight_map"):
         check_dist_checkpoint(release)  # megatron/torch unpickle .metadata and common.pt: data types only
         with parallel_context(Parallel()):  # every rank sees the whole (TP=1) model on meta; DP = the world
             log(f"mapgen export: {ckpt} -> {out} (streaming, {world_from_env()} rank(s))")
-            return _export_streaming(binding, release, Path(out), target, root, dtypes, overwrite)
+            return _export_streaming(binding, release, Path(out), target, root, dtypes, overwrite, vocab_tp)
     with parallel_context(par):
         log(f"mapgen export: {ckpt} -> {out} ({par.describe()}, in memory)")
         # every tensor comes from the checkpoint (strict load)
-        model = build(binding, par, initialize=False, dtypes=dtypes)
+        model = build(binding, par, initialize=False, dtypes=dtypes, vocab_tp=vocab_tp)
         check_dist_checkpoint(release)  # megatron/torch unpickle .metadata and common.pt: data types only
         load_dist_checkpoint(model, release)
         stats = export_hf(model, binding, Path(out), target=target, source_root=root, overwrite=overwrite)

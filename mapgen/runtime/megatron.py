@@ -199,6 +199,9 @@ def check_divisibility(
         need("num_moe_experts", spec.num_moe_experts, ep, "ep")
         need("moe_ffn_hidden_size", spec.moe_ffn_hidden_size or spec.ffn_hidden_size, etp, "etp")
         need("moe_shared_expert_intermediate_size", spec.moe_shared_expert_intermediate_size, tp, "tp")
+        if spec.add_bias_linear and etp > 1:  # transformer_config.py: "Bias in Moe is only supported when ETP==1"
+            errors.append(f"etp={etp}: megatron-core builds biased experts (add_bias_linear) only at expert-TP 1 "
+                          "(pass --etp 1; with --tp > 1 and --ep 1 the experts are then whole on every rank)")
     elif ep > 1:
         errors.append(f"ep={ep}: expert parallelism needs MoE layers; this model has none (use --ep 1)")
     need("num_layers", spec.num_layers, pp, "pp")
@@ -432,6 +435,18 @@ def _attention_kwargs(spec: ModelSpec) -> dict[str, Any]:
         kw["mrope_section"] = list(spec.mrope_section)
     if spec.softmax_scale is not None:
         kw["softmax_scale"] = spec.softmax_scale
+    if spec.softmax_type != "vanilla":  # gpt-oss sinks: DotProductAttention.softmax_offset, one logit per head
+        kw["softmax_type"] = spec.softmax_type
+    if spec.position_embedding_type == "yarn":  # read by GPTModel and SelfAttention from the config (_yarn.py)
+        kw.update(
+            yarn_rotary_scaling_factor=spec.yarn_scaling_factor,
+            yarn_original_max_position_embeddings=spec.yarn_original_max_position_embeddings,
+            yarn_beta_fast=spec.yarn_beta_fast,
+            yarn_beta_slow=spec.yarn_beta_slow,
+            yarn_mscale=spec.yarn_mscale,
+            yarn_mscale_all_dim=spec.yarn_mscale_all_dim,
+            yarn_correction_range_round_to_int=spec.yarn_truncate,
+        )
     return kw
 
 
@@ -487,6 +502,10 @@ def transformer_config(
         from megatron.core.transformer import MLATransformerConfig
 
         config_class = MLATransformerConfig
+    elif "yarn_rotary_scaling_factor" in kw:
+        from mapgen.runtime._yarn import YarnTransformerConfig
+
+        config_class = YarnTransformerConfig
     return config_class(
         num_layers=spec.num_layers,
         hidden_size=spec.hidden_size,
@@ -503,6 +522,8 @@ def transformer_config(
         layernorm_zero_centered_gamma=spec.layernorm_zero_centered_gamma,
         gated_linear_unit=spec.gated_linear_unit,
         activation_func=activation_func(spec.activation),
+        glu_linear_offset=spec.glu_linear_offset,
+        activation_func_clamp_value=spec.activation_func_clamp_value,
         mtp_num_layers=spec.mtp_num_layers or None,
         hidden_dropout=0.0,
         attention_dropout=0.0,
