@@ -6,10 +6,10 @@ Pure: no file access beyond the committed defaults table (read once), no torch, 
 from __future__ import annotations
 
 import json
+import pkgutil
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import cache
-from importlib import resources
 from typing import Any
 
 from mapgen.catalog.fields import BRIDGE_READS, NESTED_INDEX, SEMANTIC_FALLBACKS, TOP_INDEX, bridge_value
@@ -25,8 +25,12 @@ TEXT_CONFIG = "text_config"
 def transformers_defaults() -> dict[str, Any]:
     """The committed table ``{"transformers_version", "model_types": {model_type: {key: default}},
     "text_model_types": {model_type: text model_type}}`` (``tests/regen_catalog_defaults.py`` writes it)."""
-    text = resources.files("mapgen.catalog").joinpath(DEFAULTS_FILE).read_text(encoding="utf-8")
-    data: dict[str, Any] = json.loads(text)
+    # pkgutil, not importlib.resources: the same package data (also from a zip), without importing tempfile,
+    # shutil and the compression modules into every scan
+    raw = pkgutil.get_data("mapgen.catalog", DEFAULTS_FILE)
+    if raw is None:  # a loader that cannot read package data
+        raise FileNotFoundError(f"mapgen.catalog/{DEFAULTS_FILE}")
+    data: dict[str, Any] = json.loads(raw.decode("utf-8"))
     return data
 
 

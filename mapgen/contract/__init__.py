@@ -15,26 +15,30 @@ and nothing here imports torch or megatron-core. Generated bridge modules import
 
 from __future__ import annotations
 
-from mapgen.contract.bridge import Bridge
-from mapgen.contract.config import Facts
-from mapgen.contract.hf_config import HFConfig
-from mapgen.contract.rules import Rule
-from mapgen.contract.spec import ModelSpec
-from mapgen.contract.table import (
-    Group,
-    OpSpec,
-    copy,
-    duplicate,
-    experts_fc1,
-    experts_fc2,
-    gated_fc1,
-    gdn_conv1d,
-    gdn_in_proj,
-    mtp_eh_proj,
-    op,
-    qkv,
-)
-from mapgen.ir import Layout
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from mapgen.contract.bridge import Bridge
+    from mapgen.contract.config import Facts
+    from mapgen.contract.hf_config import HFConfig
+    from mapgen.contract.rules import Rule
+    from mapgen.contract.spec import ModelSpec
+    from mapgen.contract.table import (
+        Group,
+        OpSpec,
+        copy,
+        duplicate,
+        experts_fc1,
+        experts_fc2,
+        gated_fc1,
+        gdn_conv1d,
+        gdn_in_proj,
+        mtp_eh_proj,
+        op,
+        qkv,
+    )
+    from mapgen.ir import Layout
 
 __all__ = [
     "Bridge",
@@ -56,3 +60,25 @@ __all__ = [
     "op",
     "qkv",
 ]
+
+# Where each name above lives. Imported on first use (PEP 562), so a module that needs one submodule (scan's
+# config catalog reads hf_config and routing) does not build the ModelSpec, rule and table dataclasses too.
+_HOME = {
+    "Bridge": "mapgen.contract.bridge",
+    "Facts": "mapgen.contract.config",
+    "HFConfig": "mapgen.contract.hf_config",
+    "Rule": "mapgen.contract.rules",
+    "ModelSpec": "mapgen.contract.spec",
+    "Layout": "mapgen.ir",
+    **dict.fromkeys(("Group", "OpSpec", "copy", "duplicate", "experts_fc1", "experts_fc2", "gated_fc1", "gdn_conv1d",
+                     "gdn_in_proj", "mtp_eh_proj", "op", "qkv"), "mapgen.contract.table"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    home = _HOME.get(name)
+    if home is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(home), name)
+    globals()[name] = value  # once: later lookups are plain attribute reads
+    return value

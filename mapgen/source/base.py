@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -97,7 +97,13 @@ def read_json(path: Path, *, display: str, what: str, hint: str = "") -> Any:
         return obj
 
     try:
-        doc = json.loads(text, object_pairs_hook=unique)
+        doc = json.loads(text)
+        # Each key of the text is followed by exactly one ':' outside any string, so the text's colons bound the
+        # number of keys from above; when the parsed objects hold that many, no key repeated (json.loads would
+        # have kept only the last). Otherwise (a repeat, or colons inside strings) parse again and find out: the
+        # hook (a tuple per key, a second dict per object) costs more than counting, so it runs only then.
+        if text.count(":") != _key_count(doc):
+            doc = json.loads(text, object_pairs_hook=unique)
     except json.JSONDecodeError as exc:
         raise MapgenError(
             Diagnostic(
@@ -120,6 +126,22 @@ def read_json(path: Path, *, display: str, what: str, hint: str = "") -> Any:
             )
         )
     return doc
+
+
+def _key_count(doc: Any) -> int:
+    """How many object keys ``doc`` (parsed JSON) holds, nested objects included. The values of a flat object (a
+    weight map) are looked at by type only, in one pass at C speed."""
+    values: Iterable[Any]
+    if isinstance(doc, dict):
+        count, values = len(doc), doc.values()
+    elif isinstance(doc, list):
+        count, values = 0, doc
+    else:
+        return 0
+    kinds = set(map(type, values))
+    if dict in kinds or list in kinds:
+        count += sum(map(_key_count, values))
+    return count
 
 
 def parse_config(obj: Any, *, display: str) -> dict[str, Any]:
