@@ -237,6 +237,17 @@ def test_afmoe_is_classified_and_refused(tmp_path: Path) -> None:
                for d in err.value.diagnostics for code in (d.code,))
 
 
+def test_laguna_gate_is_classified_and_refused(tmp_path: Path) -> None:
+    """Laguna: a softplus output gate g_proj beside attention and the score-correction bias under experts.:
+    classified, the gate refused by name (megatron-core's output gate is a sigmoid read from linear_qkv)."""
+    layout = scan(str(_built(tmp_path, "laguna")))
+    assert not layout.unclassified
+    with pytest.raises(MapgenError) as err:
+        plan(layout)
+    assert {(d.code, d.key) for d in err.value.diagnostics} == {
+        ("plan.unsupported", "model.layers.{layer}.self_attn.g_proj.weight")}
+
+
 def test_axk1_post_mlp_norm_is_classified_and_refused(tmp_path: Path) -> None:
     """A.X-K1 stores post_mlp_layernorm beside its MoE layers: the block is classified and refused by name."""
     layout = scan(str(_built(tmp_path, "axk1")))

@@ -37,7 +37,8 @@ ATTENTION = Family(
         Slot("sinks", ("sinks", "softmax_offset", "attention_sink_bias")),  # Flint, MiMo-V2-Flash spellings
         # -- recognised so that scan classifies every key, refused by the planner (UNBUILDABLE) ----------------
         Slot("sub_norm", ("attn_sub_norm.weight",), init="norm"),  # BitNet: a norm before o_proj
-        Slot("gate_sep", ("gate_proj.weight",)),  # AFMoE: o_proj(attn * sigmoid(gate_proj(x))), a separate gate
+        # AFMoE: o_proj(attn * sigmoid(gate_proj(x))); Laguna: attn * softplus(g_proj(x)) (per head or element)
+        Slot("gate_sep", ("gate_proj.weight", "g_proj.weight")),
         Slot("lambda_q1", ("lambda_q1",)),  # DiffLlama differential attention
         Slot("lambda_k1", ("lambda_k1",)),
         Slot("lambda_q2", ("lambda_q2",)),
@@ -184,9 +185,9 @@ def plan(c: Component, p: Planner, mroot: str, hroot: str, domain: str, name: st
     if lacks:
         return
     if c.key("gate_sep"):
-        p.unsupported("a separate attention output-gate projection (AFMoE self_attn.gate_proj; megatron-core's "
-                      "attention_output_gate reads the gate from linear_qkv, and mapgen has no rule that moves it "
-                      "there)", hroot + str(c.key("gate_sep")))
+        p.unsupported("a separate attention output-gate projection (AFMoE gate_proj with a sigmoid, Laguna g_proj "
+                      "with a softplus; megatron-core's attention_output_gate is a sigmoid gate read from linear_qkv, "
+                      "and mapgen has no rule that moves one there)", hroot + str(c.key("gate_sep")))
         return
     q, k, v, o = c.key("q"), c.key("k"), c.key("v"), c.key("o")
     if c.flag("conv1d") == "undeclared":

@@ -31,7 +31,8 @@ MOE = Family(
         Slot("router", ("gate.weight", "router.weight", "router.layer.weight", "gate.wg.weight", "router.gate.weight")),
         Slot("router_bias", ("gate.bias", "router.bias")),
         # Sarvam-MoE: gate.expert_bias; HY-V3, AFMoE: expert_bias beside router.gate
-        Slot("expert_bias", ("gate.e_score_correction_bias", "gate.expert_bias", "expert_bias")),
+        Slot("expert_bias", ("gate.e_score_correction_bias", "gate.expert_bias", "expert_bias",
+                             "experts.e_score_correction_bias")),  # Laguna: under experts.
         Slot("output_bias", ("bias",)),  # JetMoE: a bias added to the MoE block's output (refused)
     ),
     variants=(Variant("routed", ("router",), ("router_bias", "expert_bias", "output_bias")),),
