@@ -171,6 +171,7 @@ REFUSED: dict[str, tuple[set[str], set[str] | None]] = {
     "kolibri1": ({"norm_topk_prob"}, {"model.layers.{layer}.post_attn_norm.weight"}),  # GLM-4-style output norms
     "flint": ({"model_type.nope-full-attention-layers"}, None),  # sinks (softmax_offset) classified; NoPE refused
     "hy_v3": ({"enable_moe_fp32_combine", "router_scaling_factor"}, None),  # router.gate, expert_bias, shared_mlp
+    "aria_text": ({"moe_num_experts"}, None),  # experts.fc1/fc2 packed [E, in, out]; its expert-count spelling
     "cohere": ({"logit_scale", "model_type.interleaved-rope", "model_type.layernorm", "model_type.parallel-block"},
                {"model.layers.{layer}.input_layernorm.weight"}),
     "vaultgemma": ({"attn_logit_softcapping", "final_logit_softcapping", "model_type.embedding-scale",

@@ -49,8 +49,9 @@ EXPERTS = Family(
     # Packed storage; the per-expert variant reuses the dense MLP's spellings under ``experts.{expert}.``.
     slots=(
         # GraniteMoE ParallelExperts: input_linear [E, 2I, H] = [gate; up] per expert, output_linear [E, H, I]
-        Slot("gate_up", ("gate_up_proj", "input_linear.weight")),
-        Slot("down", ("down_proj", "output_linear.weight")),
+        # Aria: experts.fc1.weight [E, H, 2I] (gate then up), experts.fc2.weight [E, I, H] (conversion_mapping.py)
+        Slot("gate_up", ("gate_up_proj", "input_linear.weight", "fc1.weight")),
+        Slot("down", ("down_proj", "output_linear.weight", "fc2.weight")),
         Slot("gate_up_bias", ("gate_up_proj_bias",)),
         Slot("down_bias", ("down_proj_bias",)),
         Slot("gate_up_blocks", ("gate_up_proj_blocks",)),

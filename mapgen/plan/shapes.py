@@ -69,7 +69,8 @@ def config_dims(config: Mapping[str, Any]) -> Dims:
     moe_intermediate = _int(hf, "moe_intermediate_size") or intermediate
     shared = _int(hf, "shared_expert_intermediate_size", "shared_intermediate_size")  # GraniteMoeShared
     if shared is None:
-        n_shared = _int(hf, "n_shared_experts", "num_shared_experts")  # HY-V3, AFMoE: num_shared_experts
+        # HY-V3, AFMoE: num_shared_experts; Aria: moe_num_shared_experts
+        n_shared = _int(hf, "n_shared_experts", "num_shared_experts", "moe_num_shared_experts")
         shared = n_shared * moe_intermediate if n_shared and moe_intermediate else intermediate
     gdn_values = [
         _int(hf, n)
