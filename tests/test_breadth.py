@@ -10,7 +10,9 @@
   ``embed_in``/``embed_out``) written by transformers converts and verifies at TP=2 (slow, distributed);
 * GPT-2 (``Conv1D`` weights stored ``[in, out]``, ``c_attn`` as [q; k; v] blocks, learned absolute positions
   ``wpe``) and a Llama with stored ``rotary_emb.inv_freq`` buffers verify at TP=2 too: opt-in
-  (``MAPGEN_MATRIX=full``), to keep CI's budget; their rules and refusals are checked here without a run.
+  (``MAPGEN_MATRIX=full``), to keep CI's budget; their rules and refusals are checked here without a run;
+* PP=2: GPT-2 (tied head across stages, learned positions) and GPT-NeoX (untied ``embed_out``) verify bitwise with
+  logits parity of megatron-core's pipelined forward (distributed); TP=2 x PP=2 opt-in.
 """
 
 from __future__ import annotations
@@ -154,6 +156,35 @@ def test_gpt_neox_verifies_at_tp2(tmp_path: Path) -> None:
     assert case.outcome == "verified", case.row()
     assert case.max_diff is not None
     assert case.max_diff <= ATOL
+
+
+# -- PP=2: first / last stage owning the embedding, learned positions, final norm, output layer --------------------
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.parametrize(("model_type", "overrides", "parallel"), [
+    # tied head: the last stage's output_layer is the first stage's word_embeddings (megatron-core keeps the
+    # copies in sync); learned positions (wpe) and Conv1D on the first stage
+    ("gpt2", {"n_inner": None}, ("--pp", "2")),
+    # untied embed_out on the last stage, LayerNorm final norm with bias, fused per-head query_key_value
+    ("gpt_neox", {"use_parallel_residual": False}, ("--pp", "2")),
+], ids=["gpt2-pp2", "gpt_neox-pp2"])
+def test_verifies_at_pp2(tmp_path: Path, model_type: str, overrides: dict[str, Any],
+                         parallel: tuple[str, ...]) -> None:
+    """``verify --pp 2``: the round trip bitwise and the logits of megatron-core's own pipelined forward (stage 0
+    sends its hidden states to stage 1, which broadcasts the logits back) against transformers."""
+    case = run_case(model_type, tmp_path, overrides=overrides, parallel=parallel)
+    assert case.outcome == "verified", case.row()
+    assert case.max_diff is not None
+    assert case.max_diff <= ATOL
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.skipif(not FULL, reason="opt-in: MAPGEN_MATRIX=full (about a minute, 4 ranks)")
+@pytest.mark.parametrize("model_type", ["gpt2", "starcoder2"])
+def test_verifies_at_tp2_pp2(tmp_path: Path, model_type: str) -> None:
+    case = run_case(model_type, tmp_path, parallel=("--tp", "2", "--pp", "2"))
+    assert case.outcome == "verified", case.row()
 
 
 # -- derived RoPE buffers (rotary_emb.inv_freq: LLaVA-1.5, older Llama exports) ---------------------------------
