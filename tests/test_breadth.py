@@ -187,6 +187,76 @@ def test_verifies_at_tp2_pp2(tmp_path: Path, model_type: str) -> None:
     assert case.outcome == "verified", case.row()
 
 
+# -- OPT: decoder prefix, fc1/fc2 directly in the layer, learned positions at position + 2 ---------------------------
+def test_opt_rules(tmp_path: Path) -> None:
+    """OPT as transformers writes it: every key classified; the position table rotated by its offset of 2 (the
+    Megatron table is 2 rows longer, nothing is dropped); LayerNorm eps 1e-5 from the model code (no config key)."""
+    from semantics_matrix import build
+
+    from mapgen.contract.config import model_spec
+    from mapgen.contract.hf_config import HFConfig
+
+    build("opt", tmp_path / "opt")
+    layout = scan(str(tmp_path / "opt"))  # headers read: embed_positions is checked [max_positions + 2, hidden]
+    assert not layout.unclassified
+    assert layout.language_model.prefix == "model.decoder."
+    group = layout.language_model.groups[0]
+    assert (group.block.key("input_norm"), group.block.key("post_attention_norm")) == (
+        "self_attn_layer_norm.weight", "final_layer_norm.weight")
+    assert (group.mlp.variant, group.mlp.key("fc1")) == ("plain", "fc1.weight")
+    bridge = plan(layout)
+    assert (bridge.facts.layernorm, bridge.facts.add_qkv_bias, bridge.facts.add_bias_linear) == (True, True, True)
+    spec = model_spec(HFConfig(layout.config), layout, bridge.facts)
+    assert spec.max_position_embeddings == layout.config["max_position_embeddings"] + 2
+    assert spec.norm_epsilon == 1e-5
+    assert spec.position_embedding_type == "learned_absolute"
+    (position,) = [r for r in bridge.rules if r.megatron == "embedding.position_embeddings.weight"]
+    assert (position.hf, position.option("roll")) == (("model.decoder.embed_positions.weight",), 2)
+
+
+def test_opt_position_roll_is_a_permutation() -> None:
+    """The roll op: Megatron row i is HF row i + 2; export rotates back bitwise (no row is dropped)."""
+    import torch
+
+    from mapgen import ops
+    from mapgen.contract.rules import Rule
+    from mapgen.contract.spec import ModelSpec
+
+    hf = torch.arange(10 * 3, dtype=torch.float32).reshape(10, 3)
+    rule = Rule(family="position_embedding", megatron="embedding.position_embeddings.weight", hf=("p",), op="copy",
+                sharding="replicated", domain="global", options=(("roll", 2),))
+    spec = ModelSpec(num_layers=1, hidden_size=3, num_attention_heads=1, num_query_groups=1, kv_channels=3,
+                     ffn_hidden_size=4, vocab_size=8, max_position_embeddings=10)
+    got = ops.load(rule, ("p",), spec, ops.Shard(0, 1), ops.DictReader({"p": hf}))
+    assert torch.equal(got[:8], hf[2:])
+    assert torch.equal(got[8:], hf[:2])
+    (frag,) = ops.save(rule, ("p",), spec, got)
+    assert torch.equal(frag.tensor, hf)
+
+
+@pytest.mark.parametrize(("overrides", "field"), [
+    ({"do_layer_norm_before": False}, "do_layer_norm_before"),  # OPT-350m: post-norm blocks
+    ({"word_embed_proj_dim": 32}, "word_embed_proj_dim"),  # project_in / project_out
+    ({"layer_norm_elementwise_affine": False}, "layer_norm_elementwise_affine"),
+])
+def test_opt_variants_megatron_cannot_build_are_refused_by_name(overrides: dict[str, Any], field: str) -> None:
+    from transformers import OPTConfig
+
+    config = OPTConfig(**overrides).to_dict()
+    report = check_config(config, file="config.json")
+    assert {(d.code, d.key) for d in report.errors} == {("semantics.unsupported", field)}
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_opt_verifies_at_tp2(tmp_path: Path) -> None:
+    """OPT (relu fc1/fc2 with biases, q/k/v/out_proj biases, LayerNorm with bias, tied head, positions + 2)."""
+    case = run_case("opt", tmp_path)
+    assert case.outcome == "verified", case.row()
+    assert case.max_diff is not None
+    assert case.max_diff <= ATOL
+
+
 # -- derived RoPE buffers (rotary_emb.inv_freq: LLaVA-1.5, older Llama exports) ---------------------------------
 def _add_inv_freq(ckpt: Path, scale: float = 1.0) -> None:
     """Store ``model.layers.<i>.self_attn.rotary_emb.inv_freq`` as transformers 4.x exports did (a shard of its

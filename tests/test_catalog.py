@@ -77,9 +77,9 @@ HELPER_TOP |= set(ROUTING_KEYS)  # the routing derivation (mapgen/contract/routi
 
 
 def test_mapped_rows_are_exactly_what_the_config_table_reads() -> None:
-    from mapgen.contract.config import CONFIG
+    from mapgen.contract.config import CONFIG, POSITION_READS
 
-    names = {n for row in CONFIG for n in row.hf}
+    names = {n for row in CONFIG for n in row.hf} | set(POSITION_READS[0])  # the position-table derivation
     top = {n for n in names if "." not in n} | HELPER_TOP
     nested: dict[str, set[str]] = {"rope_parameters": set(HELPER_ROPE), "rope_scaling": set(HELPER_ROPE)}
     for n in names:
@@ -95,10 +95,11 @@ def test_mapped_rows_are_exactly_what_the_config_table_reads() -> None:
 
 def test_bridge_reads_mirror_the_config_table() -> None:
     """BRIDGE_READS (names tried in order + fallback) equals the contract's config table field by field."""
-    from mapgen.contract.config import CONFIG, REQUIRED
+    from mapgen.contract.config import CONFIG, POSITION_READS, REQUIRED
     from mapgen.contract.spec import ModelSpec
 
     seen = {row.field: (row.hf, None if row.default is REQUIRED else row.default) for row in CONFIG if row.hf}
+    seen["max_position_embeddings"] = POSITION_READS  # a derivation: these reads plus OPT's position offset
     assert seen == BRIDGE_READS
     spec_fields = set(ModelSpec.__dataclass_fields__)
     for row in TOP:

@@ -31,7 +31,7 @@ _SIGMOID_ROUTER = ("sigmoid router", "top-k over sigmoid scores without an exper
                    "softmax router")
 
 # model_type -> ((fact, what megatron-core / the bridge lacks), ...). LayerNorm model types the bridge builds
-# (stablelm, stablelm_epoch, gpt_neox, gpt2, gpt_bigcode, starcoder2, persimmon, falcon: Facts.layernorm in
+# (stablelm, stablelm_epoch, gpt_neox, gpt2, gpt_bigcode, starcoder2, persimmon, falcon, opt: Facts.layernorm in
 # mapgen/families/model_types.py) are not listed; GPT-NeoX's parallel residual is a config value
 # (use_parallel_residual, refused in fields.py).
 FACTS: dict[str, tuple[tuple[str, str], ...]] = {
@@ -65,7 +65,6 @@ FACTS: dict[str, tuple[tuple[str, str], ...]] = {
     "gptj": (_LAYERNORM, _PARALLEL),
     "phi": (_LAYERNORM, _PARALLEL),
     "bloom": (_LAYERNORM,),
-    "opt": (_LAYERNORM,),
     "llama4": (_NOPE, _SIGMOID_ROUTER),
     "llama4_text": (_NOPE, _SIGMOID_ROUTER),
 }

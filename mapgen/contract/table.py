@@ -66,7 +66,8 @@ def copy(sharding: Sharding = "replicated", *, transform: Literal["none", "zero_
          dtype: Literal["fp32"] | None = None, shared: bool | None = None,
          orientation: Literal["in_out"] | None = None) -> OpSpec:
     """One tensor as is (``transform``: zero-centred norm weights; ``dtype``: kept in fp32; ``shared``: one HF
-    tensor serves every MTP depth; ``orientation='in_out'``: a GPT-2 Conv1D weight stored [in, out])."""
+    tensor serves every MTP depth; ``orientation='in_out'``: a GPT-2 Conv1D weight stored [in, out]). OPT's
+    rotated position table (``roll``) is spelled with :func:`op`."""
     return _spec("copy", sharding, transform=transform, dtype=dtype, shared=shared, orientation=orientation)
 
 

@@ -26,7 +26,7 @@ ATTENTION = Family(
         Slot("k_bias", ("k_proj.bias",)),
         Slot("v_bias", ("v_proj.bias",)),
         Slot("qkv_bias", ("qkv_proj.bias", "query_key_value.bias", "c_attn.bias")),
-        Slot("o_bias", ("o_proj.bias", "dense.bias", "c_proj.bias")),
+        Slot("o_bias", ("o_proj.bias", "dense.bias", "c_proj.bias", "out_proj.bias")),
         Slot("q_norm", ("q_norm.weight", "q_layernorm.weight"), init="norm"),
         Slot("k_norm", ("k_norm.weight", "k_layernorm.weight"), init="norm"),
         Slot("q_norm_bias", ("q_layernorm.bias",)),  # Persimmon: per-head LayerNorm QK norms (with bias)

@@ -25,6 +25,12 @@ class Facts:
     ``layernorm``: the block and final norms are ``nn.LayerNorm`` (mean-centred, with a bias tensor) in the model
     code, not RMSNorm: megatron-core ``normalization="LayerNorm"``. A norm bias in the keys of a model type without
     this fact is refused (a bias says LayerNorm, but not which LayerNorm).
+    ``position_offset``: the learned position table has this many rows before position 0 (OPT's
+    ``OPTLearnedPositionalEmbedding`` looks up ``position + 2``): the rule rotates the table by it (HF row ``i +
+    offset`` is Megatron row ``i``; the offset rows become Megatron's last rows, so export restores them exactly)
+    and the Megatron table is that many rows longer than ``max_position_embeddings``.
+    ``norm_epsilon``: the norms' epsilon the model code fixes when config.json has no key for it (OPT's
+    ``nn.LayerNorm(embed_dim)``: 1e-5; the bridge's fallback would be 1e-6).
     ``router``: the routing scheme transformers' modelling code implements for this model type's MoE router
     (:mod:`mapgen.contract.routing`); ``""``: not known, only the values that compute the bridge's historic
     router are accepted."""
@@ -35,6 +41,8 @@ class Facts:
     layernorm: bool = False
     conv1d: bool | None = None
     router: RouterScheme = ""
+    position_offset: int = 0
+    norm_epsilon: float | None = None
 
 
 _QWEN35 = Facts(packed=("out_in", False), zero_centered=True, output_gate=True, router="softmax_renorm")
@@ -80,6 +88,8 @@ MODEL_TYPES: dict[str, Facts] = {
     "gpt_bigcode": Facts(layernorm=True, conv1d=False),
     "starcoder2": Facts(layernorm=True, conv1d=False),
     "falcon": Facts(layernorm=True),  # its parallel blocks are refused by the planner (families/norms.py)
+    # nn.LayerNorm with bias everywhere, learned positions at position + 2 (modeling_opt.py)
+    "opt": Facts(layernorm=True, position_offset=2, norm_epsilon=1e-5),
 }
 
 _NONE = Facts()

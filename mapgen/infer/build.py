@@ -570,7 +570,9 @@ def infer(source: Source) -> Layout:
                          {"embedding": embedding, "final_norm": final_norm, "lm_head": lm_head,
                           "final_norm_bias": final_norm_bias, "position_embedding": position_embedding,
                           "lm_head_bias": lm_head_bias, "embedding_norm": embedding_norm,
-                          "embedding_norm_bias": embedding_norm_bias})
+                          "embedding_norm_bias": embedding_norm_bias},
+                         counts={"position_offset": facts_for(ctx.model_types).position_offset or None
+                                 if position_embedding else None})
     language_model = LanguageModel(prefix=prefix, top=top, groups=groups, num_layers=num_layers, mtp=mtp)
     mtp_declared = cfg.int(*MTP_COUNT_KEYS) or 0
     archs = source.config.get("architectures")

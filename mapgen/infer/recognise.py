@@ -373,4 +373,7 @@ def recognise_mlp(
         dense = recognise_dense(pool, p, ctx.model_types)
         if dense is not None:
             return dense
+    for p in DENSE_MLP_FAMILY.roots:  # dense-only roots (OPT: fc1/fc2 directly in the layer)
+        if p not in MOE.roots and (dense := recognise_dense(pool, p, ctx.model_types)) is not None:
+            return dense
     return None
