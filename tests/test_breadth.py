@@ -257,6 +257,93 @@ def test_opt_verifies_at_tp2(tmp_path: Path) -> None:
     assert case.max_diff <= ATOL
 
 
+# -- OLMo-2/3, OLMoE, FlexOlmo: post-norm-only blocks and QK norms over the whole projection -------------------------
+@pytest.mark.parametrize(("model_type", "post_norm"), [("olmo2", True), ("olmo3", True), ("olmoe", False),
+                                                       ("flex_olmo", True)])
+def test_olmo_layouts_are_classified_and_refused_by_name(tmp_path: Path, model_type: str, post_norm: bool) -> None:
+    """Every key is classified (q_norm sized [heads * head_dim], k_norm [kv_heads * head_dim]: a model-type fact,
+    not a shape error); the catalog and the planner both refuse what megatron-core lacks, by name."""
+    from semantics_matrix import build
+
+    build(model_type, tmp_path / model_type)
+    layout = scan(str(tmp_path / model_type))  # headers read: the QK-norm shapes are checked
+    assert not layout.unclassified
+    group = layout.language_model.groups[0]
+    assert group.mixer.flag("qk_norm_projection") is True
+    assert group.block.variant == ("post_norm" if post_norm else "pre_norm")
+    report = check_config(layout.config, file="config.json")
+    refused = {d.key for d in report.errors if d.code == "semantics.unsupported"}
+    assert "model_type.qk-norm-over-all-heads" in refused
+    assert ("model_type.post-norm-block" in refused) == post_norm
+    with pytest.raises(MapgenError) as err:
+        plan(layout)
+    lacks = {d.key: d.message for d in err.value.diagnostics if d.code == "plan.megatron-lacks"}
+    assert {d.code for d in err.value.diagnostics} == {"plan.megatron-lacks"}
+    assert "whole q / k projection" in lacks["model.layers.{layer}.self_attn.q_norm.weight"]
+    assert ("model.layers.{layer}.post_attention_layernorm.weight" in lacks) == post_norm
+    assert all("megatron-core" in m for m in lacks.values())
+
+
+# -- Baichuan (remote code only): W_pack [q; k; v] blocks; ALiBi (13B) and NormHead (Baichuan2) refused ----------
+BAICHUAN_7B = Path(__file__).resolve().parent / "fixtures" / "layouts" / "baichuan-7b"
+
+
+def test_baichuan_w_pack_is_declared_blocks() -> None:
+    from mapgen.families.attention import FUSED_QKV_LAYOUT
+
+    assert FUSED_QKV_LAYOUT["self_attn.W_pack.weight"] == "blocks"
+    layout = scan(str(BAICHUAN_7B))
+    assert not layout.unclassified
+    assert [t.name for t in layout.towers] == ["derived_rope_buffers"]  # inv_freq: checked, dropped, restored
+    mixer = layout.language_model.groups[0].mixer
+    assert (mixer.key("qkv"), mixer.flag("qkv_layout")) == ("self_attn.W_pack.weight", "blocks")
+    rules = {r.megatron.removeprefix("decoder.layers.{layer}."): r for r in plan(layout).rules}
+    qkv = rules["self_attention.linear_qkv.weight"]
+    assert (qkv.hf, qkv.sharding, qkv.option("layout")) == (("model.layers.{layer}.self_attn.W_pack.weight",),
+                                                            "qkv_groups", "blocks")
+    assert check_config(layout.config).ok
+
+
+@pytest.mark.parametrize(("changes", "facts"), [
+    ({}, set()),  # Baichuan-7B: RoPE from max_position_embeddings, plain lm_head
+    # Baichuan-13B: no max_position_embeddings, ALiBi from model_max_length
+    ({"max_position_embeddings": None, "model_max_length": 4096}, {"model_type.alibi"}),
+    ({"z_loss_weight": 0}, {"model_type.normhead"}),  # Baichuan2-7B: NormHead
+    ({"max_position_embeddings": None, "model_max_length": 4096, "z_loss_weight": 0},  # Baichuan2-13B
+     {"model_type.alibi", "model_type.normhead"}),
+])
+def test_baichuan_variants_megatron_cannot_build_are_refused_by_name(changes: dict[str, Any],
+                                                                      facts: set[str]) -> None:
+    config = json.loads((BAICHUAN_7B / "config.json").read_text())
+    config = {k: v for k, v in (config | changes).items() if v is not None}
+    report = check_config(config)
+    assert {d.key for d in report.errors} == facts
+    assert {d.code for d in report.errors} <= {"semantics.unsupported"}
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_baichuan_synthesized_round_trip_at_tp2(tmp_path: Path) -> None:
+    """``mapgen synth`` of the Baichuan-7B layout, then ``verify --tp 2`` with the shipped bridge: W_pack regrouped
+    per query group and back, the inv_freq buffers checked against the config and restored, bitwise; logits are
+    honestly skipped (no transformers class for model_type 'baichuan')."""
+    import subprocess
+    import sys
+
+    tiny = tmp_path / "baichuan"
+    run = [sys.executable, "-m", "mapgen"]
+    env = dict(os.environ, MAPGEN_PROGRESS="0")
+    subprocess.run([*run, "synth", str(BAICHUAN_7B), str(tiny), "--hidden", "64", "--heads", "4", "--head-dim", "16",
+                    "--dtype", "fp32"], check=True, capture_output=True, env=env)
+    out = subprocess.run([*run, "verify", str(tiny), "--tp", "2"], capture_output=True, text=True, env=env,
+                         check=False)
+    assert out.returncode == 0, out.stderr
+    assert "bitwise identical" in out.stdout
+    (line,) = [x for x in out.stdout.splitlines() if "inv_freq buffers (2) vs the config's RoPE" in x]
+    assert line.endswith("-> OK")
+    assert "skipped: no reference model" in out.stdout
+
+
 # -- derived RoPE buffers (rotary_emb.inv_freq: LLaVA-1.5, older Llama exports) ---------------------------------
 def _add_inv_freq(ckpt: Path, scale: float = 1.0) -> None:
     """Store ``model.layers.<i>.self_attn.rotary_emb.inv_freq`` as transformers 4.x exports did (a shard of its

@@ -51,7 +51,7 @@ def test_every_committed_bridge_input_passes(path: Path) -> None:
     """A stored input has a committed bridge: nothing in its config may be unknown, invalid or refused."""
     report = check_config(_stored(path).config, file=str(path))
     assert report.ok, _codes(report)
-    assert report.counts()["mapped"] >= 10
+    assert report.counts()["mapped"] >= 9  # Baichuan-7B's config (no rope_theta, no KV-head count) maps 9
 
 
 def test_transformers_written_tiny_configs_pass() -> None:

@@ -669,6 +669,8 @@ TOP: tuple[Row, ...] = (
     *inert("auxiliary losses and router noise: training only (moe_aux_loss_coeff is the training run's)",
            "router_aux_loss_coef", "aux_loss_alpha", "seq_aux", "router_z_loss_coef", "router_jitter_noise"),
     *inert("tensor-parallel pretraining detail: the same maths at any value", "pretraining_tp"),
+    *inert("Baichuan2's z-loss weight: training only (Baichuan2's NormHead is refused as a model-type fact)",
+           "z_loss_weight"),
     *inert("expert-parallel size of DeepSeek's training code: how experts were placed, the same maths", "ep_size"),
     *inert("GDN state precision in transformers' kernel; the computation is the same", "mamba_ssm_dtype"),
     *inert("original context length: read only by YaRN/LongRoPE scaling, judged by rope_scaling",

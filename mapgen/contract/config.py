@@ -144,7 +144,7 @@ Derivation = Literal[
     "mtp_mlp_kind", "mla_rope_type", "yarn_scaling_factor", "yarn_original_max_position_embeddings",
     "yarn_beta_fast", "yarn_beta_slow", "yarn_mscale", "yarn_mscale_all_dim",
     "activation", "window_size", "window_layers", "no_rope_layers", "position_embedding_type",
-    "mrope_section", "softmax_scale",
+    "mrope_section", "softmax_scale", "max_position_embeddings",
     "router_score_function", "router_pre_softmax", "router_scaling_factor", "router_num_groups", "router_group_topk",
     "router_dtype",
 ]
