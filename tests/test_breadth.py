@@ -249,12 +249,35 @@ def test_opt_variants_megatron_cannot_build_are_refused_by_name(overrides: dict[
 
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_opt_verifies_at_tp2(tmp_path: Path) -> None:
-    """OPT (relu fc1/fc2 with biases, q/k/v/out_proj biases, LayerNorm with bias, tied head, positions + 2)."""
+def test_opt_verifies_at_tp2_and_exports_without_its_source(tmp_path: Path) -> None:
+    """OPT (relu fc1/fc2 with biases, q/k/v/out_proj biases, LayerNorm with bias, tied head, positions + 2) verifies
+    at TP=2; then convert at TP=2 and export with no --source reproduce the checkpoint bitwise: the 2 rows before
+    position 0 live in the Megatron table (rotated), and the exporter reads the vocabulary padded as saved
+    (vocab 128: 256 rows at TP=2, where a TP=1 reader would pad to 128)."""
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
     case = run_case("opt", tmp_path)
     assert case.outcome == "verified", case.row()
     assert case.max_diff is not None
     assert case.max_diff <= ATOL
+    src, gen = tmp_path / "opt" / "hf", tmp_path / "opt" / "pkg" / "generated"
+    run = [sys.executable, "-m", "mapgen"]
+    env = dict(os.environ, MAPGEN_PROGRESS="0")
+    for args in (["convert", str(src), str(tmp_path / "mcore"), "--tp", "2"],
+                 ["export", str(tmp_path / "mcore"), str(tmp_path / "back")]):
+        done = subprocess.run([*run, *args, "--bridges", str(gen)], capture_output=True, text=True, env=env,
+                              check=False)
+        assert done.returncode == 0, done.stderr[-2000:]
+    index = "model.safetensors.index.json"
+    assert json.loads((src / index).read_text())["weight_map"] == json.loads(
+        (tmp_path / "back" / index).read_text())["weight_map"]
+    for shard in sorted(p.name for p in src.glob("*.safetensors")):
+        want, got = load_file(str(src / shard)), load_file(str(tmp_path / "back" / shard))
+        assert want.keys() == got.keys()
+        assert all(want[k].equal(got[k]) for k in want), shard
 
 
 # -- OLMo-2/3, OLMoE, FlexOlmo: post-norm-only blocks and QK norms over the whole projection -------------------------

@@ -287,10 +287,12 @@ def plan_dtypes(binding: Binding, hf_dtypes: Mapping[str, str], choice: str = "a
     return DtypePlan(choice, _torch_name(base), tuple(sorted(overrides.items())))
 
 
-def model_spec_for_parallel(spec: ModelSpec, par: Parallel) -> ModelSpec:
+def model_spec_for_parallel(spec: ModelSpec, par: Parallel, vocab_tp: int | None = None) -> ModelSpec:
+    """``spec`` with the vocabulary padded as megatron-core pads it at TP ``vocab_tp`` (default ``par.tp``): a
+    checkpoint saved at another TP keeps its own padded rows (its global shape), whatever layout reads it."""
     from mapgen.ops import padded_vocab
 
-    return spec.replace(vocab_size=padded_vocab(spec.vocab_size, par.tp))
+    return spec.replace(vocab_size=padded_vocab(spec.vocab_size, vocab_tp or par.tp))
 
 
 def check_parallel(spec: ModelSpec, par: Parallel, world_size: int) -> None:
@@ -335,12 +337,13 @@ def preflight(source_path: str | None, par: Parallel, world: int, *, out: Path |
 
 
 def build(binding: Binding, par: Parallel, *, device: Literal["cpu", "meta", "cuda"] = "cpu",
-          initialize: bool = True, dtypes: DtypePlan | None = None) -> torch.nn.Module:
-    """This rank's Megatron model, in ``dtypes`` (default: fp32 everywhere)."""
+          initialize: bool = True, dtypes: DtypePlan | None = None, vocab_tp: int | None = None) -> torch.nn.Module:
+    """This rank's Megatron model, in ``dtypes`` (default: fp32 everywhere); ``vocab_tp``: the TP whose vocabulary
+    padding to use (a saved checkpoint's, when reading it at another layout)."""
     from mapgen.runtime.megatron import build_model, set_param_dtypes
 
     dtypes = dtypes or DtypePlan("float32", "float32", ())
-    model: torch.nn.Module = build_model(model_spec_for_parallel(binding.spec, par), device=device,
+    model: torch.nn.Module = build_model(model_spec_for_parallel(binding.spec, par, vocab_tp), device=device,
                                          initialize=initialize, params_dtype=dtypes.params_dtype)
     set_param_dtypes(model, dtypes.override_map(), dtypes.params_dtype)
     return model
@@ -980,7 +983,7 @@ def read_megatron_meta(ckpt: Path) -> dict[str, Any]:
 
 
 def _export_streaming(binding: Binding, release: Path, out: Path, target: Mapping[str, Any], root: Path | None,
-                      dtypes: DtypePlan, overwrite: bool) -> Stats:
+                      dtypes: DtypePlan, overwrite: bool, vocab_tp: int) -> Stats:
     """SPMD Megatron dist checkpoint -> HF without a model: the output shard files of ``target``'s weight map
     are dealt round-robin to the ranks; each rank reads, for one output shard at a time, just the Megatron
     entries that shard needs (:func:`mapgen.runtime.megatron.load_dist_entries`, resharded from any saved
@@ -992,7 +995,7 @@ def _export_streaming(binding: Binding, release: Path, out: Path, target: Mappin
     start = time.perf_counter()
     coords = Coords.current()
     layout = binding.layout
-    model = build(binding, Parallel(), device="meta", dtypes=dtypes)
+    model = build(binding, Parallel(), device="meta", dtypes=dtypes, vocab_tp=vocab_tp)
     local_of: dict[str, str] = {}
     for local, glob in local_to_global(model).items():
         local_of.setdefault(glob, local)
@@ -1147,15 +1150,18 @@ def export_megatron(ckpt: Path, out: Path, par: Parallel, *, source_path: str | 
     binding = bind(layout, bridge)
     check_parallel(binding.spec, par, world_from_env())
     release = ckpt / "release" if (ckpt / "release").is_dir() else ckpt
+    # the saved vocabulary padding (padded to a multiple of 128 * the TP it was saved at: megatron-core's
+    # global shape of the embedding and output layer, which a reader at another TP must match)
+    vocab_tp = int((recorded.get("parallel") or {}).get("tp") or par.tp)
     if streaming and target.get("weight_map"):
         check_dist_checkpoint(release)  # megatron/torch unpickle .metadata and common.pt: data types only
         with parallel_context(Parallel()):  # every rank sees the whole (TP=1) model on meta; DP = the world
             log(f"mapgen export: {ckpt} -> {out} (streaming, {world_from_env()} rank(s))")
-            return _export_streaming(binding, release, Path(out), target, root, dtypes, overwrite)
+            return _export_streaming(binding, release, Path(out), target, root, dtypes, overwrite, vocab_tp)
     with parallel_context(par):
         log(f"mapgen export: {ckpt} -> {out} ({par.describe()}, in memory)")
         # every tensor comes from the checkpoint (strict load)
-        model = build(binding, par, initialize=False, dtypes=dtypes)
+        model = build(binding, par, initialize=False, dtypes=dtypes, vocab_tp=vocab_tp)
         check_dist_checkpoint(release)  # megatron/torch unpickle .metadata and common.pt: data types only
         load_dist_checkpoint(model, release)
         stats = export_hf(model, binding, Path(out), target=target, source_root=root, overwrite=overwrite)
