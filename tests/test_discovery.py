@@ -159,3 +159,33 @@ def test_an_in_process_command_leaves_the_search_path_as_it_found_it(tmp_path: P
     assert main(["verify", str(tmp_path / "missing"), "--bridges", str(tmp_path), "--verbose"]) != 0
     assert "MAPGEN_BRIDGES" not in os.environ
     assert "MAPGEN_VERBOSE" not in os.environ
+
+
+def test_commands_run_with_gpus_hidden_and_restore_the_callers_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CLI converts on CPUs: on a GPU host a rank per process would otherwise ask CUDA for a device per
+    LOCAL_RANK (`invalid device ordinal` at --ep 2 on a one-GPU machine) and default to NCCL. Every command,
+    and the workers it spawns, sees no GPU; an in-process caller gets its own setting back."""
+    import os
+
+    import mapgen.cli as cli
+
+    seen: dict[str, str | None] = {}
+
+    def fake(args: object) -> int:
+        seen["inside"] = os.environ.get("CUDA_VISIBLE_DEVICES")
+        return 0
+
+    parser = cli.build_parser("scan")
+    original = parser.parse_args
+
+    def parse(argv: list[str]) -> object:
+        namespace = original(argv)
+        namespace.func = fake
+        return namespace
+
+    monkeypatch.setattr(parser, "parse_args", parse)
+    monkeypatch.setattr(cli, "build_parser", lambda only=None: parser)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    assert cli.main(["scan", "x"]) == 0
+    assert seen["inside"] == ""
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "0,1"

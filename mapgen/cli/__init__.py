@@ -48,7 +48,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
 
 # Set by a command for the workers it spawns (--verbose, --bridges); restored when main returns, so an in-process
 # caller (a test, a script) is not left with a search path or verbosity it did not ask for.
-COMMAND_ENV = ("MAPGEN_VERBOSE", "MAPGEN_BRIDGES")
+COMMAND_ENV = ("MAPGEN_VERBOSE", "MAPGEN_BRIDGES", "CUDA_VISIBLE_DEVICES")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -67,6 +67,10 @@ def _main(argv: list[str]) -> int:
     if VERBOSE in argv:  # global, anywhere: the workers a command spawns inherit it through the environment
         argv = [a for a in argv if a != VERBOSE]
         os.environ["MAPGEN_VERBOSE"] = "1"
+    # The CLI converts in host memory on CPUs (gloo, one process per rank) and never takes a GPU, also on a GPU
+    # host: a training job may own them, and N ranks on a host with fewer GPUs would ask CUDA for devices it
+    # lacks. Hidden before torch first initialises CUDA; the spawned workers inherit it.
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
     parser = build_parser(argv[0] if argv and argv[0] in COMMANDS else None)
     args = parser.parse_args(argv)
     try:
