@@ -214,6 +214,21 @@ def test_opt_rules(tmp_path: Path) -> None:
     assert (position.hf, position.option("roll")) == (("model.decoder.embed_positions.weight",), 2)
 
 
+def test_a_position_table_needs_a_declared_offset(tmp_path: Path) -> None:
+    """embed_positions in a model type that declares no offset is refused (the spelling does not say whether
+    position 0 is row 0 or row 2), never mapped as GPT-2's wpe."""
+    from semantics_matrix import build
+
+    ckpt = tmp_path / "opt"
+    build("opt", ckpt)
+    config = json.loads((ckpt / "config.json").read_text())
+    (ckpt / "config.json").write_text(json.dumps(config | {"model_type": "my_opt_fork"}))
+    with pytest.raises(MapgenError) as err:
+        plan(scan(str(ckpt), headers=False))
+    assert any("declares no position offset" in d.message and d.key == "model.decoder.embed_positions.weight"
+               for d in err.value.diagnostics)
+
+
 def test_opt_position_roll_is_a_permutation() -> None:
     """The roll op: Megatron row i is HF row i + 2; export rotates back bitwise (no row is dropped)."""
     import torch

@@ -155,6 +155,10 @@ def _gpt2_inner(hf: HFConfig) -> int:
     return 4 * int(hf.get("n_embd"))
 
 
+def _int_count(value: int | str) -> int:
+    return value if isinstance(value, int) else 0
+
+
 POSITION_READS: tuple[tuple[str, ...], int] = (("max_position_embeddings", "n_positions"), 4096)
 """What the ``max_position_embeddings`` derivation reads (names, fallback) before adding a position offset."""
 
@@ -185,7 +189,7 @@ DERIVATIONS: dict[str, Callable[[HFConfig, Layout], Any]] = {
     "mrope_section": lambda hf, _: mrope_section(hf),
     # the learned position table's rows: OPT keeps 2 rows before position 0 (the component's position_offset)
     "max_position_embeddings": lambda hf, layout: int(hf.get(*POSITION_READS[0], default=POSITION_READS[1]))
-    + int(layout.language_model.top.count("position_offset", 0)),
+    + _int_count(layout.language_model.top.count("position_offset", 0)),
     "softmax_scale": lambda hf, _: softmax_scale(hf),  # attention_multiplier, query_pre_attn_scalar
 }
 

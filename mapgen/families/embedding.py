@@ -42,7 +42,8 @@ LAYER_CONTAINERS = ("layers", "h")
 
 
 def shapes(c: Component, d: Dims) -> ShapePairs:
-    positions = None if d.positions is None else (d.positions + int(c.count("position_offset", 0)), d.hidden)
+    offset = c.count("position_offset", 0)
+    positions = (d.positions + offset, d.hidden) if d.positions is not None and isinstance(offset, int) else None
     return [(c.key("embedding"), (d.vocab, d.hidden)), (c.key("final_norm"), (d.hidden,)),
             (c.key("position_embedding"), positions),
             (c.key("final_norm_bias"), (d.hidden,)), (c.key("lm_head"), (d.vocab, d.hidden)),
@@ -57,7 +58,12 @@ def plan_embedding(c: Component, p: Planner) -> None:
         p.unbuildable("a LayerNorm on the token embeddings (Bloom word_embeddings_layernorm): megatron-core's "
                       "LanguageModelEmbedding has no norm", str(c.key("embedding_norm")))
     if c.key("position_embedding") is not None:
-        offset = int(c.count("position_offset", 0))
+        offset = c.count("position_offset", 0)
+        if not isinstance(offset, int):
+            p.unsupported("a learned position table of a model type that declares no position offset (OPT and "
+                          "BioGPT look up position + 2; mapgen/families/model_types.py Facts.position_offset)",
+                          str(c.key("position_embedding")))
+            return
         p.add("position_embedding", "embedding.position_embeddings.weight", (str(c.key("position_embedding")),),
               "copy", "replicated", domain="global", options=opts(roll=offset) if offset else (),
               comment="Learned absolute positions (a plain nn.Embedding in megatron-core: every rank holds it)"

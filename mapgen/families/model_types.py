@@ -28,7 +28,9 @@ class Facts:
     ``position_offset``: the learned position table has this many rows before position 0 (OPT's
     ``OPTLearnedPositionalEmbedding`` looks up ``position + 2``): the rule rotates the table by it (HF row ``i +
     offset`` is Megatron row ``i``; the offset rows become Megatron's last rows, so export restores them exactly)
-    and the Megatron table is that many rows longer than ``max_position_embeddings``.
+    and the Megatron table is that many rows longer than ``max_position_embeddings``. GPT-2's ``wpe`` has none;
+    an ``embed_positions`` table of a model type that declares no offset is refused (OPT, BioGPT and the BART
+    family use 2: the spelling does not say).
     ``norm_epsilon``: the norms' epsilon the model code fixes when config.json has no key for it (OPT's
     ``nn.LayerNorm(embed_dim)``: 1e-5; the bridge's fallback would be 1e-6).
     ``qk_norm_projection``: the QK norms normalise the whole q / k projection (OLMo-2/3, OLMoE, FlexOlmo:
@@ -44,7 +46,7 @@ class Facts:
     layernorm: bool = False
     conv1d: bool | None = None
     router: RouterScheme = ""
-    position_offset: int = 0
+    position_offset: int | None = None
     norm_epsilon: float | None = None
     qk_norm_projection: bool = False
 
