@@ -73,16 +73,19 @@ def floor_st(src: Path) -> dict[str, Any]:
     return {"seconds": time.perf_counter() - start, "bytes": nbytes, "largest": largest, "maxrss": [_maxrss_kib()]}
 
 
-def floor_file(src: Path) -> dict[str, Any]:
+def floor_file(src: Path, part: int = 0, parts: int = 1) -> dict[str, Any]:
+    """Plain read() of the shard files (``part`` of ``parts``: every ``parts``-th shard from ``part``)."""
+    began = time.time()
     start = time.perf_counter()
     nbytes = 0
     buf = bytearray(CHUNK)
     view = memoryview(buf)
-    for shard in _shards(src):
+    for shard in _shards(src)[part::parts]:
         with open(shard, "rb", buffering=0) as f:
             while n := f.readinto(view):
                 nbytes += n
-    return {"seconds": time.perf_counter() - start, "bytes": nbytes, "maxrss": [_maxrss_kib()]}
+    seconds = time.perf_counter() - start
+    return {"seconds": seconds, "bytes": nbytes, "maxrss": [_maxrss_kib()], "began": began, "ended": began + seconds}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -238,6 +241,8 @@ def main() -> None:
     ap.add_argument("out", nargs="?")
     ap.add_argument("--tp", type=int, default=1)
     ap.add_argument("--ep", type=int, default=1)
+    ap.add_argument("--part", type=int, default=0, help="floor-file: read every --parts-th shard from this one")
+    ap.add_argument("--parts", type=int, default=1)
     args = ap.parse_args()
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     from benchmarks import _workers as w  # spawned ranks must find the functions under this module name
@@ -245,7 +250,7 @@ def main() -> None:
     if args.what == "floor-st":
         res = w.floor_st(Path(args.src))
     elif args.what == "floor-file":
-        res = w.floor_file(Path(args.src))
+        res = w.floor_file(Path(args.src), args.part, args.parts)
     elif args.what in ("mapgen-load", "mapgen-export"):
         res = w.mapgen_load(args.src, args.tp, args.ep, args.out if args.what == "mapgen-export" else None)
     elif args.what == "mbridge-stock":

@@ -3,17 +3,25 @@ of ``benchmarks/RESULTS.md`` and ``benchmarks/results_stream.json``.
 
     .venv/bin/python -m benchmarks.stream                      # 0.25, 1 and 2.5 GiB (about 15 minutes here)
     .venv/bin/python -m benchmarks.stream --sizes 16 --big   # the 16 GiB case (~36 GiB disk; deletes its source)
+    .venv/bin/python -m benchmarks.stream --scaling          # 1, 2, 4, 8 ranks on a ~4 GiB checkpoint (16 cores)
 
 Per size (synthetic bf16 Qwen3-MoE from ``mapgen synth``, shapes in ``benchmarks.run.SIZES`` plus the ones
 below), alternating the kinds within each repetition, medians:
 
 * floors: plain ``read()`` of the shard files (``benchmarks._workers floor-file``) and ``cp -r`` of the
   checkpoint directory, both whole processes, warm page cache;
-* ``mapgen convert`` (streaming, the default) and ``mapgen convert --in-memory`` at TP=1: wall time, the
-  conversion work the CLI reports, peak RSS (``ru_maxrss`` of the process tree: its largest process);
+* ``mapgen convert`` (streaming, the default), ``mapgen convert --no-fsync`` (the same without fsyncing the
+  data files) and ``mapgen convert --in-memory`` at TP=1: wall time, the conversion work the CLI reports,
+  peak RSS (``ru_maxrss`` of the process tree: its largest process);
 * ``mapgen export`` (streaming, one rank) of the streamed checkpoint, checked bitwise against the
   source once;
 * at 1 GiB: streaming convert at TP=2 and at EP=2 (two processes on two cores).
+
+``--scaling`` (for a machine with >= 8 free cores; ``--scaling-gib``, ``--ranks``): one synthesized bf16
+Qwen3-MoE (8 experts, 8 KV heads) of ``--scaling-gib`` GiB, the plain-read and ``cp -r`` floors, the streaming
+convert at 1 rank and at N ranks with TP=N for the dense part and EP=N (ETP=1) for the experts (each rank
+writes about 1/N of the checkpoint; EP alone would leave every dense tensor to rank 0), and the export of the
+TP=1 checkpoint on N processes (checked bitwise against the source once). Peak disk: about 3x the checkpoint.
 
 The in-memory rows and the export are skipped above ``--memory-limit`` GiB of checkpoint (default 1.5): the
 machine is shared and they hold the whole model.
@@ -22,13 +30,16 @@ machine is shared and they hold the whole model.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
 import platform
 import re
 import shutil
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -48,13 +59,15 @@ STREAM_SIZES: dict[str, dict[str, int]] = {
 }
 
 
-def synth(size: str, root: Path) -> Path:
+def synth(size: str, root: Path, shape: dict[str, int] | None = None, name: str = "") -> Path:
+    """The synthesized bf16 Qwen3-MoE ``qwen3-moe-{name}{size}g`` in ``root`` (made once) of ``shape``
+    (default: ``STREAM_SIZES[size]``)."""
     tiny = root / "tiny"
     if not (tiny / "qwen3-moe").is_dir():
         run([sys.executable, "-m", "tests.tiny", str(tiny)])
-    out = root / f"qwen3-moe-{size}g"
+    out = root / f"qwen3-moe-{name}{size}g"
     if not out.is_dir():
-        args = [a for k, v in STREAM_SIZES[size].items() for a in (f"--{k}", str(v))]
+        args = [a for k, v in (shape or STREAM_SIZES[size]).items() for a in (f"--{k}", str(v))]
         run([sys.executable, "-m", "mapgen", "synth", str(tiny / "qwen3-moe"), str(out), *args])
     return out
 
@@ -74,7 +87,7 @@ def bench(size: str, src: Path, root: Path, runs: int, memory: bool, log: Any) -
     r: dict[str, Any] = {"bytes": int(index["metadata"]["total_size"]), "tensors": len(index["weight_map"]),
                          "runs": runs, "memory": memory}
     worker("floor-file", str(src))  # warm the page cache, untimed
-    rows: dict[str, list[Any]] = {k: [] for k in ("floor", "cp", "stream", "memory", "export")}
+    rows: dict[str, list[Any]] = {k: [] for k in ("floor", "cp", "stream", "nosync", "memory", "export")}
     out_s, out_m, cp_dir = root / f"mc-{size}-stream", root / f"mc-{size}-memory", root / f"cp-{size}"
     for i in range(runs):
         rows["floor"].append(worker("floor-file", str(src))[2]["seconds"])
@@ -82,6 +95,7 @@ def bench(size: str, src: Path, root: Path, runs: int, memory: bool, log: Any) -
         rows["cp"].append(run(["cp", "-r", str(src), str(cp_dir)])[0])
         shutil.rmtree(cp_dir, ignore_errors=True)
         rows["stream"].append(convert(src, out_s))
+        rows["nosync"].append(convert(src, out_s, "--no-fsync"))
         if memory:
             rows["memory"].append(convert(src, out_m, "--in-memory"))
             back = root / f"hf-{size}"
@@ -138,6 +152,13 @@ def render(meta: dict[str, Any], sizes: dict[str, dict[str, Any]], par: dict[str
         lambda s: _rate(s["bytes"], med([x[2] for x in s["rows"]["stream"]])))
     row("**streaming work / plain-read floor**",
         lambda s: f"**{med(s['rows']['floor']) / med([x[2] for x in s['rows']['stream']]):.2f}x**")
+    row("  `--no-fsync`: whole CLI / its work",
+        lambda s: (f"{_rate(s['bytes'], med([x[0] for x in s['rows']['nosync']]))} / "
+                   f"{_rate(s['bytes'], med([x[2] for x in s['rows']['nosync']]))}")
+        if s["rows"].get("nosync") else "not run")
+    row("**`--no-fsync` work / plain-read floor**",
+        lambda s: (f"**{med(s['rows']['floor']) / med([x[2] for x in s['rows']['nosync']]):.2f}x**"
+                   if s["rows"].get("nosync") else "not run"))
     row("whole CLI / `cp -r`", lambda s: f"{med([x[0] for x in s['rows']['stream']]) / med(s['rows']['cp']):.2f}x")
     row("whole CLI / its conversion work",
         lambda s: f"{med([x[0] for x in s['rows']['stream']]) / med([x[2] for x in s['rows']['stream']]):.2f}x")
@@ -240,6 +261,133 @@ def bench_big(size: str, src: Path, root: Path, log: Any) -> dict[str, Any]:
     return r
 
 
+SCALING_BEGIN = "<!-- benchmarks/stream.py --scaling: begin (generated) -->"
+SCALING_END = "<!-- benchmarks/stream.py --scaling: end -->"
+RAW_SCALING = REPO / "benchmarks" / "results_stream_scaling.json"
+# The scaling checkpoint: a bf16 Qwen3-MoE with 8 experts and 8 KV heads, so that TP and EP both go to 8;
+# the number of layers sets its size (about 176 MiB per layer at hidden 2048, 5.2 MiB at hidden 256).
+SCALING_SHAPES = {
+    "big": {"hidden": 2048, "heads": 16, "kv-heads": 8, "head-dim": 128, "experts": 8, "moe-intermediate": 1536,
+            "intermediate": 1536, "vocab": 32000},
+    "small": {"hidden": 256, "heads": 16, "kv-heads": 8, "head-dim": 16, "experts": 8, "moe-intermediate": 256,
+              "intermediate": 256, "vocab": 4096},
+}
+
+
+def scaling_shape(gib: float) -> dict[str, int]:
+    """The synth arguments of a scaling checkpoint of about ``gib`` GiB: layers fill what the embeddings
+    leave, shards of about 0.5 GiB."""
+    shape = dict(SCALING_SHAPES["big" if gib >= 1 else "small"])
+    h, d = shape["hidden"], shape["head-dim"]
+    attn = 2 * h * shape["heads"] * d + 2 * h * shape["kv-heads"] * d
+    layer = 2 * (attn + 3 * shape["experts"] * h * shape["moe-intermediate"] + shape["experts"] * h)
+    embed = 2 * 2 * shape["vocab"] * h
+    shape["layers"] = max(2, round((gib * GiB - embed) / layer))
+    shape["shards"] = max(2, math.ceil(gib * 2))
+    return shape
+
+
+def export(ckpt: Path, out: Path, *flags: str) -> tuple[float, int, float]:
+    wall, rss, text = run([sys.executable, "-m", "mapgen", "export", str(ckpt), str(out), "--overwrite", *flags])
+    work = re.search(r", ([\d.]+) s\s*$", text.strip())
+    return wall, rss, float(work.group(1)) if work else float("nan")
+
+
+def scaling_layout(n: int) -> list[str]:
+    """The layout at ``n`` ranks: TP=n for the dense part (attention, embeddings, output layer) and EP=n
+    for the experts (ETP=1), so that every rank writes about 1/n of the checkpoint (at EP=n alone, rank 0
+    would write every dense tensor)."""
+    return [] if n == 1 else ["--tp", str(n), "--ep", str(n), "--etp", "1"]
+
+
+def parallel_floor(src: Path, n: int) -> float:
+    """Plain read() of the checkpoint by ``n`` processes at once, each its share of the shard files: from
+    the first start to the last end (process start-up excluded)."""
+    cmd = [sys.executable, "-m", "benchmarks._workers", "floor-file", str(src), "--parts", str(n)]
+    with contextlib.ExitStack() as stack:
+        outs = [stack.enter_context(tempfile.TemporaryFile("w+")) for _ in range(n)]
+        procs = [subprocess.Popen([*cmd, "--part", str(i)], cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
+                 for i, out in enumerate(outs)]
+        if any(p.wait() for p in procs):
+            raise RuntimeError(f"{' '.join(cmd)} failed")
+        res = []
+        for out in outs:
+            out.seek(0)
+            line = next(ln for ln in reversed(out.read().splitlines()) if ln.startswith("RESULT "))
+            res.append(json.loads(line[len("RESULT "):]))
+    return float(max(r["ended"] for r in res) - min(r["began"] for r in res))
+
+
+def bench_scaling(src: Path, root: Path, ranks: list[int], runs: int, log: Any) -> dict[str, Any]:
+    """Plain-read floor, then per rank count: streaming convert at :func:`scaling_layout`, and the export of
+    the TP=1 checkpoint on that many processes; whole CLI (wall, peak RSS of the largest process) and the
+    work the CLI reports; medians of ``runs``."""
+    index = json.loads((src / "model.safetensors.index.json").read_text())
+    r: dict[str, Any] = {"bytes": int(index["metadata"]["total_size"]), "tensors": len(index["weight_map"]),
+                         "runs": runs, "ranks": ranks, "convert": {}, "export": {}}
+    worker("floor-file", str(src))  # warm the page cache, untimed
+    r["floor"] = med([worker("floor-file", str(src))[2]["seconds"] for _ in range(runs)])
+    r["floor_n"] = {n: med([parallel_floor(src, n) for _ in range(runs)]) for n in ranks if n > 1}
+    cp_dir = root / "cp-scaling"
+    cps = []
+    for _ in range(runs):
+        shutil.rmtree(cp_dir, ignore_errors=True)
+        cps.append(run(["cp", "-r", str(src), str(cp_dir)])[0])
+    shutil.rmtree(cp_dir, ignore_errors=True)
+    r["cp"] = med(cps)
+    log(f"floor {r['floor']:.2f} s, cp -r {r['cp']:.2f} s")
+    ckpt, back = root / "mc-scaling", root / "hf-scaling"
+    for n in ranks:
+        out = root / f"mc-scaling-{n}"
+        xs = [convert(src, out, *scaling_layout(n)) for _ in range(runs)]
+        r["convert"][n] = [med([x[i] for x in xs]) for i in (0, 2)] + [max(x[1] for x in xs)]
+        if n == 1:
+            shutil.rmtree(ckpt, ignore_errors=True)
+            out.rename(ckpt)
+        shutil.rmtree(out, ignore_errors=True)
+        log(f"convert at {n} rank(s): {r['convert'][n][0]:.2f} s, work {r['convert'][n][1]:.2f} s")
+    for n in ranks:
+        xs = [export(ckpt, back, "--nproc", str(n)) for _ in range(runs)]
+        r["export"][n] = [med([x[i] for x in xs]) for i in (0, 2)] + [max(x[1] for x in xs)]
+        if n == ranks[0]:
+            from mapgen.runtime.api import compare_checkpoints
+
+            rt = compare_checkpoints(src, back)
+            r["export_bitwise"], r["export_mismatches"] = rt.ok, rt.mismatches[:5]
+        shutil.rmtree(back, ignore_errors=True)
+        log(f"export on {n} process(es): {r['export'][n][0]:.2f} s, work {r['export'][n][1]:.2f} s")
+    shutil.rmtree(ckpt, ignore_errors=True)
+    return r
+
+
+def render_scaling(meta: dict[str, Any], r: dict[str, Any]) -> str:
+    nbytes, base = r["bytes"], r["ranks"][0]
+    L = [SCALING_BEGIN, "", f"### Scaling over ranks (`benchmarks/stream.py --scaling`, measured {meta['date']})", "",
+         f"{meta['duration_min']:.1f} min on {meta['cpus']} CPUs, Python {meta['python']}, torch {meta['torch']}, "
+         f"load average {meta['load_start']:.1f} at the start and {meta['load']:.1f} at the end; checkpoint "
+         f"{nbytes / GiB:.2f} GiB bf16 ({r['tensors']} tensors, Qwen3-MoE layout, 8 experts, 8 KV heads); "
+         f"whole processes, medians of {r['runs']}, page cache warm. Convert at N ranks: TP=N for the dense part and "
+         "EP=N (ETP=1) for the experts; export: the TP=1 checkpoint on N processes. Speed-up and efficiency are "
+         f"of the work the CLI reports, against {base} rank(s).", "",
+         f"Floors: plain read() {_rate(nbytes, r['floor'])}, `cp -r` {_rate(nbytes, r['cp'])}; plain read() by N "
+         "processes at once, each its share of the shard files: "
+         + (", ".join(f"N={n} {_rate(nbytes, t)}" for n, t in r.get("floor_n", {}).items()) or "not run") + ".", "",
+         "| ranks | convert, whole CLI | convert work | speed-up (efficiency) | peak RSS | "
+         "export, whole CLI | export work | speed-up (efficiency) | peak RSS |",
+         "|---|---|---|---|---|---|---|---|---|"]
+
+    def cell(kind: str, n: int) -> str:
+        wall, work, rss = r[kind][n]
+        up = r[kind][base][1] / work * base
+        return f"{_rate(nbytes, wall)} | {_rate(nbytes, work)} | {up:.2f}x ({up / n:.2f}) | {rss / GiB:.2f} GiB"
+
+    for n in r["ranks"]:
+        L.append(f"| {n} | {cell('convert', n)} | {cell('export', n)} |")
+    L += ["", f"Export bitwise vs the source: {'yes' if r.get('export_bitwise') else r.get('export_mismatches')}.",
+          "", SCALING_END]
+    return "\n".join(L) + "\n"
+
+
 BIG_BEGIN = "<!-- benchmarks/stream.py --big: begin (generated) -->"
 BIG_END = "<!-- benchmarks/stream.py --big: end -->"
 
@@ -275,10 +423,22 @@ def render_big(meta: dict[str, Any], sizes: dict[str, dict[str, Any]]) -> str:
     return "\n".join(L) + "\n"
 
 
+def _meta(start: float) -> dict[str, Any]:
+    return {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "duration_min": (time.time() - start) / 60,
+            "cpus": os.cpu_count(), "python": platform.python_version(), "load": os.getloadavg()[0]}
+
+
+def _publish(section: str, raw: dict[str, Any], path: Path, begin: str, end: str, no_write: bool) -> None:
+    print(section)
+    if not no_write:
+        path.write_text(json.dumps(raw, indent=1) + "\n")
+        write(section, begin, end)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="0.25,1,2.5", help="comma-separated subset of " + ",".join(STREAM_SIZES))
-    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--runs", type=int, default=None, help="repetitions (default 3; 1 with --scaling)")
     ap.add_argument("--memory-limit", type=float, default=1.5,
                     help="run the in-memory convert and the export only up to this many GiB")
     ap.add_argument("--no-memory", action="store_true", help="streaming rows only")
@@ -288,22 +448,35 @@ def main() -> None:
     ap.add_argument("--big", action="store_true",
                     help="the big case for --sizes (TP=1 and EP=2 convert, export on two processes, digests; "
                          "deletes the synthesized source to make room): its own section of RESULTS.md")
+    ap.add_argument("--scaling", action="store_true",
+                    help="scaling over ranks (convert at TP=N/EP=N, export on N processes, floors): its own section")
+    ap.add_argument("--scaling-gib", type=float, default=4.0, help="size of the scaling checkpoint (GiB)")
+    ap.add_argument("--ranks", default="1,2,4,8", help="rank counts for --scaling (the first is the baseline)")
     args = ap.parse_args()
+    args.runs = args.runs or (1 if args.scaling else 3)
     args.workdir.mkdir(parents=True, exist_ok=True)
     start = time.time()
+    load_start = os.getloadavg()[0]
 
     def log(msg: str) -> None:
         print(f"[{time.time() - start:7.1f} s] {msg}", flush=True)
 
+    if args.scaling:
+        import torch
+
+        src = synth(f"{args.scaling_gib:g}", args.workdir, scaling_shape(args.scaling_gib), "scaling-")
+        log(f"synthesized {src}")
+        ranks = [int(n) for n in args.ranks.split(",")]
+        result = bench_scaling(src, args.workdir, ranks, args.runs, log)
+        meta = {**_meta(start), "torch": torch.__version__, "load_start": load_start}
+        _publish(render_scaling(meta, result), {"meta": meta, "scaling": result}, RAW_SCALING, SCALING_BEGIN,
+                 SCALING_END, args.no_write)
+        return
+
     if args.big:
         big = {size: bench_big(size, synth(size, args.workdir), args.workdir, log) for size in args.sizes.split(",")}
-        meta = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "duration_min": (time.time() - start) / 60,
-                "cpus": os.cpu_count(), "python": platform.python_version(), "load": os.getloadavg()[0]}
-        section = render_big(meta, big)
-        print(section)
-        if not args.no_write:
-            RAW_BIG.write_text(json.dumps({"meta": meta, "sizes": big}, indent=1) + "\n")
-            write(section, BIG_BEGIN, BIG_END)
+        meta = _meta(start)
+        _publish(render_big(meta, big), {"meta": meta, "sizes": big}, RAW_BIG, BIG_BEGIN, BIG_END, args.no_write)
         return
 
     sizes: dict[str, dict[str, Any]] = {}
@@ -314,13 +487,8 @@ def main() -> None:
     par = None
     if not args.no_parallel and "1" in sizes:
         par = bench_parallel(synth("1", args.workdir), args.workdir, max(1, args.runs - 1), log)
-    meta = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "duration_min": (time.time() - start) / 60,
-            "cpus": os.cpu_count(), "python": platform.python_version(), "load": os.getloadavg()[0]}
-    section = render(meta, sizes, par)
-    print(section)
-    if not args.no_write:
-        RAW.write_text(json.dumps({"meta": meta, "sizes": sizes, "parallel": par}, indent=1) + "\n")
-        write(section)
+    meta = _meta(start)
+    _publish(render(meta, sizes, par), {"meta": meta, "sizes": sizes, "parallel": par}, RAW, BEGIN, END, args.no_write)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,8 @@
 # inputs (sha256 of json.dumps(input, sort_keys=True)):
 #   inputs/baichuan-7b.json  1c13886b8549227502522b35255c6927b388e758c59bc19cd13fb371214a4fd2
 #   inputs/glm4-moe-mtp.json  366833471cafa54730c0459b3d7cd364e6a7945a65b3ad9d9ffb6c7e3b63872e
+#   inputs/gpt-oss-20b.json  a340a40bb5ee6dc807f197d09e8c800ff9a5abb45b64df99d05040e87c85e2c5
+#   inputs/gpt-oss-20b-bf16.json  77dc1d06721c00fe41f8fbc3ac78a5f0e5338486149bdb245b0daf3fc6b93612
 #   inputs/internlm2-chat-7b-intermind.json  28e5039a8241fce6aabf4aadad360146a49c18e69f3dc8fa4ac5b37ae8545b12
 #   inputs/llama-3.2-3b-instruct.json  7e9dfcb5e98ba41bd1ac5e1caeffc59f2573af90d1d6e5aea388ff5ba9410286
 #   inputs/llava-v1.5-7b.json  510b1c4de8bff51760051cdbb33d3a8cdabe65db3de9e576981341f22ef069a5
@@ -24,6 +26,7 @@
 #   inputs/tiny-deepseek-v3.json  dddb61a06f9716595ceec9758258e113aabeb006b34ff87581f603d88a8f7778
 #   inputs/tiny-deepseek-v3-mtp.json  a2362e1e643bcc4f1b840aafeaee5f5f580fe99df1ccdaa9f23f4d72e4dddb3c
 #   inputs/tiny-deepseek-v3-q-full-rank.json  a5d515edc78b47d6011f596c29c6b4270ebbae3b92e65549022731aba063b881
+#   inputs/tiny-gpt-oss.json  c0dc76187f2c4acd85283672aeac14a74ab41223dfa07eccc9b8eb317c4845fd
 #   inputs/tiny-qwen3.json  feaa7aa6c3c67989ba151131d20db8414ad47209db237b8f4dc6af9513722eeb
 #   inputs/tiny-qwen3-moe.json  d53bccba17b5e44f2def8e31e4ae0c86662d4c692c9015e88d8f67f70260a7f6
 # regenerate: mapgen emit --from-inputs
@@ -58,6 +61,8 @@ BRIDGES: dict[str, tuple[str, str]] = {
     'fdca40e868b7': ('deepseek_v3', 'BRIDGE_fdca40e868b7'),
     # glm4_moe: glm4-moe-mtp
     'f74f07859595': ('glm4_moe', 'BRIDGE_f74f07859595'),
+    # gpt_oss: gpt-oss-20b, gpt-oss-20b-bf16, tiny-gpt-oss
+    '6b428f40fb67': ('gpt_oss', 'BRIDGE_6b428f40fb67'),
     # internlm2: internlm2-chat-7b-intermind
     'a21aba0dfba7': ('internlm2', 'BRIDGE_a21aba0dfba7'),
     # llama: llama-3.2-3b-instruct

@@ -87,6 +87,8 @@ class SynthOptions:
     linear_conv_kernel: int = 4
     # block-scaled FP8 sources: the tile of the synthesized scales (default: the source's weight_block_size)
     fp8_block: tuple[int, int] | None = None
+    # store the packed routed experts as MXFP4 (X_blocks + X_scales, gpt-oss releases); an MXFP4 source is anyway
+    mxfp4: bool = False
     # MLA (DeepSeek) low-rank sizes
     q_lora_rank: int = 24
     kv_lora_rank: int = 16
@@ -348,7 +350,7 @@ def _remap_token_ids(w: _ConfigWriter, vocab: int) -> None:
 # ---------------------------------------------------------------------------------------------------------
 def _check_supported(layout: Layout) -> None:
     problems: list[Diagnostic] = []
-    if layout.quantization not in ("none", "fp8_block") or any(
+    if layout.quantization not in ("none", "fp8_block", "mxfp4") or any(
         (e := experts_of(g.mlp)) is not None and e.flag("quant") != "none"
         for g in layout.language_model.groups + (layout.language_model.mtp.inner if layout.language_model.mtp else ())
     ):
@@ -613,6 +615,11 @@ def synthesize(
         total += _quantize_fp8(shards, weight_map, config, tensors, o)
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         return Synthesized(config=config, shards=shards, index=index, layout=shrunk)
+    if layout.quantization == "mxfp4" or o.mxfp4:
+        shards = {name: make(name) for name in names}
+        total += _quantize_mxfp4(shards, weight_map, config, shrunk)
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        return Synthesized(config=config, shards=shards, index=index, layout=shrunk)
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     return Synthesized(config=config, shards=_LazyShards(names, make), index=index, layout=shrunk)
 
@@ -666,6 +673,47 @@ def _quantize_fp8(shards: dict[str, dict[str, torch.Tensor]], weight_map: dict[s
             scale_key = key.removesuffix(".weight") + FP8_SCALE
             shard[scale_key] = scales
             weight_map[scale_key] = name
+    return added
+
+
+def _quantize_mxfp4(shards: dict[str, dict[str, torch.Tensor]], weight_map: dict[str, str], config: dict[str, Any],
+                    layout: Layout) -> int:
+    """MXFP4 like the gpt-oss releases: every packed routed-experts ``gate_up`` / ``down`` tensor ``X`` ``[E, in,
+    out]`` is stored as ``X_blocks`` (uint8 ``[E, out, in / 32, 16]``) beside ``X_scales`` (uint8 ``[E, out, in /
+    32]``) in the same shard; ``quantization_config`` is the source's, or ``{quant_method: mxfp4,
+    modules_to_not_convert: [every other module]}``. Returns the bytes added."""
+    from mapgen.infer.build import MXFP4_BLOCKS, MXFP4_GROUP, MXFP4_SCALES, split_layer
+    from mapgen.runtime.quant import quantize_mxfp4
+
+    lm = layout.language_model
+    packed = [e for g in lm.groups + (lm.mtp.inner if lm.mtp else ())
+              if (e := experts_of(g.mlp)) is not None and e.flag("layout") == "packed"]
+    suffixes = {key for e in packed for slot in ("gate_up", "down") if (key := e.key(slot))}
+    if not suffixes:
+        raise _fail("synth.bad-option", "MXFP4 stores packed routed experts, and this layout has none",
+                    expected="a source with packed experts (mlp.experts.gate_up_proj / down_proj)")
+    experts = tuple({suffix.rsplit(".", 1)[0] + "." for suffix in suffixes})
+    added = 0
+    kept: set[str] = set()
+    for name, shard in shards.items():
+        for key in list(shard):
+            value, where = shard[key], split_layer(key)
+            if where is None or where[2] not in suffixes or value.dim() != 3:  # noqa: PLR2004 ([E, in, out])
+                module = _NUMBERED.sub(".*.", key).rsplit(".", 1)[0]
+                if (value.dim() > 1 or key.endswith(".bias")) and not (where and where[2].startswith(experts)):
+                    kept.add(module)
+                continue
+            if value.shape[1] % MXFP4_GROUP:
+                raise _fail("synth.bad-option", f"{key} has {value.shape[1]} inputs a row: MXFP4 packs groups of "
+                            f"{MXFP4_GROUP}", key=key,
+                            hint="pass --hidden, --intermediate and --moe-intermediate as multiples of 32")
+            blocks, scales = quantize_mxfp4(value.transpose(1, 2))
+            del shard[key], weight_map[key]
+            shard[key + MXFP4_BLOCKS], shard[key + MXFP4_SCALES] = blocks, scales
+            weight_map[key + MXFP4_BLOCKS] = weight_map[key + MXFP4_SCALES] = name
+            added += blocks.numel() + scales.numel() - value.numel() * value.element_size()
+    if not isinstance(config.get("quantization_config"), dict):
+        config["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": sorted(kept)}
     return added
 
 

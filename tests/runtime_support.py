@@ -27,6 +27,41 @@ def synth(source: Path | str, out: Path, *args: str) -> Path:
     return out
 
 
+def load_tensors(root: Path) -> dict[str, Any]:
+    """Every tensor of a sharded checkpoint, by key."""
+    import json
+
+    from safetensors.torch import load_file
+
+    index = json.loads((root / "model.safetensors.index.json").read_text())
+    out: dict[str, Any] = {}
+    for shard in sorted(set(index["weight_map"].values())):
+        out.update(load_file(str(root / shard)))
+    return out
+
+
+def assert_quantize_round_trip(megatron: Path, source: Path, root: Path, *, in_memory: bool = True) -> None:
+    """``export --quantize`` of ``megatron`` against its quantized ``source`` (streaming, then in memory unless
+    ``verify`` covers that path already) writes every source tensor byte for byte, and the source's
+    ``quantization_config``."""
+    import json
+
+    import torch
+
+    src = load_tensors(source)
+    for extra in ([], ["--in-memory"]) if in_memory else ([],):
+        target = root / f"hfq{len(extra)}"
+        assert mapgen_main(["export", str(megatron), str(target), "--source", str(source), "--quantize",
+                            *extra]) == 0
+        again = load_tensors(target)
+        assert set(again) == set(src)
+        for key, value in src.items():
+            assert again[key].dtype == value.dtype, key
+            assert torch.equal(again[key].view(torch.uint8), value.view(torch.uint8)), key
+        written = json.loads((target / "config.json").read_text())["quantization_config"]
+        assert written == json.loads((source / "config.json").read_text())["quantization_config"]
+
+
 def retype(root: Path, suffixes: tuple[str, ...], dtype: str = "float32") -> list[str]:
     """Rewrite the tensors whose keys end with one of ``suffixes`` in ``dtype`` (a mixed-dtype checkpoint,
     like real Qwen3.5/3.6 with fp32 ``A_log``); returns the keys changed."""

@@ -74,6 +74,7 @@ HELPER_TOP = {"head_dim", "hidden_size", "num_attention_heads", "rope_scaling", 
 HELPER_ROPE = {"rope_type", "type", "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings",
                "mrope_section"}
 HELPER_TOP |= set(ROUTING_KEYS)  # the routing derivation (mapgen/contract/routing.py)
+HELPER_TOP |= {"swiglu_alpha", "swiglu_limit"}  # gpt-oss's clamped SwiGLU (hf_config.activation, activation_clamp)
 
 
 def test_mapped_rows_are_exactly_what_the_config_table_reads() -> None:

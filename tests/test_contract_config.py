@@ -131,6 +131,8 @@ def test_table_equals_the_former_recipe(path: Path) -> None:
         pytest.skip("hostile config")
     if any(g.mixer.family == "mla" for g in layout.language_model.groups):
         pytest.skip("multi-latent attention postdates the former recipe (its rows: tests/test_mla.py)")
+    if layout.model_type == "gpt_oss":
+        pytest.skip("gpt-oss (sinks, clamped SwiGLU, YaRN) postdates the former recipe (tests/test_gptoss.py)")
     got = model_spec(HFConfig(layout.config), layout, p.facts)
     assert got == _recipe(layout)
 

@@ -187,9 +187,10 @@ def test_unplannable_input_writes_nothing(generated: Path, capsys: pytest.Captur
     before = snapshot(generated)
     layout = qwen3_dense_layout()
     group = layout.language_model.groups[0]
-    group = dataclasses.replace(group, mixer=group.mixer.with_slots(sinks="self_attn.sinks"))
+    # a q bias without k/v biases: megatron-core's add_qkv_bias biases all three
+    group = dataclasses.replace(group, mixer=group.mixer.with_slots(q_bias="self_attn.q_proj.bias"))
     layout = dataclasses.replace(layout, language_model=dataclasses.replace(layout.language_model, groups=(group,)))
-    src = tmp_path / "sinks.json"
+    src = tmp_path / "partial_bias.json"
     src.write_text(dump_layout(layout))
     assert cli(["emit", str(src), "--out", str(generated)]) == 1
     assert "plan.unsupported" in capsys.readouterr().err

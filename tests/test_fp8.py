@@ -23,7 +23,15 @@ import pytest
 import torch
 
 from mapgen.cli import main as mapgen_main
-from tests.runtime_support import LAYOUTS, Case, assert_case, run_cases, synth
+from tests.runtime_support import (
+    LAYOUTS,
+    Case,
+    assert_case,
+    assert_quantize_round_trip,
+    load_tensors,
+    run_cases,
+    synth,
+)
 
 BLOCK = (8, 16)  # divides every weight of the tiny model: transformers' Fp8Dequantize requires whole tiles
 
@@ -43,16 +51,6 @@ def _quantize(w: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor, to
             q[i * block[0]:(i + 1) * block[0], j * block[1]:(j + 1) * block[1]] = (
                 (tile / s[i, j]).clamp(-448, 448).to(torch.float8_e4m3fn))
     return q, s
-
-
-def _load(root: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    index = json.loads((root / "model.safetensors.index.json").read_text())
-    out: dict[str, torch.Tensor] = {}
-    for shard in sorted(set(index["weight_map"].values())):
-        out.update(load_file(str(root / shard)))
-    return out
 
 
 def _write_fp8(src: Path, out: Path) -> None:
@@ -123,7 +121,7 @@ def test_import_is_transformers_dequantization_bit_for_bit(ckpts: dict[str, Path
     root = ckpts["root"]
     assert mapgen_main(["convert", str(ckpts["fp8"]), str(root / "mc"), "--tp", "2"]) == 0
     assert mapgen_main(["export", str(root / "mc"), str(root / "hf"), "--source", str(ckpts["fp8"])]) == 0
-    src, out = _load(ckpts["fp8"]), _load(root / "hf")
+    src, out = load_tensors(ckpts["fp8"]), load_tensors(root / "hf")
     assert set(out) == {k for k in src if not k.endswith("_scale_inv")}
     dequant = Fp8Dequantize(None)
     quantized = 0
@@ -140,15 +138,7 @@ def test_import_is_transformers_dequantization_bit_for_bit(ckpts: dict[str, Path
     assert "quantization_config" not in config  # the weights are written dequantized
 
     # --quantize: the source's format, every tensor byte for byte (streaming and in memory)
-    for extra in ([], ["--in-memory"]):
-        target = root / f"hfq{len(extra)}"
-        assert mapgen_main(["export", str(root / "mc"), str(target), "--source", str(ckpts["fp8"]), "--quantize",
-                            *extra]) == 0
-        again = _load(target)
-        assert set(again) == set(src)
-        for key, value in src.items():
-            assert again[key].dtype == value.dtype, key
-            assert torch.equal(again[key].view(torch.uint8), value.view(torch.uint8)), key
+    assert_quantize_round_trip(root / "mc", ckpts["fp8"], root)
 
 
 @pytest.mark.distributed

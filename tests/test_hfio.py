@@ -116,3 +116,44 @@ def test_streaming_writer_holds_only_the_entries_in_flight(tmp_path: Path) -> No
         reader.close()
     assert len(tracking.refs) > 20
     assert tracking.most <= 3, f"{tracking.most} of {len(tracking.refs)} entries were alive at once"
+
+
+@pytest.mark.parametrize("kernel", [True, False])
+def test_kernel_copy_and_its_fallback(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kernel: bool) -> None:
+    """The streaming convert's file-to-file copy moves exactly the asked bytes to the asked place, with
+    ``copy_file_range`` or, where the kernel or file system refuses it (EXDEV, EINVAL, ...), pread/pwrite;
+    a source that ends early is an error."""
+    import errno
+    import os
+
+    from mapgen.runtime.megatron import _kernel_copy
+
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    data = np.random.default_rng(0).integers(0, 256, 3 << 20, dtype=np.uint8).tobytes()
+    src.write_bytes(data)
+    dst.write_bytes(b"x" * 100)
+    if not kernel:
+        def refuse(*args: Any) -> int:
+            raise OSError(errno.EXDEV, "cross-device")
+
+        monkeypatch.setattr(os, "copy_file_range", refuse)
+    a, b = os.open(src, os.O_RDONLY), os.open(dst, os.O_WRONLY)
+    try:
+        _kernel_copy(a, 12345, b, 100, len(data) - 12345)
+        assert dst.read_bytes() == b"x" * 100 + data[12345:]
+        with pytest.raises(OSError, match="short"):
+            _kernel_copy(a, len(data) - 10, b, 0, 20)
+    finally:
+        os.close(a)
+        os.close(b)
+
+
+def test_cut_maps_an_item_onto_its_entry_spans() -> None:
+    from mapgen.runtime.hfio import FileSpan
+    from mapgen.runtime.megatron import _cut
+
+    spans = [FileSpan("g", 1000, 40, torch.bfloat16, (2, 10)), FileSpan("u", 5000, 40, torch.bfloat16, (2, 10))]
+    assert _cut(spans, 0, 80) == (("g", 1000, 40), ("u", 5000, 40))
+    assert _cut(spans, 40, 40) == (("u", 5000, 40),)  # the up half of a gated fc1 entry
+    assert _cut(spans, 30, 20) == (("g", 1030, 10), ("u", 5000, 10))
+    assert _cut(spans, 60, 40) is None

@@ -46,7 +46,8 @@ def test_yarn_maps_deepseek_mscale_exactly() -> None:
 
     got = mla_rope(HFConfig({"rope_scaling": tiny_mla.DEEPSEEK_V3_YARN, "max_position_embeddings": 163840}))
     assert got == {"mla_rope_type": "yarn", "yarn_scaling_factor": 40.0, "yarn_original_max_position_embeddings": 4096,
-                   "yarn_beta_fast": 32.0, "yarn_beta_slow": 1.0, "yarn_mscale": 1.0, "yarn_mscale_all_dim": 1.0}
+                   "yarn_beta_fast": 32.0, "yarn_beta_slow": 1.0, "yarn_mscale": 1.0, "yarn_mscale_all_dim": 1.0,
+                   "yarn_truncate": True}  # MLA rounds the correction range (truncate=false is refused below)
     # transformers ignores mscale without mscale_all_dim (attention factor get_mscale(factor)): megatron's 1.0/0.0
     only = {**tiny_mla.DEEPSEEK_V3_YARN, "mscale": 0.707, "mscale_all_dim": None}
     assert mla_rope(HFConfig({"rope_scaling": only}))["yarn_mscale"] == 1.0

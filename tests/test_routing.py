@@ -32,7 +32,8 @@ EXPERTS = 8
 _ROUTING_FIELDS = (*ROUTING_KEYS, "num_experts_per_tok")
 _EXPERT_KEY = {"mixtral": "num_local_experts", "minimax": "num_local_experts", "qwen2_moe": "num_experts",
                "qwen3_moe": "num_experts", "olmoe": "num_experts", "flex_olmo": "num_experts",
-               "qwen3_next": "num_experts", "qwen3_5_moe_text": "num_experts", "qwen3_vl_moe_text": "num_experts"}
+               "qwen3_next": "num_experts", "qwen3_5_moe_text": "num_experts", "qwen3_vl_moe_text": "num_experts",
+               "gpt_oss": "num_local_experts"}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -147,6 +148,9 @@ def _router(model_type: str, **config: Any) -> tuple[torch.nn.Module, dict[str, 
         bias = getattr(router, "e_score_correction_bias", None)
         if bias is not None:
             bias.copy_(torch.rand(bias.shape, generator=gen) * 0.5)
+        logit_bias = getattr(router, "bias", None)  # gpt-oss: added to the logits (megatron-core's router bias)
+        if isinstance(logit_bias, torch.Tensor):
+            logit_bias.copy_(torch.randn(logit_bias.shape, generator=gen))
     return router, json.loads(cfg.to_json_string(use_diff=False))
 
 
@@ -158,6 +162,9 @@ def _megatron_probs(router: torch.nn.Module, hidden: torch.Tensor, r: Routing, t
     from megatron.core.transformer.moe.moe_utils import topk_routing_with_score_function
 
     logits = hidden @ router.weight.float().t()
+    logit_bias = getattr(router, "bias", None)
+    if isinstance(logit_bias, torch.Tensor):  # TopKRouter.gating: router_gating_linear(input, weight, bias)
+        logits = logits + logit_bias.float()
     bias = getattr(router, "e_score_correction_bias", None)
     probs, _ = topk_routing_with_score_function(
         logits, topk, use_pre_softmax=r.pre_softmax, num_groups=r.num_groups, group_topk=r.group_topk,

@@ -73,10 +73,12 @@ def test_gated_delta_net_output_gate_and_shared_expert() -> None:
     assert shapes[full + "mlp.experts.179.down_proj.weight"] == (2048, 512)
 
 
-def test_mxfp4_experts_are_left_out() -> None:
+def test_mxfp4_experts_are_described_dequantized() -> None:
     layout = scan(str(CORPUS / "gpt-oss-20b"))
     shapes = expected_shapes(layout, layout.config)
-    assert not any("_blocks" in k or "_scales" in k for k in shapes)
+    assert not any("_blocks" in k or "_scales" in k for k in shapes)  # the scan reads each pair as its tensor
+    assert shapes["model.layers.0.mlp.experts.gate_up_proj"] == (32, 2880, 2 * 2880)
+    assert shapes["model.layers.0.mlp.experts.down_proj"] == (32, 2880, 2880)
     assert shapes["model.layers.0.self_attn.sinks"] == (64,)
     assert shapes["model.layers.0.mlp.router.bias"] == (32,)
     assert shapes["model.layers.0.mlp.experts.gate_up_proj_bias"] == (32, 2 * 2880)

@@ -81,7 +81,8 @@ def _compare_worker(cases: list[tuple[str, str, dict[str, Any], str]]) -> dict[s
                 rt = compare_checkpoints(Path(src), path)
                 problems += [f"{label}: {m}" for m in rt.mismatches[:5]]
         out[name] = {"problems": problems, "tensors": len(keys), "dtypes": dtypes_seen,
-                     "read_stream": sa.bytes_read, "read_memory": sb.bytes_read}
+                     "read_stream": sa.bytes_read, "read_memory": sb.bytes_read,
+                     "copied": sa.extra.get("bytes_copied", 0), "written": sa.extra["bytes_written"]}
     return out
 
 
@@ -138,6 +139,19 @@ def test_streaming_checkpoint_loads_like_the_in_memory_one(results: dict[str, An
     assert r["dtypes"] == want
 
 
+def test_plain_copies_go_file_to_file(results: dict[str, Any]) -> None:
+    """Entries that are byte ranges of the source (whole tensors, row blocks, gate/up halves, q/k/v groups,
+    one packed expert) are copied in the kernel rather than produced: most of the bytes at every layout
+    (what is left: padded vocabularies, column chunks of row-parallel matrices, GDN, norms with a transform,
+    casts). The identity with the in-memory path above covers their bytes."""
+    for per_rank in [results["_ranks"][0], {n: results[n] for n, _ in CASES_1}]:
+        for name, r in per_rank.items():
+            assert 0 < r["copied"] <= r["written"], (name, r)
+    # At TP=1 everything but the two vocabulary matrices (160 rows padded to 256: 37% of this tiny model)
+    tp1 = results["qwen3-moe-tp1"]
+    assert tp1["copied"] == tp1["written"] - 2 * 256 * 48 * 2, tp1
+
+
 def test_streaming_ranks_read_no_more_than_the_in_memory_path(results: dict[str, Any]) -> None:
     """Each rank reads only what it writes (main replicas), never more than when it filled a whole model."""
     for per_rank in results["_ranks"]:
@@ -160,6 +174,61 @@ def test_recorded_dtype(tmp_path: Path) -> None:
         md = FileSystemReader(str(tmp_path / name / "release")).read_metadata()
         stored = {str(m.properties.dtype) for m in md.state_dict_metadata.values() if hasattr(m, "properties")}
         assert stored == {want}, (name, stored)
+
+
+def test_no_fsync_is_recorded_and_skips_only_the_data_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """By default every data file is fsynced (as megatron-core's writer does); --no-fsync skips that, says so
+    in mapgen.json, and leaves the same checkpoint (the metadata megatron-core writes is still fsynced)."""
+    import os
+
+    from torch.distributed.checkpoint.filesystem import FileSystemReader
+
+    from mapgen.cli import main
+
+    src = tiny.write("qwen3", tmp_path / "hf")
+    synced: list[str] = []
+    real = os.fsync
+
+    def fsync(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    for name, flags in (("a", []), ("b", ["--no-fsync"])):
+        synced.clear()
+        assert main(["convert", str(src), str(tmp_path / name), *flags]) == 0
+        data = [p for p in synced if p.endswith(".distcp")]
+        assert (len(data) == 1) == (name == "a"), synced
+        assert json.loads((tmp_path / name / "mapgen.json").read_text())["fsync"] == (name == "a")
+    a, b = (FileSystemReader(str(tmp_path / n / "release")).read_metadata() for n in ("a", "b"))
+    assert a.state_dict_metadata.keys() == b.state_dict_metadata.keys()
+    files = [sorted(p.read_bytes() for p in (tmp_path / n / "release").glob("*.distcp")) for n in ("a", "b")]
+    assert files[0] == files[1]
+
+
+def test_file_to_file_copies_write_the_bytes_the_produced_path_writes(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same checkpoint, byte for byte, whether its plain entries are copied file to file or produced in
+    memory and written by torch.save (the copy path switched off)."""
+    from mapgen.cli import main
+    from mapgen.runtime.engine import EntryProducer
+
+    src = tiny.write("qwen3-moe", tmp_path / "hf")
+    copied: list[int] = []
+    real = EntryProducer.copied
+
+    def count(self: EntryProducer, local: str, nbytes: int) -> None:
+        copied.append(nbytes)
+        real(self, local, nbytes)
+
+    monkeypatch.setattr(EntryProducer, "copied", count)
+    assert main(["convert", str(src), str(tmp_path / "a")]) == 0
+    assert len(copied) > 20
+    monkeypatch.setattr(EntryProducer, "spans", lambda self, local: None)
+    assert main(["convert", str(src), str(tmp_path / "b")]) == 0
+    files = [{p.name: p.read_bytes() for p in (tmp_path / n / "release").glob("*.distcp")} for n in ("a", "b")]
+    assert files[0].keys() == files[1].keys()
+    assert files[0] == files[1]
 
 
 def test_dry_run_predicts_what_convert_reads_and_writes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -34,6 +34,8 @@ from mapgen.catalog.rows import (
 )
 from mapgen.contract.hf_config import ACTIVATIONS as HF_ACTIVATIONS
 from mapgen.contract.hf_config import (
+    CLAMPED_SWIGLU,
+    QUICK_GELU_ALPHA,
     HFConfig,
     activation,
     computed_activation,
@@ -357,8 +359,10 @@ def _quantization_limit(v: Any, scope: Scope) -> str | None:
     method = v.get("quant_method") if isinstance(v, Mapping) else None
     if method == "fp8" and v.get("weight_block_size"):
         return None
-    return (f"quantized weights ({method or v!r}): mapgen reads floating-point and block-scaled FP8 checkpoints "
-            "only")
+    if method == "mxfp4":  # scan checks the fields and every blocks/scales pair
+        return None
+    return (f"quantized weights ({method or v!r}): mapgen reads floating-point, block-scaled FP8 and MXFP4 "
+            "checkpoints only")
 
 
 def _rope_dict(v: Any, scope: Scope) -> str | None:
@@ -384,14 +388,41 @@ def _rope_limit(v: Any, scope: Scope) -> str | None:
         return None if not off else (
             f"Llama-3 RoPE scaling with {off}: megatron-core's GPTModel rope_scaling fixes low/high frequency "
             "factors 1/4 over 8192 original positions")
-    if kind == "yarn" and scope.lookup("kv_lora_rank") is not None:  # multi-latent attention builds YaRN
-        # the bridge's own judgement (imported here: only MLA configs pay for the contract package in scan)
-        from mapgen.contract.hf_config import mla_yarn_problem
-
-        return mla_yarn_problem(v, scope.lookup("max_position_embeddings"))
+    if kind == "yarn":
+        return _yarn_limit(v, scope)
     if kind == "mrope":  # Qwen2.5-VL's legacy spelling: plain frequencies, M-RoPE by mrope_section
         return None if v.get("mrope_section") is not None else "RoPE type 'mrope' without an mrope_section"
-    return f"RoPE scaling {kind!r}: no megatron-core equivalent wired into ModelSpec (only Llama-3 scaling is)"
+    return (f"RoPE scaling {kind!r}: no megatron-core equivalent wired into ModelSpec (Llama-3 scaling and YaRN "
+            "are)")
+
+
+def _yarn_limit(v: Mapping[str, Any], scope: Scope) -> str | None:
+    """YaRN as the bridge judges it (imported here: only YaRN configs pay for the contract package in scan):
+    multi-latent attention builds its own, standard attention GPTModel's position_embedding_type="yarn"."""
+    from mapgen.contract.hf_config import mla_yarn_problem, yarn_problem
+
+    if scope.lookup("kv_lora_rank") is not None:
+        return mla_yarn_problem(v, scope.lookup("max_position_embeddings"))
+    return yarn_problem(v, scope.lookup("max_position_embeddings"),
+                        scope.lookup("partial_rotary_factor", "rope_parameters.partial_rotary_factor"))
+
+
+def _clamped_swiglu_limit(key: str) -> Check:
+    """gpt-oss's clamped SwiGLU keys: mapped for the model types whose formula is known (hf_config.CLAMPED_SWIGLU),
+    refused for any other model type that sets them."""
+
+    def limit(v: Any, scope: Scope) -> str | None:
+        if v is None or v is False or v == 0:
+            return None
+        if _base(scope).model_type not in CLAMPED_SWIGLU:
+            return (f"{key} of model type {_base(scope).model_type!r}: only gpt-oss's clamped SwiGLU (gate clamped "
+                    "above, up clamped both sides, (up + 1) * gate * sigmoid(alpha * gate)) is known to mapgen")
+        if key == "swiglu_alpha" and v != QUICK_GELU_ALPHA:
+            return (f"swiglu_alpha={v!r}: megatron-core's gated activation with a sigmoid gain is quick_gelu, "
+                    f"x * sigmoid({QUICK_GELU_ALPHA} x)")
+        return None
+
+    return limit
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -543,10 +574,16 @@ TOP: tuple[Row, ...] = (
             unless=same_as_bridge("moe_router_topk"), valid=positive_int),
     refused("mtp_use_dedicated_embeddings", "MTP layers with their own embedding table: the bridge shares the "
             "main embedding", unless=falsy, valid=boolean),
-    refused("swiglu_limit", "clamped SwiGLU (gpt-oss): no megatron-core setting", unless=falsy),
+    mapped("swiglu_limit", "activation_func_clamp_value", why="gpt-oss's clamped SwiGLU: gate clamped above, up "
+           "clamped to [-limit, limit] (megatron-core activation_func_clamp_value, glu_linear_offset 1)",
+           valid=positive_number, limit=_clamped_swiglu_limit("swiglu_limit"), default=True),
+    mapped("swiglu_alpha", "activation", why="gpt-oss's clamped SwiGLU: the sigmoid gain of gate * sigmoid(alpha * "
+           "gate) (megatron-core quick_gelu at 1.702)", valid=positive_number,
+           limit=_clamped_swiglu_limit("swiglu_alpha"), default=True),
     structural("quantization_config", why="block-scaled FP8 weights (quant_method fp8 with weight_block_size, "
                "e4m3, dynamic activation scales: DeepSeek-V3/R1, Kimi-K2) are dequantized while read, as "
-               "transformers dequantizes them; scan checks every scale against its weight", limit=_quantization_limit),
+               "transformers dequantizes them; scan checks every scale against its weight; MXFP4 experts (quant_method "
+               "mxfp4: X_blocks + X_scales, gpt-oss) likewise", limit=_quantization_limit),
     refused("quantization", "quantized weights (MLX): mapgen converts floating-point checkpoints only",
             unless=falsy),
     refused("use_bidirectional_attention", "bidirectional attention: the bridge builds a causal decoder",
@@ -580,7 +617,7 @@ TOP: tuple[Row, ...] = (
     *refused_all("a second attention shape for sliding-window layers: not built by the bridge",
                  "swa_num_key_value_heads", "swa_num_attention_heads", "swa_head_dim", "sliding_window_size",
                  "sliding_window_pattern"),
-    *refused_all("clamped/soft-capped activations or projections: no megatron-core setting", "swiglu_alpha",
+    *refused_all("clamped/soft-capped activations or projections: no megatron-core setting",
                  "clip_qkv", "mlp_gate_softcap", "mlp_up_softcap"),
     *refused_all("embeddings scaled by sqrt(d_model): no megatron-core setting", "scale_embedding"),
     *refused_all("attention scaled by the inverse layer index: no megatron-core setting",

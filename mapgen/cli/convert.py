@@ -32,6 +32,10 @@ def register(sub: Any) -> None:
     p.add_argument("--dry-run", action="store_true",
                    help="print what each rank would read, write and hold, the disk needed and an estimate; "
                    "write nothing")
+    p.add_argument("--no-fsync", action="store_true",
+                   help="streaming: do not fsync the data files (megatron-core's writer does, and so does mapgen by "
+                   "default); faster, but the checkpoint is durable only once the kernel has written it back. "
+                   "Recorded in OUT/mapgen.json (\"fsync\": false)")
     add_dtype_arg(p, "dtype of the Megatron checkpoint")
     add_parallel_args(p)
     add_bridges_arg(p)
@@ -41,11 +45,12 @@ def register(sub: Any) -> None:
 
 
 def _work(source: str, out: Path, par: Any, overwrite: bool, config_check: dict[str, Any] | None,
-          dtype: str = "auto", streaming: bool = True, allow_unproven: bool = False) -> dict[str, Any]:
+          dtype: str = "auto", streaming: bool = True, allow_unproven: bool = False,
+          fsync: bool = True) -> dict[str, Any]:
     from mapgen.runtime.api import convert
 
     stats = convert(source, out, par, overwrite=overwrite, config_check=config_check, dtype=dtype,
-                    streaming=streaming, allow_unproven_numerics=allow_unproven)
+                    streaming=streaming, allow_unproven_numerics=allow_unproven, fsync=fsync)
     return {"tensors": stats.tensors, "bytes": stats.bytes, "bytes_read": stats.bytes_read, "seconds": stats.seconds}
 
 
@@ -75,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     results = run_spmd(_work, par, args.nproc, args.source, args.out, par, args.overwrite,
                        report.to_json() if report is not None else None, args.dtype, not args.in_memory,
-                       args.allow_unproven_numerics)
+                       args.allow_unproven_numerics, not args.no_fsync)
     if is_rank0():
         total = sum(r["tensors"] for r in results)
         nbytes = sum(r["bytes"] for r in results)

@@ -34,8 +34,9 @@ def register(sub: Any) -> None:
                    help="print what each rank would read, write and hold, the disk needed and an estimate; "
                    "write nothing")
     p.add_argument("--quantize", action="store_true",
-                   help="write block-scaled FP8 weights as the --source checkpoint stores them (e4m3 with its tiles "
-                   "and scales: an unchanged model reproduces every source tensor byte for byte); default: "
+                   help="write block-scaled FP8 weights and MXFP4 experts as the --source checkpoint stores them "
+                   "(e4m3 with its tiles and scales, uint8 blocks with their E8M0 scales: an unchanged model "
+                   "reproduces every source tensor byte for byte); default: "
                    "dequantized, in the source's unquantized dtype")
     add_dtype_arg(p, "dtype of the HF tensors written (auto: the source's, as recorded in mapgen.json)")
     add_parallel_args(p)

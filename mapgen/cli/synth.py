@@ -57,6 +57,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--fp8-block", metavar="MxN", type=_tile, default=None,
                    help="for a block-scaled FP8 source (DeepSeek-V3 style weight_scale_inv): the tile of the "
                    "synthesized scales (default: the source's weight_block_size)")
+    p.add_argument("--mxfp4", action="store_true",
+                   help="store the packed routed experts as MXFP4 (X_blocks + X_scales, the gpt-oss releases' "
+                   "layout; --hidden and the experts' width must be multiples of 32); an MXFP4 source is anyway")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     p.set_defaults(func=run)
 
@@ -109,6 +112,7 @@ def run(args: argparse.Namespace) -> int:
         shards=args.shards,
         dtype=args.dtype,
         fp8_block=args.fp8_block,
+        mxfp4=args.mxfp4,
     )
     result = synthesize(layout, options, tensors=tensors)
 

@@ -23,6 +23,8 @@ from typing import Any, Literal
 from mapgen.contract.hf_config import (
     HFConfig,
     activation,
+    activation_clamp,
+    glu_linear_offset,
     head_dim,
     mla_rope,
     mrope_section,
@@ -33,6 +35,7 @@ from mapgen.contract.hf_config import (
     softmax_scale,
     window_layers,
     window_size,
+    yarn_fields,
 )
 from mapgen.contract.routing import RouterScheme, Routing, routing
 from mapgen.contract.spec import LayerKind, MlpKind, ModelSpec
@@ -61,6 +64,7 @@ class Facts:
     layernorm: bool = False  # norms are LayerNorm with bias (a model-type fact), else RMSNorm
     non_gated_mlp: bool = False  # dense MLPs are fc1 -> activation -> fc2 (no gate)
     mla: bool = False  # some layer is multi-latent attention
+    attention_sinks: bool = False  # attention has a learned sink logit per head (gpt-oss)
     # -- MoE routing (mapgen.contract.routing): the model type's router code, and transformers' config-class
     # defaults for the routing keys config.json may leave out (the catalog judged the same values)
     router: RouterScheme = ""
@@ -125,6 +129,11 @@ def _mla_rope_field(name: str) -> Callable[[HFConfig, Layout], Any]:
     return lambda hf, _: mla_rope(hf)[name]
 
 
+def _yarn_field(name: str) -> Callable[[HFConfig, Layout], Any]:
+    """A ``yarn_*`` field: MLA's YaRN (mla_rope) in a model with MLA layers, else standard attention's."""
+    return lambda hf, layout: (mla_rope(hf) if _has_mla(layout) else yarn_fields(hf))[name]
+
+
 def _per_layer_flags(layout: Layout, flags: tuple[bool, ...], what: str) -> tuple[bool, ...]:
     """Per-layer window / NoPE flags; megatron-core numbers MTP layers past ``num_layers`` and indexes these lists
     with that number, so a partial pattern has no entry for them: refused rather than an IndexError."""
@@ -142,8 +151,9 @@ Derivation = Literal[
     "gpt2_inner",
     "head_dim", "rope_scaling", "rope_scaling_factor", "layer_kinds", "mlp_kinds", "mtp_depth", "mtp_layer_kind",
     "mtp_mlp_kind", "mla_rope_type", "yarn_scaling_factor", "yarn_original_max_position_embeddings",
-    "yarn_beta_fast", "yarn_beta_slow", "yarn_mscale", "yarn_mscale_all_dim",
-    "activation", "window_size", "window_layers", "no_rope_layers", "position_embedding_type",
+    "yarn_beta_fast", "yarn_beta_slow", "yarn_mscale", "yarn_mscale_all_dim", "yarn_truncate",
+    "activation", "glu_linear_offset", "activation_clamp", "window_size", "window_layers", "no_rope_layers",
+    "position_embedding_type",
     "mrope_section", "softmax_scale", "max_position_embeddings",
     "router_score_function", "router_pre_softmax", "router_scaling_factor", "router_num_groups", "router_group_topk",
     "router_dtype",
@@ -174,18 +184,24 @@ DERIVATIONS: dict[str, Callable[[HFConfig, Layout], Any]] = {
     "mtp_layer_kind": lambda _, layout: _mtp_layer_kind(layout),
     "mtp_mlp_kind": lambda _, layout: _mtp_mlp_kind(layout),
     # MLA RoPE: plain, or YaRN with DeepSeek's mscale (mapgen.contract.hf_config.mla_rope refuses the rest)
-    **{name: _mla_rope_field(name) for name in (
-        "mla_rope_type", "yarn_scaling_factor", "yarn_original_max_position_embeddings", "yarn_beta_fast",
-        "yarn_beta_slow", "yarn_mscale", "yarn_mscale_all_dim")},
+    "mla_rope_type": _mla_rope_field("mla_rope_type"),
+    # YaRN: MLA's, or standard attention's (position_embedding_type yarn; hf_config.yarn_fields refuses the rest)
+    **{name: _yarn_field(name) for name in (
+        "yarn_scaling_factor", "yarn_original_max_position_embeddings", "yarn_beta_fast", "yarn_beta_slow",
+        "yarn_mscale", "yarn_mscale_all_dim", "yarn_truncate")},
     "activation": lambda hf, _: activation(hf),  # hidden_act / hidden_activation / activation_function
+    "glu_linear_offset": lambda hf, _: glu_linear_offset(hf),  # gpt-oss: (up + 1) * glu
+    "activation_clamp": lambda hf, _: activation_clamp(hf),  # gpt-oss: swiglu_limit
     "window_size": lambda hf, _: window_size(hf),  # sliding_window where some layer applies it
     # layer_types, max_window_layers, use_sliding_window
     "window_layers": lambda hf, layout: _per_layer_flags(layout, window_layers(hf), "sliding windows"),
     # SmolLM3 no_rope_layers / no_rope_layer_interval
     "no_rope_layers": lambda hf, layout: _per_layer_flags(layout, no_rope_layers(hf), "layers without RoPE"),
     # learned_absolute with a position table in the keys (GPT-2 wpe), else mrope with an mrope_section, else rope
+    # (MLA layers build their own YaRN: never position_embedding_type yarn)
     "position_embedding_type": lambda hf, layout: (
-        "learned_absolute" if layout.language_model.top.key("position_embedding") else position_embedding_type(hf)),
+        "learned_absolute" if layout.language_model.top.key("position_embedding")
+        else position_embedding_type(hf, yarn=not _has_mla(layout))),
     "mrope_section": lambda hf, _: mrope_section(hf),
     # the learned position table's rows: OPT keeps 2 rows before position 0 (the component's position_offset)
     "max_position_embeddings": lambda hf, layout: int(hf.get(*POSITION_READS[0], default=POSITION_READS[1]))
@@ -273,6 +289,7 @@ CONFIG: tuple[ConfigRow, ...] = (
     ConfigRow("position_embedding_type", derive="position_embedding_type"),
     ConfigRow("mrope_section", derive="mrope_section"),
     ConfigRow("softmax_scale", derive="softmax_scale"),
+    ConfigRow("softmax_type", fact="attention_sinks", choices=("vanilla", "learnable")),
     # -- norms -------------------------------------------------------------------------------------------
     ConfigRow("normalization", fact="layernorm", choices=("RMSNorm", "LayerNorm")),
     ConfigRow("norm_epsilon", hf=("rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon", "norm_eps", "norm_epsilon"),
@@ -281,6 +298,8 @@ CONFIG: tuple[ConfigRow, ...] = (
     ConfigRow("gated_linear_unit", fact="non_gated_mlp", negate=True),
     ConfigRow("untie_embeddings_and_output_weights", fact="tied", negate=True),
     ConfigRow("activation", derive="activation"),
+    ConfigRow("glu_linear_offset", derive="glu_linear_offset"),
+    ConfigRow("activation_func_clamp_value", derive="activation_clamp"),
     # -- MoE ---------------------------------------------------------------------------------------------
     ConfigRow("num_moe_experts", hf=("num_experts", "num_local_experts", "n_routed_experts"), when="moe"),
     ConfigRow("moe_router_topk", hf=("num_experts_per_tok", "moe_topk"), when="moe"),
@@ -308,12 +327,13 @@ CONFIG: tuple[ConfigRow, ...] = (
     ConfigRow("qk_pos_emb_head_dim", hf=("qk_rope_head_dim",), when="mla"),
     ConfigRow("v_head_dim", hf=("v_head_dim",), when="mla"),
     ConfigRow("mla_rope_type", derive="mla_rope_type", when="mla"),
-    ConfigRow("yarn_scaling_factor", derive="yarn_scaling_factor", when="mla"),
-    ConfigRow("yarn_original_max_position_embeddings", derive="yarn_original_max_position_embeddings", when="mla"),
-    ConfigRow("yarn_beta_fast", derive="yarn_beta_fast", when="mla"),
-    ConfigRow("yarn_beta_slow", derive="yarn_beta_slow", when="mla"),
-    ConfigRow("yarn_mscale", derive="yarn_mscale", when="mla"),
-    ConfigRow("yarn_mscale_all_dim", derive="yarn_mscale_all_dim", when="mla"),
+    ConfigRow("yarn_scaling_factor", derive="yarn_scaling_factor"),
+    ConfigRow("yarn_original_max_position_embeddings", derive="yarn_original_max_position_embeddings"),
+    ConfigRow("yarn_beta_fast", derive="yarn_beta_fast"),
+    ConfigRow("yarn_beta_slow", derive="yarn_beta_slow"),
+    ConfigRow("yarn_mscale", derive="yarn_mscale"),
+    ConfigRow("yarn_mscale_all_dim", derive="yarn_mscale_all_dim"),
+    ConfigRow("yarn_truncate", derive="yarn_truncate"),
     # -- MTP (depth and inner layer from the scanned keys) -----------------------------------------------
     ConfigRow("mtp_num_layers", derive="mtp_depth"),
     ConfigRow("mtp_layer_kind", derive="mtp_layer_kind"),

@@ -7,12 +7,15 @@ compute it with this one function.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+from collections.abc import Mapping
+from typing import Any
 
 from mapgen.ir import Layout, to_jsonable
 
-__all__ = ["fingerprint", "fingerprint_data"]
+__all__ = ["dequantized", "fingerprint", "fingerprint_data", "without_quantization_config"]
 
 _DIMENSION_FIELDS = frozenset(
     {"dims", "summary", "diagnostics", "unclassified", "layers", "num_layers", "depth", "index_offset", "num_keys",
@@ -29,9 +32,27 @@ def _strip(data: object) -> object:
     return data
 
 
-_READ_TIME_QUANTIZATION = frozenset({"fp8_block"})
-"""Quantizations undone while reading (a weight's tiles and its scales, under the same name): the bridge of the
-unquantized layout applies, so they do not change the fingerprint."""
+_READ_TIME_QUANTIZATION = frozenset({"fp8_block", "mxfp4"})
+"""Quantizations undone while reading (a weight's tiles and its scales, under the same name; MXFP4 blocks and
+scales, as the tensor they dequantize to): the bridge of the unquantized layout applies, so they do not change
+the fingerprint."""
+
+
+def without_quantization_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """``config`` less its ``quantization_config`` (top level and ``text_config``)."""
+    out = {k: v for k, v in config.items() if k != "quantization_config"}
+    text = out.get("text_config")
+    if isinstance(text, dict) and "quantization_config" in text:
+        out["text_config"] = {k: v for k, v in text.items() if k != "quantization_config"}
+    return out
+
+
+def dequantized(layout: Layout) -> Layout:
+    """The unquantized layout a read-time-quantized one (FP8 blocks, MXFP4) shares its bridge with: the same
+    fingerprint, ``quantization: none`` and no ``quantization_config`` (what its tiny twin is)."""
+    if layout.quantization not in _READ_TIME_QUANTIZATION:
+        return layout
+    return dataclasses.replace(layout, quantization="none", config=without_quantization_config(layout.config))
 
 
 def fingerprint_data(layout: Layout) -> object:

@@ -14,10 +14,13 @@ from mapgen.errors import error
 
 __all__ = [
     "ACTIVATIONS",
+    "CLAMPED_SWIGLU",
     "HFConfig",
     "activation",
+    "activation_clamp",
     "activation_name",
     "computed_activation",
+    "glu_linear_offset",
     "head_dim",
     "mla_rope",
     "mla_yarn_problem",
@@ -29,6 +32,8 @@ __all__ = [
     "softmax_scale",
     "window_layers",
     "window_size",
+    "yarn_fields",
+    "yarn_problem",
 ]
 
 _MISSING = object()
@@ -95,8 +100,8 @@ def _rope(hf: HFConfig) -> dict[str, Any] | None:
         value = hf.get(name, default=None)
         if isinstance(value, Mapping):
             kind = value.get("rope_type") or value.get("type") or "default"
-            if kind in ("default", "mrope"):
-                continue  # M-RoPE is position_embedding_type (below), not a frequency scaling
+            if kind in ("default", "mrope", "yarn"):
+                continue  # M-RoPE and YaRN are position_embedding_type (below), not a frequency scaling
             if kind == "llama3" and all(
                 float(value.get(k, v)) == v for k, v in _LLAMA3_DEFAULTS.items()
             ):
@@ -124,6 +129,7 @@ def rope_scaling_factor(hf: HFConfig) -> float:
 _MLA_ROPE_DEFAULTS: dict[str, Any] = {
     "mla_rope_type": "rope", "yarn_scaling_factor": 1.0, "yarn_original_max_position_embeddings": 4096,
     "yarn_beta_fast": 32.0, "yarn_beta_slow": 1.0, "yarn_mscale": 1.0, "yarn_mscale_all_dim": 0.0,
+    "yarn_truncate": True,
 }
 
 
@@ -134,9 +140,11 @@ def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
     return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
 
 
-def _yarn_values(value: Mapping[str, Any], max_positions: Any) -> tuple[dict[str, Any] | None, str | None]:
+def _yarn_values(value: Mapping[str, Any], max_positions: Any, *, mla: bool = True) -> tuple[dict[str, Any] | None,
+                                                                                             str | None]:
     """transformers' YaRN (``_compute_yarn_parameters`` and DeepSeek's softmax ``mscale_all_dim`` factor) as
-    megatron-core's MLA YaRN settings, or the reason it has no equivalent."""
+    megatron-core's YaRN settings (MLA's, or with ``mla=False`` GPTModel's ``position_embedding_type="yarn"``,
+    which also takes ``truncate``), or the reason it has no equivalent."""
     original = value.get("original_max_position_embeddings")
     if not isinstance(original, int | float) or original <= 0:
         return None, "YaRN needs original_max_position_embeddings"
@@ -145,7 +153,7 @@ def _yarn_values(value: Mapping[str, Any], max_positions: Any) -> tuple[dict[str
         if not isinstance(max_positions, int | float):
             return None, "YaRN without a factor needs max_position_embeddings"
         factor = max_positions / original
-    if not value.get("truncate", True):
+    if mla and not value.get("truncate", True):
         return None, "YaRN with truncate=false (megatron-core's MLA rounds the correction range)"
     if float(value.get("partial_rotary_factor", 1.0) or 1.0) != 1.0:
         return None, "YaRN over part of the rotary dims"
@@ -163,7 +171,7 @@ def _yarn_values(value: Mapping[str, Any], max_positions: Any) -> tuple[dict[str
         "mla_rope_type": "yarn", "yarn_scaling_factor": float(factor),
         "yarn_original_max_position_embeddings": int(original),
         "yarn_beta_fast": float(value.get("beta_fast") or 32), "yarn_beta_slow": float(value.get("beta_slow") or 1),
-        "yarn_mscale": m, "yarn_mscale_all_dim": a,
+        "yarn_mscale": m, "yarn_mscale_all_dim": a, "yarn_truncate": bool(value.get("truncate", True)),
     }, None
 
 
@@ -193,6 +201,47 @@ def mla_rope(hf: HFConfig) -> dict[str, Any]:
             )
         return values
     return dict(_MLA_ROPE_DEFAULTS)
+
+
+# -- YaRN on standard attention (megatron-core GPTModel position_embedding_type="yarn") ------------------------
+def _yarn_dict(hf: HFConfig) -> tuple[str, Mapping[str, Any]] | None:
+    for name in ("rope_scaling", "rope_parameters"):
+        value = hf.get(name, default=None)
+        if isinstance(value, Mapping) and (value.get("rope_type") or value.get("type")) == "yarn":
+            return name, value
+    return None
+
+
+def yarn_problem(value: Mapping[str, Any], max_positions: Any, rotary_fraction: Any = 1.0) -> str | None:
+    """Why a YaRN RoPE dict on standard attention has no exact megatron-core equivalent (None when it has one).
+    megatron-core's ``YarnRotaryEmbedding`` rotates every head dim (it does not read ``rotary_percent``)."""
+    if float(rotary_fraction or 1.0) != 1.0:
+        return "YaRN over part of the rotary dims (megatron-core's YarnRotaryEmbedding rotates all of them)"
+    return _yarn_values(value, max_positions, mla=False)[1]
+
+
+def yarn_fields(hf: HFConfig) -> dict[str, Any]:
+    """The ``yarn_*`` ModelSpec fields of standard attention: YaRN as transformers computes it (GPTModel's
+    ``position_embedding_type="yarn"``: the same frequency blend, correction range rounded iff ``truncate``, and
+    cos/sin scaled by the attention factor ``get_mscale(factor, mscale) / get_mscale(factor, mscale_all_dim)``),
+    the defaults when the config has no YaRN; any YaRN it cannot express is refused by name."""
+    found = _yarn_dict(hf)
+    if found is None:
+        return {k: v for k, v in _MLA_ROPE_DEFAULTS.items() if k != "mla_rope_type"}
+    name, value = found
+    fraction = hf.get("partial_rotary_factor", "rope_parameters.partial_rotary_factor", default=1.0)
+    problem = yarn_problem(value, hf.get("max_position_embeddings", default=None), fraction)
+    values = None if problem else _yarn_values(value, hf.get("max_position_embeddings", default=None), mla=False)[0]
+    if values is None:
+        raise error(
+            "config.unsupported-rope", f"{problem}: {dict(value)}", file=hf.source, key=name,
+            expected="YaRN with factor, original_max_position_embeddings, beta_fast/slow, truncate and optionally "
+            "mscale with mscale_all_dim, over every head dim",
+            hint="converting anyway would change the model's outputs; add support for this scaling first",
+        )
+    return {k: v for k, v in values.items() if k != "mla_rope_type"}
+
+
 # -- activations ----------------------------------------------------------------------------------------------
 # transformers' ACT2FN name -> the ModelSpec activation that computes the same function (formulas checked against
 # transformers/activations.py: gelu_new, gelu_fast, gelu_accurate and gelu_python_tanh are the tanh approximation
@@ -208,7 +257,15 @@ ACTIVATION_KEYS = ("hidden_act", "hidden_activation", "activation_function")
 # Config classes that rewrite the name they are given (GemmaConfig turns the legacy "gelu" into the tanh
 # approximation; these model types compute SiLU whatever the key says).
 _ACTIVATION_REWRITES: dict[str, dict[str, str]] = {"gemma": {"gelu": "gelu_pytorch_tanh"}}
-_ACTIVATION_FIXED = {"blt": "silu", "minimax_m3_vl": "silu", "step3p7": "silu"}
+_ACTIVATION_FIXED = {"blt": "silu", "minimax_m3_vl": "silu", "step3p7": "silu",
+                     "gpt_oss": "quick_gelu"}  # gate * sigmoid(swiglu_alpha * gate): quick_gelu at alpha 1.702
+# Model types whose experts compute gpt-oss's clamped SwiGLU whatever hidden_act says (modeling_gpt_oss.py,
+# GptOssExperts._apply_gate): gate clamped above at swiglu_limit, up clamped to [-limit, limit],
+# glu = gate * sigmoid(gate * swiglu_alpha), out = (up + 1) * glu. megatron-core's glu (transformer/mlp.py,
+# moe/experts.py) computes act(min(g, c)) * (clamp(u, -c, c) + glu_linear_offset): quick_gelu (x * sigmoid(1.702 x))
+# with activation_func_clamp_value = swiglu_limit and glu_linear_offset = 1. Values: transformers' class defaults.
+CLAMPED_SWIGLU: dict[str, dict[str, float]] = {"gpt_oss": {"swiglu_alpha": 1.702, "swiglu_limit": 7.0}}
+QUICK_GELU_ALPHA = 1.702  # megatron.core.fusions.fused_bias_geglu.quick_gelu
 
 
 def computed_activation(name: str, model_type: str) -> str:
@@ -223,8 +280,22 @@ def activation_name(hf: HFConfig) -> str:
     return computed_activation(str(hf.get(*ACTIVATION_KEYS, default="silu")), str(hf.get("model_type", default="")))
 
 
+def _clamped_swiglu(hf: HFConfig) -> dict[str, float] | None:
+    return CLAMPED_SWIGLU.get(str(hf.get("model_type", default="")))
+
+
 def activation(hf: HFConfig) -> str:
     """The ModelSpec activation; a name megatron-core cannot reproduce is ``config.unsupported-activation``."""
+    clamped = _clamped_swiglu(hf)
+    if clamped is not None:
+        alpha = hf.get("swiglu_alpha", default=clamped["swiglu_alpha"])
+        if alpha != QUICK_GELU_ALPHA:
+            raise error(
+                "config.unsupported-activation", f"clamped SwiGLU with swiglu_alpha={alpha!r}: megatron-core's "
+                f"gated activation with a sigmoid gain is quick_gelu, x * sigmoid({QUICK_GELU_ALPHA} x)",
+                file=hf.source, key="swiglu_alpha", expected=str(QUICK_GELU_ALPHA),
+                hint="converting anyway would change the model's outputs",
+            )
     name = activation_name(hf)
     if name not in ACTIVATIONS:
         raise error(
@@ -233,6 +304,26 @@ def activation(hf: HFConfig) -> str:
             hint="converting anyway would change the model's outputs",
         )
     return ACTIVATIONS[name]
+
+
+def glu_linear_offset(hf: HFConfig) -> float:
+    """What the gated linear unit adds to the up projection (gpt-oss: 1)."""
+    return 1.0 if _clamped_swiglu(hf) is not None else 0.0
+
+
+def activation_clamp(hf: HFConfig) -> float | None:
+    """gpt-oss's ``swiglu_limit`` (megatron-core ``activation_func_clamp_value``); None for other model types."""
+    clamped = _clamped_swiglu(hf)
+    if clamped is None:
+        return None
+    limit = hf.get("swiglu_limit", default=clamped["swiglu_limit"])
+    if isinstance(limit, bool) or not isinstance(limit, int | float) or limit <= 0:
+        raise error(
+            "config.invalid-value", f"swiglu_limit={limit!r}: transformers clamps the gate and up projections to it",
+            file=hf.source, key="swiglu_limit", expected="a positive number",
+            hint="fix config.json",
+        )
+    return float(limit)
 
 
 # -- sliding windows ------------------------------------------------------------------------------------------
@@ -336,8 +427,12 @@ def _mrope(hf: HFConfig) -> list[int] | None:
     return None
 
 
-def position_embedding_type(hf: HFConfig) -> str:
-    return "rope" if _mrope(hf) is None else "mrope"
+def position_embedding_type(hf: HFConfig, *, yarn: bool = True) -> str:
+    """mrope with an mrope_section, else yarn for a YaRN scaling (``yarn``: standard attention; MLA builds its
+    own YaRN), else rope."""
+    if _mrope(hf) is not None:
+        return "mrope"
+    return "yarn" if yarn and _yarn_dict(hf) is not None else "rope"
 
 
 def mrope_section(hf: HFConfig) -> tuple[int, ...]:

@@ -19,7 +19,9 @@ MlpKind = Literal["dense", "moe"]
 # approximation: gelu_pytorch_tanh / gelu_new / gelu_fast / gelu_accurate / gelu_python_tanh), relu, relu2
 # (squared ReLU), quick_gelu (x * sigmoid(1.702 x)).
 Activation = Literal["silu", "gelu", "gelu_tanh", "relu", "relu2", "quick_gelu"]
-PositionEmbedding = Literal["rope", "mrope", "learned_absolute"]  # learned_absolute: GPT-2's wpe table
+# learned_absolute: GPT-2's wpe table; yarn: YaRN-scaled RoPE on standard attention (the yarn_* fields below)
+PositionEmbedding = Literal["rope", "mrope", "learned_absolute", "yarn"]
+SoftmaxType = Literal["vanilla", "learnable"]  # learnable: one learned sink logit per head (gpt-oss)
 
 
 @dataclass(frozen=True)
@@ -53,12 +55,17 @@ class ModelSpec:
     position_embedding_type: PositionEmbedding = "rope"
     mrope_section: tuple[int, ...] = ()  # M-RoPE rotary-pair sections (temporal, height, width)
     softmax_scale: float | None = None  # attention scores scale; None = 1/sqrt(kv_channels)
+    softmax_type: SoftmaxType = "vanilla"
     # -- norms / activations -----------------------------------------------------------------------------
     normalization: Literal["RMSNorm", "LayerNorm"] = "RMSNorm"
     norm_epsilon: float = 1e-6
     layernorm_zero_centered_gamma: bool = False
     gated_linear_unit: bool = True
     activation: Activation = "silu"
+    # gpt-oss's clamped SwiGLU: act(min(g, c)) * (clamp(u, -c, c) + offset) (megatron-core glu_linear_offset,
+    # activation_func_clamp_value)
+    glu_linear_offset: float = 0.0
+    activation_func_clamp_value: float | None = None
     untie_embeddings_and_output_weights: bool = True
     # -- MoE ---------------------------------------------------------------------------------------------
     num_moe_experts: int | None = None
@@ -81,7 +88,8 @@ class ModelSpec:
     linear_key_head_dim: int | None = None
     linear_value_head_dim: int | None = None
     linear_conv_kernel_dim: int | None = None
-    # -- multi-latent attention (MLA layers; megatron-core MLATransformerConfig) ----------------------------
+    # -- multi-latent attention (MLA layers; megatron-core MLATransformerConfig); the yarn_* fields also size
+    # position_embedding_type="yarn" on standard attention ------------------------------------------------
     q_lora_rank: int | None = None  # None: a full-rank q projection (DeepSeek-V2-Lite)
     kv_lora_rank: int | None = None
     qk_head_dim: int | None = None  # per-head q/k dims without RoPE (HF qk_nope_head_dim)
@@ -94,6 +102,7 @@ class ModelSpec:
     yarn_beta_slow: float = 1.0
     yarn_mscale: float = 1.0
     yarn_mscale_all_dim: float = 0.0
+    yarn_truncate: bool = True  # the correction range rounded to integers (transformers' YaRN truncate)
     # -- MTP ---------------------------------------------------------------------------------------------
     mtp_num_layers: int | None = None
     mtp_layer_kind: LayerKind = "attention"

@@ -62,13 +62,17 @@ def op(name: Op, sharding: Sharding, *, experts: bool = False, options: tuple[Op
     return OpSpec(name, sharding, experts, options)
 
 
-def copy(sharding: Sharding = "replicated", *, transform: Literal["none", "zero_centered"] | None = None,
-         dtype: Literal["fp32"] | None = None, shared: bool | None = None,
-         orientation: Literal["in_out"] | None = None) -> OpSpec:
+def copy(  # noqa: PLR0913 -- one keyword per CopyOptions field
+    sharding: Sharding = "replicated", *, transform: Literal["none", "zero_centered"] | None = None,
+    dtype: Literal["fp32"] | None = None, shared: bool | None = None, orientation: Literal["in_out"] | None = None,
+    layout: Literal["packed"] | None = None, roll: int | None = None,
+) -> OpSpec:
     """One tensor as is (``transform``: zero-centred norm weights; ``dtype``: kept in fp32; ``shared``: one HF
-    tensor serves every MTP depth; ``orientation='in_out'``: a GPT-2 Conv1D weight stored [in, out]). OPT's
-    rotated position table (``roll``) is spelled with :func:`op`."""
-    return _spec("copy", sharding, transform=transform, dtype=dtype, shared=shared, orientation=orientation)
+    tensor serves every MTP depth; ``orientation='in_out'``: a GPT-2 Conv1D weight stored [in, out];
+    ``layout='packed'``: each routed expert's slot of a packed [E, ...] tensor, e.g. gpt-oss's down_proj_bias;
+    ``roll``: rows rotated, HF row ``i + roll`` is Megatron row ``i``, OPT's position table)."""
+    return _spec("copy", sharding, layout is not None, transform=transform, dtype=dtype, shared=shared,
+                 orientation=orientation, layout=layout, roll=roll)
 
 
 def qkv(*, output_gate: bool = False, part: Literal["weight", "bias"] = "weight",
@@ -85,10 +89,12 @@ def gated_fc1(*, fused: bool = False) -> OpSpec:
 
 
 def experts_fc1(layout: Literal["per_expert", "packed"] = "per_expert", *,
-                orientation: Literal["out_in", "in_out"] | None = None, interleave: bool | None = None) -> OpSpec:
-    """Routed experts' gate + up -> each local expert's linear_fc1 (packed: one [E, ...] tensor)."""
+                orientation: Literal["out_in", "in_out"] | None = None, interleave: bool | None = None,
+                part: Literal["bias"] | None = None) -> OpSpec:
+    """Routed experts' gate + up -> each local expert's linear_fc1 (packed: one [E, ...] tensor; ``interleave``:
+    gate/up columns alternate; ``part='bias'``: the gate/up bias)."""
     return _spec("expert_fc1", "expert_gated_column", True, layout=layout, orientation=orientation,
-                 interleave=interleave)
+                 interleave=interleave, part=part)
 
 
 def experts_fc2(layout: Literal["per_expert", "packed"] = "per_expert", *,

@@ -2,7 +2,8 @@
 output gate (``q_proj`` holds ``[q_h; gate_h]`` per head, so it is twice as tall) and attention sinks.
 
 Megatron: ``self_attention.linear_qkv`` (q/k/v interleaved per query group), ``linear_proj`` (row-parallel),
-``q_layernorm``/``k_layernorm``.
+``q_layernorm``/``k_layernorm``, and for sinks (gpt-oss) ``core_attention.softmax_offset`` (megatron-core
+``softmax_type="learnable"``: one logit per head joins the softmax and is dropped, split across TP with the heads).
 """
 
 from __future__ import annotations
@@ -92,6 +93,7 @@ def facts(c: Component) -> dict[str, bool]:
         "add_bias_linear": bool(c.key("o_bias")),
         "qk_layernorm": bool(c.key("q_norm")),
         "attention_output_gate": bool(c.flag("output_gate")),
+        "attention_sinks": bool(c.key("sinks")),
     }
 
 
@@ -150,9 +152,6 @@ def plan(c: Component, p: Planner, mroot: str, hroot: str, domain: str, name: st
     if q is None or k is None or v is None or o is None:
         p.unsupported("an incomplete q/k/v projection set", hroot + "self_attn")
         return
-    if c.key("sinks") is not None:
-        p.unsupported("attention sinks", hroot + str(c.key("sinks")))
-        return
     gate = bool(c.flag("output_gate"))
     p.add("attention.qkv", f"{mroot}self_attention.linear_qkv.weight", (hroot + q, hroot + k, hroot + v), "qkv",
           "qkv_groups", domain=domain, options=opts(output_gate=gate, part="weight"),
@@ -177,9 +176,6 @@ def _plan_fused(c: Component, p: Planner, mroot: str, hroot: str, domain: str, n
     if not layout:
         p.unsupported("a fused qkv projection with no declared q/k/v order", hroot + qkv_key)
         return
-    if c.key("sinks") is not None:
-        p.unsupported("attention sinks", hroot + str(c.key("sinks")))
-        return
     conv1d = c.flag("conv1d") is True
     stored = {"orientation": "in_out"} if conv1d else {}
     p.add("attention.qkv", f"{mroot}self_attention.linear_qkv.weight", (hroot + qkv_key,), "qkv", "qkv_groups",
@@ -199,10 +195,17 @@ def _plan_fused(c: Component, p: Planner, mroot: str, hroot: str, domain: str, n
 
 
 def _plan_common(c: Component, p: Planner, mroot: str, hroot: str, domain: str, name: str) -> None:
-    """The output-projection bias and QK norms, whatever stores q/k/v."""
+    """The output-projection bias, the attention sinks and QK norms, whatever stores q/k/v."""
     if c.key("o_bias"):
         p.add("attention.o_bias", f"{mroot}self_attention.linear_proj.bias", (hroot + str(c.key("o_bias")),),
               "copy", "replicated", domain=domain, comment=f"[{name}] Output projection bias.")
+    if c.key("sinks"):
+        # gpt-oss: one learned logit per head joins each softmax and is dropped after it (modeling_gpt_oss.py
+        # eager_attention_forward); megatron-core softmax_type="learnable" (DotProductAttention.softmax_offset,
+        # [heads / TP] per rank, sharded on axis 0 like the heads themselves)
+        p.add("attention.sinks", f"{mroot}self_attention.core_attention.softmax_offset",
+              (hroot + str(c.key("sinks")),), "copy", "column", domain=domain,
+              comment=f"[{name}] Attention sinks -> learnable softmax offset, one per head; TP splits with the heads.")
     if c.key("q_norm") and c.flag("qk_norm_projection") is True:
         p.unbuildable(QK_NORM_PROJECTION, hroot + str(c.key("q_norm")))
         return

@@ -60,8 +60,9 @@ MODEL_TYPES: dict[str, Facts] = {
     # [E, hidden, 2*inter] (transposed)
     "qwen3_vl_moe": Facts(packed=("in_out", False), router="softmax_renorm"),
     "qwen3_vl_moe_text": Facts(packed=("in_out", False), router="softmax_renorm"),
-    # [E, hidden, 2*inter], gate/up columns alternate
-    "gpt_oss": Facts(packed=("in_out", True)),
+    # [E, hidden, 2*inter], gate/up columns alternate; GptOssTopKRouter: top-k of the (biased) logits, softmax
+    # over the k
+    "gpt_oss": Facts(packed=("in_out", True), router="softmax_renorm"),
     # Qwen3.6 MTP experts: [E, 2*inter, hidden] as in transformers' Qwen3_5MoeExperts
     "qwen3_5_moe": _QWEN35,
     "qwen3_5_moe_text": _QWEN35,

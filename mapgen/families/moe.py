@@ -4,6 +4,14 @@ stored per expert (``experts.<e>.gate_proj`` ...) or packed (``experts.gate_up_p
 
 Megatron: ``mlp.router``, ``mlp.experts.local_experts.<e>.linear_fc1/linear_fc2`` (EP picks the experts, ETP
 splits each), ``mlp.shared_experts.*``.
+
+gpt-oss (``GptOssMLP``): the router's bias is added to its logits (``mlp.router.bias``); packed
+``gate_up_proj [E, H, 2I]`` is stored [in, out] with gate/up *interleaved* along its last axis (gate the even
+columns, up the odd ones: ``gate_up[..., ::2], gate_up[..., 1::2]``) and ``down_proj [E, I, H]`` [in, out], both
+declared by the model type (``Facts.packed``), never guessed from shapes; ``gate_up_proj_bias [E, 2I]`` (interleaved
+the same way) and ``down_proj_bias [E, H]`` become each local expert's ``linear_fc1.bias``/``linear_fc2.bias``.
+megatron-core biases the router, the experts and the attention output together (``add_bias_linear``) and builds
+biased experts at expert-TP 1 only.
 """
 
 from __future__ import annotations
@@ -64,10 +72,20 @@ SHARED_EXPERT = Family(
 )
 
 
+def _biased(c: Component) -> bool:
+    """The router or the routed experts carry biases (gpt-oss: both)."""
+    e = c.child("experts")
+    expert_biases = e is not None and any(e.key(s) for s in ("gate_bias", "up_bias", "down_bias", "gate_up_bias"))
+    return bool(c.key("router_bias")) or expert_biases
+
+
 def facts(c: Component) -> dict[str, bool]:
     shared = c.child("shared")
     return {
         "moe": True,
+        # megatron-core's add_bias_linear biases the router, every expert's fc1/fc2 and the attention output
+        # projection together: a layout whose attention disagrees is refused by the planner's conflict check
+        "add_bias_linear": _biased(c),
         "expert_bias": bool(c.key("expert_bias")),
         "shared_expert": shared is not None,
         "shared_expert_gate": bool(shared and shared.key("gate")),
@@ -144,7 +162,8 @@ def plan(c: Component, p: Planner, mroot: str, hroot: str, domain: str, name: st
     p.add("moe.router", f"{mlp}router.weight", (hroot + str(c.key("router")),), "copy", "replicated", domain=domain,
           comment=f"[{name}] Router (replicated).")
     if c.key("router_bias"):
-        p.unsupported("a router bias", hroot + str(c.key("router_bias")))
+        p.add("moe.router_bias", f"{mlp}router.bias", (hroot + str(c.key("router_bias")),), "copy", "replicated",
+              domain=domain, comment=f"[{name}] Router bias, added to the logits before top-k (replicated).")
     if c.key("expert_bias"):
         p.add("moe.expert_bias", f"{mlp}router.expert_bias", (hroot + str(c.key("expert_bias")),), "copy",
               "replicated", domain=domain, options=opts(dtype="fp32"),
@@ -153,9 +172,6 @@ def plan(c: Component, p: Planner, mroot: str, hroot: str, domain: str, name: st
     assert e is not None
     if e.flag("quant") != "none":
         p.unsupported(f"{e.flag('quant')} quantised experts", hroot + str(e.key("gate_up_blocks")))
-        return
-    if e.key("gate_bias") or e.key("up_bias") or e.key("down_bias") or e.key("gate_up_bias"):
-        p.unsupported("expert biases", hroot + str(e.key("gate_up_bias") or e.key("down_bias")))
         return
     local = f"{mlp}experts.local_experts.{{expert}}."
     layout, orientation = str(e.flag("layout")), str(e.flag("orientation"))
@@ -175,6 +191,7 @@ def plan(c: Component, p: Planner, mroot: str, hroot: str, domain: str, name: st
     p.add("moe.experts.fc2", f"{local}linear_fc2.weight", (hroot + str(e.key("down")),), "expert_fc2", "expert_row",
           domain=domain, experts=True, options=fc2_options,
           comment=f"[{name}] Routed experts ({where}) down -> local expert linear_fc2.")
+    plan_expert_biases(c, p, local, hroot, domain, name)
     shared = c.child("shared")
     if shared is not None:
         smlp = shared.child("mlp")
@@ -183,3 +200,35 @@ def plan(c: Component, p: Planner, mroot: str, hroot: str, domain: str, name: st
         if shared.key("gate"):
             p.add("moe.shared.gate", f"{mlp}shared_experts.gate_weight", (hroot + str(shared.key("gate")),), "copy",
                   "replicated", domain=domain, comment=f"[{name}] Sigmoid gate of the shared expert.")
+
+
+def plan_expert_biases(c: Component, p: Planner, local: str, hroot: str, domain: str, name: str) -> bool:
+    """The routed experts' biases (gpt-oss: packed ``gate_up_proj_bias [E, 2I]``, gate/up interleaved like the
+    weight's output columns, and ``down_proj_bias [E, H]``); False when they are refused. megatron-core biases the
+    router and the experts together (``add_bias_linear``), so biased experts need a router bias and vice versa.
+    Shared by every packed storage of the weights (plain or MXFP4 blocks/scales)."""
+    e = c.child("experts")
+    assert e is not None
+    fc1, fc2 = e.key("gate_up_bias"), e.key("down_bias")
+    stray = e.key("gate_bias") or e.key("up_bias") or (fc1 or fc2 if e.flag("layout") != "packed" else None)
+    if stray:
+        p.unsupported("biases of experts stored one per expert", hroot + str(stray))
+        return False
+    if not fc1 and not fc2 and not c.key("router_bias"):
+        return True
+    if not (fc1 and fc2 and c.key("router_bias")):
+        what = "a router bias without expert biases" if c.key("router_bias") else "expert biases without both of " \
+            "gate_up_proj_bias and down_proj_bias and a router bias"
+        p.unsupported(f"{what} (megatron-core's add_bias_linear biases the router and every expert's fc1 and fc2 "
+                      "together)", hroot + str(c.key("router_bias") or fc1 or fc2))
+        return False
+    p.add("moe.experts.fc1_bias", f"{local}linear_fc1.bias", (hroot + str(fc1),), "expert_fc1",
+          "expert_gated_column", domain=domain, experts=True,
+          options=opts(layout="packed", interleave=bool(e.flag("gate_up_interleave")), part="bias"),
+          comment=f"[{name}] Routed experts' gate/up bias (packed [E, 2I]) -> local expert linear_fc1.bias, "
+          "split like the weight's rows.")
+    p.add("moe.experts.fc2_bias", f"{local}linear_fc2.bias", (hroot + str(fc2),), "copy", "replicated",
+          domain=domain, experts=True, options=opts(layout="packed"),
+          comment=f"[{name}] Routed experts' down bias (packed [E, H]) -> local expert linear_fc2.bias (whole on "
+          "every expert-TP rank, scaled by the routing weight with the output).")
+    return True

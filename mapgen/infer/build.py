@@ -58,7 +58,7 @@ from mapgen.ir import (
     Tower,
     UnclassifiedGroup,
 )
-from mapgen.source.base import INDEX_NAME, Source
+from mapgen.source.base import INDEX_NAME, Source, TensorInfo
 
 CONFIG = "config.json"
 _LAYER = re.compile(
@@ -147,6 +147,83 @@ FP8_SCALE = ".weight_scale_inv"
 def fp8_scales(keys: Iterable[str]) -> dict[str, str]:
     """Block-scaled FP8: each ``X.weight`` that has an ``X.weight_scale_inv``, to that scale key."""
     return {k.removesuffix("_scale_inv"): k for k in keys if k.endswith(FP8_SCALE)}
+MXFP4_BLOCKS, MXFP4_SCALES = "_blocks", "_scales"
+MXFP4_GROUP = 32  # FP4 values per E8M0 scale: 16 bytes of blocks, two nibbles each
+_MXFP4_PACKED = 4  # [experts, rows, groups, 16] (blocks) / [experts, rows, groups] (scales)
+_MXFP4_CONFIG = frozenset({"quant_method", "modules_to_not_convert", "dequantize"})
+
+
+def mxfp4_pairs(keys: Iterable[str]) -> dict[str, tuple[str, str]]:
+    """MXFP4: each tensor ``X`` stored as ``X_blocks`` + ``X_scales``, to those two keys."""
+    return {k.removesuffix(MXFP4_BLOCKS): (k, k.removesuffix(MXFP4_BLOCKS) + MXFP4_SCALES)
+            for k in keys if k.endswith(MXFP4_BLOCKS)}
+
+
+def mxfp4_shape(blocks: tuple[int, ...]) -> tuple[int, ...]:
+    """The dequantized shape of ``X`` from its blocks' ``[E, rows, groups, 16]``: ``[E, groups * 32, rows]``
+    (transformers' ``convert_moe_packed_tensors`` transposes the last two dimensions)."""
+    experts, rows, groups, _ = blocks
+    return (experts, groups * MXFP4_GROUP, rows)
+
+
+def _mxfp4(source: Source, qc: Mapping[str, Any], suspects: list[str], findings: Findings) -> Source:
+    """MXFP4 experts (``quant_method: mxfp4``; gpt-oss): ``X_blocks`` (uint8 ``[E, rows, groups, 16]``, two
+    e2m1 nibbles a byte) and ``X_scales`` (uint8 E8M0 ``[E, rows, groups]``) are dequantized while read
+    (:mod:`mapgen.runtime.quant`). Returns the source as the model sees it: each pair replaced by ``X`` in its
+    dequantized shape ``[E, groups * 32, rows]`` and dtype, in the blocks' shard."""
+    problems: list[Diagnostic] = []
+
+    def refuse(code: str, message: str, **kw: str) -> None:
+        problems.append(Diagnostic("error", code, message, hint="convert an unquantized (bf16) export of the model",
+                                   **kw))
+
+    for name in sorted(set(qc) - _MXFP4_CONFIG):
+        refuse("quant.mxfp4-unsupported", f"MXFP4 quantization_config field {name!r}: not supported", file=CONFIG,
+               key=f"quantization_config.{name}", expected=", ".join(sorted(_MXFP4_CONFIG)))
+    skip = qc.get("modules_to_not_convert")
+    if skip is not None and not (isinstance(skip, list) and all(isinstance(m, str) for m in skip)):
+        refuse("quant.mxfp4-unsupported", f"modules_to_not_convert is {skip!r}", file=CONFIG,
+               key="quantization_config.modules_to_not_convert", expected="a list of module name patterns")
+    other = next((k for k in suspects if not k.endswith(MXFP4_BLOCKS)), None)
+    if other is not None:
+        refuse("quant.mxfp4-unsupported", "an MXFP4 checkpoint with other quantization tensors", file=INDEX_NAME,
+               key=other, expected="only <tensor>_blocks beside <tensor>_scales")
+    pairs = mxfp4_pairs(suspects)
+    if not pairs:
+        refuse("quant.mxfp4-unsupported", "quantization_config declares MXFP4, but no tensor is stored as "
+               "<tensor>_blocks + <tensor>_scales", file=CONFIG, key="quantization_config.quant_method",
+               expected="the release's MXFP4 tensors, or no quantization_config for an unquantized export")
+    scales = {k for k in source.tensors if k.endswith(MXFP4_SCALES)}
+    paired = {s for _, s in pairs.values()}
+    for blocks, scale in pairs.values():
+        if scale not in scales:
+            refuse("quant.mxfp4-orphan", "MXFP4 blocks without their scales", file=INDEX_NAME, key=blocks,
+                   expected=scale)
+    for scale in sorted(scales - paired):
+        refuse("quant.mxfp4-orphan", "MXFP4 scales without their blocks", file=INDEX_NAME, key=scale,
+               expected=scale.removesuffix(MXFP4_SCALES) + MXFP4_BLOCKS)
+    tensors = {k: v for k, v in source.tensors.items() if not k.endswith((MXFP4_BLOCKS, MXFP4_SCALES))}
+    dtype = str(source.config.get("torch_dtype") or source.config.get("dtype") or "bfloat16")
+    virtual = {"float32": "F32", "float16": "F16"}.get(dtype, "BF16")
+    for key, (bkey, skey) in sorted(pairs.items()):
+        b, s = source.tensors[bkey], source.tensors.get(skey)
+        shape = None
+        if b.shape is not None and s is not None and s.shape is not None:
+            bytes_per_group = MXFP4_GROUP // 2
+            if (b.dtype, s.dtype) != ("U8", "U8") or len(b.shape) != _MXFP4_PACKED or b.shape[-1] != bytes_per_group \
+                    or tuple(s.shape) != tuple(b.shape[:-1]):
+                refuse("quant.mxfp4-shape", f"MXFP4 pair of {key}: blocks {b.dtype} {list(b.shape)}, scales "
+                       f"{s.dtype} {list(s.shape)}", file=b.shard, key=bkey,
+                       expected=f"uint8 blocks [experts, rows, groups, {bytes_per_group}] and uint8 scales "
+                       "[experts, rows, groups]")
+                continue
+            shape = mxfp4_shape(tuple(b.shape))
+        tensors[key] = TensorInfo(b.shard, virtual if b.dtype is not None else None, shape)
+    for d in problems:
+        findings.add(d)
+    return dataclasses.replace(source, tensors=tensors)
+
+
 _BLOCK_DIMS = 2  # weight_block_size: [block_m, block_n]
 
 
@@ -191,6 +268,8 @@ def _quantization(source: Source, cfg: Config, findings: Findings) -> str:
     suspects = [k for k in source.tensors if k.endswith(_QUANT_SUFFIXES)]  # one pass over the keys
     if method == "fp8" and isinstance(qc, dict):
         return "fp8_block" if _fp8_block(source, qc, suspects, findings) else "none"
+    if method == "mxfp4" and isinstance(qc, dict):
+        return "mxfp4"
     probes: list[tuple[str, str, str]] = [
         (
             "quant.mlx-unsupported",
@@ -243,7 +322,13 @@ def _quantization(source: Source, cfg: Config, findings: Findings) -> str:
                 expected="an unquantized checkpoint, or mxfp4 experts",
             )
         )
-    return "mxfp4" if method == "mxfp4" or any(k.endswith("_blocks") for k in suspects) else "none"
+    blocks = next((k for k in suspects if k.endswith(MXFP4_BLOCKS)), None)
+    if blocks is not None:
+        findings.add(Diagnostic("error", "quant.mxfp4-unsupported", "MXFP4 blocks in a checkpoint whose config does "
+                                "not declare quantization_config.quant_method 'mxfp4'", file=INDEX_NAME, key=blocks,
+                                expected="quantization_config = {quant_method: mxfp4, ...} in config.json",
+                                hint="restore the release's quantization_config"))
+    return "none"
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -391,6 +476,12 @@ def infer(source: Source) -> Layout:
     if quantization == "fp8_block":  # the scales belong to their weights: read with them, never mapped alone
         source = dataclasses.replace(
             source, tensors={k: v for k, v in source.tensors.items() if not k.endswith(FP8_SCALE)})
+    elif quantization == "mxfp4":  # the model sees each X_blocks + X_scales pair as X, dequantized while read
+        qc = cfg.top.get("quantization_config") or cfg.text.get("quantization_config")
+        suspects = [k for k in source.tensors if k.endswith(_QUANT_SUFFIXES)]
+        source = checked = _mxfp4(source, qc if isinstance(qc, dict) else {}, suspects, findings)
+        if findings.errors:
+            raise MapgenError(findings.errors)
 
     # -- towers, and decoder layers by prefix ------------------------------------------------------------
     tower_keys: dict[str, list[str]] = {}

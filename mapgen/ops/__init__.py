@@ -61,6 +61,7 @@ from mapgen.ops._base import (
     PrimitiveError,
     Reader,
     Shard,
+    Span,
     fail,
     padded_vocab,
     shard_dim,
@@ -80,11 +81,13 @@ __all__ = [
     "PrimitiveError",
     "Reader",
     "Shard",
+    "Span",
     "gather",
     "load",
     "padded_vocab",
     "save",
     "shard_dim",
+    "spans",
     "split",
 ]
 
@@ -123,6 +126,20 @@ def load(
     """This rank's local Megatron tensor for ``rule``, reading only the slices ``shard`` owns."""
     op = _op(rule)
     return op.load(op.context(rule, keys, spec, expert), shard, reader).contiguous()
+
+
+def spans(
+    rule: Rule,
+    keys: Sequence[str],
+    spec: ModelSpec,
+    shard: Shard,
+    reader: Reader,
+    expert: int | None = None,
+) -> list[Span] | None:
+    """The HF blocks whose dim-0 concatenation is exactly :func:`load`'s result when the op only copies
+    them (:meth:`Op.spans`), else ``None``."""
+    op = _op(rule)
+    return op.spans(op.context(rule, keys, spec, expert), shard, reader)
 
 
 def save(

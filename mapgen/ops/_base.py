@@ -23,6 +23,8 @@ from mapgen.contract.rules import Rule, Sharding
 from mapgen.contract.spec import ModelSpec
 
 Index = tuple[slice | int, ...]
+#: A block of an HF tensor: its key and a basic index (ints, then one unit-step slice) selecting leading rows.
+Span = tuple[str, Index]
 Option = str | int | bool
 
 
@@ -266,6 +268,15 @@ class HFTensor:
         else:
             read_into(self.key, (*self.lead, slice(start, stop)), out)
 
+    def rows_span(self, start: int, stop: int) -> Span | None:
+        """Rows ``[start, stop)`` as one row block of the stored tensor (key, basic index), as :meth:`rows`
+        reads them; ``None`` for a flipped (``in_out``) matrix, whose rows are not a block of its storage."""
+        return None if self._flip() else (self.key, (*self.lead, slice(start, stop)))
+
+    def whole_span(self) -> Span | None:
+        """The whole tensor as one block (as :meth:`whole` reads it); ``None`` for a flipped matrix."""
+        return None if self._flip() else (self.key, self.lead)
+
     def cols(self, start: int, stop: int) -> torch.Tensor:
         if self._flip():
             return self.reader.read(self.key, (*self.lead, slice(start, stop))).T
@@ -369,6 +380,14 @@ class Op(ABC, Generic[OptionsT]):
     @abstractmethod
     def save(self, ctx: Ctx[OptionsT], full: torch.Tensor) -> list[Fragment]:
         """The HF tensors (``ctx.keys`` order) of the full, TP=1-layout Megatron tensor."""
+
+    def spans(self, ctx: Ctx[OptionsT], shard: Shard, reader: Reader) -> list[Span] | None:
+        """This rank's tensor as the dim-0 concatenation of blocks of HF tensors, when :meth:`load` copies
+        them and does nothing else (no arithmetic, no cast, no transpose, no padding): a caller may then move
+        the stored bytes without reading them (the streaming convert copies them file to file in the
+        kernel). ``None`` (the default): :meth:`load` must run. The caller checks that the blocks' dtype and
+        total shape are the parameter's."""
+        return None
 
     def components(self, ctx: Ctx[OptionsT], length: int, tp: int) -> list[int]:
         """Sizes of the components of the full tensor (``length`` along :func:`shard_dim`) at TP ``tp``."""

@@ -38,7 +38,7 @@ from typing import Literal
 
 import torch
 
-from mapgen.ops._base import Ctx, ExpertSource, Fragment, Op, Reader, Shard, padded_vocab
+from mapgen.ops._base import Ctx, ExpertSource, Fragment, Op, Reader, Shard, Span, padded_vocab
 
 
 @dataclass(frozen=True)
@@ -100,6 +100,26 @@ class Copy(Op[CopyOptions]):
                 if x.shape[0] < stop - start:
                     x = torch.cat([x, x.new_zeros((stop - start - x.shape[0], *shape[1:]))])
         return _transform_in(ctx.options, x)
+
+    def spans(self, ctx: Ctx[CopyOptions], shard: Shard, reader: Reader) -> list[Span] | None:
+        """A plain copy: the whole tensor, or this rank's rows (column, vocab without padding); a row-parallel
+        matrix only at size 1 (its column chunk is no block of the storage)."""
+        options = ctx.options
+        if options.transform != "none" or (options.dtype == "fp32" and reader.dtype(ctx.keys[0]) != torch.float32):
+            return None
+        src = ctx.source(reader, 0)
+        sharding = ctx.rule.sharding
+        if sharding == "replicated" or (sharding in ("row", "expert_row") and shard.size == 1):
+            span = src.whole_span()
+        elif sharding in ("column", "expert_column"):
+            span = src.rows_span(*shard.bounds(src.shape[0], f"dim 0 of {src.key}", ctx.rule))
+        elif sharding == "vocab" and src.shape[0] == ctx.spec.vocab_size:
+            start, stop = shard.bounds(padded_vocab(src.shape[0], shard.size, ctx.options.divisible_by), "padded vocab",
+                                       ctx.rule)
+            span = src.rows_span(start, stop) if stop <= src.shape[0] else None
+        else:
+            span = None
+        return None if span is None else [span]
 
     def save(self, ctx: Ctx[CopyOptions], full: torch.Tensor) -> list[Fragment]:
         if ctx.rule.sharding == "vocab":

@@ -27,7 +27,7 @@ from typing import Literal
 
 import torch
 
-from mapgen.ops._base import Ctx, ExpertSource, Fragment, Op, Reader, Shard
+from mapgen.ops._base import Ctx, ExpertSource, Fragment, Op, Reader, Shard, Span
 from mapgen.ops.gated_fc1 import Gated, GatedFc1Options
 
 
@@ -57,6 +57,11 @@ class ExpertFc2(Op[ExpertFc2Options]):
         if len(src.shape) != 2:
             raise ctx.fail(f"row sharding needs a matrix, {src.key} has shape {src.shape}")
         return src.cols(*shard.bounds(src.shape[1], f"dim 1 of {src.key}", ctx.rule))
+
+    def spans(self, ctx: Ctx[ExpertFc2Options], shard: Shard, reader: Reader) -> list[Span] | None:
+        """The whole expert matrix at ETP=1 (a column chunk is no block of the storage)."""
+        span = ctx.source(reader, 0).whole_span() if shard.size == 1 else None
+        return None if span is None else [span]
 
     def save(self, ctx: Ctx[ExpertFc2Options], full: torch.Tensor) -> list[Fragment]:
         return [ctx.emit(0, full)]

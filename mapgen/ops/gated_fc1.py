@@ -20,7 +20,7 @@ from typing import Literal, TypeVar
 
 import torch
 
-from mapgen.ops._base import Ctx, Fragment, Op, Options, Reader, Shard
+from mapgen.ops._base import Ctx, Fragment, HFTensor, Op, Options, Reader, Shard, Span
 
 
 @dataclass(frozen=True)
@@ -51,23 +51,39 @@ class Gated(Op[G]):
         if ctx.options.interleave and not fused(ctx):
             raise ctx.fail("interleave=True needs a fused gate_up tensor")
 
-    def load(self, ctx: Ctx[G], shard: Shard, reader: Reader) -> torch.Tensor:
+    def _halves(self, ctx: Ctx[G], shard: Shard, reader: Reader) -> tuple[tuple[HFTensor, int, int], ...] | None:
+        """This rank's gate and up rows (source, start, stop), or ``None`` for gpt-oss's interleaved rows."""
         if fused(ctx):
             src = ctx.source(reader, 0)
             if src.shape[0] % 2:
                 raise ctx.fail(f"fused {src.key} has an odd number of rows ({src.shape[0]})")
             inter = src.shape[0] // 2
             start, stop = shard.bounds(inter, "the intermediate size", ctx.rule)
-            if ctx.options.interleave:  # gpt-oss: gate_up[..., ::2], gate_up[..., 1::2] (modeling_gpt_oss.py)
-                block = src.rows(2 * start, 2 * stop)
-                gate, up = block[0::2], block[1::2]
-                return torch.cat([gate, up])
-            halves = ((src, start, stop), (src, inter + start, inter + stop))
-        else:
-            gate_src, up_src = ctx.source(reader, 0), ctx.source(reader, 1)
-            ctx.expect(up_src, gate_src.shape)
-            start, stop = shard.bounds(gate_src.shape[0], "the intermediate size", ctx.rule)
-            halves = ((gate_src, start, stop), (up_src, start, stop))
+            if ctx.options.interleave:
+                return None
+            return ((src, start, stop), (src, inter + start, inter + stop))
+        gate_src, up_src = ctx.source(reader, 0), ctx.source(reader, 1)
+        ctx.expect(up_src, gate_src.shape)
+        start, stop = shard.bounds(gate_src.shape[0], "the intermediate size", ctx.rule)
+        return ((gate_src, start, stop), (up_src, start, stop))
+
+    def spans(self, ctx: Ctx[G], shard: Shard, reader: Reader) -> list[Span] | None:
+        """``[gate_r; up_r]``: two row blocks (of one fused tensor or of gate and up), not when interleaved."""
+        halves = self._halves(ctx, shard, reader)
+        if halves is None:
+            return None
+        spans = [half.rows_span(a, b) for half, a, b in halves]
+        return [s for s in spans if s is not None] if all(s is not None for s in spans) else None
+
+    def load(self, ctx: Ctx[G], shard: Shard, reader: Reader) -> torch.Tensor:
+        halves = self._halves(ctx, shard, reader)
+        if halves is None:  # gpt-oss: gate_up[..., ::2], gate_up[..., 1::2] (modeling_gpt_oss.py)
+            src = ctx.source(reader, 0)
+            start, stop = shard.bounds(src.shape[0] // 2, "the intermediate size", ctx.rule)
+            block = src.rows(2 * start, 2 * stop)
+            gate, up = block[0::2], block[1::2]
+            return torch.cat([gate, up])
+        start, stop = halves[0][1], halves[0][2]
         if not hasattr(reader, "read_into") or reader.dtype(halves[0][0].key) != reader.dtype(halves[1][0].key):
             return torch.cat([half.rows(a, b) for half, a, b in halves])
         # [gate_r; up_r]: each half is read straight into its rows of the result (no concatenation pass)

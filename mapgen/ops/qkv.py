@@ -30,7 +30,7 @@ from typing import Literal
 
 import torch
 
-from mapgen.ops._base import Ctx, Fragment, Op, Reader, Shard, Stored
+from mapgen.ops._base import Ctx, Fragment, HFTensor, Op, Reader, Shard, Span, Stored
 
 
 @dataclass(frozen=True)
@@ -89,6 +89,41 @@ class Qkv(Op[QkvOptions]):
         k = k_src.rows(g0 * hn, g1 * hn).reshape(local, hn, *rest)
         v = v_src.rows(g0 * hn, g1 * hn).reshape(local, hn, *rest)
         return torch.cat([q, k, v], dim=1).reshape(-1, *rest)
+
+    def spans(self, ctx: Ctx[QkvOptions], shard: Shard, reader: Reader) -> list[Span] | None:
+        """:meth:`load` is a regrouping of rows: per local group its q rows (per head ``[q_h]`` then
+        ``[gate_h]`` with the output gate), then its k rows and its v rows, each a row block of the source."""
+        groups, per_group, hn, qmul = _dims(ctx)
+        _check_tp(ctx, shard.size)
+        g0, g1 = shard.bounds(groups, "num_query_groups", ctx.rule)
+        blocks: list[tuple[HFTensor, int, int]] = []
+        if ctx.options.layout == "separate":
+            q_src, k_src, v_src = (ctx.source(reader, i) for i in range(3))
+            rest = q_src.shape[1:]
+            ctx.expect(q_src, (groups * per_group * qmul * hn, *rest))
+            ctx.expect(k_src, (groups * hn, *rest))
+            ctx.expect(v_src, (groups * hn, *rest))
+            for g in range(g0, g1):
+                if qmul == 1:
+                    blocks.append((q_src, g * per_group * hn, (g + 1) * per_group * hn))
+                else:
+                    heads = [((g * per_group + h) * qmul + j) * hn for j in range(qmul) for h in range(per_group)]
+                    blocks += [(q_src, at, at + hn) for at in heads]
+                blocks += [(k_src, g * hn, (g + 1) * hn), (v_src, g * hn, (g + 1) * hn)]
+        else:
+            src = ctx.source(reader, 0)
+            ctx.expect(src, (groups * (per_group + 2) * hn, *src.shape[1:]))
+            if ctx.options.layout == "per_group":
+                width = (per_group + 2) * hn
+                blocks.append((src, g0 * width, g1 * width))
+            else:
+                q_rows, kv_rows = groups * per_group * hn, groups * hn
+                for g in range(g0, g1):
+                    blocks += [(src, g * per_group * hn, (g + 1) * per_group * hn),
+                               (src, q_rows + g * hn, q_rows + (g + 1) * hn),
+                               (src, q_rows + kv_rows + g * hn, q_rows + kv_rows + (g + 1) * hn)]
+        spans = [src.rows_span(a, b) for src, a, b in blocks]
+        return [s for s in spans if s is not None] if all(s is not None for s in spans) else None
 
     def _load_fused(self, ctx: Ctx[QkvOptions], shard: Shard, reader: Reader) -> torch.Tensor:
         groups, per_group, hn, _ = _dims(ctx)

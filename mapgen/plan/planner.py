@@ -5,9 +5,8 @@ Pure and deterministic. Every rule names its Megatron parameter pattern in the g
 expert and MTP indices are placeholders whose index sets come from the layout's groups; nothing is
 hard-coded to ``mtp.layers.0``.
 
-Families the runtime cannot convert yet (MLA, attention sinks, MXFP4 experts, fused qkv, Qwen3-Next fused
-GDN projections) make :func:`plan` raise a specific "not supported" error instead of producing a partial
-bridge.
+Components the runtime cannot convert yet (MXFP4 experts, per-expert biases, a fused qkv without a declared
+order, ...) make :func:`plan` raise a specific "not supported" error instead of producing a partial bridge.
 """
 
 from __future__ import annotations

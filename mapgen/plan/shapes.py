@@ -14,7 +14,8 @@ Conventions (Hugging Face ``nn.Linear`` weights are ``[out, in]``):
   when the config has none, as in Mixtral); shared expert ``shared_expert_intermediate_size`` (else
   ``n_shared_experts * moe_intermediate_size``).
 * packed experts: ``out_in`` gate_up ``[E, 2I, H]`` / down ``[E, H, I]``; ``in_out`` transposed per expert.
-  MXFP4 packed experts (``*_blocks``/``*_scales``) are not described: their keys are left out.
+  MXFP4 packed experts are the tensors the scan reads their ``*_blocks``/``*_scales`` pairs as (dequantized
+  ``X``, described like any packed tensor); the pairs themselves are checked by the scan.
 """
 
 from __future__ import annotations
@@ -148,7 +149,7 @@ def _mtp_entries(mtp: MTP, d: Dims) -> Iterator[ShapeEntry]:
 
 def shape_entries(layout: Layout, config: Mapping[str, Any]) -> Iterator[ShapeEntry]:
     """Every language-model key with a known shape, with the pattern it came from (layers, experts kept
-    symbolic in ``pattern``). MXFP4 packed experts are left out."""
+    symbolic in ``pattern``). MXFP4 packed experts appear as the dequantized tensors the scan presents."""
     d = config_dims(config)
     lm = layout.language_model
     for key, shape in embedding.shapes(lm.top, d):
@@ -162,7 +163,7 @@ def shape_entries(layout: Layout, config: Mapping[str, Any]) -> Iterator[ShapeEn
 
 def expected_shapes(layout: Layout, config: Mapping[str, Any]) -> dict[str, Shape]:
     """Key -> shape for every language-model key of ``layout`` that ``config`` sizes (towers are not
-    described; MXFP4 packed experts are left out rather than guessed)."""
+    described; MXFP4 packed experts as their dequantized tensors)."""
     return {e.key: e.shape for e in shape_entries(layout, config)}
 
 

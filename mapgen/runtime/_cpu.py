@@ -124,6 +124,7 @@ QUIET_WARNINGS = (
     r".*without fp32 routing\. Consider enabling moe_router_dtype.*",  # training advice on a conversion run
     r"`torch\.distributed\.\w+` is deprecated\. Please use .*",  # megatron-core calls the old collectives
     r"`load_state_dict` is deprecated and will be removed.*",  # megatron-core's torch_dist load calls it
+    r".*sequence parallelism must be used.*",  # training advice for EP x TP; a conversion runs no training step
 )
 
 

@@ -31,6 +31,7 @@ import torch.distributed as dist
 from mapgen import __version__
 from mapgen.contract.bridge import Bridge
 from mapgen.contract.expand import Instance, tower_keys
+from mapgen.contract.fingerprint import dequantized
 from mapgen.contract.hf_config import HFConfig
 from mapgen.contract.spec import ModelSpec
 from mapgen.errors import Diagnostic, MapgenError, error
@@ -51,7 +52,7 @@ from mapgen.runtime.hfio import (
     staging_dir,
     write_safetensors,
 )
-from mapgen.runtime.quant import BlockFp8, DequantizingReader, reader_for, requantize
+from mapgen.runtime.quant import BlockFp8, DequantizingReader, Format, Mxfp4, Mxfp4Reader, reader_for, requantize
 
 MAPGEN_META = "mapgen.json"
 DEFAULT_SHARD_BYTES = 5 * 1024**3
@@ -83,9 +84,9 @@ class HFSource:
     dtypes: dict[str, str] = field(default_factory=dict)
     shard_metadata: dict[str, dict[str, str]] = field(default_factory=dict)
     single_file: bool = False
-    # block-scaled FP8 weights, dequantized while read (mapgen.runtime.quant); ``dtypes`` then holds the
-    # dequantized dtype of each such weight, ``stored_dtypes`` what is on disk
-    quant: BlockFp8 | None = None
+    # block-scaled FP8 weights or MXFP4 experts, dequantized while read (mapgen.runtime.quant); ``dtypes`` then
+    # holds the dequantized dtype of each such tensor (by the model's name), ``stored_dtypes`` what is on disk
+    quant: Format | None = None
     stored_dtypes: dict[str, str] = field(default_factory=dict)
 
     @classmethod
@@ -120,17 +121,21 @@ class HFSource:
         reader = SafetensorsReader(root, weight_map)
         shard_meta = {shard: reader.header_metadata(shard) for shard in dict.fromkeys(weight_map.values())}
         reader.close()
-        quant, stored = None, dict(dtypes)
+        quant: Format | None = None
+        stored = dict(dtypes)
+        out = CONFIG_DTYPES.get(str(layout.config.get("torch_dtype") or layout.config.get("dtype")), torch.bfloat16)
         if layout.quantization == "fp8_block":
-            out = CONFIG_DTYPES.get(str(layout.config.get("torch_dtype") or layout.config.get("dtype")),
-                                    torch.bfloat16)
             quant = BlockFp8.from_checkpoint(layout.config, weight_map, out_dtype=out)
             dtypes = {k: v for k, v in dtypes.items() if k not in quant.scales.values()}
             dtypes.update(dict.fromkeys(quant.scales, TORCH_TO_ST[out]))
+        elif layout.quantization == "mxfp4":
+            quant = Mxfp4.from_keys(weight_map, out_dtype=out)
+            dtypes = {k: v for k, v in dtypes.items() if k not in quant.stored}
+            dtypes.update(dict.fromkeys(quant.pairs, TORCH_TO_ST[out]))
         return cls(root, layout, weight_map, dict(src.index_metadata), dtypes, shard_meta,
                    single_file=not (root / INDEX_NAME).is_file(), quant=quant, stored_dtypes=stored)
 
-    def reader(self, dtype: torch.dtype | None = None) -> SafetensorsReader | DequantizingReader:
+    def reader(self, dtype: torch.dtype | None = None) -> SafetensorsReader | DequantizingReader | Mxfp4Reader:
         """A reader of this checkpoint's tensors as the model uses them: FP8 weights dequantized into ``dtype``
         (the Megatron parameters' dtype: ``fp32(q) * scale`` is rounded once, to what the model holds)."""
         quant = self.quant
@@ -146,11 +151,21 @@ class HFSource:
                                 "dtypes": self.dtypes, "shard_metadata": self.shard_metadata,
                                 "single_file": self.single_file}
         if self.quant is not None and quantized:
-            meta["quantize"] = list(self.quant.block)
+            meta["quantize"] = "mxfp4" if isinstance(self.quant, Mxfp4) else list(self.quant.block)
         elif self.quant is not None:
-            scales = set(self.quant.scales.values())
-            meta["weight_map"] = {k: v for k, v in self.weight_map.items() if k not in scales}
+            meta["weight_map"] = self.model_weight_map
         return meta
+
+    @property
+    def model_weight_map(self) -> dict[str, str]:
+        """The weight map as the model names the tensors: without FP8 scales, each MXFP4 pair as its ``X`` (in
+        the blocks' shard)."""
+        if self.quant is None:
+            return self.weight_map
+        keys = self.quant.model_keys(self.weight_map)
+        shard = {x: self.weight_map[b] for x, (b, _) in self.quant.pairs.items()} if isinstance(
+            self.quant, Mxfp4) else {}
+        return {k: shard.get(k) or self.weight_map[k] for k in keys}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -287,12 +302,10 @@ def plan_dtypes(binding: Binding, hf_dtypes: Mapping[str, str], choice: str = "a
     return DtypePlan(choice, _torch_name(base), tuple(sorted(overrides.items())))
 
 
-def model_spec_for_parallel(spec: ModelSpec, par: Parallel, vocab_tp: int | None = None) -> ModelSpec:
-    """``spec`` with the vocabulary padded as megatron-core pads it at TP ``vocab_tp`` (default ``par.tp``): a
-    checkpoint saved at another TP keeps its own padded rows (its global shape), whatever layout reads it."""
+def model_spec_for_parallel(spec: ModelSpec, par: Parallel) -> ModelSpec:
     from mapgen.ops import padded_vocab
 
-    return spec.replace(vocab_size=padded_vocab(spec.vocab_size, vocab_tp or par.tp))
+    return spec.replace(vocab_size=padded_vocab(spec.vocab_size, par.tp))
 
 
 def check_parallel(spec: ModelSpec, par: Parallel, world_size: int) -> None:
@@ -338,12 +351,13 @@ def preflight(source_path: str | None, par: Parallel, world: int, *, out: Path |
 
 def build(binding: Binding, par: Parallel, *, device: Literal["cpu", "meta", "cuda"] = "cpu",
           initialize: bool = True, dtypes: DtypePlan | None = None, vocab_tp: int | None = None) -> torch.nn.Module:
-    """This rank's Megatron model, in ``dtypes`` (default: fp32 everywhere); ``vocab_tp``: the TP whose vocabulary
-    padding to use (a saved checkpoint's, when reading it at another layout)."""
+    """This rank's Megatron model, in ``dtypes`` (default: fp32 everywhere). ``vocab_tp``: the TP size whose
+    vocabulary padding to build (a checkpoint's, when it was written at another TP; default ``par.tp``)."""
     from mapgen.runtime.megatron import build_model, set_param_dtypes
 
     dtypes = dtypes or DtypePlan("float32", "float32", ())
-    model: torch.nn.Module = build_model(model_spec_for_parallel(binding.spec, par, vocab_tp), device=device,
+    padding = par if vocab_tp is None else Parallel(tp=vocab_tp)
+    model: torch.nn.Module = build_model(model_spec_for_parallel(binding.spec, padding), device=device,
                                          initialize=initialize, params_dtype=dtypes.params_dtype)
     set_param_dtypes(model, dtypes.override_map(), dtypes.params_dtype)
     return model
@@ -588,29 +602,25 @@ def stream_hf(models: list[torch.nn.Module] | torch.nn.Module, binding: Binding,
                                                    target.get("force_dtype")))
 
 
-def _requantizer(target: Mapping[str, Any], root: Path | None) -> tuple[BlockFp8, SafetensorsReader] | None:
-    """For a target that asks for block-scaled FP8 (``to_meta(quantized=True)``): the format and a reader of the
-    source's scales."""
+def _requantizer(target: Mapping[str, Any], root: Path | None) -> tuple[Format, SafetensorsReader] | None:
+    """For a target that asks for the source's quantization (``to_meta(quantized=True)``: block-scaled FP8 or
+    MXFP4): the format and a reader of the source's scales."""
     block = target.get("quantize")
     if not block:
         return None
     if root is None:
-        raise error("export.quantize-needs-fp8-source", "--quantize reuses the source's FP8 tiles and scales",
-                    hint="pass --source with the FP8 checkpoint")
+        raise error("export.quantize-needs-fp8-source", "--quantize reuses the source's scales (FP8 tiles, MXFP4 "
+                    "groups)", hint="pass --source with the quantized checkpoint")
     weight_map = target["weight_map"]
-    return BlockFp8((int(block[0]), int(block[1])), fp8_scales(weight_map)), SafetensorsReader(root, weight_map)
+    fmt: Format = Mxfp4.from_keys(weight_map) if block == "mxfp4" else BlockFp8(
+        (int(block[0]), int(block[1])), fp8_scales(weight_map))
+    return fmt, SafetensorsReader(root, weight_map)
 
 
 def written_config(layout: Layout, target: Mapping[str, Any]) -> dict[str, Any]:
     """The ``config.json`` of an exported checkpoint: the source's, less a ``quantization_config`` whose weights
-    are written dequantized (block-scaled FP8 without ``--quantize``)."""
-    config = dict(layout.config)
-    if layout.quantization == "fp8_block" and not target.get("quantize"):
-        config.pop("quantization_config", None)
-        text = config.get("text_config")
-        if isinstance(text, dict) and "quantization_config" in text:
-            config["text_config"] = {k: v for k, v in text.items() if k != "quantization_config"}
-    return config
+    are written dequantized (block-scaled FP8 or MXFP4 without ``--quantize``)."""
+    return dict(layout.config if target.get("quantize") else dequantized(layout).config)
 
 
 def export_hf(models: list[torch.nn.Module] | torch.nn.Module, binding: Binding, out: Path, *,
@@ -751,7 +761,7 @@ def _copy_side_files(source_root: Path, staging: Path) -> None:
 # Megatron distributed checkpoints
 # ---------------------------------------------------------------------------------------------------------
 def _stream_to_dist(model: torch.nn.Module, binding: Binding, source: HFSource, path: Path,
-                    dtype: torch.dtype | None = None) -> Stats:
+                    dtype: torch.dtype | None = None, *, fsync: bool = True) -> Stats:
     """Write this rank's part of the dist checkpoint of ``model`` (built on meta) straight from the HF
     slices, entry by entry (:func:`mapgen.runtime.megatron.save_dist_checkpoint_streaming`)."""
     from mapgen.runtime.engine import EntryProducer
@@ -767,7 +777,7 @@ def _stream_to_dist(model: torch.nn.Module, binding: Binding, source: HFSource, 
 
                 producer.total_bytes = sum(planned_writes(model).values())
             producer.check_duplicates()
-            written = save_dist_checkpoint_streaming(model, path, producer)
+            written = save_dist_checkpoint_streaming(model, path, producer, fsync=fsync)
     finally:
         reader.close()
     stats = producer.stats
@@ -779,14 +789,17 @@ def _stream_to_dist(model: torch.nn.Module, binding: Binding, source: HFSource, 
 
 def convert(source_path: str, out: Path, par: Parallel, *, overwrite: bool = False,
             config_check: dict[str, Any] | None = None, dtype: str = "auto", streaming: bool = True,
-            allow_unproven_numerics: bool = False) -> Stats:
+            allow_unproven_numerics: bool = False, fsync: bool = True) -> Stats:
     """HF checkpoint -> Megatron-Core distributed checkpoint (torch_dist), loadable by Megatron-LM:
     ``OUT/release/`` plus ``latest_checkpointed_iteration.txt``; ``OUT/mapgen.json`` records the layout and
     the dtypes (the source's by default, ``dtype`` to choose one), and ``config_check`` (the config catalog's
     verdicts, with any --assume-inert / --accept-semantic-gap). ``streaming`` (default): no Megatron model
     is materialised, each rank writes its shards entry by entry from the HF slices (memory: a few times the
     largest tensor); otherwise the model is loaded in memory and saved by megatron-core. A bridge without its
-    numerical proof is refused unless ``allow_unproven_numerics`` (recorded in ``mapgen.json``)."""
+    numerical proof is refused unless ``allow_unproven_numerics`` (recorded in ``mapgen.json``). ``fsync``
+    (default): every rank's data file is on disk before the checkpoint's metadata is written, as megatron-core's
+    own writer does; ``fsync=False`` (streaming only) leaves the data to the kernel's writeback -- complete,
+    but not durable against a crash of the machine until written back -- and ``mapgen.json`` says so."""
     from mapgen.runtime.megatron import save_dist_checkpoint
 
     source = HFSource.open(source_path)
@@ -808,7 +821,7 @@ def convert(source_path: str, out: Path, par: Parallel, *, overwrite: bool = Fal
             dtypes = stats.extra["dtypes"]
         with staged_output(out, coords) as staging:
             if streaming:
-                stats = _stream_to_dist(model, binding, source, staging / "release", dtypes.params_dtype)
+                stats = _stream_to_dist(model, binding, source, staging / "release", dtypes.params_dtype, fsync=fsync)
             else:
                 save_dist_checkpoint(model, staging / "release")
             if coords.rank == 0:
@@ -825,7 +838,7 @@ def convert(source_path: str, out: Path, par: Parallel, *, overwrite: bool = Fal
                 (staging / ARGS_FILE).write_text(args_text)
                 meta = {"mapgen_version": __version__, "layout": json.loads(layout_to_json(source.layout)),
                         "source": source.to_meta(), "parallel": par.__dict__, "dtype": dtypes.to_json(),
-                        "megatron_args": argv, "numerics": numerics}
+                        "megatron_args": argv, "numerics": numerics, "fsync": fsync or not streaming}
                 if config_check is not None:
                     meta["config_check"] = config_check
                 (staging / MAPGEN_META).write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
@@ -884,7 +897,7 @@ def dry_run_export(ckpt: Path, par: Parallel, *, source_path: str | None = None)
     meta = read_megatron_meta(ckpt) if (ckpt / MAPGEN_META).is_file() else {}
     if source_path:
         source = HFSource.open(source_path)
-        layout, weight_map = source.layout, source.weight_map
+        layout, weight_map = source.layout, source.model_weight_map
     else:
         meta = read_megatron_meta(ckpt)
         layout = layout_from_json(json.dumps(meta["layout"]))
@@ -983,7 +996,7 @@ def read_megatron_meta(ckpt: Path) -> dict[str, Any]:
 
 
 def _export_streaming(binding: Binding, release: Path, out: Path, target: Mapping[str, Any], root: Path | None,
-                      dtypes: DtypePlan, overwrite: bool, vocab_tp: int) -> Stats:
+                      dtypes: DtypePlan, overwrite: bool, vocab_tp: int | None = None) -> Stats:
     """SPMD Megatron dist checkpoint -> HF without a model: the output shard files of ``target``'s weight map
     are dealt round-robin to the ranks; each rank reads, for one output shard at a time, just the Megatron
     entries that shard needs (:func:`mapgen.runtime.megatron.load_dist_entries`, resharded from any saved
@@ -1028,8 +1041,9 @@ def _export_streaming(binding: Binding, release: Path, out: Path, target: Mappin
                 if n % coords.world != coords.rank:
                     continue
                 keys = [k for k, s in weight_map.items() if s == shard]
-                keyset = set(keys)
-                insts = list({id(i): i for k in keys for i in producers.get(k, [])}.values())
+                wanted = fp8[0].model_keys(keys) if fp8 is not None else keys  # MXFP4 X for X_blocks/_scales
+                keyset = set(wanted)
+                insts = list({id(i): i for k in wanted for i in producers.get(k, [])}.values())
                 loaded = load_dist_entries(model, release, {local_of[i.megatron] for i in insts})
                 tensors: dict[str, torch.Tensor] = {}
                 packed: dict[str, dict[int, torch.Tensor]] = {}
@@ -1115,7 +1129,8 @@ def export_megatron(ckpt: Path, out: Path, par: Parallel, *, source_path: str | 
     the output shards (:func:`_export_streaming`); otherwise the model is loaded and gathered to rank 0.
     The model is built in the dtypes ``mapgen.json`` records (fp32 without one: exact for any float
     checkpoint); HF tensors are written in the source's dtypes, or all floating ones in ``dtype``.
-    ``quantize``: block-scaled FP8 weights are written as the source stores them (its tiles and scales). A
+    ``quantize``: block-scaled FP8 weights and MXFP4 experts are written as the source stores them (its tiles
+    and scales, its blocks and scales). A
     bridge without its numerical proof is refused unless ``allow_unproven_numerics`` or the checkpoint's
     ``mapgen.json`` records that its conversion was allowed."""
     from mapgen.runtime._safeload import check_dist_checkpoint
@@ -1125,10 +1140,11 @@ def export_megatron(ckpt: Path, out: Path, par: Parallel, *, source_path: str | 
     source = HFSource.open(source_path) if source_path else None
     if quantize and (source is None or source.quant is None):
         raise error("export.quantize-needs-fp8-source",
-                    "--quantize writes weights in the source's block-scaled FP8 format" + (
-                        ", but the source is not block-scaled FP8" if source is not None else
-                        ": pass --source with that FP8 checkpoint (its tiles and scales are reused)"),
-                    file=str(source_path or ckpt), expected="a source with quantization_config.quant_method 'fp8'")
+                    "--quantize writes weights in the source's quantized format (block-scaled FP8, MXFP4)" + (
+                        ", but the source is not quantized" if source is not None else
+                        ": pass --source with that checkpoint (its scales are reused)"),
+                    file=str(source_path or ckpt),
+                    expected="a source with quantization_config.quant_method 'fp8' or 'mxfp4'")
     if source is not None:
         layout, target, root = source.layout, source.to_meta(quantized=quantize), source.root
     else:
@@ -1150,9 +1166,10 @@ def export_megatron(ckpt: Path, out: Path, par: Parallel, *, source_path: str | 
     binding = bind(layout, bridge)
     check_parallel(binding.spec, par, world_from_env())
     release = ckpt / "release" if (ckpt / "release").is_dir() else ckpt
-    # the saved vocabulary padding (padded to a multiple of 128 * the TP it was saved at: megatron-core's
-    # global shape of the embedding and output layer, which a reader at another TP must match)
-    vocab_tp = int((recorded.get("parallel") or {}).get("tp") or par.tp)
+    # the vocabulary padding the checkpoint was written with (Megatron-LM's: a multiple of 128 * TP), so that a
+    # vocabulary of 128 * odd rows written at TP=2 loads at TP=1
+    saved = recorded.get("parallel")
+    vocab_tp = int(saved["tp"]) if isinstance(saved, dict) and isinstance(saved.get("tp"), int) else None
     if streaming and target.get("weight_map"):
         check_dist_checkpoint(release)  # megatron/torch unpickle .metadata and common.pt: data types only
         with parallel_context(Parallel()):  # every rank sees the whole (TP=1) model on meta; DP = the world

@@ -266,6 +266,46 @@ class EntryProducer:
             self.progress(self.stats.bytes, self.total_bytes)
         return value
 
+    def spans(self, local: str) -> list[Any] | None:
+        """Where ``local``'s bytes lie in the HF files, when :meth:`produce` would only copy them
+        (:func:`mapgen.ops.spans`) and they are already in the entry's dtype: the file ranges
+        (:class:`mapgen.runtime.hfio.FileSpan`) whose concatenation is the entry, in order. ``None``: the
+        entry must be produced (a transform, a cast, a transpose, padding, or a reader that cannot locate
+        bytes, e.g. a dequantizing one)."""
+        locate = getattr(self.reader, "locate", None)
+        if locate is None:
+            return None
+        inst = self.instances[local]
+        target = self.entries[local]
+        try:
+            blocks = ops.spans(inst.rule, inst.hf, self.binding.spec, self.coords.shard(inst.rule), self.reader,
+                               expert=inst.expert)
+        except ops.PrimitiveError:
+            return None  # produce() reports it
+        if not blocks:
+            return None
+        found = [locate(key, index) for key, index in blocks]
+        if any(f is None or f.dtype != target.dtype for f in found):
+            return None
+        rows = sum(f.shape[0] if f.shape else 1 for f in found)
+        shape = found[0].shape
+        want = (rows, *shape[1:]) if shape else ()
+        if (tuple(want) != tuple(target.shape) or any(f.shape[1:] != shape[1:] for f in found)
+                or (not shape and len(found) != 1)):
+            return None  # produce() reports a shape mismatch
+        return found
+
+    def copied(self, local: str, nbytes: int) -> None:
+        """Account for ``local`` written from :meth:`spans` without :meth:`produce` (stats, bytes read, progress)."""
+        self.produced[local] += 1
+        self.stats.tensors += 1
+        self.stats.bytes += nbytes
+        self.stats.extra["bytes_copied"] = self.stats.extra.get("bytes_copied", 0) + nbytes
+        self.reader.count(nbytes)
+        self.stats.bytes_read = getattr(self.reader, "bytes_read", 0)
+        if self.progress:
+            self.progress(self.stats.bytes, self.total_bytes)
+
     def measure(self, local: str) -> int:
         """Bytes :meth:`produce` would read for ``local``, without reading: the primitive runs on meta tensors
         of the source's shapes and dtypes (:class:`MetaReader`)."""

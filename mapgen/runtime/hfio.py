@@ -11,10 +11,12 @@ never leaves a directory that looks complete.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import uuid
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +74,17 @@ def read_weight_map(root: Path) -> tuple[dict[str, str], dict[str, Any]]:
             return dict.fromkeys(f.keys(), SINGLE_NAME), {}
     raise error("checkpoint.missing-index", f"no {INDEX_NAME} or {SINGLE_NAME}", file=str(root),
                 hint="point at a Hugging Face checkpoint directory")
+
+
+@dataclass(frozen=True)
+class FileSpan:
+    """Bytes ``[offset, offset + nbytes)`` of ``path``: a tensor block of ``dtype`` and ``shape``."""
+
+    path: str
+    offset: int
+    nbytes: int
+    dtype: torch.dtype
+    shape: tuple[int, ...]
 
 
 class _Shard:
@@ -162,6 +175,14 @@ class _Shard:
         else:
             out.copy_(self.read(key, index))
 
+    def locate(self, key: str, index: tuple[slice | int, ...]) -> tuple[torch.dtype, tuple[int, ...], int, int] | None:
+        """``index`` of ``key`` as one byte range of the file: (dtype, shape, offset, bytes), or ``None``
+        where it is not one range."""
+        dtype, at, block, rest = self._locate(key, index)
+        if rest:
+            return None
+        return dtype, block, self.data_start + at, math.prod(block) * dtype.itemsize
+
     def close(self) -> None:
         if self.fd >= 0:
             os.close(self.fd)
@@ -224,6 +245,21 @@ class SafetensorsReader:
         """``out.copy_(read(key, index))`` without the intermediate tensor where the slice is one byte range."""
         self._handle(key).read_into(key, index, out)
         self.bytes_read += out.numel() * out.element_size()
+
+    def locate(self, key: str, index: tuple[slice | int, ...] = ()) -> FileSpan | None:
+        """Where ``read(key, index)`` lies in its shard file, when it is one byte range (whole tensors, row
+        blocks, one slot of a packed tensor): for copying it file to file without reading it. Not counted
+        in ``bytes_read`` (:meth:`count` when the bytes are moved)."""
+        handle = self._handle(key)
+        found = handle.locate(key, index)
+        if found is None:
+            return None
+        dtype, shape, offset, nbytes = found
+        return FileSpan(str(handle.path), offset, nbytes, dtype, shape)
+
+    def count(self, nbytes: int) -> None:
+        """Bytes moved by someone else on this reader's behalf (a kernel copy of :meth:`locate`'s ranges)."""
+        self.bytes_read += nbytes
 
     def header_metadata(self, shard: str) -> dict[str, str]:
         path = safe_child(self.root, shard, what="shard")

@@ -82,9 +82,12 @@ from __future__ import annotations
 import contextlib
 import copy
 import datetime
+import errno
 import functools
+import io
 import itertools
 import os
+import typing
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, fields, is_dataclass
 from typing import TYPE_CHECKING, Any, Literal, Protocol
@@ -199,6 +202,9 @@ def check_divisibility(
         need("num_moe_experts", spec.num_moe_experts, ep, "ep")
         need("moe_ffn_hidden_size", spec.moe_ffn_hidden_size or spec.ffn_hidden_size, etp, "etp")
         need("moe_shared_expert_intermediate_size", spec.moe_shared_expert_intermediate_size, tp, "tp")
+        if spec.add_bias_linear and etp > 1:  # transformer_config.py: "Bias in Moe is only supported when ETP==1"
+            errors.append(f"etp={etp}: megatron-core builds biased experts (add_bias_linear) only at expert-TP 1 "
+                          "(pass --etp 1; with --tp > 1 and --ep 1 the experts are then whole on every rank)")
     elif ep > 1:
         errors.append(f"ep={ep}: expert parallelism needs MoE layers; this model has none (use --ep 1)")
     need("num_layers", spec.num_layers, pp, "pp")
@@ -432,6 +438,18 @@ def _attention_kwargs(spec: ModelSpec) -> dict[str, Any]:
         kw["mrope_section"] = list(spec.mrope_section)
     if spec.softmax_scale is not None:
         kw["softmax_scale"] = spec.softmax_scale
+    if spec.softmax_type != "vanilla":  # gpt-oss sinks: DotProductAttention.softmax_offset, one logit per head
+        kw["softmax_type"] = spec.softmax_type
+    if spec.position_embedding_type == "yarn":  # read by GPTModel and SelfAttention from the config (_yarn.py)
+        kw.update(
+            yarn_rotary_scaling_factor=spec.yarn_scaling_factor,
+            yarn_original_max_position_embeddings=spec.yarn_original_max_position_embeddings,
+            yarn_beta_fast=spec.yarn_beta_fast,
+            yarn_beta_slow=spec.yarn_beta_slow,
+            yarn_mscale=spec.yarn_mscale,
+            yarn_mscale_all_dim=spec.yarn_mscale_all_dim,
+            yarn_correction_range_round_to_int=spec.yarn_truncate,
+        )
     return kw
 
 
@@ -487,6 +505,10 @@ def transformer_config(
         from megatron.core.transformer import MLATransformerConfig
 
         config_class = MLATransformerConfig
+    elif "yarn_rotary_scaling_factor" in kw:
+        from mapgen.runtime._yarn import YarnTransformerConfig
+
+        config_class = YarnTransformerConfig
     return config_class(
         num_layers=spec.num_layers,
         hidden_size=spec.hidden_size,
@@ -503,6 +525,8 @@ def transformer_config(
         layernorm_zero_centered_gamma=spec.layernorm_zero_centered_gamma,
         gated_linear_unit=spec.gated_linear_unit,
         activation_func=activation_func(spec.activation),
+        glu_linear_offset=spec.glu_linear_offset,
+        activation_func_clamp_value=spec.activation_func_clamp_value,
         mtp_num_layers=spec.mtp_num_layers or None,
         hidden_dropout=0.0,
         attention_dropout=0.0,
@@ -943,7 +967,9 @@ def save_dist_checkpoint(model: GPTModel, path: str | os.PathLike[str]) -> None:
 class StreamingSource(Protocol):
     """What :func:`save_dist_checkpoint_streaming` asks of its caller: the real value of one rank-local
     state-dict entry (``produce``), and where it should come in the write order (``order``, e.g. the HF shard
-    its data lives in)."""
+    its data lives in). Optionally ``spans(local)``: the source file ranges (``path``, ``offset``, ``nbytes``
+attributes) whose concatenation is the entry when producing it would only copy them, else ``None``; and
+``copied(local, nbytes)``, told when such an entry was copied file to file instead of produced."""
 
     def produce(self, local: str) -> torch.Tensor: ...
 
@@ -960,8 +986,131 @@ def _exact_storage(piece: torch.Tensor) -> torch.Tensor:
     return torch.frombuffer(flat.numpy(), dtype=torch.uint8).view(piece.dtype).view(piece.shape)
 
 
-def _streaming_writer(path: str) -> Any:
-    """The streaming convert's torch.distributed.checkpoint writer: one file per rank, one thread."""
+def _kernel_copy(src: int, src_at: int, dst: int, dst_at: int, nbytes: int) -> None:
+    """``nbytes`` from ``src`` at ``src_at`` to ``dst`` at ``dst_at`` inside the kernel (``copy_file_range``:
+    no pass through user memory; a reflink where the file system has them), by ``pread``/``pwrite`` where
+    the kernel or file system cannot."""
+    done = 0
+    while done < nbytes:
+        try:
+            n = os.copy_file_range(src, dst, nbytes - done, src_at + done, dst_at + done)
+        except OSError as exc:
+            if exc.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EPERM):
+                raise
+            n = os.pwrite(dst, os.pread(src, min(nbytes - done, 64 << 20), src_at + done), dst_at + done)
+        if n <= 0:
+            raise OSError(f"the source ended {nbytes - done} bytes short of a copied tensor")
+        done += n
+
+
+def _spans(meta: torch.Tensor, source: Any, local: str) -> Any:
+    """``source.spans(local)`` for an entry laid out plainly (contiguous from its storage's start), else
+    ``None`` (also for a source without ``spans``)."""
+    locate = getattr(source, "spans", None)
+    return locate(local) if locate is not None and meta.is_contiguous() and not meta.storage_offset() else None
+
+
+def _cut(spans: Iterable[Any], start: int, nbytes: int) -> tuple[tuple[str, int, int], ...] | None:
+    """Bytes ``[start, start + nbytes)`` of the concatenation of ``spans`` (``path``, ``offset``, ``nbytes``)
+    as file ranges; ``None`` if they reach past its end."""
+    ranges = []
+    for span in spans:
+        if start >= span.nbytes:
+            start -= span.nbytes
+            continue
+        if not nbytes:
+            break
+        n = min(span.nbytes - start, nbytes)
+        ranges.append((span.path, span.offset + start, n))
+        nbytes -= n
+        start = 0
+    return None if nbytes else tuple(ranges)
+
+
+def _copied_piece(meta: torch.Tensor, spans: Any, local: str) -> _CopiedPiece | None:
+    """The item ``meta`` (a view of entry ``local``) as ranges of its entry's ``spans``, if it has any."""
+    if spans is None or not meta.is_contiguous():
+        return None
+    ranges = _cut(spans, int(meta.storage_offset()) * meta.element_size(), meta.numel() * meta.element_size())
+    if ranges is None:
+        raise RuntimeError(f"{local}: a checkpoint item reaches past the entry's bytes")
+    return _CopiedPiece(meta, ranges)
+
+
+@dataclass(frozen=True)
+class _CopiedPiece:
+    """A checkpoint item whose bytes are ``ranges`` (file, offset, bytes) of the source files, in order:
+    ``meta`` gives its dtype and shape."""
+
+    meta: torch.Tensor
+    ranges: tuple[tuple[str, int, int], ...]
+
+
+class _CopySink(io.RawIOBase):
+    """The stream ``torch.save`` writes one item into: everything passes through to ``stream`` except the
+    bytes of ``placeholder``'s storage (never filled), which are copied file to file from ``piece.ranges``
+    into their place (``torch.save`` writes the storage record in one call, uncompressed)."""
+
+    def __init__(self, stream: Any, placeholder: torch.Tensor, piece: _CopiedPiece, fds: dict[str, int]) -> None:
+        super().__init__()
+        self.stream, self.piece, self.fds = stream, piece, fds
+        self.lo = placeholder.data_ptr()
+        self.hi = self.lo + placeholder.nbytes
+        self.copied = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b: Any) -> int:
+        import numpy as np
+
+        view = memoryview(b)
+        at = int(np.frombuffer(view, dtype=np.uint8).ctypes.data) if view.nbytes else 0
+        if not (view.nbytes and self.lo <= at < self.hi):
+            return int(self.stream.write(view))
+        if at + view.nbytes > self.hi:
+            raise RuntimeError("torch.save wrote past a tensor's storage")
+        self.stream.flush()
+        dst_at, skip, left = self.stream.tell(), at - self.lo, view.nbytes
+        for path, offset, nbytes in self.piece.ranges:
+            if skip >= nbytes:
+                skip -= nbytes
+                continue
+            n = min(nbytes - skip, left)
+            fd = self.fds.get(path)
+            if fd is None:
+                fd = self.fds[path] = os.open(path, os.O_RDONLY)
+            _kernel_copy(fd, offset + skip, self.stream.fileno(), dst_at + view.nbytes - left, n)
+            left -= n
+            skip = 0
+            if not left:
+                break
+        self.stream.seek(dst_at + view.nbytes)
+        self.copied += view.nbytes
+        return view.nbytes
+
+
+def _write_copied(stream: Any, piece: _CopiedPiece, item: Any, storage_key: str, fds: dict[str, int]) -> Any:
+    """torch.distributed.checkpoint's ``_write_item`` for a tensor item (torch.save format, no stream
+    transforms) whose payload is copied file to file: the same bytes in the file, the same result."""
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+    from torch.distributed.checkpoint.storage import WriteResult
+
+    offset = stream.tell()
+    placeholder = torch.empty(piece.meta.shape, dtype=piece.meta.dtype)  # never touched: no pages behind it
+    sink = _CopySink(stream, placeholder, piece, fds)
+    torch.save(placeholder, typing.cast(typing.IO[bytes], sink))
+    if sink.copied != placeholder.nbytes:
+        raise RuntimeError(f"{item.index.fqn}: torch.save wrote {sink.copied} of {placeholder.nbytes} payload bytes "
+                           "in the way this copy expects")
+    length = stream.tell() - offset
+    return WriteResult(index=item.index, size_in_bytes=length, storage_data=_StorageInfo(storage_key, offset, length))
+
+
+def _streaming_writer(path: str, copied: Any = None, fsync: bool = True) -> Any:
+    """The streaming convert's torch.distributed.checkpoint writer: one file per rank, one thread.
+    ``copied(planner, item)``: a :class:`_CopiedPiece` for a tensor item whose bytes lie in the source files
+    (written by :func:`_write_copied`), else ``None`` (the planner's ``resolve_data``)."""
     from torch.distributed.checkpoint.filesystem import FileSystemWriter, _write_item
     from torch.distributed.checkpoint.planner import WriteItemType
     from torch.distributed.checkpoint.storage import WriteResult
@@ -979,22 +1128,35 @@ def _streaming_writer(path: str) -> Any:
             safetensors format, unused here), which held the whole checkpoint in memory by the end: memory
             stays at the entries in flight. Byte items first, then tensors in plan order, as torch does."""
             results: list[WriteResult] = []
-            while not file_queue.empty():
-                file, storage_key, items = file_queue.get_nowait()
-                with self.fs.create_stream(file, "wb") as stream:
-                    for item in sorted(items, key=lambda i: i.type != WriteItemType.BYTE_IO):
-                        results.append(_write_item(self.transforms, stream, planner.resolve_data(item), item,
-                                                   storage_key, self.serialization_format))
-                    if self.sync_files:
-                        os.fsync(stream.fileno())
+            plain = (copied is not None and not self.transforms.extensions
+                     and getattr(self.serialization_format, "name", "") == "TORCH_SAVE")
+            fds: dict[str, int] = {}
+            try:
+                while not file_queue.empty():
+                    file, storage_key, items = file_queue.get_nowait()
+                    with self.fs.create_stream(file, "wb") as stream:
+                        for item in sorted(items, key=lambda i: i.type != WriteItemType.BYTE_IO):
+                            piece = copied(planner, item) if plain and item.type != WriteItemType.BYTE_IO else None
+                            if piece is not None:
+                                results.append(_write_copied(stream, piece, item, storage_key, fds))
+                                continue
+                            results.append(_write_item(self.transforms, stream, planner.resolve_data(item), item,
+                                                       storage_key, self.serialization_format))
+                        if self.sync_files:
+                            stream.flush()
+                            os.fsync(stream.fileno())
+            finally:
+                for fd in fds.values():
+                    os.close(fd)
             done: TorchFuture[list[WriteResult]] = TorchFuture()
             done.set_result(results)
             return done
 
-    return Writer(path, single_file_per_rank=True, thread_count=1)
+    return Writer(path, single_file_per_rank=True, thread_count=1, sync_files=fsync)
 
 
-def save_dist_checkpoint_streaming(model: GPTModel, path: str | os.PathLike[str], source: StreamingSource) -> int:
+def save_dist_checkpoint_streaming(model: GPTModel, path: str | os.PathLike[str], source: StreamingSource, *,
+                                   fsync: bool = True) -> int:
     """Write the dist checkpoint of ``model`` -- built on the **meta** device -- without ever holding it:
     megatron-core's own ``dist_checkpointing.save`` plans the checkpoint from ``model.sharded_state_dict()``
     (keys, global shapes and offsets, replica ids, the factories that split fused tensors), and a
@@ -1004,8 +1166,12 @@ def save_dist_checkpoint_streaming(model: GPTModel, path: str | os.PathLike[str]
     written, so a rank produces only what it writes. The next entry in the write order is produced on a
     second thread while this one is written (file reads and writes release the GIL), so at most two entries
     (and the one being read) are in memory. torch.save's CRC32 records are skipped for these items (one
-    more pass over the bytes; ``torch.load`` does not check them). All ranks must call it. Returns the
-    bytes written."""
+    more pass over the bytes; ``torch.load`` does not check them). Entries the source can locate as byte
+    ranges of its files (``source.spans``: whole tensors, row blocks, gate and up halves, one packed expert,
+    in the entry's dtype) are not produced at all: their data records are copied file to file in the kernel
+    (``copy_file_range``) into the place torch.save lays out for them. Each rank's file is fsynced before
+    megatron-core writes the metadata, as megatron-core's own writer does; ``fsync=False`` leaves that to
+    the kernel's writeback (the caller records it). All ranks must call it. Returns the bytes written."""
     from concurrent.futures import Future, ThreadPoolExecutor
 
     from megatron.core import dist_checkpointing
@@ -1024,6 +1190,8 @@ def save_dist_checkpoint_streaming(model: GPTModel, path: str | os.PathLike[str]
     cache: dict[str, torch.Tensor] = {}
     pending: dict[str, Future[torch.Tensor]] = {}
     following: dict[str, str] = {}  # entry -> the next entry in the plan's write order
+    direct: dict[str, Any] = {}  # entries that are byte ranges of the source files: copied in the kernel
+    noted: set[str] = set()
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mapgen-produce")
 
     def owner(meta: torch.Tensor) -> str:
@@ -1069,9 +1237,22 @@ def save_dist_checkpoint_streaming(model: GPTModel, path: str | os.PathLike[str]
 
             plan.items.sort(key=key)  # the writer writes in plan order: HF shard by shard
             order = list(dict.fromkeys(owners[id(i)] for i in plan.items if id(i) in owners))
-            following.update(itertools.pairwise(order))
+            direct.update((local, found) for local in order if (found := _spans(entries[local], source, local)))
+            following.update(itertools.pairwise([local for local in order if local not in direct]))
             self.plan = plan
             return plan
+
+        def copied(self, write_item: WriteItem) -> _CopiedPiece | None:
+            """The source byte ranges of a tensor item of an entry that is a plain copy (``source.spans``)."""
+            meta = self.lookup_object(write_item.index)
+            local = owner(meta)
+            piece = _copied_piece(meta, direct.get(local), local)
+            if piece is not None:
+                written[0] += meta.numel() * meta.element_size()
+                if local not in noted:
+                    noted.add(local)
+                    source.copied(local, sum(span.nbytes for span in direct[local]))  # type: ignore[attr-defined]
+            return piece
 
         def resolve_data(self, write_item: WriteItem) -> Any:
             if write_item.type == WriteItemType.BYTE_IO:
@@ -1085,8 +1266,8 @@ def save_dist_checkpoint_streaming(model: GPTModel, path: str | os.PathLike[str]
         def save(self, sharded_state_dict: Any, checkpoint_dir: Any) -> None:
             flat, _, _ = _replace_state_dict_keys_with_sharded_keys(sharded_state_dict, self.keep_only_main_replica)
             pyt_state_dict = mcore_to_pyt_state_dict(flat, False)
-            writer = _streaming_writer(str(checkpoint_dir))
-            dcp_save(pyt_state_dict, storage_writer=writer,
+            dcp_save(pyt_state_dict,
+                     storage_writer=_streaming_writer(str(checkpoint_dir), lambda plan, item: plan.copied(item), fsync),
                      planner=Planner(dedup_replicated_tensors=False, flatten_state_dict=False,
                                      can_run_decentralized_global_plan=False))
 
@@ -1101,7 +1282,6 @@ def save_dist_checkpoint_streaming(model: GPTModel, path: str | os.PathLike[str]
         for job in pending.values():
             job.cancel()
         pool.shutdown(wait=True)
-        pending.clear()
         cache.clear()
     return written[0]
 

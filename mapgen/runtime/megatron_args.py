@@ -97,6 +97,9 @@ def megatron_args(spec: ModelSpec, *, tp: int = 1, pp: int = 1, ep: int = 1, etp
     if spec.softmax_scale is not None:
         raise ArgsError(f"an attention softmax scale of {spec.softmax_scale} has no Megatron-LM flag "
                         "(TransformerConfig.softmax_scale is not an argument)")
+    if spec.position_embedding_type == "yarn":
+        raise ArgsError("YaRN RoPE on standard attention: GPTModel reads the yarn_* config fields, which no "
+                        "Megatron-LM flag this parser knows sets (--rotary-scaling-factor and friends size MLA's)")
     a: list[str] = [
         "--num-layers", str(spec.num_layers),
         "--hidden-size", str(spec.hidden_size),
@@ -128,6 +131,12 @@ def megatron_args(spec: ModelSpec, *, tp: int = 1, pp: int = 1, ep: int = 1, etp
         a.append("--qk-layernorm")
     if spec.attention_output_gate:
         a.append("--attention-output-gate")
+    if spec.softmax_type != "vanilla":
+        a += ["--softmax-type", spec.softmax_type]
+    if spec.glu_linear_offset:
+        a += ["--glu-linear-offset", repr(float(spec.glu_linear_offset))]
+    if spec.activation_func_clamp_value is not None:
+        a += ["--activation-func-clamp-value", repr(float(spec.activation_func_clamp_value))]
     if spec.untie_embeddings_and_output_weights:
         a.append("--untie-embeddings-and-output-weights")
     if "gated_delta_net" in spec.kinds:
@@ -272,10 +281,12 @@ def spec_from_args(argv: Sequence[str]) -> tuple[ModelSpec, dict[str, Any]]:
              "mrope_section", "window_size", "window_attn_skip_freq", "no_rope_freq", "multi_latent_attention",
              "q_lora_rank", "kv_lora_rank", "qk_head_dim", "qk_pos_emb_head_dim", "v_head_dim", "rope_type",
              "rotary_scaling_factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "mscale",
-             "mscale_all_dim"}
+             "mscale_all_dim", "softmax_type", "glu_linear_offset", "activation_func_clamp_value"}
     unknown = sorted(set(a) - known)
     if unknown:
         raise ArgsError(f"arguments this parser does not map: {', '.join('--' + u.replace('_', '-') for u in unknown)}")
+    if a.get("softmax_type", "vanilla") not in ("vanilla", "learnable"):
+        raise ArgsError(f"--softmax-type {a['softmax_type']} is not mapped (vanilla and learnable are)")
     position = a.get("position_embedding_type", "learned_absolute")
     if position not in ("rope", "mrope", "learned_absolute"):
         raise ArgsError("only --position-embedding-type rope, mrope and learned_absolute are mapped")
@@ -315,6 +326,10 @@ def spec_from_args(argv: Sequence[str]) -> tuple[ModelSpec, dict[str, Any]]:
         add_bias_linear=not a.get("disable_bias_linear"),
         qk_layernorm=bool(a.get("qk_layernorm")),
         attention_output_gate=bool(a.get("attention_output_gate")),
+        softmax_type="learnable" if a.get("softmax_type") == "learnable" else "vanilla",
+        glu_linear_offset=float(a.get("glu_linear_offset", 0.0)),
+        activation_func_clamp_value=(float(a["activation_func_clamp_value"])
+                                     if "activation_func_clamp_value" in a else None),
         rotary_base=float(a.get("rotary_base", 10000)),
         rotary_percent=float(a.get("rotary_percent", 1.0)),
         rope_scaling=bool(a.get("use_rope_scaling")),

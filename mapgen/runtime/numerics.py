@@ -33,7 +33,7 @@ from transformers.models.auto.modeling_auto import (
 )
 
 from mapgen.contract.bridge import Bridge
-from mapgen.contract.fingerprint import fingerprint
+from mapgen.contract.fingerprint import dequantized, fingerprint
 from mapgen.diff import diff_layouts
 from mapgen.errors import Diagnostic, MapgenError
 from mapgen.ir import Layout
@@ -210,7 +210,7 @@ def _run(bridge: Bridge, root: Path, hf_model: torch.nn.Module, vocab: int) -> t
 def _make_twin(bridge: Bridge, layout: Layout, tmp: Path) -> tuple[torch.nn.Module | None, Path, str]:
     """transformers' tiny model and the twin checkpoint it wrote under ``tmp``, or the reason there is none."""
     try:
-        config, expected = twin_config(layout)
+        config, expected = twin_config(dequantized(layout))  # FP8 / MXFP4: the unquantized model they share
     except MapgenError as exc:
         return None, tmp, f"no tiny twin: {exc.diagnostics[0].message}"
     reference, reason = reference_config(config, _has_causal_lm, _has_image_text)

@@ -13,6 +13,18 @@ Export quantizes back with :func:`quantize_blocks` when asked to (``--quantize``
 *source's* scale for that tile when its values fit the e4m3 range under it, so an unchanged model reproduces the
 source's FP8 bytes and scales exactly; a tile that no longer fits gets a fresh scale (``amax / 448``, as
 transformers' ``Fp8Quantize`` computes it).
+
+MXFP4 experts (gpt-oss releases, ``quant_method: mxfp4``) are stored as ``X_blocks`` (uint8 ``[E, rows, groups,
+16]``: 32 e2m1 values a group, two nibbles a byte, low nibble first) beside ``X_scales`` (uint8 E8M0 ``[E, rows,
+groups]``: ``2 ** (s - 127)``), and the model's ``X`` is ``[E, groups * 32, rows]`` (:class:`Mxfp4`). Import
+computes what transformers' ``convert_moe_packed_tensors`` computes (its lookup table in the output dtype,
+``ldexp`` by the scale, the last two dimensions transposed), reading only the experts, rows and groups of a slice
+(:class:`Mxfp4Reader`). A scale byte of 255 (E8M0's NaN) or a value past the output dtype's range (bf16/fp32:
+from scale byte 253 up) is refused rather than turned into inf or NaN. ``--quantize`` (:func:`quantize_mxfp4`)
+keeps the source's scale of a group whenever the group's values fit under it: the values alone do not determine
+it (a group of halves under ``2**k`` equals the same group of ones under ``2**(k-1)``), so this is what makes an
+unchanged model come back byte for byte; a group that no longer fits gets the OCP MX scale
+``2 ** (floor(log2(amax)) - 2)`` and round-to-nearest-even nibbles, saturating at 6.
 """
 
 from __future__ import annotations
@@ -25,12 +37,12 @@ from typing import Any
 import torch
 
 from mapgen.errors import error
-from mapgen.infer.build import fp8_scales
+from mapgen.infer.build import MXFP4_GROUP, fp8_scales, mxfp4_pairs, mxfp4_shape
 from mapgen.ops._base import Index
 from mapgen.runtime.hfio import SafetensorsReader
 
-__all__ = ["BlockFp8", "DequantizingReader", "dequantize", "expand_scales", "quantize_blocks",
-           "reader_for", "requantize"]
+__all__ = ["BlockFp8", "DequantizingReader", "Mxfp4", "Mxfp4Reader", "dequantize", "dequantize_mxfp4",
+           "expand_scales", "quantize_blocks", "quantize_mxfp4", "reader_for", "requantize"]
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448
@@ -68,6 +80,11 @@ class BlockFp8:
 
     def scale_key(self, key: str) -> str | None:
         return self.scales.get(key)
+
+    def model_keys(self, keys: Iterable[str]) -> list[str]:
+        """``keys`` of a checkpoint as the model names them: without the scales."""
+        scales = set(self.scales.values())
+        return [k for k in keys if k not in scales]
 
 
 def expand_scales(scales: torch.Tensor, block: tuple[int, int], rows: tuple[int, int],
@@ -127,27 +144,34 @@ def _span(item: slice | int, size: int) -> tuple[int, int]:
     return start, max(start, stop)
 
 
-class DequantizingReader:
-    """A :class:`~mapgen.ops._base.Reader` that returns quantized weights dequantized (in ``fmt.out_dtype``)
-    and every other tensor as stored. A slice reads only its own FP8 rows/columns and the scale tiles covering
-    them; ``bytes_read`` counts both (from the wrapped reader)."""
+class _Wrapping:
+    """What a dequantizing reader passes through to the safetensors reader it wraps."""
 
-    def __init__(self, inner: SafetensorsReader, fmt: BlockFp8) -> None:
+    def __init__(self, inner: SafetensorsReader) -> None:
         self.inner = inner
-        self.fmt = fmt
 
     @property
     def bytes_read(self) -> int:
         return self.inner.bytes_read
-
-    def shard_rank(self, key: str) -> int:
-        return self.inner.shard_rank(key)
 
     def release_below(self, rank: int) -> None:
         self.inner.release_below(rank)
 
     def close(self) -> None:
         self.inner.close()
+
+
+class DequantizingReader(_Wrapping):
+    """A :class:`~mapgen.ops._base.Reader` that returns quantized weights dequantized (in ``fmt.out_dtype``)
+    and every other tensor as stored. A slice reads only its own FP8 rows/columns and the scale tiles covering
+    them; ``bytes_read`` counts both (from the wrapped reader)."""
+
+    def __init__(self, inner: SafetensorsReader, fmt: BlockFp8) -> None:
+        super().__init__(inner)
+        self.fmt = fmt
+
+    def shard_rank(self, key: str) -> int:
+        return self.inner.shard_rank(key)
 
     def shape(self, key: str) -> tuple[int, ...]:
         return tuple(self.inner.shape(key))
@@ -176,20 +200,179 @@ class DequantizingReader:
         return out
 
 
-def requantize(items: Iterable[tuple[str, torch.Tensor]], fmt: BlockFp8,
+# ---------------------------------------------------------------------------------------------------------
+# MXFP4
+# ---------------------------------------------------------------------------------------------------------
+# e2m1 by nibble: sign bit 3, then exponent and mantissa (transformers' FP4_VALUES, the OCP MX table)
+FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+E8M0_BIAS = 127
+E8M0_NAN = 255
+_FP4_MAX = 6.0
+_FP4_EMAX = 2  # the largest e2m1 exponent: 6 = 1.5 * 2**2
+_NIBBLE = 4
+_FP4_MAGNITUDES = FP4_VALUES[:8]
+_QUARTERS = 4 * 8  # magnitudes in quarters: every midpoint between two e2m1 magnitudes is a whole quarter
+
+
+def _nearest(m: float) -> int:
+    """The e2m1 magnitude code nearest ``m``, a tie to the even code (0, 1, 2, 4 of 0, .5, 1, 2, ...)."""
+    return min(range(len(_FP4_MAGNITUDES)), key=lambda c: (abs(_FP4_MAGNITUDES[c] - m), c % 2))
+
+
+# code of a magnitude ``q`` quarters (``q`` whole) and of one just under ``q`` quarters (``q - 1 < 4m < q``)
+_CODE_AT = torch.tensor([_nearest(q / 4) for q in range(_QUARTERS + 1)], dtype=torch.uint8)
+_CODE_UNDER = torch.tensor([_nearest(q / 4 - 1 / 8) for q in range(_QUARTERS + 1)], dtype=torch.uint8)
+# a byte's two values, low nibble first
+_PAIRS = tuple((FP4_VALUES[b & 0x0F], FP4_VALUES[b >> 4]) for b in range(256))
+_PACKED = 3  # [experts, in, out] as the model holds X
+
+
+@dataclass(frozen=True)
+class Mxfp4:
+    """The MXFP4 tensors of one checkpoint (``X`` -> its ``X_blocks`` and ``X_scales`` keys) and the dtype
+    dequantized tensors take."""
+
+    pairs: Mapping[str, tuple[str, str]]
+    out_dtype: torch.dtype = torch.bfloat16
+
+    @classmethod
+    def from_keys(cls, keys: Iterable[str], *, out_dtype: torch.dtype = torch.bfloat16) -> Mxfp4:
+        return cls(mxfp4_pairs(keys), out_dtype)
+
+    @property
+    def stored(self) -> frozenset[str]:
+        """The keys on disk that hold the pairs."""
+        return frozenset(k for pair in self.pairs.values() for k in pair)
+
+    def model_keys(self, keys: Iterable[str]) -> list[str]:
+        """``keys`` of a checkpoint as the model names them: each ``X_blocks`` as ``X``, ``X_scales`` left out."""
+        blocks = {b: x for x, (b, _) in self.pairs.items()}
+        scales = {s for _, s in self.pairs.values()}
+        return [blocks.get(k, k) for k in keys if k not in scales]
+
+
+def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """``[..., groups, 16]`` blocks and ``[..., groups]`` scales -> ``[..., groups * 32]`` values in ``out_dtype``,
+    by transformers' expression: the e2m1 table in ``out_dtype``, low nibble first, ``ldexp`` by ``s - 127``."""
+    pairs = torch.tensor(_PAIRS, dtype=out_dtype)  # transformers' table, both nibbles of a byte in one look-up
+    b = blocks.to(torch.uint8)
+    out = pairs.index_select(0, b.flatten().to(torch.int32)).view(*b.shape[:-1], 2 * b.shape[-1])
+    torch.ldexp(out, (scales.to(torch.int32) - E8M0_BIAS).unsqueeze(-1), out=out)
+    return out.flatten(-2)
+
+
+def _fp4_codes(x: torch.Tensor) -> torch.Tensor:
+    """The nibble of each fp32 value (already divided by its scale): nearest magnitude, ties to even, saturating
+    at 6; the sign bit from the sign (a negative zero keeps it)."""
+    quarters = x.abs().mul_(4).clamp_(max=_QUARTERS)  # exact: a power of two
+    ceil = quarters.ceil()
+    at = ceil.to(torch.int32).flatten()
+    code = torch.where((quarters == ceil).flatten(), _CODE_AT.index_select(0, at), _CODE_UNDER.index_select(0, at))
+    return code.view(x.shape) | (torch.signbit(x).to(torch.uint8) << 3)
+
+
+def quantize_mxfp4(values: torch.Tensor, source_scales: torch.Tensor | None = None) -> tuple[torch.Tensor,
+                                                                                           torch.Tensor]:
+    """``[..., groups * 32]`` values -> (uint8 blocks ``[..., groups, 16]``, uint8 E8M0 scales ``[..., groups]``).
+    A group keeps its ``source_scales`` entry when its largest magnitude rounds to at most 6 under it (below 7x
+    the scale: an unchanged model round-trips byte for byte), else gets ``2 ** (floor(log2(amax)) - 2)`` (127,
+    i.e. 1, for an all-zero group)."""
+    v = values.float().contiguous().reshape(*values.shape[:-1], -1, MXFP4_GROUP)
+    amax = v.abs().amax(-1)
+    exp = torch.floor(torch.log2(amax)).clamp(-E8M0_BIAS, E8M0_BIAS) - _FP4_EMAX + E8M0_BIAS
+    fresh = torch.where(amax > 0, exp.clamp(0, 2 * E8M0_BIAS), torch.full_like(amax, E8M0_BIAS)).to(torch.int32)
+    if source_scales is not None and tuple(source_scales.shape) == tuple(amax.shape):
+        old = source_scales.to(torch.int32)
+        keep = amax < (_FP4_MAX + 1) * torch.ldexp(torch.ones_like(amax), old - E8M0_BIAS)
+        scales = torch.where(keep, old, fresh)
+    else:
+        scales = fresh
+    codes = _fp4_codes(torch.ldexp(v, (E8M0_BIAS - scales).unsqueeze(-1)))
+    blocks = codes[..., 0::2] | (codes[..., 1::2] << _NIBBLE)
+    return blocks, scales.to(torch.uint8)
+
+
+class Mxfp4Reader(_Wrapping):
+    """A :class:`~mapgen.ops._base.Reader` presenting each MXFP4 pair as the model's ``X`` ``[E, in, out]``
+    (dequantized, in ``fmt.out_dtype``) and every other tensor as stored. A slice reads only the blocks and scales
+    of its experts, its ``out`` rows and the groups covering its ``in`` range."""
+
+    def __init__(self, inner: SafetensorsReader, fmt: Mxfp4) -> None:
+        super().__init__(inner)
+        self.fmt = fmt
+
+    def shard_rank(self, key: str) -> int:
+        pair = self.fmt.pairs.get(key)
+        return self.inner.shard_rank(pair[0] if pair else key)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        pair = self.fmt.pairs.get(key)
+        return mxfp4_shape(tuple(self.inner.shape(pair[0]))) if pair else tuple(self.inner.shape(key))
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self.fmt.out_dtype if key in self.fmt.pairs else self.inner.dtype(key)
+
+    def read(self, key: str, index: Index = ()) -> torch.Tensor:
+        pair = self.fmt.pairs.get(key)
+        if pair is None:
+            return self.inner.read(key, index)
+        shape = self.shape(key)
+        if len(index) > _PACKED:
+            raise IndexError(f"{key}: {len(index)} indices for a 3-d tensor")
+        items = (*index, *(slice(None),) * (_PACKED - len(index)))
+        (e0, e1), (i0, i1), (o0, o1) = (_span(items[d], shape[d]) for d in range(_PACKED))
+        g0, g1 = i0 // MXFP4_GROUP, -(-i1 // MXFP4_GROUP)
+        lead = items[0] if isinstance(items[0], int) else slice(e0, e1)
+        at = (lead, slice(o0, o1), slice(g0, g1))
+        scales = self.inner.read(pair[1], at)
+        values = dequantize_mxfp4(self.inner.read(pair[0], at), scales, self.fmt.out_dtype)
+        if bool((scales == E8M0_NAN).any()) or not bool(torch.isfinite(values).all()):
+            raise error("quant.mxfp4-overflow", f"{key}: an E8M0 scale puts MXFP4 values past the range of "
+                        f"{self.fmt.out_dtype} (inf/NaN)", key=pair[1], expected="scale bytes below 253 (255 is NaN)",
+                        hint="the checkpoint is corrupt or not an MXFP4 release")
+        if isinstance(lead, int):
+            values = values.unsqueeze(0)
+        out = values[..., i0 - g0 * MXFP4_GROUP:i1 - g0 * MXFP4_GROUP].transpose(-1, -2)
+        for d in reversed([d for d in range(len(index)) if isinstance(index[d], int)]):
+            out = out.squeeze(d)
+        return out.contiguous()
+
+
+Format = BlockFp8 | Mxfp4
+
+
+def requantize(items: Iterable[tuple[str, torch.Tensor]], fmt: Format,
                source: SafetensorsReader) -> Iterator[tuple[str, torch.Tensor]]:
-    """``--quantize``: each quantized weight of ``fmt`` as (e4m3 weight, its ``_scale_inv``) with the source's
-    tiles (:func:`quantize_blocks`, reading the source's scales from ``source``); other tensors unchanged."""
+    """``--quantize``: each quantized tensor of ``fmt`` in the source's format, reusing the source's scales
+    (read from ``source``): an FP8 weight as (e4m3 weight, its ``_scale_inv``) with the source's tiles
+    (:func:`quantize_blocks`), an MXFP4 ``X`` as (``X_blocks``, ``X_scales``) (:func:`quantize_mxfp4`); other
+    tensors unchanged."""
     for key, value in items:
+        if isinstance(fmt, Mxfp4):
+            pair = fmt.pairs.get(key)
+            if pair is None:
+                yield key, value
+                continue
+            if value.dim() != _PACKED:
+                raise ValueError(f"{key}: MXFP4 needs a 3-d [experts, in, out] tensor, got {tuple(value.shape)}")
+            if not bool(torch.isfinite(value).all()):
+                raise error("quant.mxfp4-non-finite", f"{key} holds inf or NaN: MXFP4 cannot store it", key=key,
+                            hint="export without --quantize, or fix the model")
+            blocks, scales = quantize_mxfp4(value.transpose(-1, -2), source.read(pair[1]))
+            yield pair[0], blocks
+            yield pair[1], scales
+            continue
         scale_key = fmt.scale_key(key)
         if scale_key is None:
             yield key, value
             continue
-        q, scales = quantize_blocks(value, fmt.block, source.read(scale_key))
+        q, fp8_scales_ = quantize_blocks(value, fmt.block, source.read(scale_key))
         yield key, q
-        yield scale_key, scales
+        yield scale_key, fp8_scales_
 
 
-def reader_for(inner: SafetensorsReader, fmt: BlockFp8 | None) -> SafetensorsReader | DequantizingReader:
-    """``inner`` itself when the checkpoint is not block-quantized."""
-    return inner if fmt is None else DequantizingReader(inner, fmt)
+def reader_for(inner: SafetensorsReader, fmt: Format | None) -> SafetensorsReader | DequantizingReader | Mxfp4Reader:
+    """``inner`` itself when the checkpoint is not quantized."""
+    if fmt is None:
+        return inner
+    return Mxfp4Reader(inner, fmt) if isinstance(fmt, Mxfp4) else DequantizingReader(inner, fmt)
