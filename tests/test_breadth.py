@@ -230,7 +230,8 @@ def test_a_position_table_needs_a_declared_offset(tmp_path: Path) -> None:
 
 
 def test_opt_position_roll_is_a_permutation() -> None:
-    """The roll op: Megatron row i is HF row i + 2; export rotates back bitwise (no row is dropped)."""
+    """The roll op: Megatron row i is HF row i + 2; export rotates back bitwise (no row is dropped); the plain-copy
+    spans the streaming convert moves without reading say the same."""
     import torch
 
     from mapgen import ops
@@ -247,6 +248,11 @@ def test_opt_position_roll_is_a_permutation() -> None:
     assert torch.equal(got[8:], hf[:2])
     (frag,) = ops.save(rule, ("p",), spec, got)
     assert torch.equal(frag.tensor, hf)
+    # the streaming convert's file-to-file path: the same rows as two blocks of the stored table
+    reader = ops.DictReader({"p": hf})
+    blocks = ops.spans(rule, ("p",), spec, ops.Shard(0, 1), reader)
+    assert blocks is not None
+    assert torch.equal(torch.cat([reader.read(key, index) for key, index in blocks]), got)
 
 
 @pytest.mark.parametrize(("overrides", "field"), [

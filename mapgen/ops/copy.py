@@ -109,6 +109,9 @@ class Copy(Op[CopyOptions]):
             return None
         src = ctx.source(reader, 0)
         sharding = ctx.rule.sharding
+        if options.roll:  # rows [roll, n) then [0, roll): the rotated table, still two blocks of the storage
+            first, second = src.rows_span(options.roll, src.shape[0]), src.rows_span(0, options.roll)
+            return None if first is None or second is None else [first, second]
         if sharding == "replicated" or (sharding in ("row", "expert_row") and shard.size == 1):
             span = src.whole_span()
         elif sharding in ("column", "expert_column"):
