@@ -21,13 +21,13 @@ ATTENTION = Family(
         Slot("q", ("q_proj.weight",)),
         Slot("k", ("k_proj.weight",)),
         Slot("v", ("v_proj.weight",)),
-        Slot("qkv", ("qkv_proj.weight", "wqkv.weight", "query_key_value.weight", "c_attn.weight")),
+        Slot("qkv", ("qkv_proj.weight", "wqkv.weight", "query_key_value.weight", "c_attn.weight", "W_pack.weight")),
         Slot("o", ("o_proj.weight", "wo.weight", "dense.weight", "c_proj.weight", "out_proj.weight")),
         Slot("q_bias", ("q_proj.bias",)),
         Slot("k_bias", ("k_proj.bias",)),
         Slot("v_bias", ("v_proj.bias",)),
         Slot("qkv_bias", ("qkv_proj.bias", "query_key_value.bias", "c_attn.bias")),
-        Slot("o_bias", ("o_proj.bias", "dense.bias", "c_proj.bias")),
+        Slot("o_bias", ("o_proj.bias", "dense.bias", "c_proj.bias", "out_proj.bias")),
         Slot("q_norm", ("q_norm.weight", "q_layernorm.weight"), init="norm"),
         Slot("k_norm", ("k_norm.weight", "k_layernorm.weight"), init="norm"),
         Slot("q_norm_bias", ("q_layernorm.bias",)),  # Persimmon: per-head LayerNorm QK norms (with bias)
@@ -43,7 +43,7 @@ ATTENTION = Family(
                  "sinks")),
     ),
     excludes=("kv_a_proj_with_mqa.weight",),
-    flags=("output_gate", "sliding_window", "qkv_layout", "conv1d"),
+    flags=("output_gate", "sliding_window", "qkv_layout", "conv1d", "qk_norm_projection"),
 )
 
 FUSED_QKV_LAYOUT: dict[str, str] = {
@@ -58,6 +58,8 @@ FUSED_QKV_LAYOUT: dict[str, str] = {
     "self_attention.query_key_value.weight": "per_group",
     "self_attn.query_key_value.weight": "per_group",  # Persimmon: view(b, s, heads, 3, head_dim) per head
     "attn.c_attn.weight": "blocks",  # GPT-2: Conv1D output split(hidden, dim=2) -> [q; k; v] (modeling_gpt2.py)
+    # Baichuan (remote modeling_baichuan.py): proj.unflatten(-1, (3, hidden_size)) -> q, k, v: [q; k; v] (MHA)
+    "self_attn.W_pack.weight": "blocks",
 }
 CONV1D = frozenset({"c_attn.weight", "c_proj.weight"})
 """GPT-2's ``Conv1D`` spellings: stored ``[in, out]`` when the model type declares it (``Facts.conv1d``; GPT-BigCode
@@ -74,6 +76,11 @@ Scan lists them as one carried group (:data:`DERIVED_BUFFERS_TOWER`), the Megatr
 ``rotary_base``/``rotary_percent``, and export copies them back from ``--source`` exactly when the source had
 them; ``verify`` checks them against the config."""
 DERIVED_BUFFERS_TOWER = "derived_rope_buffers"
+
+QK_NORM_PROJECTION = ("QK norms over the whole q / k projection (OLMo-2/3, OLMoE, FlexOlmo: RMSNorm(num_heads * "
+                      "head_dim) before the heads are split): megatron-core 0.16.1's SelfAttention builds "
+                      "q_layernorm/k_layernorm of hidden_size_per_attention_head and applies them per head (and under "
+                      "TP a norm over all heads would need a reduction across ranks)")
 
 INPUT_NORM = "input_layernorm.weight"
 """Megatron's name for the block's pre-mixer norm (a separate module with the local spec)."""
@@ -113,6 +120,8 @@ def shapes(c: Component, d: Dims) -> ShapePairs:
     q_rows = d.heads * d.head_dim * (2 if c.flag("output_gate") else 1)
     kv_rows = d.kv_heads * d.head_dim
     qkv_rows = d.heads * d.head_dim + 2 * kv_rows
+    full = c.flag("qk_norm_projection") is True  # declared per model type, never read off the shapes
+    q_norm, k_norm = ((d.heads * d.head_dim,), (kv_rows,)) if full else ((d.head_dim,), (d.head_dim,))
     return conv1d_shapes([
         (c.key("q"), (q_rows, d.hidden)),
         (c.key("k"), (kv_rows, d.hidden)),
@@ -124,8 +133,8 @@ def shapes(c: Component, d: Dims) -> ShapePairs:
         (c.key("v_bias"), (kv_rows,)),
         (c.key("qkv_bias"), (qkv_rows,)),
         (c.key("o_bias"), (d.hidden,)),
-        (c.key("q_norm"), (d.head_dim,)),
-        (c.key("k_norm"), (d.head_dim,)),
+        (c.key("q_norm"), q_norm),
+        (c.key("k_norm"), k_norm),
         (c.key("q_norm_bias"), (d.head_dim,)),
         (c.key("k_norm_bias"), (d.head_dim,)),
         (c.key("sinks"), (d.heads,)),
@@ -197,6 +206,9 @@ def _plan_common(c: Component, p: Planner, mroot: str, hroot: str, domain: str, 
         p.add("attention.sinks", f"{mroot}self_attention.core_attention.softmax_offset",
               (hroot + str(c.key("sinks")),), "copy", "column", domain=domain,
               comment=f"[{name}] Attention sinks -> learnable softmax offset, one per head; TP splits with the heads.")
+    if c.key("q_norm") and c.flag("qk_norm_projection") is True:
+        p.unbuildable(QK_NORM_PROJECTION, hroot + str(c.key("q_norm")))
+        return
     for side in ("q", "k"):
         weight, bias = c.key(f"{side}_norm"), c.key(f"{side}_norm_bias")
         if weight is None:

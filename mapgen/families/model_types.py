@@ -25,6 +25,17 @@ class Facts:
     ``layernorm``: the block and final norms are ``nn.LayerNorm`` (mean-centred, with a bias tensor) in the model
     code, not RMSNorm: megatron-core ``normalization="LayerNorm"``. A norm bias in the keys of a model type without
     this fact is refused (a bias says LayerNorm, but not which LayerNorm).
+    ``position_offset``: the learned position table has this many rows before position 0 (OPT's
+    ``OPTLearnedPositionalEmbedding`` looks up ``position + 2``): the rule rotates the table by it (HF row ``i +
+    offset`` is Megatron row ``i``; the offset rows become Megatron's last rows, so export restores them exactly)
+    and the Megatron table is that many rows longer than ``max_position_embeddings``. GPT-2's ``wpe`` has none;
+    an ``embed_positions`` table of a model type that declares no offset is refused (OPT, BioGPT and the BART
+    family use 2: the spelling does not say).
+    ``norm_epsilon``: the norms' epsilon the model code fixes when config.json has no key for it (OPT's
+    ``nn.LayerNorm(embed_dim)``: 1e-5; the bridge's fallback would be 1e-6).
+    ``qk_norm_projection``: the QK norms normalise the whole q / k projection (OLMo-2/3, OLMoE, FlexOlmo:
+    ``RMSNorm(num_heads * head_dim)`` before the heads are split), not each head: scan sizes them so, the planner
+    refuses them (megatron-core's q_layernorm/k_layernorm are per head).
     ``router``: the routing scheme transformers' modelling code implements for this model type's MoE router
     (:mod:`mapgen.contract.routing`); ``""``: not known, only the values that compute the bridge's historic
     router are accepted."""
@@ -35,6 +46,9 @@ class Facts:
     layernorm: bool = False
     conv1d: bool | None = None
     router: RouterScheme = ""
+    position_offset: int | None = None
+    norm_epsilon: float | None = None
+    qk_norm_projection: bool = False
 
 
 _QWEN35 = Facts(packed=("out_in", False), zero_centered=True, output_gate=True, router="softmax_renorm")
@@ -58,8 +72,8 @@ MODEL_TYPES: dict[str, Facts] = {
     # MoE routers (mapgen.contract.routing), read from each model type's modelling code in transformers 5.24
     "qwen2_moe": _SOFTMAX,
     "qwen3_moe": _SOFTMAX,
-    "olmoe": _SOFTMAX,
-    "flex_olmo": _SOFTMAX,
+    "olmoe": Facts(router="softmax", qk_norm_projection=True),
+    "flex_olmo": Facts(router="softmax", qk_norm_projection=True),
     "mixtral": _RENORM,
     "minimax": _RENORM,
     "deepseek_v2": Facts(router="softmax_greedy"),
@@ -81,6 +95,12 @@ MODEL_TYPES: dict[str, Facts] = {
     "gpt_bigcode": Facts(layernorm=True, conv1d=False),
     "starcoder2": Facts(layernorm=True, conv1d=False),
     "falcon": Facts(layernorm=True),  # its parallel blocks are refused by the planner (families/norms.py)
+    # QK norms over the whole projection (modeling_olmo2.py Olmo2Attention: RMSNorm(num_heads * head_dim))
+    "olmo2": Facts(qk_norm_projection=True),
+    "olmo3": Facts(qk_norm_projection=True),
+    "olmo_hybrid": Facts(qk_norm_projection=True),
+    # nn.LayerNorm with bias everywhere, learned positions at position + 2 (modeling_opt.py)
+    "opt": Facts(layernorm=True, position_offset=2, norm_epsilon=1e-5),
 }
 
 _NONE = Facts()

@@ -19,7 +19,7 @@ from mapgen.families.dense_mlp import CONV1D as MLP_CONV1D
 from mapgen.families.dense_mlp import DENSE_MLP as DENSE_MLP_FAMILY
 from mapgen.families.gated_delta_net import GATED_DELTA_NET as GDN_FAMILY
 from mapgen.families.mla import MLA as MLA_FAMILY
-from mapgen.families.model_types import MODEL_TYPES, Orientation
+from mapgen.families.model_types import MODEL_TYPES, Orientation, facts_for
 from mapgen.families.moe import EXPERTS, MOE, SHARED_EXPERT
 from mapgen.ir import Component
 
@@ -154,6 +154,8 @@ def recognise_attention(pool: Pool, shape: ShapeOf, ctx: Context, *, sliding: bo
     if m.get("qkv") is not None:  # how the fused projection stores q/k/v is declared per spelling
         flags["qkv_layout"] = FUSED_QKV_LAYOUT.get(m.keys["qkv"])
     flags["conv1d"] = _conv1d(m, ATTENTION_CONV1D, ctx.model_types)
+    if m.get("q_norm") is not None and facts_for(ctx.model_types).qk_norm_projection:
+        flags["qk_norm_projection"] = True
     return Component.make(ATTENTION_FAMILY.name, m.variant.name, m.keys, flags=flags)
 
 
@@ -372,5 +374,8 @@ def recognise_mlp(
                 return Component.make(MOE.name, "routed", slots, children={"experts": experts, "shared": shared})
         dense = recognise_dense(pool, p, ctx.model_types)
         if dense is not None:
+            return dense
+    for p in DENSE_MLP_FAMILY.roots:  # dense-only roots (OPT: fc1/fc2 directly in the layer)
+        if p not in MOE.roots and (dense := recognise_dense(pool, p, ctx.model_types)) is not None:
             return dense
     return None
