@@ -199,6 +199,8 @@ class _ConfigWriter:
 
 def _mla_heads(w: _ConfigWriter, o: SynthOptions) -> None:
     """MLA: a key and value per query head; DeepSeek's derived head sizes follow the shrunk q/k dims."""
+    if w.has("q_lora_rank"):
+        w.set("q_lora_rank", o.q_lora_rank)
     if w.has("kv_lora_rank"):
         w.set("num_key_value_heads", o.heads)
         w.set("qk_head_dim", o.qk_nope_head_dim + o.qk_rope_head_dim)
@@ -245,8 +247,7 @@ def _shrink_config(
     ):
         if w.has(name):
             w.set(name, value)
-    if w.has("q_lora_rank"):
-        w.set("q_lora_rank", o.q_lora_rank)
+    _shrink_spellings(w, o)
     _mla_heads(w, o)
     if w.has("n_shared_experts") and not w.has("shared_expert_intermediate_size"):
         w.set("n_shared_experts", 1)
@@ -293,6 +294,16 @@ def _shrink_config(
                 if name in scope:
                     scope[name] = label
     return w.top
+
+
+def _shrink_spellings(w: _ConfigWriter, o: SynthOptions) -> None:
+    """Sizes under other model types' names: OPT's ``ffn_dim`` and GPT-2's ``n_inner`` (null: 4 * hidden, kept
+    so), OPT's ``word_embed_proj_dim`` (equal to hidden_size when project_in/out are absent, and kept equal)."""
+    for name in ("ffn_dim", "n_inner"):
+        if w.get(name) is not None:
+            w.set(name, o.intermediate)
+    if w.has("word_embed_proj_dim"):
+        w.set("word_embed_proj_dim", o.hidden)
 
 
 def _shrink_mrope(w: _ConfigWriter, head_dim: int) -> None:

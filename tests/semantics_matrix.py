@@ -145,9 +145,10 @@ def _code(stderr: str) -> str:
 
 
 def run_case(model_type: str, work: Path, *, timeout: int = 600, overrides: dict[str, Any] | None = None,
-             post_build: Callable[[Path], None] | None = None) -> Case:
+             post_build: Callable[[Path], None] | None = None, parallel: tuple[str, ...] | None = None) -> Case:
     """One architecture through scan, catalog, emit and verify. ``post_build`` edits the written checkpoint
-    before mapgen sees it (e.g. adds the RoPE buffers older exports store)."""
+    before mapgen sees it (e.g. adds the RoPE buffers older exports store); ``parallel`` replaces verify's
+    layout flags (default ``--tp 2``, with ``--ep 2`` for MoE)."""
     from mapgen.catalog import check_config
     from mapgen.errors import MapgenError
     from mapgen.infer import scan
@@ -188,7 +189,7 @@ def run_case(model_type: str, work: Path, *, timeout: int = 600, overrides: dict
     if emit.returncode != 0:
         case.outcome, case.detail = "emit-failed", _code(emit.stderr)
         return case
-    par = ["--tp", "2"] + (["--ep", "2"] if case.moe else [])
+    par = list(parallel) if parallel is not None else ["--tp", "2"] + (["--ep", "2"] if case.moe else [])
     ver = subprocess.run([sys.executable, "-m", "mapgen", "verify", str(ckpt), *par, "--bridges", str(gen)], cwd=work,
                          capture_output=True, text=True, timeout=timeout, env=_env(), check=False)
     m = re.search(r"max \|Δ\| = ([0-9.eE+-]+|nan|inf)", ver.stdout)

@@ -169,6 +169,10 @@ def test_round_trip_and_logits(results: dict[str, list[dict[str, Any]]], name: s
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_tp2_ep2(sources: dict[str, Path]) -> None:
-    """TP=2 x EP=2 (ETP=1): four processes, the routed experts split over EP, attention over TP."""
-    results = run_cases([Case("deepseek-v3-mtp-tp2ep2", str(sources["deepseek-v3-mtp"]), tp=2, ep=2, etp=1)])
-    assert_case(results, "deepseek-v3-mtp-tp2ep2")
+    """TP=2 x EP=2 (ETP=1): two processes, each holding half the heads and half the routed experts (the
+    expert-data-parallel groups pair the TP ranks). DeepSeek-V3 with MTP, Kimi-K2 and DeepSeek-V2's greedy group
+    routing, one set of workers."""
+    kinds = ("deepseek-v3-mtp", "kimi-k2", "deepseek-v2")
+    results = run_cases([Case(f"{kind}-tp2ep2", str(sources[kind]), tp=2, ep=2, etp=1) for kind in kinds])
+    for kind in kinds:
+        assert_case(results, f"{kind}-tp2ep2")

@@ -13,7 +13,7 @@ from functools import cache
 from typing import Any
 
 from mapgen.catalog.fields import BRIDGE_READS, NESTED_INDEX, SEMANTIC_FALLBACKS, TOP_INDEX, bridge_value
-from mapgen.catalog.model_types import FACTS, scope_problem
+from mapgen.catalog.model_types import CONDITIONAL_FACTS, FACTS, scope_problem
 from mapgen.catalog.rows import Row, Scope
 from mapgen.errors import Diagnostic
 
@@ -242,8 +242,9 @@ class _Checker:
             hint=f"converting would change the model's outputs; to convert the weights anyway pass "
             f"--accept-semantic-gap {full} (recorded in mapgen.json)"))
 
-    def facts(self, model_type: str, prefix: str) -> None:
-        for fact, reason in FACTS.get(model_type, ()):
+    def facts(self, model_type: str, prefix: str, values: Mapping[str, Any]) -> None:
+        conditional = [(fact, reason) for fact, reason, when in CONDITIONAL_FACTS.get(model_type, ()) if when(values)]
+        for fact, reason in (*FACTS.get(model_type, ()), *conditional):
             key = f"{prefix}model_type.{fact.replace(' ', '-').lower()}"
             self.refuse(key, model_type, "model_type", f"{fact} ({reason})", None)
 
@@ -308,7 +309,7 @@ def check_config(config: Mapping[str, Any], *, assume_inert: Iterable[str] = (),
         checker.scope(scope)
     # a wrapper's facts are its language model's: report them once, on the text config when it has its own
     fact_scope = scopes[-1] if FACTS.get(scopes[-1].model_type) else top
-    checker.facts(fact_scope.model_type, fact_scope.prefix)
+    checker.facts(fact_scope.model_type, fact_scope.prefix, fact_scope.values)
     checker.fallbacks(scopes[-1])
     for flag, given, what in (("--assume-inert", checker.assume_inert, "unknown"),
                               ("--accept-semantic-gap", checker.accept_gaps, "refused")):

@@ -67,7 +67,7 @@ BRIDGE_READS: dict[str, tuple[tuple[str, ...], Any]] = {
     "hidden_size": (("hidden_size", "n_embd"), None),
     "num_attention_heads": (("num_attention_heads", "n_head"), None),
     "num_query_groups": (("num_key_value_heads", "num_attention_heads", "n_head"), None),
-    "ffn_hidden_size": (("intermediate_size", "moe_intermediate_size", "n_inner"), None),
+    "ffn_hidden_size": (("intermediate_size", "moe_intermediate_size", "n_inner", "ffn_dim"), None),
     "vocab_size": (("vocab_size",), None),
     "max_position_embeddings": (("max_position_embeddings", "n_positions"), 4096),
     "rotary_base": (("rope_theta", "rope_parameters.rope_theta"), 10000.0),
@@ -635,7 +635,6 @@ TOP: tuple[Row, ...] = (
       for name, field in (("num_layers", "num_layers"),
                           ("n_layers", "num_layers"),
                           ("n_heads", "num_attention_heads"),
-                          ("ffn_dim", "ffn_hidden_size"),
                           ("num_experts_per_token", "moe_router_topk"), ("moe_num_experts", "num_moe_experts"))),
     # GraniteMoeShared / GraniteMoE-Hybrid: the layer-level shared_mlp's size; 0 builds none (its keys then absent)
     mapped("shared_intermediate_size", "moe_shared_expert_intermediate_size", why=_DIMS, valid=non_negative_int),
@@ -644,6 +643,21 @@ TOP: tuple[Row, ...] = (
                                 ("n_head", "num_attention_heads", "attention heads"),
                                 ("n_positions", "max_position_embeddings", "positions (wpe rows with learned "
                                  "positions)"))),
+    mapped("ffn_dim", "ffn_hidden_size", why="MLP size (OPT spelling)", valid=positive_int,
+           limit=agrees_with_bridge("ffn_hidden_size")),
+    # OPT (modeling_opt.py): pre-norm blocks when do_layer_norm_before (OPT-350m's post-norm is refused), biases
+    # decided by the keys, project_in/project_out only when word_embed_proj_dim differs from hidden_size
+    refused("do_layer_norm_before", "a post-norm block (OPT-350m: LayerNorm after the attention / MLP residual "
+            "add): megatron-core 0.16.1's TransformerLayer normalises sub-block inputs only", unless=equals(True),
+            valid=boolean),
+    refused("_remove_final_layer_norm", "no final LayerNorm (OPT's legacy flag): the bridge builds "
+            "decoder.final_layernorm", unless=falsy, valid=boolean),
+    refused("layer_norm_elementwise_affine", "LayerNorms without weight and bias: megatron-core's LayerNorm always "
+            "has them", unless=equals(True), valid=boolean),
+    refused("word_embed_proj_dim", "embeddings narrower than the hidden size (OPT project_in/project_out): "
+            "megatron-core's LanguageModelEmbedding and output layer have no projection",
+            unless=lambda v, s: v is None or v == s.lookup("hidden_size", "n_embd"), valid=positive_int),
+    structural("enable_bias", "add_qkv_bias", "add_bias_linear", why=_STRUCT, valid=boolean),
     mapped("n_inner", "ffn_hidden_size", why="MLP size (GPT-2 spelling; null means 4 * n_embd, derived by the bridge)",
            valid=positive_int, limit=agrees_with_bridge("ffn_hidden_size")),
     refused("eps", "an epsilon spelling the bridge does not read (rms_norm_eps, layer_norm_eps)",
@@ -693,6 +707,8 @@ TOP: tuple[Row, ...] = (
     *inert("auxiliary losses and router noise: training only (moe_aux_loss_coeff is the training run's)",
            "router_aux_loss_coef", "aux_loss_alpha", "seq_aux", "router_z_loss_coef", "router_jitter_noise"),
     *inert("tensor-parallel pretraining detail: the same maths at any value", "pretraining_tp"),
+    *inert("Baichuan2's z-loss weight: training only (Baichuan2's NormHead is refused as a model-type fact)",
+           "z_loss_weight"),
     *inert("expert-parallel size of DeepSeek's training code: how experts were placed, the same maths", "ep_size"),
     *inert("GDN state precision in transformers' kernel; the computation is the same", "mamba_ssm_dtype"),
     *inert("original context length: read only by YaRN/LongRoPE scaling, judged by rope_scaling",

@@ -11,7 +11,7 @@ scope for a causal-LM bridge: one ``scope.*`` error instead of misleading key er
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 _GEMMA_SCALE = ("embedding scale", "embeddings multiplied by sqrt(hidden_size) in the model code: no megatron-core "
@@ -24,6 +24,8 @@ _PARALLEL = ("parallel block", "attention and MLP computed in parallel from one 
              "sequential pre-norm blocks")
 _POST_NORM = ("post-norm block", "norms applied to the attention/MLP outputs (post-norm or sandwich): the bridge "
               "builds pre-norm blocks")
+_QK_ALL_HEADS = ("QK-norm over all heads", "q/k norms over the whole projection, not per head: megatron-core's "
+                 "q_layernorm/k_layernorm are per head")
 _NOPE = ("NoPE layers", "some layers skip RoPE in the model code: the bridge applies RoPE in every layer")
 _INTERLEAVED = ("interleaved RoPE", "rotary pairs are adjacent dims (GPT-J style rotate_half): megatron-core has "
                 "rotary_interleaved, the bridge does not set it")
@@ -31,7 +33,7 @@ _SIGMOID_ROUTER = ("sigmoid router", "top-k over sigmoid scores without an exper
                    "softmax router")
 
 # model_type -> ((fact, what megatron-core / the bridge lacks), ...). LayerNorm model types the bridge builds
-# (stablelm, stablelm_epoch, gpt_neox, gpt2, gpt_bigcode, starcoder2, persimmon, falcon: Facts.layernorm in
+# (stablelm, stablelm_epoch, gpt_neox, gpt2, gpt_bigcode, starcoder2, persimmon, falcon, opt: Facts.layernorm in
 # mapgen/families/model_types.py) are not listed; GPT-NeoX's parallel residual is a config value
 # (use_parallel_residual, refused in fields.py).
 FACTS: dict[str, tuple[tuple[str, str], ...]] = {
@@ -48,8 +50,10 @@ FACTS: dict[str, tuple[tuple[str, str], ...]] = {
     "paligemma": (_GEMMA_SCALE, _ZERO_NORM),
     "olmo": (("non-parametric LayerNorm", "LayerNorm without weights: megatron-core's norms hold a weight and a "
               "bias, and mapgen writes no constant ones/zeros for them (the planner refuses the layout too)"),),
-    "olmo2": (_POST_NORM, ("QK-norm over all heads", "q/k norms over the whole projection, not per head")),
-    "olmo3": (_POST_NORM, ("QK-norm over all heads", "q/k norms over the whole projection, not per head")),
+    "olmo2": (_POST_NORM, _QK_ALL_HEADS),
+    "olmo3": (_POST_NORM, _QK_ALL_HEADS),
+    "olmoe": (_QK_ALL_HEADS,),
+    "flex_olmo": (_POST_NORM, _QK_ALL_HEADS),
     "cohere": (_LAYERNORM, _PARALLEL, _INTERLEAVED),
     "cohere2": (_LAYERNORM, _PARALLEL, _INTERLEAVED),
     "cohere2_moe": (_LAYERNORM, _PARALLEL, _INTERLEAVED),
@@ -66,7 +70,6 @@ FACTS: dict[str, tuple[tuple[str, str], ...]] = {
     "gptj": (_LAYERNORM, _PARALLEL),
     "phi": (_LAYERNORM, _PARALLEL),
     "bloom": (_LAYERNORM,),
-    "opt": (_LAYERNORM,),
     # PhiMoE: sparsemixer top-2 (per choice a masked softmax, router_jitter_noise as its threshold at inference)
     "phimoe": (("sparsemixer router", "sparsemixer top-2 routing (masked softmax per choice, jitter threshold): "
                 "megatron-core has no such router"),),
@@ -80,6 +83,23 @@ FACTS: dict[str, tuple[tuple[str, str], ...]] = {
                  "attention (megatron-core softmax_scale is not set from a model-type fact)"),),
     "llama4": (_NOPE, _SIGMOID_ROUTER),
     "llama4_text": (_NOPE, _SIGMOID_ROUTER),
+}
+
+# model_type -> ((fact, what megatron-core / the bridge lacks, when the config says so), ...): facts of one model
+# type's *variants*, told apart by config.json. Baichuan (remote code only, model_type "baichuan" for every
+# release): Baichuan-7B / Baichuan2-7B build RoPE from max_position_embeddings (modeling_baichuan.py
+# RotaryEmbedding); Baichuan-13B / Baichuan2-13B state no max_position_embeddings (only model_max_length) and
+# build ALiBi biases from it; Baichuan2 (its config class alone has z_loss_weight) L2-normalises the output
+# layer's rows at inference (NormHead).
+CONDITIONAL_FACTS: dict[str, tuple[tuple[str, str, Callable[[Mapping[str, Any]], bool]], ...]] = {
+    "baichuan": (
+        ("ALiBi", "ALiBi attention biases (Baichuan-13B / Baichuan2-13B: no max_position_embeddings in "
+         "config.json): megatron-core 0.16.1 has no ALiBi position embedding",
+         lambda config: config.get("max_position_embeddings") is None),
+        ("NormHead", "an output layer whose rows are L2-normalised in the model code (Baichuan2's NormHead; its "
+         "config class alone has z_loss_weight): megatron-core's output layer is a plain linear layer",
+         lambda config: "z_loss_weight" in config),
+    ),
 }
 
 # Multi-latent attention: transformers builds the latent norms (q_a_layernorm, kv_a_layernorm) with its RMSNorm's

@@ -73,6 +73,8 @@ class Facts:
     default_n_group: int | None = None
     default_topk_group: int | None = None
     default_topk_method: str | None = None
+    # the norms' epsilon when config.json states none and the model code fixes it (OPT: nn.LayerNorm's 1e-5)
+    default_norm_epsilon: float | None = None
 
 
 # -- derivations ----------------------------------------------------------------------------------------------
@@ -152,7 +154,7 @@ Derivation = Literal[
     "yarn_beta_fast", "yarn_beta_slow", "yarn_mscale", "yarn_mscale_all_dim", "yarn_truncate",
     "activation", "glu_linear_offset", "activation_clamp", "window_size", "window_layers", "no_rope_layers",
     "position_embedding_type",
-    "mrope_section", "softmax_scale",
+    "mrope_section", "softmax_scale", "max_position_embeddings",
     "router_score_function", "router_pre_softmax", "router_scaling_factor", "router_num_groups", "router_group_topk",
     "router_dtype",
 ]
@@ -162,6 +164,13 @@ def _gpt2_inner(hf: HFConfig) -> int:
         hf.get("intermediate_size", "moe_intermediate_size", "n_inner")  # config.missing-key, naming them
     return 4 * int(hf.get("n_embd"))
 
+
+def _int_count(value: int | str) -> int:
+    return value if isinstance(value, int) else 0
+
+
+POSITION_READS: tuple[tuple[str, ...], int] = (("max_position_embeddings", "n_positions"), 4096)
+"""What the ``max_position_embeddings`` derivation reads (names, fallback) before adding a position offset."""
 
 DERIVATIONS: dict[str, Callable[[HFConfig, Layout], Any]] = {
     "gpt2_inner": lambda hf, _: _gpt2_inner(hf),  # ffn_hidden_size's fallback
@@ -194,6 +203,9 @@ DERIVATIONS: dict[str, Callable[[HFConfig, Layout], Any]] = {
         "learned_absolute" if layout.language_model.top.key("position_embedding")
         else position_embedding_type(hf, yarn=not _has_mla(layout))),
     "mrope_section": lambda hf, _: mrope_section(hf),
+    # the learned position table's rows: OPT keeps 2 rows before position 0 (the component's position_offset)
+    "max_position_embeddings": lambda hf, layout: int(hf.get(*POSITION_READS[0], default=POSITION_READS[1]))
+    + _int_count(layout.language_model.top.count("position_offset", 0)),
     "softmax_scale": lambda hf, _: softmax_scale(hf),  # attention_multiplier, query_pre_attn_scalar
 }
 
@@ -254,10 +266,10 @@ CONFIG: tuple[ConfigRow, ...] = (
     ConfigRow("num_query_groups", hf=("num_key_value_heads", "num_attention_heads", "n_head"),
               note="MHA without kv heads"),
     ConfigRow("kv_channels", derive="head_dim"),
-    ConfigRow("ffn_hidden_size", hf=("intermediate_size", "moe_intermediate_size", "n_inner"),
+    ConfigRow("ffn_hidden_size", hf=("intermediate_size", "moe_intermediate_size", "n_inner", "ffn_dim"),
               fallback="gpt2_inner"),
     ConfigRow("vocab_size", hf=("vocab_size",)),
-    ConfigRow("max_position_embeddings", hf=("max_position_embeddings", "n_positions"), default=4096),
+    ConfigRow("max_position_embeddings", derive="max_position_embeddings"),
     # -- per-layer structure -----------------------------------------------------------------------------
     ConfigRow("layer_kinds", derive="layer_kinds"),
     ConfigRow("mlp_kinds", derive="mlp_kinds"),
@@ -345,7 +357,8 @@ def row_value(row: ConfigRow, hf: HFConfig, layout: Layout, facts: Facts) -> Any
         return DERIVATIONS[derive](hf, layout)
     if row.default is REQUIRED:
         return hf.get(*row.hf)
-    return hf.get(*row.hf, default=row.default)
+    fixed = getattr(facts, f"default_{row.field}", None)  # the model code's value (Facts.default_norm_epsilon)
+    return hf.get(*row.hf, default=row.default if fixed is None else fixed)
 
 
 def applies(row: ConfigRow, facts: Facts) -> bool:

@@ -65,13 +65,14 @@ def op(name: Op, sharding: Sharding, *, experts: bool = False, options: tuple[Op
 def copy(  # noqa: PLR0913 -- one keyword per CopyOptions field
     sharding: Sharding = "replicated", *, transform: Literal["none", "zero_centered"] | None = None,
     dtype: Literal["fp32"] | None = None, shared: bool | None = None, orientation: Literal["in_out"] | None = None,
-    layout: Literal["packed"] | None = None,
+    layout: Literal["packed"] | None = None, roll: int | None = None,
 ) -> OpSpec:
     """One tensor as is (``transform``: zero-centred norm weights; ``dtype``: kept in fp32; ``shared``: one HF
     tensor serves every MTP depth; ``orientation='in_out'``: a GPT-2 Conv1D weight stored [in, out];
-    ``layout='packed'``: each routed expert's slot of a packed [E, ...] tensor, e.g. gpt-oss's down_proj_bias)."""
+    ``layout='packed'``: each routed expert's slot of a packed [E, ...] tensor, e.g. gpt-oss's down_proj_bias;
+    ``roll``: rows rotated, HF row ``i + roll`` is Megatron row ``i``, OPT's position table)."""
     return _spec("copy", sharding, layout is not None, transform=transform, dtype=dtype, shared=shared,
-                 orientation=orientation, layout=layout)
+                 orientation=orientation, layout=layout, roll=roll)
 
 
 def qkv(*, output_gate: bool = False, part: Literal["weight", "bias"] = "weight",

@@ -168,6 +168,7 @@ class Dims:
     shared_intermediate: int | None
     gdn: tuple[int, int, int, int, int] | None  # nk, nv, dk, dv, conv kernel
     mla: tuple[int | None, int, int, int, int] | None  # q_lora_rank, kv_lora_rank, nope, rope, v_head_dim
+    positions: int | None = None  # max_position_embeddings / n_positions (learned position tables)
 
 
 def conv1d_shapes(pairs: ShapePairs, conv1d: bool) -> ShapePairs:

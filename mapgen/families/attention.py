@@ -21,7 +21,7 @@ ATTENTION = Family(
         Slot("q", ("q_proj.weight",)),
         Slot("k", ("k_proj.weight",)),
         Slot("v", ("v_proj.weight",)),
-        Slot("qkv", ("qkv_proj.weight", "wqkv.weight", "query_key_value.weight", "c_attn.weight")),
+        Slot("qkv", ("qkv_proj.weight", "wqkv.weight", "query_key_value.weight", "c_attn.weight", "W_pack.weight")),
         Slot("o", ("o_proj.weight", "wo.weight", "dense.weight", "c_proj.weight", "out_proj.weight")),
         Slot("q_bias", ("q_proj.bias",)),
         Slot("k_bias", ("k_proj.bias",)),
@@ -67,7 +67,7 @@ ATTENTION = Family(
         Variant("mixture_of_heads", ("kv", "moa_in", "moa_out", "moa_router"), ("moa_bias",)),
     ),
     excludes=("kv_a_proj_with_mqa.weight",),
-    flags=("output_gate", "sliding_window", "qkv_layout", "conv1d"),
+    flags=("output_gate", "sliding_window", "qkv_layout", "conv1d", "qk_norm_projection"),
 )
 
 FUSED_QKV_LAYOUT: dict[str, str] = {
@@ -82,6 +82,8 @@ FUSED_QKV_LAYOUT: dict[str, str] = {
     "self_attention.query_key_value.weight": "per_group",
     "self_attn.query_key_value.weight": "per_group",  # Persimmon: view(b, s, heads, 3, head_dim) per head
     "attn.c_attn.weight": "blocks",  # GPT-2: Conv1D output split(hidden, dim=2) -> [q; k; v] (modeling_gpt2.py)
+    # Baichuan (remote modeling_baichuan.py): proj.unflatten(-1, (3, hidden_size)) -> q, k, v: [q; k; v] (MHA)
+    "self_attn.W_pack.weight": "blocks",
 }
 CONV1D = frozenset({"c_attn.weight", "c_proj.weight"})
 """GPT-2's ``Conv1D`` spellings: stored ``[in, out]`` when the model type declares it (``Facts.conv1d``; GPT-BigCode
@@ -120,6 +122,11 @@ Scan lists them as one carried group (:data:`DERIVED_BUFFERS_TOWER`), the Megatr
 them; ``verify`` checks them against the config."""
 DERIVED_BUFFERS_TOWER = "derived_rope_buffers"
 
+QK_NORM_PROJECTION = ("QK norms over the whole q / k projection (OLMo-2/3, OLMoE, FlexOlmo: RMSNorm(num_heads * "
+                      "head_dim) before the heads are split): megatron-core 0.16.1's SelfAttention builds "
+                      "q_layernorm/k_layernorm of hidden_size_per_attention_head and applies them per head (and under "
+                      "TP a norm over all heads would need a reduction across ranks)")
+
 INPUT_NORM = "input_layernorm.weight"
 """Megatron's name for the block's pre-mixer norm (a separate module with the local spec)."""
 
@@ -156,6 +163,8 @@ def shapes(c: Component, d: Dims) -> ShapePairs:
     qkv_rows = d.heads * d.head_dim + 2 * kv_rows
     if c.variant == "lightning":  # MiniMax lightning attention: q, k, v over all heads
         qkv_rows = 3 * d.heads * d.head_dim
+    full = c.flag("qk_norm_projection") is True  # declared per model type, never read off the shapes
+    q_norm, k_norm = ((d.heads * d.head_dim,), (kv_rows,)) if full else ((d.head_dim,), (d.head_dim,))
     return conv1d_shapes([
         (c.key("q"), (q_rows, d.hidden)),
         (c.key("k"), (kv_rows, d.hidden)),
@@ -167,8 +176,8 @@ def shapes(c: Component, d: Dims) -> ShapePairs:
         (c.key("v_bias"), (kv_rows,)),
         (c.key("qkv_bias"), (qkv_rows,)),
         (c.key("o_bias"), (d.hidden,)),
-        (c.key("q_norm"), (d.head_dim,)),
-        (c.key("k_norm"), (d.head_dim,)),
+        (c.key("q_norm"), q_norm),
+        (c.key("k_norm"), k_norm),
         (c.key("q_norm_bias"), (d.head_dim,)),
         (c.key("k_norm_bias"), (d.head_dim,)),
         (c.key("sinks"), (d.heads,)),
@@ -257,6 +266,9 @@ def _plan_common(c: Component, p: Planner, mroot: str, hroot: str, domain: str, 
         p.unbuildable("QK norms applied after RoPE (HunYuan: query_layernorm/key_layernorm on the rotated q/k): "
                       "megatron-core applies q_layernorm/k_layernorm before the rotary embedding",
                       hroot + str(c.key("q_norm")))
+        return
+    if c.key("q_norm") and c.flag("qk_norm_projection") is True:
+        p.unbuildable(QK_NORM_PROJECTION, hroot + str(c.key("q_norm")))
         return
     for side in ("q", "k"):
         weight, bias = c.key(f"{side}_norm"), c.key(f"{side}_norm_bias")

@@ -19,7 +19,8 @@ DENSE_MLP = Family(
     role="mlp",
     description="dense MLP (gated: gate/up/down, w1/w3/w2, fused gate_up; plain: fc1/fc2, dense_h_to_4h/dense_4h_to_h)",
     file=__name__,
-    roots=("mlp.", "block_sparse_moe.", "feed_forward."),
+    # "": OPT's fc1/fc2 sit directly in the decoder layer (tried after the MoE roots)
+    roots=("mlp.", "block_sparse_moe.", "feed_forward.", ""),
     slots=(
         Slot("gate", ("gate_proj.weight", "w1.weight", "c_fc_0.weight")),  # EXAONE-3: c_fc_0/c_fc_1/c_proj
         Slot("up", ("up_proj.weight", "w3.weight", "c_fc_1.weight")),

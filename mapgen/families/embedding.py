@@ -6,7 +6,7 @@ is also looked up at the checkpoint root and under the prefix's parent (``lm_hea
 
 from __future__ import annotations
 
-from mapgen.families._dsl import Dims, Family, Planner, ShapePairs, Slot, Variant
+from mapgen.families._dsl import Dims, Family, Planner, ShapePairs, Slot, Variant, opts
 from mapgen.ir import Component
 
 EMBEDDING = Family(
@@ -22,7 +22,9 @@ EMBEDDING = Family(
         Slot("lm_head", ("lm_head.weight", "output.weight", "embed_out.weight")),
         Slot("final_norm_bias", ("norm.bias", "ln_f.bias", "final_layernorm.bias", "final_layer_norm.bias")),
         # GPT-2 learned absolute positions: megatron-core position_embedding_type='learned_absolute'
-        Slot("position_embedding", ("wpe.weight", "positions_embed.weight")),
+        # OPT embed_positions: its first Facts.position_offset rows precede position 0 (a count on the component);
+        # GPT-1 positions_embed
+        Slot("position_embedding", ("wpe.weight", "embed_positions.weight", "positions_embed.weight")),
         # Phi-1/2, GPT-J, CodeGen: a bias on the output layer (refused: GPTModel's output_layer has none)
         Slot("lm_head_bias", ("lm_head.bias", "embed_out.bias")),
         # Bloom: a LayerNorm right after the token embedding (refused: LanguageModelEmbedding has none)
@@ -41,7 +43,10 @@ LAYER_CONTAINERS = ("layers", "h")
 
 
 def shapes(c: Component, d: Dims) -> ShapePairs:
+    offset = c.count("position_offset", 0)
+    positions = (d.positions + offset, d.hidden) if d.positions is not None and isinstance(offset, int) else None
     return [(c.key("embedding"), (d.vocab, d.hidden)), (c.key("final_norm"), (d.hidden,)),
+            (c.key("position_embedding"), positions),
             (c.key("final_norm_bias"), (d.hidden,)), (c.key("lm_head"), (d.vocab, d.hidden)),
             (c.key("lm_head_bias"), (d.vocab,)), (c.key("embedding_norm"), (d.hidden,)),
             (c.key("embedding_norm_bias"), (d.hidden,))]
@@ -54,9 +59,17 @@ def plan_embedding(c: Component, p: Planner) -> None:
         p.unbuildable("a LayerNorm on the token embeddings (Bloom word_embeddings_layernorm): megatron-core's "
                       "LanguageModelEmbedding has no norm", str(c.key("embedding_norm")))
     if c.key("position_embedding") is not None:
+        offset = c.count("position_offset", 0)
+        if not isinstance(offset, int):
+            p.unsupported("a learned position table of a model type that declares no position offset (OPT and "
+                          "BioGPT look up position + 2; mapgen/families/model_types.py Facts.position_offset)",
+                          str(c.key("position_embedding")))
+            return
         p.add("position_embedding", "embedding.position_embeddings.weight", (str(c.key("position_embedding")),),
-              "copy", "replicated", domain="global",
-              comment="Learned absolute positions (a plain nn.Embedding in megatron-core: every rank holds it).")
+              "copy", "replicated", domain="global", options=opts(roll=offset) if offset else (),
+              comment="Learned absolute positions (a plain nn.Embedding in megatron-core: every rank holds it)"
+              + (f"; HF row p + {offset} is position p: rows rotated by {offset}, the {offset} rows before "
+                 "position 0 kept as Megatron's last rows." if offset else "."))
 
 
 def plan_head(c: Component, p: Planner, layernorm: bool) -> None:

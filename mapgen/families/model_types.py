@@ -25,6 +25,17 @@ class Facts:
     ``layernorm``: the block and final norms are ``nn.LayerNorm`` (mean-centred, with a bias tensor) in the model
     code, not RMSNorm: megatron-core ``normalization="LayerNorm"``. A norm bias in the keys of a model type without
     this fact is refused (a bias says LayerNorm, but not which LayerNorm).
+    ``position_offset``: the learned position table has this many rows before position 0 (OPT's
+    ``OPTLearnedPositionalEmbedding`` looks up ``position + 2``): the rule rotates the table by it (HF row ``i +
+    offset`` is Megatron row ``i``; the offset rows become Megatron's last rows, so export restores them exactly)
+    and the Megatron table is that many rows longer than ``max_position_embeddings``. GPT-2's ``wpe`` has none;
+    an ``embed_positions`` table of a model type that declares no offset is refused (OPT, BioGPT and the BART
+    family use 2: the spelling does not say).
+    ``norm_epsilon``: the norms' epsilon the model code fixes when config.json has no key for it (OPT's
+    ``nn.LayerNorm(embed_dim)``: 1e-5; the bridge's fallback would be 1e-6).
+    ``qk_norm_projection``: the QK norms normalise the whole q / k projection (OLMo-2/3, OLMoE, FlexOlmo:
+    ``RMSNorm(num_heads * head_dim)`` before the heads are split), not each head: scan sizes them so, the planner
+    refuses them (megatron-core's q_layernorm/k_layernorm are per head).
     ``plain_up_down``: the MLP is ``down_proj(act(up_proj(x)))`` with no gate (Arcee, Jais2, Nemotron): ``up_proj`` and
     ``down_proj`` without ``gate_proj`` are then a plain MLP (megatron-core ``gated_linear_unit=False``); in any other
     model type a missing gate is refused, never read as a plain MLP.
@@ -47,6 +58,9 @@ class Facts:
     layernorm: bool = False
     conv1d: bool | None = None
     router: RouterScheme = ""
+    position_offset: int | None = None
+    norm_epsilon: float | None = None
+    qk_norm_projection: bool = False
     plain_up_down: bool = False
     non_parametric_norms: bool = False
     qk_norm_after_rope: bool = False
@@ -76,8 +90,8 @@ MODEL_TYPES: dict[str, Facts] = {
     # MoE routers (mapgen.contract.routing), read from each model type's modelling code in transformers 5.24
     "qwen2_moe": _SOFTMAX,
     "qwen3_moe": _SOFTMAX,
-    "olmoe": _SOFTMAX,
-    "flex_olmo": _SOFTMAX,
+    "olmoe": Facts(router="softmax", qk_norm_projection=True),
+    "flex_olmo": Facts(router="softmax", qk_norm_projection=True),
     "mixtral": _RENORM,
     "minimax": _RENORM,
     # GraniteMoE: softmax over the top-k logits (= renormalised); packed [E, 2I, H] experts, gate then up
@@ -103,6 +117,12 @@ MODEL_TYPES: dict[str, Facts] = {
     "gpt_bigcode": Facts(layernorm=True, conv1d=False),
     "starcoder2": Facts(layernorm=True, conv1d=False),
     "falcon": Facts(layernorm=True),  # its parallel blocks are refused by the planner (families/norms.py)
+    # QK norms over the whole projection (modeling_olmo2.py Olmo2Attention: RMSNorm(num_heads * head_dim))
+    "olmo2": Facts(qk_norm_projection=True),
+    "olmo3": Facts(qk_norm_projection=True),
+    "olmo_hybrid": Facts(qk_norm_projection=True),
+    # nn.LayerNorm with bias everywhere, learned positions at position + 2 (modeling_opt.py)
+    "opt": Facts(layernorm=True, position_offset=2, norm_epsilon=1e-5),
     # up_proj -> act -> down_proj, no gate (modeling_arcee.py ArceeMLP, modeling_jais2.py, modeling_nemotron.py)
     "arcee": Facts(plain_up_down=True),
     "jais2": Facts(layernorm=True, plain_up_down=True),  # nn.LayerNorm(hidden, eps) blocks and final norm
@@ -128,7 +148,8 @@ MODEL_TYPES: dict[str, Facts] = {
     # transformers' conversion_mapping.py splits attention.query_key_value into [q | k | v] by size (GQA blocks)
     "sarvam_moe": Facts(router="sigmoid_grouped", qkv_layout="blocks"),
     "gpt_neox_japanese": Facts(layernorm=True),  # nn.LayerNorm blocks and final norm (modeling_gpt_neox_japanese.py)
-    "openai-gpt": Facts(layernorm=True, conv1d=True, post_layernorm=True),  # modeling_openai.py Block: post-LN
+    # modeling_openai.py Block: post-LN; positions_embed looked up at position (no offset)
+    "openai-gpt": Facts(layernorm=True, conv1d=True, post_layernorm=True, position_offset=0),
     # GPT-Neo: transformer.h.N.attn.attention.{q,k,v,out}_proj, mlp.c_fc/c_proj as nn.Linear, nn.LayerNorm
     "gpt_neo": Facts(layernorm=True, conv1d=False),
 }

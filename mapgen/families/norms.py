@@ -24,13 +24,17 @@ NORMS = Family(
     description="the block's norms: pre-norm (converted); sandwich, post-norm and parallel blocks (refused)",
     file=__name__,
     slots=(
+        # OPT: self_attn_layer_norm before attention, the layer's final_layer_norm before fc1 (pre-norm when
+        # do_layer_norm_before; the post-norm OPT-350m is refused by the config catalog); Apertus:
+        # attention_layernorm/feedforward_layernorm; Bamba/Jamba/Falcon-H1: pre_ff_layernorm
         Slot("input_norm", ("input_layernorm.weight", "attention_norm.weight", "ln_1.weight",
-                            "attention_layernorm.weight"), init="norm"),  # Apertus: attention/feedforward_layernorm
+                            "self_attn_layer_norm.weight", "attention_layernorm.weight"), init="norm"),
         Slot("post_attention_norm", ("post_attention_layernorm.weight", "ffn_norm.weight", "ln_2.weight",
-                                     "feedforward_layernorm.weight", "pre_ff_layernorm.weight"), init="norm"),
+                                     "final_layer_norm.weight", "feedforward_layernorm.weight",
+                                     "pre_ff_layernorm.weight"), init="norm"),
         # LayerNorm biases (StableLM, GPT-NeoX): the model type declares LayerNorm (families/model_types.py)
-        Slot("input_norm_bias", ("input_layernorm.bias", "ln_1.bias")),
-        Slot("post_attention_norm_bias", ("post_attention_layernorm.bias", "ln_2.bias")),
+        Slot("input_norm_bias", ("input_layernorm.bias", "ln_1.bias", "self_attn_layer_norm.bias")),
+        Slot("post_attention_norm_bias", ("post_attention_layernorm.bias", "ln_2.bias", "final_layer_norm.bias")),
         # Gemma-2/3 sandwich and OLMo-2 post-norms: norms on the attention / MLP outputs
         Slot("pre_feedforward_norm", ("pre_feedforward_layernorm.weight",), init="norm"),
         Slot("post_feedforward_norm", ("post_feedforward_layernorm.weight",), init="norm"),

@@ -690,7 +690,8 @@ def infer(source: Source) -> Layout:
                          {"embedding": embedding, "final_norm": final_norm, "lm_head": lm_head,
                           "final_norm_bias": final_norm_bias, "position_embedding": position_embedding,
                           "lm_head_bias": lm_head_bias, "embedding_norm": embedding_norm,
-                          "embedding_norm_bias": embedding_norm_bias})
+                          "embedding_norm_bias": embedding_norm_bias},
+                         counts={"position_offset": _position_offset(position_embedding, ctx.model_types)})
     language_model = LanguageModel(prefix=prefix, top=top, groups=groups, num_layers=num_layers, mtp=mtp)
     mtp_declared = cfg.int(*MTP_COUNT_KEYS) or 0
     archs = source.config.get("architectures")
@@ -720,6 +721,17 @@ def infer(source: Source) -> Layout:
 
 
 _FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16"})
+
+
+def _position_offset(key: str | None, model_types: tuple[str, ...]) -> int | str | None:
+    """Rows of the learned position table before position 0: the model type's declared offset (OPT: 2), none for
+    GPT-2's ``wpe``, ``"undeclared"`` for another spelling of a model type that declares none (refused)."""
+    if key is None:
+        return None
+    offset = facts_for(model_types).position_offset
+    if offset is None:
+        return None if key.endswith("wpe.weight") else "undeclared"
+    return offset or None
 
 
 def _check_headers(layout: Layout, source: Source) -> None:

@@ -155,6 +155,8 @@ def recognise_attention(pool: Pool, shape: ShapeOf, ctx: Context, *, sliding: bo
     if m.get("qkv") is not None:  # how the fused projection stores q/k/v is declared per spelling
         flags["qkv_layout"] = facts_for(ctx.model_types).qkv_layout or FUSED_QKV_LAYOUT.get(m.keys["qkv"])
     flags["conv1d"] = _conv1d(m, ATTENTION_CONV1D, ctx.model_types)
+    if m.get("q_norm") is not None and facts_for(ctx.model_types).qk_norm_projection:
+        flags["qk_norm_projection"] = True
     return Component.make(ATTENTION_FAMILY.name, m.variant.name, m.keys, flags=flags)
 
 
@@ -378,5 +380,8 @@ def recognise_mlp(
                 return Component.make(MOE.name, "routed", slots, children={"experts": experts, "shared": shared})
         dense = recognise_dense(pool, p, ctx.model_types)
         if dense is not None:
+            return dense
+    for p in DENSE_MLP_FAMILY.roots:  # dense-only roots (OPT: fc1/fc2 directly in the layer)
+        if p not in MOE.roots and (dense := recognise_dense(pool, p, ctx.model_types)) is not None:
             return dense
     return None

@@ -12,6 +12,10 @@ Layouts (TP rank ``r`` of ``t``)
 ``duplicate`` has the layouts of ``copy``; the loader compares it with the primary tensor on import and
 the exporter re-emits it.
 
+``roll`` (replicated only) rotates the rows: Megatron row ``i`` is HF row ``(i + roll) mod n`` (OPT's learned
+positions look up row ``position + 2``: the table's first rows precede position 0). A permutation: nothing is
+dropped, export rotates back bitwise.
+
 Options
 -------
 ``transform`` "none" | "zero_centered" (Megatron ``w = hf - 1`` for ``layernorm_zero_centered_gamma``;
@@ -45,6 +49,7 @@ class CopyOptions(ExpertSource):
     # Engine-level: one HF tensor feeds this parameter at every MTP depth; the exporter emits it once and
     # checks the depths agree. The op itself ignores it.
     shared: bool = False
+    roll: int = 0
 
 
 def _transform_in(options: CopyOptions, x: torch.Tensor) -> torch.Tensor:
@@ -70,8 +75,12 @@ class Copy(Op[CopyOptions]):
         src = ctx.source(reader, 0)
         shape = src.shape
         sharding = ctx.rule.sharding
+        if ctx.options.roll and sharding != "replicated":
+            raise ctx.fail(f"roll={ctx.options.roll} needs a replicated tensor, the rule is {sharding}")
         if sharding == "replicated":
             x = src.whole()
+            if ctx.options.roll:
+                x = torch.roll(x, -ctx.options.roll, 0)
         elif sharding in ("column", "expert_column"):
             x = src.rows(*shard.bounds(shape[0], f"dim 0 of {src.key}", ctx.rule))
         elif sharding in ("row", "expert_row"):
@@ -100,6 +109,9 @@ class Copy(Op[CopyOptions]):
             return None
         src = ctx.source(reader, 0)
         sharding = ctx.rule.sharding
+        if options.roll:  # rows [roll, n) then [0, roll): the rotated table, still two blocks of the storage
+            first, second = src.rows_span(options.roll, src.shape[0]), src.rows_span(0, options.roll)
+            return None if first is None or second is None else [first, second]
         if sharding == "replicated" or (sharding in ("row", "expert_row") and shard.size == 1):
             span = src.whole_span()
         elif sharding in ("column", "expert_column"):
@@ -115,6 +127,8 @@ class Copy(Op[CopyOptions]):
     def save(self, ctx: Ctx[CopyOptions], full: torch.Tensor) -> list[Fragment]:
         if ctx.rule.sharding == "vocab":
             full = full[: ctx.spec.vocab_size]
+        if ctx.options.roll:
+            full = torch.roll(full, ctx.options.roll, 0)
         return [ctx.emit(0, _transform_out(ctx.options, full))]
 
 

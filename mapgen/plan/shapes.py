@@ -65,7 +65,9 @@ def config_dims(config: Mapping[str, Any]) -> Dims:
     multi_query = hf.get("multi_query", default=False) and not hf.get("new_decoder_architecture", default=False)
     kv_heads = 1 if multi_query else (_int(hf, "num_key_value_heads", "num_kv_heads") or heads)
     head_dim = _int(hf, "head_dim") or (hidden // heads if heads else 0)
-    intermediate = _int(hf, "intermediate_size", "n_inner")
+    intermediate = _int(hf, "intermediate_size", "n_inner", "ffn_dim")
+    if intermediate is None and hf.has("n_embd"):  # GPT-2: n_inner null means 4 * n_embd
+        intermediate = 4 * hidden
     moe_intermediate = _int(hf, "moe_intermediate_size") or intermediate
     shared = _int(hf, "shared_expert_intermediate_size", "shared_intermediate_size")  # GraniteMoeShared
     if shared is None:
@@ -102,6 +104,7 @@ def config_dims(config: Mapping[str, Any]) -> Dims:
         shared_intermediate=shared,
         gdn=gdn,
         mla=mla,
+        positions=_int(hf, "max_position_embeddings", "n_positions"),
     )
 
 

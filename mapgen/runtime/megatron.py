@@ -886,19 +886,19 @@ def local_to_global(model: torch.nn.Module) -> dict[str, str]:
 
 
 def logits(model: GPTModel, input_ids: torch.Tensor) -> torch.Tensor:
-    """Full-vocabulary fp32 logits ``[b, s, vocab]`` of a PP=1 model (all TP ranks must call it).
+    """Full-vocabulary fp32 logits ``[b, s, vocab]`` (every rank must call it; every rank gets them).
 
     Passes position ids and an explicit boolean causal mask (megatron's default mask is built on CUDA),
     switches MTP off for the call (MTP needs labels), gathers the vocab-parallel shards across TP and trims
-    vocabulary padding. Runs under :func:`cpu_shims`.
+    vocabulary padding. Under PP each stage runs its layers on the hidden states the previous stage sends
+    (``set_input_tensor``, as megatron-core's schedules do), and the last stage broadcasts the logits over the
+    pipeline group. Runs under :func:`cpu_shims`.
     """
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
     from mapgen.runtime._gdn import fla_fallback
 
-    if ps.get_pipeline_model_parallel_world_size() > 1:
-        raise NotImplementedError("logits() runs PP=1 models only")
     b, s = input_ids.shape
     dev = next(model.parameters()).device
     input_ids = input_ids.to(dev)
@@ -908,21 +908,40 @@ def logits(model: GPTModel, input_ids: torch.Tensor) -> torch.Tensor:
     mask = torch.triu(torch.ones(b, 1, s, s, dtype=torch.bool, device=dev), diagonal=1)
     saved = (getattr(model, "mtp_process", False), model.config.mtp_num_layers)
     was_training = model.training
+    pp = ps.get_pipeline_model_parallel_world_size()
+    first, last = ps.is_pipeline_first_stage(), ps.is_pipeline_last_stage()
     model.eval()
     try:
         model.mtp_process = False
         model.config.mtp_num_layers = None
         with cpu_shims(), fla_fallback(), torch.no_grad():
+            if not first:  # the previous stage's hidden states [s, b, hidden]
+                hidden = torch.empty(s, b, model.config.hidden_size, dtype=model.config.params_dtype, device=dev)
+                dist.recv(hidden, src=ps.get_pipeline_model_parallel_prev_rank())
+                model.set_input_tensor(hidden)
             out = model(input_ids, position_ids, attention_mask=mask)
+            if not last:
+                dist.send(out.contiguous(), dst=ps.get_pipeline_model_parallel_next_rank())
     finally:
         model.mtp_process, model.config.mtp_num_layers = saved
         model.train(was_training)
-    out = out.float()
-    tp = ps.get_tensor_model_parallel_world_size()
-    if tp > 1:
-        parts = [torch.empty_like(out) for _ in range(tp)]
-        dist.all_gather(parts, out.contiguous(), group=ps.get_tensor_model_parallel_group())
-        out = torch.cat(parts, dim=-1)
+        if not first:
+            model.set_input_tensor(None)
+    if last:
+        out = out.float()
+        tp = ps.get_tensor_model_parallel_world_size()
+        if tp > 1:
+            parts = [torch.empty_like(out) for _ in range(tp)]
+            dist.all_gather(parts, out.contiguous(), group=ps.get_tensor_model_parallel_group())
+            out = torch.cat(parts, dim=-1)
+    if pp > 1:  # the last stage's logits to every stage of this pipeline
+        src = ps.get_pipeline_model_parallel_last_rank()
+        group = ps.get_pipeline_model_parallel_group()
+        size = torch.tensor(out.shape[-1] if last else 0, dtype=torch.int64)
+        dist.broadcast(size, src=src, group=group)
+        if not last:
+            out = torch.empty(b, s, int(size), dtype=torch.float32, device=dev)
+        dist.broadcast(out, src=src, group=group)
     vocab = int(getattr(model, "mapgen_vocab_size", out.shape[-1]))
     result: torch.Tensor = out[..., :vocab]
     return result
