@@ -598,7 +598,7 @@ def _requantizer(target: Mapping[str, Any], root: Path | None) -> tuple[Format, 
     if not block:
         return None
     if root is None:
-        raise error("export.quantize-needs-fp8-source", "--quantize reuses the source's scales (FP8 tiles, MXFP4 "
+        raise error("export.quantize-needs-quantized-source", "--quantize reuses the source's scales (FP8 tiles, MXFP4 "
                     "groups)", hint="pass --source with the quantized checkpoint")
     weight_map = target["weight_map"]
     fmt: Format = Mxfp4.from_keys(weight_map) if block == "mxfp4" else BlockFp8(
@@ -1128,7 +1128,7 @@ def export_megatron(ckpt: Path, out: Path, par: Parallel, *, source_path: str | 
     ckpt = Path(ckpt)
     source = HFSource.open(source_path) if source_path else None
     if quantize and (source is None or source.quant is None):
-        raise error("export.quantize-needs-fp8-source",
+        raise error("export.quantize-needs-quantized-source",
                     "--quantize writes weights in the source's quantized format (block-scaled FP8, MXFP4)" + (
                         ", but the source is not quantized" if source is not None else
                         ": pass --source with that checkpoint (its scales are reused)"),
