@@ -170,6 +170,35 @@ def test_enumerate_restores_state():
         assert ps.model_parallel_is_initialized()
 
 
+def test_one_parallel_layout_type_and_its_two_contexts():
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    from mapgen.runtime import api, layout
+    from mapgen.runtime.engine import Coords
+
+    Parallel = layout.Parallel
+    assert api.Parallel is Parallel  # the public name
+    assert (Parallel(tp=2).etp_size, Parallel(tp=2, ep=2).etp_size, Parallel(tp=2, ep=2, etp=2).etp_size) == (2, 1, 2)
+    assert (Parallel(tp=2, ep=4, etp=1, pp=2).minimal_world, Parallel(tp=2, ep=3, etp=1).minimal_world) == (8, 6)
+    assert Parallel(tp=2, ep=2, pp=2).describe() == "TP=2 EP=2 ETP=1 PP=2"
+    assert not dist.is_initialized()
+    assert Parallel.current() == Parallel(etp=1)  # no state: all 1, etp resolved
+    try:
+        with M.parallel() as resolved:
+            assert resolved == Parallel.current() == Parallel(etp=1)
+            assert Coords.current() == Coords()
+        assert not dist.is_initialized()  # megatron.parallel drops the group init_parallel created
+        with api.parallel_context(Parallel()) as coords:
+            assert coords == Coords()
+            assert Parallel.current() == Parallel(etp=1)
+        assert dist.is_initialized()  # parallel_context keeps the group for the next layout
+        assert not ps.model_parallel_is_initialized()
+    finally:
+        M.destroy_parallel()
+    assert not dist.is_initialized()
+
+
 def test_cpu_shims_nest_and_restore():
     from megatron.core.tensor_parallel import get_cuda_rng_tracker
 

@@ -8,7 +8,6 @@ gloo workers itself.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 from collections.abc import Callable
 from typing import Any
@@ -45,7 +44,7 @@ def parallel_from_args(args: argparse.Namespace) -> Any:
 
 
 def minimal_world(par: Any) -> int:
-    return math.lcm(par.tp * par.pp, par.ep * par.etp_size * par.pp)
+    return int(par.minimal_world)
 
 
 def launcher_world(par: Any, nproc: int | None) -> int | None:

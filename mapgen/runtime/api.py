@@ -20,7 +20,7 @@ import shutil
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -52,25 +52,11 @@ from mapgen.runtime.hfio import (
     staging_dir,
     write_safetensors,
 )
+from mapgen.runtime.layout import Parallel as Parallel  # noqa: PLC0414 -- the public name, re-exported
 from mapgen.runtime.quant import BlockFp8, DequantizingReader, Format, Mxfp4, Mxfp4Reader, reader_for, requantize
 
 MAPGEN_META = "mapgen.json"
 DEFAULT_SHARD_BYTES = 5 * 1024**3
-
-
-@dataclass(frozen=True)
-class Parallel:
-    tp: int = 1
-    ep: int = 1
-    etp: int | None = None
-    pp: int = 1
-
-    @property
-    def etp_size(self) -> int:
-        return self.etp if self.etp is not None else (self.tp if self.ep == 1 else 1)
-
-    def describe(self) -> str:
-        return f"TP={self.tp} EP={self.ep} ETP={self.etp_size} PP={self.pp}"
 
 
 @dataclass
@@ -483,25 +469,28 @@ def spawn(fn: Callable[..., Any], world: int, *args: Any, grace_s: float = 5.0) 
 
 
 class parallel_context:
-    """Initialise torch.distributed + megatron parallel state for ``par`` (and tear it down)."""
+    """The runtime's SPMD entry: megatron's model-parallel state for ``par`` over the process group (created on
+    first use), as :func:`mapgen.runtime.megatron.parallel` with ``keep_process_group``; yields this rank's
+    :class:`~mapgen.runtime.engine.Coords`.
+
+    Only megatron's model-parallel state is torn down after the block: the process group stays for the next
+    layout (re-creating a default group on the same port in several processes is racy) and ends with the
+    process. :func:`mapgen.runtime.megatron.parallel`, without ``keep_process_group``, also drops the group
+    it created."""
 
     def __init__(self, par: Parallel) -> None:
         self.par = par
+        self._stack = ExitStack()
 
     def __enter__(self) -> Coords:
-        from mapgen.runtime.megatron import init_parallel
+        from mapgen.runtime.megatron import parallel
 
-        init_parallel(tp=self.par.tp, ep=self.par.ep, etp=self.par.etp_size, pp=self.par.pp)
+        par = self.par
+        self._stack.enter_context(parallel(par.tp, par.ep, par.etp_size, par.pp, keep_process_group=True))
         return Coords.current()
 
-    def __exit__(self, *exc: object) -> None:
-        # Only megatron's model-parallel state is torn down: the process group stays for the next layout
-        # (re-creating a default group on the same port in several processes is racy) and ends with the
-        # process.
-        from megatron.core import parallel_state as ps
-
-        if ps.model_parallel_is_initialized():
-            ps.destroy_model_parallel()
+    def __exit__(self, *exc: Any) -> None:
+        self._stack.__exit__(*exc)
 
 
 class progress_bar:

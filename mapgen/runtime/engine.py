@@ -33,6 +33,7 @@ from mapgen.contract.rules import Rule
 from mapgen.contract.spec import ModelSpec
 from mapgen.errors import Diagnostic, MapgenError, error
 from mapgen.ir import Layout
+from mapgen.runtime.layout import Parallel
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -67,7 +68,8 @@ class Binding:
 
 @dataclass
 class Coords:
-    """This rank's place in the parallel layout (from megatron-core's parallel_state)."""
+    """This rank's place in the parallel layout: its ranks from megatron-core's parallel_state, the sizes from
+    :meth:`mapgen.runtime.layout.Parallel.current` (the one layout type)."""
 
     rank: int = 0
     world: int = 1
@@ -82,14 +84,10 @@ class Coords:
             return cls()
         from megatron.core import parallel_state as ps
 
-        return cls(
-            rank=dist.get_rank(),
-            world=dist.get_world_size(),
-            tp_rank=ps.get_tensor_model_parallel_rank(),
-            tp=ps.get_tensor_model_parallel_world_size(),
-            etp_rank=ps.get_expert_tensor_parallel_rank(),
-            etp=ps.get_expert_tensor_parallel_world_size(),
-        )
+        tp_rank, etp_rank = ps.get_tensor_model_parallel_rank(), ps.get_expert_tensor_parallel_rank()
+        layout = Parallel.current()
+        return cls(rank=dist.get_rank(), world=dist.get_world_size(), tp_rank=tp_rank, tp=layout.tp,
+                   etp_rank=etp_rank, etp=layout.etp_size)
 
     def shard(self, rule: Rule) -> ops.Shard:
         if ops.shard_dim(rule) is None:

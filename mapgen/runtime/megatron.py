@@ -106,6 +106,7 @@ from mapgen.runtime._names import (
     te_to_local_names,
 )
 from mapgen.runtime._net import free_port
+from mapgen.runtime.layout import Parallel
 
 if TYPE_CHECKING:
     from megatron.core.models.gpt import GPTModel
@@ -113,7 +114,6 @@ if TYPE_CHECKING:
 
 __all__ = [
     "MTP_INNER_NAMES",
-    "ParallelSizes",
     "activation_func",
     "build_model",
     "check_divisibility",
@@ -132,7 +132,6 @@ __all__ = [
     "mtp_inner_name",
     "padded_vocab_size",
     "parallel",
-    "parallel_sizes",
     "planned_writes",
     "rename_mtp_inner",
     "save_dist_checkpoint",
@@ -216,15 +215,6 @@ def check_divisibility(
 # -- parallel state --------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class ParallelSizes:
-    tp: int = 1
-    ep: int = 1
-    etp: int = 1
-    pp: int = 1
-    world_size: int = 1
-
-
 class _PG:
     """Whether this module created the default process group, and the env variables it set for it."""
 
@@ -272,22 +262,6 @@ def _drop_process_group() -> None:
     _PG.owned = False
 
 
-def parallel_sizes() -> ParallelSizes:
-    """The sizes of the current megatron parallel state (all 1 when none is initialised)."""
-    import_megatron()
-    from megatron.core import parallel_state as ps
-
-    if not ps.model_parallel_is_initialized():
-        return ParallelSizes()
-    return ParallelSizes(
-        tp=ps.get_tensor_model_parallel_world_size(),
-        ep=ps.get_expert_model_parallel_world_size(),
-        etp=ps.get_expert_tensor_parallel_world_size(),
-        pp=ps.get_pipeline_model_parallel_world_size(),
-        world_size=torch.distributed.get_world_size(),
-    )
-
-
 def init_parallel(
     tp: int = 1,
     ep: int = 1,
@@ -297,8 +271,9 @@ def init_parallel(
     *,
     spec: ModelSpec | None = None,
     seed: int = 1234,
-) -> ParallelSizes:
-    """Initialise torch.distributed (if needed) and megatron's model-parallel state.
+) -> Parallel:
+    """Initialise torch.distributed (if needed) and megatron's model-parallel state; returns it
+    (:meth:`Parallel.current`).
 
     Single process without torchrun env: a 1-rank group on 127.0.0.1 with a free port (MASTER_ADDR/PORT are
     respected when set). Under torchrun the env (RANK, WORLD_SIZE, MASTER_*) is used. Backend: gloo on CPU,
@@ -341,11 +316,12 @@ def init_parallel(
     with cpu_shims():
         model_parallel_cuda_manual_seed(seed, inference_rng_tracker=not torch.cuda.is_available(),
                                         force_reset_rng=True)
-    return parallel_sizes()
+    return Parallel.current()
 
 
-def destroy_parallel() -> None:
-    """Tear down megatron's parallel state, and the process group if :func:`init_parallel` created it.
+def destroy_parallel(*, keep_process_group: bool = False) -> None:
+    """Tear down megatron's parallel state, and the process group if :func:`init_parallel` created it (unless
+    ``keep_process_group``).
 
     To change layouts within one process group, call :func:`init_parallel` again instead: re-creating the
     default group on the same MASTER_PORT in several processes is racy.
@@ -354,21 +330,25 @@ def destroy_parallel() -> None:
 
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
-    if _PG.owned:
+    if _PG.owned and not keep_process_group:
         _drop_process_group()
 
 
 @contextlib.contextmanager
 def parallel(
     tp: int = 1, ep: int = 1, etp: int | None = None, pp: int = 1, backend: str | None = None,
-    *, spec: ModelSpec | None = None, seed: int = 1234,
-) -> Iterator[ParallelSizes]:
-    """:func:`init_parallel` for the block; :func:`destroy_parallel` after."""
+    *, spec: ModelSpec | None = None, seed: int = 1234, keep_process_group: bool = False,
+) -> Iterator[Parallel]:
+    """:func:`init_parallel` for the block, yielding the resolved layout; :func:`destroy_parallel` after.
+
+    The process group :func:`init_parallel` created (if any) ends with the block, unless
+    ``keep_process_group``: then only megatron's model-parallel state is torn down and the group stays for the
+    next layout (what :class:`mapgen.runtime.api.parallel_context`, the runtime's SPMD entry, asks for)."""
     sizes = init_parallel(tp, ep, etp, pp, backend, spec=spec, seed=seed)
     try:
         yield sizes
     finally:
-        destroy_parallel()
+        destroy_parallel(keep_process_group=keep_process_group)
 
 
 @contextlib.contextmanager
@@ -379,10 +359,11 @@ def _single_rank_state() -> Iterator[None]:
     from megatron.core import parallel_state as ps
 
     if ps.model_parallel_is_initialized():
-        s = parallel_sizes()
-        if (s.tp, s.ep, s.etp, s.pp) != (1, 1, 1, 1):
+        s = Parallel.current()
+        if (s.tp, s.ep, s.etp_size, s.pp) != (1, 1, 1, 1):
             raise RuntimeError(
-                f"needs TP=EP=ETP=PP=1 (or no model-parallel state), found {s}; call it outside parallel()"
+                f"needs TP=EP=ETP=PP=1 (or no model-parallel state), found {s.describe()}; call it outside "
+                "parallel()"
             )
         yield
         return
@@ -459,7 +440,7 @@ def transformer_config(
     """The ``TransformerConfig`` for ``spec`` under the current parallel state (sizes 1 when none)."""
     from megatron.core.transformer import TransformerConfig
 
-    s = parallel_sizes()
+    s = Parallel.current()
     kinds = spec.kinds
     has_gdn = "gated_delta_net" in kinds or (bool(spec.mtp_num_layers) and spec.mtp_layer_kind == "gated_delta_net")
     moe = bool(spec.num_moe_experts)
@@ -753,8 +734,8 @@ def build_model(
 
     if not ps.model_parallel_is_initialized():
         raise RuntimeError("build_model needs megatron parallel state: call init_parallel() first")
-    s = parallel_sizes()
-    errors = check_divisibility(spec, s.tp, s.ep, s.etp, s.pp, s.world_size)
+    s = Parallel.current()
+    errors = check_divisibility(spec, s.tp, s.ep, s.etp_size, s.pp, torch.distributed.get_world_size())
     if errors:
         raise ValueError("cannot build this model with this layout:\n  " + "\n  ".join(errors))
     config = transformer_config(spec, params_dtype=params_dtype, device=device, initialize=initialize)
@@ -824,8 +805,8 @@ def mtp_inner_name() -> str:
     parameter names (:func:`detect_mtp_inner_name`). Under a parallel state other than TP=EP=PP=1 it reads the
     fields of ``MultiTokenPredictionLayerSubmodules`` instead. Cached.
     """
-    s = parallel_sizes()
-    if (s.tp, s.ep, s.etp, s.pp) == (1, 1, 1, 1):
+    s = Parallel.current()
+    if (s.tp, s.ep, s.etp_size, s.pp) == (1, 1, 1, 1):
         found = detect_mtp_inner_name(enumerate_parameters(_MTP_PROBE))
     else:
         from megatron.core.transformer.multi_token_prediction import MultiTokenPredictionLayerSubmodules
