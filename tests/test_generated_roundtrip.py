@@ -15,13 +15,16 @@ INPUTS = sorted((REPO / "generated" / "inputs").glob("*.json"))
 # reported as skipped: MiMo needs checkpoint code (never executed); Qwen3-VL-MoE is only a
 # conditional-generation model in transformers (AutoModelForCausalLM refuses its config); stable-code-3b's
 # stablelm_epoch is checkpoint code (its transformers port, stablelm, verifies in the semantics matrix slice);
-# LLaVA-1.5's LlavaLlamaForCausalLM is checkpoint code (a Llama with stored RoPE buffers: tests/test_breadth.py).
+# Baichuan is checkpoint code too (no transformers class). LLaVA-1.5's LlavaLlamaForCausalLM is checkpoint code
+# (a Llama with stored RoPE buffers: tests/test_breadth.py).
 # Qwen2.5-VL: synth writes its vision tower with placeholder shapes, which transformers' model refuses to load
 # (its text model's M-RoPE is verified against transformers in tests/test_dense_semantics.py).
-NO_LOGITS = {"internlm2-chat-7b-intermind", "mimo-7b", "qwen3-vl-30b-a3b",  # no transformers class
+NO_LOGITS = {"internlm2-chat-7b-intermind", "mimo-7b", "qwen3-vl-30b-a3b", "baichuan-7b",  # no transformers class
              "stable-code-3b-stablelm", "llava-v1.5-7b", "qwen2.5-vl-7b-instruct"}
 # megatron-core builds biased experts (gpt-oss) at expert-TP 1 only: their experts stay whole on each TP rank
-EXPERT_TP_1 = {"tiny-gpt-oss", "gpt-oss-20b-bf16"}
+EXPERT_TP_1 = {"tiny-gpt-oss", "gpt-oss-20b-bf16", "gpt-oss-20b"}
+# MXFP4 packs groups of 32 values: synth's default widths would not divide (it refuses them by name)
+SYNTH_ARGS = {"gpt-oss-20b": ("--hidden", "64", "--intermediate", "64", "--head-dim", "16", "--vocab", "128")}
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +32,7 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[dict[str
     root = tmp_path_factory.mktemp("generated")
     cases = []
     for path in INPUTS:
-        src = synth(path, root / path.stem)
+        src = synth(path, root / path.stem, *SYNTH_ARGS.get(path.stem, ()))
         cases.append(Case(path.stem, str(src), tp=2, etp=1 if path.stem in EXPERT_TP_1 else None,
                           logits=path.stem not in NO_LOGITS))
     return run_cases(cases)

@@ -49,7 +49,8 @@ class CopyOptions(ExpertSource):
     # Engine-level: one HF tensor feeds this parameter at every MTP depth; the exporter emits it once and
     # checks the depths agree. The op itself ignores it.
     shared: bool = False
-    roll: int = 0
+    # Rows rotated (replicated only; None: not rotated): Megatron row i is HF row (i + roll) mod n.
+    roll: int | None = None
 
 
 def _transform_in(options: CopyOptions, x: torch.Tensor) -> torch.Tensor:

@@ -47,6 +47,7 @@ _COPY = [
     Example("copy", "replicated", {"n": (H,)}),
     Example("copy", "replicated", {"n": (H,)}, {"transform": "zero_centered", "dtype": "fp32"}),
     Example("copy", "replicated", {"n": (H,)}, {"shared": True}),
+    Example("copy", "replicated", {"pos": (VOCAB, H)}, {"roll": 2}),  # OPT's position table, offset 2
     Example("copy", "column", {"w": (FFN, H)}),
     Example("copy", "column", {"w": (FFN,)}, {"transform": "none", "dtype": "native"}),
     Example("copy", "row", {"w": (H, FFN)}),
