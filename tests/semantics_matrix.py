@@ -109,6 +109,14 @@ def build(model_type: str, out: Path, seed: int = 0, overrides: dict[str, Any] |
                 kwargs[key] = i
             elif isinstance(defaults.get(key), list):
                 kwargs[key] = [i]
+        if "kv_lora_rank" in defaults and "num_key_value_heads" in defaults:
+            # multi-latent attention expands k and v per query head; every released MLA config states as many KV
+            # heads as heads (transformers' MLA classes repeat the heads by their ratio otherwise)
+            kwargs["num_key_value_heads"] = kwargs.get("num_attention_heads", defaults.get("num_attention_heads"))
+        if isinstance(defaults.get("n_group"), int) and defaults["n_group"] > 1:
+            # group-limited routing with the tiny expert count: two groups, the best one kept (DeepSeek-V3's 8/4
+            # would need at least 8 experts)
+            kwargs["n_group"], kwargs["topk_group"] = 2, 1
         if isinstance(defaults.get("attention_types"), list):  # GPT-Neo: [[["global", "local"], 12]] = 24 layers
             kwargs["attention_types"] = [[["global", "local"], _TINY["num_layers"] // 2]]
         config = cls(**(kwargs | (overrides or {})))
