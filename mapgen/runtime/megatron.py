@@ -220,6 +220,7 @@ class _PG:
 
     owned = False
     set_env: list[str] = []  # noqa: RUF012 -- process-wide
+    subgroups: list[Any] = []  # noqa: RUF012 -- the groups megatron's last initialize_model_parallel created
 
 
 def _dist_timeout() -> datetime.timedelta:
@@ -250,6 +251,30 @@ def _ensure_process_group(backend: str | None) -> None:
             _PG.set_env.append("MASTER_PORT")
         dist.init_process_group(backend, rank=0, world_size=1)
     _PG.owned = True
+
+
+def _live_groups() -> list[Any]:
+    """Every process group torch.distributed holds in this process (the default group included)."""
+    from torch.distributed import distributed_c10d as c10d
+
+    return list(c10d._world.pg_map)
+
+
+def _destroy_model_parallel() -> None:
+    """Tear down megatron's model-parallel state and destroy the groups it created: megatron-core's
+    ``destroy_model_parallel`` only forgets them, and each gloo group keeps its threads (two per peer), so a
+    process that changes layouts many times (the runtime's tests, verify's round trips) otherwise piles up
+    thousands of threads."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    if ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
+    live = set(_live_groups())
+    while _PG.subgroups:
+        group = _PG.subgroups.pop()
+        if group in live and group is not dist.GroupMember.WORLD:
+            dist.destroy_process_group(group)
 
 
 def _drop_process_group() -> None:
@@ -304,14 +329,15 @@ def init_parallel(
            (("tp*pp", tp * pp), ("etp*ep*pp", etp * ep * pp)) if world % v]
     if bad:
         raise ValueError("; ".join(bad))
-    if ps.model_parallel_is_initialized():
-        ps.destroy_model_parallel()
+    _destroy_model_parallel()
+    before = _live_groups()
     ps.initialize_model_parallel(
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
         expert_model_parallel_size=ep,
         expert_tensor_parallel_size=etp,
     )
+    _PG.subgroups = [g for g in _live_groups() if g not in before]
     torch.manual_seed(seed)
     with cpu_shims():
         model_parallel_cuda_manual_seed(seed, inference_rng_tracker=not torch.cuda.is_available(),
@@ -326,10 +352,7 @@ def destroy_parallel(*, keep_process_group: bool = False) -> None:
     To change layouts within one process group, call :func:`init_parallel` again instead: re-creating the
     default group on the same MASTER_PORT in several processes is racy.
     """
-    from megatron.core import parallel_state as ps
-
-    if ps.model_parallel_is_initialized():
-        ps.destroy_model_parallel()
+    _destroy_model_parallel()
     if _PG.owned and not keep_process_group:
         _drop_process_group()
 
