@@ -170,7 +170,7 @@ REFUSED: dict[str, tuple[set[str], set[str] | None]] = {
                    {"(no final norm tensor)", "transformer.h.{layer}.ln_1.weight"}),  # GPT-1: post-LN, no final norm
     "kolibri1": ({"norm_topk_prob"}, {"model.layers.{layer}.post_attn_norm.weight"}),  # GLM-4-style output norms
     "flint": ({"model_type.nope-full-attention-layers"}, None),  # sinks (softmax_offset) classified; NoPE refused
-    "hy_v3": ({"enable_moe_fp32_combine", "router_scaling_factor"}, None),  # router.gate, expert_bias, shared_mlp
+    "hy_v3": ({"router_scaling_factor"}, None),  # router.gate, expert_bias, shared_mlp; its scale's own spelling
     "aria_text": ({"moe_num_experts"}, None),  # experts.fc1/fc2 packed [E, in, out]; its expert-count spelling
     "cohere": ({"logit_scale", "model_type.interleaved-rope", "model_type.layernorm", "model_type.parallel-block"},
                {"model.layers.{layer}.input_layernorm.weight"}),
@@ -223,6 +223,35 @@ def test_mamba_layers_are_classified_and_refused(tmp_path: Path, model_type: str
         plan(layout)
     assert {d.key for d in err.value.diagnostics} == {"model.layers.{layer}.mamba.in_proj.weight"}
     assert all("MambaModel" in d.message for d in err.value.diagnostics)
+
+
+# model_type -> catalog keys that name the blocker (every other key of the tiny twin is mapped, inert or refused)
+BLOCKERS: dict[str, set[str]] = {
+    "bamba": {"mamba_d_conv", "mamba_d_state", "mamba_n_heads"},  # Mamba-2 layers (attn_layer_indices: null)
+    "jamba": {"mamba_d_conv", "mamba_dt_rank", "attn_layer_period"},  # expert_layer_period/offset: keys decide
+    "granitemoehybrid": {"mamba_d_conv", "position_embedding_type"},  # null: NoPE attention
+    "hy_v3": {"router_scaling_factor"},
+    "laguna": {"gating", "rope_parameters.full_attention"},  # softplus g_proj gate, per-layer-type RoPE
+}
+
+
+@pytest.mark.parametrize("model_type", sorted(BLOCKERS))
+def test_refusal_names_the_blocker_not_an_unknown_key(tmp_path: Path, model_type: str) -> None:
+    """The hybrid/MoE families the triage classified: every config key is in the catalog, so the refusal names
+    what megatron-core lacks (semantics.unsupported), never config.unknown-field."""
+    ckpt = _built(tmp_path, model_type)
+    report = check_config(json.loads((ckpt / "config.json").read_text()), file="config.json")
+    assert {d.code for d in report.errors} == {"semantics.unsupported"}, [d.key for d in report.errors]
+    assert BLOCKERS[model_type] <= {d.key for d in report.errors}
+
+
+def test_afmoe_catalog_passes_and_planner_refuses(tmp_path: Path) -> None:
+    """AFMoE's config is all known (global_attn_every_n_layers only derives layer_types; mup_enabled false): the
+    planner names the blockers (sandwich norms, the separate attention gate)."""
+    ckpt = _built(tmp_path, "afmoe")
+    assert check_config(json.loads((ckpt / "config.json").read_text()), file="config.json").ok
+    scale = check_config(json.loads((ckpt / "config.json").read_text()) | {"mup_enabled": True}, file="config.json")
+    assert {d.key for d in scale.errors} == {"mup_enabled"}
 
 
 def test_afmoe_is_classified_and_refused(tmp_path: Path) -> None:

@@ -745,6 +745,39 @@ TOP: tuple[Row, ...] = (
            "image_aspect_ratio", "use_mm_proj", "freeze_mm_mlp_adapter", "freeze_mm_vision_resampler",
            "tune_mm_mlp_adapter", "tune_mm_vision_resampler", "unfreeze_mm_vision_tower", "vision_feature_layer",
            "vision_feature_select_strategy", "projector_hidden_act", "image_seq_length", "multimodal_projector_bias"),
+    # -- issue 11 (breadth-c): the hybrid/MoE families' remaining keys, so each refusal names its real blocker ----
+    *refused_all("state-space (Mamba) layers: the bridge builds attention and gated delta-net layers only (Bamba's "
+                 "attention-layer list beside its Mamba layers)", "attn_layer_indices"),
+    *inert("training-only auxiliary loss (Bamba's z-loss on the logits)", "z_loss_coefficient"),
+    structural("expert_layer_period", "mlp_kinds", why=_STRUCT + " (Jamba: every n-th layer is MoE)",
+               valid=positive_int),
+    structural("expert_layer_offset", "mlp_kinds", why=_STRUCT + " (Jamba: the first MoE layer)",
+               valid=non_negative_int),
+    refused("position_embedding_type", "no rotary embedding unless 'rope' (GraniteMoE-Hybrid passes no positions "
+            "to attention otherwise, NoPE): the bridge builds RoPE attention", unless=lambda v, _: v == "rope"),
+    *inert("precision of HY-V3's routed + shared expert sum (fp32 before casting back): the same sum",
+           "enable_moe_fp32_combine"),
+    refused("router_scaling_factor", "HY-V3's routed-expert weights scaled after renormalisation: the bridge's "
+            "router reads this scale only as routed_scaling_factor (moe_router_topk_scaling_factor)",
+            unless=equals(1, 1.0), valid=positive_number),
+    refused("global_attn_every_n_layers", "a sliding-window layer pattern without layer_types (AFMoE): the bridge "
+            "reads the windowed layers from layer_types",
+            unless=lambda v, s: isinstance(s.lookup("layer_types"), list)),
+    refused("mup_enabled", "muP input scaling (embeddings times sqrt(hidden_size)): no megatron-core setting",
+            unless=falsy, valid=boolean),
+    refused("gating", "Laguna's softplus output gate on attention (g_proj, per head or per element): "
+            "megatron-core's attention output gate is a sigmoid of a slice of linear_qkv"),
+    refused("moe_apply_router_weight_on_input", "router weights applied to the expert input: megatron-core "
+            "weights the expert outputs", unless=falsy, valid=boolean),
+    refused("moe_routed_scaling_factor", "routed-expert output scaled (Laguna spelling): the bridge's router reads "
+            "this scale only as routed_scaling_factor", unless=equals(1, 1.0), valid=positive_number),
+    refused("moe_router_logit_softcapping", "router logits soft-capped (tanh): no megatron-core setting",
+            unless=equals(0, 0.0)),
+    refused("num_attention_heads_per_layer", "a per-layer attention head count: megatron-core builds one "
+            "num_attention_heads for every layer",
+            unless=lambda v, s: v is None or (isinstance(v, list)
+                                              and all(n == s.lookup("num_attention_heads") for n in v)),
+            default=False),  # absent: transformers repeats num_attention_heads for every layer
 )
 
 _ROPE_INERT = "a parameter of the scaling named by rope_type (judged there)"
