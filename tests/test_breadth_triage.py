@@ -49,7 +49,7 @@ def _rules(ckpt: Path) -> dict[str, tuple[tuple[str, ...], str, dict[str, object
     "nemotron",
     *(pytest.param(m, marks=pytest.mark.skipif(not FULL, reason="opt-in: MAPGEN_MATRIX=full (about 20 s each)"))
       for m in ("arcee", "exaone", "jais2", "granitemoe", "granitemoeshared", "hyperclovax", "sarvam_moe",
-                "ministral")),
+                "ministral", "exaone_moe")),
 ])
 def test_verifies_at_tp2(tmp_path: Path, model_type: str) -> None:
     # HyperCLOVA X without its post_norm1/post_norm2 (use_post_norm false; with them: refused below)
@@ -176,7 +176,36 @@ REFUSED: dict[str, tuple[set[str], set[str] | None]] = {
                {"model.layers.{layer}.input_layernorm.weight"}),
     "vaultgemma": ({"attn_logit_softcapping", "final_logit_softcapping", "model_type.embedding-scale",
                     "model_type.zero-centred-norms"}, None),
+    # MiniMax-M2: RMSNorm(num_heads * head_dim) QK norms; e_score_correction_bias beside gate.weight is classified
+    "minimax_m2": ({"model_type.qk-norm-over-all-heads"}, {"model.layers.{layer}.self_attn.q_norm.weight"}),
 }
+
+
+def test_exaone_moe_rules_and_nope_layers(tmp_path: Path) -> None:
+    """EXAONE-MoE: DeepSeek-V3's router with mlp.e_score_correction_bias beside gate.weight; RoPE only on the
+    sliding-window layers once a window is set (its full-attention layers are NoPE: megatron-core no_rope_freq)."""
+    from mapgen.contract.hf_config import HFConfig, no_rope_layers
+
+    ckpt = _built(tmp_path, "exaone_moe", layer_types=["sliding_attention", "full_attention"])
+    config = json.loads((ckpt / "config.json").read_text())
+    assert check_config(config, file="config.json").ok
+    assert no_rope_layers(HFConfig(config)) == (False, True)
+    assert no_rope_layers(HFConfig(config | {"sliding_window": None})) == ()  # no window: RoPE everywhere
+    rules = _rules(ckpt)
+    assert rules["mlp.router.expert_bias"][0] == ("model.layers.{layer}.mlp.e_score_correction_bias",)
+    with pytest.raises(MapgenError) as err:
+        no_rope_layers(HFConfig(config | {"layer_types": ["sliding_attention"]}))
+    assert err.value.diagnostics[0].code == "config.layer-type-mismatch"
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.skipif(not FULL, reason="opt-in: MAPGEN_MATRIX=full (about 30 s)")
+def test_exaone_moe_with_a_nope_layer_verifies(tmp_path: Path) -> None:
+    case = run_case("exaone_moe", tmp_path, overrides={"layer_types": ["sliding_attention", "full_attention"]})
+    assert case.outcome == "verified", case.row()
+    assert case.max_diff is not None
+    assert case.max_diff <= ATOL
 
 
 @pytest.mark.parametrize("model_type", sorted(REFUSED))

@@ -778,6 +778,17 @@ TOP: tuple[Row, ...] = (
             unless=lambda v, s: v is None or (isinstance(v, list)
                                               and all(n == s.lookup("num_attention_heads") for n in v)),
             default=False),  # absent: transformers repeats num_attention_heads for every layer
+    # ERNIE-4.5-MoE (configuration_ernie4_5_moe.py attribute_map: moe_k -> num_experts_per_tok)
+    refused("moe_k", "a top-k spelling the bridge does not read (num_experts_per_tok)",
+            unless=same_as_bridge("moe_router_topk"), valid=positive_int),
+    structural("moe_layer_interval", "mlp_kinds", why=_STRUCT + " (ERNIE-4.5: every n-th layer is MoE)",
+               valid=positive_int),
+    structural("moe_layer_start_index", "mlp_kinds", why=_STRUCT, valid=non_negative_int),
+    structural("moe_layer_end_index", "mlp_kinds", why=_STRUCT + " (-1: the last layer)",
+               valid=lambda v, _: None if is_int(v) else f"must be an integer, got {v!r}"),
+    refused("moe_norm_min", "a floor on the top-k renormalisation sum (ERNIE-4.5: clamp(sum, min)): megatron-core "
+            "adds 1e-20; a floor at or below 1e-6 never binds for softmax scores (the top-k sum is at least k / E)",
+            unless=lambda v, _: v is None or (isinstance(v, int | float) and 0 <= v <= 1e-6)),
 )
 
 _ROPE_INERT = "a parameter of the scaling named by rope_type (judged there)"

@@ -53,6 +53,7 @@ FACTS: dict[str, tuple[tuple[str, str], ...]] = {
     "olmo2": (_POST_NORM, _QK_ALL_HEADS),
     "olmo3": (_POST_NORM, _QK_ALL_HEADS),
     "olmoe": (_QK_ALL_HEADS,),
+    "minimax_m2": (_QK_ALL_HEADS,),
     "flex_olmo": (_POST_NORM, _QK_ALL_HEADS),
     "cohere": (_LAYERNORM, _PARALLEL, _INTERLEAVED),
     "cohere2": (_LAYERNORM, _PARALLEL, _INTERLEAVED),
