@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from mapgen.catalog.model_types import MLA_LATENT_NORM_EPS, MLA_LATENT_NORM_EPS_FROM_CONFIG
+from mapgen.catalog.model_types import MLA_LATENT_NORM_EPS, MLA_LATENT_NORM_EPS_FROM_CONFIG, UNREAD_LAYER_NORM_EPS
 from mapgen.catalog.rows import (
     Check,
     Row,
@@ -157,6 +157,14 @@ def _mla_latent_eps(v: Any, scope: Scope) -> str | None:
         return None
     return (f"rms_norm_eps={v} while {scope.model_type}'s MLA latent norms (q_a_layernorm, kv_a_layernorm) use eps "
             f"{MLA_LATENT_NORM_EPS} in transformers' code: megatron-core's MLA has one norm epsilon for both")
+
+
+def _unread_layer_norm_eps(v: Any, scope: Scope) -> str | None:
+    fixed = UNREAD_LAYER_NORM_EPS.get(scope.model_type)
+    if fixed is None or v is None or (isinstance(v, int | float) and abs(float(v) - fixed) <= 1e-15):
+        return None
+    return (f"layer_norm_eps={v} is not read by {scope.model_type}'s modelling code (its LayerNorms use {fixed}); the "
+            "bridge would build the config's value")
 
 
 def _topk(v: Any, scope: Scope) -> str | None:
@@ -464,7 +472,7 @@ TOP: tuple[Row, ...] = (
     mapped("linear_value_head_dim", "linear_value_head_dim", why=_DIMS, valid=positive_int),
     mapped("linear_conv_kernel_dim", "linear_conv_kernel_dim", why=_DIMS, valid=positive_int),
     mapped("rms_norm_eps", "norm_epsilon", why="norm epsilon", valid=positive_number, limit=_mla_latent_eps),
-    mapped("layer_norm_eps", "norm_epsilon", why="norm epsilon", valid=positive_number),
+    mapped("layer_norm_eps", "norm_epsilon", why="norm epsilon", valid=positive_number, limit=_unread_layer_norm_eps),
     mapped("rope_theta", "rotary_base", why="RoPE base", valid=positive_number),
     mapped("partial_rotary_factor", "rotary_percent", why="fraction of head dims rotated", valid=fraction),
     mapped("rope_parameters", "rotary_base", "rotary_percent", "rope_scaling", "rope_scaling_factor",
@@ -789,6 +797,16 @@ TOP: tuple[Row, ...] = (
     refused("moe_norm_min", "a floor on the top-k renormalisation sum (ERNIE-4.5: clamp(sum, min)): megatron-core "
             "adds 1e-20; a floor at or below 1e-6 never binds for softmax scores (the top-k sum is at least k / E)",
             unless=lambda v, _: v is None or (isinstance(v, int | float) and 0 <= v <= 1e-6)),
+    # classic decoders (issue 11 breadth-c): sizes under spellings the bridge does not read, MPT's unread keys
+    *(refused(name, f"a size spelling the bridge does not read (it reads {BRIDGE_READS[field][0][0]})",
+              unless=same_as_bridge(field), valid=positive_int)
+      for name, field in (("dff", "ffn_hidden_size"),  # CTRL
+                          ("attention_heads", "num_attention_heads"))),  # XGLM
+    refused("attn_config", "MPT's attention settings (ALiBi biases, softmax_scale, clip_qkv, qk_ln): not read by the "
+            "bridge; megatron-core has no ALiBi"),
+    *inert("MPT keys transformers' modelling code does not read (modeling_mpt.py hard-codes LayerNorm blocks, an "
+           "MLP of 4 * hidden_size without biases and ALiBi positions): the tensors decide", "learned_pos_emb",
+           "norm_type", "init_device", "no_bias", "expansion_ratio", "embedding_fraction"),
 )
 
 _ROPE_INERT = "a parameter of the scaling named by rope_type (judged there)"

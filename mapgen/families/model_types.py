@@ -158,6 +158,9 @@ MODEL_TYPES: dict[str, Facts] = {
     "exaone_moe": _DEEPSEEK_V3,
     # MiniMax-M2: q_norm/k_norm are RMSNorm(num_heads * head_dim) over the whole projection (modeling_minimax_m2.py)
     "minimax_m2": Facts(qk_norm_projection=True),
+    # BioGPT: OPT's pre-LN block (self_attn_layer_norm, final_layer_norm before fc1) under biogpt., nn.LayerNorm with
+    # bias, learned positions at position + 2 (modeling_biogpt.py BioGptLearnedPositionalEmbedding offset 2)
+    "biogpt": Facts(layernorm=True, position_offset=2),
 }
 
 _NONE = Facts()
