@@ -49,7 +49,7 @@ def _rules(ckpt: Path) -> dict[str, tuple[tuple[str, ...], str, dict[str, object
     "nemotron",
     *(pytest.param(m, marks=pytest.mark.skipif(not FULL, reason="opt-in: MAPGEN_MATRIX=full (about 20 s each)"))
       for m in ("arcee", "exaone", "jais2", "granitemoe", "granitemoeshared", "hyperclovax", "sarvam_moe",
-                "ministral")),
+                "ministral", "exaone_moe")),
 ])
 def test_verifies_at_tp2(tmp_path: Path, model_type: str) -> None:
     # HyperCLOVA X without its post_norm1/post_norm2 (use_post_norm false; with them: refused below)
@@ -170,13 +170,88 @@ REFUSED: dict[str, tuple[set[str], set[str] | None]] = {
                    {"(no final norm tensor)", "transformer.h.{layer}.ln_1.weight"}),  # GPT-1: post-LN, no final norm
     "kolibri1": ({"norm_topk_prob"}, {"model.layers.{layer}.post_attn_norm.weight"}),  # GLM-4-style output norms
     "flint": ({"model_type.nope-full-attention-layers"}, None),  # sinks (softmax_offset) classified; NoPE refused
-    "hy_v3": ({"enable_moe_fp32_combine", "router_scaling_factor"}, None),  # router.gate, expert_bias, shared_mlp
+    "hy_v3": ({"router_scaling_factor"}, None),  # router.gate, expert_bias, shared_mlp; its scale's own spelling
     "aria_text": ({"moe_num_experts"}, None),  # experts.fc1/fc2 packed [E, in, out]; its expert-count spelling
     "cohere": ({"logit_scale", "model_type.interleaved-rope", "model_type.layernorm", "model_type.parallel-block"},
                {"model.layers.{layer}.input_layernorm.weight"}),
     "vaultgemma": ({"attn_logit_softcapping", "final_logit_softcapping", "model_type.embedding-scale",
                     "model_type.zero-centred-norms"}, None),
+    # MiniMax-M2: RMSNorm(num_heads * head_dim) QK norms; e_score_correction_bias beside gate.weight is classified
+    "minimax_m2": ({"model_type.qk-norm-over-all-heads"}, {"model.layers.{layer}.self_attn.q_norm.weight"}),
 }
+
+
+def test_exaone_moe_rules_and_nope_layers(tmp_path: Path) -> None:
+    """EXAONE-MoE: DeepSeek-V3's router with mlp.e_score_correction_bias beside gate.weight; RoPE only on the
+    sliding-window layers once a window is set (its full-attention layers are NoPE: megatron-core no_rope_freq)."""
+    from mapgen.contract.hf_config import HFConfig, no_rope_layers
+
+    ckpt = _built(tmp_path, "exaone_moe", layer_types=["sliding_attention", "full_attention"])
+    config = json.loads((ckpt / "config.json").read_text())
+    assert check_config(config, file="config.json").ok
+    assert no_rope_layers(HFConfig(config)) == (False, True)
+    assert no_rope_layers(HFConfig(config | {"sliding_window": None})) == ()  # no window: RoPE everywhere
+    rules = _rules(ckpt)
+    assert rules["mlp.router.expert_bias"][0] == ("model.layers.{layer}.mlp.e_score_correction_bias",)
+    with pytest.raises(MapgenError) as err:
+        no_rope_layers(HFConfig(config | {"layer_types": ["sliding_attention"]}))
+    assert err.value.diagnostics[0].code == "config.layer-type-mismatch"
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.skipif(not FULL, reason="opt-in: MAPGEN_MATRIX=full (about 30 s)")
+def test_exaone_moe_with_a_nope_layer_verifies(tmp_path: Path) -> None:
+    case = run_case("exaone_moe", tmp_path, overrides={"layer_types": ["sliding_attention", "full_attention"]})
+    assert case.outcome == "verified", case.row()
+    assert case.max_diff is not None
+    assert case.max_diff <= ATOL
+
+
+def test_biogpt_rules_and_refusals(tmp_path: Path) -> None:
+    """BioGPT: OPT's pre-LN block under biogpt. (final norm layer_norm, positions at + 2, tied head); refused by name
+    for its embedding scale and for a layer_norm_eps its modelling code never reads (nn.LayerNorm's 1e-5)."""
+    ckpt = _built(tmp_path, "biogpt")
+    report = check_config(json.loads((ckpt / "config.json").read_text()), file="config.json")
+    assert {(d.code, d.key) for d in report.errors} == {("semantics.unsupported", "scale_embedding"),
+                                                        ("semantics.unsupported", "layer_norm_eps")}
+    layout = scan(str(ckpt))
+    bridge = plan(layout)
+    assert bridge.facts.layernorm
+    rules = {r.megatron: r for r in bridge.rules}
+    pos = rules["embedding.position_embeddings.weight"]
+    assert (pos.hf, dict(pos.options)) == (("biogpt.embed_positions.weight",), {"roll": 2})
+    assert rules["decoder.final_layernorm.bias"].hf == ("biogpt.layer_norm.bias",)
+    ok = json.loads((ckpt / "config.json").read_text()) | {"scale_embedding": False, "layer_norm_eps": 1e-5}
+    assert check_config(ok, file="config.json").ok
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.skipif(not FULL, reason="opt-in: MAPGEN_MATRIX=full (about 20 s)")
+def test_biogpt_without_embedding_scale_verifies(tmp_path: Path) -> None:
+    case = run_case("biogpt", tmp_path, overrides={"scale_embedding": False, "layer_norm_eps": 1e-5})
+    assert case.outcome == "verified", case.row()
+    assert case.max_diff is not None
+    assert case.max_diff <= ATOL
+
+
+# model_type -> catalog keys naming what megatron-core lacks; scan does not reach these yet (XGLM/MPT sizes under
+# d_model/n_heads, CTRL's transformer.w / multi_head_attention.Wq names, ERNIE-4.5's [1, E] moe_statics bias)
+CATALOG_ONLY: dict[str, set[str]] = {
+    "mpt": {"model_type.alibi", "attn_config"},
+    "ctrl": {"model_type.sinusoidal-positions", "model_type.embedding-scale", "dff"},
+    "xglm": {"model_type.sinusoidal-positions", "scale_embedding", "attention_heads"},
+    "ernie4_5_moe": {"model_type.interleaved-rope", "moe_k"},
+}
+
+
+@pytest.mark.parametrize("model_type", sorted(CATALOG_ONLY))
+def test_classic_decoders_refusals_name_the_blocker(tmp_path: Path, model_type: str) -> None:
+    ckpt = _built(tmp_path, model_type)
+    report = check_config(json.loads((ckpt / "config.json").read_text()), file="config.json")
+    assert {d.code for d in report.errors} == {"semantics.unsupported"}, [d.key for d in report.errors]
+    assert CATALOG_ONLY[model_type] <= {d.key for d in report.errors}
 
 
 @pytest.mark.parametrize("model_type", sorted(REFUSED))
@@ -223,6 +298,35 @@ def test_mamba_layers_are_classified_and_refused(tmp_path: Path, model_type: str
         plan(layout)
     assert {d.key for d in err.value.diagnostics} == {"model.layers.{layer}.mamba.in_proj.weight"}
     assert all("MambaModel" in d.message for d in err.value.diagnostics)
+
+
+# model_type -> catalog keys that name the blocker (every other key of the tiny twin is mapped, inert or refused)
+BLOCKERS: dict[str, set[str]] = {
+    "bamba": {"mamba_d_conv", "mamba_d_state", "mamba_n_heads"},  # Mamba-2 layers (attn_layer_indices: null)
+    "jamba": {"mamba_d_conv", "mamba_dt_rank", "attn_layer_period"},  # expert_layer_period/offset: keys decide
+    "granitemoehybrid": {"mamba_d_conv", "position_embedding_type"},  # null: NoPE attention
+    "hy_v3": {"router_scaling_factor"},
+    "laguna": {"gating", "rope_parameters.full_attention"},  # softplus g_proj gate, per-layer-type RoPE
+}
+
+
+@pytest.mark.parametrize("model_type", sorted(BLOCKERS))
+def test_refusal_names_the_blocker_not_an_unknown_key(tmp_path: Path, model_type: str) -> None:
+    """The hybrid/MoE families the triage classified: every config key is in the catalog, so the refusal names
+    what megatron-core lacks (semantics.unsupported), never config.unknown-field."""
+    ckpt = _built(tmp_path, model_type)
+    report = check_config(json.loads((ckpt / "config.json").read_text()), file="config.json")
+    assert {d.code for d in report.errors} == {"semantics.unsupported"}, [d.key for d in report.errors]
+    assert BLOCKERS[model_type] <= {d.key for d in report.errors}
+
+
+def test_afmoe_catalog_passes_and_planner_refuses(tmp_path: Path) -> None:
+    """AFMoE's config is all known (global_attn_every_n_layers only derives layer_types; mup_enabled false): the
+    planner names the blockers (sandwich norms, the separate attention gate)."""
+    ckpt = _built(tmp_path, "afmoe")
+    assert check_config(json.loads((ckpt / "config.json").read_text()), file="config.json").ok
+    scale = check_config(json.loads((ckpt / "config.json").read_text()) | {"mup_enabled": True}, file="config.json")
+    assert {d.key for d in scale.errors} == {"mup_enabled"}
 
 
 def test_afmoe_is_classified_and_refused(tmp_path: Path) -> None:

@@ -33,7 +33,7 @@ _ROUTING_FIELDS = (*ROUTING_KEYS, "num_experts_per_tok")
 _EXPERT_KEY = {"mixtral": "num_local_experts", "minimax": "num_local_experts", "qwen2_moe": "num_experts",
                "qwen3_moe": "num_experts", "olmoe": "num_experts", "flex_olmo": "num_experts",
                "qwen3_next": "num_experts", "qwen3_5_moe_text": "num_experts", "qwen3_vl_moe_text": "num_experts",
-               "gpt_oss": "num_local_experts"}
+               "gpt_oss": "num_local_experts", "exaone_moe": "num_experts"}
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from mapgen.catalog.model_types import MLA_LATENT_NORM_EPS, MLA_LATENT_NORM_EPS_FROM_CONFIG
+from mapgen.catalog.model_types import MLA_LATENT_NORM_EPS, MLA_LATENT_NORM_EPS_FROM_CONFIG, UNREAD_LAYER_NORM_EPS
 from mapgen.catalog.rows import (
     Check,
     Row,
@@ -157,6 +157,14 @@ def _mla_latent_eps(v: Any, scope: Scope) -> str | None:
         return None
     return (f"rms_norm_eps={v} while {scope.model_type}'s MLA latent norms (q_a_layernorm, kv_a_layernorm) use eps "
             f"{MLA_LATENT_NORM_EPS} in transformers' code: megatron-core's MLA has one norm epsilon for both")
+
+
+def _unread_layer_norm_eps(v: Any, scope: Scope) -> str | None:
+    fixed = UNREAD_LAYER_NORM_EPS.get(scope.model_type)
+    if fixed is None or v is None or (isinstance(v, int | float) and abs(float(v) - fixed) <= 1e-15):
+        return None
+    return (f"layer_norm_eps={v} is not read by {scope.model_type}'s modelling code (its LayerNorms use {fixed}); the "
+            "bridge would build the config's value")
 
 
 def _topk(v: Any, scope: Scope) -> str | None:
@@ -464,7 +472,7 @@ TOP: tuple[Row, ...] = (
     mapped("linear_value_head_dim", "linear_value_head_dim", why=_DIMS, valid=positive_int),
     mapped("linear_conv_kernel_dim", "linear_conv_kernel_dim", why=_DIMS, valid=positive_int),
     mapped("rms_norm_eps", "norm_epsilon", why="norm epsilon", valid=positive_number, limit=_mla_latent_eps),
-    mapped("layer_norm_eps", "norm_epsilon", why="norm epsilon", valid=positive_number),
+    mapped("layer_norm_eps", "norm_epsilon", why="norm epsilon", valid=positive_number, limit=_unread_layer_norm_eps),
     mapped("rope_theta", "rotary_base", why="RoPE base", valid=positive_number),
     mapped("partial_rotary_factor", "rotary_percent", why="fraction of head dims rotated", valid=fraction),
     mapped("rope_parameters", "rotary_base", "rotary_percent", "rope_scaling", "rope_scaling_factor",
@@ -745,6 +753,60 @@ TOP: tuple[Row, ...] = (
            "image_aspect_ratio", "use_mm_proj", "freeze_mm_mlp_adapter", "freeze_mm_vision_resampler",
            "tune_mm_mlp_adapter", "tune_mm_vision_resampler", "unfreeze_mm_vision_tower", "vision_feature_layer",
            "vision_feature_select_strategy", "projector_hidden_act", "image_seq_length", "multimodal_projector_bias"),
+    # -- issue 11 (breadth-c): the hybrid/MoE families' remaining keys, so each refusal names its real blocker ----
+    *refused_all("state-space (Mamba) layers: the bridge builds attention and gated delta-net layers only (Bamba's "
+                 "attention-layer list beside its Mamba layers)", "attn_layer_indices"),
+    *inert("training-only auxiliary loss (Bamba's z-loss on the logits)", "z_loss_coefficient"),
+    structural("expert_layer_period", "mlp_kinds", why=_STRUCT + " (Jamba: every n-th layer is MoE)",
+               valid=positive_int),
+    structural("expert_layer_offset", "mlp_kinds", why=_STRUCT + " (Jamba: the first MoE layer)",
+               valid=non_negative_int),
+    refused("position_embedding_type", "no rotary embedding unless 'rope' (GraniteMoE-Hybrid passes no positions "
+            "to attention otherwise, NoPE): the bridge builds RoPE attention", unless=lambda v, _: v == "rope"),
+    *inert("precision of HY-V3's routed + shared expert sum (fp32 before casting back): the same sum",
+           "enable_moe_fp32_combine"),
+    refused("router_scaling_factor", "HY-V3's routed-expert weights scaled after renormalisation: the bridge's "
+            "router reads this scale only as routed_scaling_factor (moe_router_topk_scaling_factor)",
+            unless=equals(1, 1.0), valid=positive_number),
+    refused("global_attn_every_n_layers", "a sliding-window layer pattern without layer_types (AFMoE): the bridge "
+            "reads the windowed layers from layer_types",
+            unless=lambda v, s: isinstance(s.lookup("layer_types"), list)),
+    refused("mup_enabled", "muP input scaling (embeddings times sqrt(hidden_size)): no megatron-core setting",
+            unless=falsy, valid=boolean),
+    refused("gating", "Laguna's softplus output gate on attention (g_proj, per head or per element): "
+            "megatron-core's attention output gate is a sigmoid of a slice of linear_qkv"),
+    refused("moe_apply_router_weight_on_input", "router weights applied to the expert input: megatron-core "
+            "weights the expert outputs", unless=falsy, valid=boolean),
+    refused("moe_routed_scaling_factor", "routed-expert output scaled (Laguna spelling): the bridge's router reads "
+            "this scale only as routed_scaling_factor", unless=equals(1, 1.0), valid=positive_number),
+    refused("moe_router_logit_softcapping", "router logits soft-capped (tanh): no megatron-core setting",
+            unless=equals(0, 0.0)),
+    refused("num_attention_heads_per_layer", "a per-layer attention head count: megatron-core builds one "
+            "num_attention_heads for every layer",
+            unless=lambda v, s: v is None or (isinstance(v, list)
+                                              and all(n == s.lookup("num_attention_heads") for n in v)),
+            default=False),  # absent: transformers repeats num_attention_heads for every layer
+    # ERNIE-4.5-MoE (configuration_ernie4_5_moe.py attribute_map: moe_k -> num_experts_per_tok)
+    refused("moe_k", "a top-k spelling the bridge does not read (num_experts_per_tok)",
+            unless=same_as_bridge("moe_router_topk"), valid=positive_int),
+    structural("moe_layer_interval", "mlp_kinds", why=_STRUCT + " (ERNIE-4.5: every n-th layer is MoE)",
+               valid=positive_int),
+    structural("moe_layer_start_index", "mlp_kinds", why=_STRUCT, valid=non_negative_int),
+    structural("moe_layer_end_index", "mlp_kinds", why=_STRUCT + " (-1: the last layer)",
+               valid=lambda v, _: None if is_int(v) else f"must be an integer, got {v!r}"),
+    refused("moe_norm_min", "a floor on the top-k renormalisation sum (ERNIE-4.5: clamp(sum, min)): megatron-core "
+            "adds 1e-20; a floor at or below 1e-6 never binds for softmax scores (the top-k sum is at least k / E)",
+            unless=lambda v, _: v is None or (isinstance(v, int | float) and 0 <= v <= 1e-6)),
+    # classic decoders (issue 11 breadth-c): sizes under spellings the bridge does not read, MPT's unread keys
+    *(refused(name, f"a size spelling the bridge does not read (it reads {BRIDGE_READS[field][0][0]})",
+              unless=same_as_bridge(field), valid=positive_int)
+      for name, field in (("dff", "ffn_hidden_size"),  # CTRL
+                          ("attention_heads", "num_attention_heads"))),  # XGLM
+    refused("attn_config", "MPT's attention settings (ALiBi biases, softmax_scale, clip_qkv, qk_ln): not read by the "
+            "bridge; megatron-core has no ALiBi"),
+    *inert("MPT keys transformers' modelling code does not read (modeling_mpt.py hard-codes LayerNorm blocks, an "
+           "MLP of 4 * hidden_size without biases and ALiBi positions): the tensors decide", "learned_pos_emb",
+           "norm_type", "init_device", "no_bias", "expansion_ratio", "embedding_fraction"),
 )
 
 _ROPE_INERT = "a parameter of the scaling named by rope_type (judged there)"

@@ -53,6 +53,14 @@ FACTS: dict[str, tuple[tuple[str, str], ...]] = {
     "olmo2": (_POST_NORM, _QK_ALL_HEADS),
     "olmo3": (_POST_NORM, _QK_ALL_HEADS),
     "olmoe": (_QK_ALL_HEADS,),
+    "minimax_m2": (_QK_ALL_HEADS,),
+    # XGLM / CTRL: fixed sinusoidal position embeddings added to the token embeddings (no tensor in the checkpoint)
+    "xglm": (("sinusoidal positions", "fixed sinusoidal position embeddings added to the token embeddings: "
+              "megatron-core has RoPE, learned absolute or none"),),
+    "mpt": (("ALiBi", "ALiBi attention biases instead of positions (modeling_mpt.py build_mpt_alibi_tensor): "
+             "megatron-core has no ALiBi"),),
+    "ctrl": (_GEMMA_SCALE, ("sinusoidal positions", "fixed sinusoidal position embeddings added to the token "
+                            "embeddings: megatron-core has RoPE, learned absolute or none")),
     "flex_olmo": (_POST_NORM, _QK_ALL_HEADS),
     "cohere": (_LAYERNORM, _PARALLEL, _INTERLEAVED),
     "cohere2": (_LAYERNORM, _PARALLEL, _INTERLEAVED),
@@ -107,6 +115,9 @@ CONDITIONAL_FACTS: dict[str, tuple[tuple[str, str, Callable[[Mapping[str, Any]],
 # megatron-core's MLA uses the one layernorm_epsilon for every norm.
 MLA_LATENT_NORM_EPS = 1e-6
 MLA_LATENT_NORM_EPS_FROM_CONFIG = frozenset({"dots3_note", "glm5_next", "hy_v4_vl"})
+# Model types whose modelling code never reads layer_norm_eps: their nn.LayerNorm(hidden) use torch's default
+# (modeling_biogpt.py self_attn_layer_norm / final_layer_norm / layer_norm), whatever config.json says.
+UNREAD_LAYER_NORM_EPS: dict[str, float] = {"biogpt": 1e-5}
 
 ENCODER_DECODER = frozenset({
     "bart", "bigbird_pegasus", "blenderbot", "blenderbot-small", "marian", "mbart", "mvp", "pegasus", "plbart",

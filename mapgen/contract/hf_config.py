@@ -392,10 +392,24 @@ def _window_layers(hf: HFConfig) -> tuple[bool, ...]:
 
 
 # -- layers without RoPE (SmolLM3) ----------------------------------------------------------------------------
+# Model types whose attention applies RoPE only on sliding-window layers once a window is set (EXAONE-MoE, EXAONE-4:
+# ``if self.sliding_window is None or self.is_sliding: apply_rotary_pos_emb``): full-attention layers are NoPE.
+NOPE_FULL_ATTENTION_TYPES = frozenset({"exaone_moe", "exaone4"})
+
+
 def _rope_layers(hf: HFConfig) -> tuple[bool, ...]:
     """SmolLM3's per-layer flags, 1 = the layer applies RoPE (``no_rope_layers``, else every
-    ``no_rope_layer_interval``-th layer skips it, as its config class derives them)."""
+    ``no_rope_layer_interval``-th layer skips it, as its config class derives them); for
+    ``NOPE_FULL_ATTENTION_TYPES`` with a sliding window, RoPE on the ``sliding_attention`` layers only."""
     n = _layer_count(hf)
+    types = hf.get("layer_types", default=None)
+    if (str(hf.get("model_type", default="")) in NOPE_FULL_ATTENTION_TYPES
+            and hf.get("sliding_window", default=None) is not None and isinstance(types, list)):
+        if len(types) != n:
+            raise error("config.layer-type-mismatch", file="config.json", key="layer_types",
+                        message=f"layer_types has {len(types)} entries for {n} layers",
+                        expected=f"{n} entries", hint="fix layer_types in config.json")
+        return tuple(t == "sliding_attention" for t in types)
     flags = hf.get("no_rope_layers", default=None)
     if isinstance(flags, list):
         return tuple(bool(f) for f in flags)
@@ -407,7 +421,8 @@ def _rope_layers(hf: HFConfig) -> tuple[bool, ...]:
 
 def no_rope_layers(hf: HFConfig) -> tuple[bool, ...]:
     """Per layer, True where the layer applies no RoPE; empty when every layer applies it."""
-    if str(hf.get("model_type", default="")) != "smollm3" and not hf.has("no_rope_layers"):
+    if (str(hf.get("model_type", default="")) not in {"smollm3", *NOPE_FULL_ATTENTION_TYPES}
+            and not hf.has("no_rope_layers")):
         return ()
     skip = tuple(not rope for rope in _rope_layers(hf))
     return skip if any(skip) else ()

@@ -17,10 +17,13 @@ EMBEDDING = Family(
     slots=(
         Slot("embedding", ("embed_tokens.weight", "tok_embeddings.weight", "word_embeddings.weight", "wte.weight",
                            "embed_in.weight", "tokens_embed.weight")),  # GPT-1: tokens_embed, positions_embed
-        Slot("final_norm", ("norm.weight", "ln_f.weight", "final_layernorm.weight", "final_layer_norm.weight"),
-             init="norm"),
-        Slot("lm_head", ("lm_head.weight", "output.weight", "embed_out.weight")),
-        Slot("final_norm_bias", ("norm.bias", "ln_f.bias", "final_layernorm.bias", "final_layer_norm.bias")),
+        # BioGPT, XGLM: the final LayerNorm is layer_norm
+        Slot("final_norm", ("norm.weight", "ln_f.weight", "final_layernorm.weight", "final_layer_norm.weight",
+                            "layer_norm.weight"), init="norm"),
+        Slot("lm_head", ("lm_head.weight", "output.weight", "embed_out.weight",
+                         "output_projection.weight")),  # BioGPT's head (tied by default)
+        Slot("final_norm_bias", ("norm.bias", "ln_f.bias", "final_layernorm.bias", "final_layer_norm.bias",
+                                 "layer_norm.bias")),
         # GPT-2 learned absolute positions: megatron-core position_embedding_type='learned_absolute'
         # OPT embed_positions: its first Facts.position_offset rows precede position 0 (a count on the component);
         # GPT-1 positions_embed

@@ -152,6 +152,15 @@ MODEL_TYPES: dict[str, Facts] = {
     "openai-gpt": Facts(layernorm=True, conv1d=True, post_layernorm=True, position_offset=0),
     # GPT-Neo: transformer.h.N.attn.attention.{q,k,v,out}_proj, mlp.c_fc/c_proj as nn.Linear, nn.LayerNorm
     "gpt_neo": Facts(layernorm=True, conv1d=False),
+    # EXAONE-MoE: DeepSeek-V3's router (sigmoid + e_score_correction_bias, n_group/topk_group, renormalised, times
+    # routed_scaling_factor; modeling_exaone_moe.py ExaoneMoeTopkRouter); its NoPE full-attention layers are derived
+    # in mapgen.contract.hf_config.no_rope_layers
+    "exaone_moe": _DEEPSEEK_V3,
+    # MiniMax-M2: q_norm/k_norm are RMSNorm(num_heads * head_dim) over the whole projection (modeling_minimax_m2.py)
+    "minimax_m2": Facts(qk_norm_projection=True),
+    # BioGPT: OPT's pre-LN block (self_attn_layer_norm, final_layer_norm before fc1) under biogpt., nn.LayerNorm with
+    # bias, learned positions at position + 2 (modeling_biogpt.py BioGptLearnedPositionalEmbedding offset 2)
+    "biogpt": Facts(layernorm=True, position_offset=2),
 }
 
 _NONE = Facts()

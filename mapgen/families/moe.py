@@ -32,7 +32,8 @@ MOE = Family(
         Slot("router_bias", ("gate.bias", "router.bias")),
         # Sarvam-MoE: gate.expert_bias; HY-V3, AFMoE: expert_bias beside router.gate
         Slot("expert_bias", ("gate.e_score_correction_bias", "gate.expert_bias", "expert_bias",
-                             "experts.e_score_correction_bias")),  # Laguna: under experts.
+                             "experts.e_score_correction_bias",  # Laguna: under experts.
+                             "e_score_correction_bias")),  # EXAONE-MoE, MiniMax-M2: beside gate.weight
         Slot("output_bias", ("bias",)),  # JetMoE: a bias added to the MoE block's output (refused)
     ),
     variants=(Variant("routed", ("router",), ("router_bias", "expert_bias", "output_bias")),),
