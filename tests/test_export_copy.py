@@ -19,23 +19,23 @@ def _export_both(src: Path, ckpt: Path, root: Path, monkeypatch: pytest.MonkeyPa
     tensors. Returns the keys copied and the bytes copied."""
     from mapgen.cli import main
     from mapgen.runtime import api
+    from mapgen.runtime.hfio import CopiedTensor
     from tests.runtime_support import load_tensors
 
     copied: set[str] = set()
     nbytes: list[int] = []
-    real_copies, real_export = api.copied_tensors, api._export_streaming
+    real_write, real_export = api.write_safetensors, api._export_streaming
 
-    def copies(plan, located):  # type: ignore[no-untyped-def]
-        out = real_copies(plan, located)
-        copied.update(out)
-        return out
+    def write(path, tensors, metadata=None):  # type: ignore[no-untyped-def]
+        copied.update(k for k, v in tensors.items() if isinstance(v, CopiedTensor))
+        real_write(path, tensors, metadata)
 
     def export(*args, **kwargs):  # type: ignore[no-untyped-def]
         stats = real_export(*args, **kwargs)
         nbytes.append(stats.extra["bytes_copied"])
         return stats
 
-    monkeypatch.setattr(api, "copied_tensors", copies)
+    monkeypatch.setattr(api, "write_safetensors", write)
     monkeypatch.setattr(api, "_export_streaming", export)
     assert main(["export", str(ckpt), str(root / "copied"), "--source", str(src)]) == 0
     monkeypatch.setattr(api, "copy_planner", lambda *args: None)
@@ -69,13 +69,17 @@ def test_tp1_copies_all_but_the_padded_vocabulary(tmp_path: Path, monkeypatch: p
 
 
 def test_tp1_packed_experts_gdn_and_mtp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Packed 3-D experts (one expert is a block of the HF tensor), GDN (produced), shared MTP tensors."""
+    """Packed 3-D experts (one expert is a block of the HF tensor), GDN (produced), shared MTP tensors, a
+    vision tower (copied from the source checkpoint)."""
     from mapgen.cli import main
 
     src = synth(HUB / "Qwen--Qwen3.6-35B-A3B", tmp_path / "hf", "--mtp-depth", "2")
     assert main(["convert", str(src), str(tmp_path / "ckpt")]) == 0
     copied, _ = _export_both(src, tmp_path / "ckpt", tmp_path, monkeypatch)
     assert any(k.endswith("experts.gate_up_proj") for k in copied), sorted(copied)[:5]
+    # the vision tower's tensors live only in the source checkpoint: copied from its files
+    assert "model.visual.merger.linear_fc1.weight" in copied
+    assert "model.language_model.layers.0.linear_attn.in_proj_qkv.weight" not in copied  # GDN: produced
 
 
 @pytest.mark.distributed

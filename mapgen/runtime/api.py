@@ -1081,7 +1081,11 @@ def _export_streaming(binding: Binding, release: Path, out: Path, target: Mappin
                         if src is None or key not in towers:
                             raise error("export.incomplete", "no rule produces this key of the target layout",
                                         key=key)
-                        tensors[key] = src.read(key)
+                        span = src.locate(key) if planner is not None else None  # copied from the source file
+                        if span is not None:
+                            copies[key] = CopiedTensor(span.dtype, span.shape, ((span.path, span.offset, span.nbytes),))
+                        else:
+                            tensors[key] = src.read(key)
                 out_tensors: dict[str, torch.Tensor | CopiedTensor] = {**tensors, **copies}
                 write_safetensors(staging / shard, out_tensors, shard_meta.get(shard))
                 for key, value in out_tensors.items():
