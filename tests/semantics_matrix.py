@@ -113,6 +113,7 @@ def build(model_type: str, out: Path, seed: int = 0, overrides: dict[str, Any] |
             # multi-latent attention expands k and v per query head; every released MLA config states as many KV
             # heads as heads (transformers' MLA classes repeat the heads by their ratio otherwise)
             kwargs["num_key_value_heads"] = kwargs.get("num_attention_heads", defaults.get("num_attention_heads"))
+            kwargs.pop("head_dim", None)  # MLA configs derive it from qk_rope_head_dim (the RoPE tables' width)
         if isinstance(defaults.get("n_group"), int) and defaults["n_group"] > 1:
             # group-limited routing with the tiny expert count: two groups, the best one kept (DeepSeek-V3's 8/4
             # would need at least 8 experts)
