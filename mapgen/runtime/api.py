@@ -39,11 +39,13 @@ from mapgen.infer.build import fp8_scales
 from mapgen.ir import Layout, layout_from_json, layout_to_json
 from mapgen.runtime._net import free_port as _free_port
 from mapgen.runtime.engine import Binding, Coords, Stats, iter_hf_tensors, load_model, shard_order
+from mapgen.runtime.export_copy import CopyPlanner, copied_tensors
 from mapgen.runtime.hfio import (
     CONFIG_DTYPES,
     DTYPES,
     INDEX_NAME,
     TORCH_TO_ST,
+    CopiedTensor,
     SafetensorsReader,
     ShardedWriter,
     commit_dir,
@@ -984,6 +986,14 @@ def read_megatron_meta(ckpt: Path) -> dict[str, Any]:
     return meta
 
 
+def copy_planner(spec: ModelSpec, entries: Mapping[str, torch.Tensor], local_of: Mapping[str, str],
+                 producers: Mapping[str, list[Instance]], packed_counts: Mapping[str, set[int]],
+                 dtype_for: Callable[[str, torch.Tensor], torch.dtype]) -> CopyPlanner | None:
+    """The streaming export's planner of file-to-file copies (:mod:`mapgen.runtime.export_copy`); ``None``
+    turns them off (every tensor is then read and written from memory: the same bytes)."""
+    return CopyPlanner(spec, entries, local_of, producers, packed_counts, dtype_for)
+
+
 def _export_streaming(binding: Binding, release: Path, out: Path, target: Mapping[str, Any], root: Path | None,
                       dtypes: DtypePlan, overwrite: bool, vocab_tp: int | None = None) -> Stats:
     """SPMD Megatron dist checkpoint -> HF without a model: the output shard files of ``target``'s weight map
@@ -992,7 +1002,7 @@ def _export_streaming(binding: Binding, release: Path, out: Path, target: Mappin
     layout), converts them with the rules' ``save`` and writes the shard. Rank 0 writes the index, config and
     side files last and renames the directory into place."""
     from mapgen import ops
-    from mapgen.runtime.megatron import load_dist_entries, local_to_global
+    from mapgen.runtime.megatron import _checkpoint_entries, load_dist_entries, local_to_global, locate_dist_entries
 
     start = time.perf_counter()
     coords = Coords.current()
@@ -1017,6 +1027,7 @@ def _export_streaming(binding: Binding, release: Path, out: Path, target: Mappin
             for key in inst.hf:
                 packed_counts.setdefault(key, set()).add(inst.expert)
     dtype_for = _dtype_picker(layout, target.get("dtypes") or {}, target.get("force_dtype"))
+    copied_bytes = 0
     shards = list(dict.fromkeys(weight_map.values()))
     staging = _shared_staging(out, coords)
     stats = Stats()
@@ -1024,6 +1035,9 @@ def _export_streaming(binding: Binding, release: Path, out: Path, target: Mappin
     sizes: dict[str, int] = {}
     src = SafetensorsReader(root, weight_map) if root is not None and towers else None
     fp8 = _requantizer(target, root)
+    # HF tensors that are byte ranges of the checkpoint are copied file to file (not for a requantized export)
+    planner = copy_planner(binding.spec, _checkpoint_entries(model), local_of, producers, packed_counts,
+                           dtype_for) if fp8 is None else None
     try:
         with progress_bar("Megatron -> HF", len(shards), unit="shard") as bar:
             for n, shard in enumerate(shards):
@@ -1033,13 +1047,17 @@ def _export_streaming(binding: Binding, release: Path, out: Path, target: Mappin
                 wanted = fp8[0].model_keys(keys) if fp8 is not None else keys  # MXFP4 X for X_blocks/_scales
                 keyset = set(wanted)
                 insts = list({id(i): i for k in wanted for i in producers.get(k, [])}.values())
+                plan = planner.plan(insts, keyset) if planner is not None else {}
+                copies = copied_tensors(plan, locate_dist_entries(model, release, {
+                    p.local for planned in plan.values() for p in planned.pieces})) if plan else {}
+                insts = [i for i in insts if any(k in keyset and k not in copies for k in i.hf)]
                 loaded = load_dist_entries(model, release, {local_of[i.megatron] for i in insts})
                 tensors: dict[str, torch.Tensor] = {}
                 packed: dict[str, dict[int, torch.Tensor]] = {}
                 for inst in insts:
                     for frag in ops.save(inst.rule, inst.hf, binding.spec, loaded[local_of[inst.megatron]],
                                          expert=inst.expert):
-                        if frag.key not in keyset:
+                        if frag.key not in keyset or frag.key in copies:
                             continue
                         if frag.index is not None:
                             packed.setdefault(frag.key, {})[frag.index] = frag.tensor
@@ -1059,18 +1077,24 @@ def _export_streaming(binding: Binding, release: Path, out: Path, target: Mappin
                 if fp8 is not None:
                     tensors = dict(requantize(tensors.items(), *fp8))
                 for key in keys:
-                    if key not in tensors:
+                    if key not in tensors and key not in copies:
                         if src is None or key not in towers:
                             raise error("export.incomplete", "no rule produces this key of the target layout",
                                         key=key)
-                        tensors[key] = src.read(key)
-                write_safetensors(staging / shard, tensors, shard_meta.get(shard))
-                for key, value in tensors.items():
+                        span = src.locate(key) if planner is not None else None  # copied from the source file
+                        if span is not None:
+                            copies[key] = CopiedTensor(span.dtype, span.shape, ((span.path, span.offset, span.nbytes),))
+                        else:
+                            tensors[key] = src.read(key)
+                out_tensors: dict[str, torch.Tensor | CopiedTensor] = {**tensors, **copies}
+                write_safetensors(staging / shard, out_tensors, shard_meta.get(shard))
+                for key, value in out_tensors.items():
                     written[key] = shard
-                    sizes[key] = value.numel() * value.element_size()
-                stats.tensors += len(tensors)
-                stats.bytes += sum(v.numel() * v.element_size() for v in tensors.values())
-                del tensors
+                    sizes[key] = value.nbytes
+                stats.tensors += len(out_tensors)
+                stats.bytes += sum(v.nbytes for v in out_tensors.values())
+                copied_bytes += sum(v.nbytes for v in copies.values())
+                del tensors, out_tensors
                 if bar is not None:
                     bar(n + 1, len(shards))
         maps: list[Any] = [(written, sizes)]
@@ -1107,6 +1131,7 @@ def _export_streaming(binding: Binding, release: Path, out: Path, target: Mappin
                 reader.close()
     _barrier()
     stats.seconds = time.perf_counter() - start
+    stats.extra["bytes_copied"] = copied_bytes
     return stats
 
 

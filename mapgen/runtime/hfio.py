@@ -10,6 +10,7 @@ never leaves a directory that looks complete.
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -309,33 +310,108 @@ def commit_dir(staging: Path, target: Path) -> None:
         staging.rename(target)
 
 
-def write_safetensors(path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None,
-                      *, sync: bool = False) -> None:
+#: A byte range of a file: (path, offset, nbytes).
+FileRange = tuple[str, int, int]
+
+
+@dataclass(frozen=True)
+class CopiedTensor:
+    """A tensor of ``dtype`` and ``shape`` whose bytes are the concatenation of ``ranges`` of other files:
+    :func:`write_safetensors` copies them file to file instead of from memory."""
+
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    ranges: tuple[FileRange, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+def cut_ranges(ranges: Iterable[FileRange], start: int, nbytes: int) -> tuple[FileRange, ...] | None:
+    """Bytes ``[start, start + nbytes)`` of the concatenation of ``ranges`` as file ranges; ``None`` if they
+    reach past its end."""
+    out = []
+    for path, offset, size in ranges:
+        if start >= size:
+            start -= size
+            continue
+        if not nbytes:
+            break
+        n = min(size - start, nbytes)
+        out.append((path, offset + start, n))
+        nbytes -= n
+        start = 0
+    return None if nbytes else tuple(out)
+
+
+def kernel_copy(src: int, src_at: int, dst: int, dst_at: int, nbytes: int) -> None:
+    """``nbytes`` from ``src`` at ``src_at`` to ``dst`` at ``dst_at`` inside the kernel (``copy_file_range``:
+    no pass through user memory; a reflink where the file system has them), by ``pread``/``pwrite`` where
+    the kernel or file system cannot."""
+    done = 0
+    while done < nbytes:
+        try:
+            n = os.copy_file_range(src, dst, nbytes - done, src_at + done, dst_at + done)
+        except OSError as exc:
+            if exc.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EPERM):
+                raise
+            n = os.pwrite(dst, os.pread(src, min(nbytes - done, 64 << 20), src_at + done), dst_at + done)
+        if n <= 0:
+            raise OSError(f"the source ended {nbytes - done} bytes short of a copied tensor")
+        done += n
+
+
+def write_safetensors(path: Path, tensors: Mapping[str, torch.Tensor | CopiedTensor],
+                      metadata: Mapping[str, str] | None = None, *, sync: bool = False) -> None:
     """``safetensors.torch.save_file`` byte for byte (same header, same tensor order: by dtype, then
     name), but each tensor's bytes go from its memory straight to the file: save_file first serialises the
-    whole shard into one bytes object, a second copy of it in memory. ``sync``: fsync before returning."""
-    items = sorted(((k, v.detach().contiguous()) for k, v in tensors.items()),
+    whole shard into one bytes object, a second copy of it in memory. A :class:`CopiedTensor`'s bytes are
+    copied from its file ranges in the kernel (:func:`kernel_copy`). ``sync``: fsync before returning."""
+    items = sorted(((k, v if isinstance(v, CopiedTensor) else v.detach().contiguous()) for k, v in tensors.items()),
                    key=lambda kv: (-_ST_ORDER.index(TORCH_TO_ST.get(kv[1].dtype, "BOOL")), kv[0]))
     header: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
     offset = 0
     for key, value in items:
         if value.dtype not in TORCH_TO_ST:
             raise TypeError(f"{key}: safetensors has no dtype {value.dtype}")
-        size = value.numel() * value.element_size()
+        size = value.nbytes
         header[key] = {"dtype": TORCH_TO_ST[value.dtype], "shape": list(value.shape),
                        "data_offsets": [offset, offset + size]}
         offset += size
     head = json.dumps(header, separators=(",", ":")).encode()
     head += b" " * (-len(head) % 8)
+    fds: dict[str, int] = {}
     with open(path, "wb") as f:
         f.write(len(head).to_bytes(8, "little"))
         f.write(head)
-        for _, value in items:
-            if value.numel():
-                f.write(value.reshape(-1).view(torch.uint8).numpy().data)
+        try:
+            for _, value in items:
+                if isinstance(value, CopiedTensor):
+                    _copy_ranges(f, value, fds)
+                elif value.numel():
+                    f.write(value.reshape(-1).view(torch.uint8).numpy().data)
+        finally:
+            for fd in fds.values():
+                os.close(fd)
         if sync:
             f.flush()
             os.fsync(f.fileno())
+
+
+def _copy_ranges(f: Any, value: CopiedTensor, fds: dict[str, int]) -> None:
+    """Append ``value``'s ranges to the open file ``f`` in the kernel."""
+    if sum(n for _, _, n in value.ranges) != value.nbytes:
+        raise ValueError(f"copied ranges hold {sum(n for _, _, n in value.ranges)} bytes, the tensor {value.nbytes}")
+    f.flush()
+    at = f.tell()
+    for src, offset, n in value.ranges:
+        fd = fds.get(src)
+        if fd is None:
+            fd = fds[src] = os.open(src, os.O_RDONLY)
+        kernel_copy(fd, offset, f.fileno(), at, n)
+        at += n
+    f.seek(at)
 
 
 class ShardedWriter:

@@ -82,7 +82,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import datetime
-import errno
 import functools
 import io
 import itertools
@@ -106,6 +105,8 @@ from mapgen.runtime._names import (
     te_to_local_names,
 )
 from mapgen.runtime._net import free_port
+from mapgen.runtime.hfio import cut_ranges
+from mapgen.runtime.hfio import kernel_copy as _kernel_copy
 from mapgen.runtime.layout import Parallel
 
 if TYPE_CHECKING:
@@ -990,23 +991,6 @@ def _exact_storage(piece: torch.Tensor) -> torch.Tensor:
     return torch.frombuffer(flat.numpy(), dtype=torch.uint8).view(piece.dtype).view(piece.shape)
 
 
-def _kernel_copy(src: int, src_at: int, dst: int, dst_at: int, nbytes: int) -> None:
-    """``nbytes`` from ``src`` at ``src_at`` to ``dst`` at ``dst_at`` inside the kernel (``copy_file_range``:
-    no pass through user memory; a reflink where the file system has them), by ``pread``/``pwrite`` where
-    the kernel or file system cannot."""
-    done = 0
-    while done < nbytes:
-        try:
-            n = os.copy_file_range(src, dst, nbytes - done, src_at + done, dst_at + done)
-        except OSError as exc:
-            if exc.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EPERM):
-                raise
-            n = os.pwrite(dst, os.pread(src, min(nbytes - done, 64 << 20), src_at + done), dst_at + done)
-        if n <= 0:
-            raise OSError(f"the source ended {nbytes - done} bytes short of a copied tensor")
-        done += n
-
-
 def _spans(meta: torch.Tensor, source: Any, local: str) -> Any:
     """``source.spans(local)`` for an entry laid out plainly (contiguous from its storage's start), else
     ``None`` (also for a source without ``spans``)."""
@@ -1017,18 +1001,7 @@ def _spans(meta: torch.Tensor, source: Any, local: str) -> Any:
 def _cut(spans: Iterable[Any], start: int, nbytes: int) -> tuple[tuple[str, int, int], ...] | None:
     """Bytes ``[start, start + nbytes)`` of the concatenation of ``spans`` (``path``, ``offset``, ``nbytes``)
     as file ranges; ``None`` if they reach past its end."""
-    ranges = []
-    for span in spans:
-        if start >= span.nbytes:
-            start -= span.nbytes
-            continue
-        if not nbytes:
-            break
-        n = min(span.nbytes - start, nbytes)
-        ranges.append((span.path, span.offset + start, n))
-        nbytes -= n
-        start = 0
-    return None if nbytes else tuple(ranges)
+    return cut_ranges(((s.path, s.offset, s.nbytes) for s in spans), start, nbytes)
 
 
 def _copied_piece(meta: torch.Tensor, spans: Any, local: str) -> _CopiedPiece | None:
@@ -1350,11 +1323,13 @@ def _key_groups(model: GPTModel) -> dict[str, set[str]]:
     return groups
 
 
-def _direct_reader(path: str) -> Any:
+def _direct_reader(path: str, located: list[tuple[int, int, str, int]] | None = None) -> Any:
     """A torch.distributed.checkpoint ``FileSystemReader`` that reads a tensor item's bytes straight into its
     destination with ``os.preadv`` when the item is the whole destination (same dtype and shape, both
     contiguous, little-endian, one storage record): torch's reader ``torch.load``s every item into a fresh
-    tensor and copies it over, two passes and a fresh allocation per item. Other items take torch's path."""
+    tensor and copies it over, two passes and a fresh allocation per item. Other items take torch's path.
+    With ``located``, nothing is read: each such item appends ``(destination address, bytes, file, offset)``
+    of its data record, and every other item is left unread."""
     from torch.distributed._shard._utils import narrow_tensor_by_index
     from torch.distributed.checkpoint.filesystem import FileSystemReader
     from torch.distributed.checkpoint.planner import LoadItemType
@@ -1378,6 +1353,8 @@ def _direct_reader(path: str) -> Any:
                     and meta.storage_offset() == 0 and meta.untyped_storage().nbytes() == meta.nbytes
                     and meta.dtype == target.dtype and tuple(meta.shape) == tuple(target.shape)
                     and tuple(req.lengths) == tuple(meta.shape) and target.device.type == "cpu"):
+                if located is not None:
+                    return True
                 # torch's path for this item, here: the planner wants commit_tensor right after resolve_tensor
                 view.seek(0)
                 loaded = narrow_tensor_by_index(torch.load(view, map_location="cpu", weights_only=True),
@@ -1387,6 +1364,10 @@ def _direct_reader(path: str) -> Any:
                 return True
             buf = target.reshape(-1).view(torch.uint8).numpy().data if target.numel() else None
             at, done = info.offset + archive.get_record_offset(data[0]), 0  # type: ignore[attr-defined]
+            if located is not None:
+                file = str(self.fs.concat_path(self.path, info.relative_path))
+                located.append((target.data_ptr(), target.nbytes, file, at))
+                return True
             while buf is not None and done < buf.nbytes:
                 n = os.preadv(fd, [buf[done:]], at + done)
                 if n <= 0:
@@ -1435,11 +1416,38 @@ def _merge_in_place(data: torch.Tensor, merge: Any) -> Any:
     return merged
 
 
-def load_dist_entries(model: GPTModel, path: str | os.PathLike[str], names: Iterable[str]) -> dict[str, torch.Tensor]:
+def locate_dist_entries(model: GPTModel, path: str | os.PathLike[str],
+                        names: Iterable[str]) -> dict[str, tuple[tuple[str, int, int], ...] | None]:
+    """Where the bytes of each entry ``names`` (local state-dict names of ``model``, on the **meta** device) lie
+    in the dist checkpoint, without reading them: the file ranges ``(path, offset, bytes)`` whose concatenation
+    is the entry as :func:`load_dist_entries` returns it, or ``None`` where that is not a plain copy of whole
+    checkpoint items' data records (another dtype, a column chunk of a row-parallel matrix, a merge that is
+    not in place). megatron-core and torch.distributed.checkpoint plan the load as for reading (the same
+    resharding, factories and merges); the reader records each item's data record instead of reading it
+    into the untouched destination, and a range counts only if the entry's own memory is tiled by them."""
+    located: list[tuple[int, int, str, int]] = []
+    loaded = load_dist_entries(model, path, names, located=located)
+    located.sort()
+    out: dict[str, tuple[tuple[str, int, int], ...] | None] = {}
+    for name, tensor in loaded.items():
+        lo, hi = tensor.data_ptr(), tensor.data_ptr() + tensor.nbytes
+        ranges: list[tuple[str, int, int]] = []
+        at = lo
+        for ptr, nbytes, file, offset in located:
+            if lo <= ptr < hi and ptr == at and ptr + nbytes <= hi:
+                ranges.append((file, offset, nbytes))
+                at += nbytes
+        out[name] = tuple(ranges) if tensor.is_contiguous() and tensor.nbytes and at == hi else None
+    return out
+
+
+def load_dist_entries(model: GPTModel, path: str | os.PathLike[str], names: Iterable[str], *,
+                      located: list[tuple[int, int, str, int]] | None = None) -> dict[str, torch.Tensor]:
     """Read only the entries ``names`` (local state-dict names) of ``model`` -- built on the **meta** device --
     from a dist checkpoint, on this rank alone (no collectives: each rank may read a different subset).
     megatron-core does the mapping (``sharded_state_dict``, factories and their merges, resharding from any
-    saved layout); torch.distributed.checkpoint reads the chunks. Returns fresh CPU tensors."""
+    saved layout); torch.distributed.checkpoint reads the chunks. Returns fresh CPU tensors. ``located``: see
+    :func:`locate_dist_entries` (nothing is read; the tensors returned are left unfilled)."""
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.dict_utils import nested_values
     from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
@@ -1476,7 +1484,7 @@ def load_dist_entries(model: GPTModel, path: str | os.PathLike[str], names: Iter
             flat, flat_mapping, rename_mapping = _replace_state_dict_keys_with_sharded_keys(sharded_state_dict)
             pyt = mcore_to_pyt_state_dict(flat, True)
             checks = [t for t in nested_values(sharded_state_dict) if isinstance(t, ShardedTensor)]
-            dcp_load(pyt, storage_reader=_direct_reader(str(checkpoint_dir)),
+            dcp_load(pyt, storage_reader=_direct_reader(str(checkpoint_dir), located),
                      planner=MCoreLoadPlanner(shapes_validation_sharded_tensors=checks), no_dist=True)
             out = {k: _unwrap_pyt_sharded_tensor(v) for k, v in pyt.items()}
             out = _replace_sharded_keys_with_state_dict_keys(out, flat_mapping, rename_mapping)
