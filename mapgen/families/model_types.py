@@ -114,7 +114,9 @@ MODEL_TYPES: dict[str, Facts] = {
     "gpt2": Facts(layernorm=True, conv1d=True),
     "persimmon": Facts(layernorm=True),  # QK norms too: nn.LayerNorm(head_dim) (modeling_persimmon.py)
     # c_attn/c_proj/c_fc as nn.Linear [out, in] (modeling_gpt_bigcode.py, modeling_starcoder2.py)
-    "gpt_bigcode": Facts(layernorm=True, conv1d=False),
+    # c_attn: multi-query [q; k; v] (split((embed, kv, kv))), else per head [q_h k_h v_h] (view(..., heads,
+    # 3 * head_dim).split): both are per_group (one group when multi-query), not GPT-2's blocks
+    "gpt_bigcode": Facts(layernorm=True, conv1d=False, qkv_layout="per_group"),
     "starcoder2": Facts(layernorm=True, conv1d=False),
     "falcon": Facts(layernorm=True),  # its parallel blocks are refused by the planner (families/norms.py)
     # QK norms over the whole projection (modeling_olmo2.py Olmo2Attention: RMSNorm(num_heads * head_dim))
