@@ -521,6 +521,27 @@ def test_gpt_bigcode_multi_head_verifies_at_tp2(tmp_path: Path) -> None:
     assert case.outcome == "verified", case.row()
 
 
+def test_sarvam_mla_routes_as_deepseek_v3(tmp_path: Path) -> None:
+    """Sarvam-MLA is DeepSeek-V3's model class under its own model type (modeling_auto: DeepseekV3ForCausalLM;
+    SarvamMLAConfig subclasses DeepseekV3Config): the same router facts, so the catalog accepts its routing keys
+    (it refused routed_scaling_factor while the model type had no router scheme)."""
+    from semantics_matrix import build
+
+    from mapgen.families.model_types import facts_for
+
+    assert facts_for(["sarvam_mla"]) == facts_for(["deepseek_v3"])
+    build("sarvam_mla", tmp_path / "hf")
+    report = check_config(json.loads((tmp_path / "hf" / "config.json").read_text()), file="config.json")
+    assert report.ok, [d.message for d in report.errors]
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_sarvam_mla_verifies_at_tp2_ep2(tmp_path: Path) -> None:  # about 20 s
+    case = run_case("sarvam_mla", tmp_path)
+    assert case.outcome == "verified", case.row()
+
+
 def test_conv1d_spellings_need_a_declared_storage(tmp_path: Path) -> None:
     """c_attn/c_proj/c_fc are Conv1D [in, out] in GPT-2 and nn.Linear [out, in] in GPT-BigCode/StarCoder2: a model
     type that declares neither is refused, never guessed from the names."""

@@ -100,6 +100,7 @@ MODEL_TYPES: dict[str, Facts] = {
     "granitemoeshared": _GRANITE_MOE,  # its layer-level shared_mlp is not classified (shared_intermediate_size 0)
     "deepseek_v2": Facts(router="softmax_greedy"),
     "deepseek_v3": _DEEPSEEK_V3,
+    "sarvam_mla": _DEEPSEEK_V3,  # SarvamMLAConfig subclasses DeepseekV3Config; the model is DeepseekV3ForCausalLM
     "glm4_moe": _DEEPSEEK_V3,
     "glm4v_moe": _DEEPSEEK_V3,
     "glm4v_moe_text": _DEEPSEEK_V3,
