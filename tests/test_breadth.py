@@ -542,6 +542,29 @@ def test_sarvam_mla_verifies_at_tp2_ep2(tmp_path: Path) -> None:  # about 20 s
     assert case.outcome == "verified", case.row()
 
 
+def test_granite_swa_per_layer_rope_base_is_refused_unless_it_is_rope_theta(tmp_path: Path) -> None:
+    """Granite-SWA's ``layer_rope_theta`` gives each layer its RoPE base (0: no RoPE on that layer); its config
+    class fills it with ``rope_theta``, which is the bridge's one rotary_base. Any other base is refused by name."""
+    from semantics_matrix import build
+
+    build("granite_swa", tmp_path / "hf")
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    theta = config["rope_parameters"]["rope_theta"]
+    assert config["layer_rope_theta"] == [theta, theta]
+    assert check_config(config, file="config.json").ok
+    for other in ([theta, 0], [theta, 2 * theta]):
+        report = check_config({**config, "layer_rope_theta": other}, file="config.json")
+        assert [(d.code, d.key) for d in report.errors] == [("semantics.unsupported", "layer_rope_theta")], other
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_granite_swa_verifies_at_tp2(tmp_path: Path) -> None:  # about 20 s
+    """Granite multipliers at 1, a full-attention layer and a sliding one (window 4 < the 11 tokens verified)."""
+    case = run_case("granite_swa", tmp_path)
+    assert case.outcome == "verified", case.row()
+
+
 def test_conv1d_spellings_need_a_declared_storage(tmp_path: Path) -> None:
     """c_attn/c_proj/c_fc are Conv1D [in, out] in GPT-2 and nn.Linear [out, in] in GPT-BigCode/StarCoder2: a model
     type that declares neither is refused, never guessed from the names."""

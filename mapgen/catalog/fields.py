@@ -622,7 +622,10 @@ TOP: tuple[Row, ...] = (
                  "decoder_layers", "encoder_layers", "decoder_ffn_dim", "encoder_ffn_dim", "decoder_attention_heads",
                  "encoder_attention_heads"),
     *refused_all("token-type embeddings (BERT-style): not built by the bridge", "type_vocab_size"),
-    *refused_all("a per-layer RoPE base: the bridge has one rotary_base", "layer_rope_theta"),
+    # Granite-SWA: per-layer RoPE bases (0: that layer has no RoPE); the config class fills it with rope_theta
+    refused("layer_rope_theta", "a per-layer RoPE base (0: no RoPE on that layer) other than rope_theta: the bridge "
+            "has one rotary_base", unless=lambda v, s: v is None or (
+                isinstance(v, list) and all(t == bridge_value(s, "rotary_base") for t in v))),
     *refused_all("a second attention shape for sliding-window layers: not built by the bridge",
                  "swa_num_key_value_heads", "swa_num_attention_heads", "swa_head_dim", "sliding_window_size"),
     *refused_all("clamped/soft-capped activations or projections: no megatron-core setting",
