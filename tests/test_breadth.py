@@ -565,6 +565,40 @@ def test_granite_swa_verifies_at_tp2(tmp_path: Path) -> None:  # about 20 s
     assert case.outcome == "verified", case.row()
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_interleaved_rope_is_megatrons_rotary_interleaved(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """GLM (like Helium and ERNIE-4.5) rotates adjacent pairs of dims (rotate_half over x[..., 0::2] /
+    x[..., 1::2], each frequency repeated twice), with partial rotary: a model-type fact that sets
+    megatron-core's ``rotary_interleaved`` (Megatron-LM ``--rotary-interleaved``). Verifies at TP=2; without the
+    fact, emit's numerical proof fails on the same checkpoint (the rotation is not visible in the keys)."""
+    from dataclasses import replace
+
+    from mapgen.cli import main
+    from mapgen.contract.config import model_spec
+    from mapgen.contract.hf_config import HFConfig
+    from mapgen.families import model_types
+    from mapgen.runtime.megatron_args import canonical, megatron_args, spec_from_args
+
+    case = run_case("glm", tmp_path)
+    assert case.outcome == "verified", case.row()
+    ckpt = tmp_path / "glm" / "hf"
+    layout = scan(str(ckpt))
+    spec = model_spec(HFConfig(layout.config), layout, plan(layout).facts)
+    assert spec.rotary_interleaved
+    assert spec.rotary_percent < 1  # partial rotary: the pairs are those of the rotated slice
+    argv = megatron_args(spec)
+    assert argv is not None
+    assert "--rotary-interleaved" in argv
+    assert spec_from_args(argv)[0] == canonical(spec)
+    monkeypatch.setitem(model_types.MODEL_TYPES, "glm", replace(model_types.MODEL_TYPES["glm"],
+                                                                rotary_interleaved=False))
+    capsys.readouterr()
+    assert main(["emit", str(ckpt), "--out", str(tmp_path / "halves")]) != 0
+    assert "emit.numerics-diverged" in capsys.readouterr().err
+
+
 def test_conv1d_spellings_need_a_declared_storage(tmp_path: Path) -> None:
     """c_attn/c_proj/c_fc are Conv1D [in, out] in GPT-2 and nn.Linear [out, in] in GPT-BigCode/StarCoder2: a model
     type that declares neither is refused, never guessed from the names."""

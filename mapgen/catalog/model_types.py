@@ -27,8 +27,9 @@ _POST_NORM = ("post-norm block", "norms applied to the attention/MLP outputs (po
 _QK_ALL_HEADS = ("QK-norm over all heads", "q/k norms over the whole projection, not per head: megatron-core's "
                  "q_layernorm/k_layernorm are per head")
 _NOPE = ("NoPE layers", "some layers skip RoPE in the model code: the bridge applies RoPE in every layer")
-_INTERLEAVED = ("interleaved RoPE", "rotary pairs are adjacent dims (GPT-J style rotate_half): megatron-core has "
-                "rotary_interleaved, the bridge does not set it")
+_INTERLEAVED = ("interleaved RoPE", "rotary pairs are adjacent dims (GPT-J style rotate_half): the bridge sets "
+                "megatron-core's rotary_interleaved only for the model types mapgen/families/model_types.py declares "
+                "(GLM, Helium, ERNIE-4.5)")
 _SIGMOID_ROUTER = ("sigmoid router", "top-k over sigmoid scores without an expert-bias tensor: the bridge builds a "
                    "softmax router")
 
@@ -65,13 +66,10 @@ FACTS: dict[str, tuple[tuple[str, str], ...]] = {
     "cohere": (_LAYERNORM, _PARALLEL, _INTERLEAVED),
     "cohere2": (_LAYERNORM, _PARALLEL, _INTERLEAVED),
     "cohere2_moe": (_LAYERNORM, _PARALLEL, _INTERLEAVED),
-    "glm": (_INTERLEAVED,),
     "glm4": (_INTERLEAVED, _POST_NORM),
     "glm4v": (_INTERLEAVED, _POST_NORM),
     "glm4v_text": (_INTERLEAVED, _POST_NORM),
     "glm_ocr": (_INTERLEAVED,),
-    "helium": (_INTERLEAVED,),
-    "ernie4_5": (_INTERLEAVED,),
     "ernie4_5_moe": (_INTERLEAVED,),
     "falcon": (_PARALLEL,),
     "gpt_neox_reward_model": (_LAYERNORM, _PARALLEL),

@@ -63,6 +63,7 @@ class Facts:
     shared_expert_gate: bool = False  # ... with a sigmoid gate
     gated_delta_net: bool = False  # some layer is a gated delta-net
     layernorm: bool = False  # norms are LayerNorm with bias (a model-type fact), else RMSNorm
+    rotary_interleaved: bool = False  # RoPE over adjacent pairs of dims (a model-type fact)
     non_gated_mlp: bool = False  # dense MLPs are fc1 -> activation -> fc2 (no gate)
     mla: bool = False  # some layer is multi-latent attention
     attention_sinks: bool = False  # attention has a learned sink logit per head (gpt-oss)
@@ -295,6 +296,7 @@ CONFIG: tuple[ConfigRow, ...] = (
     ConfigRow("normalization", fact="layernorm", choices=("RMSNorm", "LayerNorm")),
     ConfigRow("norm_epsilon", hf=("rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon", "norm_eps", "norm_epsilon"),
               default=1e-6),
+    ConfigRow("rotary_interleaved", fact="rotary_interleaved"),
     ConfigRow("layernorm_zero_centered_gamma", fact="zero_centered"),
     ConfigRow("gated_linear_unit", fact="non_gated_mlp", negate=True),
     ConfigRow("untie_embeddings_and_output_weights", fact="tied", negate=True),

@@ -45,6 +45,7 @@ class ModelSpec:
     attention_output_gate: bool = False
     rotary_base: float = 10000.0
     rotary_percent: float = 1.0
+    rotary_interleaved: bool = False  # rotary pairs are adjacent dims (GLM, Helium, ERNIE-4.5): megatron-core's flag
     rope_scaling: bool = False  # Llama-3 style frequency scaling (megatron-core GPTModel rope_scaling)
     rope_scaling_factor: float = 8.0
     # sliding-window attention: each query attends to the last ``window_size`` positions, itself included

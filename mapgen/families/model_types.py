@@ -48,6 +48,9 @@ class Facts:
     ``qkv_layout``: how this model type's fused q/k/v projection stores q, k and v (``mapgen.ops.qkv`` layouts) where
     its root + spelling means another order elsewhere (Sarvam-MoE's ``attention.query_key_value`` is ``[q; k; v]``,
     GPT-NeoX's per head): it wins over ``attention.FUSED_QKV_LAYOUT``.
+    ``rotary_interleaved``: RoPE rotates adjacent pairs of dims (GLM, Helium, ERNIE-4.5: ``rotate_half`` over
+    ``x[..., 0::2]`` / ``x[..., 1::2]`` with each frequency repeated twice), not the two halves: megatron-core's
+    ``rotary_interleaved`` computes exactly that (and Megatron-LM's ``--rotary-interleaved``).
     ``router``: the routing scheme transformers' modelling code implements for this model type's MoE router
     (:mod:`mapgen.contract.routing`); ``""``: not known, only the values that compute the bridge's historic
     router are accepted."""
@@ -66,8 +69,12 @@ class Facts:
     qk_norm_after_rope: bool = False
     post_layernorm: bool = False
     qkv_layout: str | None = None
+    rotary_interleaved: bool = False
 
 
+# GLM, Helium, ERNIE-4.5: apply_rotary_pos_emb repeats cos/sin per pair and rotate_half stacks (-x[1::2], x[0::2])
+# (modeling_glm.py, modeling_helium.py, modeling_ernie4_5.py)
+_INTERLEAVED = Facts(rotary_interleaved=True)
 _QWEN35 = Facts(packed=("out_in", False), zero_centered=True, output_gate=True, router="softmax_renorm")
 _SOFTMAX = Facts(router="softmax")  # renormalised iff norm_topk_prob
 _RENORM = Facts(router="softmax_renorm")  # always renormalised
@@ -75,6 +82,9 @@ _DEEPSEEK_V3 = Facts(router="sigmoid_grouped")  # sigmoid, score-correction bias
 _GRANITE_MOE = Facts(packed=("out_in", False), router="softmax_renorm")
 
 MODEL_TYPES: dict[str, Facts] = {
+    "glm": _INTERLEAVED,
+    "helium": _INTERLEAVED,
+    "ernie4_5": _INTERLEAVED,
     # [E, hidden, 2*inter] (transposed)
     "qwen3_vl_moe": Facts(packed=("in_out", False), router="softmax_renorm"),
     "qwen3_vl_moe_text": Facts(packed=("in_out", False), router="softmax_renorm"),

@@ -137,7 +137,10 @@ def _facts(layout: Layout, zero_centered: bool, layernorm: bool) -> tuple[Facts,
     type's router scheme and transformers' defaults for the routing keys (the values the config catalog judged)."""
     lm = layout.language_model
     decided: dict[str, Any] = {"tied": lm.tied_embeddings, "zero_centered": zero_centered, "layernorm": layernorm}
-    fixed_eps = facts_for((layout.text_model_type, layout.model_type)).norm_epsilon
+    model_facts = facts_for((layout.text_model_type, layout.model_type))
+    if model_facts.rotary_interleaved:
+        decided["rotary_interleaved"] = True
+    fixed_eps = model_facts.norm_epsilon
     if fixed_eps is not None:
         decided["default_norm_epsilon"] = fixed_eps
     conflicts: list[tuple[str, str]] = []

@@ -528,6 +528,7 @@ def transformer_config(
         normalization=spec.normalization,
         layernorm_epsilon=spec.norm_epsilon,
         layernorm_zero_centered_gamma=spec.layernorm_zero_centered_gamma,
+        rotary_interleaved=spec.rotary_interleaved,
         gated_linear_unit=spec.gated_linear_unit,
         activation_func=activation_func(spec.activation),
         glu_linear_offset=spec.glu_linear_offset,

@@ -121,6 +121,8 @@ def megatron_args(spec: ModelSpec, *, tp: int = 1, pp: int = 1, ep: int = 1, etp
         a += ["--use-rope-scaling", "--rope-scaling-factor", repr(float(spec.rope_scaling_factor))]
     if spec.layernorm_zero_centered_gamma:
         a.append("--apply-layernorm-1p")
+    if spec.rotary_interleaved:
+        a.append("--rotary-interleaved")
     a += activation
     a += _position_args(spec)
     if not spec.add_bias_linear:
@@ -213,7 +215,8 @@ def _position_args(spec: ModelSpec) -> list[str]:
     return a
 
 
-_FLAGS = {"--group-query-attention", "--use-rope-scaling", "--apply-layernorm-1p", "--swiglu", "--quick-geglu",
+_FLAGS = {"--group-query-attention", "--use-rope-scaling", "--apply-layernorm-1p", "--rotary-interleaved", "--swiglu",
+          "--quick-geglu",
           "--squared-relu", "--no-bias-gelu-fusion",
           "--disable-bias-linear", "--add-qkv-bias", "--qk-layernorm", "--attention-output-gate",
           "--untie-embeddings-and-output-weights", "--moe-shared-expert-gate", "--moe-router-enable-expert-bias",
@@ -267,7 +270,8 @@ def spec_from_args(argv: Sequence[str]) -> tuple[ModelSpec, dict[str, Any]]:
              "group_query_attention", "num_query_groups", "max_position_embeddings", "seq_length",
              "position_embedding_type", "rotary_base", "rotary_percent", "normalization", "norm_epsilon",
              "vocab_size", "make_vocab_size_divisible_by", "use_rope_scaling", "rope_scaling_factor",
-             "apply_layernorm_1p", "swiglu", "disable_bias_linear", "add_qkv_bias", "qk_layernorm",
+             "apply_layernorm_1p", "rotary_interleaved", "swiglu", "disable_bias_linear", "add_qkv_bias",
+             "qk_layernorm",
              "attention_output_gate", "untie_embeddings_and_output_weights", "experimental_attention_variant",
              "linear_attention_freq", "linear_conv_kernel_dim", "linear_key_head_dim", "linear_value_head_dim",
              "linear_num_key_heads", "linear_num_value_heads", "num_experts", "moe_layer_freq", "moe_router_topk",
@@ -337,6 +341,7 @@ def spec_from_args(argv: Sequence[str]) -> tuple[ModelSpec, dict[str, Any]]:
         normalization=a.get("normalization", "LayerNorm"),
         norm_epsilon=float(a.get("norm_epsilon", 1e-5)),
         layernorm_zero_centered_gamma=bool(a.get("apply_layernorm_1p")),
+        rotary_interleaved=bool(a.get("rotary_interleaved")),
         gated_linear_unit=bool(a.get("swiglu") or a.get("quick_geglu")),
         activation=_activation(a),
         window_size=int(a["window_size"].split(",")[0]) + 1 if "window_size" in a else None,
