@@ -166,24 +166,38 @@ def build(model_type: str, out: Path, seed: int = 0, overrides: dict[str, Any] |
         for key, value in _STATED.get(model_type, {}).items():
             kwargs[key] = kwargs[key] | value if isinstance(kwargs.get(key), dict) else value
         config = cls(**(kwargs | (overrides or {})))
+        auto = _auto_class(model_type, kwargs)
         try:
             with torch.device("meta"):
-                probe = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+                probe = auto.from_config(config, dtype=torch.float32)
         except TypeError:  # Ministral, Hunyuan: the model code reads config.head_dim, which hub configs state
             if getattr(config, "head_dim", 0) is not None or not kwargs.get("num_attention_heads"):
                 raise
             config.head_dim = kwargs["hidden_size"] // kwargs["num_attention_heads"]
             with torch.device("meta"):
-                probe = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+                probe = auto.from_config(config, dtype=torch.float32)
         count = sum(p.numel() for p in probe.parameters())
         del probe
         if count > MAX_PARAMS:
             raise ValueError(f"the tiny config still has {count:,} parameters (> {MAX_PARAMS:,})")
-        model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model = auto.from_config(config, dtype=torch.float32)
     from mapgen.runtime.numerics import perturb
 
     perturb(model, seed)
     model.save_pretrained(str(out), max_shard_size="100KB")
+
+
+def _auto_class(model_type: str, kwargs: dict[str, Any]) -> Any:
+    """The class a released checkpoint of ``model_type`` is saved from: for a composite (a ``text_config`` beside
+    towers) the image-text model when transformers has one (Qwen3.5's causal-LM class is the text model alone, which
+    saves a ``qwen3_5_text`` checkpoint without the vision tower: not what Qwen3.5 releases store), else the causal
+    LM."""
+    import transformers
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+    if isinstance(kwargs.get("text_config"), dict) and model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES:
+        return transformers.AutoModelForImageTextToText
+    return transformers.AutoModelForCausalLM
 
 
 def _env() -> dict[str, str]:

@@ -765,9 +765,10 @@ TOP: tuple[Row, ...] = (
             "to attention otherwise, NoPE): the bridge builds RoPE attention", unless=lambda v, _: v == "rope"),
     *inert("precision of HY-V3's routed + shared expert sum (fp32 before casting back): the same sum",
            "enable_moe_fp32_combine"),
-    refused("router_scaling_factor", "HY-V3's routed-expert weights scaled after renormalisation: the bridge's "
-            "router reads this scale only as routed_scaling_factor (moe_router_topk_scaling_factor)",
-            unless=equals(1, 1.0), valid=positive_number),
+    mapped("router_scaling_factor", "moe_router_topk_scaling_factor", why="HY-V3's routed-expert weights scaled "
+           "after renormalisation (mapgen.contract.routing scheme 'sigmoid_renorm')", valid=positive_number,
+           limit=_routing_limit("router_scaling_factor"), unread=_routing_unread("router_scaling_factor"),
+           default=True),
     refused("global_attn_every_n_layers", "a sliding-window layer pattern without layer_types (AFMoE): the bridge "
             "reads the windowed layers from layer_types",
             unless=lambda v, s: isinstance(s.lookup("layer_types"), list)),

@@ -161,6 +161,13 @@ MODEL_TYPES: dict[str, Facts] = {
     # BioGPT: OPT's pre-LN block (self_attn_layer_norm, final_layer_norm before fc1) under biogpt., nn.LayerNorm with
     # bias, learned positions at position + 2 (modeling_biogpt.py BioGptLearnedPositionalEmbedding offset 2)
     "biogpt": Facts(layernorm=True, position_offset=2),
+    # ERNIE-4.5-MoE (modeling_ernie4_5_moe.py Ernie4_5_MoeTopKRouter): softmax over every expert in fp32, top-k of
+    # the probabilities plus moe_statics' score-correction bias, the selected unbiased probabilities renormalised
+    # (sum clamped at moe_norm_min); the bias on softmax scores is refused by the planner (mapgen.families.moe)
+    "ernie4_5_moe": Facts(router="softmax_renorm"),
+    # HY-V3 (modeling_hy_v3.py HYV3TopKRouter): sigmoid + e_score_correction_bias for the selection, always
+    # renormalised, times router_scaling_factor
+    "hy_v3": Facts(router="sigmoid_renorm"),
 }
 
 _NONE = Facts()

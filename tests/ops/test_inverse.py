@@ -48,6 +48,8 @@ _COPY = [
     Example("copy", "replicated", {"n": (H,)}, {"transform": "zero_centered", "dtype": "fp32"}),
     Example("copy", "replicated", {"n": (H,)}, {"shared": True}),
     Example("copy", "replicated", {"pos": (VOCAB, H)}, {"roll": 2}),  # OPT's position table, offset 2
+    Example("copy", "replicated", {"bias": (1, E)}, {"leading_unit": True, "dtype": "fp32"}),  # ERNIE [1, E]
+    Example("copy", "replicated", {"n": (H,)}, {"leading_unit": False}),
     Example("copy", "column", {"w": (FFN, H)}),
     Example("copy", "column", {"w": (FFN,)}, {"transform": "none", "dtype": "native"}),
     Example("copy", "row", {"w": (H, FFN)}),
