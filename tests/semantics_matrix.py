@@ -87,9 +87,9 @@ def _tiny_kwargs(defaults: dict[str, Any]) -> dict[str, Any]:
         kwargs.pop("sliding_window", None)  # a window only where the architecture has one by default
     if "head_dim" in kwargs and defaults.get("head_dim") is None:
         kwargs.pop("head_dim")
-    for key in _EXPERT_COUNTS:  # no experts where the default has none (Gemma-4's optional MoE block: None)
-        if key in kwargs and not defaults[key]:
-            kwargs.pop(key)
+    if any(k.startswith("enable_moe") and v is False for k, v in defaults.items()):
+        for key in _EXPERT_COUNTS:  # no experts where a MoE switch is off by default (Gemma-4's enable_moe_block)
+            kwargs.pop(key, None)
     for i, key in enumerate(_TOKEN_IDS):  # ids inside the tiny vocabulary
         if isinstance(defaults.get(key), int):
             kwargs[key] = i

@@ -306,6 +306,8 @@ BLOCKERS: dict[str, set[str]] = {
     "jamba": {"mamba_d_conv", "mamba_dt_rank", "attn_layer_period"},  # expert_layer_period/offset: keys decide
     "granitemoehybrid": {"mamba_d_conv", "position_embedding_type"},  # null: NoPE attention
     "laguna": {"gating", "rope_parameters.full_attention"},  # softplus g_proj gate, per-layer-type RoPE
+    "falcon_h1": {"mamba_d_ssm", "mamba_d_state"},  # Mamba-2 beside attention; its muP multipliers are 1.0 here
+    "olmo_hybrid": {"linear_allow_neg_eigval"},  # beta = 2 * sigmoid(b); the init ranges are inert
 }
 
 
@@ -482,3 +484,67 @@ def test_hy_v3_verifies_with_biased_selection(tmp_path: Path) -> None:
     assert case.outcome == "verified", case.row()
     assert case.max_diff is not None
     assert case.max_diff <= ATOL
+
+
+# -- breadth-d: the hybrid rows classify every key and name their blocker ----------------------------------------
+# model_type -> (mixer family, variant) of its first layer group, and the (code, key) the planner refuses
+HYBRIDS: dict[str, tuple[tuple[str, str], set[tuple[str, str]]]] = {
+    # Falcon-H1: Mamba-2 and attention side by side in every layer (the attention is the Mamba component's child)
+    "falcon_h1": (("mamba", "mamba2"), {("plan.unsupported", "model.layers.{layer}.mamba.in_proj.weight")}),
+    # OLMo-Hybrid: flash-linear-attention's gated delta-net names; its attention layers are OLMo-3 post-norm blocks
+    # with QK norms over the whole projection (attention_layer_norm / feedforward_layer_norm: its own norm names)
+    "olmo_hybrid": (("gated_delta_net", "separate"), {
+        ("plan.unsupported", "model.layers.{layer}.linear_attn.q_proj.weight"),
+        ("plan.megatron-lacks", "model.layers.{layer}.self_attn.q_norm.weight"),
+        ("plan.megatron-lacks", "model.layers.{layer}.feedforward_layer_norm.weight")}),
+    # DeepSeek-V3.2: MLA with the sparse-attention indexer (layer_types indexed_attention); the catalog refuses it too
+    "deepseek_v32": (("mla", "q_low_rank"),
+                     {("plan.unsupported", "model.layers.{layer}.self_attn.indexer.wq_b.weight")}),
+}
+
+
+@pytest.mark.parametrize("model_type", sorted(HYBRIDS))
+def test_hybrid_layers_are_classified_and_refused(tmp_path: Path, model_type: str) -> None:
+    (family, variant), refusals = HYBRIDS[model_type]
+    layout = scan(str(_built(tmp_path, model_type)))
+    assert not layout.unclassified
+    first = layout.language_model.groups[0].mixer
+    assert (first.family, first.variant) == (family, variant)
+    with pytest.raises(MapgenError) as err:
+        plan(layout)
+    assert {(d.code, d.key) for d in err.value.diagnostics} == refusals
+
+
+def test_falcon_h1_attention_is_the_mamba_layers_child(tmp_path: Path) -> None:
+    """Falcon-H1: self_attn.* beside mamba.* in one layer is classified as one mixer (Mamba + parallel attention),
+    never left over; emit refuses it and writes nothing."""
+    from mapgen.cli import main as mapgen_main
+
+    ckpt = _built(tmp_path, "falcon_h1")
+    layout = scan(str(ckpt))
+    (group,) = layout.language_model.groups
+    attention = group.mixer.child("attention")
+    assert attention is not None
+    assert attention.family == "attention"
+    assert attention.key("q") == "self_attn.q_proj.weight"
+    out = tmp_path / "out" / "generated"
+    assert mapgen_main(["emit", str(ckpt), "--out", str(out)]) != 0
+    assert not out.exists()
+
+
+def test_axk2_keys_are_classified(tmp_path: Path) -> None:
+    """A.X-K2: gated RMSNorms (norm + low-rank W_down/W_up gate), MLA with the sparse-attention indexer, DeepSeek-V3
+    MoE: every key classified (read without headers); with headers, scan stops at its gated q projection
+    (q_b_proj [heads * (qk_head_dim + v_head_dim), 2 * q_lora_rank]: q and an output gate), named by shape."""
+    ckpt = _built(tmp_path, "axk2")
+    layout = scan(str(ckpt), headers=False)
+    assert not layout.unclassified
+    assert {g.block.variant for g in layout.language_model.groups} == {"gated_pre_norm"}
+    with pytest.raises(MapgenError) as err:
+        plan(layout)
+    codes = {(d.code, d.key) for d in err.value.diagnostics}
+    assert ("plan.megatron-lacks", "model.layers.{layer}.input_layernorm.norm.weight") in codes
+    assert ("plan.unsupported", "model.layers.{layer}.self_attn.indexer.wq_b.weight") in codes
+    with pytest.raises(MapgenError) as shapes:
+        scan(str(ckpt))
+    assert {d.key for d in shapes.value.diagnostics} == {"model.layers.0.self_attn.q_b_proj.weight"}
