@@ -548,3 +548,34 @@ def test_axk2_keys_are_classified(tmp_path: Path) -> None:
     with pytest.raises(MapgenError) as shapes:
         scan(str(ckpt))
     assert {d.key for d in shapes.value.diagnostics} == {"model.layers.0.self_attn.q_b_proj.weight"}
+
+
+def test_lara_mini_rules_and_nope_layers(tmp_path: Path) -> None:
+    """Lara-mini: its checkpoints' one in_proj holds [q|k|v|z|b|a] as whole blocks (gdn_in_proj variant blocks) with
+    out_norm; RoPE on the sliding_attention layers only (full_attention layers are NoPE, whatever the window)."""
+    from mapgen.contract.hf_config import HFConfig, no_rope_layers
+
+    ckpt = _built(tmp_path, "lara_mini", layer_types=["linear_attention", "full_attention"])
+    rules = _rules(ckpt)
+    hf, op, options = rules["self_attention.in_proj.weight"]
+    assert (hf, op, options) == (("model.layers.{layer}.linear_attn.in_proj.weight",), "gdn_in_proj",
+                                 {"variant": "blocks"})
+    assert rules["self_attention.out_norm.weight"][0] == ("model.layers.{layer}.linear_attn.out_norm.weight",)
+    config = json.loads((ckpt / "config.json").read_text())
+    assert no_rope_layers(HFConfig(config)) == (True, True)  # a gated delta-net layer reads no RoPE either
+    mixed = config | {"layer_types": ["sliding_attention", "full_attention"]}
+    assert no_rope_layers(HFConfig(mixed)) == (False, True)
+    assert no_rope_layers(HFConfig(mixed | {"sliding_window": None})) == (False, True)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.skipif(not FULL, reason="opt-in: MAPGEN_MATRIX=full (about 20 s each)")
+@pytest.mark.parametrize("layer_types", [["linear_attention", "sliding_attention"],
+                                         ["full_attention", "sliding_attention"]])
+def test_lara_mini_verifies(tmp_path: Path, layer_types: list[str]) -> None:
+    """At TP=2 x EP=2; without the NoPE rule the second case's emit proof diverges (emit.numerics-diverged)."""
+    case = run_case("lara_mini", tmp_path, overrides={"layer_types": layer_types})
+    assert case.outcome == "verified", case.row()
+    assert case.max_diff is not None
+    assert case.max_diff <= ATOL

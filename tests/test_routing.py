@@ -34,7 +34,7 @@ _EXPERT_KEY = {"mixtral": "num_local_experts", "minimax": "num_local_experts", "
                "qwen3_moe": "num_experts", "olmoe": "num_experts", "flex_olmo": "num_experts",
                "qwen3_next": "num_experts", "qwen3_5_moe_text": "num_experts", "qwen3_vl_moe_text": "num_experts",
                "gpt_oss": "num_local_experts", "exaone_moe": "num_experts", "hy_v3": "num_experts",
-               "ernie4_5_moe": "moe_num_experts"}
+               "ernie4_5_moe": "moe_num_experts", "lara_mini": "num_experts"}
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -1,9 +1,10 @@
 """Gated delta-net linear attention (Qwen3.5 ``linear_attn.*`` with separate ``in_proj_qkv/z/b/a``; Qwen3-Next fuses
 them into ``in_proj_qkvz``/``in_proj_ba``, grouped per key head).
 
-Two more storages are classified so that scan names every key, and refused by the planner until they have a rule:
 Lara-mini's checkpoints fuse the four projections into one ``in_proj`` (rows ``[q|k|v|z|b|a]`` as whole blocks,
-``conversion_mapping.py`` splits it) with ``out_norm``; OLMo-Hybrid stores flash-linear-attention's layout:
+``conversion_mapping.py`` splits it) with ``out_norm`` (``fused_blocks``: ``gdn_in_proj`` variant ``blocks``).
+One more storage is classified so that scan names every key, and refused by the planner until it has a rule:
+OLMo-Hybrid stores flash-linear-attention's layout:
 ``q/k/v_proj``, ``a/b_proj``, ``g_proj`` (the output gate z), one depthwise conv per q/k/v (``q/k/v_conv1d``,
 concatenated into transformers' ``conv1d``), ``o_norm`` and ``o_proj``.
 
@@ -51,7 +52,6 @@ GATED_DELTA_NET = Family(
     ),
 )
 UNPLANNED = {
-    "fused_blocks": "a gated delta-net in_proj fused as [q|k|v|z|b|a] blocks (Lara-mini)",
     "separate": "a gated delta-net stored as separate q/k/v/a/b/g projections and q/k/v convolutions (OLMo-Hybrid, "
                 "flash-linear-attention names)",
 }
@@ -73,6 +73,8 @@ def kind(c: Component) -> str:
 def describe(c: Component) -> str:
     if c.variant in UNPLANNED:
         return f"gated-delta-net ({c.variant.replace('_', ' ')}; refused)"
+    if c.key("in_proj"):
+        return "gated-delta-net (in_proj [q|k|v|z|b|a] blocks)"
     return "gated-delta-net (" + ("fused qkvz/ba" if c.key("in_proj_qkvz") else "in_proj qkv/z/b/a") + ")"
 
 
@@ -91,6 +93,7 @@ def shapes(c: Component, d: Dims) -> ShapePairs:
         (c.key("in_proj_a"), (nv, d.hidden)),
         (c.key("in_proj_qkvz"), (2 * key_dim + 2 * value_dim, d.hidden)),
         (c.key("in_proj_ba"), (2 * nv, d.hidden)),
+        (c.key("in_proj"), (conv_dim + value_dim + 2 * nv, d.hidden)),
         (c.key("conv1d"), (conv_dim, 1, kernel)),
         (c.key("conv1d_bias"), (conv_dim,)),
         (c.key("a_log"), (nv,)),
@@ -105,8 +108,9 @@ def plan(c: Component, p: Planner, mroot: str, hroot: str, domain: str, name: st
         p.unsupported(UNPLANNED[c.variant], hroot + str(c.key("in_proj") or c.key("q_proj")))
         return
     fused = c.variant == "fused"
-    parts = (c.key("in_proj_qkvz"), c.key("in_proj_ba")) if fused else (
-        c.key("in_proj_qkv"), c.key("in_proj_z"), c.key("in_proj_b"), c.key("in_proj_a"))
+    slots = {"fused": ("in_proj_qkvz", "in_proj_ba"), "fused_blocks": ("in_proj",)}.get(
+        c.variant, ("in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a"))
+    parts = tuple(c.key(slot) for slot in slots)
     if not all(parts):
         p.unsupported("an incomplete gated delta-net projection set", hroot + "linear_attn")
         return
@@ -120,6 +124,10 @@ def plan(c: Component, p: Planner, mroot: str, hroot: str, domain: str, name: st
               "gdn_heads", domain=domain, options=opts(variant="qkvz_ba"),
               comment=f"[{name}] in_proj_qkvz/in_proj_ba (grouped per key head) -> fused in_proj, per TP rank "
                       "[q k v z b a].")
+    elif c.variant == "fused_blocks":
+        p.add("gdn.in_proj", f"{sa}in_proj.weight", tuple(hroot + str(x) for x in parts), "gdn_in_proj",
+              "gdn_heads", domain=domain, options=opts(variant="blocks"),
+              comment=f"[{name}] in_proj [q|k|v|z|b|a] blocks -> fused in_proj, per TP rank [q k v z b a].")
     else:
         p.add("gdn.in_proj", f"{sa}in_proj.weight", tuple(hroot + str(x) for x in parts), "gdn_in_proj",
               "gdn_heads", domain=domain, comment=f"[{name}] in_proj_qkv/z/b/a -> fused in_proj, per TP rank "

@@ -168,6 +168,10 @@ MODEL_TYPES: dict[str, Facts] = {
     # HY-V3 (modeling_hy_v3.py HYV3TopKRouter): sigmoid + e_score_correction_bias for the selection, always
     # renormalised, times router_scaling_factor
     "hy_v3": Facts(router="sigmoid_renorm"),
+    # Lara-mini (modeling_lara_mini.py): Qwen3-Next's hybrid with plain RMSNorms (weight * x), per-head QK norms,
+    # packed experts [E, 2I, H] (gate then up), an ungated shared expert, softmax router renormalised iff
+    # norm_topk_prob; RoPE on sliding_attention layers only (mapgen.contract.hf_config.no_rope_layers)
+    "lara_mini": Facts(packed=("out_in", False), router="softmax"),
 }
 
 _NONE = Facts()

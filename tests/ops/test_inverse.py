@@ -133,6 +133,8 @@ EXAMPLES = [
         tps=(1, 2),
     ),
     Example("gdn_in_proj", "gdn_heads", {"qkvz": (QKVZ, H), "ba": (2 * NV, H)}, {"variant": "qkvz_ba"}, tps=(1, 2)),
+    Example("gdn_in_proj", "gdn_heads", {"in_proj": (CONV + NV * DV + 2 * NV, H)}, {"variant": "blocks"},
+            tps=(1, 2)),  # Lara-mini: [q|k|v|z|b|a] whole blocks
     Example("gdn_conv1d", "gdn_heads", {"conv": (CONV, 1, KERNEL)}, {"part": "weight"}, tps=(1, 2)),
     Example("gdn_conv1d", "gdn_heads", {"conv": (CONV,)}, {"part": "bias"}, tps=(1, 2)),
     Example("mtp_eh_proj", "column", {"eh": (H, 2 * H)}, {"order": "embedding_hidden"}),
