@@ -87,7 +87,8 @@ def bench(size: str, src: Path, root: Path, runs: int, memory: bool, log: Any) -
     r: dict[str, Any] = {"bytes": int(index["metadata"]["total_size"]), "tensors": len(index["weight_map"]),
                          "runs": runs, "memory": memory}
     worker("floor-file", str(src))  # warm the page cache, untimed
-    rows: dict[str, list[Any]] = {k: [] for k in ("floor", "cp", "stream", "nosync", "memory", "export")}
+    rows: dict[str, list[Any]] = {k: [] for k in ("floor", "cp", "stream", "nosync", "memory", "export",
+                                                   "export_memory")}
     out_s, out_m, cp_dir = root / f"mc-{size}-stream", root / f"mc-{size}-memory", root / f"cp-{size}"
     for i in range(runs):
         rows["floor"].append(worker("floor-file", str(src))[2]["seconds"])
@@ -99,8 +100,8 @@ def bench(size: str, src: Path, root: Path, runs: int, memory: bool, log: Any) -
         if memory:
             rows["memory"].append(convert(src, out_m, "--in-memory"))
             back = root / f"hf-{size}"
-            wall, rss, _ = run([sys.executable, "-m", "mapgen", "export", str(out_s), str(back), "--overwrite"])
-            rows["export"].append((wall, rss))
+            rows["export_memory"].append(export(out_s, back, "--in-memory"))
+            rows["export"].append(export(out_s, back))
             if i == 0:
                 from mapgen.runtime.api import compare_checkpoints
 
@@ -168,10 +169,19 @@ def render(meta: dict[str, Any], sizes: dict[str, dict[str, Any]], par: dict[str
     row("peak RSS, in-memory",
         lambda s: f"{max(x[1] for x in s['rows']['memory']) / GiB:.2f} GiB" if s["memory"] else "not run")
     row("dist checkpoint on disk / HF bytes", lambda s: f"{s['disk_stream'] / s['bytes']:.3f}")
-    row("`mapgen export` (streaming), whole CLI",
-        lambda s: _rate(s["bytes"], med([x[0] for x in s["rows"]["export"]])) if s["memory"] else "not run")
-    row("export peak RSS / bitwise vs source",
+    row("**`mapgen export` (streaming), whole CLI / its work**",
+        lambda s: (f"**{_rate(s['bytes'], med([x[0] for x in s['rows']['export']]))}** / "
+                   f"{_rate(s['bytes'], med([x[2] for x in s['rows']['export']]))}") if s["memory"] else "not run")
+    row("**streaming export work / plain-read floor**",
+        lambda s: f"**{med(s['rows']['floor']) / med([x[2] for x in s['rows']['export']]):.2f}x**"
+        if s["memory"] else "not run")
+    row("`mapgen export --in-memory`, whole CLI / its work",
+        lambda s: (f"{_rate(s['bytes'], med([x[0] for x in s['rows']['export_memory']]))} / "
+                   f"{_rate(s['bytes'], med([x[2] for x in s['rows']['export_memory']]))}")
+        if s["memory"] and s["rows"].get("export_memory") else "not run")
+    row("export peak RSS, streaming / in-memory; bitwise vs source",
         lambda s: (f"{max(x[1] for x in s['rows']['export']) / GiB:.2f} GiB / "
+                   f"{max(x[1] for x in s['rows']['export_memory']) / GiB:.2f} GiB; "
                    f"{'yes' if s.get('export_bitwise') else 'NO'}") if s["memory"] else "not run")
     if par:
         L += ["", "Streaming convert of the 1 GiB checkpoint on two processes (whole CLI, medians):", "",
@@ -403,7 +413,7 @@ def render_big(meta: dict[str, Any], sizes: dict[str, dict[str, Any]]) -> str:
         L.append(f"| {label} | " + " | ".join(fn(s) for s in sizes.values()) + " |")
 
     def budget(s: dict[str, Any]) -> float:
-        return 2 + 4 * s["largest"] / GiB
+        return float(2 + 4 * s["largest"] / GiB)
 
     def conv(key: str) -> Any:
         return lambda s: (f"{_rate(s['bytes'], s[key][0])}, work {_rate(s['bytes'], s[key][2])}, "
@@ -423,6 +433,67 @@ def render_big(meta: dict[str, Any], sizes: dict[str, dict[str, Any]]) -> str:
     return "\n".join(L) + "\n"
 
 
+PLOT = REPO / "benchmarks" / "stream.png"
+
+
+def plot() -> None:
+    """``benchmarks/stream.png`` from the raw numbers on disk: throughput of the old (in-memory) and new
+    (streaming) paths against the floors per size, and, when ``--scaling`` has run, the speed-up over ranks
+    against the ideal and the 0.7N goal."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    raw = json.loads(RAW.read_text())["sizes"]
+    scaling = json.loads(RAW_SCALING.read_text())["scaling"] if RAW_SCALING.exists() else None
+    fig, axes = plt.subplots(1, 2 if scaling else 1, figsize=(15 if scaling else 11, 5.5), squeeze=False,
+                             gridspec_kw={"width_ratios": [2.2, 1] if scaling else [1]})
+    ax = axes[0][0]
+    series: list[tuple[str, str, Any]] = [
+        ("floor: plain read()", "floor", lambda x: x), ("floor: cp -r", "cp", lambda x: x),
+        ("convert, old (in-memory), CLI", "memory", lambda x: x[0]),
+        ("convert, streaming, CLI", "stream", lambda x: x[0]),
+        ("convert, streaming, work", "stream", lambda x: x[2]),
+        ("export, old (in-memory), work", "export_memory", lambda x: x[2]),
+        ("export, streaming, CLI", "export", lambda x: x[0]),
+        ("export, streaming, work", "export", lambda x: x[2])]
+    names = list(raw)
+    width = 0.8 / len(series)
+    for i, (label, key, pick) in enumerate(series):
+        ys = [raw[n]["bytes"] / GiB / med([pick(x) for x in raw[n]["rows"][key]]) if raw[n]["rows"].get(key)
+              else 0.0 for n in names]
+        ax.bar([j + (i - (len(series) - 1) / 2) * width for j in range(len(names))], ys, width, label=label)
+    for j, n in enumerate(names):
+        goal = 0.7 * raw[n]["bytes"] / GiB / med(raw[n]["rows"]["floor"])
+        ax.plot([j - 0.42, j + 0.42], [goal, goal], "k--", lw=1, label="0.7x plain read (goal)" if j == 0 else None)
+    ax.set_xticks(range(len(names)), [f"{n} GiB" for n in names])
+    ax.set_yscale("log")
+    ax.set_ylabel("GiB/s of bf16 HF checkpoint bytes (median)")
+    ax.set_title("HF <-> Megatron, TP=1, CPU, warm page cache: old path vs streaming")
+    ax.legend(fontsize=7, ncol=3, loc="lower center")
+    if scaling:
+        ax = axes[0][1]
+        ranks = scaling["ranks"]
+        for kind in ("convert", "export"):
+            base = scaling[kind][str(ranks[0])][1]  # JSON object keys are strings
+            ups = [base / scaling[kind][str(n)][1] * ranks[0] for n in ranks]
+            ax.plot(ranks, ups, "o-", label=f"{kind} work")
+        floor_n = {int(n): t for n, t in scaling.get("floor_n", {}).items()}
+        if floor_n:
+            ax.plot(ranks, [1.0] + [scaling["floor"] / floor_n[n] for n in ranks[1:]], "s:",
+                    label="floor: plain read() by N processes")
+        ax.plot(ranks, ranks, "k-", lw=1, label="ideal (N)")
+        ax.plot(ranks, [0.7 * n for n in ranks], "k--", lw=1, label="goal (0.7N)")
+        ax.set_xticks(ranks)
+        ax.set_xlabel(f"ranks (on {json.loads(RAW_SCALING.read_text())['meta']['cpus']} cores)")
+        ax.set_ylabel("speed-up of the work")
+        ax.set_title(f"scaling, {scaling['bytes'] / GiB:.1f} GiB checkpoint")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(PLOT, dpi=90)
+
+
 def _meta(start: float) -> dict[str, Any]:
     return {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "duration_min": (time.time() - start) / 60,
             "cpus": os.cpu_count(), "python": platform.python_version(), "load": os.getloadavg()[0]}
@@ -433,6 +504,8 @@ def _publish(section: str, raw: dict[str, Any], path: Path, begin: str, end: str
     if not no_write:
         path.write_text(json.dumps(raw, indent=1) + "\n")
         write(section, begin, end)
+        if path in (RAW, RAW_SCALING) and RAW.exists():
+            plot()
 
 
 def main() -> None:
@@ -452,7 +525,11 @@ def main() -> None:
                     help="scaling over ranks (convert at TP=N/EP=N, export on N processes, floors): its own section")
     ap.add_argument("--scaling-gib", type=float, default=4.0, help="size of the scaling checkpoint (GiB)")
     ap.add_argument("--ranks", default="1,2,4,8", help="rank counts for --scaling (the first is the baseline)")
+    ap.add_argument("--plot", action="store_true", help="only redraw benchmarks/stream.png from the raw numbers")
     args = ap.parse_args()
+    if args.plot:
+        plot()
+        return
     args.runs = args.runs or (1 if args.scaling else 3)
     args.workdir.mkdir(parents=True, exist_ok=True)
     start = time.time()
