@@ -532,22 +532,23 @@ def test_falcon_h1_attention_is_the_mamba_layers_child(tmp_path: Path) -> None:
     assert not out.exists()
 
 
-def test_axk2_keys_are_classified(tmp_path: Path) -> None:
-    """A.X-K2: gated RMSNorms (norm + low-rank W_down/W_up gate), MLA with the sparse-attention indexer, DeepSeek-V3
-    MoE: every key classified (read without headers); with headers, scan stops at its gated q projection
-    (q_b_proj [heads * (qk_head_dim + v_head_dim), 2 * q_lora_rank]: q and an output gate), named by shape."""
+def test_axk2_keys_are_classified_and_refused(tmp_path: Path) -> None:
+    """A.X-K2: gated RMSNorms (norm + low-rank W_down/W_up gate), MLA with the sparse-attention indexer and a gated q
+    projection (q_b_proj [heads * (qk_head_dim + v_head_dim), 2 * q_lora_rank], declared by the model type), a
+    DeepSeek-V3 MoE: every key classified and sized; each refused by name, the catalog names gated_norm_rank."""
     ckpt = _built(tmp_path, "axk2")
-    layout = scan(str(ckpt), headers=False)
+    report = check_config(json.loads((ckpt / "config.json").read_text()), file="config.json")
+    assert {"gated_norm_rank", "index_n_heads"} <= {d.key for d in report.errors}
+    assert {d.code for d in report.errors} == {"semantics.unsupported"}
+    layout = scan(str(ckpt))
     assert not layout.unclassified
     assert {g.block.variant for g in layout.language_model.groups} == {"gated_pre_norm"}
     with pytest.raises(MapgenError) as err:
         plan(layout)
-    codes = {(d.code, d.key) for d in err.value.diagnostics}
-    assert ("plan.megatron-lacks", "model.layers.{layer}.input_layernorm.norm.weight") in codes
-    assert ("plan.unsupported", "model.layers.{layer}.self_attn.indexer.wq_b.weight") in codes
-    with pytest.raises(MapgenError) as shapes:
-        scan(str(ckpt))
-    assert {d.key for d in shapes.value.diagnostics} == {"model.layers.0.self_attn.q_b_proj.weight"}
+    assert {(d.code, d.key) for d in err.value.diagnostics} == {
+        ("plan.megatron-lacks", "model.layers.{layer}.input_layernorm.norm.weight"),
+        ("plan.megatron-lacks", "model.layers.{layer}.self_attn.q_b_proj.weight"),
+        ("plan.unsupported", "model.layers.{layer}.self_attn.indexer.wq_b.weight")}
 
 
 def test_lara_mini_rules_and_nope_layers(tmp_path: Path) -> None:

@@ -824,6 +824,8 @@ TOP: tuple[Row, ...] = (
                "projections)", valid=boolean),
     *inert("gated delta-net initialisation ranges (OLMo-Hybrid _init_weights): training only", "linear_a_log_min",
            "linear_a_log_max", "linear_dt_min", "linear_dt_max", "linear_dt_init_floor"),
+    *refused_all("A.X-K2's gated RMSNorms (the rank of their low-rank sigmoid gate): megatron-core's norms are plain",
+                 "gated_norm_rank"),
     refused("linear_allow_neg_eigval", "OLMo-Hybrid's gated delta-net beta scaled by 2 (eigenvalues in [-1, 1]): "
             "megatron-core's GatedDeltaNet uses sigmoid(b) as beta", unless=falsy, valid=boolean),
 )

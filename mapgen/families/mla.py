@@ -78,7 +78,8 @@ def shapes(c: Component, d: Dims) -> ShapePairs:
     return [
         (c.key("q_a_proj"), (q_rank, d.hidden) if q_rank else None),
         (c.key("q_a_layernorm"), (q_rank,) if q_rank else None),
-        (c.key("q_b_proj"), (q_rows, q_rank) if q_rank else None),
+        (c.key("q_b_proj"), (q_rows + d.heads * v_dim, 2 * q_rank) if c.flag("gated_q") and q_rank
+         else (q_rows, q_rank) if q_rank else None),
         (c.key("q"), (q_rows, d.hidden)),
         (c.key("kv_a_proj_with_mqa"), (kv_rank + rope, d.hidden)),
         (c.key("kv_a_layernorm"), (kv_rank,)),
@@ -111,6 +112,10 @@ _KV_O = (
 
 
 def plan(c: Component, p: Planner, mroot: str, hroot: str, domain: str, name: str) -> None:
+    if c.flag("gated_q"):
+        p.unbuildable("a gated MLA query projection (A.X-K2 q_b_proj: the q latent normed and raw, [q_a_layernorm(c); "
+                      "c], to a per-head query and a sigmoid output gate): megatron-core's MLASelfAttention has "
+                      "neither", hroot + str(c.key("q_b_proj")))
     if c.key("indexer_wq_b_weight"):
         p.unsupported("a sparse-attention indexer (DeepSeek-V3.2-style lightning indexer: indexer.wq_b/wk/k_norm/"
                       "weights_proj, A.X-K2)", hroot + str(c.key("indexer_wq_b_weight")))

@@ -48,6 +48,9 @@ class Facts:
     ``qkv_layout``: how this model type's fused q/k/v projection stores q, k and v (``mapgen.ops.qkv`` layouts) where
     its root + spelling means another order elsewhere (Sarvam-MoE's ``attention.query_key_value`` is ``[q; k; v]``,
     GPT-NeoX's per head): it wins over ``attention.FUSED_QKV_LAYOUT``.
+    ``mla_gated_q``: the MLA's ``q_b_proj`` reads the q latent both normed and raw (``[q_a_layernorm(c); c]``, twice
+    q_lora_rank) and writes per head a query and a sigmoid output gate (A.X-K2 ``q_gate_proj``): scan sizes it so, the
+    planner refuses it (megatron-core's MLA has neither).
     ``router``: the routing scheme transformers' modelling code implements for this model type's MoE router
     (:mod:`mapgen.contract.routing`); ``""``: not known, only the values that compute the bridge's historic
     router are accepted."""
@@ -66,6 +69,7 @@ class Facts:
     qk_norm_after_rope: bool = False
     post_layernorm: bool = False
     qkv_layout: str | None = None
+    mla_gated_q: bool = False
 
 
 _QWEN35 = Facts(packed=("out_in", False), zero_centered=True, output_gate=True, router="softmax_renorm")
@@ -172,6 +176,8 @@ MODEL_TYPES: dict[str, Facts] = {
     # packed experts [E, 2I, H] (gate then up), an ungated shared expert, softmax router renormalised iff
     # norm_topk_prob; RoPE on sliding_attention layers only (mapgen.contract.hf_config.no_rope_layers)
     "lara_mini": Facts(packed=("out_in", False), router="softmax"),
+    # A.X-K2 (modeling_axk2.py AXK2Attention): q_gate_proj (stored as q_b_proj) over [normed; raw] q latent
+    "axk2": Facts(mla_gated_q=True),
 }
 
 _NONE = Facts()

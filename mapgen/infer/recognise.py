@@ -183,8 +183,12 @@ def recognise_gated_delta_net(pool: Pool) -> Component | None:
     return _plain(GDN_FAMILY, pool)
 
 
-def recognise_mla(pool: Pool) -> Component | None:
-    return _plain(MLA_FAMILY, pool)
+def recognise_mla(pool: Pool, ctx: Context) -> Component | None:
+    m = match_family(MLA_FAMILY, pool)
+    if m is None:
+        return None
+    flags = {"gated_q": True if facts_for(ctx.model_types).mla_gated_q else None}  # A.X-K2 (declared, never guessed)
+    return Component.make(MLA_FAMILY.name, m.variant.name, m.keys, flags=flags)
 
 
 def recognise_mamba(pool: Pool, shape: ShapeOf, ctx: Context, *, sliding: bool) -> Component | None:
@@ -199,7 +203,8 @@ def recognise_mamba(pool: Pool, shape: ShapeOf, ctx: Context, *, sliding: bool) 
 
 def recognise_mixer(pool: Pool, shape: ShapeOf, ctx: Context, *, sliding: bool) -> Component | None:
     return (
-        recognise_gated_delta_net(pool) or recognise_mamba(pool, shape, ctx, sliding=sliding) or recognise_mla(pool)
+        recognise_gated_delta_net(pool) or recognise_mamba(pool, shape, ctx, sliding=sliding)
+        or recognise_mla(pool, ctx)
         or recognise_attention(pool, shape, ctx, sliding=sliding)
     )
 
