@@ -440,8 +440,11 @@ def plot() -> None:
     """``benchmarks/stream.png`` from the raw numbers on disk: throughput of the old (in-memory) and new
     (streaming) paths against the floors per size, and, when ``--scaling`` has run, the speed-up over ranks
     against the ideal and the 0.7N goal."""
-    import matplotlib
-
+    try:
+        import matplotlib
+    except ImportError:
+        print(f"matplotlib is not installed (pip install -e '.[bench]'): {PLOT.name} not redrawn", file=sys.stderr)
+        return
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

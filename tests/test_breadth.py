@@ -476,6 +476,72 @@ def test_gpt2_verifies_at_tp2(tmp_path: Path) -> None:
     assert case.outcome == "verified", case.row()
 
 
+def _drop_stray_kv_heads(ckpt: Path) -> None:
+    """The matrix builder states ``num_key_value_heads: 2`` for every config; GPT-BigCode's config class derives it
+    from ``multi_query`` (1, else ``n_head``) and its code never reads it: drop it, as real configs have it."""
+    path = ckpt / "config.json"
+    config = json.loads(path.read_text())
+    config.pop("num_key_value_heads", None)
+    path.write_text(json.dumps(config))
+
+
+def test_gpt_bigcode_multi_query_verifies_and_tp2_is_refused(tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """GPT-BigCode (StarCoder-1, SantaCoder) with ``multi_query``: one KV head for every query head
+    (num_query_groups 1), ``c_attn`` ``[q; k; v]`` as nn.Linear; its softmax-precision switches are inert.
+    Verifies at TP=1; TP=2 is refused by name before anything is written (megatron-core splits the KV groups
+    over TP and does not replicate one)."""
+    from mapgen.cli import main
+    from mapgen.contract.config import model_spec
+    from mapgen.contract.hf_config import HFConfig
+
+    case = run_case("gpt_bigcode", tmp_path, post_build=_drop_stray_kv_heads, parallel=("--tp", "1"))
+    assert case.outcome == "verified", case.row()
+    assert case.max_diff is not None
+    assert case.max_diff <= ATOL
+    ckpt, gen = tmp_path / "gpt_bigcode" / "hf", tmp_path / "gpt_bigcode" / "pkg" / "generated"
+    layout = scan(str(ckpt))
+    bridge = plan(layout)
+    assert model_spec(HFConfig(layout.config), layout, bridge.facts).num_query_groups == 1
+    rules = {r.megatron.removeprefix("decoder.layers.{layer}."): r for r in bridge.rules}
+    assert rules["self_attention.linear_qkv.weight"].option("layout") == "per_group"
+    assert rules["self_attention.linear_qkv.weight"].option("orientation") is None  # nn.Linear, not Conv1D
+    capsys.readouterr()
+    assert main(["convert", str(ckpt), str(tmp_path / "out"), "--tp", "2", "--bridges", str(gen)]) != 0
+    assert "parallel.divisibility: num_query_groups=1 is not divisible by tp=2" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_gpt_bigcode_multi_head_verifies_at_tp2(tmp_path: Path) -> None:
+    """GPT-BigCode without ``multi_query`` stores ``c_attn`` per head ``[q_h; k_h; v_h]`` (view(..., heads, 3 *
+    head_dim)), not GPT-2's ``[q; k; v]`` blocks under the same root and spelling: the model type declares it."""
+    case = run_case("gpt_bigcode", tmp_path, overrides={"multi_query": False}, post_build=_drop_stray_kv_heads)
+    assert case.outcome == "verified", case.row()
+
+
+def test_sarvam_mla_routes_as_deepseek_v3(tmp_path: Path) -> None:
+    """Sarvam-MLA is DeepSeek-V3's model class under its own model type (modeling_auto: DeepseekV3ForCausalLM;
+    SarvamMLAConfig subclasses DeepseekV3Config): the same router facts, so the catalog accepts its routing keys
+    (it refused routed_scaling_factor while the model type had no router scheme)."""
+    from semantics_matrix import build
+
+    from mapgen.families.model_types import facts_for
+
+    assert facts_for(["sarvam_mla"]) == facts_for(["deepseek_v3"])
+    build("sarvam_mla", tmp_path / "hf")
+    report = check_config(json.loads((tmp_path / "hf" / "config.json").read_text()), file="config.json")
+    assert report.ok, [d.message for d in report.errors]
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_sarvam_mla_verifies_at_tp2_ep2(tmp_path: Path) -> None:  # about 20 s
+    case = run_case("sarvam_mla", tmp_path)
+    assert case.outcome == "verified", case.row()
+
+
 def test_conv1d_spellings_need_a_declared_storage(tmp_path: Path) -> None:
     """c_attn/c_proj/c_fc are Conv1D [in, out] in GPT-2 and nn.Linear [out, in] in GPT-BigCode/StarCoder2: a model
     type that declares neither is refused, never guessed from the names."""

@@ -75,6 +75,7 @@ HELPER_ROPE = {"rope_type", "type", "factor", "low_freq_factor", "high_freq_fact
                "mrope_section"}
 HELPER_TOP |= set(ROUTING_KEYS)  # the routing derivation (mapgen/contract/routing.py)
 HELPER_TOP |= {"swiglu_alpha", "swiglu_limit"}  # gpt-oss's clamped SwiGLU (hf_config.activation, activation_clamp)
+HELPER_TOP |= {"multi_query", "num_key_value_heads", "n_head"}  # num_query_groups (hf_config.query_groups)
 
 
 def test_mapped_rows_are_exactly_what_the_config_table_reads() -> None:
@@ -97,10 +98,12 @@ def test_mapped_rows_are_exactly_what_the_config_table_reads() -> None:
 def test_bridge_reads_mirror_the_config_table() -> None:
     """BRIDGE_READS (names tried in order + fallback) equals the contract's config table field by field."""
     from mapgen.contract.config import CONFIG, POSITION_READS, REQUIRED
+    from mapgen.contract.hf_config import QUERY_GROUP_READS
     from mapgen.contract.spec import ModelSpec
 
     seen = {row.field: (row.hf, None if row.default is REQUIRED else row.default) for row in CONFIG if row.hf}
     seen["max_position_embeddings"] = POSITION_READS  # a derivation: these reads plus OPT's position offset
+    seen["num_query_groups"] = (QUERY_GROUP_READS, None)  # a derivation: these reads, or 1 when multi-query
     assert seen == BRIDGE_READS
     spec_fields = set(ModelSpec.__dataclass_fields__)
     for row in TOP:

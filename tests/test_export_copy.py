@@ -68,13 +68,22 @@ def test_tp1_copies_all_but_the_padded_vocabulary(tmp_path: Path, monkeypatch: p
     assert nbytes > 0
 
 
-def test_tp1_packed_experts_gdn_and_mtp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_tp1_packed_experts_gdn_and_mtp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                       capsys: pytest.CaptureFixture[str]) -> None:
     """Packed 3-D experts (one expert is a block of the HF tensor), GDN (produced), shared MTP tensors, a
-    vision tower (copied from the source checkpoint)."""
+    vision tower (copied from the source checkpoint; without ``--source`` the launching process refuses
+    before a worker starts or a byte is written)."""
     from mapgen.cli import main
 
     src = synth(HUB / "Qwen--Qwen3.6-35B-A3B", tmp_path / "hf", "--mtp-depth", "2")
     assert main(["convert", str(src), str(tmp_path / "ckpt")]) == 0
+    capsys.readouterr()
+    assert main(["export", str(tmp_path / "ckpt"), str(tmp_path / "no-source"), "--nproc", "2"]) != 0
+    err = capsys.readouterr().err
+    assert "export.towers-need-source" in err, err
+    assert "(vision)" in err, err
+    assert "worker" not in err, err
+    assert not (tmp_path / "no-source").exists()
     copied, _ = _export_both(src, tmp_path / "ckpt", tmp_path, monkeypatch)
     assert any(k.endswith("experts.gate_up_proj") for k in copied), sorted(copied)[:5]
     # the vision tower's tensors live only in the source checkpoint: copied from its files

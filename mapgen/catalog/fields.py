@@ -559,8 +559,8 @@ TOP: tuple[Row, ...] = (
             unless=falsy, valid=boolean),
     refused("new_decoder_architecture", "Falcon's decoder block (separate attention/MLP input norms in parallel): "
             "the bridge builds sequential pre-norm blocks", unless=falsy, valid=boolean),
-    refused("multi_query", "Falcon's multi-query spelling: the bridge reads num_key_value_heads",
-            unless=lambda v, s: not v or bridge_value(s, "num_query_groups") == 1, valid=boolean),
+    mapped("multi_query", "num_query_groups", why="one KV head for every query head (GPT-BigCode; Falcon's old "
+           "decoder): num_query_groups 1 (hf_config.query_groups)", valid=boolean),
     refused("num_kv_heads", "a KV-head spelling the bridge does not read (it reads num_key_value_heads)",
             unless=same_as_bridge("num_query_groups"), valid=positive_int),
     refused("num_heads", "a head-count spelling the bridge does not read (it reads num_attention_heads)",
@@ -682,6 +682,9 @@ TOP: tuple[Row, ...] = (
                valid=non_negative_int),
     *inert("transformers' decoder flag: mapgen builds causal decoders (scope and keys decide the rest)",
            "is_decoder"),
+    *inert("GPT-BigCode's softmax-precision switches: transformers' attention takes the softmax in fp32 "
+           "whatever they say (modeling_gpt_bigcode.py stores them and never reads them)", "attention_softmax_in_fp32",
+           "scale_attention_softmax_in_fp32"),
     *inert("kernel/implementation choice in transformers: same maths", "use_mamba_kernels", "use_mambapy",
            "use_associative_scan", "residual_in_fp32", "reorder_and_upcast_attn", "rescale_prenorm_residual"),
     *inert("sequence-summary head of classification models: not part of the causal LM", "summary_type",

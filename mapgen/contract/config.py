@@ -30,6 +30,7 @@ from mapgen.contract.hf_config import (
     mrope_section,
     no_rope_layers,
     position_embedding_type,
+    query_groups,
     rope_scaling,
     rope_scaling_factor,
     softmax_scale,
@@ -149,7 +150,7 @@ def _per_layer_flags(layout: Layout, flags: tuple[bool, ...], what: str) -> tupl
 
 
 Derivation = Literal[
-    "gpt2_inner",
+    "gpt2_inner", "num_query_groups",
     "head_dim", "rope_scaling", "rope_scaling_factor", "layer_kinds", "mlp_kinds", "mtp_depth", "mtp_layer_kind",
     "mtp_mlp_kind", "mla_rope_type", "yarn_scaling_factor", "yarn_original_max_position_embeddings",
     "yarn_beta_fast", "yarn_beta_slow", "yarn_mscale", "yarn_mscale_all_dim", "yarn_truncate",
@@ -176,6 +177,7 @@ POSITION_READS: tuple[tuple[str, ...], int] = (("max_position_embeddings", "n_po
 DERIVATIONS: dict[str, Callable[[HFConfig, Layout], Any]] = {
     "gpt2_inner": lambda hf, _: _gpt2_inner(hf),  # ffn_hidden_size's fallback
     "head_dim": lambda hf, _: head_dim(hf),  # head_dim, else hidden_size // num_attention_heads
+    "num_query_groups": lambda hf, _: query_groups(hf),  # KV heads (MHA: the heads); GPT-BigCode's multi_query: 1
     # Llama-3 RoPE scaling; other scalings are refused (MLA layers judge theirs in mla_rope)
     "rope_scaling": lambda hf, layout: False if _has_mla(layout) else rope_scaling(hf),
     "rope_scaling_factor": lambda hf, layout: 8.0 if _has_mla(layout) else rope_scaling_factor(hf),
@@ -264,8 +266,7 @@ CONFIG: tuple[ConfigRow, ...] = (
     ConfigRow("num_layers", hf=("num_hidden_layers", "n_layer")),
     ConfigRow("hidden_size", hf=("hidden_size", "n_embd")),
     ConfigRow("num_attention_heads", hf=("num_attention_heads", "n_head")),
-    ConfigRow("num_query_groups", hf=("num_key_value_heads", "num_attention_heads", "n_head"),
-              note="MHA without kv heads"),
+    ConfigRow("num_query_groups", derive="num_query_groups", note="MHA without kv heads; multi_query: 1"),
     ConfigRow("kv_channels", derive="head_dim"),
     ConfigRow("ffn_hidden_size", hf=("intermediate_size", "moe_intermediate_size", "n_inner", "ffn_dim"),
               fallback="gpt2_inner"),

@@ -90,6 +90,21 @@ def head_dim(hf: HFConfig) -> int:
     return int(value)
 
 
+QUERY_GROUP_READS = ("num_key_value_heads", "num_attention_heads", "n_head")
+"""What ``num_query_groups`` reads when the config is not multi-query (MHA configs state no KV heads)."""
+
+
+def multi_query(hf: HFConfig) -> bool:
+    """One KV head shared by every query head: GPT-BigCode's and Falcon's ``multi_query`` (except in Falcon's new
+    decoder, which reads ``num_kv_heads``), as modeling_gpt_bigcode.py and modeling_falcon.py read them."""
+    return bool(hf.get("multi_query", default=False)) and not hf.get("new_decoder_architecture", default=False)
+
+
+def query_groups(hf: HFConfig) -> int:
+    """Megatron's ``num_query_groups``: 1 for a multi-query config, else the KV heads (the heads for MHA)."""
+    return 1 if multi_query(hf) else int(hf.get(*QUERY_GROUP_READS))
+
+
 _LLAMA3_DEFAULTS = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
 
 

@@ -104,6 +104,7 @@ MODEL_TYPES: dict[str, Facts] = {
     "granitemoeshared": _GRANITE_MOE,  # its layer-level shared_mlp is not classified (shared_intermediate_size 0)
     "deepseek_v2": Facts(router="softmax_greedy"),
     "deepseek_v3": _DEEPSEEK_V3,
+    "sarvam_mla": _DEEPSEEK_V3,  # SarvamMLAConfig subclasses DeepseekV3Config; the model is DeepseekV3ForCausalLM
     "glm4_moe": _DEEPSEEK_V3,
     "glm4v_moe": _DEEPSEEK_V3,
     "glm4v_moe_text": _DEEPSEEK_V3,
@@ -118,7 +119,9 @@ MODEL_TYPES: dict[str, Facts] = {
     "gpt2": Facts(layernorm=True, conv1d=True),
     "persimmon": Facts(layernorm=True),  # QK norms too: nn.LayerNorm(head_dim) (modeling_persimmon.py)
     # c_attn/c_proj/c_fc as nn.Linear [out, in] (modeling_gpt_bigcode.py, modeling_starcoder2.py)
-    "gpt_bigcode": Facts(layernorm=True, conv1d=False),
+    # c_attn: multi-query [q; k; v] (split((embed, kv, kv))), else per head [q_h k_h v_h] (view(..., heads,
+    # 3 * head_dim).split): both are per_group (one group when multi-query), not GPT-2's blocks
+    "gpt_bigcode": Facts(layernorm=True, conv1d=False, qkv_layout="per_group"),
     "starcoder2": Facts(layernorm=True, conv1d=False),
     "falcon": Facts(layernorm=True),  # its parallel blocks are refused by the planner (families/norms.py)
     # QK norms over the whole projection (modeling_olmo2.py Olmo2Attention: RMSNorm(num_heads * head_dim))

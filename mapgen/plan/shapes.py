@@ -24,7 +24,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from mapgen.contract.hf_config import HFConfig
+from mapgen.contract.hf_config import HFConfig, multi_query
 from mapgen.errors import Diagnostic
 from mapgen.families import behaviour, embedding, norms
 from mapgen.families import mtp as mtp_family
@@ -60,10 +60,8 @@ def config_dims(config: Mapping[str, Any]) -> Dims:
     hf = HFConfig(config)
     hidden = int(hf.get("hidden_size", "n_embd"))
     heads = _int(hf, "num_attention_heads", "n_head", "num_heads") or 0  # GPT-Neo: num_heads (its catalog row refuses)
-    # Falcon/GPT-BigCode: multi_query means one KV head, except in Falcon's new decoder (num_kv_heads): as
-    # modeling_falcon.py FalconAttention and modeling_gpt_bigcode.py read them
-    multi_query = hf.get("multi_query", default=False) and not hf.get("new_decoder_architecture", default=False)
-    kv_heads = 1 if multi_query else (_int(hf, "num_key_value_heads", "num_kv_heads") or heads)
+    # Falcon/GPT-BigCode: multi_query means one KV head (hf_config.multi_query)
+    kv_heads = 1 if multi_query(hf) else (_int(hf, "num_key_value_heads", "num_kv_heads") or heads)
     head_dim = _int(hf, "head_dim") or (hidden // heads if heads else 0)
     intermediate = _int(hf, "intermediate_size", "n_inner", "ffn_dim")
     if intermediate is None and hf.has("n_embd"):  # GPT-2: n_inner null means 4 * n_embd

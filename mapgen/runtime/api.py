@@ -305,14 +305,25 @@ def check_parallel(spec: ModelSpec, par: Parallel, world_size: int) -> None:
                                       hint="choose TP/EP/ETP/PP sizes that divide the model") for p in problems])
 
 
+def require_tower_source(layout: Layout, source_root: Path | str | None) -> None:
+    """An export of a layout with towers (a vision tower, a projector: tensors the Megatron model does not
+    hold) needs the source checkpoint they are copied from."""
+    towers = tower_keys(layout)
+    if towers and source_root is None:
+        raise error("export.towers-need-source", f"the layout carries {len(towers)} tower keys "
+                    f"({', '.join(t.name for t in layout.towers)}) that live only in the source checkpoint",
+                    hint="pass --source with the original HF checkpoint")
+
+
 def preflight(source_path: str | None, par: Parallel, world: int, *, out: Path | None = None,
               overwrite: bool = False, ckpt: Path | None = None,
               numerics: tuple[bool, str] | None = None) -> None:
     """Every check a command can make before it starts workers or writes a byte, in the launching process:
     the source checkpoint (:meth:`HFSource.open`), the bridge for its layout, TP/EP/ETP/PP divisibility (all
     problems at once) and the output directory. ``ckpt`` (export) must hold ``mapgen.json`` unless a source
-    is given. ``numerics`` = (allowed, command): the bridge must carry its numerical proof unless allowed
-    (:func:`require_numerics`). Imports no megatron-core."""
+    is given, and a layout with towers needs the source (:func:`require_tower_source`). ``numerics`` =
+    (allowed, command): the bridge must carry its numerical proof unless allowed (:func:`require_numerics`).
+    Imports no megatron-core."""
     if ckpt is not None and not Path(ckpt).is_dir():
         raise error("megatron.not-found", f"{ckpt} is not a directory", file=str(ckpt),
                     expected="a Megatron checkpoint directory written by `mapgen convert`")
@@ -322,6 +333,7 @@ def preflight(source_path: str | None, par: Parallel, world: int, *, out: Path |
     else:
         assert ckpt is not None
         layout = layout_from_json(json.dumps(read_megatron_meta(ckpt)["layout"]))
+        require_tower_source(layout, None)
     if ckpt is not None and ((Path(ckpt) / "release").is_dir() or (Path(ckpt) / ".metadata").is_file()):
         from mapgen.runtime._safeload import check_dist_checkpoint
 
@@ -625,10 +637,8 @@ def export_hf(models: list[torch.nn.Module] | torch.nn.Module, binding: Binding,
     target = dict(target or {})
     layout = binding.layout
     towers = tower_keys(layout)
-    if towers and source_root is None and coords.rank == 0:
-        raise error("export.towers-need-source", f"the layout carries {len(towers)} tower keys "
-                    f"({', '.join(t.name for t in layout.towers)}) that live only in the source checkpoint",
-                    hint="pass --source with the original HF checkpoint")
+    if coords.rank == 0:
+        require_tower_source(layout, source_root)
     stream = stream_hf(models, binding, target=target)
     fp8 = None
     if coords.rank == 0:
@@ -1014,9 +1024,7 @@ def _export_streaming(binding: Binding, release: Path, out: Path, target: Mappin
     weight_map: dict[str, str] = dict(target["weight_map"])
     shard_meta: Mapping[str, dict[str, str]] = target.get("shard_metadata") or {}
     towers = tower_keys(layout)
-    if towers and root is None:
-        raise error("export.towers-need-source", f"the layout carries {len(towers)} tower keys that live only in the "
-                    "source checkpoint", hint="pass --source with the original HF checkpoint")
+    require_tower_source(layout, root)
     producers: dict[str, list[Instance]] = {}
     for inst in binding.instances:
         for key in inst.hf:
