@@ -55,8 +55,72 @@ _TINY = {
     "n_embd": 64, "n_layer": 2, "n_head": 4, "n_inner": 96, "n_positions": 64, "d_model": 64, "n_layers": 2,
     "n_heads": 4, "num_layers": 2, "ffn_dim": 96, "rotary_dim": 8, "kv_lora_rank": 16, "q_lora_rank": 32,
     "qk_rope_head_dim": 8, "qk_nope_head_dim": 8, "v_head_dim": 16, "index_n_heads": 2, "index_head_dim": 16,
+    "ffn_hidden_size": 96, "expert_ffn_hidden_size": 32, "intermediate_size_mlp": 96, "kv_n_heads": 2,
+    "num_dense_layers": 1, "vocab_size_per_layer_input": 128, "hidden_size_per_layer_input": 16,
+    # vision towers of composite configs (they take no part in a text-only forward; only made small)
+    "depth": 2, "num_heads": 4, "out_hidden_size": 64, "vision_output_dim": 64, "projector_input_dim": 64,
+    "projector_output_dim": 64, "zero_expert_num": 2,
+    # a sparse-attention indexer that the default leaves unset and the model code requires (Qwen4-Exp's QSA)
+    "indexer_n_heads": 2, "indexer_kv_heads": 1, "indexer_head_dim": 16, "indexer_budget": 8,
+    "indexer_compress_ratio": 4,
 }
+# Values transformers' default config leaves out but its modeling code reads and the released configs state (no rule
+# derives them): DBRX's attn_config.rope_theta, LFM2-MoE's layer kinds, Cohere Compass's per-kind RoPE tables;
+# and Gemma-4's full-attention head size, a constructor argument its defaults do not list.
+_STATED: dict[str, dict[str, Any]] = {
+    "dbrx": {"attn_config": {"rope_theta": 500000.0}},
+    "gemma4_text": {"global_head_dim": 32},  # a constructor argument (full-attention head size), 512 by default
+    "lfm2_moe": {"layer_types": ["conv", "full_attention"]},
+    "cohere_compass_text": {"rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 50000.0},
+                                                "sliding_attention": {"rope_type": "default", "rope_theta": 50000.0}}},
+}
+_EXPERT_COUNTS = ("num_experts", "num_local_experts", "n_routed_experts")
 _TOKEN_IDS = ("bos_token_id", "eos_token_id", "pad_token_id", "sep_token_id", "decoder_start_token_id")
+
+
+def _tiny_kwargs(defaults: dict[str, Any]) -> dict[str, Any]:
+    """The tiny sizes for a config whose defaults are ``defaults``, nested sub-configs included (a composite's
+    ``text_config``/``vision_config``, DBRX's ``attn_config``/``ffn_config``: any dict value that states a
+    ``model_type``), each shrunk by the same rules."""
+    kwargs = {k: v for k, v in _TINY.items() if k in defaults}
+    if not (isinstance(defaults.get("sliding_window"), int) and defaults["sliding_window"] > 0):
+        kwargs.pop("sliding_window", None)  # a window only where the architecture has one by default
+    if "head_dim" in kwargs and defaults.get("head_dim") is None:
+        kwargs.pop("head_dim")
+    if any(k.startswith("enable_moe") and v is False for k, v in defaults.items()):
+        for key in _EXPERT_COUNTS:  # no experts where a MoE switch is off by default (Gemma-4's enable_moe_block)
+            kwargs.pop(key, None)
+    for i, key in enumerate(_TOKEN_IDS):  # ids inside the tiny vocabulary
+        if isinstance(defaults.get(key), int):
+            kwargs[key] = i
+        elif isinstance(defaults.get(key), list):
+            kwargs[key] = [i]
+    if "kv_lora_rank" in defaults and "num_key_value_heads" in defaults:
+        # multi-latent attention expands k and v per query head; every released MLA config states as many KV
+        # heads as heads (transformers' MLA classes repeat the heads by their ratio otherwise)
+        kwargs["num_key_value_heads"] = kwargs.get("num_attention_heads", defaults.get("num_attention_heads"))
+        kwargs.pop("head_dim", None)  # MLA configs derive it from qk_rope_head_dim (the RoPE tables' width)
+        if "qk_head_dim" in defaults:  # a stated sum of the two parts (LongCat-Flash)
+            kwargs["qk_head_dim"] = _TINY["qk_nope_head_dim"] + _TINY["qk_rope_head_dim"]
+    if isinstance(defaults.get("n_group"), int) and defaults["n_group"] > 1:
+        # group-limited routing with the tiny expert count: two groups, the best one kept (DeepSeek-V3's 8/4
+        # would need at least 8 experts)
+        kwargs["n_group"], kwargs["topk_group"] = 2, 1
+    if isinstance(defaults.get("attention_types"), list):  # GPT-Neo: [[["global", "local"], 12]] = 24 layers
+        kwargs["attention_types"] = [[["global", "local"], _TINY["num_layers"] // 2]]
+    layer_types = defaults.get("layer_types")
+    if isinstance(layer_types, list) and len(layer_types) > _TINY["num_hidden_layers"]:
+        # one layer of each kind the default stack has, in their first order, the last kind last (Gemma's
+        # [sliding x5, full]); more kinds than tiny layers: the default's first layers
+        kinds = list(dict.fromkeys(layer_types))
+        kept = kinds if len(kinds) == _TINY["num_hidden_layers"] else layer_types[: _TINY["num_hidden_layers"]]
+        kwargs["layer_types"] = kept if len(kinds) != 1 else [kinds[0]] * _TINY["num_hidden_layers"]
+    for key, value in defaults.items():
+        if isinstance(value, list) and value and key.endswith("_indexes") and all(isinstance(v, int) for v in value):
+            kwargs[key] = [0]  # layer indexes of a shrunk stack (Qwen-VL's deepstack_visual_indexes)
+        elif isinstance(value, dict) and "model_type" in value:  # a nested sub-config
+            kwargs[key] = value | _tiny_kwargs(value)
+    return kwargs
 
 
 @dataclass
@@ -98,47 +162,42 @@ def build(model_type: str, out: Path, seed: int = 0, overrides: dict[str, Any] |
     cls = CONFIG_MAPPING[model_type]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        defaults = cls().to_dict()
-        kwargs = {k: v for k, v in _TINY.items() if k in defaults}
-        if not (isinstance(defaults.get("sliding_window"), int) and defaults["sliding_window"] > 0):
-            kwargs.pop("sliding_window", None)  # a window only where the architecture has one by default
-        if "head_dim" in kwargs and defaults.get("head_dim") is None:
-            kwargs.pop("head_dim")
-        for i, key in enumerate(_TOKEN_IDS):  # ids inside the tiny vocabulary
-            if isinstance(defaults.get(key), int):
-                kwargs[key] = i
-            elif isinstance(defaults.get(key), list):
-                kwargs[key] = [i]
-        if "kv_lora_rank" in defaults and "num_key_value_heads" in defaults:
-            # multi-latent attention expands k and v per query head; every released MLA config states as many KV
-            # heads as heads (transformers' MLA classes repeat the heads by their ratio otherwise)
-            kwargs["num_key_value_heads"] = kwargs.get("num_attention_heads", defaults.get("num_attention_heads"))
-            kwargs.pop("head_dim", None)  # MLA configs derive it from qk_rope_head_dim (the RoPE tables' width)
-        if isinstance(defaults.get("n_group"), int) and defaults["n_group"] > 1:
-            # group-limited routing with the tiny expert count: two groups, the best one kept (DeepSeek-V3's 8/4
-            # would need at least 8 experts)
-            kwargs["n_group"], kwargs["topk_group"] = 2, 1
-        if isinstance(defaults.get("attention_types"), list):  # GPT-Neo: [[["global", "local"], 12]] = 24 layers
-            kwargs["attention_types"] = [[["global", "local"], _TINY["num_layers"] // 2]]
+        kwargs = _tiny_kwargs(cls().to_dict())
+        for key, value in _STATED.get(model_type, {}).items():
+            kwargs[key] = kwargs[key] | value if isinstance(kwargs.get(key), dict) else value
         config = cls(**(kwargs | (overrides or {})))
+        auto = _auto_class(model_type, kwargs)
         try:
             with torch.device("meta"):
-                probe = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+                probe = auto.from_config(config, dtype=torch.float32)
         except TypeError:  # Ministral, Hunyuan: the model code reads config.head_dim, which hub configs state
             if getattr(config, "head_dim", 0) is not None or not kwargs.get("num_attention_heads"):
                 raise
             config.head_dim = kwargs["hidden_size"] // kwargs["num_attention_heads"]
             with torch.device("meta"):
-                probe = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+                probe = auto.from_config(config, dtype=torch.float32)
         count = sum(p.numel() for p in probe.parameters())
         del probe
         if count > MAX_PARAMS:
             raise ValueError(f"the tiny config still has {count:,} parameters (> {MAX_PARAMS:,})")
-        model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model = auto.from_config(config, dtype=torch.float32)
     from mapgen.runtime.numerics import perturb
 
     perturb(model, seed)
     model.save_pretrained(str(out), max_shard_size="100KB")
+
+
+def _auto_class(model_type: str, kwargs: dict[str, Any]) -> Any:
+    """The class a released checkpoint of ``model_type`` is saved from: for a composite (a ``text_config`` beside
+    towers) the image-text model when transformers has one (Qwen3.5's causal-LM class is the text model alone, which
+    saves a ``qwen3_5_text`` checkpoint without the vision tower: not what Qwen3.5 releases store), else the causal
+    LM."""
+    import transformers
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+    if isinstance(kwargs.get("text_config"), dict) and model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES:
+        return transformers.AutoModelForImageTextToText
+    return transformers.AutoModelForCausalLM
 
 
 def _env() -> dict[str, str]:

@@ -170,7 +170,6 @@ REFUSED: dict[str, tuple[set[str], set[str] | None]] = {
                    {"(no final norm tensor)", "transformer.h.{layer}.ln_1.weight"}),  # GPT-1: post-LN, no final norm
     "kolibri1": ({"norm_topk_prob"}, {"model.layers.{layer}.post_attn_norm.weight"}),  # GLM-4-style output norms
     "flint": ({"model_type.nope-full-attention-layers"}, None),  # sinks (softmax_offset) classified; NoPE refused
-    "hy_v3": ({"router_scaling_factor"}, None),  # router.gate, expert_bias, shared_mlp; its scale's own spelling
     "aria_text": ({"moe_num_experts"}, None),  # experts.fc1/fc2 packed [E, in, out]; its expert-count spelling
     "cohere": ({"logit_scale", "model_type.interleaved-rope", "model_type.layernorm", "model_type.parallel-block"},
                {"model.layers.{layer}.input_layernorm.weight"}),
@@ -237,7 +236,8 @@ def test_biogpt_without_embedding_scale_verifies(tmp_path: Path) -> None:
 
 
 # model_type -> catalog keys naming what megatron-core lacks; scan does not reach these yet (XGLM/MPT sizes under
-# d_model/n_heads, CTRL's transformer.w / multi_head_attention.Wq names, ERNIE-4.5's [1, E] moe_statics bias)
+# d_model/n_heads, CTRL's transformer.w / multi_head_attention.Wq names); ERNIE-4.5-MoE's keys are all classified
+# (test_ernie_moe_statics_bias_is_classified_and_refused)
 CATALOG_ONLY: dict[str, set[str]] = {
     "mpt": {"model_type.alibi", "attn_config"},
     "ctrl": {"model_type.sinusoidal-positions", "model_type.embedding-scale", "dff"},
@@ -305,8 +305,9 @@ BLOCKERS: dict[str, set[str]] = {
     "bamba": {"mamba_d_conv", "mamba_d_state", "mamba_n_heads"},  # Mamba-2 layers (attn_layer_indices: null)
     "jamba": {"mamba_d_conv", "mamba_dt_rank", "attn_layer_period"},  # expert_layer_period/offset: keys decide
     "granitemoehybrid": {"mamba_d_conv", "position_embedding_type"},  # null: NoPE attention
-    "hy_v3": {"router_scaling_factor"},
     "laguna": {"gating", "rope_parameters.full_attention"},  # softplus g_proj gate, per-layer-type RoPE
+    "falcon_h1": {"mamba_d_ssm", "mamba_d_state"},  # Mamba-2 beside attention; its muP multipliers are 1.0 here
+    "olmo_hybrid": {"linear_allow_neg_eigval"},  # beta = 2 * sigmoid(b); the init ranges are inert
 }
 
 
@@ -371,3 +372,211 @@ def test_refused_emit_writes_nothing(tmp_path: Path) -> None:
     assert mapgen_main(["emit", str(ckpt), "--out", str(out)]) != 0
     assert not out.exists()
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())  # no temp dir left beside it
+
+
+# -- breadth-d: composite configs, ERNIE-4.5-MoE's [1, E] bias, HY-V3's router scale ---------------------------
+def test_matrix_builder_shrinks_nested_configs(tmp_path: Path) -> None:
+    """Qwen3.5 (vision + text): the sizes live in text_config and vision_config; the builder shrinks both and saves
+    the composite as releases store it (Qwen3_5ForConditionalGeneration: model.language_model. + model.visual.; the
+    causal-LM class would save the text model alone), and scan carries the vision tower through."""
+    ckpt = _built(tmp_path, "qwen3_5")
+    config = json.loads((ckpt / "config.json").read_text())
+    text, vision = config["text_config"], config["vision_config"]
+    assert (text["hidden_size"], text["num_hidden_layers"], text["vocab_size"]) == (64, 2, 128)
+    assert text["layer_types"] == ["linear_attention", "full_attention"]
+    assert (vision["depth"], vision["out_hidden_size"]) == (2, 64)
+    layout = scan(str(ckpt))
+    assert not layout.unclassified
+    assert layout.language_model.prefix == "model.language_model."
+    assert [(t.prefix, t.num_keys) for t in layout.towers] == [("model.visual.", 33)]
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.skipif(not FULL, reason="opt-in: MAPGEN_MATRIX=full (about 30 s each)")
+@pytest.mark.parametrize("model_type", ["qwen3_5", "qwen3_5_moe"])
+def test_composite_qwen3_5_verifies(tmp_path: Path, model_type: str) -> None:
+    case = run_case(model_type, tmp_path)
+    assert case.outcome == "verified", case.row()
+    assert case.max_diff is not None
+    assert case.max_diff <= ATOL
+
+
+def test_ernie_moe_statics_bias_is_classified_and_refused(tmp_path: Path) -> None:
+    """ERNIE-4.5-MoE: moe_statics.e_score_correction_bias [1, E] is the router's score-correction bias (copy with
+    leading_unit: [1, E] <-> [E], bitwise both ways: tests/ops/test_inverse.py); ERNIE adds it to *softmax*
+    probabilities for the selection, which megatron-core's router does not do (expert_bias with sigmoid scores
+    only): the planner refuses it by name, the catalog names the
+    interleaved RoPE, and emit writes nothing."""
+    from mapgen.cli import main as mapgen_main
+
+    ckpt = _built(tmp_path, "ernie4_5_moe")
+    report = check_config(json.loads((ckpt / "config.json").read_text()), file="config.json")
+    assert "model_type.interleaved-rope" in {d.key for d in report.errors}
+    layout = scan(str(ckpt))
+    assert not layout.unclassified
+    with pytest.raises(MapgenError) as err:
+        plan(layout)
+    (diag,) = err.value.diagnostics
+    assert diag.code == "plan.megatron-lacks"
+    assert diag.key == "model.layers.{layer}.mlp.moe_statics.e_score_correction_bias"
+    assert "softmax" in diag.message
+    assert "sigmoid scores only" in diag.message
+    out = tmp_path / "out" / "generated"
+    assert mapgen_main(["emit", str(ckpt), "--out", str(out)]) != 0
+    assert not out.exists()
+
+
+def _bias_expert_selection(ckpt: Path) -> None:
+    """Give the score-correction biases (buffers: perturb leaves them zero) values that change which experts are
+    selected (on the tiny HY-V3 twin they move transformers' logits by about 0.55)."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    index = json.loads((ckpt / "model.safetensors.index.json").read_text())
+    gen = torch.Generator().manual_seed(7)
+    for shard in sorted(set(index["weight_map"].values())):
+        tensors = load_file(str(ckpt / shard))
+        hits = [k for k in tensors if k.endswith(("e_score_correction_bias", "expert_bias"))]
+        for k in hits:
+            tensors[k] = (torch.randn(tensors[k].shape, generator=gen) * 0.5).to(tensors[k].dtype)
+        if hits:
+            save_file(tensors, str(ckpt / shard), metadata={"format": "pt"})
+
+
+def test_hy_v3_router_scale_is_megatron_topk_scaling(tmp_path: Path) -> None:
+    """HY-V3's router (sigmoid, score-correction bias for the selection, always renormalised, times
+    router_scaling_factor) is megatron-core's sigmoid router with moe_router_topk_scaling_factor; transformers'
+    default scale (2.826) travels with the bridge when config.json leaves it out; top-1 is refused by name
+    (megatron-core does not renormalise a single score); a router that never reads the key leaves it inert, and one
+    mapgen does not know keeps the refusal."""
+    from mapgen.contract.config import model_spec
+    from mapgen.contract.hf_config import HFConfig
+
+    ckpt = _built(tmp_path, "hy_v3")
+    config = json.loads((ckpt / "config.json").read_text())
+    assert config["router_scaling_factor"] == 2.826
+    assert check_config(config, file="config.json").ok
+    layout = scan(str(ckpt))
+    bridge = plan(layout)
+    assert (bridge.facts.router, bridge.facts.default_router_scaling_factor) == ("sigmoid_renorm", 2.826)
+    for cfg, scale in ((config, 2.826), ({k: v for k, v in config.items() if k != "router_scaling_factor"}, 2.826),
+                       (config | {"router_scaling_factor": 1.0}, None)):
+        spec = model_spec(HFConfig(cfg), layout, bridge.facts)
+        assert (spec.moe_router_score_function, spec.moe_router_topk_scaling_factor) == ("sigmoid", scale)
+        assert spec.moe_router_enable_expert_bias
+    top1 = check_config(config | {"num_experts_per_tok": 1}, file="config.json")
+    assert {d.key for d in top1.errors} == {"num_experts_per_tok"}
+    unknown = check_config(json.loads((_built(tmp_path, "qwen2_moe")).joinpath("config.json").read_text())
+                           | {"router_scaling_factor": 2.0}, file="config.json")
+    assert "router_scaling_factor" not in {d.key for d in unknown.errors}  # Qwen2-MoE's router never reads it
+    from mapgen.contract.routing import routing
+
+    _, gaps = routing("", {"router_scaling_factor": 2.0}.get, topk=2)
+    assert [g.key for g in gaps] == ["router_scaling_factor"]
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_hy_v3_verifies_with_biased_selection(tmp_path: Path) -> None:
+    """HY-V3 at TP=2 x EP=2 with score-correction biases that change the selection and its default scale 2.826."""
+    case = run_case("hy_v3", tmp_path, post_build=_bias_expert_selection)
+    assert case.outcome == "verified", case.row()
+    assert case.max_diff is not None
+    assert case.max_diff <= ATOL
+
+
+# -- breadth-d: the hybrid rows classify every key and name their blocker ----------------------------------------
+# model_type -> (mixer family, variant) of its first layer group, and the (code, key) the planner refuses
+HYBRIDS: dict[str, tuple[tuple[str, str], set[tuple[str, str]]]] = {
+    # Falcon-H1: Mamba-2 and attention side by side in every layer (the attention is the Mamba component's child)
+    "falcon_h1": (("mamba", "mamba2"), {("plan.unsupported", "model.layers.{layer}.mamba.in_proj.weight")}),
+    # OLMo-Hybrid: flash-linear-attention's gated delta-net names; its attention layers are OLMo-3 post-norm blocks
+    # with QK norms over the whole projection (attention_layer_norm / feedforward_layer_norm: its own norm names)
+    "olmo_hybrid": (("gated_delta_net", "separate"), {
+        ("plan.unsupported", "model.layers.{layer}.linear_attn.q_proj.weight"),
+        ("plan.megatron-lacks", "model.layers.{layer}.self_attn.q_norm.weight"),
+        ("plan.megatron-lacks", "model.layers.{layer}.feedforward_layer_norm.weight")}),
+    # DeepSeek-V3.2: MLA with the sparse-attention indexer (layer_types indexed_attention); the catalog refuses it too
+    "deepseek_v32": (("mla", "q_low_rank"),
+                     {("plan.unsupported", "model.layers.{layer}.self_attn.indexer.wq_b.weight")}),
+}
+
+
+@pytest.mark.parametrize("model_type", sorted(HYBRIDS))
+def test_hybrid_layers_are_classified_and_refused(tmp_path: Path, model_type: str) -> None:
+    (family, variant), refusals = HYBRIDS[model_type]
+    layout = scan(str(_built(tmp_path, model_type)))
+    assert not layout.unclassified
+    first = layout.language_model.groups[0].mixer
+    assert (first.family, first.variant) == (family, variant)
+    with pytest.raises(MapgenError) as err:
+        plan(layout)
+    assert {(d.code, d.key) for d in err.value.diagnostics} == refusals
+
+
+def test_falcon_h1_attention_is_the_mamba_layers_child(tmp_path: Path) -> None:
+    """Falcon-H1: self_attn.* beside mamba.* in one layer is classified as one mixer (Mamba + parallel attention),
+    never left over; emit refuses it and writes nothing."""
+    from mapgen.cli import main as mapgen_main
+
+    ckpt = _built(tmp_path, "falcon_h1")
+    layout = scan(str(ckpt))
+    (group,) = layout.language_model.groups
+    attention = group.mixer.child("attention")
+    assert attention is not None
+    assert attention.family == "attention"
+    assert attention.key("q") == "self_attn.q_proj.weight"
+    out = tmp_path / "out" / "generated"
+    assert mapgen_main(["emit", str(ckpt), "--out", str(out)]) != 0
+    assert not out.exists()
+
+
+def test_axk2_keys_are_classified_and_refused(tmp_path: Path) -> None:
+    """A.X-K2: gated RMSNorms (norm + low-rank W_down/W_up gate), MLA with the sparse-attention indexer and a gated q
+    projection (q_b_proj [heads * (qk_head_dim + v_head_dim), 2 * q_lora_rank], declared by the model type), a
+    DeepSeek-V3 MoE: every key classified and sized; each refused by name, the catalog names gated_norm_rank."""
+    ckpt = _built(tmp_path, "axk2")
+    report = check_config(json.loads((ckpt / "config.json").read_text()), file="config.json")
+    assert {"gated_norm_rank", "index_n_heads"} <= {d.key for d in report.errors}
+    assert {d.code for d in report.errors} == {"semantics.unsupported"}
+    layout = scan(str(ckpt))
+    assert not layout.unclassified
+    assert {g.block.variant for g in layout.language_model.groups} == {"gated_pre_norm"}
+    with pytest.raises(MapgenError) as err:
+        plan(layout)
+    assert {(d.code, d.key) for d in err.value.diagnostics} == {
+        ("plan.megatron-lacks", "model.layers.{layer}.input_layernorm.norm.weight"),
+        ("plan.megatron-lacks", "model.layers.{layer}.self_attn.q_b_proj.weight"),
+        ("plan.unsupported", "model.layers.{layer}.self_attn.indexer.wq_b.weight")}
+
+
+def test_lara_mini_rules_and_nope_layers(tmp_path: Path) -> None:
+    """Lara-mini: its checkpoints' one in_proj holds [q|k|v|z|b|a] as whole blocks (gdn_in_proj variant blocks) with
+    out_norm; RoPE on the sliding_attention layers only (full_attention layers are NoPE, whatever the window)."""
+    from mapgen.contract.hf_config import HFConfig, no_rope_layers
+
+    ckpt = _built(tmp_path, "lara_mini", layer_types=["linear_attention", "full_attention"])
+    rules = _rules(ckpt)
+    hf, op, options = rules["self_attention.in_proj.weight"]
+    assert (hf, op, options) == (("model.layers.{layer}.linear_attn.in_proj.weight",), "gdn_in_proj",
+                                 {"variant": "blocks"})
+    assert rules["self_attention.out_norm.weight"][0] == ("model.layers.{layer}.linear_attn.out_norm.weight",)
+    config = json.loads((ckpt / "config.json").read_text())
+    assert no_rope_layers(HFConfig(config)) == (True, True)  # a gated delta-net layer reads no RoPE either
+    mixed = config | {"layer_types": ["sliding_attention", "full_attention"]}
+    assert no_rope_layers(HFConfig(mixed)) == (False, True)
+    assert no_rope_layers(HFConfig(mixed | {"sliding_window": None})) == (False, True)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.skipif(not FULL, reason="opt-in: MAPGEN_MATRIX=full (about 20 s each)")
+@pytest.mark.parametrize("layer_types", [["linear_attention", "sliding_attention"],
+                                         ["full_attention", "sliding_attention"]])
+def test_lara_mini_verifies(tmp_path: Path, layer_types: list[str]) -> None:
+    """At TP=2 x EP=2; without the NoPE rule the second case's emit proof diverges (emit.numerics-diverged)."""
+    case = run_case("lara_mini", tmp_path, overrides={"layer_types": layer_types})
+    assert case.outcome == "verified", case.row()
+    assert case.max_diff is not None
+    assert case.max_diff <= ATOL

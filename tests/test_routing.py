@@ -33,7 +33,8 @@ _ROUTING_FIELDS = (*ROUTING_KEYS, "num_experts_per_tok")
 _EXPERT_KEY = {"mixtral": "num_local_experts", "minimax": "num_local_experts", "qwen2_moe": "num_experts",
                "qwen3_moe": "num_experts", "olmoe": "num_experts", "flex_olmo": "num_experts",
                "qwen3_next": "num_experts", "qwen3_5_moe_text": "num_experts", "qwen3_vl_moe_text": "num_experts",
-               "gpt_oss": "num_local_experts", "exaone_moe": "num_experts"}
+               "gpt_oss": "num_local_experts", "exaone_moe": "num_experts", "hy_v3": "num_experts",
+               "ernie4_5_moe": "moe_num_experts", "lara_mini": "num_experts"}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -147,6 +148,20 @@ def _modeling_module(model_type: str, config_module: str) -> str:
     return str(getattr(transformers, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type]).__module__)
 
 
+class _BiasArgument(torch.nn.Module):
+    """A router whose forward takes the score-correction bias as an argument (HY-V3: the MoE block holds the
+    buffer and passes it), with the bias held beside its weight as the other routers hold it."""
+
+    def __init__(self, router: torch.nn.Module, experts: int) -> None:
+        super().__init__()
+        self.router = router
+        self.weight = router.weight
+        self.e_score_correction_bias = torch.nn.Parameter(torch.zeros(experts), requires_grad=False)
+
+    def forward(self, hidden: torch.Tensor) -> Any:
+        return self.router(hidden, self.e_score_correction_bias)
+
+
 def _router(model_type: str, **config: Any) -> tuple[torch.nn.Module, dict[str, Any]]:
     from transformers import CONFIG_MAPPING
 
@@ -156,6 +171,8 @@ def _router(model_type: str, **config: Any) -> tuple[torch.nn.Module, dict[str, 
     (cls,) = [c for n, c in inspect.getmembers(module, inspect.isclass)
               if "Router" in n and c.__module__ == module.__name__]
     router = cls(cfg)
+    if "e_score_correction_bias" in inspect.signature(cls.forward).parameters:
+        router = _BiasArgument(router, EXPERTS)
     gen = torch.Generator().manual_seed(7)
     with torch.no_grad():
         router.weight.copy_(torch.randn(router.weight.shape, generator=gen))
@@ -165,7 +182,11 @@ def _router(model_type: str, **config: Any) -> tuple[torch.nn.Module, dict[str, 
         logit_bias = getattr(router, "bias", None)  # gpt-oss: added to the logits (megatron-core's router bias)
         if isinstance(logit_bias, torch.Tensor):
             logit_bias.copy_(torch.randn(logit_bias.shape, generator=gen))
-    return router, json.loads(cfg.to_json_string(use_diff=False))
+    saved = json.loads(cfg.to_json_string(use_diff=False))
+    # ERNIE-4.5-MoE saves its top-k as moe_k (attribute_map), a spelling the bridge does not read: a config that
+    # states both (the catalog accepts moe_k equal to num_experts_per_tok)
+    saved.setdefault("num_experts_per_tok", cfg.num_experts_per_tok)
+    return router, saved
 
 
 def _dense(weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
@@ -193,6 +214,8 @@ def _variants(scheme: str) -> list[dict[str, Any]]:
         return [{"num_experts_per_tok": k, "norm_topk_prob": n} for k in topks for n in (True, False)]
     if scheme == "softmax_renorm":
         return [{"num_experts_per_tok": k} for k in topks]
+    if scheme == "sigmoid_renorm":
+        return [{"num_experts_per_tok": k, "router_scaling_factor": s} for k in topks for s in (1.0, 2.826)]
     groups = ((1, 1), (2, 1), (4, 2), (4, 1), (2, 2))
     # topk < topk_group is left out: megatron-core then ranks groups by the sum of their top-0 scores (all
     # ties, whatever torch.topk returns for them); refused, but agreement there is an accident of tie-breaking
@@ -215,7 +238,7 @@ def test_router_parity(model_type: str) -> None:
     """Accepted variants route exactly like transformers (probabilities to 1e-6); every refusal is real."""
     scheme = router_for([model_type])
     hidden = torch.randn(64, 64, generator=torch.Generator().manual_seed(3))
-    facts = Facts(moe=True, expert_bias=scheme == "sigmoid_grouped", router=scheme,
+    facts = Facts(moe=True, expert_bias=scheme.startswith("sigmoid"), router=scheme,
                   **{f"default_{k}": v for k, v in layout_defaults(model_type, model_type, ROUTING_KEYS).items()})
     accepted = refused = 0
     for variant in _variants(scheme):

@@ -771,9 +771,10 @@ TOP: tuple[Row, ...] = (
             "to attention otherwise, NoPE): the bridge builds RoPE attention", unless=lambda v, _: v == "rope"),
     *inert("precision of HY-V3's routed + shared expert sum (fp32 before casting back): the same sum",
            "enable_moe_fp32_combine"),
-    refused("router_scaling_factor", "HY-V3's routed-expert weights scaled after renormalisation: the bridge's "
-            "router reads this scale only as routed_scaling_factor (moe_router_topk_scaling_factor)",
-            unless=equals(1, 1.0), valid=positive_number),
+    mapped("router_scaling_factor", "moe_router_topk_scaling_factor", why="HY-V3's routed-expert weights scaled "
+           "after renormalisation (mapgen.contract.routing scheme 'sigmoid_renorm')", valid=positive_number,
+           limit=_routing_limit("router_scaling_factor"), unread=_routing_unread("router_scaling_factor"),
+           default=True),
     refused("global_attn_every_n_layers", "a sliding-window layer pattern without layer_types (AFMoE): the bridge "
             "reads the windowed layers from layer_types",
             unless=lambda v, s: isinstance(s.lookup("layer_types"), list)),
@@ -813,6 +814,26 @@ TOP: tuple[Row, ...] = (
     *inert("MPT keys transformers' modelling code does not read (modeling_mpt.py hard-codes LayerNorm blocks, an "
            "MLP of 4 * hidden_size without biases and ALiBi positions): the tensors decide", "learned_pos_emb",
            "norm_type", "init_device", "no_bias", "expansion_ratio", "embedding_fraction"),
+    # -- issue 11 (breadth-d): Falcon-H1 and OLMo-Hybrid, so that each refusal names its real blocker ----------------
+    *refused_all("state-space (Mamba) layers: the bridge builds attention and gated delta-net layers only (Falcon-H1's "
+                 "Mamba-2 mixer beside attention in every layer)", "mamba_d_ssm", "mamba_norm_before_gate"),
+    refused("mamba_rms_norm", "Falcon-H1's gated RMSNorm inside the Mamba mixer (state-space layers: the bridge builds "
+            "attention and gated delta-net layers only)", unless=falsy),
+    *(refused(name, "Falcon-H1 muP multipliers (attention / SSM / MLP inputs and outputs, keys, the LM head): no "
+              "megatron-core setting", unless=equals(1, 1.0), valid=positive_number)
+      for name in ("attention_in_multiplier", "attention_out_multiplier", "key_multiplier", "lm_head_multiplier",
+                   "ssm_in_multiplier", "ssm_out_multiplier")),
+    *(refused(name, "Falcon-H1 per-projection muP multipliers: no megatron-core setting",
+              unless=lambda v, _: isinstance(v, list) and all(x == 1 for x in v))
+      for name in ("mlp_multipliers", "ssm_multipliers")),
+    structural("projectors_bias", "add_bias_linear", why=_STRUCT + " (Falcon-H1: biases on the attention / MLP "
+               "projections)", valid=boolean),
+    *inert("gated delta-net initialisation ranges (OLMo-Hybrid _init_weights): training only", "linear_a_log_min",
+           "linear_a_log_max", "linear_dt_min", "linear_dt_max", "linear_dt_init_floor"),
+    *refused_all("A.X-K2's gated RMSNorms (the rank of their low-rank sigmoid gate): megatron-core's norms are plain",
+                 "gated_norm_rank"),
+    refused("linear_allow_neg_eigval", "OLMo-Hybrid's gated delta-net beta scaled by 2 (eigenvalues in [-1, 1]): "
+            "megatron-core's GatedDeltaNet uses sigmoid(b) as beta", unless=falsy, valid=boolean),
 )
 
 _ROPE_INERT = "a parameter of the scaling named by rope_type (judged there)"

@@ -29,7 +29,7 @@ _QK_ALL_HEADS = ("QK-norm over all heads", "q/k norms over the whole projection,
 _NOPE = ("NoPE layers", "some layers skip RoPE in the model code: the bridge applies RoPE in every layer")
 _INTERLEAVED = ("interleaved RoPE", "rotary pairs are adjacent dims (GPT-J style rotate_half): the bridge sets "
                 "megatron-core's rotary_interleaved only for the model types mapgen/families/model_types.py declares "
-                "(GLM, Helium, ERNIE-4.5)")
+                "(GLM, Helium, ERNIE-4.5 and its MoE)")
 _SIGMOID_ROUTER = ("sigmoid router", "top-k over sigmoid scores without an expert-bias tensor: the bridge builds a "
                    "softmax router")
 
@@ -70,7 +70,6 @@ FACTS: dict[str, tuple[tuple[str, str], ...]] = {
     "glm4v": (_INTERLEAVED, _POST_NORM),
     "glm4v_text": (_INTERLEAVED, _POST_NORM),
     "glm_ocr": (_INTERLEAVED,),
-    "ernie4_5_moe": (_INTERLEAVED,),
     "falcon": (_PARALLEL,),
     "gpt_neox_reward_model": (_LAYERNORM, _PARALLEL),
     "gptj": (_LAYERNORM, _PARALLEL),

@@ -75,6 +75,7 @@ class Facts:
     default_n_group: int | None = None
     default_topk_group: int | None = None
     default_topk_method: str | None = None
+    default_router_scaling_factor: float | None = None
     # the norms' epsilon when config.json states none and the model code fixes it (OPT: nn.LayerNorm's 1e-5)
     default_norm_epsilon: float | None = None
 

@@ -410,6 +410,9 @@ def _window_layers(hf: HFConfig) -> tuple[bool, ...]:
 # Model types whose attention applies RoPE only on sliding-window layers once a window is set (EXAONE-MoE, EXAONE-4:
 # ``if self.sliding_window is None or self.is_sliding: apply_rotary_pos_emb``): full-attention layers are NoPE.
 NOPE_FULL_ATTENTION_TYPES = frozenset({"exaone_moe", "exaone4"})
+# RoPE on the sliding_attention layers only, with or without a window (Lara-mini: modeling_lara_mini.py passes
+# position_embeddings to sliding_attention layers alone; its full_attention layers are NoPE)
+ROPE_ON_SLIDING_ONLY_TYPES = frozenset({"lara_mini"})
 
 
 def _rope_layers(hf: HFConfig) -> tuple[bool, ...]:
@@ -418,8 +421,9 @@ def _rope_layers(hf: HFConfig) -> tuple[bool, ...]:
     ``NOPE_FULL_ATTENTION_TYPES`` with a sliding window, RoPE on the ``sliding_attention`` layers only."""
     n = _layer_count(hf)
     types = hf.get("layer_types", default=None)
-    if (str(hf.get("model_type", default="")) in NOPE_FULL_ATTENTION_TYPES
-            and hf.get("sliding_window", default=None) is not None and isinstance(types, list)):
+    model_type = str(hf.get("model_type", default=""))
+    if isinstance(types, list) and (model_type in ROPE_ON_SLIDING_ONLY_TYPES or (
+            model_type in NOPE_FULL_ATTENTION_TYPES and hf.get("sliding_window", default=None) is not None)):
         if len(types) != n:
             raise error("config.layer-type-mismatch", file="config.json", key="layer_types",
                         message=f"layer_types has {len(types)} entries for {n} layers",
@@ -436,7 +440,8 @@ def _rope_layers(hf: HFConfig) -> tuple[bool, ...]:
 
 def no_rope_layers(hf: HFConfig) -> tuple[bool, ...]:
     """Per layer, True where the layer applies no RoPE; empty when every layer applies it."""
-    if (str(hf.get("model_type", default="")) not in {"smollm3", *NOPE_FULL_ATTENTION_TYPES}
+    if (str(hf.get("model_type", default="")) not in {"smollm3", *NOPE_FULL_ATTENTION_TYPES,
+                                                        *ROPE_ON_SLIDING_ONLY_TYPES}
             and not hf.has("no_rope_layers")):
         return ()
     skip = tuple(not rope for rope in _rope_layers(hf))

@@ -27,6 +27,10 @@ transformers' routers, by the scheme a model type's modelling code implements (`
   (``scoring_func``/``topk_method`` are not read);
 * ``softmax_greedy`` (DeepSeek-V2): softmax, ``topk_method`` greedy or group_limited_greedy (groups by their
   best score), never renormalised, weights times ``routed_scaling_factor``.
+* ``sigmoid_renorm`` (HY-V3, ``HYV3TopKRouter``): sigmoid in fp32, ``e_score_correction_bias`` for the selection
+  only, no groups, the selected scores always renormalised ``s / (sum + 1e-20)`` (``norm_topk_prob`` is not read),
+  weights times ``router_scaling_factor`` (its own spelling of megatron-core's
+  ``moe_router_topk_scaling_factor``); at top-1 megatron-core would not renormalise: refused.
 
 A model type whose router scheme mapgen does not know (``""``) keeps the bridge's historic router (softmax
 renormalised, sigmoid with an expert bias) and only the values that compute exactly that are accepted.
@@ -40,11 +44,12 @@ from typing import Any, Literal
 
 __all__ = ["ROUTING_KEYS", "RouterScheme", "Routing", "RoutingGap", "routing"]
 
-RouterScheme = Literal["", "softmax", "softmax_renorm", "sigmoid_grouped", "softmax_greedy"]
+RouterScheme = Literal["", "softmax", "softmax_renorm", "sigmoid_grouped", "softmax_greedy", "sigmoid_renorm"]
 ScoreFunction = Literal["softmax", "sigmoid"]
 
 # The config keys routers read (their transformers defaults travel with the bridge: Facts.default_*).
-ROUTING_KEYS = ("norm_topk_prob", "routed_scaling_factor", "n_group", "topk_group", "topk_method")
+ROUTING_KEYS = ("norm_topk_prob", "routed_scaling_factor", "n_group", "topk_group", "topk_method",
+                "router_scaling_factor")
 # Which of them each scheme's modelling code reads (the rest are not read: inert for that model type).
 READS: dict[str, frozenset[str]] = {
     "": frozenset(ROUTING_KEYS),
@@ -52,6 +57,7 @@ READS: dict[str, frozenset[str]] = {
     "softmax_renorm": frozenset(),
     "sigmoid_grouped": frozenset({"norm_topk_prob", "routed_scaling_factor", "n_group", "topk_group"}),
     "softmax_greedy": frozenset({"routed_scaling_factor", "n_group", "topk_group", "topk_method"}),
+    "sigmoid_renorm": frozenset({"router_scaling_factor"}),
 }
 
 
@@ -83,8 +89,8 @@ def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _scale(get: Get) -> float | None:
-    value = get("routed_scaling_factor")
+def _scale(get: Get, key: str = "routed_scaling_factor") -> float | None:
+    value = get(key)
     if not isinstance(value, int | float) or isinstance(value, bool) or float(value) == 1.0:
         return None
     return float(value)
@@ -152,9 +158,14 @@ def routing(scheme: RouterScheme, get: Get, *, topk: int, num_experts: int | Non
             gaps.append(RoutingGap("topk_method", method, "only greedy and group_limited_greedy are read by this "
                                    "model type's router"))
         return Routing("softmax", True, _scale(get), num_groups, group_topk, "fp32"), tuple(gaps)
+    if scheme == "sigmoid_renorm":
+        if topk == 1:
+            gaps.append(RoutingGap("num_experts_per_tok", topk, "a single sigmoid score renormalised (weight "
+                                   "s / (s + 1e-20)): megatron-core never renormalises at top-1"))
+        return Routing("sigmoid", False, _scale(get, "router_scaling_factor"), None, None, "fp32"), tuple(gaps)
     # unknown router code: the bridge's historic router, neutral values only
     neutral = {"norm_topk_prob": (True,), "routed_scaling_factor": (1, 1.0), "n_group": (0, 1),
-               "topk_group": (0, 1), "topk_method": ("greedy", "noaux_tc")}
+               "topk_group": (0, 1), "topk_method": ("greedy", "noaux_tc"), "router_scaling_factor": (1, 1.0)}
     for key, ok in neutral.items():
         value = get(key)
         if value is not None and not any(value == v and type(value) is type(v) for v in ok):

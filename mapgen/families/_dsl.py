@@ -196,6 +196,7 @@ class Planner(Protocol):
     layernorm: bool
     plain_up_down: bool
     qk_norm_after_rope: bool
+    router: str  # the model type's router scheme (mapgen.contract.routing), "" when not known
 
     def add(self, family: str, megatron: str, hf: tuple[str, ...], op: str, sharding: str, *, domain: str,
             experts: bool = False, options: Options = (), comment: str = "") -> None: ...

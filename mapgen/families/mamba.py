@@ -1,6 +1,10 @@
 """Mamba selective state-space mixers (Jamba ``mamba.*`` with x_proj/dt_proj, Mamba-2 style ``in_proj``/``dt_bias``/
 ``D``/``norm`` in Bamba and GraniteMoE-Hybrid): classified so that scan names every key, refused by the planner.
 
+Falcon-H1 runs attention and Mamba-2 side by side in every layer (``FalconH1DecoderLayer``: both read the same
+normed input, their outputs are added): its ``self_attn.*`` is the Mamba component's ``attention`` child, refused
+with it.
+
 mapgen builds megatron-core's ``GPTModel``; hybrid Mamba stacks are megatron-core's ``MambaModel`` (``MambaMixer``),
 whose forward needs the ``mamba_ssm`` and ``causal_conv1d`` CUDA kernels: no bridge is planned for them here.
 """
@@ -40,6 +44,7 @@ MAMBA = Family(
                 ("conv1d_bias", "dt_proj_bias", "dt_layernorm", "b_layernorm", "c_layernorm")),
         Variant("mamba2", (*_CORE, "dt_bias"), ("conv1d_bias", "norm")),
     ),
+    children=("attention",),
 )
 
 INPUT_NORM = "input_layernorm.weight"
@@ -55,12 +60,12 @@ def kind(c: Component) -> str:
 
 
 def describe(c: Component) -> str:
-    return f"Mamba ({c.variant}; refused)"
+    return f"Mamba ({c.variant}{' + parallel attention' if c.child('attention') else ''}; refused)"
 
 
 def shapes(c: Component, d: Dims) -> ShapePairs:
     """Sizes from config keys mapgen does not map (mamba_d_state, mamba_expand, ...): not checked."""
-    return [(key, None) for key in c.own_keys()]
+    return [(key, None) for key in c.all_keys()]
 
 
 def plan(c: Component, p: Planner, mroot: str, hroot: str, domain: str, name: str) -> None:

@@ -25,6 +25,8 @@ from mapgen.families._dsl import Dims, Family, Planner, ShapePairs, Slot, Varian
 from mapgen.ir import Component
 
 _CORE = ("kv_a_proj_with_mqa", "kv_a_layernorm", "kv_b_proj", "o")
+_INDEXER = ("indexer_wq_b_weight", "indexer_wk_weight", "indexer_k_norm_weight", "indexer_k_norm_bias",
+            "indexer_weights_proj_weight")
 
 MLA = Family(
     "mla",
@@ -41,10 +43,13 @@ MLA = Family(
         Slot("q_a_layernorm", ("q_a_layernorm.weight",), init="norm"),
         Slot("q_b_proj", ("q_b_proj.weight",)),
         Slot("q", ("q_proj.weight",)),
+        # DeepSeek-V3.2-style sparse-attention ("lightning") indexer (A.X-K2): classified, refused by the planner
+        *(Slot(f"indexer_{n.replace('.', '_')}", (f"indexer.{n}",), init="norm" if n == "k_norm.weight" else "normal")
+          for n in ("wq_b.weight", "wk.weight", "k_norm.weight", "k_norm.bias", "weights_proj.weight")),
     ),
     variants=(
-        Variant("q_low_rank", (*_CORE, "q_a_proj", "q_a_layernorm", "q_b_proj")),
-        Variant("q_full_rank", (*_CORE, "q")),
+        Variant("q_low_rank", (*_CORE, "q_a_proj", "q_a_layernorm", "q_b_proj"), _INDEXER),
+        Variant("q_full_rank", (*_CORE, "q"), _INDEXER),
     ),
 )
 
@@ -56,7 +61,9 @@ def facts(c: Component) -> dict[str, bool]:
 
 
 def kind(c: Component) -> str:
-    return "mla"
+    """``indexed_attention`` with a sparse-attention indexer (what DeepSeek-V3.2-style configs declare in
+    layer_types), else ``mla``."""
+    return "indexed_attention" if c.key("indexer_wq_b_weight") else "mla"
 
 
 def describe(c: Component) -> str:
@@ -71,7 +78,8 @@ def shapes(c: Component, d: Dims) -> ShapePairs:
     return [
         (c.key("q_a_proj"), (q_rank, d.hidden) if q_rank else None),
         (c.key("q_a_layernorm"), (q_rank,) if q_rank else None),
-        (c.key("q_b_proj"), (q_rows, q_rank) if q_rank else None),
+        (c.key("q_b_proj"), (q_rows + d.heads * v_dim, 2 * q_rank) if c.flag("gated_q") and q_rank
+         else (q_rows, q_rank) if q_rank else None),
         (c.key("q"), (q_rows, d.hidden)),
         (c.key("kv_a_proj_with_mqa"), (kv_rank + rope, d.hidden)),
         (c.key("kv_a_layernorm"), (kv_rank,)),
@@ -104,6 +112,13 @@ _KV_O = (
 
 
 def plan(c: Component, p: Planner, mroot: str, hroot: str, domain: str, name: str) -> None:
+    if c.flag("gated_q"):
+        p.unbuildable("a gated MLA query projection (A.X-K2 q_b_proj: the q latent normed and raw, [q_a_layernorm(c); "
+                      "c], to a per-head query and a sigmoid output gate): megatron-core's MLASelfAttention has "
+                      "neither", hroot + str(c.key("q_b_proj")))
+    if c.key("indexer_wq_b_weight"):
+        p.unsupported("a sparse-attention indexer (DeepSeek-V3.2-style lightning indexer: indexer.wq_b/wk/k_norm/"
+                      "weights_proj, A.X-K2)", hroot + str(c.key("indexer_wq_b_weight")))
     q = _Q_LOW_RANK if c.key("q_a_proj") is not None else _Q_FULL_RANK
     for family, target, slot, sharding, what in (*q, *_KV_O):
         p.add(family, f"{mroot}self_attention.{target}", (hroot + str(c.key(slot)),), "copy", sharding,

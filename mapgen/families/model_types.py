@@ -51,6 +51,9 @@ class Facts:
     ``rotary_interleaved``: RoPE rotates adjacent pairs of dims (GLM, Helium, ERNIE-4.5: ``rotate_half`` over
     ``x[..., 0::2]`` / ``x[..., 1::2]`` with each frequency repeated twice), not the two halves: megatron-core's
     ``rotary_interleaved`` computes exactly that (and Megatron-LM's ``--rotary-interleaved``).
+    ``mla_gated_q``: the MLA's ``q_b_proj`` reads the q latent both normed and raw (``[q_a_layernorm(c); c]``, twice
+    q_lora_rank) and writes per head a query and a sigmoid output gate (A.X-K2 ``q_gate_proj``): scan sizes it so, the
+    planner refuses it (megatron-core's MLA has neither).
     ``router``: the routing scheme transformers' modelling code implements for this model type's MoE router
     (:mod:`mapgen.contract.routing`); ``""``: not known, only the values that compute the bridge's historic
     router are accepted."""
@@ -70,6 +73,7 @@ class Facts:
     post_layernorm: bool = False
     qkv_layout: str | None = None
     rotary_interleaved: bool = False
+    mla_gated_q: bool = False
 
 
 # GLM, Helium, ERNIE-4.5: apply_rotary_pos_emb repeats cos/sin per pair and rotate_half stacks (-x[1::2], x[0::2])
@@ -174,6 +178,19 @@ MODEL_TYPES: dict[str, Facts] = {
     # BioGPT: OPT's pre-LN block (self_attn_layer_norm, final_layer_norm before fc1) under biogpt., nn.LayerNorm with
     # bias, learned positions at position + 2 (modeling_biogpt.py BioGptLearnedPositionalEmbedding offset 2)
     "biogpt": Facts(layernorm=True, position_offset=2),
+    # ERNIE-4.5-MoE (modeling_ernie4_5_moe.py Ernie4_5_MoeTopKRouter): softmax over every expert in fp32, top-k of
+    # the probabilities plus moe_statics' score-correction bias, the selected unbiased probabilities renormalised
+    # (sum clamped at moe_norm_min); the bias on softmax scores is refused by the planner (mapgen.families.moe)
+    "ernie4_5_moe": Facts(router="softmax_renorm", rotary_interleaved=True),
+    # HY-V3 (modeling_hy_v3.py HYV3TopKRouter): sigmoid + e_score_correction_bias for the selection, always
+    # renormalised, times router_scaling_factor
+    "hy_v3": Facts(router="sigmoid_renorm"),
+    # Lara-mini (modeling_lara_mini.py): Qwen3-Next's hybrid with plain RMSNorms (weight * x), per-head QK norms,
+    # packed experts [E, 2I, H] (gate then up), an ungated shared expert, softmax router renormalised iff
+    # norm_topk_prob; RoPE on sliding_attention layers only (mapgen.contract.hf_config.no_rope_layers)
+    "lara_mini": Facts(packed=("out_in", False), router="softmax"),
+    # A.X-K2 (modeling_axk2.py AXK2Attention): q_gate_proj (stored as q_b_proj) over [normed; raw] q latent
+    "axk2": Facts(mla_gated_q=True),
 }
 
 _NONE = Facts()

@@ -20,6 +20,13 @@ from mapgen.families import dense_mlp
 from mapgen.families._dsl import Dims, Family, Planner, ShapePairs, Slot, Variant, opts
 from mapgen.ir import Component
 
+SOFTMAX_ROUTERS = ("softmax", "softmax_renorm", "softmax_greedy")
+"""Router schemes (:mod:`mapgen.contract.routing`) that score experts by softmax: megatron-core reads no expert bias
+with them."""
+UNIT_GROUP_EXPERT_BIAS = ("moe_statics.e_score_correction_bias",)
+"""Score-correction biases stored per expert group, ``[1, E]`` (ERNIE-4.5-MoE ``Ernie4_5_MoeStatics``: one group,
+``squeeze()``-d before use): megatron-core's ``router.expert_bias`` is ``[E]`` (copy ``leading_unit``)."""
+
 MOE = Family(
     "moe",
     role="mlp",
@@ -33,7 +40,8 @@ MOE = Family(
         # Sarvam-MoE: gate.expert_bias; HY-V3, AFMoE: expert_bias beside router.gate
         Slot("expert_bias", ("gate.e_score_correction_bias", "gate.expert_bias", "expert_bias",
                              "experts.e_score_correction_bias",  # Laguna: under experts.
-                             "e_score_correction_bias")),  # EXAONE-MoE, MiniMax-M2: beside gate.weight
+                             "e_score_correction_bias",  # EXAONE-MoE, MiniMax-M2: beside gate.weight
+                             *UNIT_GROUP_EXPERT_BIAS)),
         Slot("output_bias", ("bias",)),  # JetMoE: a bias added to the MoE block's output (refused)
     ),
     variants=(Variant("routed", ("router",), ("router_bias", "expert_bias", "output_bias")),),
@@ -93,6 +101,11 @@ LAYER_EXPERT_BIAS = ("moe.router.expert_bias",)
 LAYER_SHARED_ROOTS = ("shared_mlp.",)
 """Shared experts stored beside the MoE block, at the decoder layer's root (GraniteMoeShared / GraniteMoE-Hybrid
 ``shared_mlp.input_linear``/``output_linear``: a fused [gate; up] and a down projection, added to the experts' sum)."""
+
+
+def _unit_group_bias(c: Component) -> bool:
+    """The score-correction bias is stored ``[1, E]`` (:data:`UNIT_GROUP_EXPERT_BIAS`)."""
+    return str(c.key("expert_bias")).endswith(UNIT_GROUP_EXPERT_BIAS)
 
 
 def facts(c: Component) -> dict[str, bool]:
@@ -159,8 +172,8 @@ def _expert_shapes(x: Component, d: Dims) -> ShapePairs:
 
 def shapes(c: Component, d: Dims) -> ShapePairs:
     e = num_experts(c)
-    pairs: ShapePairs = [(c.key("router"), (e, d.hidden)), (c.key("router_bias"), (e,)),
-                         (c.key("expert_bias"), (e,))]
+    bias = (1, e) if _unit_group_bias(c) else (e,)
+    pairs: ShapePairs = [(c.key("router"), (e, d.hidden)), (c.key("router_bias"), (e,)), (c.key("expert_bias"), bias)]
     experts = c.child("experts")
     assert experts is not None
     pairs += _expert_shapes(experts, d)
@@ -184,9 +197,15 @@ def plan(c: Component, p: Planner, mroot: str, hroot: str, domain: str, name: st
         p.unbuildable("a bias added to the whole MoE block's output (JetMoE mlp.bias): megatron-core's MoELayer has "
                       "no block-level bias", hroot + str(c.key("output_bias")))
     if c.key("expert_bias"):
+        if p.router in SOFTMAX_ROUTERS:
+            p.unbuildable(f"a score-correction bias added to softmax scores for the expert selection ({p.router!r} "
+                          "router, e.g. ERNIE-4.5-MoE's moe_statics): megatron-core's router adds "
+                          "moe_router_enable_expert_bias to sigmoid scores only", hroot + str(c.key("expert_bias")))
+        unit = _unit_group_bias(c)
         p.add("moe.expert_bias", f"{mlp}router.expert_bias", (hroot + str(c.key("expert_bias")),), "copy",
-              "replicated", domain=domain, options=opts(dtype="fp32"),
-              comment=f"[{name}] Expert score-correction bias, kept in fp32.")
+              "replicated", domain=domain,
+              options=opts(dtype="fp32", leading_unit=True) if unit else opts(dtype="fp32"),
+              comment=f"[{name}] Expert score-correction bias, kept in fp32" + (" ([1, E] -> [E])." if unit else "."))
     e = c.child("experts")
     assert e is not None
     if e.flag("quant") != "none":

@@ -27,11 +27,20 @@ NORMS = Family(
         # OPT: self_attn_layer_norm before attention, the layer's final_layer_norm before fc1 (pre-norm when
         # do_layer_norm_before; the post-norm OPT-350m is refused by the config catalog); Apertus:
         # attention_layernorm/feedforward_layernorm; Bamba/Jamba/Falcon-H1: pre_ff_layernorm
+        # OLMo-Hybrid's checkpoints: attention_layer_norm / feedforward_layer_norm (conversion_mapping.py renames
+        # them onto input_layernorm / post_attention_layernorm, in post-norm attention layers too)
+        # A.X-K2: a gated RMSNorm's own norm under .norm (its low-rank gate: the *_gate_down/_gate_up slots)
         Slot("input_norm", ("input_layernorm.weight", "attention_norm.weight", "ln_1.weight",
-                            "self_attn_layer_norm.weight", "attention_layernorm.weight"), init="norm"),
+                            "self_attn_layer_norm.weight", "attention_layernorm.weight", "attention_layer_norm.weight",
+                            "input_layernorm.norm.weight"), init="norm"),
         Slot("post_attention_norm", ("post_attention_layernorm.weight", "ffn_norm.weight", "ln_2.weight",
                                      "final_layer_norm.weight", "feedforward_layernorm.weight",
-                                     "pre_ff_layernorm.weight"), init="norm"),
+                                     "pre_ff_layernorm.weight", "feedforward_layer_norm.weight",
+                                     "post_attention_layernorm.norm.weight"), init="norm"),
+        # A.X-K2 AXK2GatedRMSNorm: y = RMSNorm(x) * sigmoid(W_up(act(W_down(y)))), Megatron-LM's GatedNormWrapper
+        *(Slot(f"{norm}_gate_{w.lower().removeprefix('w_')}", (f"{spelled}.{w}.weight",))
+          for norm, spelled in (("input_norm", "input_layernorm"), ("post_attention_norm", "post_attention_layernorm"))
+          for w in ("W_down", "W_up")),
         # LayerNorm biases (StableLM, GPT-NeoX): the model type declares LayerNorm (families/model_types.py)
         Slot("input_norm_bias", ("input_layernorm.bias", "ln_1.bias", "self_attn_layer_norm.bias")),
         Slot("post_attention_norm_bias", ("post_attention_layernorm.bias", "ln_2.bias", "final_layer_norm.bias")),
@@ -53,6 +62,8 @@ NORMS = Family(
         Slot("mlp_branch_norm_bias", ("ln_mlp.bias",)),
     ),
     variants=(
+        Variant("gated_pre_norm", ("input_norm", "post_attention_norm", "input_norm_gate_down", "input_norm_gate_up"),
+                ("post_attention_norm_gate_down", "post_attention_norm_gate_up")),
         Variant("sandwich", ("input_norm", "post_attention_norm", "pre_feedforward_norm", "post_feedforward_norm")),
         Variant("sandwich_outputs", ("input_norm", "post_attention_norm", "attention_output_norm", "mlp_output_norm")),
         # AFMoE: post_attention_layernorm on the attention output, pre_mlp/post_mlp_layernorm around the MLP
@@ -81,6 +92,8 @@ UNSUPPORTED: dict[str, str] = {
     "pre_norm_mlp_output": f"a norm on the MLP/MoE output before the residual add (A.X-K1 post_mlp_layernorm): "
                            f"{_NO_SLOT}",
     "post_norm": f"a post-norm block (OLMo-2: norms after attention and after the MLP only): {_NO_SLOT}",
+    "gated_pre_norm": "gated RMSNorms (A.X-K2: RMSNorm(x) times the sigmoid of a low-rank MLP of it, Megatron-LM's "
+                      "GatedNormWrapper): megatron-core 0.16.1's TransformerLayer norms are plain RMSNorm / LayerNorm",
     "parallel_two_norms": f"a parallel attention + MLP block with a norm per branch (Falcon ln_attn/ln_mlp): "
                           f"{_PARALLEL}",
     "parallel_one_norm": f"a parallel attention + MLP block from one norm (GPT-J, Phi-1/2, Falcon parallel_attn, "
@@ -116,7 +129,9 @@ FUSED_COMMENT = "Pre-mixer norm, fused into the gated delta-net in_proj."
 
 
 def shapes(c: Component, d: Dims) -> ShapePairs:
-    return [(key, (d.hidden,)) for key in c.own_keys()]
+    """Norm weights (and biases) are ``[hidden]``; a gated norm's low-rank gate (rank: ``gated_norm_rank``, not
+    mapped) is not checked."""
+    return [(key, None if "_gate_" in slot else (d.hidden,)) for slot, key in c.slots]
 
 
 def norm_keys(c: Component) -> list[str]:

@@ -86,7 +86,7 @@ _EXPERT_COUNT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts")
 _ATTENTION_TYPES = {"full_attention", "sliding_attention", "attention", "chunked_attention"}
 _LINEAR_KINDS = {"gated_delta_net", "linear_attention"}  # mixer kinds config.json calls linear_attention
 # other mixer kinds, as layer_types may name them (GraniteMoE-Hybrid's config writes linear_attention for Mamba)
-_DECLARED_AS = {"mamba": ("mamba", "linear_attention")}
+_DECLARED_AS = {"mamba": ("mamba", "linear_attention"), "indexed_attention": ("indexed_attention",)}
 
 
 def split_layer(key: str) -> tuple[str, int, str] | None:

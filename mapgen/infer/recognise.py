@@ -8,6 +8,7 @@ cannot (attention output gate, packed-expert orientation and count); the config 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterable
 from typing import Literal, NamedTuple
 
@@ -182,13 +183,28 @@ def recognise_gated_delta_net(pool: Pool) -> Component | None:
     return _plain(GDN_FAMILY, pool)
 
 
-def recognise_mla(pool: Pool) -> Component | None:
-    return _plain(MLA_FAMILY, pool)
+def recognise_mla(pool: Pool, ctx: Context) -> Component | None:
+    m = match_family(MLA_FAMILY, pool)
+    if m is None:
+        return None
+    flags = {"gated_q": True if facts_for(ctx.model_types).mla_gated_q else None}  # A.X-K2 (declared, never guessed)
+    return Component.make(MLA_FAMILY.name, m.variant.name, m.keys, flags=flags)
+
+
+def recognise_mamba(pool: Pool, shape: ShapeOf, ctx: Context, *, sliding: bool) -> Component | None:
+    """A Mamba mixer, with the attention that runs beside it in the same layer as its ``attention`` child
+    (Falcon-H1's parallel hybrid)."""
+    mamba = _plain(MAMBA_FAMILY, pool)
+    if mamba is None:
+        return None
+    beside = recognise_attention(pool, shape, ctx, sliding=sliding)
+    return mamba if beside is None else dataclasses.replace(mamba, children=(("attention", beside),))
 
 
 def recognise_mixer(pool: Pool, shape: ShapeOf, ctx: Context, *, sliding: bool) -> Component | None:
     return (
-        recognise_gated_delta_net(pool) or _plain(MAMBA_FAMILY, pool) or recognise_mla(pool)
+        recognise_gated_delta_net(pool) or recognise_mamba(pool, shape, ctx, sliding=sliding)
+        or recognise_mla(pool, ctx)
         or recognise_attention(pool, shape, ctx, sliding=sliding)
     )
 

@@ -12,6 +12,10 @@ Layouts (TP rank ``r`` of ``t``)
 ``duplicate`` has the layouts of ``copy``; the loader compares it with the primary tensor on import and
 the exporter re-emits it.
 
+``leading_unit`` (replicated only): the HF tensor has one more leading axis of size 1 than the parameter
+(ERNIE-4.5-MoE's ``moe_statics.e_score_correction_bias [1, E]``, one expert group, is megatron-core's
+``router.expert_bias [E]``): load drops it, save puts it back. A reshape: export is bitwise.
+
 ``roll`` (replicated only) rotates the rows: Megatron row ``i`` is HF row ``(i + roll) mod n`` (OPT's learned
 positions look up row ``position + 2``: the table's first rows precede position 0). A permutation: nothing is
 dropped, export rotates back bitwise.
@@ -51,6 +55,8 @@ class CopyOptions(ExpertSource):
     shared: bool = False
     # Rows rotated (replicated only; None: not rotated): Megatron row i is HF row (i + roll) mod n.
     roll: int | None = None
+    # HF [1, *shape] <-> Megatron [*shape] (replicated only)
+    leading_unit: bool = False
 
 
 def _transform_in(options: CopyOptions, x: torch.Tensor) -> torch.Tensor:
@@ -67,6 +73,17 @@ def _transform_out(options: CopyOptions, x: torch.Tensor) -> torch.Tensor:
     return x.to(out_dtype)
 
 
+def _replicated(ctx: Ctx[CopyOptions], key: str, x: torch.Tensor) -> torch.Tensor:
+    """The whole tensor, its rows rotated (``roll``) or its leading unit axis dropped (``leading_unit``)."""
+    if ctx.options.roll:
+        x = torch.roll(x, -ctx.options.roll, 0)
+    if ctx.options.leading_unit:
+        if not x.dim() or x.shape[0] != 1:
+            raise ctx.fail(f"leading_unit needs a leading axis of 1, {key} has shape {tuple(x.shape)}")
+        x = x.reshape(x.shape[1:])
+    return x
+
+
 class Copy(Op[CopyOptions]):
     name = "copy"
     options_type = CopyOptions
@@ -76,12 +93,10 @@ class Copy(Op[CopyOptions]):
         src = ctx.source(reader, 0)
         shape = src.shape
         sharding = ctx.rule.sharding
-        if ctx.options.roll and sharding != "replicated":
-            raise ctx.fail(f"roll={ctx.options.roll} needs a replicated tensor, the rule is {sharding}")
+        if (ctx.options.roll or ctx.options.leading_unit) and sharding != "replicated":
+            raise ctx.fail(f"roll/leading_unit need a replicated tensor, the rule is {sharding}")
         if sharding == "replicated":
-            x = src.whole()
-            if ctx.options.roll:
-                x = torch.roll(x, -ctx.options.roll, 0)
+            x = _replicated(ctx, src.key, src.whole())
         elif sharding in ("column", "expert_column"):
             x = src.rows(*shard.bounds(shape[0], f"dim 0 of {src.key}", ctx.rule))
         elif sharding in ("row", "expert_row"):
@@ -106,7 +121,8 @@ class Copy(Op[CopyOptions]):
         """A plain copy: the whole tensor, or this rank's rows (column, vocab without padding); a row-parallel
         matrix only at size 1 (its column chunk is no block of the storage)."""
         options = ctx.options
-        if options.transform != "none" or (options.dtype == "fp32" and reader.dtype(ctx.keys[0]) != torch.float32):
+        if (options.transform != "none" or options.leading_unit
+                or (options.dtype == "fp32" and reader.dtype(ctx.keys[0]) != torch.float32)):
             return None
         src = ctx.source(reader, 0)
         sharding = ctx.rule.sharding
@@ -130,6 +146,8 @@ class Copy(Op[CopyOptions]):
             full = full[: ctx.spec.vocab_size]
         if ctx.options.roll:
             full = torch.roll(full, ctx.options.roll, 0)
+        if ctx.options.leading_unit:
+            full = full.unsqueeze(0)
         return [ctx.emit(0, _transform_out(ctx.options, full))]
 
 

@@ -11,7 +11,9 @@ Layouts (TP rank ``r``)
 Options
 -------
 ``gdn_in_proj``: ``variant`` "qkv_z_b_a" (Qwen3.5: in_proj_qkv, in_proj_z, in_proj_b, in_proj_a) |
-"qkvz_ba" (Qwen3-Next: in_proj_qkvz, in_proj_ba grouped per key head). ``gdn_conv1d``: ``part``.
+"qkvz_ba" (Qwen3-Next: in_proj_qkvz, in_proj_ba grouped per key head) | "blocks" (Lara-mini: one in_proj whose
+rows are the six whole blocks ``[q|k|v|z|b|a]``, the four Qwen3.5 projections concatenated; transformers'
+``conversion_mapping.py`` splits it with ``Split(dim=0)``). ``gdn_conv1d``: ``part``.
 
 Adapters: ``gdn_in_proj``'s B rows move by the same head order as W (the generic derivation; the four HF
 projections' B matrices become one ``linear_out``, split per TP rank by heads); ``gdn_conv1d`` is not a
@@ -59,7 +61,7 @@ def _check_tp(ctx: Ctx[Any], tp: int) -> None:
 
 @dataclass(frozen=True)
 class GdnInProjOptions(Options):
-    variant: Literal["qkv_z_b_a", "qkvz_ba"] = "qkv_z_b_a"
+    variant: Literal["qkv_z_b_a", "qkvz_ba", "blocks"] = "qkv_z_b_a"
 
 
 def _in_proj_parts(ctx: Ctx[GdnInProjOptions]) -> list[int]:
@@ -74,7 +76,7 @@ class GdnInProj(Op[GdnInProjOptions]):
     shardings = frozenset({"gdn_heads"})
 
     def key_count(self, ctx: Ctx[GdnInProjOptions]) -> int:
-        return 2 if ctx.options.variant == "qkvz_ba" else 4
+        return {"qkvz_ba": 2, "blocks": 1}.get(ctx.options.variant, 4)
 
     def load(self, ctx: Ctx[GdnInProjOptions], shard: Shard, reader: Reader) -> torch.Tensor:
         nk, nv, dk, dv = _dims(ctx)
@@ -99,6 +101,17 @@ class GdnInProj(Op[GdnInProjOptions]):
             b, a = torch.split(ba.rows(2 * v0, 2 * v1).reshape(local, 2 * ratio, *hidden), [ratio, ratio], dim=1)
             parts = [q, k, v, z, b, a]
             return torch.cat([p.reshape(-1, *hidden) for p in parts])
+        if ctx.options.variant == "blocks":
+            src = ctx.source(reader, 0)
+            hidden = src.shape[1:]
+            ctx.expect(src, (sum(_in_proj_parts(ctx)), *hidden))
+            starts = [0]
+            for size in _in_proj_parts(ctx)[:-1]:
+                starts.append(starts[-1] + size)
+            q0, k0_, v0_, z0, b0, a0 = starts
+            return torch.cat([src.rows(q0 + k0 * dk, q0 + k1 * dk), src.rows(k0_ + k0 * dk, k0_ + k1 * dk),
+                              src.rows(v0_ + v0 * dv, v0_ + v1 * dv), src.rows(z0 + v0 * dv, z0 + v1 * dv),
+                              src.rows(b0 + v0, b0 + v1), src.rows(a0 + v0, a0 + v1)])
         # Qwen3.5 (modeling_qwen3_5.py Qwen3_5GatedDeltaNet.forward): in_proj_qkv is contiguous [q; k; v]
         # blocks (torch.split by [key_dim, key_dim, value_dim]); z, b, a are separate projections.
         qkv, z_src, b_src, a_src = (ctx.source(reader, i) for i in range(4))
@@ -135,6 +148,8 @@ class GdnInProj(Op[GdnInProjOptions]):
             )
             ba = torch.cat([b.reshape(nk, ratio, *hidden), a.reshape(nk, ratio, *hidden)], dim=1)
             return [ctx.emit(0, qkvz.reshape(-1, *hidden)), ctx.emit(1, ba.reshape(-1, *hidden))]
+        if ctx.options.variant == "blocks":
+            return [ctx.emit(0, full)]
         return [ctx.emit(0, torch.cat([q, k, v])), ctx.emit(1, z), ctx.emit(2, b), ctx.emit(3, a)]
 
     def components(self, ctx: Ctx[GdnInProjOptions], length: int, tp: int) -> list[int]:

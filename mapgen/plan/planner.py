@@ -55,6 +55,7 @@ class _Planner:
         self.layernorm = model_facts.layernorm
         self.plain_up_down = model_facts.plain_up_down
         self.qk_norm_after_rope = model_facts.qk_norm_after_rope
+        self.router: str = model_facts.router
         self.rules: list[Rule] = []
         self.problems: list[Diagnostic] = []
 

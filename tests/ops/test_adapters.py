@@ -33,6 +33,8 @@ def _adapter_examples() -> list[Example]:
             continue
         if e.options.get("orientation") == "in_out":  # refused by the planner: no PEFT convention for it
             continue
+        if e.options.get("leading_unit"):  # a [1, E] router bias stored as a matrix: no linear module, no adapter
+            continue
         if any(len(s) - (1 if e.expert is not None and e.options.get("layout") == "packed" else 0) != 2
                for s in e.hf.values()):
             continue

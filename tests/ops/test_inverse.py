@@ -48,6 +48,8 @@ _COPY = [
     Example("copy", "replicated", {"n": (H,)}, {"transform": "zero_centered", "dtype": "fp32"}),
     Example("copy", "replicated", {"n": (H,)}, {"shared": True}),
     Example("copy", "replicated", {"pos": (VOCAB, H)}, {"roll": 2}),  # OPT's position table, offset 2
+    Example("copy", "replicated", {"bias": (1, E)}, {"leading_unit": True, "dtype": "fp32"}),  # ERNIE [1, E]
+    Example("copy", "replicated", {"n": (H,)}, {"leading_unit": False}),
     Example("copy", "column", {"w": (FFN, H)}),
     Example("copy", "column", {"w": (FFN,)}, {"transform": "none", "dtype": "native"}),
     Example("copy", "row", {"w": (H, FFN)}),
@@ -131,6 +133,8 @@ EXAMPLES = [
         tps=(1, 2),
     ),
     Example("gdn_in_proj", "gdn_heads", {"qkvz": (QKVZ, H), "ba": (2 * NV, H)}, {"variant": "qkvz_ba"}, tps=(1, 2)),
+    Example("gdn_in_proj", "gdn_heads", {"in_proj": (CONV + NV * DV + 2 * NV, H)}, {"variant": "blocks"},
+            tps=(1, 2)),  # Lara-mini: [q|k|v|z|b|a] whole blocks
     Example("gdn_conv1d", "gdn_heads", {"conv": (CONV, 1, KERNEL)}, {"part": "weight"}, tps=(1, 2)),
     Example("gdn_conv1d", "gdn_heads", {"conv": (CONV,)}, {"part": "bias"}, tps=(1, 2)),
     Example("mtp_eh_proj", "column", {"eh": (H, 2 * H)}, {"order": "embedding_hidden"}),
