@@ -242,7 +242,7 @@ CATALOG_ONLY: dict[str, set[str]] = {
     "mpt": {"model_type.alibi", "attn_config"},
     "ctrl": {"model_type.sinusoidal-positions", "model_type.embedding-scale", "dff"},
     "xglm": {"model_type.sinusoidal-positions", "scale_embedding", "attention_heads"},
-    "ernie4_5_moe": {"model_type.interleaved-rope", "moe_k"},
+    "ernie4_5_moe": {"moe_k", "moe_num_experts"},  # its interleaved RoPE is built (rotary_interleaved)
 }
 
 
@@ -406,13 +406,13 @@ def test_ernie_moe_statics_bias_is_classified_and_refused(tmp_path: Path) -> Non
     """ERNIE-4.5-MoE: moe_statics.e_score_correction_bias [1, E] is the router's score-correction bias (copy with
     leading_unit: [1, E] <-> [E], bitwise both ways: tests/ops/test_inverse.py); ERNIE adds it to *softmax*
     probabilities for the selection, which megatron-core's router does not do (expert_bias with sigmoid scores
-    only): the planner refuses it by name, the catalog names the
-    interleaved RoPE, and emit writes nothing."""
+    only): the planner refuses it by name, the catalog names its top-k and expert-count spellings (its interleaved
+    RoPE is megatron-core's rotary_interleaved, not a refusal), and emit writes nothing."""
     from mapgen.cli import main as mapgen_main
 
     ckpt = _built(tmp_path, "ernie4_5_moe")
     report = check_config(json.loads((ckpt / "config.json").read_text()), file="config.json")
-    assert "model_type.interleaved-rope" in {d.key for d in report.errors}
+    assert {d.key for d in report.errors} == {"moe_k", "moe_num_experts"}
     layout = scan(str(ckpt))
     assert not layout.unclassified
     with pytest.raises(MapgenError) as err:
