@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 from mapgen.contract.expand import expand_braces
+from mapgen.contract.hf_config import EXPERT_COUNT_READS, TOP_K_READS
 from mapgen.errors import Diagnostic, MapgenError
 from mapgen.families import by_name
 from mapgen.families import mtp as mtp_family
@@ -54,8 +55,8 @@ __all__ = ["SynthOptions", "Synthesized", "shard_names", "synthesize"]
 
 DType = Literal["bf16", "fp32", "keep"]
 _MTP_COUNT_KEYS = ("mtp_num_hidden_layers", "num_nextn_predict_layers", "mtp_num_layers")
-_EXPERT_COUNT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts")
-_TOP_K_KEYS = ("num_experts_per_tok", "experts_per_token", "moe_topk")
+_EXPERT_COUNT_KEYS = EXPERT_COUNT_READS
+_TOP_K_KEYS = (*TOP_K_READS, "experts_per_token")
 _LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
 _SAFETENSORS_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64"}
 _TOWER_SMALL = 4096  # tower tensors up to this many elements keep their real (header) shape

@@ -599,6 +599,32 @@ def test_interleaved_rope_is_megatrons_rotary_interleaved(tmp_path: Path, monkey
     assert "emit.numerics-diverged" in capsys.readouterr().err
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_two_shared_experts_are_one_mlp_of_twice_the_size(tmp_path: Path) -> None:
+    """DeepSeek-V2's releases fuse n_shared_experts = 2 into one shared MLP of 2 x moe_intermediate_size: the bridge
+    built one of moe_intermediate_size and the load stopped at a shape mismatch; hf_config.shared_expert_size is now
+    the one reading for the bridge and the shape check. Verifies at TP=2 x EP=2."""
+    case = run_case("deepseek_v2", tmp_path, overrides={"n_shared_experts": 2})
+    assert case.outcome == "verified", case.row()
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_aria_text_verifies_and_a_non_silu_activation_is_refused(tmp_path: Path) -> None:
+    """Aria's text model: moe_num_experts / moe_topk spellings, packed experts stored (in, out) with gate then up
+    (model-type facts), softmax over the top-k logits (renormalised), shared experts of moe_num_shared_experts x
+    intermediate_size. Verifies at TP=2 x EP=2. Its routed experts are SiLU whatever hidden_act says while its
+    shared experts follow hidden_act: another hidden_act is refused by name."""
+    case = run_case("aria_text", tmp_path)
+    assert case.outcome == "verified", case.row()
+    config = json.loads((tmp_path / "aria_text" / "hf" / "config.json").read_text())
+    assert config["moe_num_shared_experts"] > 1
+    report = check_config({**config, "hidden_act": "gelu"}, file="config.json")
+    assert [(d.code, d.key) for d in report.errors] == [("semantics.unsupported", "hidden_act")]
+    assert "routed experts" in report.errors[0].message
+
+
 def test_conv1d_spellings_need_a_declared_storage(tmp_path: Path) -> None:
     """c_attn/c_proj/c_fc are Conv1D [in, out] in GPT-2 and nn.Linear [out, in] in GPT-BigCode/StarCoder2: a model
     type that declares neither is refused, never guessed from the names."""

@@ -18,6 +18,7 @@ import pytest
 
 from mapgen.catalog import BRIDGE_READS, TOP, ConfigReport, catalog_size, check_config
 from mapgen.catalog.fields import NESTED_INDEX, ROPE_TYPES
+from mapgen.contract.hf_config import SHARED_COUNT_READS, SHARED_SIZE_READS
 from mapgen.contract.routing import ROUTING_KEYS
 from mapgen.ir import Layout, layout_from_json
 
@@ -76,6 +77,7 @@ HELPER_ROPE = {"rope_type", "type", "factor", "low_freq_factor", "high_freq_fact
 HELPER_TOP |= set(ROUTING_KEYS)  # the routing derivation (mapgen/contract/routing.py)
 HELPER_TOP |= {"swiglu_alpha", "swiglu_limit"}  # gpt-oss's clamped SwiGLU (hf_config.activation, activation_clamp)
 HELPER_TOP |= {"multi_query", "num_key_value_heads", "n_head"}  # num_query_groups (hf_config.query_groups)
+HELPER_TOP |= {*SHARED_SIZE_READS, *SHARED_COUNT_READS}  # hf_config.shared_expert_size
 
 
 def test_mapped_rows_are_exactly_what_the_config_table_reads() -> None:
@@ -104,6 +106,7 @@ def test_bridge_reads_mirror_the_config_table() -> None:
     seen = {row.field: (row.hf, None if row.default is REQUIRED else row.default) for row in CONFIG if row.hf}
     seen["max_position_embeddings"] = POSITION_READS  # a derivation: these reads plus OPT's position offset
     seen["num_query_groups"] = (QUERY_GROUP_READS, None)  # a derivation: these reads, or 1 when multi-query
+    seen["moe_shared_expert_intermediate_size"] = (SHARED_SIZE_READS, None)  # else count x one expert's size
     assert seen == BRIDGE_READS
     spec_fields = set(ModelSpec.__dataclass_fields__)
     for row in TOP:

@@ -24,17 +24,18 @@ import torch
 from mapgen.catalog import check_config
 from mapgen.catalog.check import layout_defaults
 from mapgen.contract.config import Facts, bridge_routing
-from mapgen.contract.hf_config import HFConfig
+from mapgen.contract.hf_config import TOP_K_READS, HFConfig
 from mapgen.contract.routing import ROUTING_KEYS, RouterScheme, Routing, routing
 from mapgen.families.model_types import MODEL_TYPES, router_for
 
 EXPERTS = 8
-_ROUTING_FIELDS = (*ROUTING_KEYS, "num_experts_per_tok")
+_ROUTING_FIELDS = (*ROUTING_KEYS, *TOP_K_READS)
 _EXPERT_KEY = {"mixtral": "num_local_experts", "minimax": "num_local_experts", "qwen2_moe": "num_experts",
                "qwen3_moe": "num_experts", "olmoe": "num_experts", "flex_olmo": "num_experts",
                "qwen3_next": "num_experts", "qwen3_5_moe_text": "num_experts", "qwen3_vl_moe_text": "num_experts",
                "gpt_oss": "num_local_experts", "exaone_moe": "num_experts", "hy_v3": "num_experts",
-               "ernie4_5_moe": "moe_num_experts", "lara_mini": "num_experts"}
+               "ernie4_5_moe": "moe_num_experts", "lara_mini": "num_experts", "aria_text": "moe_num_experts"}
+_TOPK_KEY = {"aria_text": "moe_topk"}  # the top-k spelling the model type's config class reads
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -165,6 +166,9 @@ class _BiasArgument(torch.nn.Module):
 def _router(model_type: str, **config: Any) -> tuple[torch.nn.Module, dict[str, Any]]:
     from transformers import CONFIG_MAPPING
 
+    if model_type in _TOPK_KEY and "num_experts_per_tok" in config:
+        config = {**config}
+        config[_TOPK_KEY[model_type]] = config.pop("num_experts_per_tok")
     cfg = CONFIG_MAPPING[model_type](hidden_size=64, **{_EXPERT_KEY.get(model_type, "n_routed_experts"): EXPERTS},
                                      **config)
     module = importlib.import_module(_modeling_module(model_type, type(cfg).__module__))
@@ -185,7 +189,8 @@ def _router(model_type: str, **config: Any) -> tuple[torch.nn.Module, dict[str, 
     saved = json.loads(cfg.to_json_string(use_diff=False))
     # ERNIE-4.5-MoE saves its top-k as moe_k (attribute_map), a spelling the bridge does not read: a config that
     # states both (the catalog accepts moe_k equal to num_experts_per_tok)
-    saved.setdefault("num_experts_per_tok", cfg.num_experts_per_tok)
+    if model_type not in _TOPK_KEY:
+        saved.setdefault("num_experts_per_tok", cfg.num_experts_per_tok)
     return router, saved
 
 

@@ -12,11 +12,17 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from mapgen.catalog.model_types import MLA_LATENT_NORM_EPS, MLA_LATENT_NORM_EPS_FROM_CONFIG, UNREAD_LAYER_NORM_EPS
+from mapgen.catalog.model_types import (
+    MLA_LATENT_NORM_EPS,
+    MLA_LATENT_NORM_EPS_FROM_CONFIG,
+    ROUTED_EXPERT_ACTIVATION,
+    UNREAD_LAYER_NORM_EPS,
+)
 from mapgen.catalog.rows import (
     Check,
     Row,
     Scope,
+    all_of,
     boolean,
     equals,
     falsy,
@@ -35,7 +41,11 @@ from mapgen.catalog.rows import (
 from mapgen.contract.hf_config import ACTIVATIONS as HF_ACTIVATIONS
 from mapgen.contract.hf_config import (
     CLAMPED_SWIGLU,
+    EXPERT_COUNT_READS,
     QUICK_GELU_ALPHA,
+    SHARED_COUNT_READS,
+    SHARED_SIZE_READS,
+    TOP_K_READS,
     HFConfig,
     activation,
     computed_activation,
@@ -74,11 +84,10 @@ BRIDGE_READS: dict[str, tuple[tuple[str, ...], Any]] = {
     "rotary_percent": (("partial_rotary_factor", "rope_parameters.partial_rotary_factor", "rotary_pct", "rope_pct"),
                        1.0),
     "norm_epsilon": (("rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon", "norm_eps", "norm_epsilon"), 1e-6),
-    "num_moe_experts": (("num_experts", "num_local_experts", "n_routed_experts"), None),
-    "moe_router_topk": (("num_experts_per_tok", "moe_topk"), None),
+    "num_moe_experts": (EXPERT_COUNT_READS, None),
+    "moe_router_topk": (TOP_K_READS, None),
     "moe_ffn_hidden_size": (("moe_intermediate_size", "intermediate_size"), None),
-    "moe_shared_expert_intermediate_size": (("shared_expert_intermediate_size", "shared_intermediate_size",
-                                             "moe_intermediate_size"), None),
+    "moe_shared_expert_intermediate_size": (SHARED_SIZE_READS, None),  # else count x moe_intermediate_size
     "linear_num_key_heads": (("linear_num_key_heads",), None),
     "linear_num_value_heads": (("linear_num_value_heads",), None),
     "linear_key_head_dim": (("linear_key_head_dim",), None),
@@ -171,7 +180,7 @@ def _topk(v: Any, scope: Scope) -> str | None:
     problem = positive_int(v, scope)
     if problem or v is None:
         return problem
-    experts = scope.lookup("num_experts", "num_local_experts", "n_routed_experts")
+    experts = scope.lookup(*EXPERT_COUNT_READS)
     if is_int(experts) and experts > 0 and v > experts:
         return f"must not exceed the number of experts ({experts}), got {v}"
     return None
@@ -188,10 +197,10 @@ def _routing_limit(key: str) -> Check:
     reproduce this config's routing because of it."""
 
     def limit(v: Any, scope: Scope) -> str | None:
-        topk = scope.lookup("num_experts_per_tok", "moe_topk")
+        topk = scope.lookup(*TOP_K_READS)
         if not is_int(topk) or topk <= 0:
             return None
-        experts = scope.lookup("num_experts", "num_local_experts", "n_routed_experts")
+        experts = scope.lookup(*EXPERT_COUNT_READS)
         _, gaps = routing(_router_scheme(scope), scope.lookup, topk=topk,
                           num_experts=experts if is_int(experts) else None)
         reasons = [g.reason for g in gaps if g.key == key]
@@ -301,7 +310,16 @@ def _activation_limit(v: Any, scope: Scope) -> str | None:
         return problem
     if bridge != truth:
         return f"absent from config.json: transformers computes {truth}, the bridge would build {bridge}"
-    return None
+    return _routed_expert_activation(name, scope)
+
+
+def _routed_expert_activation(name: str, scope: Scope) -> str | None:
+    """Refused where the model type's routed experts ignore the configured activation (Aria) and it differs."""
+    fixed = ROUTED_EXPERT_ACTIVATION.get(scope.model_type or "")
+    if fixed is None or HF_ACTIVATIONS.get(name) == HF_ACTIVATIONS.get(fixed):
+        return None
+    return (f"{scope.model_type}'s routed experts compute {fixed} whatever this says, its shared experts {name}: "
+            "megatron-core builds one activation for both")
 
 
 def _layers(flags: Any) -> str:
@@ -464,8 +482,8 @@ TOP: tuple[Row, ...] = (
     mapped("n_routed_experts", "num_moe_experts", why=_DIMS, valid=positive_int),
     mapped("num_experts_per_tok", "moe_router_topk", why="routed experts per token", valid=_topk,
            limit=_routing_limit("num_experts_per_tok")),
-    mapped("moe_topk", "moe_router_topk", why="routed experts per token", valid=_topk,
-           limit=_routing_limit("num_experts_per_tok")),
+    mapped("moe_topk", "moe_router_topk", why="routed experts per token (Aria spelling)", valid=_topk,
+           limit=all_of(agrees_with_bridge("moe_router_topk"), _routing_limit("num_experts_per_tok"))),
     mapped("linear_num_key_heads", "linear_num_key_heads", why=_DIMS, valid=positive_int),
     mapped("linear_num_value_heads", "linear_num_value_heads", why=_DIMS, valid=positive_int),
     mapped("linear_key_head_dim", "linear_key_head_dim", why=_DIMS, valid=positive_int),
@@ -500,7 +518,8 @@ TOP: tuple[Row, ...] = (
                valid=boolean),
     structural("use_qk_norm", "qk_layernorm", why=_STRUCT, valid=boolean),
     structural("attn_output_gate", "attention_output_gate", why=_STRUCT, valid=boolean),
-    structural("n_shared_experts", "moe_shared_expert_intermediate_size", why=_STRUCT, valid=non_negative_int),
+    *(mapped(name, "moe_shared_expert_intermediate_size", why="the shared expert is this many routed experts' size "
+             "(hf_config.shared_expert_size)", valid=non_negative_int) for name in SHARED_COUNT_READS),
     # -- refused where the value changes the maths ----------------------------------------------------------
     *(mapped(name, "activation", why="MLP activation (megatron-core activation_func)", valid=_activation,
              limit=_activation_limit, default=True)
@@ -646,7 +665,7 @@ TOP: tuple[Row, ...] = (
       for name, field in (("num_layers", "num_layers"),
                           ("n_layers", "num_layers"),
                           ("n_heads", "num_attention_heads"),
-                          ("num_experts_per_token", "moe_router_topk"), ("moe_num_experts", "num_moe_experts"))),
+                          ("num_experts_per_token", "moe_router_topk"))),
     # GraniteMoeShared / GraniteMoE-Hybrid: the layer-level shared_mlp's size; 0 builds none (its keys then absent)
     mapped("shared_intermediate_size", "moe_shared_expert_intermediate_size", why=_DIMS, valid=non_negative_int),
     *(mapped(name, field, why=f"{what} (GPT-2 spelling)", valid=positive_int, limit=agrees_with_bridge(field))
@@ -680,9 +699,6 @@ TOP: tuple[Row, ...] = (
     structural("qk_layernorm", "qk_layernorm", why=_STRUCT, valid=boolean),
     structural("mlp_layer_types", "mlp_kinds", why=_STRUCT),
     structural("num_dense_layers", "mlp_kinds", why=_STRUCT, valid=non_negative_int),
-    structural("num_shared_experts", "moe_shared_expert_intermediate_size", why=_STRUCT, valid=non_negative_int),
-    structural("moe_num_shared_experts", "moe_shared_expert_intermediate_size", why=_STRUCT,
-               valid=non_negative_int),
     *inert("transformers' decoder flag: mapgen builds causal decoders (scope and keys decide the rest)",
            "is_decoder"),
     *inert("GPT-BigCode's softmax-precision switches: transformers' attention takes the softmax in fp32 "
@@ -793,9 +809,13 @@ TOP: tuple[Row, ...] = (
             unless=lambda v, s: v is None or (isinstance(v, list)
                                               and all(n == s.lookup("num_attention_heads") for n in v)),
             default=False),  # absent: transformers repeats num_attention_heads for every layer
-    # ERNIE-4.5-MoE (configuration_ernie4_5_moe.py attribute_map: moe_k -> num_experts_per_tok)
-    refused("moe_k", "a top-k spelling the bridge does not read (num_experts_per_tok)",
-            unless=same_as_bridge("moe_router_topk"), valid=positive_int),
+    # ERNIE-4.5-MoE (configuration_ernie4_5_moe.py attribute_map: moe_k -> num_experts_per_tok), Aria
+    # a later spelling that disagrees with the one the bridge takes (an earlier one in TOP_K_READS /
+    # EXPERT_COUNT_READS) is refused: the model code reads only its own
+    mapped("moe_k", "moe_router_topk", why="routed experts per token (ERNIE-4.5-MoE spelling)", valid=_topk,
+           limit=all_of(agrees_with_bridge("moe_router_topk"), _routing_limit("num_experts_per_tok"))),
+    mapped("moe_num_experts", "num_moe_experts", why=_DIMS + " (ERNIE-4.5-MoE / Aria spelling)",
+           valid=positive_int, limit=agrees_with_bridge("num_moe_experts")),
     structural("moe_layer_interval", "mlp_kinds", why=_STRUCT + " (ERNIE-4.5: every n-th layer is MoE)",
                valid=positive_int),
     structural("moe_layer_start_index", "mlp_kinds", why=_STRUCT, valid=non_negative_int),

@@ -116,6 +116,10 @@ MLA_LATENT_NORM_EPS_FROM_CONFIG = frozenset({"dots3_note", "glm5_next", "hy_v4_v
 # (modeling_biogpt.py self_attn_layer_norm / final_layer_norm / layer_norm), whatever config.json says.
 UNREAD_LAYER_NORM_EPS: dict[str, float] = {"biogpt": 1e-5}
 
+ROUTED_EXPERT_ACTIVATION: dict[str, str] = {"aria_text": "silu", "aria": "silu"}
+"""Model types whose routed experts use a fixed activation whatever ``hidden_act`` says (Aria: ``AriaExperts`` is
+always SiLU-gated, its shared experts follow ``hidden_act``): megatron-core builds one activation for both."""
+
 ENCODER_DECODER = frozenset({
     "bart", "bigbird_pegasus", "blenderbot", "blenderbot-small", "marian", "mbart", "mvp", "pegasus", "plbart",
     "prophetnet", "t5", "mt5", "umt5", "longt5", "switch_transformers", "whisper", "encoder-decoder",

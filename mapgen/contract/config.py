@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from mapgen.contract.hf_config import (
+    EXPERT_COUNT_READS,
+    TOP_K_READS,
     HFConfig,
     activation,
     activation_clamp,
@@ -33,6 +35,7 @@ from mapgen.contract.hf_config import (
     query_groups,
     rope_scaling,
     rope_scaling_factor,
+    shared_expert_size,
     softmax_scale,
     window_layers,
     window_size,
@@ -151,7 +154,7 @@ def _per_layer_flags(layout: Layout, flags: tuple[bool, ...], what: str) -> tupl
 
 
 Derivation = Literal[
-    "gpt2_inner", "num_query_groups",
+    "gpt2_inner", "num_query_groups", "shared_expert_size",
     "head_dim", "rope_scaling", "rope_scaling_factor", "layer_kinds", "mlp_kinds", "mtp_depth", "mtp_layer_kind",
     "mtp_mlp_kind", "mla_rope_type", "yarn_scaling_factor", "yarn_original_max_position_embeddings",
     "yarn_beta_fast", "yarn_beta_slow", "yarn_mscale", "yarn_mscale_all_dim", "yarn_truncate",
@@ -179,6 +182,8 @@ DERIVATIONS: dict[str, Callable[[HFConfig, Layout], Any]] = {
     "gpt2_inner": lambda hf, _: _gpt2_inner(hf),  # ffn_hidden_size's fallback
     "head_dim": lambda hf, _: head_dim(hf),  # head_dim, else hidden_size // num_attention_heads
     "num_query_groups": lambda hf, _: query_groups(hf),  # KV heads (MHA: the heads); GPT-BigCode's multi_query: 1
+    # stated, else the shared experts' count times one routed expert's size
+    "shared_expert_size": lambda hf, _: shared_expert_size(hf),
     # Llama-3 RoPE scaling; other scalings are refused (MLA layers judge theirs in mla_rope)
     "rope_scaling": lambda hf, layout: False if _has_mla(layout) else rope_scaling(hf),
     "rope_scaling_factor": lambda hf, layout: 8.0 if _has_mla(layout) else rope_scaling_factor(hf),
@@ -221,8 +226,8 @@ def bridge_routing(hf: HFConfig, facts: Facts) -> Routing:
     def get(key: str) -> Any:
         return hf.get(key, default=getattr(facts, f"default_{key}", None))
 
-    topk = int(hf.get("num_experts_per_tok", "moe_topk"))
-    experts = hf.get("num_experts", "num_local_experts", "n_routed_experts", default=None)
+    topk = int(hf.get(*TOP_K_READS))
+    experts = hf.get(*EXPERT_COUNT_READS, default=None)
     return routing(facts.router, get, topk=topk, num_experts=experts, expert_bias=facts.expert_bias)[0]
 
 
@@ -305,8 +310,8 @@ CONFIG: tuple[ConfigRow, ...] = (
     ConfigRow("glu_linear_offset", derive="glu_linear_offset"),
     ConfigRow("activation_func_clamp_value", derive="activation_clamp"),
     # -- MoE ---------------------------------------------------------------------------------------------
-    ConfigRow("num_moe_experts", hf=("num_experts", "num_local_experts", "n_routed_experts"), when="moe"),
-    ConfigRow("moe_router_topk", hf=("num_experts_per_tok", "moe_topk"), when="moe"),
+    ConfigRow("num_moe_experts", hf=EXPERT_COUNT_READS, when="moe"),
+    ConfigRow("moe_router_topk", hf=TOP_K_READS, when="moe"),
     ConfigRow("moe_ffn_hidden_size", hf=("moe_intermediate_size", "intermediate_size"), when="moe"),
     ConfigRow("moe_router_enable_expert_bias", fact="expert_bias"),
     ConfigRow("moe_router_score_function", derive="router_score_function", when="moe"),
@@ -316,9 +321,7 @@ CONFIG: tuple[ConfigRow, ...] = (
     ConfigRow("moe_router_group_topk", derive="router_group_topk", when="moe"),
     ConfigRow("moe_router_dtype", derive="router_dtype", when="moe"),
     ConfigRow("moe_shared_expert_gate", fact="shared_expert_gate"),
-    ConfigRow("moe_shared_expert_intermediate_size", hf=("shared_expert_intermediate_size", "shared_intermediate_size",
-                                                         "moe_intermediate_size"),
-              when="shared_expert"),
+    ConfigRow("moe_shared_expert_intermediate_size", derive="shared_expert_size", when="shared_expert"),
     # -- gated delta net ---------------------------------------------------------------------------------
     ConfigRow("linear_num_key_heads", hf=("linear_num_key_heads",), when="gated_delta_net"),
     ConfigRow("linear_num_value_heads", hf=("linear_num_value_heads",), when="gated_delta_net"),

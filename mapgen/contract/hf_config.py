@@ -90,6 +90,28 @@ def head_dim(hf: HFConfig) -> int:
     return int(value)
 
 
+EXPERT_COUNT_READS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
+"""The routed-expert count's spellings, tried in order (Mixtral ``num_local_experts``, DeepSeek ``n_routed_experts``,
+ERNIE-4.5-MoE / Aria ``moe_num_experts``): the bridge, the catalog, scan and synth read these."""
+TOP_K_READS = ("num_experts_per_tok", "moe_topk", "moe_k")
+"""The routed experts per token's spellings, tried in order (Aria ``moe_topk``, ERNIE-4.5-MoE ``moe_k``)."""
+SHARED_SIZE_READS = ("shared_expert_intermediate_size", "shared_intermediate_size")
+"""The shared expert's intermediate size where the config states it (Qwen2-MoE, GraniteMoeShared)."""
+SHARED_COUNT_READS = ("n_shared_experts", "num_shared_experts", "moe_num_shared_experts")
+"""How many routed-expert-sized experts the shared expert fuses (DeepSeek / GLM-4-MoE, HY-V3 / AFMoE, Aria)."""
+
+
+def shared_expert_size(hf: HFConfig) -> int:
+    """The shared expert's intermediate size: stated (:data:`SHARED_SIZE_READS`), else the shared experts' count
+    (:data:`SHARED_COUNT_READS`, 1 when absent) times one routed expert's (``moe_intermediate_size``, else
+    ``intermediate_size``): DeepSeek-V2's two shared experts are one MLP of twice the size (modeling_deepseek_v2.py
+    ``DeepseekV2MLP(intermediate_size=moe_intermediate_size * n_shared_experts)``)."""
+    stated = hf.get(*SHARED_SIZE_READS, default=None)
+    if stated is not None:
+        return int(stated)
+    return int(hf.get(*SHARED_COUNT_READS, default=1)) * int(hf.get("moe_intermediate_size", "intermediate_size"))
+
+
 QUERY_GROUP_READS = ("num_key_value_heads", "num_attention_heads", "n_head")
 """What ``num_query_groups`` reads when the config is not multi-query (MHA configs state no KV heads)."""
 

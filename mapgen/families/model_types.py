@@ -182,6 +182,10 @@ MODEL_TYPES: dict[str, Facts] = {
     # the probabilities plus moe_statics' score-correction bias, the selected unbiased probabilities renormalised
     # (sum clamped at moe_norm_min); the bias on softmax scores is refused by the planner (mapgen.families.moe)
     "ernie4_5_moe": Facts(router="softmax_renorm", rotary_interleaved=True),
+    # Aria (modeling_aria.py AriaTextTopKRouter: softmax over the top-k logits = renormalised; AriaExperts
+    # gate_up_proj [E, H, 2I] / down_proj [E, I, H] stored (in, out), gate then up along the last axis)
+    "aria_text": Facts(packed=("in_out", False), router="softmax_renorm"),
+    "aria": Facts(packed=("in_out", False), router="softmax_renorm"),
     # HY-V3 (modeling_hy_v3.py HYV3TopKRouter): sigmoid + e_score_correction_bias for the selection, always
     # renormalised, times router_scaling_factor
     "hy_v3": Facts(router="sigmoid_renorm"),

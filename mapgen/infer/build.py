@@ -17,6 +17,7 @@ import re
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, NamedTuple
 
+from mapgen.contract.hf_config import EXPERT_COUNT_READS
 from mapgen.errors import Diagnostic, MapgenError
 from mapgen.families import behaviour
 from mapgen.families.attention import DERIVED_BUFFERS, DERIVED_BUFFERS_TOWER
@@ -82,7 +83,7 @@ _QUANT_SUFFIXES = (
     ".scales", ".biases", "weight_scale_inv", ".weight_scale", ".input_scale", ".qweight", ".qzeros", ".g_idx",
     "_blocks",
 )  # fmt: skip
-_EXPERT_COUNT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts")
+_EXPERT_COUNT_KEYS = EXPERT_COUNT_READS
 _ATTENTION_TYPES = {"full_attention", "sliding_attention", "attention", "chunked_attention"}
 _LINEAR_KINDS = {"gated_delta_net", "linear_attention"}  # mixer kinds config.json calls linear_attention
 # other mixer kinds, as layer_types may name them (GraniteMoE-Hybrid's config writes linear_attention for Mamba)

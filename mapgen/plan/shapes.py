@@ -24,7 +24,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from mapgen.contract.hf_config import HFConfig, multi_query
+from mapgen.contract.hf_config import SHARED_COUNT_READS, SHARED_SIZE_READS, HFConfig, multi_query
 from mapgen.errors import Diagnostic
 from mapgen.families import behaviour, embedding, norms
 from mapgen.families import mtp as mtp_family
@@ -67,11 +67,11 @@ def config_dims(config: Mapping[str, Any]) -> Dims:
     if intermediate is None and hf.has("n_embd"):  # GPT-2: n_inner null means 4 * n_embd
         intermediate = 4 * hidden
     moe_intermediate = _int(hf, "moe_intermediate_size") or intermediate
-    shared = _int(hf, "shared_expert_intermediate_size", "shared_intermediate_size")  # GraniteMoeShared
-    if shared is None:
-        # HY-V3, AFMoE: num_shared_experts; Aria: moe_num_shared_experts
-        n_shared = _int(hf, "n_shared_experts", "num_shared_experts", "moe_num_shared_experts")
-        shared = n_shared * moe_intermediate if n_shared and moe_intermediate else intermediate
+    # the shared expert: stated, else the shared experts' count (1 when absent) times one routed expert's size, as
+    # hf_config.shared_expert_size reads it for the bridge
+    shared = _int(hf, *SHARED_SIZE_READS)
+    if shared is None and moe_intermediate:
+        shared = int(hf.get(*SHARED_COUNT_READS, default=1)) * moe_intermediate
     gdn_values = [
         _int(hf, n)
         for n in (
