@@ -126,7 +126,7 @@ def test_kernel_copy_and_its_fallback(tmp_path: Path, monkeypatch: pytest.Monkey
     import errno
     import os
 
-    from mapgen.runtime.megatron import _kernel_copy
+    from mapgen.runtime.hfio import kernel_copy as _kernel_copy
 
     src, dst = tmp_path / "src", tmp_path / "dst"
     data = np.random.default_rng(0).integers(0, 256, 3 << 20, dtype=np.uint8).tobytes()

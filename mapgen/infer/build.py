@@ -270,15 +270,16 @@ def _fp8_block(source: Source, qc: Mapping[str, Any], suspects: list[str], findi
     return not problems and other is None and not orphans
 
 
-def _quantization(source: Source, cfg: Config, findings: Findings) -> str:
-    """Refuse quantised formats without a dequantisation rule; return ``fp8_block`` / ``mxfp4`` / ``none``."""
+def _quantization(source: Source, cfg: Config, findings: Findings) -> tuple[str, Source]:
+    """Refuse quantised formats without a dequantisation rule; return ``fp8_block`` / ``mxfp4`` / ``none`` and
+    the source as the model sees it (MXFP4: each pair as its dequantized tensor, :func:`_mxfp4`)."""
     qc = cfg.top.get("quantization_config") or cfg.text.get("quantization_config")
     method = str(qc.get("quant_method", "")) if isinstance(qc, dict) else ""
     suspects = [k for k in source.tensors if k.endswith(_QUANT_SUFFIXES)]  # one pass over the keys
     if method == "fp8" and isinstance(qc, dict):
-        return "fp8_block" if _fp8_block(source, qc, suspects, findings) else "none"
+        return "fp8_block" if _fp8_block(source, qc, suspects, findings) else "none", source
     if method == "mxfp4" and isinstance(qc, dict):
-        return "mxfp4"
+        return "mxfp4", _mxfp4(source, qc, suspects, findings)
     probes: list[tuple[str, str, str]] = [
         (
             "quant.mlx-unsupported",
@@ -337,7 +338,7 @@ def _quantization(source: Source, cfg: Config, findings: Findings) -> str:
                                 "not declare quantization_config.quant_method 'mxfp4'", file=INDEX_NAME, key=blocks,
                                 expected="quantization_config = {quant_method: mxfp4, ...} in config.json",
                                 hint="restore the release's quantization_config"))
-    return "none"
+    return "none", source
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -482,19 +483,14 @@ def infer(source: Source) -> Layout:
             hint="the index or the download is incomplete: fetch the checkpoint again",
         ))
     findings = Findings([], list(source.diagnostics))
-    quantization = _quantization(source, cfg, findings)
+    # MXFP4: the model sees each X_blocks + X_scales pair as X, dequantized while read
+    quantization, source = _quantization(source, cfg, findings)
     if findings.errors:
         raise MapgenError(findings.errors)
-    checked = source  # shard headers are checked with the scales
+    checked = source  # shard headers are checked with the FP8 scales
     if quantization == "fp8_block":  # the scales belong to their weights: read with them, never mapped alone
         source = dataclasses.replace(
             source, tensors={k: v for k, v in source.tensors.items() if not k.endswith(FP8_SCALE)})
-    elif quantization == "mxfp4":  # the model sees each X_blocks + X_scales pair as X, dequantized while read
-        qc = cfg.top.get("quantization_config") or cfg.text.get("quantization_config")
-        suspects = [k for k in source.tensors if k.endswith(_QUANT_SUFFIXES)]
-        source = checked = _mxfp4(source, qc if isinstance(qc, dict) else {}, suspects, findings)
-        if findings.errors:
-            raise MapgenError(findings.errors)
 
     # -- towers, and decoder layers by prefix ------------------------------------------------------------
     tower_keys: dict[str, list[str]] = {}

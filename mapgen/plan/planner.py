@@ -23,6 +23,7 @@ from mapgen.contract.rules import Rule
 from mapgen.errors import Diagnostic, MapgenError
 from mapgen.families import behaviour, embedding, facts_for, input_norm_target, norms
 from mapgen.families import mtp as mtp_family
+from mapgen.families.model_types import Facts as ModelTypeFacts
 from mapgen.families.model_types import router_for
 from mapgen.families.moe import experts_of
 from mapgen.ir import LayerGroup, Layout
@@ -50,7 +51,7 @@ class _Planner:
     def __init__(self, layout: Layout) -> None:
         self.layout = layout
         self.lm = layout.language_model
-        model_facts = facts_for((layout.text_model_type, layout.model_type))
+        self.model_facts = model_facts = facts_for((layout.text_model_type, layout.model_type))
         self.zero_centered = model_facts.zero_centered
         self.layernorm = model_facts.layernorm
         self.plain_up_down = model_facts.plain_up_down
@@ -130,15 +131,15 @@ class _Planner:
 # ---------------------------------------------------------------------------------------------------------
 # Facts: what the layout decides about the Megatron model (the config table in mapgen.contract.config does the rest)
 # ---------------------------------------------------------------------------------------------------------
-def _facts(layout: Layout, zero_centered: bool, layernorm: bool) -> tuple[Facts, list[tuple[str, str]]]:
+def _facts(layout: Layout, model_facts: ModelTypeFacts) -> tuple[Facts, list[tuple[str, str]]]:
     """Each family states the facts its components decide; the first group (decoder order, then the MTP inner
     layers) that states a fact decides it. Also returns (fact, group) for every group that states the opposite:
     megatron-core has one switch per fact (``add_bias_linear`` gives the attention output projection *and* the
     MLP a bias), so a layout whose components disagree is refused by name. A MoE bridge also carries its model
     type's router scheme and transformers' defaults for the routing keys (the values the config catalog judged)."""
     lm = layout.language_model
-    decided: dict[str, Any] = {"tied": lm.tied_embeddings, "zero_centered": zero_centered, "layernorm": layernorm}
-    model_facts = facts_for((layout.text_model_type, layout.model_type))
+    decided: dict[str, Any] = {"tied": lm.tied_embeddings, "zero_centered": model_facts.zero_centered,
+                               "layernorm": model_facts.layernorm}
     if model_facts.rotary_interleaved:
         decided["rotary_interleaved"] = True
     fixed_eps = model_facts.norm_epsilon
@@ -191,7 +192,7 @@ def plan(layout: Layout) -> BridgePlan:
     """Plan a bridge for ``layout`` or raise :class:`MapgenError` listing every unsupported family."""
     planner = _Planner(layout)
     planner.plan()
-    facts, conflicts = _facts(layout, planner.zero_centered, planner.layernorm)
+    facts, conflicts = _facts(layout, planner.model_facts)
     for name, where in conflicts:
         planner.unsupported(f"components that disagree on the Megatron switch {name!r} (megatron-core sets it for "
                             "the whole model: e.g. add_bias_linear biases the attention output and the MLP together)",

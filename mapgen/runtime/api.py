@@ -305,14 +305,15 @@ def check_parallel(spec: ModelSpec, par: Parallel, world_size: int) -> None:
                                       hint="choose TP/EP/ETP/PP sizes that divide the model") for p in problems])
 
 
-def require_tower_source(layout: Layout, source_root: Path | str | None) -> None:
-    """An export of a layout with towers (a vision tower, a projector: tensors the Megatron model does not
-    hold) needs the source checkpoint they are copied from."""
+def require_tower_source(layout: Layout, source_root: Path | str | None) -> set[str]:
+    """The layout's tower keys (a vision tower, a projector: tensors the Megatron model does not hold); an export
+    of a layout with any needs the source checkpoint they are copied from."""
     towers = tower_keys(layout)
     if towers and source_root is None:
         raise error("export.towers-need-source", f"the layout carries {len(towers)} tower keys "
                     f"({', '.join(t.name for t in layout.towers)}) that live only in the source checkpoint",
                     hint="pass --source with the original HF checkpoint")
+    return towers
 
 
 def preflight(source_path: str | None, par: Parallel, world: int, *, out: Path | None = None,
@@ -636,9 +637,7 @@ def export_hf(models: list[torch.nn.Module] | torch.nn.Module, binding: Binding,
     coords = Coords.current()
     target = dict(target or {})
     layout = binding.layout
-    towers = tower_keys(layout)
-    if coords.rank == 0:
-        require_tower_source(layout, source_root)
+    towers = require_tower_source(layout, source_root) if coords.rank == 0 else set()  # rank 0 writes them
     stream = stream_hf(models, binding, target=target)
     fp8 = None
     if coords.rank == 0:
@@ -1023,8 +1022,7 @@ def _export_streaming(binding: Binding, release: Path, out: Path, target: Mappin
         local_of.setdefault(glob, local)
     weight_map: dict[str, str] = dict(target["weight_map"])
     shard_meta: Mapping[str, dict[str, str]] = target.get("shard_metadata") or {}
-    towers = tower_keys(layout)
-    require_tower_source(layout, root)
+    towers = require_tower_source(layout, root)
     producers: dict[str, list[Instance]] = {}
     for inst in binding.instances:
         for key in inst.hf:

@@ -256,13 +256,17 @@ class EntryProducer:
                         f"{tuple(target.shape)}", key=", ".join(inst.hf),
                         hint="the config and the checkpoint disagree on a dimension")
         value = value.to(target.dtype)
+        self._account(local, value.numel() * value.element_size())
+        return value
+
+    def _account(self, local: str, nbytes: int) -> None:
+        """One more entry of ``nbytes`` made: stats, bytes read so far, progress."""
         self.produced[local] += 1
         self.stats.tensors += 1
-        self.stats.bytes += value.numel() * value.element_size()
+        self.stats.bytes += nbytes
         self.stats.bytes_read = getattr(self.reader, "bytes_read", 0)
         if self.progress:
             self.progress(self.stats.bytes, self.total_bytes)
-        return value
 
     def spans(self, local: str) -> list[Any] | None:
         """Where ``local``'s bytes lie in the HF files, when :meth:`produce` would only copy them
@@ -295,14 +299,9 @@ class EntryProducer:
 
     def copied(self, local: str, nbytes: int) -> None:
         """Account for ``local`` written from :meth:`spans` without :meth:`produce` (stats, bytes read, progress)."""
-        self.produced[local] += 1
-        self.stats.tensors += 1
-        self.stats.bytes += nbytes
         self.stats.extra["bytes_copied"] = self.stats.extra.get("bytes_copied", 0) + nbytes
         self.reader.count(nbytes)
-        self.stats.bytes_read = getattr(self.reader, "bytes_read", 0)
-        if self.progress:
-            self.progress(self.stats.bytes, self.total_bytes)
+        self._account(local, nbytes)
 
     def measure(self, local: str) -> int:
         """Bytes :meth:`produce` would read for ``local``, without reading: the primitive runs on meta tensors

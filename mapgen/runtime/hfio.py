@@ -399,19 +399,25 @@ def write_safetensors(path: Path, tensors: Mapping[str, torch.Tensor | CopiedTen
             os.fsync(f.fileno())
 
 
+def copy_ranges(ranges: Iterable[FileRange], dst: int, at: int, fds: dict[str, int]) -> int:
+    """``ranges`` (file, offset, bytes), in order, into the open file descriptor ``dst`` from offset ``at``, in
+    the kernel (:func:`kernel_copy`); each source file is opened once into ``fds`` (the caller closes them).
+    Returns the offset after the last byte."""
+    for src, offset, n in ranges:
+        fd = fds.get(src)
+        if fd is None:
+            fd = fds[src] = os.open(src, os.O_RDONLY)
+        kernel_copy(fd, offset, dst, at, n)
+        at += n
+    return at
+
+
 def _copy_ranges(f: Any, value: CopiedTensor, fds: dict[str, int]) -> None:
     """Append ``value``'s ranges to the open file ``f`` in the kernel."""
     if sum(n for _, _, n in value.ranges) != value.nbytes:
         raise ValueError(f"copied ranges hold {sum(n for _, _, n in value.ranges)} bytes, the tensor {value.nbytes}")
     f.flush()
-    at = f.tell()
-    for src, offset, n in value.ranges:
-        fd = fds.get(src)
-        if fd is None:
-            fd = fds[src] = os.open(src, os.O_RDONLY)
-        kernel_copy(fd, offset, f.fileno(), at, n)
-        at += n
-    f.seek(at)
+    f.seek(copy_ranges(value.ranges, f.fileno(), f.tell(), fds))
 
 
 class ShardedWriter:

@@ -105,8 +105,7 @@ from mapgen.runtime._names import (
     te_to_local_names,
 )
 from mapgen.runtime._net import free_port
-from mapgen.runtime.hfio import cut_ranges
-from mapgen.runtime.hfio import kernel_copy as _kernel_copy
+from mapgen.runtime.hfio import copy_ranges, cut_ranges
 from mapgen.runtime.layout import Parallel
 
 if TYPE_CHECKING:
@@ -1048,22 +1047,12 @@ class _CopySink(io.RawIOBase):
             return int(self.stream.write(view))
         if at + view.nbytes > self.hi:
             raise RuntimeError("torch.save wrote past a tensor's storage")
+        ranges = cut_ranges(self.piece.ranges, at - self.lo, view.nbytes)
+        if ranges is None:
+            raise RuntimeError("torch.save wrote more of a tensor's storage than its source ranges hold")
         self.stream.flush()
-        dst_at, skip, left = self.stream.tell(), at - self.lo, view.nbytes
-        for path, offset, nbytes in self.piece.ranges:
-            if skip >= nbytes:
-                skip -= nbytes
-                continue
-            n = min(nbytes - skip, left)
-            fd = self.fds.get(path)
-            if fd is None:
-                fd = self.fds[path] = os.open(path, os.O_RDONLY)
-            _kernel_copy(fd, offset + skip, self.stream.fileno(), dst_at + view.nbytes - left, n)
-            left -= n
-            skip = 0
-            if not left:
-                break
-        self.stream.seek(dst_at + view.nbytes)
+        dst_at = self.stream.tell()
+        self.stream.seek(copy_ranges(ranges, self.stream.fileno(), dst_at, self.fds))
         self.copied += view.nbytes
         return view.nbytes
 
